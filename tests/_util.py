@@ -1,0 +1,45 @@
+"""Helpers shared by the tests: tolerances and checks that can fail."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: error floor per dtype added to "2x the eager error in the same dtype" (DESIGN.md tolerance rule)
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def max_err(x: Tensor, ref: Tensor) -> float:
+    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+
+
+def assert_close_2x(got: Tensor, eager: Tensor, exact: Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """|got - exact| <= 2 |eager - exact| + floor(dtype), elementwise max; NaN always fails."""
+    assert not torch.isnan(got).any(), f"{what}: NaN in result"
+    assert got.shape == exact.shape, f"{what}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
+    scale = max(exact.double().abs().max().item(), 1.0) if exact.numel() else 1.0
+    bound = 2 * max_err(eager, exact) + FLOOR[dtype] * scale
+    err = max_err(got, exact)
+    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (dtype {dtype})"
+
+
+def check_topk(scores: Tensor, indices: Tensor, queries: Tensor, bank: Tensor, k: int,
+               metric: str, atol: float) -> None:
+    """Scores equal the float64 top-k values, and each index points at a row with that score."""
+    q, b = queries.double(), bank.double()
+    if metric == "cosine":
+        q = torch.nn.functional.normalize(q, dim=1, eps=1e-12)
+        b = torch.nn.functional.normalize(b, dim=1, eps=1e-12)
+    full = q @ b.T
+    want = full.topk(k, dim=1).values
+    Q = queries.shape[0]
+    assert scores.shape == (Q, k) and indices.shape == (Q, k)
+    assert indices.dtype == torch.int64
+    assert not torch.isnan(scores).any()
+    assert (indices >= 0).all() and (indices < bank.shape[0]).all(), "index out of range"
+    for r in range(Q):
+        assert indices[r].unique().numel() == k, f"row {r}: repeated index"
+    assert torch.all(scores[:, :-1] >= scores[:, 1:]), "scores not sorted descending"
+    torch.testing.assert_close(scores.double(), want, atol=atol, rtol=0)
+    at_idx = full.gather(1, indices)
+    torch.testing.assert_close(at_idx, scores.double(), atol=atol, rtol=0)

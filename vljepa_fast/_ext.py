@@ -1,0 +1,245 @@
+"""Building and loading the native libraries (csrc/) without ever crashing an import.
+
+Two shared libraries are built from ``csrc/sources.txt`` with ninja, against the torch that is
+running (no build isolation, so no "undefined symbol" from a mismatched torch):
+
+* ``cpu``:  the operator schemas (csrc/ops.cpp) and the C++ CPU kernels. Builds on any machine
+  with a C++ compiler.
+* ``cuda``: the CUDA kernels for sm_80 and sm_90a (override: ``VLJEPA_FAST_CUDA_ARCHS``). Needs
+  a CUDA build of torch and nvcc; it only adds kernels to the schemas of ``cpu``.
+
+A build runs in a subprocess (``python -m vljepa_fast.build``) so a compiler failure becomes a
+message, never an exception at import. Builds are cached under ``VLJEPA_FAST_BUILD_DIR`` (default
+``~/.cache/vljepa_fast``) in a folder keyed by the source hash, the flags and the torch version,
+with ``build_info.json`` beside the library; the record is checked again at load time, and a
+mismatch is reported as a reason by :func:`vljepa_fast.backends`.
+
+The first op that needs a library builds it (about a minute for ``cpu``, a few for ``cuda``) and
+says so on stderr; ``VLJEPA_FAST_BUILD=0`` turns that off, ``python -m vljepa_fast.build``
+builds ahead of time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+LIBS = ("cpu", "cuda")
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+CPU_CFLAGS = ["-O3", "-fopenmp"]
+CPU_LDFLAGS = ["-fopenmp"]
+CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+
+_lock = threading.RLock()
+_state: dict[str, "LibState"] = {}
+
+
+@dataclass
+class LibState:
+    """What happened when a library was looked for: loaded, or why not."""
+
+    loaded: bool = False
+    path: Path | None = None
+    reasons: list[str] = field(default_factory=list)
+
+
+def source_root() -> Path:
+    """The csrc/ folder: beside the package in a checkout, or installed as vljepa_fast/_csrc."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "csrc", here / "_csrc"):
+        if (cand / "sources.txt").is_file():
+            return cand
+    raise FileNotFoundError("vljepa_fast: csrc/sources.txt not found beside the package")
+
+
+def sources(lib: str) -> list[Path]:
+    """The source files of ``lib`` ("cpu" or "cuda") listed in csrc/sources.txt."""
+    root = source_root()
+    section, out = None, {name: [] for name in LIBS}
+    for raw in (root / "sources.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        out[section].append(root / line)
+    return out[lib]
+
+
+def cuda_archs() -> str:
+    """The TORCH_CUDA_ARCH_LIST used for the cuda library."""
+    return os.environ.get("VLJEPA_FAST_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+
+
+def find_cuda_home() -> Path | None:
+    """The CUDA toolkit root (the folder holding bin/nvcc and include/cuda_runtime.h).
+
+    torch's extension builder takes dirname(dirname(which nvcc)), which is wrong when nvcc on
+    PATH is a wrapper script or a symlink farm (/usr/local/bin/nvcc). We look at CUDA_HOME /
+    CUDA_PATH, then at the target of the nvcc on PATH (following an ``exec`` in a wrapper), then
+    at /usr/local/cuda*.
+    """
+
+    def ok(p: Path) -> bool:
+        return (p / "bin" / "nvcc").exists() and (p / "include" / "cuda_runtime.h").exists()
+
+    cands: list[Path] = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if v in os.environ]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = Path(nvcc).resolve()
+        cands.append(real.parent.parent)
+        try:
+            text = real.read_text(errors="ignore")[:4096] if real.stat().st_size < 65536 else ""
+        except OSError:
+            text = ""
+        for tok in text.split():
+            if tok.endswith("/bin/nvcc"):
+                cands.append(Path(tok).parent.parent)
+    cands += [Path("/usr/local/cuda")] + sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
+    return next((c for c in cands if ok(c)), None)
+
+
+def _fingerprint(lib: str) -> dict:
+    h = hashlib.sha256()
+    for src in sources(lib) + sorted((source_root() / "include").glob("*.h")):
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
+    for extra in sorted((source_root() / "cpu").glob("*.h")) + sorted(
+        (source_root() / "cuda").glob("*.cuh")
+    ):
+        h.update(extra.read_bytes())
+    info = {
+        "lib": lib,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cflags": CPU_CFLAGS if lib == "cpu" else CUDA_CFLAGS,
+        "archs": cuda_archs() if lib == "cuda" else None,
+        "python": sys.version.split()[0],
+    }
+    h.update(json.dumps(info, sort_keys=True).encode())
+    info["source_hash"] = h.hexdigest()[:16]
+    return info
+
+
+def build_dir(lib: str) -> Path:
+    """Where ``lib`` is built and cached for this source tree and torch."""
+    base = Path(os.environ.get("VLJEPA_FAST_BUILD_DIR", Path.home() / ".cache" / "vljepa_fast"))
+    fp = _fingerprint(lib)
+    tag = f"{lib}-torch{fp['torch'].replace('+', '_')}-{fp['source_hash']}"
+    return base / tag
+
+
+def library_name(lib: str) -> str:
+    return f"vljepa_fast_{lib}"
+
+
+def _prebuild_reasons(lib: str) -> list[str]:
+    if lib == "cuda":
+        if torch.version.cuda is None:
+            return [f"torch {torch.__version__} is a CPU-only build (no CUDA)"]
+        if find_cuda_home() is None:
+            return ["nvcc / CUDA toolkit not found (set CUDA_HOME to the toolkit root)"]
+    return []
+
+
+def build(lib: str, *, verbose: bool = False) -> Path:
+    """Build ``lib`` in a subprocess and return the library path.
+
+    Raises:
+        RuntimeError: the build failed; the message ends with the compiler's last lines.
+    """
+    reasons = _prebuild_reasons(lib)
+    if reasons:
+        raise RuntimeError(f"cannot build the {lib} library: " + "; ".join(reasons))
+    out = build_dir(lib)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if lib == "cuda":
+        env["CUDA_HOME"] = str(find_cuda_home())
+        env["TORCH_CUDA_ARCH_LIST"] = cuda_archs()
+    cmd = [sys.executable, "-m", "vljepa_fast._build", lib, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=not verbose, text=True)
+    if proc.returncode != 0:
+        log = (proc.stdout or "") + (proc.stderr or "")
+        (out / "build_error.log").write_text(log)
+        tail = "\n".join(log.strip().splitlines()[-25:])
+        raise RuntimeError(f"building the {lib} library failed (log: {out}/build_error.log):\n{tail}")
+    return out / f"{library_name(lib)}.so"
+
+
+def _check_record(lib: str, so: Path) -> list[str]:
+    rec_path = so.parent / "build_info.json"
+    if not rec_path.is_file():
+        return [f"{so} has no build_info.json (incomplete build)"]
+    rec = json.loads(rec_path.read_text())
+    want = _fingerprint(lib)
+    diffs = [
+        f"{k}: built for {rec.get(k)!r}, running {want[k]!r}"
+        for k in ("torch", "torch_cuda", "source_hash")
+        if rec.get(k) != want[k]
+    ]
+    return [f"stale {lib} build ({'; '.join(diffs)}); rebuild: python -m vljepa_fast.build"] if diffs else []
+
+
+def auto_build_enabled() -> bool:
+    return os.environ.get("VLJEPA_FAST_BUILD", "1") != "0"
+
+
+def load(lib: str, *, allow_build: bool | None = None) -> LibState:
+    """Load ``lib`` once per process (building it first when allowed); never raises.
+
+    Args:
+        lib: "cpu" or "cuda".
+        allow_build: build when missing; None means :func:`auto_build_enabled`.
+
+    Returns:
+        The LibState: ``loaded`` or the ``reasons`` it could not be.
+    """
+    with _lock:
+        st = _state.get(lib)
+        if st is not None and (st.loaded or allow_build is False or st.path is not None):
+            return st
+        st = LibState()
+        if lib == "cuda":
+            cpu = load("cpu", allow_build=allow_build)
+            if not cpu.loaded:
+                st.reasons = ["needs the cpu library (operator schemas): " + "; ".join(cpu.reasons)]
+                return st
+        st.reasons = _prebuild_reasons(lib)
+        if st.reasons:
+            _state[lib] = st
+            return st
+        so = build_dir(lib) / f"{library_name(lib)}.so"
+        if not so.is_file():
+            build_now = auto_build_enabled() if allow_build is None else allow_build
+            if not build_now:
+                st.reasons = [f"{lib} library not built (python -m vljepa_fast.build)"]
+                return st
+            print(f"vljepa_fast: building the {lib} native library (one time) ...", file=sys.stderr)
+            try:
+                so = build(lib)
+            except RuntimeError as e:
+                st.path = so
+                st.reasons = [str(e)]
+                _state[lib] = st
+                return st
+        st.path = so
+        st.reasons = _check_record(lib, so)
+        if not st.reasons:
+            try:
+                torch.ops.load_library(str(so))
+                st.loaded = True
+            except OSError as e:
+                st.reasons = [f"loading {so} failed: {e}"]
+        _state[lib] = st
+        return st

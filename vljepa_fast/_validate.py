@@ -1,0 +1,70 @@
+"""Input checks shared by the public ops: every failure is a ValueError naming the argument."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(name: str, x: object, *, ndim: int | Sequence[int], layout: str = "") -> Tensor:
+    """``x`` must be a floating tensor with ``ndim`` dimensions (``layout`` names them)."""
+    dims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        lay = f" {layout}" if layout else ""
+        raise ValueError(f"{name}: expected a {want} tensor{lay}, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name}: expected float32, float16, bfloat16 or float64, got {x.dtype}"
+        )
+    return x
+
+
+def same(names: Sequence[str], xs: Sequence[Tensor], what: str = "dtype") -> None:
+    """All tensors share a dtype (``what="dtype"``) or a device (``what="device"``)."""
+    vals = [getattr(x, what) for x in xs]
+    if any(v != vals[0] for v in vals[1:]):
+        got = ", ".join(f"{n}={v}" for n, v in zip(names, vals))
+        raise ValueError(f"{names[-1]}: expected the same {what} as {names[0]}, got {got}")
+
+
+def contiguous(name: str, x: Tensor) -> None:
+    if not x.is_contiguous():
+        raise ValueError(
+            f"{name}: expected a contiguous tensor, got strides {tuple(x.stride())} for shape "
+            f"{tuple(x.shape)} (call .contiguous())"
+        )
+
+
+def last_dim_contiguous(name: str, x: Tensor) -> None:
+    if x.stride(-1) != 1:
+        raise ValueError(
+            f"{name}: expected the last dimension contiguous (stride 1), got strides "
+            f"{tuple(x.stride())}"
+        )
+
+
+def nonempty(name: str, x: Tensor, dim: int, what: str) -> None:
+    if x.shape[dim] == 0:
+        raise ValueError(f"{name}: expected at least one {what}, got shape {tuple(x.shape)}")
+
+
+def int_in(name: str, v: object, lo: int, hi: int | None = None, hint: str = "") -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}: expected {rng}{hint}, got {v}")
+    return v
+
+
+def choice(name: str, v: object, options: Sequence[str]) -> str:
+    if v not in options:
+        raise ValueError(f"{name}: expected one of {tuple(options)}, got {v!r}")
+    return v  # type: ignore[return-value]

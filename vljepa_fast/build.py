@@ -1,0 +1,45 @@
+"""Build the native libraries ahead of time: ``python -m vljepa_fast.build [--require cpu,cuda]``.
+
+Without ``--require`` every library that can be built on this machine is built, and the ones
+that cannot are reported (exit 0). With ``--require`` the named libraries must build and load,
+or the command exits 1 with the compiler's message (CI uses ``--require cpu,cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from vljepa_fast import _ext
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vljepa_fast.build", description=__doc__)
+    ap.add_argument("--require", default="", help="comma-separated libraries that must build")
+    ap.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    args = ap.parse_args(argv)
+    required = {x for x in args.require.split(",") if x}
+    unknown = required - set(_ext.LIBS)
+    if unknown:
+        ap.error(f"--require: unknown libraries {sorted(unknown)}; expected some of {_ext.LIBS}")
+    failed = False
+    for lib in _ext.LIBS:
+        start = time.time()
+        so = _ext.build_dir(lib) / f"{_ext.library_name(lib)}.so"
+        try:
+            if not so.is_file():
+                so = _ext.build(lib, verbose=args.verbose)
+            st = _ext.load(lib, allow_build=False)
+            if not st.loaded:
+                raise RuntimeError("; ".join(st.reasons))
+            print(f"[ok]   {lib}: {so} ({time.time() - start:.0f} s)")
+        except RuntimeError as e:
+            failed |= lib in required
+            tag = "FAIL" if lib in required else "skip"
+            print(f"[{tag}] {lib}: {e}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The public ops of vljepa_fast: validation, dispatch and the full contract of each op.
+
+Every function checks its arguments (a ValueError naming the argument for anything it cannot
+serve), then hands them to the backend chosen by :mod:`vljepa_fast._backends`. ``backend="auto"``
+takes the fastest backend that serves the inputs and ends in the eager reference; a named
+backend that cannot serve raises :class:`vljepa_fast.BackendUnavailableError` with its reasons.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from vljepa_fast import _backends, _validate
+from vljepa_fast.ops import attention as _attention_ops  # noqa: F401  (registers backends)
+from vljepa_fast.ops import infonce as _infonce_ops
+from vljepa_fast.ops import topk_similarity as _topk_ops
+
+__all__ = ["attention", "attention_varlen", "infonce_loss", "topk_similarity"]
+
+
+def _check_scale(scale: float | None) -> None:
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, ndim: int, layout_q: str, layout_kv: str) -> None:
+    _validate.tensor("q", q, ndim=ndim, layout=layout_q)
+    _validate.tensor("k", k, ndim=ndim, layout=layout_kv)
+    _validate.tensor("v", v, ndim=ndim, layout=layout_kv)
+    _validate.same(("q", "k", "v"), (q, k, v), "dtype")
+    _validate.same(("q", "k", "v"), (q, k, v), "device")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _validate.last_dim_contiguous(name, x)
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"k: the number of KV heads ({hkv}) must divide the number of query heads ({hq})"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"k: expected head dim {q.shape[-1]} (q's), got {k.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError("q: expected a head dim of at least 1, got 0")
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Multi-head attention with grouped KV heads (GQA), key padding and optional causal mask.
+
+    softmax(q k^T * scale + mask) v per head, with query head h reading KV head
+    h // (Hq // Hkv). Differentiable with respect to q, k and v.
+
+    Args:
+        q: [B, T, Hq, D] queries (flash-attn layout), float32/float16/bfloat16 (float64 on the
+            reference backend only); the last dimension must be contiguous.
+        k: [B, S, Hkv, D] keys, same dtype and device; Hq % Hkv == 0.
+        v: [B, S, Hkv, D] values, same shape as k.
+        key_padding_mask: [B, S] bool on q's device, True = a real key. Keys marked False
+            take no part. A query with no real key gets an output of zeros.
+        causal: mask key j for query i when j > i + S - T (bottom-right aligned, as flash-attn;
+            the usual lower-triangular mask when T == S). The VL-JEPA predictor uses False.
+        scale: multiplier of q.k; None means 1 / sqrt(D).
+        backend: "auto" or a name from :func:`vljepa_fast.backends`.
+
+    Returns:
+        [B, T, Hq, D] tensor in q's dtype.
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
+        BackendUnavailableError: a named backend cannot serve these inputs.
+    """
+    _check_qkv(q, k, v, 4, "[B, T, Hq, D]", "[B, S, Hkv, D]")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k: expected batch size {q.shape[0]} (q's), got {k.shape[0]}")
+    for name, x, dim, what in (("q", q, 0, "batch entry"), ("q", q, 1, "query"), ("k", k, 1, "key")):
+        _validate.nonempty(name, x, dim, what)
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        if not isinstance(m, Tensor) or m.dtype != torch.bool:
+            got = m.dtype if isinstance(m, Tensor) else type(m).__name__
+            raise ValueError(f"key_padding_mask: expected a bool tensor, got {got}")
+        if tuple(m.shape) != (k.shape[0], k.shape[1]):
+            raise ValueError(
+                f"key_padding_mask: expected shape [B, S] = {(k.shape[0], k.shape[1])}, got "
+                f"{tuple(m.shape)}"
+            )
+        if m.device != q.device:
+            raise ValueError(f"key_padding_mask: expected device {q.device}, got {m.device}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal: expected a bool, got {causal!r}")
+    _check_scale(scale)
+    return _backends.dispatch(
+        "attention", backend, q, k, v, key_padding_mask=key_padding_mask, causal=causal,
+        scale=scale,
+    )
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Attention over packed sequences of different lengths (flash-attn's varlen API).
+
+    Sequence b owns query rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and key rows
+    cu_seqlens_k[b]:cu_seqlens_k[b+1]; queries only attend to keys of their own sequence, so a
+    padded batch costs only its real tokens. Differentiable with respect to q, k and v.
+
+    Args:
+        q: [total_q, Hq, D] packed queries (last dimension contiguous).
+        k: [total_k, Hkv, D] packed keys, Hq % Hkv == 0, same dtype and device.
+        v: [total_k, Hkv, D] packed values.
+        cu_seqlens_q: [B + 1] int32 on q's device: 0, then non-decreasing, ending at total_q.
+        cu_seqlens_k: [B + 1] int32 likewise, ending at total_k.
+        max_seqlen_q: the longest query sequence (>= every length; kernels size their grid on it).
+        max_seqlen_k: the longest key sequence.
+        causal: bottom-right aligned causal mask inside each sequence.
+        scale: multiplier of q.k; None means 1 / sqrt(D).
+        backend: "auto" or a name from :func:`vljepa_fast.backends`.
+
+    Returns:
+        [total_q, Hq, D] in q's dtype; queries of a sequence with no keys get zeros.
+
+    Note:
+        Checking cu_seqlens reads them on the host (one device sync on GPU).
+    """
+    _check_qkv(q, k, v, 3, "[total_q, Hq, D]", "[total_k, Hkv, D]")
+    for name, cu, total, mx in (
+        ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+        ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
+    ):
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
+            got = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+            raise ValueError(f"{name}: expected a 1-D int32 tensor, got {got}")
+        if cu.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device}, got {cu.device}")
+        if cu.numel() < 2:
+            raise ValueError(f"{name}: expected at least 2 entries (B + 1), got {cu.numel()}")
+        vals = cu.tolist()
+        if vals[0] != 0 or any(b < a for a, b in zip(vals, vals[1:])) or vals[-1] != total:
+            raise ValueError(
+                f"{name}: expected 0, non-decreasing, ending at {total}, got {vals[:8]}"
+                + ("..." if len(vals) > 8 else "")
+            )
+        longest = max(b - a for a, b in zip(vals, vals[1:]))
+        mname = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
+        _validate.int_in(mname, mx, longest, hint=f" (the longest sequence in {name})")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (as cu_seqlens_q), got "
+            f"{cu_seqlens_k.numel()}"
+        )
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal: expected a bool, got {causal!r}")
+    _check_scale(scale)
+    return _backends.dispatch(
+        "attention_varlen", backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, causal=causal, scale=scale,
+    )
+
+
+def infonce_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    temperature: float | Tensor = 0.07,
+    symmetric: bool = True,
+    normalize: bool = True,
+    reduction: str = "mean",
+    group: object | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Bidirectional InfoNCE between predicted and target embeddings, without N x N logits.
+
+    logits = norm(pred) @ norm(target)^T / temperature; row i of pred matches row i of target.
+    Per-row loss: pred->target, logsumexp(logits[i, :]) - logits[i, i]; with ``symmetric`` the
+    mean of that and target->pred, logsumexp(logits[:, i]) - logits[i, i].
+    Differentiable with respect to pred, target and a tensor temperature.
+
+    Args:
+        pred: [N, D] predicted embeddings, float32/float16/bfloat16 (float64: reference only).
+        target: [N, D] target embeddings, same shape, dtype and device.
+        temperature: a positive finite float, or a 0-dim floating tensor (learnable; its value
+            is checked eagerly, outside torch.compile).
+        symmetric: both directions (VL-JEPA) or pred->target only.
+        normalize: L2-normalise rows first (zero rows stay zero: eps 1e-12).
+        reduction: "mean" or "sum" (scalars) or "none" ([N] per-row losses).
+        group: a torch.distributed process group (or ``torch.distributed.group.WORLD``): each
+            rank passes its local rows; negatives are the whole global batch.
+        backend: "auto" or a name from :func:`vljepa_fast.backends`.
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or [N] for reduction="none".
+        See :mod:`vljepa_fast.ops.infonce` for the distributed conventions.
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
+        BackendUnavailableError: a named backend cannot serve these inputs.
+    """
+    _validate.tensor("pred", pred, ndim=2, layout="[N, D]")
+    _validate.tensor("target", target, ndim=2, layout="[N, D]")
+    _validate.same(("pred", "target"), (pred, target), "dtype")
+    _validate.same(("pred", "target"), (pred, target), "device")
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"target: expected the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}"
+        )
+    _validate.nonempty("pred", pred, 0, "row (N >= 1)")
+    _validate.nonempty("pred", pred, 1, "column (D >= 1)")
+    _infonce_ops.check_temperature(temperature, pred)
+    for name, flag in (("symmetric", symmetric), ("normalize", normalize)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name}: expected a bool, got {flag!r}")
+    _validate.choice("reduction", reduction, ("mean", "sum", "none"))
+    _infonce_ops.check_group(group)
+    return _backends.dispatch(
+        "infonce_loss", backend, pred, target, temperature=temperature, symmetric=symmetric,
+        normalize=normalize, reduction=reduction, group=group,
+    )
+
+
+def topk_similarity(
+    queries: Tensor, bank: Tensor, k: int, *, metric: str = "ip", backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """The k most similar bank rows of every query, without writing the Q x N score matrix.
+
+    Args:
+        queries: [Q, D] contiguous, float32/float16/bfloat16 (float64: reference only), Q >= 1.
+        bank: [N, D] contiguous, same dtype and device, N >= 1.
+        k: 1 <= k <= N (the CUDA backend serves k <= 1024, the others any k).
+        metric: "ip" (inner product) or "cosine" (each row divided by max(norm, 1e-12): a
+            zero row scores exactly 0, never NaN).
+        backend: "auto" or a name from :func:`vljepa_fast.backends`.
+
+    Returns:
+        (scores, indices): scores [Q, k] float32 (float64 for float64 inputs), sorted
+        descending, accumulated in fp32 whatever the input dtype; indices [Q, k] int64 rows of
+        ``bank``. Among equal scores any index may be returned. Scores carry a gradient to
+        ``queries`` and ``bank`` when they require one (recomputed from the winning rows);
+        indices never do.
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
+        BackendUnavailableError: a named backend cannot serve these inputs.
+    """
+    _validate.tensor("queries", queries, ndim=2, layout="[Q, D]")
+    _validate.tensor("bank", bank, ndim=2, layout="[N, D]")
+    _validate.same(("queries", "bank"), (queries, bank), "dtype")
+    _validate.same(("queries", "bank"), (queries, bank), "device")
+    if bank.shape[1] != queries.shape[1]:
+        raise ValueError(
+            f"bank: expected dimension D = {queries.shape[1]} (queries'), got {bank.shape[1]}"
+        )
+    _validate.nonempty("queries", queries, 0, "query row")
+    _validate.nonempty("bank", bank, 0, "bank row (the bank is empty)")
+    _validate.nonempty("queries", queries, 1, "column (D >= 1)")
+    _validate.contiguous("queries", queries)
+    _validate.contiguous("bank", bank)
+    _validate.int_in("k", k, 1, bank.shape[0], hint=f" (k <= N, the {bank.shape[0]} bank rows)")
+    _validate.choice("metric", metric, ("ip", "cosine"))
+    scores, indices = _backends.dispatch("topk_similarity", backend, queries, bank, k, metric=metric)
+    if torch.is_grad_enabled() and (queries.requires_grad or bank.requires_grad):
+        scores = _topk_ops.differentiable_scores(queries, bank, indices, metric)
+    return scores, indices

@@ -1,0 +1,1 @@
+"""The VL-JEPA model assembled from the fused modules."""

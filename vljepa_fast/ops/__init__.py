@@ -1,0 +1,1 @@
+"""Op wrappers: torch.library custom ops and autograd over the kernels, and backend records."""

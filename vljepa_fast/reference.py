@@ -1,0 +1,237 @@
+"""Eager PyTorch reference of every op: the specification, the fallback and the test oracle.
+
+Each function here is the definition of what the fused kernels compute. They take the same
+arguments as the public ops in :mod:`vljepa_fast.functional` (which validate them first), do their
+math in float32 (float64 stays float64) and return results in the dtypes the public ops promise.
+They build full intermediate matrices (attention probabilities, the N x M logits, the Q x N scores)
+on purpose: they are clear, not fast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "attention",
+    "attention_varlen",
+    "infonce_loss",
+    "infonce_terms",
+    "topk_similarity",
+    "NORM_EPS",
+]
+
+#: Smallest norm used when normalising rows (cosine similarity, InfoNCE ``normalize=True``): a
+#: zero row is divided by this instead of by 0, so it stays a zero row and scores 0.
+NORM_EPS = 1e-12
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (low precision is upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """Softmax attention with GQA, key padding and an optional causal mask.
+
+    Args:
+        q: [B, T, Hq, D] queries.
+        k: [B, S, Hkv, D] keys, Hq % Hkv == 0 (query head h reads KV head h // (Hq // Hkv)).
+        v: [B, S, Hkv, D] values.
+        key_padding_mask: [B, S] bool, True marks a real key. None: every key is real.
+        causal: mask key j for query i when j > i + (S - T) (bottom-right aligned, as flash-attn).
+        scale: multiplier of q.k; None means 1 / sqrt(D).
+
+    Returns:
+        [B, T, Hq, D] in q's dtype. A query whose keys are all masked gets zeros.
+    """
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    cdt = _compute_dtype(q, k, v)
+    group = Hq // Hkv
+    qf = q.to(cdt).transpose(1, 2)  # [B, Hq, T, D]
+    kf = k.to(cdt).transpose(1, 2).repeat_interleave(group, dim=1)  # [B, Hq, S, D]
+    vf = v.to(cdt).transpose(1, 2).repeat_interleave(group, dim=1)
+    logits = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hq, T, S]
+    allowed = torch.ones(B, 1, T, S, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    if causal:
+        i = torch.arange(T, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)[None, :]
+        allowed = allowed & (j <= i + (S - T))
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    # A fully masked row would give NaN from softmax; define it as zeros instead.
+    any_allowed = allowed.any(dim=-1, keepdim=True)
+    probs = torch.softmax(logits.masked_fill(~any_allowed, 0.0), dim=-1) * any_allowed
+    out = torch.matmul(probs, vf)  # [B, Hq, T, D]
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention over packed variable-length sequences (flash-attn's varlen layout).
+
+    Args:
+        q: [total_q, Hq, D] packed queries; sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1].
+        k: [total_k, Hkv, D] packed keys, likewise with cu_seqlens_k.
+        v: [total_k, Hkv, D] packed values.
+        cu_seqlens_q: [B + 1] int32, cumulative query lengths starting at 0.
+        cu_seqlens_k: [B + 1] int32, cumulative key lengths starting at 0.
+        max_seqlen_q: longest query sequence (unused here; part of the flash-attn signature).
+        max_seqlen_k: longest key sequence (unused here).
+        causal: bottom-right aligned causal mask within each sequence.
+        scale: multiplier of q.k; None means 1 / sqrt(D).
+
+    Returns:
+        [total_q, Hq, D] in q's dtype.
+    """
+    del max_seqlen_q, max_seqlen_k
+    out = torch.empty_like(q)
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        if cq[b + 1] == cq[b]:
+            continue
+        out[qs] = attention(
+            q[None, qs], k[None, ks], v[None, ks], causal=causal, scale=scale
+        )[0]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# infonce
+# --------------------------------------------------------------------------------------------
+
+
+def infonce_terms(
+    pred: Tensor,
+    target: Tensor,
+    scale: Tensor | float,
+    *,
+    offset: int = 0,
+    normalize: bool = True,
+    col_stats: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """The per-row and per-column terms every InfoNCE backend computes (the kernel contract).
+
+    With S = scale * norm(pred) @ norm(target)^T ([N, M]; norm is the identity when
+    ``normalize`` is False), the positive of row i is column i + offset.
+
+    Returns:
+        (row_lse [N], col_lse [M] or None, pos_row [N], pos_col [M] or None), float32 (float64
+        for float64 inputs): log-sum-exp of each row and column of S, and the positive logit of
+        each row (S[i, i + offset]) and column (S[j - offset, j]).
+    """
+    cdt = _compute_dtype(pred, target)
+    a, b = pred.to(cdt), target.to(cdt)
+    if normalize:
+        a = F.normalize(a, dim=-1, eps=NORM_EPS)
+        b = F.normalize(b, dim=-1, eps=NORM_EPS)
+    s = (a @ b.T) * (scale.to(cdt) if isinstance(scale, Tensor) else scale)
+    n, m = s.shape
+    rows = torch.arange(n, device=s.device)
+    row_lse = torch.logsumexp(s, dim=1)
+    pos_row = s[rows, rows + offset]
+    if not col_stats:
+        return row_lse, None, pos_row, None
+    cols = torch.arange(m, device=s.device)
+    col_lse = torch.logsumexp(s, dim=0)
+    pos_col = s[(cols - offset).clamp(0, n - 1), cols]
+    return row_lse, col_lse, pos_row, pos_col
+
+
+def infonce_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    temperature: float | Tensor = 0.07,
+    symmetric: bool = True,
+    normalize: bool = True,
+    reduction: str = "mean",
+) -> Tensor:
+    """Bidirectional (or one-way) InfoNCE between matching rows of ``pred`` and ``target``.
+
+    logits = norm(pred) @ norm(target)^T / temperature, [N, N]; row i's positive is column i.
+    pred->target loss of row i: logsumexp(logits[i, :]) - logits[i, i]; target->pred loss of row
+    i: logsumexp(logits[:, i]) - logits[i, i]. Symmetric: per-row loss is the mean of the two.
+
+    Args:
+        pred: [N, D] predicted embeddings.
+        target: [N, D] target embeddings.
+        temperature: positive float, or a 0-dim tensor (gradient flows to it).
+        symmetric: average both directions; False keeps pred->target only.
+        normalize: L2-normalise rows first (eps ``NORM_EPS``).
+        reduction: "mean" (scalar), "sum" (scalar) or "none" ([N] per-row losses).
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs).
+    """
+    scale = 1.0 / temperature
+    row_lse, col_lse, pos_row, pos_col = infonce_terms(
+        pred, target, scale, normalize=normalize, col_stats=symmetric
+    )
+    per_row = row_lse - pos_row
+    if symmetric:
+        per_row = 0.5 * (per_row + (col_lse - pos_col))
+    if reduction == "none":
+        return per_row
+    return per_row.sum() if reduction == "sum" else per_row.mean()
+
+
+# --------------------------------------------------------------------------------------------
+# topk_similarity
+# --------------------------------------------------------------------------------------------
+
+
+def topk_similarity(
+    queries: Tensor, bank: Tensor, k: int, *, metric: str = "ip"
+) -> tuple[Tensor, Tensor]:
+    """Top-k bank rows by similarity for every query (mm + topk over the full score matrix).
+
+    Args:
+        queries: [Q, D].
+        bank: [N, D].
+        k: 1 <= k <= N.
+        metric: "ip" (inner product) or "cosine" (rows divided by max(norm, NORM_EPS): a zero
+            row scores 0 against everything).
+
+    Returns:
+        (scores [Q, k] float32 (float64 for float64 inputs) sorted descending,
+        indices [Q, k] int64).
+    """
+    cdt = _compute_dtype(queries, bank)
+    q, b = queries.to(cdt), bank.to(cdt)
+    if metric == "cosine":
+        q = F.normalize(q, dim=-1, eps=NORM_EPS)
+        b = F.normalize(b, dim=-1, eps=NORM_EPS)
+    scores, indices = torch.topk(q @ b.T, k, dim=1, largest=True, sorted=True)
+    return scores, indices
