@@ -219,7 +219,12 @@ def load(lib: str, *, allow_build: bool | None = None) -> LibState:
         if st.reasons:
             _state[lib] = st
             return st
-        so = build_dir(lib) / f"{library_name(lib)}.so"
+        try:
+            so = build_dir(lib) / f"{library_name(lib)}.so"
+        except OSError as e:  # a listed source is missing: a broken checkout, not a crash
+            st.reasons = [f"cannot read the {lib} sources: {e}"]
+            _state[lib] = st
+            return st
         if not so.is_file():
             build_now = auto_build_enabled() if allow_build is None else allow_build
             if not build_now:

@@ -29,9 +29,10 @@ def tensor(name: str, x: object, *, ndim: int | Sequence[int], layout: str = "")
 def same(names: Sequence[str], xs: Sequence[Tensor], what: str = "dtype") -> None:
     """All tensors share a dtype (``what="dtype"``) or a device (``what="device"``)."""
     vals = [getattr(x, what) for x in xs]
-    if any(v != vals[0] for v in vals[1:]):
+    bad = next((n for n, v in zip(names, vals) if v != vals[0]), None)
+    if bad is not None:
         got = ", ".join(f"{n}={v}" for n, v in zip(names, vals))
-        raise ValueError(f"{names[-1]}: expected the same {what} as {names[0]}, got {got}")
+        raise ValueError(f"{bad}: expected the same {what} as {names[0]}, got {got}")
 
 
 def contiguous(name: str, x: Tensor) -> None:

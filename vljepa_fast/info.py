@@ -27,6 +27,12 @@ def report() -> str:
         f"cuda device {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
         f"CUDA_HOME   {_ext.find_cuda_home()}",
         f"build dir   {_ext.build_dir('cpu').parent}",
+    ]
+    for lib in _ext.LIBS:
+        st = _ext.load(lib)
+        state = f"loaded from {st.path}" if st.loaded else "not available: " + "; ".join(st.reasons)
+        lines.append(f"native {lib:<4} {state}")
+    lines += [
         "",
         f"{'op':<18} {'backend':<11} {'available':<10} reasons",
     ]

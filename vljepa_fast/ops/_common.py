@@ -59,3 +59,14 @@ def dtype_in(name: str, x: Tensor, allowed=LOW_PRECISION) -> list[str]:
         names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
         return [f"{name} dtype {str(x.dtype).removeprefix('torch.')} not supported (serves {names})"]
     return []
+
+
+def native_kernel(op: str, device: str) -> list[str]:
+    """Reasons there is no native ``device`` ("cpu"/"cuda") kernel for ``vljepa_fast::op``."""
+    why = native(device) if device == "cpu" else native_cuda()
+    if why:
+        return why
+    key = device.upper()
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"vljepa_fast::{op}", key):
+        return [f"the native {device} library has no {key} kernel for {op}"]
+    return []

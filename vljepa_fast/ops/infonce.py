@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vljepa_fast import _backends, reference
+from vljepa_fast.ops import _common
 
 OP = "infonce_loss"
 
@@ -83,24 +84,28 @@ class _GatherRows(torch.autograd.Function):
         return grad[rank * n : (rank + 1) * n], None
 
 
+def scale_tensor(temperature: float | Tensor, like: Tensor) -> Tensor:
+    """1 / temperature as a 0-dim float32 tensor on like's device (differentiable if a tensor)."""
+    if isinstance(temperature, Tensor):
+        return (1.0 / temperature).to(torch.float32)
+    return torch.tensor(1.0 / temperature, dtype=torch.float32, device=like.device)
+
+
 def distributed_loss(
-    terms, pred: Tensor, target: Tensor, *, temperature, symmetric: bool, normalize: bool,
+    row_loss, pred: Tensor, target: Tensor, scale, *, symmetric: bool, normalize: bool,
     reduction: str, group,
 ) -> Tensor:
-    """Compose a differentiable per-direction ``terms`` function into the distributed loss.
+    """Compose a differentiable one-direction loss into the distributed loss (module doc).
 
-    ``terms(a, b, scale, offset, normalize) -> (row_lse [n], pos_row [n])`` over all rows of b.
+    ``row_loss(a, b, scale, offset, normalize) -> [n]``: logsumexp over all rows of b minus the
+    positive (column i + offset) of each row of a.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     n = pred.shape[0]
-    scale = 1.0 / temperature
-    target_all = _GatherRows.apply(target, group)
-    lse, pos = terms(pred, target_all, scale, rank * n, normalize)
-    per_row = lse - pos
+    per_row = row_loss(pred, _GatherRows.apply(target, group), scale, rank * n, normalize)
     if symmetric:
-        pred_all = _GatherRows.apply(pred, group)
-        lse_t, pos_t = terms(target, pred_all, scale, rank * n, normalize)
-        per_row = 0.5 * (per_row + (lse_t - pos_t))
+        back = row_loss(target, _GatherRows.apply(pred, group), scale, rank * n, normalize)
+        per_row = 0.5 * (per_row + back)
     if reduction == "none":
         return per_row
     local = per_row.sum() * (world if reduction == "sum" else 1.0 / n)
@@ -111,17 +116,26 @@ def distributed_loss(
     return local + (total - local).detach()
 
 
-def _reference_terms(a: Tensor, b: Tensor, scale, offset: int, normalize: bool):
+def _reduce(per_row: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return per_row
+    return per_row.sum() if reduction == "sum" else per_row.mean()
+
+
+# ------------------------------------------------------------------------- reference backend
+
+
+def _reference_row_loss(a: Tensor, b: Tensor, scale, offset: int, normalize: bool) -> Tensor:
     row_lse, _, pos_row, _ = reference.infonce_terms(
         a, b, scale, offset=offset, normalize=normalize, col_stats=False
     )
-    return row_lse, pos_row
+    return row_lse - pos_row
 
 
 def _reference(pred, target, *, temperature, symmetric, normalize, reduction, group):
     if group is not None:
         return distributed_loss(
-            _reference_terms, pred, target, temperature=temperature, symmetric=symmetric,
+            _reference_row_loss, pred, target, 1.0 / temperature, symmetric=symmetric,
             normalize=normalize, reduction=reduction, group=group,
         )
     return reference.infonce_loss(
@@ -130,4 +144,78 @@ def _reference(pred, target, *, temperature, symmetric, normalize, reduction, gr
     )
 
 
+# ------------------------------------------------------------------------- fused backends
+
+
+def _native_fwd(a, b, scale, offset, normalize, col_stats):
+    return torch.ops.vljepa_fast.infonce_fwd(a, b, scale, offset, normalize, col_stats)
+
+
+def _native_bwd(a, b, scale, offset, normalize, row_lse, col_lse, g_row, g_col):
+    return torch.ops.vljepa_fast.infonce_bwd(
+        a, b, scale, offset, normalize, row_lse, col_lse, g_row, g_col
+    )
+
+
+_IMPLS = {"native": (_native_fwd, _native_bwd)}
+
+
+class _FusedInfoNCE(torch.autograd.Function):
+    """(row_loss [N], col_loss [M] or [0]) of the kernel contract, with the fused backward.
+
+    Saves only the inputs, the scale and the two LSE vectors: never the N x M logits.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, scale, offset: int, normalize: bool, col_stats: bool, impl: str):
+        fwd, _ = _IMPLS[impl]
+        row_lse, col_lse, pos_row, pos_col = fwd(a, b, scale.detach(), offset, normalize, col_stats)
+        ctx.save_for_backward(a, b, scale, row_lse, col_lse)
+        ctx.args = (offset, normalize, col_stats, impl)
+        return row_lse - pos_row, col_lse - pos_col
+
+    @staticmethod
+    def backward(ctx, g_row, g_col):
+        a, b, scale, row_lse, col_lse = ctx.saved_tensors
+        offset, normalize, col_stats, impl = ctx.args
+        _, bwd = _IMPLS[impl]
+        g_row = g_row.float().contiguous()
+        g_col = g_col.float().contiguous() if col_stats else None
+        da, db, dscale = bwd(
+            a, b, scale.detach(), offset, normalize, row_lse, col_lse if col_stats else None,
+            g_row, g_col,
+        )
+        return da, db, dscale if ctx.needs_input_grad[2] else None, None, None, None, None
+
+
+def _fused(impl: str):
+    def row_loss(a, b, scale, offset, normalize):
+        return _FusedInfoNCE.apply(a, b, scale, offset, normalize, False, impl)[0]
+
+    def run(pred, target, *, temperature, symmetric, normalize, reduction, group):
+        scale = scale_tensor(temperature, pred)
+        if group is not None:
+            return distributed_loss(
+                row_loss, pred, target, scale, symmetric=symmetric, normalize=normalize,
+                reduction=reduction, group=group,
+            )
+        rows, cols = _FusedInfoNCE.apply(pred, target, scale, 0, normalize, symmetric, impl)
+        per_row = 0.5 * (rows + cols) if symmetric else rows
+        return _reduce(per_row, reduction)
+
+    return run
+
+
+def _fused_supports(pred, target, **kwargs) -> list[str]:
+    return _common.dtype_in("pred", pred)
+
+
+_backends.register(_backends.Backend(
+    "cuda", OP, _fused("native"), available=lambda: _common.native_kernel("infonce_fwd", "cuda"), supports=_fused_supports,
+    devices=("cuda",), priority=10,
+))
+_backends.register(_backends.Backend(
+    "cpu", OP, _fused("native"), available=lambda: _common.native_kernel("infonce_fwd", "cpu"),
+    supports=_fused_supports, devices=("cpu",), priority=20,
+))
 _backends.register(_backends.Backend("reference", OP, _reference, available=list, priority=100))

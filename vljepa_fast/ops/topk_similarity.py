@@ -73,7 +73,7 @@ def _reference(queries: Tensor, bank: Tensor, k: int, metric: str = "ip") -> tup
 
 
 _backends.register(_backends.Backend(
-    "cuda", OP, _native, available=_common.native_cuda, supports=_cuda_supports,
+    "cuda", OP, _native, available=lambda: _common.native_kernel(OP, "cuda"), supports=_cuda_supports,
     devices=("cuda",), priority=10,
 ))
 _backends.register(_backends.Backend(
@@ -81,7 +81,7 @@ _backends.register(_backends.Backend(
     devices=("cuda", "cpu"), priority=30,
 ))
 _backends.register(_backends.Backend(
-    "cpu", OP, _native, available=lambda: _common.native("cpu"), supports=_no_float64,
+    "cpu", OP, _native, available=lambda: _common.native_kernel(OP, "cpu"), supports=_no_float64,
     devices=("cpu",), priority=20,
 ))
 _backends.register(_backends.Backend("reference", OP, _reference, available=list, priority=100))

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command of README.md: installs the package with its test extras, builds the native
+# libraries, then runs every test tier (cpu, interpret, compile; gpu when a CUDA device exists).
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -m cpu -x`).
+# Under CI=true the cpu and cuda libraries must build (sm_80 + sm_90a) and no tier may skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q -e ".[test]"
+if [[ "${CI:-}" == "true" ]]; then
+  python -m vljepa_fast.build --require cpu,cuda
+else
+  python -m vljepa_fast.build
+fi
+python -m vljepa_fast.info
+python -m pytest tests -p no:cacheprovider "$@"
