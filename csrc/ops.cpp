@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 TORCH_LIBRARY(vljepa_fast, m) {
@@ -14,6 +15,19 @@ TORCH_LIBRARY(vljepa_fast, m) {
   // cosine: score rows divided by max(||q|| * ||b||, eps) products (zero rows score 0).
   // Returns scores [Q, k] float32 sorted descending and indices [Q, k] int64.
   m.def("topk_similarity(Tensor queries, Tensor bank, int k, bool cosine) -> (Tensor, Tensor)");
+
+  // infonce_fwd / infonce_bwd: the InfoNCE kernel contract (vljepa_fast/reference.py,
+  // infonce_terms). a [N, D], b [M, D] (same floating dtype, contiguous), scale a 0-dim float32
+  // tensor (1 / temperature), S = scale * norm(a) @ norm(b)^T (norm = identity unless normalize),
+  // positive of row i = column i + offset. Forward returns row_lse [N], col_lse [M] (empty [0]
+  // when col_stats is false), pos_row [N] = S[i, i+offset], pos_col [M] (empty likewise), all
+  // float32. Backward takes the weights of loss = sum_i g_row[i] (row_lse[i] - pos_row[i]) +
+  // sum_j g_col[j] (col_lse[j] - pos_col[j]) and returns (da [N, D] in a's dtype, db [M, D],
+  // dscale 0-dim float32).
+  m.def("infonce_fwd(Tensor a, Tensor b, Tensor scale, int offset, bool normalize, bool col_stats)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("infonce_bwd(Tensor a, Tensor b, Tensor scale, int offset, bool normalize, Tensor row_lse,"
+        " Tensor? col_lse, Tensor g_row, Tensor? g_col) -> (Tensor, Tensor, Tensor)");
 }
 
 // Shape functions (Meta kernels) so that FakeTensor tracing and torch.compile(fullgraph=True)
@@ -28,6 +42,35 @@ std::tuple<at::Tensor, at::Tensor> topk_similarity_meta(const at::Tensor& querie
   auto indices = at::empty({queries.size(0), k}, queries.options().dtype(at::kLong));
   return {scores, indices};
 }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_meta(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
+    bool normalize, bool col_stats) {
+  (void)scale;
+  (void)offset;
+  (void)normalize;
+  auto opts = a.options().dtype(at::kFloat);
+  const int64_t m = col_stats ? b.size(0) : 0;
+  return {at::empty({a.size(0)}, opts), at::empty({m}, opts), at::empty({a.size(0)}, opts),
+          at::empty({m}, opts)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_meta(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
+    bool normalize, const at::Tensor& row_lse, const std::optional<at::Tensor>& col_lse,
+    const at::Tensor& g_row, const std::optional<at::Tensor>& g_col) {
+  (void)offset;
+  (void)normalize;
+  (void)row_lse;
+  (void)col_lse;
+  (void)g_row;
+  (void)g_col;
+  return {at::empty_like(a), at::empty_like(b), at::empty({}, scale.options().dtype(at::kFloat))};
+}
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vljepa_fast, Meta, m) { m.impl("topk_similarity", &topk_similarity_meta); }
+TORCH_LIBRARY_IMPL(vljepa_fast, Meta, m) {
+  m.impl("topk_similarity", &topk_similarity_meta);
+  m.impl("infonce_fwd", &infonce_fwd_meta);
+  m.impl("infonce_bwd", &infonce_bwd_meta);
+}

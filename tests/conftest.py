@@ -78,3 +78,17 @@ def pytest_terminal_summary(terminalreporter):
             f"{tier:<10} passed {got['passed']:>4}  failed {got['failed']:>4}  "
             f"skipped {got['skipped']:>4}{note}"
         )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under CI a full run (no -m / -k / path selection) fails when a required tier ran nothing."""
+    cfg = session.config
+    full_run = not cfg.getoption("markexpr") and not cfg.getoption("keyword") and cfg.args == ["tests"]
+    if not (IN_CI and full_run) or exitstatus not in (0,):
+        return
+    empty = [t for t in ("cpu", "interpret", "compile") if _counts[(t, "passed")] == 0]
+    if empty:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"[CI] tiers that ran no test: {', '.join(empty)}", red=True
+        )
+        session.exitstatus = 1
