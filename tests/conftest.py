@@ -22,7 +22,7 @@ TIERS = ("cpu", "interpret", "compile", "gpu")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _counts: Counter = Counter()
 
-for _mod in ("attention", "infonce", "topk_similarity"):
+for _mod in ("attention", "infonce", "rotary", "topk_similarity"):
     try:  # compile-mode JITFunctions, before any interpret test sets TRITON_INTERPRET
         importlib.import_module(f"vljepa_fast._kernels.{_mod}")
     except ImportError:
@@ -83,7 +83,9 @@ def pytest_terminal_summary(terminalreporter):
 def pytest_sessionfinish(session, exitstatus):
     """Under CI a full run (no -m / -k / path selection) fails when a required tier ran nothing."""
     cfg = session.config
-    full_run = not cfg.getoption("markexpr") and not cfg.getoption("keyword") and cfg.args == ["tests"]
+    full_run = (
+        not cfg.getoption("markexpr") and not cfg.getoption("keyword") and cfg.args == ["tests"]
+    )
     if not (IN_CI and full_run) or exitstatus not in (0,):
         return
     empty = [t for t in ("cpu", "interpret", "compile") if _counts[(t, "passed")] == 0]

@@ -37,7 +37,9 @@ def _cpu_backends(op):
 
 @pytest.mark.parametrize("backend", _cpu_backends("attention"))
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (8, 1)])
-@pytest.mark.parametrize("masked,causal", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize(
+    "masked,causal", [(False, False), (True, False), (False, True), (True, True)]
+)
 @pytest.mark.parametrize("T,S", [(37, 37), (5, 101)])
 def test_attention_backends_vs_float64(backend, hq, hkv, masked, causal, T, S):
     seed = hq + 10 * hkv + 100 * masked + 1000 * causal + T
@@ -49,8 +51,12 @@ def test_attention_backends_vs_float64(backend, hq, hkv, masked, causal, T, S):
     exact = reference.attention(q64, k64, v64, key_padding_mask=mask, causal=causal)
     eager = reference.attention(q, k, v, key_padding_mask=mask, causal=causal)
     assert_close_2x(out, eager, exact, torch.float32, "out")
-    for got, ea, ex, name in zip(_grads(out, (q, k, v), 1), _grads(eager, (q, k, v), 1),
-                                 _grads(exact, (q64, k64, v64), 1), "qkv"):
+    for got, ea, ex, name in zip(
+        _grads(out, (q, k, v), 1),
+        _grads(eager, (q, k, v), 1),
+        _grads(exact, (q64, k64, v64), 1),
+        "qkv",
+    ):
         assert_close_2x(got, ea, ex, torch.float32, f"d{name}")
 
 
@@ -69,8 +75,12 @@ def test_attention_varlen_backends_vs_float64(backend, causal):
     exact = reference.attention_varlen(q64, k64, v64, *args, causal=causal)
     eager = reference.attention_varlen(q, k, v, *args, causal=causal)
     assert_close_2x(out, eager, exact, torch.float32, "out")
-    for got, ea, ex, name in zip(_grads(out, (q, k, v), 2), _grads(eager, (q, k, v), 2),
-                                 _grads(exact, (q64, k64, v64), 2), "qkv"):
+    for got, ea, ex, name in zip(
+        _grads(out, (q, k, v), 2),
+        _grads(eager, (q, k, v), 2),
+        _grads(exact, (q64, k64, v64), 2),
+        "qkv",
+    ):
         assert_close_2x(got, ea, ex, torch.float32, f"d{name}")
 
 
@@ -100,12 +110,22 @@ def test_env_override_and_deterministic_refusal(monkeypatch):
         (((1, 4, 4, 8), (1, 5, 2, 8), (1, 6, 2, 8)), {}, "v: expected the shape of k"),
         (((4, 4, 8), (4, 2, 8), (4, 2, 8)), {}, "q: expected a 4-D tensor"),
         (((2, 4, 4, 8), (1, 4, 2, 8), (1, 4, 2, 8)), {}, "k: expected batch size 2"),
-        (((1, 4, 4, 8), (1, 5, 2, 8), (1, 5, 2, 8)), {"key_padding_mask": torch.ones(1, 4, dtype=torch.bool)},
-         "key_padding_mask: expected shape"),
-        (((1, 4, 4, 8), (1, 5, 2, 8), (1, 5, 2, 8)), {"key_padding_mask": torch.ones(1, 5)},
-         "key_padding_mask: expected a bool tensor"),
+        (
+            ((1, 4, 4, 8), (1, 5, 2, 8), (1, 5, 2, 8)),
+            {"key_padding_mask": torch.ones(1, 4, dtype=torch.bool)},
+            "key_padding_mask: expected shape",
+        ),
+        (
+            ((1, 4, 4, 8), (1, 5, 2, 8), (1, 5, 2, 8)),
+            {"key_padding_mask": torch.ones(1, 5)},
+            "key_padding_mask: expected a bool tensor",
+        ),
         (((1, 0, 4, 8), (1, 5, 2, 8), (1, 5, 2, 8)), {}, "q: expected at least one query"),
-        (((1, 4, 4, 8), (1, 5, 2, 8), (1, 5, 2, 8)), {"scale": float("nan")}, "scale: expected a finite"),
+        (
+            ((1, 4, 4, 8), (1, 5, 2, 8), (1, 5, 2, 8)),
+            {"scale": float("nan")},
+            "scale: expected a finite",
+        ),
     ],
 )
 def test_attention_bad_input(shapes, kw, match):
@@ -126,7 +146,10 @@ def test_attention_dtype_device_layout_errors():
 
 def test_varlen_bad_cu_seqlens():
     q, k = torch.randn(6, 4, 8), torch.randn(7, 2, 8)
-    good_q, good_k = torch.tensor([0, 2, 6], dtype=torch.int32), torch.tensor([0, 3, 7], dtype=torch.int32)
+    good_q, good_k = (
+        torch.tensor([0, 2, 6], dtype=torch.int32),
+        torch.tensor([0, 3, 7], dtype=torch.int32),
+    )
     with pytest.raises(ValueError, match="cu_seqlens_q: expected a 1-D int32 tensor"):
         vf.attention_varlen(q, k, k, good_q.long(), good_k, 4, 4)
     with pytest.raises(ValueError, match="cu_seqlens_k: expected 0, non-decreasing"):
@@ -140,7 +163,9 @@ def test_varlen_bad_cu_seqlens():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", [b.name for b in _backends.records("attention") if "cuda" in b.devices])
+@pytest.mark.parametrize(
+    "backend", [b.name for b in _backends.records("attention") if "cuda" in b.devices]
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("masked", [False, True])
 def test_gpu_attention_backends(backend, dtype, masked):
@@ -154,6 +179,10 @@ def test_gpu_attention_backends(backend, dtype, masked):
     exact = reference.attention(q64, k64, v64, key_padding_mask=mask)
     eager = reference.attention(q, k, v, key_padding_mask=mask)
     assert_close_2x(out, eager, exact, dtype, "out")
-    for got, ea, ex, name in zip(_grads(out, (q, k, v), 1), _grads(eager, (q, k, v), 1),
-                                 _grads(exact, (q64, k64, v64), 1), "qkv"):
+    for got, ea, ex, name in zip(
+        _grads(out, (q, k, v), 1),
+        _grads(eager, (q, k, v), 1),
+        _grads(exact, (q64, k64, v64), 1),
+        "qkv",
+    ):
         assert_close_2x(got, ea, ex, dtype, f"d{name}")

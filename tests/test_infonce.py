@@ -18,7 +18,11 @@ from vljepa_fast import _backends, reference
 
 
 def _cpu_backends():
-    return [b.name for b in _backends.records("infonce_loss") if "cpu" in b.devices and b.name != "triton"]
+    return [
+        b.name
+        for b in _backends.records("infonce_loss")
+        if "cpu" in b.devices and b.name != "triton"
+    ]
 
 
 def _inputs(N, D, dtype=torch.float32, seed=0, device="cpu", scale=1.0):
@@ -66,7 +70,9 @@ def test_large_logits_and_duplicates_stay_finite(backend):
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     p64, t64 = (x.detach().double().requires_grad_(True) for x in (p, t))
     exact, xgrads = _run("reference", p64, t64, 0.01, normalize=False)
-    torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=1e-2 * max(1, exact.abs().item()))
+    torch.testing.assert_close(
+        loss.double(), exact, rtol=1e-4, atol=1e-2 * max(1, exact.abs().item())
+    )
 
 
 @pytest.mark.parametrize(
@@ -118,11 +124,18 @@ def _worker(rank, world, port, backend, reduction, symmetric, out_q):
         n, D = 5, 7
         P = torch.randn(world * n, D, dtype=torch.float64)
         T = torch.randn(world * n, D, dtype=torch.float64)
-        p = P[rank * n:(rank + 1) * n].float().clone().requires_grad_(True)
-        t = T[rank * n:(rank + 1) * n].float().clone().requires_grad_(True)
+        p = P[rank * n : (rank + 1) * n].float().clone().requires_grad_(True)
+        t = T[rank * n : (rank + 1) * n].float().clone().requires_grad_(True)
         tau = torch.tensor(0.1, requires_grad=True)
-        loss = vf.infonce_loss(p, t, temperature=tau, symmetric=symmetric, reduction=reduction,
-                               group=dist.group.WORLD, backend=backend)
+        loss = vf.infonce_loss(
+            p,
+            t,
+            temperature=tau,
+            symmetric=symmetric,
+            reduction=reduction,
+            group=dist.group.WORLD,
+            backend=backend,
+        )
         target = loss.mean() if reduction == "none" else loss
         gp, gt, gtau = torch.autograd.grad(target, (p, t, tau))
         # numpy arrays travel by value (tensors would need the sender alive: shared memory)
@@ -132,14 +145,18 @@ def _worker(rank, world, port, backend, reduction, symmetric, out_q):
 
 
 @pytest.mark.parametrize("backend", _cpu_backends())
-@pytest.mark.parametrize("world,reduction,symmetric", [(2, "mean", True), (2, "none", True),
-                                                       (3, "sum", True), (3, "mean", False)])
+@pytest.mark.parametrize(
+    "world,reduction,symmetric",
+    [(2, "mean", True), (2, "none", True), (3, "sum", True), (3, "mean", False)],
+)
 def test_distributed_gloo_matches_single_process(world, backend, reduction, symmetric):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, backend, reduction, symmetric, q))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, backend, reduction, symmetric, q))
+        for r in range(world)
+    ]
     for pr in procs:
         pr.start()
     results = sorted((q.get(timeout=120) for _ in range(world)), key=lambda r: r[0])
@@ -157,7 +174,7 @@ def test_distributed_gloo_matches_single_process(world, backend, reduction, symm
     objective = full.mean() if reduction == "none" else full
     gP, gT, gtau = torch.autograd.grad(objective, (P, T, tau))
     tol = dict(rtol=1e-5, atol=1e-5)
-    for rank, loss, gp, gt, gt_tau in results:
+    for rank, loss, gp, gt, _ in results:
         rows = slice(rank * n, (rank + 1) * n)
         if reduction == "none":
             torch.testing.assert_close(loss.double(), full[rows].detach(), **tol)

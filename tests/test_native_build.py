@@ -19,7 +19,9 @@ def test_cpu_library_builds_and_loads():
     assert rec["source_hash"] == _ext._fingerprint("cpu")["source_hash"]
 
 
-@pytest.mark.skipif(os.environ.get("CI") != "true", reason="CI requires the CUDA build; elsewhere optional")
+@pytest.mark.skipif(
+    os.environ.get("CI") != "true", reason="CI requires the CUDA build; elsewhere optional"
+)
 def test_cuda_library_compiled_for_sm90a_in_ci():
     st = _ext.load("cuda")
     assert st.path is not None and st.path.is_file(), st.reasons

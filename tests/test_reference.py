@@ -19,8 +19,11 @@ def naive_attention(q, k, v, mask=None, causal=False, scale=None):
         for h in range(Hq):
             kh = h // (Hq // Hkv)
             for i in range(T):
-                keys = [j for j in range(S) if (mask is None or mask[b, j]) and
-                        (not causal or j <= i + S - T)]
+                keys = [
+                    j
+                    for j in range(S)
+                    if (mask is None or mask[b, j]) and (not causal or j <= i + S - T)
+                ]
                 if not keys:
                     continue
                 s = torch.stack([q[b, i, h].double() @ k[b, j, kh].double() * scale for j in keys])
@@ -96,8 +99,9 @@ def test_infonce_matches_naive(symmetric, normalize, reduction):
     g = torch.Generator().manual_seed(3 + symmetric + 2 * normalize)
     p = torch.randn(6, 5, generator=g, dtype=torch.float64)
     t = torch.randn(6, 5, generator=g, dtype=torch.float64)
-    got = reference.infonce_loss(p, t, temperature=0.3, symmetric=symmetric, normalize=normalize,
-                                 reduction=reduction)
+    got = reference.infonce_loss(
+        p, t, temperature=0.3, symmetric=symmetric, normalize=normalize, reduction=reduction
+    )
     per = naive_infonce(p, t, 0.3, symmetric, normalize)
     want = {"mean": per.mean(), "sum": per.sum(), "none": per}[reduction]
     torch.testing.assert_close(got, want)
@@ -140,6 +144,8 @@ def test_topk_matches_naive(metric):
                 s = s / max(q[r].norm().item() * 1, 1e-12) / max(b[j].norm().item(), 1e-12)
             sims.append((s, j))
         sims.sort(reverse=True)
-        torch.testing.assert_close(scores[r], torch.tensor([s for s, _ in sims[:4]], dtype=torch.float64))
+        torch.testing.assert_close(
+            scores[r], torch.tensor([s for s, _ in sims[:4]], dtype=torch.float64)
+        )
         assert idx[r].tolist() == [j for _, j in sims[:4]]
     assert not torch.isnan(scores).any()

@@ -30,7 +30,7 @@ def _inputs(Q, N, D, dtype, device="cpu", seed=0, ties=False, zero_rows=False):
 
 def _tol(dtype, D):
     # fp32 accumulation of rounded inputs: the error grows with sqrt(D) and input magnitude
-    return ATOL[dtype] * max(1.0, D ** 0.5 / 4)
+    return ATOL[dtype] * max(1.0, D**0.5 / 4)
 
 
 # ------------------------------------------------------------------------------ errors
@@ -83,8 +83,10 @@ def test_named_backend_refuses_with_reasons():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", ["ip", "cosine"])
-@pytest.mark.parametrize("Q,N,D,k", [(1, 1, 1, 1), (5, 127, 72, 10), (33, 300, 64, 300),
-                                     (3, 5000, 16, 1024), (2, 9000, 8, 3)])
+@pytest.mark.parametrize(
+    "Q,N,D,k",
+    [(1, 1, 1, 1), (5, 127, 72, 10), (33, 300, 64, 300), (3, 5000, 16, 1024), (2, 9000, 8, 3)],
+)
 def test_cpu_backend_matches_float64(dtype, metric, Q, N, D, k):
     q, b = _inputs(Q, N, D, dtype, seed=Q * N + D, ties=True, zero_rows=metric == "cosine")
     scores, idx = vf.topk_similarity(q, b, k, metric=metric, backend="cpu")
@@ -103,9 +105,14 @@ def test_auto_on_cpu_uses_the_native_backend():
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    Q=st.integers(1, 9), N=st.integers(1, 700), D=st.integers(1, 80), kfrac=st.floats(0, 1),
-    dtype=st.sampled_from(DTYPES), metric=st.sampled_from(["ip", "cosine"]),
-    ties=st.booleans(), seed=st.integers(0, 2**16),
+    Q=st.integers(1, 9),
+    N=st.integers(1, 700),
+    D=st.integers(1, 80),
+    kfrac=st.floats(0, 1),
+    dtype=st.sampled_from(DTYPES),
+    metric=st.sampled_from(["ip", "cosine"]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
 )
 def test_property_cpu_vs_reference(Q, N, D, kfrac, dtype, metric, ties, seed):
     k = max(1, round(kfrac * min(N, 1024)))
@@ -201,11 +208,20 @@ def test_embedding_index_save_load_roundtrip_and_corruption(tmp_path):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", ["ip", "cosine"])
-@pytest.mark.parametrize("Q,N,D,k", [(1, 1, 1, 1), (5, 127, 72, 10), (33, 3000, 64, 100),
-                                     (16, 100000, 1536, 10), (1024, 20000, 256, 1024)])
+@pytest.mark.parametrize(
+    "Q,N,D,k",
+    [
+        (1, 1, 1, 1),
+        (5, 127, 72, 10),
+        (33, 3000, 64, 100),
+        (16, 100000, 1536, 10),
+        (1024, 20000, 256, 1024),
+    ],
+)
 def test_gpu_backends_match_float64(backend, dtype, metric, Q, N, D, k):
-    q, b = _inputs(Q, N, D, dtype, device="cuda", seed=Q + N + D, ties=True,
-                   zero_rows=metric == "cosine")
+    q, b = _inputs(
+        Q, N, D, dtype, device="cuda", seed=Q + N + D, ties=True, zero_rows=metric == "cosine"
+    )
     scores, idx = vf.topk_similarity(q, b, k, metric=metric, backend=backend)
     torch.cuda.synchronize()
     check_topk(scores.cpu(), idx.cpu(), q.cpu(), b.cpu(), k, metric, _tol(dtype, D))

@@ -2,6 +2,7 @@
 
 Public API (see DESIGN.md):
     vljepa_fast.attention, attention_varlen, infonce_loss, topk_similarity   (functional ops)
+    vljepa_fast.apply_rotary, rotary_cos_sin                                  (RoPE)
     vljepa_fast.backends()                                                    (op x backend table)
     vljepa_fast.nn                                                            (modules)
 """
@@ -9,16 +10,20 @@ Public API (see DESIGN.md):
 from vljepa_fast import nn
 from vljepa_fast._backends import BackendStatus, BackendUnavailableError, backends
 from vljepa_fast.functional import attention, attention_varlen, infonce_loss, topk_similarity
+from vljepa_fast.ops.rotary import LLAMA3_ROPE_SCALING, apply_rotary, rotary_cos_sin
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LLAMA3_ROPE_SCALING",
     "BackendStatus",
     "BackendUnavailableError",
     "attention",
+    "apply_rotary",
     "attention_varlen",
     "backends",
     "infonce_loss",
     "nn",
+    "rotary_cos_sin",
     "topk_similarity",
 ]

@@ -46,6 +46,9 @@ class Backend:
         priority: lower runs first under ``auto``.
         deterministic: False when results may vary run to run (refused under
             torch.use_deterministic_algorithms(True)).
+        auto_devices: devices on which ``auto`` may choose it (None: all of ``devices``); the
+            Triton backends serve CPU tensors only through the interpreter, for tests, and
+            only when asked by name.
     """
 
     name: str
@@ -56,6 +59,7 @@ class Backend:
     devices: tuple[str, ...] = ("cpu", "cuda")
     priority: int = 50
     deterministic: bool = True
+    auto_devices: tuple[str, ...] | None = None
 
 
 class BackendStatus(NamedTuple):
@@ -134,10 +138,14 @@ def select(op: str, backend: str, args: Sequence[Any], kwargs: dict) -> Backend:
         why = reasons_for(rec, args, kwargs)
         if why:
             lines = "\n".join(f"  - {r}" for r in why)
-            raise BackendUnavailableError(f"{op}: backend {name!r} cannot run these inputs:\n{lines}")
+            raise BackendUnavailableError(
+                f"{op}: backend {name!r} cannot run these inputs:\n{lines}"
+            )
         return rec
     dev = _device_type(args, kwargs)
     for rec in recs:
+        if dev not in (rec.auto_devices or rec.devices):
+            continue
         if not reasons_for(rec, args, kwargs):
             if rec.name == "reference" and dev != "cpu" and op not in _warned_reference:
                 _warned_reference.add(op)
@@ -178,7 +186,11 @@ def backends() -> list[BackendStatus]:
     for op in OPS:
         for rec in records(op):
             why = list(rec.available())
-            if not why and not any(d == "cpu" for d in rec.devices) and not torch.cuda.is_available():
+            if (
+                not why
+                and not any(d == "cpu" for d in rec.devices)
+                and not torch.cuda.is_available()
+            ):
                 why = ["needs a CUDA device (torch.cuda.is_available() is False)"]
             rows.append(BackendStatus(op, rec.name, not why, tuple(why)))
     return rows

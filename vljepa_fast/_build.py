@@ -1,4 +1,4 @@
-"""Subprocess entry point that compiles one native library: ``python -m vljepa_fast._build LIB OUT``.
+"""Subprocess that compiles one native library: ``python -m vljepa_fast._build LIB OUT``.
 
 Run by :func:`vljepa_fast._ext.build` with CUDA_HOME and TORCH_CUDA_ARCH_LIST already set in the
 environment (torch reads both when torch.utils.cpp_extension is imported, hence the subprocess).

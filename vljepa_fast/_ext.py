@@ -40,7 +40,7 @@ CPU_LDFLAGS = ["-fopenmp"]
 CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 _lock = threading.RLock()
-_state: dict[str, "LibState"] = {}
+_state: dict[str, LibState] = {}
 
 
 @dataclass
@@ -173,7 +173,9 @@ def build(lib: str, *, verbose: bool = False) -> Path:
         log = (proc.stdout or "") + (proc.stderr or "")
         (out / "build_error.log").write_text(log)
         tail = "\n".join(log.strip().splitlines()[-25:])
-        raise RuntimeError(f"building the {lib} library failed (log: {out}/build_error.log):\n{tail}")
+        raise RuntimeError(
+            f"building the {lib} library failed (log: {out}/build_error.log):\n{tail}"
+        )
     return out / f"{library_name(lib)}.so"
 
 
@@ -188,7 +190,11 @@ def _check_record(lib: str, so: Path) -> list[str]:
         for k in ("torch", "torch_cuda", "source_hash")
         if rec.get(k) != want[k]
     ]
-    return [f"stale {lib} build ({'; '.join(diffs)}); rebuild: python -m vljepa_fast.build"] if diffs else []
+    return (
+        [f"stale {lib} build ({'; '.join(diffs)}); rebuild: python -m vljepa_fast.build"]
+        if diffs
+        else []
+    )
 
 
 def auto_build_enabled() -> bool:

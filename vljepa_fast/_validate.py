@@ -20,9 +20,7 @@ def tensor(name: str, x: object, *, ndim: int | Sequence[int], layout: str = "")
         lay = f" {layout}" if layout else ""
         raise ValueError(f"{name}: expected a {want} tensor{lay}, got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(
-            f"{name}: expected float32, float16, bfloat16 or float64, got {x.dtype}"
-        )
+        raise ValueError(f"{name}: expected float32, float16, bfloat16 or float64, got {x.dtype}")
     return x
 
 

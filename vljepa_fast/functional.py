@@ -15,6 +15,7 @@ from torch import Tensor
 
 from vljepa_fast import _backends, _validate
 from vljepa_fast.ops import attention as _attention_ops  # noqa: F401  (registers backends)
+from vljepa_fast.ops import attention_peers as _attention_peers  # noqa: F401
 from vljepa_fast.ops import infonce as _infonce_ops
 from vljepa_fast.ops import topk_similarity as _topk_ops
 
@@ -86,7 +87,11 @@ def attention(
     _check_qkv(q, k, v, 4, "[B, T, Hq, D]", "[B, S, Hkv, D]")
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k: expected batch size {q.shape[0]} (q's), got {k.shape[0]}")
-    for name, x, dim, what in (("q", q, 0, "batch entry"), ("q", q, 1, "query"), ("k", k, 1, "key")):
+    for name, x, dim, what in (
+        ("q", q, 0, "batch entry"),
+        ("q", q, 1, "query"),
+        ("k", k, 1, "key"),
+    ):
         _validate.nonempty(name, x, dim, what)
     if key_padding_mask is not None:
         m = key_padding_mask
@@ -104,7 +109,13 @@ def attention(
         raise ValueError(f"causal: expected a bool, got {causal!r}")
     _check_scale(scale)
     return _backends.dispatch(
-        "attention", backend, q, k, v, key_padding_mask=key_padding_mask, causal=causal,
+        "attention",
+        backend,
+        q,
+        k,
+        v,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
         scale=scale,
     )
 
@@ -176,8 +187,17 @@ def attention_varlen(
         raise ValueError(f"causal: expected a bool, got {causal!r}")
     _check_scale(scale)
     return _backends.dispatch(
-        "attention_varlen", backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, causal=causal, scale=scale,
+        "attention_varlen",
+        backend,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal=causal,
+        scale=scale,
     )
 
 
@@ -236,8 +256,15 @@ def infonce_loss(
     _validate.choice("reduction", reduction, ("mean", "sum", "none"))
     _infonce_ops.check_group(group)
     return _backends.dispatch(
-        "infonce_loss", backend, pred, target, temperature=temperature, symmetric=symmetric,
-        normalize=normalize, reduction=reduction, group=group,
+        "infonce_loss",
+        backend,
+        pred,
+        target,
+        temperature=temperature,
+        symmetric=symmetric,
+        normalize=normalize,
+        reduction=reduction,
+        group=group,
     )
 
 
@@ -280,7 +307,9 @@ def topk_similarity(
     _validate.contiguous("bank", bank)
     _validate.int_in("k", k, 1, bank.shape[0], hint=f" (k <= N, the {bank.shape[0]} bank rows)")
     _validate.choice("metric", metric, ("ip", "cosine"))
-    scores, indices = _backends.dispatch("topk_similarity", backend, queries, bank, k, metric=metric)
+    scores, indices = _backends.dispatch(
+        "topk_similarity", backend, queries, bank, k, metric=metric
+    )
     if torch.is_grad_enabled() and (queries.requires_grad or bank.requires_grad):
         scores = _topk_ops.differentiable_scores(queries, bank, indices, metric)
     return scores, indices

@@ -7,6 +7,7 @@ import io
 import os
 import struct
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vljepa_fast import functional, reference
+from vljepa_fast.ops.rotary import LLAMA3_ROPE_SCALING, apply_rotary, rotary_cos_sin
 
-__all__ = ["EmbeddingIndex"]
+__all__ = ["EmbeddingIndex", "PredictorAttention"]
 
 _MAGIC = b"VLJEPA_FAST_INDEX\x00v1\n"
 _HEADER = struct.Struct("<32sQ")  # sha256 of the payload, payload length
@@ -97,7 +99,9 @@ class EmbeddingIndex:
         if ids is None:
             ids = torch.arange(self._count, self._count + n, device=self.device)
         elif not isinstance(ids, Tensor) or ids.shape != (n,) or ids.is_floating_point():
-            got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
+            got = (
+                f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
+            )
             raise ValueError(f"ids: expected an integer tensor of shape [{n}], got {got}")
         rows = x.detach().to(self.device, torch.float32)
         if self.metric == "cosine":
@@ -153,11 +157,16 @@ class EmbeddingIndex:
         return self
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the index atomically: temporary file, fsync, rename; a sha256 guards the payload."""
+        """Write atomically (temporary file, fsync, rename); a sha256 guards the payload."""
         buf = io.BytesIO()
         torch.save(
-            {"dim": self.dim, "metric": self.metric, "dtype": str(self.dtype).removeprefix("torch."),
-             "vectors": self.vectors.cpu(), "ids": self.ids.cpu()},
+            {
+                "dim": self.dim,
+                "metric": self.metric,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "vectors": self.vectors.cpu(),
+                "ids": self.ids.cpu(),
+            },
             buf,
         )
         payload = buf.getvalue()
@@ -181,7 +190,11 @@ class EmbeddingIndex:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, device: torch.device | str | None = None, *, backend: str = "auto"
+        cls,
+        path: str | os.PathLike,
+        device: torch.device | str | None = None,
+        *,
+        backend: str = "auto",
     ) -> EmbeddingIndex:
         """Read an index written by :meth:`save`.
 
@@ -195,12 +208,140 @@ class EmbeddingIndex:
         digest, length = _HEADER.unpack(data[len(_MAGIC) : head])
         payload = data[head:]
         if len(payload) != length:
-            raise ValueError(f"{path}: truncated or corrupt index ({len(payload)} of {length} bytes)")
+            raise ValueError(
+                f"{path}: truncated or corrupt index ({len(payload)} of {length} bytes)"
+            )
         if hashlib.sha256(payload).digest() != digest:
             raise ValueError(f"{path}: corrupt index (checksum mismatch)")
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-        index = cls(state["dim"], state["metric"], getattr(torch, state["dtype"]), device, backend=backend)
+        index = cls(
+            state["dim"], state["metric"], getattr(torch, state["dtype"]), device, backend=backend
+        )
         index._vectors = state["vectors"].to(index.device)
         index._ids = state["ids"].to(index.device)
         index._count = state["ids"].shape[0]
         return index
+
+
+class PredictorAttention(torch.nn.Module):
+    """Llama-compatible grouped-query attention with RoPE and key padding, bidirectional by default.
+
+    The VL-JEPA predictor's attention: a Llama-3.2 layer with the causal mask turned off. The
+    parameters are named and shaped as transformers' ``LlamaAttention`` (``q_proj``, ``k_proj``,
+    ``v_proj``, ``o_proj``, no biases), so a Llama layer's ``self_attn`` state dict loads with
+    ``strict=True``; the rotary frequencies are recomputed, never stored. Queries and keys are
+    rotated by :func:`vljepa_fast.apply_rotary` (``"llama"`` layout) and attended by
+    :func:`vljepa_fast.attention` in the [B, L, H, D] layout the projections produce (no
+    transposes), with the key padding mask passed as is (no dense [B, 1, L, L] additive mask).
+
+    Args:
+        hidden_size: model width (2048 for Llama-3.2-1B).
+        num_heads: query heads Hq (32).
+        num_kv_heads: key/value heads Hkv, dividing num_heads (8).
+        head_dim: D, even (64).
+        rope_theta: RoPE frequency base (500000).
+        rope_scaling: transformers' ``rope_scaling`` dict (default Llama 3.2's "llama3" scaling:
+            factor 32, low 1, high 4, original 8192) or None for plain RoPE.
+        max_position_embeddings: the longest sequence accepted (131072).
+        causal: lower-triangular mask on top of the key padding (the VL-JEPA predictor: False).
+        backend: attention backend, passed to :func:`vljepa_fast.attention`.
+        device: parameter device.
+        dtype: parameter dtype.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 2048,
+        num_heads: int = 32,
+        num_kv_heads: int = 8,
+        head_dim: int = 64,
+        rope_theta: float = 500000.0,
+        rope_scaling: Mapping[str, float | str] | None = LLAMA3_ROPE_SCALING,
+        max_position_embeddings: int = 131072,
+        causal: bool = False,
+        backend: str = "auto",
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (
+            ("hidden_size", hidden_size),
+            ("num_heads", num_heads),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("max_position_embeddings", max_position_embeddings),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads: must divide num_heads ({num_heads}), got {num_kv_heads}"
+            )
+        if head_dim % 2:
+            raise ValueError(f"head_dim: expected an even head dim (RoPE pairs), got {head_dim}")
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        self.head_dim, self.rope_theta = head_dim, float(rope_theta)
+        self.rope_scaling = None if rope_scaling is None else dict(rope_scaling)
+        self.max_position_embeddings, self.causal, self.backend = (
+            max_position_embeddings,
+            causal,
+            backend,
+        )
+        kw = {"device": device, "dtype": dtype, "bias": False}
+        self.q_proj = torch.nn.Linear(hidden_size, num_heads * head_dim, **kw)
+        self.k_proj = torch.nn.Linear(hidden_size, num_kv_heads * head_dim, **kw)
+        self.v_proj = torch.nn.Linear(hidden_size, num_kv_heads * head_dim, **kw)
+        self.o_proj = torch.nn.Linear(num_heads * head_dim, hidden_size, **kw)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"causal={self.causal}, backend={self.backend!r}"
+        )
+
+    def forward(
+        self,
+        hidden: Tensor,
+        key_padding_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Attend over the sequence.
+
+        Args:
+            hidden: [B, L, hidden_size] in the parameters' dtype.
+            key_padding_mask: [B, L] bool, True = a real token; PAD keys take no part (a PAD
+                query still gets an output, from the real keys). None: every token is real.
+            position_ids: [B, L] or [L] integer positions for RoPE; default 0..L-1.
+
+        Returns:
+            [B, L, hidden_size].
+        """
+        H = self.hidden_size
+        if not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[-1] != H:
+            got = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
+            raise ValueError(f"hidden: expected [B, L, {self.hidden_size}], got {got}")
+        B, L, _ = hidden.shape
+        if position_ids is None:
+            if L > self.max_position_embeddings:
+                raise ValueError(
+                    f"hidden: {L} tokens exceed max_position_embeddings "
+                    f"({self.max_position_embeddings})"
+                )
+            position_ids = torch.arange(L, device=hidden.device)
+        elif position_ids.shape not in ((L,), (B, L)):
+            raise ValueError(
+                f"position_ids: expected [B, L] or [L] = {(B, L)}, got {tuple(position_ids.shape)}"
+            )
+        cos, sin = rotary_cos_sin(
+            position_ids, self.head_dim, theta=self.rope_theta, rope_scaling=self.rope_scaling
+        )
+        q = self.q_proj(hidden).view(B, L, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, k, cos, sin, layout="llama")
+        out = functional.attention(
+            q, k, v, key_padding_mask=key_padding_mask, causal=self.causal, backend=self.backend
+        )
+        return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))

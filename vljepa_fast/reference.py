@@ -121,9 +121,7 @@ def attention_varlen(
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         if cq[b + 1] == cq[b]:
             continue
-        out[qs] = attention(
-            q[None, qs], k[None, ks], v[None, ks], causal=causal, scale=scale
-        )[0]
+        out[qs] = attention(q[None, qs], k[None, ks], v[None, ks], causal=causal, scale=scale)[0]
     return out
 
 

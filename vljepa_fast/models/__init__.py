@@ -1,1 +1,30 @@
-"""The VL-JEPA model assembled from the fused modules."""
+"""The VL-JEPA model assembled from the fused modules (see docs/VLJEPA.md)."""
+
+from vljepa_fast.models.config import (
+    PredictorConfig,
+    VLJEPAConfig,
+    XEncoderConfig,
+    YDecoderConfig,
+    YEncoderConfig,
+)
+from vljepa_fast.models.predictor import Predictor, load_llama_layers
+from vljepa_fast.models.tokenizer import ByteTokenizer
+from vljepa_fast.models.vljepa import VLJEPA
+from vljepa_fast.models.x_encoder import XEncoder, load_vjepa2_state_dict
+from vljepa_fast.models.y_encoder import HFTextEncoder, TextEncoder
+
+__all__ = [
+    "ByteTokenizer",
+    "HFTextEncoder",
+    "Predictor",
+    "PredictorConfig",
+    "TextEncoder",
+    "VLJEPA",
+    "VLJEPAConfig",
+    "XEncoder",
+    "XEncoderConfig",
+    "YDecoderConfig",
+    "YEncoderConfig",
+    "load_llama_layers",
+    "load_vjepa2_state_dict",
+]

@@ -44,7 +44,10 @@ def triton_device(x: Tensor) -> list[str]:
     """Reasons the Triton kernels cannot take tensors on x's device."""
     if x.device.type == "cpu":
         if not interpreter_on():
-            return ["CPU tensors run through Triton only in its interpreter (TRITON_INTERPRET=1; slow, for tests)"]
+            return [
+                "CPU tensors run through Triton only in its interpreter "
+                "(TRITON_INTERPRET=1; slow, for tests)"
+            ]
         return []
     if x.device.type != "cuda":
         return [f"does not run on {x.device.type} tensors"]
@@ -57,7 +60,9 @@ def triton_device(x: Tensor) -> list[str]:
 def dtype_in(name: str, x: Tensor, allowed=LOW_PRECISION) -> list[str]:
     if x.dtype not in allowed:
         names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
-        return [f"{name} dtype {str(x.dtype).removeprefix('torch.')} not supported (serves {names})"]
+        return [
+            f"{name} dtype {str(x.dtype).removeprefix('torch.')} not supported (serves {names})"
+        ]
     return []
 
 

@@ -1,5 +1,5 @@
-"""attention and attention_varlen: backend records (torch SDPA, eager reference; the fused
-kernels register here as they land).
+"""attention and attention_varlen: backend records (Triton flash attention, torch SDPA, eager
+reference; flash_attn and xformers register in ops/attention_peers.py).
 
 SDPA is the CPU default: torch's fused CPU kernel with GQA (enable_gqa) and a boolean mask
 broadcast over heads, never a dense additive [B, 1, T, S] float mask per head.
@@ -16,8 +16,14 @@ from vljepa_fast.ops import _common
 
 
 def _allowed(
-    B: int, T: int, S: int, device: torch.device, key_padding_mask: Tensor | None,
-    causal: bool, lengths_q: Tensor | None = None, lengths_k: Tensor | None = None,
+    B: int,
+    T: int,
+    S: int,
+    device: torch.device,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    lengths_q: Tensor | None = None,
+    lengths_k: Tensor | None = None,
 ) -> Tensor | None:
     """The boolean [B or 1, 1, T or 1, S] mask of allowed (query, key) pairs, or None for all."""
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
@@ -33,7 +39,9 @@ def _allowed(
     return mask
 
 
-def _sdpa_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+def _sdpa_masked(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None
+) -> Tensor:
     """SDPA on [B, T, H, D] tensors with a bool mask; rows with no allowed key give zeros.
 
     Rows with no allowed key are given every key (so SDPA stays finite, forward and backward)
@@ -42,11 +50,9 @@ def _sdpa_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
     Hq, Hkv = q.shape[2], k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     empty = None
-    if mask is not None:
-        has_key = mask.any(dim=-1, keepdim=True)  # [B', 1, T', 1]
-        if not bool(has_key.all()):
-            empty = ~has_key
-            mask = mask | empty
+    if mask is not None:  # unconditional (no host sync), so torch.compile keeps one graph
+        empty = ~mask.any(dim=-1, keepdim=True)  # [B', 1, T', 1]
+        mask = mask | empty
     out = F.scaled_dot_product_attention(
         qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv
     ).transpose(1, 2)
@@ -61,8 +67,12 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask=None, causal=Fals
     if causal and key_padding_mask is None and T == S:
         Hq, Hkv = q.shape[2], k.shape[2]
         return F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            scale=scale, enable_gqa=Hq != Hkv,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=Hq != Hkv,
         ).transpose(1, 2)
     mask = _allowed(B, T, S, q.device, key_padding_mask, causal)
     return _sdpa_masked(q, k, v, mask, scale)
@@ -77,15 +87,180 @@ def _pad_index(cu: Tensor, max_len: int) -> tuple[Tensor, Tensor, Tensor]:
     return index, valid, lengths
 
 
-def _sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
-                 scale=None):
+def _sdpa_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None
+):
     iq, vq, lq = _pad_index(cu_seqlens_q, max_seqlen_q)
     ik, vk, lk = _pad_index(cu_seqlens_k, max_seqlen_k)
     mask = vk[:, None, None, :]
     if causal:
-        mask = mask & _allowed(iq.shape[0], max_seqlen_q, max_seqlen_k, q.device, None, True, lq, lk)
+        mask = mask & _allowed(
+            iq.shape[0], max_seqlen_q, max_seqlen_k, q.device, None, True, lq, lk
+        )
     out = _sdpa_masked(q[iq], k[ik], v[ik], mask, scale)  # [B, max_q, Hq, D]
     return out[vq]
+
+
+# ------------------------------------------------------------------------- triton backend
+# Custom ops (with fake functions) so torch.compile traces through the Triton launches; the
+# autograd formula saves q, k, v, out and the fp32 log-sum-exp only.
+
+_Opt = Tensor | None
+
+
+@torch.library.custom_op("vljepa_fast::attention_fwd_triton", mutates_args=())
+def _tri_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seqlens_k: _Opt,
+    cu_seqlens_q: _Opt,
+    cu_seqlens_k: _Opt,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    from vljepa_fast._kernels import attention as kernel
+
+    varlen = cu_seqlens_q is not None
+    return kernel.attention_forward(
+        q,
+        k,
+        v,
+        seqlens_k=seqlens_k,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q if varlen else None,
+        max_seqlen_k=max_seqlen_k if varlen else None,
+        causal=causal,
+        scale=scale,
+    )
+
+
+@_tri_fwd.register_fake
+def _(q, k, v, seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    if cu_seqlens_q is not None:
+        lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    else:
+        lse = q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+
+
+@torch.library.custom_op("vljepa_fast::attention_bwd_triton", mutates_args=())
+def _tri_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    seqlens_k: _Opt,
+    cu_seqlens_q: _Opt,
+    cu_seqlens_k: _Opt,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from vljepa_fast._kernels import attention as kernel
+
+    varlen = cu_seqlens_q is not None
+    return kernel.attention_backward(
+        do,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        seqlens_k=seqlens_k,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q if varlen else None,
+        max_seqlen_k=max_seqlen_k if varlen else None,
+        causal=causal,
+        scale=scale,
+    )
+
+
+@_tri_bwd.register_fake
+def _(do, q, k, v, out, lse, *args):
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+    )
+
+
+def _tri_setup(ctx, inputs, output):
+    q, k, v, *rest = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1])
+    ctx.rest = rest
+
+
+def _tri_backward(ctx, d_out, d_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _tri_bwd(d_out.contiguous(), q, k, v, out, lse, *ctx.rest)
+    return (dq, dk, dv) + (None,) * len(ctx.rest)
+
+
+_tri_fwd.register_autograd(_tri_backward, setup_context=_tri_setup)
+
+
+def _right_padded_lengths(mask: Tensor) -> Tensor | None:
+    """int32 [B] lengths when every row of ``mask`` is True then False (right padding), else None.
+
+    Reads one bool on the host (a device sync on GPU).
+    """
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    ok = torch.equal(mask, torch.arange(mask.shape[1], device=mask.device)[None] < lengths[:, None])
+    return lengths if ok else None
+
+
+def _scale(q: Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _triton(q, k, v, *, key_padding_mask=None, causal=False, scale=None):
+    lengths = None if key_padding_mask is None else _right_padded_lengths(key_padding_mask)
+    out, _ = _tri_fwd(q, k, v, lengths, None, None, 0, 0, causal, _scale(q, scale))
+    return out
+
+
+def _triton_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None
+):
+    out, _ = _tri_fwd(
+        q,
+        k,
+        v,
+        None,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        _scale(q, scale),
+    )
+    return out
+
+
+def _triton_supports(
+    q: Tensor, k: Tensor, v: Tensor, *args, key_padding_mask=None, **kw
+) -> list[str]:
+    from vljepa_fast._kernels.attention import HEAD_DIMS
+
+    why = _common.triton_device(q) + _common.dtype_in("q", q)
+    if q.shape[-1] not in HEAD_DIMS:
+        why.append(f"head dim {q.shape[-1]} not in {HEAD_DIMS}")
+    if key_padding_mask is not None:
+        if torch.compiler.is_compiling():
+            why.append(
+                "a key_padding_mask under torch.compile (its right padding cannot be checked)"
+            )
+        elif _right_padded_lengths(key_padding_mask) is None:
+            why.append("key_padding_mask is not right padding (True... then False... per row)")
+    return why
 
 
 def _sdpa_supports(q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> list[str]:
@@ -100,8 +275,30 @@ def _reference_varlen(*args, **kwargs):
     return reference.attention_varlen(*args, **kwargs)
 
 
-for _op, _sd, _ref in (("attention", _sdpa, _reference), ("attention_varlen", _sdpa_varlen, _reference_varlen)):
-    _backends.register(_backends.Backend(
-        "sdpa", _op, _sd, available=list, supports=_sdpa_supports, priority=40,
-    ))
+for _op, _sd, _tri, _ref in (
+    ("attention", _sdpa, _triton, _reference),
+    ("attention_varlen", _sdpa_varlen, _triton_varlen, _reference_varlen),
+):
+    _backends.register(
+        _backends.Backend(
+            "triton",
+            _op,
+            _tri,
+            available=_common.triton_import,
+            supports=_triton_supports,
+            devices=("cuda", "cpu"),
+            auto_devices=("cuda",),
+            priority=20,
+        )
+    )
+    _backends.register(
+        _backends.Backend(
+            "sdpa",
+            _op,
+            _sd,
+            available=list,
+            supports=_sdpa_supports,
+            priority=40,
+        )
+    )
     _backends.register(_backends.Backend("reference", _op, _ref, available=list, priority=100))

@@ -37,7 +37,9 @@ def check_temperature(temperature: object, like: Tensor) -> None:
                 f"{tuple(temperature.shape)}"
             )
         if temperature.device != like.device:
-            raise ValueError(f"temperature: expected device {like.device}, got {temperature.device}")
+            raise ValueError(
+                f"temperature: expected device {like.device}, got {temperature.device}"
+            )
         if torch.compiler.is_compiling():
             return
         value = float(temperature.detach())
@@ -92,8 +94,15 @@ def scale_tensor(temperature: float | Tensor, like: Tensor) -> Tensor:
 
 
 def distributed_loss(
-    row_loss, pred: Tensor, target: Tensor, scale, *, symmetric: bool, normalize: bool,
-    reduction: str, group,
+    row_loss,
+    pred: Tensor,
+    target: Tensor,
+    scale,
+    *,
+    symmetric: bool,
+    normalize: bool,
+    reduction: str,
+    group,
 ) -> Tensor:
     """Compose a differentiable one-direction loss into the distributed loss (module doc).
 
@@ -135,11 +144,21 @@ def _reference_row_loss(a: Tensor, b: Tensor, scale, offset: int, normalize: boo
 def _reference(pred, target, *, temperature, symmetric, normalize, reduction, group):
     if group is not None:
         return distributed_loss(
-            _reference_row_loss, pred, target, 1.0 / temperature, symmetric=symmetric,
-            normalize=normalize, reduction=reduction, group=group,
+            _reference_row_loss,
+            pred,
+            target,
+            1.0 / temperature,
+            symmetric=symmetric,
+            normalize=normalize,
+            reduction=reduction,
+            group=group,
         )
     return reference.infonce_loss(
-        pred, target, temperature=temperature, symmetric=symmetric, normalize=normalize,
+        pred,
+        target,
+        temperature=temperature,
+        symmetric=symmetric,
+        normalize=normalize,
         reduction=reduction,
     )
 
@@ -157,7 +176,55 @@ def _native_bwd(a, b, scale, offset, normalize, row_lse, col_lse, g_row, g_col):
     )
 
 
-_IMPLS = {"native": (_native_fwd, _native_bwd)}
+@torch.library.custom_op("vljepa_fast::infonce_fwd_triton", mutates_args=())
+def _triton_fwd(
+    a: Tensor, b: Tensor, scale: Tensor, offset: int, normalize: bool, col_stats: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from vljepa_fast._kernels import infonce as kernel
+
+    row_lse, col_lse, pos_row, pos_col = kernel.infonce_forward(
+        a, b, scale, offset, normalize, col_stats
+    )
+    if col_lse is None:  # the native contract: empty column outputs without col_stats
+        col_lse, pos_col = row_lse.new_empty(0), row_lse.new_empty(0)
+    return row_lse, col_lse, pos_row, pos_col
+
+
+@_triton_fwd.register_fake
+def _(a, b, scale, offset, normalize, col_stats):
+    m = b.shape[0] if col_stats else 0
+    f32 = dict(dtype=torch.float32)
+    return (
+        a.new_empty(a.shape[0], **f32),
+        a.new_empty(m, **f32),
+        a.new_empty(a.shape[0], **f32),
+        a.new_empty(m, **f32),
+    )
+
+
+@torch.library.custom_op("vljepa_fast::infonce_bwd_triton", mutates_args=())
+def _triton_bwd(
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    offset: int,
+    normalize: bool,
+    row_lse: Tensor,
+    col_lse: Tensor | None,
+    g_row: Tensor,
+    g_col: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from vljepa_fast._kernels import infonce as kernel
+
+    return kernel.infonce_backward(a, b, scale, offset, normalize, row_lse, col_lse, g_row, g_col)
+
+
+@_triton_bwd.register_fake
+def _(a, b, scale, *args):
+    return torch.empty_like(a), torch.empty_like(b), scale.new_empty((), dtype=torch.float32)
+
+
+_IMPLS = {"native": (_native_fwd, _native_bwd), "triton": (_triton_fwd, _triton_bwd)}
 
 
 class _FusedInfoNCE(torch.autograd.Function):
@@ -182,8 +249,15 @@ class _FusedInfoNCE(torch.autograd.Function):
         g_row = g_row.float().contiguous()
         g_col = g_col.float().contiguous() if col_stats else None
         da, db, dscale = bwd(
-            a, b, scale.detach(), offset, normalize, row_lse, col_lse if col_stats else None,
-            g_row, g_col,
+            a,
+            b,
+            scale.detach(),
+            offset,
+            normalize,
+            row_lse,
+            col_lse if col_stats else None,
+            g_row,
+            g_col,
         )
         return da, db, dscale if ctx.needs_input_grad[2] else None, None, None, None, None
 
@@ -196,8 +270,14 @@ def _fused(impl: str):
         scale = scale_tensor(temperature, pred)
         if group is not None:
             return distributed_loss(
-                row_loss, pred, target, scale, symmetric=symmetric, normalize=normalize,
-                reduction=reduction, group=group,
+                row_loss,
+                pred,
+                target,
+                scale,
+                symmetric=symmetric,
+                normalize=normalize,
+                reduction=reduction,
+                group=group,
             )
         rows, cols = _FusedInfoNCE.apply(pred, target, scale, 0, normalize, symmetric, impl)
         per_row = 0.5 * (rows + cols) if symmetric else rows
@@ -210,12 +290,40 @@ def _fused_supports(pred, target, **kwargs) -> list[str]:
     return _common.dtype_in("pred", pred)
 
 
-_backends.register(_backends.Backend(
-    "cuda", OP, _fused("native"), available=lambda: _common.native_kernel("infonce_fwd", "cuda"), supports=_fused_supports,
-    devices=("cuda",), priority=10,
-))
-_backends.register(_backends.Backend(
-    "cpu", OP, _fused("native"), available=lambda: _common.native_kernel("infonce_fwd", "cpu"),
-    supports=_fused_supports, devices=("cpu",), priority=20,
-))
+_backends.register(
+    _backends.Backend(
+        "cuda",
+        OP,
+        _fused("native"),
+        available=lambda: _common.native_kernel("infonce_fwd", "cuda"),
+        supports=_fused_supports,
+        devices=("cuda",),
+        priority=15,
+    )
+)
+_backends.register(
+    _backends.Backend(
+        "cpu",
+        OP,
+        _fused("native"),
+        available=lambda: _common.native_kernel("infonce_fwd", "cpu"),
+        supports=_fused_supports,
+        devices=("cpu",),
+        priority=20,
+    )
+)
+_backends.register(
+    _backends.Backend(
+        "triton",
+        OP,
+        _fused("triton"),
+        available=_common.triton_import,
+        supports=lambda pred, target, **kw: (
+            _common.triton_device(pred) + _fused_supports(pred, target)
+        ),
+        devices=("cuda", "cpu"),
+        auto_devices=("cuda",),
+        priority=10,
+    )
+)
 _backends.register(_backends.Backend("reference", OP, _reference, available=list, priority=100))

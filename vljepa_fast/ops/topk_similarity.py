@@ -72,16 +72,38 @@ def _reference(queries: Tensor, bank: Tensor, k: int, metric: str = "ip") -> tup
         return reference.topk_similarity(queries, bank, k, metric=metric)
 
 
-_backends.register(_backends.Backend(
-    "cuda", OP, _native, available=lambda: _common.native_kernel(OP, "cuda"), supports=_cuda_supports,
-    devices=("cuda",), priority=10,
-))
-_backends.register(_backends.Backend(
-    "triton", OP, _triton, available=_common.triton_import, supports=_triton_supports,
-    devices=("cuda", "cpu"), priority=30,
-))
-_backends.register(_backends.Backend(
-    "cpu", OP, _native, available=lambda: _common.native_kernel(OP, "cpu"), supports=_no_float64,
-    devices=("cpu",), priority=20,
-))
+_backends.register(
+    _backends.Backend(
+        "cuda",
+        OP,
+        _native,
+        available=lambda: _common.native_kernel(OP, "cuda"),
+        supports=_cuda_supports,
+        devices=("cuda",),
+        priority=10,
+    )
+)
+_backends.register(
+    _backends.Backend(
+        "triton",
+        OP,
+        _triton,
+        available=_common.triton_import,
+        supports=_triton_supports,
+        devices=("cuda", "cpu"),
+        auto_devices=("cuda",),
+        priority=30,
+    )
+)
+_backends.register(
+    _backends.Backend(
+        "cpu",
+        OP,
+        _native,
+        available=lambda: _common.native_kernel(OP, "cpu"),
+        supports=_no_float64,
+        devices=("cpu",),
+        priority=20,
+    )
+)
 _backends.register(_backends.Backend("reference", OP, _reference, available=list, priority=100))

@@ -1,0 +1,735 @@
+"""The shared bench harness: timing, warm-up, input rotation, peak memory, FLOPs and bytes,
+roofline fractions, device metadata, and the rows of the closing summary.
+
+How one (case, provider) is measured (:func:`run_case`):
+
+1. Input sets are built once per case and shared by its providers. Small cases get several sets
+   (enough to cover twice the last-level cache) used in turn, so a round never finds its inputs
+   in cache from the round before; large cases get one.
+2. Warm-up, untimed: the preset's number of calls (the first compiles under torch.compile, and
+   Triton autotunes on its first call). The last warm-up call is timed to
+   size the rounds: rounds = budget / call time, within the preset's bounds.
+3. Rounds through pytest-benchmark's pedantic mode, one call per round. The timed target ends
+   with torch.cuda.synchronize() on GPU, so a round is the device time of the call plus its
+   launch cost, never just the launch.
+4. Peak memory is taken on the first timed round, with the bookkeeping in pedantic's setup and
+   teardown (outside the timer): the CUDA allocator's peak minus what was allocated before the
+   call (inputs, and for "bwd" the saved forward), or on CPU the process's resident high-water
+   mark (Linux /proc/self/clear_refs "5" resets VmHWM) minus the resident size before the call,
+   after malloc_trim so freed heap pages cannot hide new allocations. The CPU figure sees every
+   allocation of the process (torch, BLAS, faiss), not only torch's allocator.
+
+Modes: "fwd" runs under torch.no_grad(); "fwd+bwd" runs the forward and backward of fresh
+graphs; "bwd" times only the backward of a graph built before the round (retain_graph=True).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+import importlib.metadata
+import itertools
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+#: Rows of the closing summary and of bench/report.py, one per (case, provider), run or skipped.
+RESULTS: list[dict] = []
+#: Session settings written by bench/conftest.py: preset name, deadline (time.time() value).
+STATE: dict = {"preset": None, "deadline": None}
+
+MAX_INPUT_SETS = 4
+
+# Published dense peaks (datasheets, SXM parts unless named): TFLOP/s per input dtype of a
+# matmul (bf16/fp16 tensor cores; fp32 without TF32, torch's default) and HBM GB/s. First
+# substring match of the device name wins, so specific names come first.
+CEILINGS: tuple[tuple[str, dict[str, float], float], ...] = (
+    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}, 4800.0),
+    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 51.0}, 2000.0),
+    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}, 3350.0),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}, 2039.0),
+)
+
+# ------------------------------------------------------------------------------------------
+# FLOP and byte formulas (TARGETS.md conventions); every function states its formula
+# ------------------------------------------------------------------------------------------
+
+TOPK_FORMULA = "flops 2*Q*N*D; bytes N*D*itemsize (the bank, read once)"
+INFONCE_FORMULA = (
+    "flops fwd 2*N*N*D (one similarity GEMM serves both directions); bwd adds the recompute and "
+    "two gradient GEMMs: bwd 6*N*N*D, fwd+bwd 8*N*N*D; bytes fwd 2*N*D*s, bwd 4*N*D*s "
+    "(read pred, target; write both grads), fwd+bwd 6*N*D*s"
+)
+ATTENTION_FORMULA = (
+    "flops per sequence of L real tokens: fwd 4*L*L*D*Hq (halved when causal), bwd 2.5x fwd, "
+    "fwd+bwd 3.5x fwd; bytes per sequence: fwd (2*L*Hq + 2*L*Hkv)*D*s (read q, k, v; write o), "
+    "bwd (4*L*Hq + 4*L*Hkv)*D*s (read q, o, do, k, v; write dq, dk, dv)"
+)
+_BWD_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+
+
+def topk_flops(Q: int, N: int, D: int) -> int:
+    """2*Q*N*D: one multiply-add per query, bank row and feature."""
+    return 2 * Q * N * D
+
+
+def topk_bytes(N: int, D: int, itemsize: int) -> int:
+    """N*D*itemsize: the bank read once (queries and results are negligible beside it)."""
+    return N * D * itemsize
+
+
+def infonce_flops(N: int, D: int, mode: str) -> int:
+    """2*N*N*D per similarity GEMM: 1 forward, 3 backward (recompute + 2 gradients), 4 both."""
+    gemms = {"fwd": 1, "bwd": 3, "fwd+bwd": 4}[mode]
+    return gemms * 2 * N * N * D
+
+
+def infonce_bytes(N: int, D: int, itemsize: int, mode: str) -> int:
+    """Compulsory traffic in units of one [N, D] tensor: fwd 2, bwd 4, fwd+bwd 6."""
+    tensors = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode]
+    return tensors * N * D * itemsize
+
+
+def attention_flops(lengths: Sequence[int], Hq: int, D: int, causal: bool, mode: str) -> int:
+    """Sum over sequences of 4*L*L*D*Hq (real tokens only), halved when causal; bwd 2.5x fwd."""
+    fwd = sum(4 * L * L * D * Hq for L in lengths)
+    if causal:
+        fwd //= 2
+    return int(fwd * _BWD_FACTOR[mode])
+
+
+def attention_bytes(
+    lengths: Sequence[int], Hq: int, Hkv: int, D: int, itemsize: int, mode: str
+) -> int:
+    """Compulsory traffic of the real tokens: fwd (2*L*Hq + 2*L*Hkv)*D*s, bwd twice that."""
+    fwd = sum((2 * L * Hq + 2 * L * Hkv) * D * itemsize for L in lengths)
+    return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[mode]
+
+
+def padded_lengths(B: int, T: int, pad: float) -> list[int]:
+    """Real lengths of a batch with a fraction ``pad`` of padding on average.
+
+    Lengths spread evenly from 0.5x to 1.5x the mean (1 - pad) * T, so the batch has both short
+    and long sequences (as real batches do) and exactly the stated padding on average.
+    """
+    if pad <= 0:
+        return [T] * B
+    mean = (1.0 - pad) * T
+    if B == 1:
+        return [max(1, round(mean))]
+    return [min(T, max(1, round(mean * (0.5 + b / (B - 1))))) for b in range(B)]
+
+
+# ------------------------------------------------------------------------------------------
+# machine: device metadata, versions, ceilings, caches
+# ------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    """Versions of python, torch (and its CUDA), and every package the benches may use."""
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": str(torch.version.cuda),
+    }
+    dists = (
+        "triton",
+        "vljepa_fast",
+        "faiss-cpu",
+        "faiss-gpu",
+        "faiss",
+        "numpy",
+        "pytest-benchmark",
+        "nvidia-ml-py",
+        "open-clip-torch",
+        "flash-attn",
+        "xformers",
+    )
+    for dist in dists:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _nvml(index: int) -> dict:
+    """Name, driver, clocks, memory and power of CUDA device ``index`` through nvidia-ml-py."""
+    try:
+        import pynvml
+    except ImportError as e:
+        return {"nvml_error": f"nvidia-ml-py is not importable: {e}"}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        return {"nvml_error": f"nvmlInit failed: {e}"}
+    info: dict = {}
+    try:
+        handle = None
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        if uuid is not None:
+            text = str(uuid)
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByUUID(
+                    text if text.startswith("GPU-") else f"GPU-{text}"
+                )
+            except pynvml.NVMLError:
+                handle = None
+        if (
+            handle is None
+        ):  # no UUID from torch: the index (right unless CUDA_VISIBLE_DEVICES remaps)
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        queries = {
+            "name": lambda: pynvml.nvmlDeviceGetName(handle),
+            "driver": pynvml.nvmlSystemGetDriverVersion,
+            "sm_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "sm_clock_max_mhz": lambda: pynvml.nvmlDeviceGetMaxClockInfo(
+                handle, pynvml.NVML_CLOCK_SM
+            ),
+            "mem_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+            "mem_clock_max_mhz": lambda: pynvml.nvmlDeviceGetMaxClockInfo(
+                handle, pynvml.NVML_CLOCK_MEM
+            ),
+            "memory_total_bytes": lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).total,
+            "memory_used_bytes": lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used,
+            "power_w": lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+            "power_limit_w": lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0,
+            "temperature_c": lambda: pynvml.nvmlDeviceGetTemperature(
+                handle, pynvml.NVML_TEMPERATURE_GPU
+            ),
+        }
+        for key, query in queries.items():
+            try:
+                val = query()
+                info[key] = val.decode() if isinstance(val, bytes) else val
+            except pynvml.NVMLError as e:  # a query the device or driver does not support
+                info[key] = f"unavailable ({e})"
+    except pynvml.NVMLError as e:
+        info["nvml_error"] = str(e)
+    finally:
+        pynvml.nvmlShutdown()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def device_info(device_type: str) -> dict:
+    """What the numbers were measured on: GPU name, clocks, memory, power; or CPU model, cores."""
+    if device_type == "cuda":
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        info = {
+            "type": "cuda",
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "l2_cache_bytes": getattr(props, "L2_cache_size", None),
+        }
+        info.update(_nvml(index))
+        return info
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        mem = None
+    return {
+        "type": "cpu",
+        "name": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "cores_available": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "memory_total_bytes": mem,
+        "llc_bytes": llc_bytes("cpu"),
+    }
+
+
+def ceiling(device_type: str, dtype: str) -> tuple[float | None, float | None, str]:
+    """(TFLOP/s, GB/s, note) of the device's published ceilings for ``dtype``; Nones if unknown."""
+    if device_type != "cuda":
+        return None, None, "no ceiling: CPUs have no entry in the ceiling table"
+    name = device_info("cuda")["name"]
+    for key, tflops, gbs in CEILINGS:
+        if key in name:
+            return tflops.get(dtype), gbs, f"published ceiling of {key}"
+    return None, None, f"no ceiling for {name!r} in the table"
+
+
+@functools.cache
+def measured_ceilings() -> dict:
+    """Measured on this GPU: a large bf16 matmul (TFLOP/s) and a device copy (GB/s, read+write)."""
+    if not torch.cuda.is_available():
+        return {}
+    n, reps = 8192, 10
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    x = torch.empty(1 << 30, device="cuda", dtype=torch.uint8)
+    y = torch.empty_like(x)
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
+
+    t_mm = timed(lambda: a @ b)
+    t_cp = timed(lambda: y.copy_(x))
+    return {"matmul_bf16_tflops": 2 * n**3 / t_mm / 1e12, "copy_gbs": 2 * x.numel() / t_cp / 1e9}
+
+
+@functools.cache
+def llc_bytes(device_type: str) -> int:
+    """Size of the last-level cache (GPU L2; CPU the largest cache level), 32 MiB if unknown."""
+    if device_type == "cuda":
+        size = getattr(
+            torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0
+        )
+        return int(size) or 32 << 20
+    best = 0
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * mult)
+    return best or 32 << 20
+
+
+def n_input_sets(set_bytes: int, device_type: str) -> int:
+    """Input sets to rotate through: enough to cover twice the last-level cache, at most 4."""
+    return max(1, min(MAX_INPUT_SETS, math.ceil(2 * llc_bytes(device_type) / max(set_bytes, 1))))
+
+
+# ------------------------------------------------------------------------------------------
+# peak memory
+# ------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+class PeakMemory:
+    """Peak memory of the work between :meth:`start` and :meth:`stop`, above the level at start.
+
+    CUDA: the caching allocator's peak (torch.cuda.max_memory_allocated) minus what was
+    allocated at start. CPU (Linux): the resident high-water mark VmHWM, reset to the current
+    resident size by writing "5" to /proc/self/clear_refs, minus the resident size at start;
+    malloc_trim(0) first returns freed heap pages to the system, so memory that the call
+    allocates cannot hide in pages that were already resident.
+
+    Attributes:
+        method: how the figure was taken, or why there is none.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = 0
+        self.peak: int | None = None
+        self.method = self._method()
+
+    def _method(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated minus memory_allocated before the call"
+        if not os.access("/proc/self/clear_refs", os.W_OK):
+            return "unavailable: needs Linux /proc/self/clear_refs (resident high-water mark)"
+        return (
+            "resident high-water mark (clear_refs 5 + VmHWM) minus VmRSS before, after malloc_trim"
+        )
+
+    @property
+    def available(self) -> bool:
+        return not self.method.startswith("unavailable")
+
+    def start(self) -> None:
+        if not self.available:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        gc.collect()
+        libc = _libc()
+        if libc is not None:
+            libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.base = _proc_status_kib("VmRSS") * 1024
+
+    def stop(self) -> int | None:
+        """The peak extra bytes (None when this machine offers no method)."""
+        if not self.available:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = _proc_status_kib("VmHWM") * 1024 - self.base
+        return self.peak
+
+
+# ------------------------------------------------------------------------------------------
+# inputs, devices, skips
+# ------------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CACHE: dict = {"key": None, "sets": None}
+
+
+def device_for(op: str, case: dict, provider: str) -> torch.device:
+    """The device of a case.
+
+    Skips the case, before any input is built, when the session's time budget is spent or when
+    the preset runs on CUDA and there is none.
+    """
+    check_deadline(op, case, provider)
+    if case["device"] == "cuda" and not torch.cuda.is_available():
+        skip(
+            op,
+            case,
+            provider,
+            f"preset {STATE['preset']!r} runs on CUDA and torch.cuda.is_available() is False",
+        )
+    return torch.device(case["device"])
+
+
+def dtype_for(name: str, device: torch.device) -> torch.dtype:
+    """A case's dtype; "auto" is bfloat16 on CUDA and float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) tuple or list."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(tensor_bytes(x) for x in obj)
+    return 0
+
+
+def release_inputs() -> None:
+    """Drop the cached input sets (between cases, and at the end of the session)."""
+    _CACHE.update(key=None, sets=None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def input_sets(key, build: Callable[[int], tuple], device: torch.device) -> list[tuple]:
+    """The case's input sets, built once and shared by the providers of one case.
+
+    Args:
+        key: identifies the case (and whether its inputs require grad); a new key frees the
+            previous case's sets before building.
+        build: seed -> one input set (a tuple whose tensors are the op's inputs).
+        device: where the sets live (sizes the rotation to its cache).
+    """
+    if _CACHE["key"] != key:
+        release_inputs()
+        first = build(0)
+        n = n_input_sets(tensor_bytes(first), device.type)
+        _CACHE.update(key=key, sets=[first] + [build(i) for i in range(1, n)])
+    return _CACHE["sets"]
+
+
+def skip(op: str, case: dict, provider: str, reason: str) -> None:
+    """Record a provider that cannot run this case (shown in the summary), then skip."""
+    RESULTS.append({"op": op, "case": case["label"], "provider": provider, "skipped": reason})
+    pytest.skip(f"{provider}: {reason}")
+
+
+def _failed(op: str, case: dict, provider: str, e: Exception) -> None:
+    """Record a provider that raised (shown in the summary; the test then fails)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    RESULTS.append(
+        {
+            "op": op,
+            "case": case["label"],
+            "provider": provider,
+            "failed": f"{type(e).__name__}: {first}"[:300],
+        }
+    )
+
+
+def _reasons(e: Exception) -> str:
+    """An unavailable-backend message as one line: its bulleted reasons joined by '; '."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    bullets = [ln[2:] for ln in lines if ln.startswith("- ")]
+    return "; ".join(bullets) if bullets else " ".join(lines)
+
+
+def check_deadline(op: str, case: dict, provider: str) -> None:
+    """Skip when the session's time budget (--bench-deadline) is spent."""
+    deadline = STATE.get("deadline")
+    if deadline is not None and time.time() > deadline:
+        skip(op, case, provider, "time budget spent (--bench-deadline)")
+
+
+class PeerMissing(Exception):
+    """An outside peer (faiss, open_clip, flash-attn, xformers) cannot run here; says why."""
+
+
+def import_peer(module: str, pip_name: str):
+    """Import an outside peer, or raise PeerMissing naming the package to install."""
+    try:
+        return __import__(module, fromlist=["_"])
+    except Exception as e:  # any import failure (missing, or built for another torch) is a skip
+        raise PeerMissing(
+            f"{module} is not importable ({type(e).__name__}: {e}); pip install {pip_name}"
+        ) from e
+
+
+# ------------------------------------------------------------------------------------------
+# one measured case
+# ------------------------------------------------------------------------------------------
+
+
+def run_case(
+    benchmark,
+    *,
+    op: str,
+    case: dict,
+    provider: str,
+    make: Callable[[tuple], Callable[[], object]],
+    sets: list[tuple],
+    flops: int,
+    nbytes: int,
+    formula: str,
+    compiled: bool = False,
+    notes: Sequence[str] = (),
+) -> dict:
+    """Measure one provider on one case and record it in ``benchmark.extra_info`` and RESULTS.
+
+    Args:
+        benchmark: the pytest-benchmark fixture.
+        op: the op's stem ("topk_similarity", "infonce", "attention").
+        case: the preset case, with "label" (shape text), "mode" and "dtype" (the resolved name).
+        provider: the provider's name, as the summary shows it.
+        make: input set -> a callable that runs the op once on it and returns its output (a
+            tensor for "bwd" and "fwd+bwd"). Called for every set before any timing, so index
+            builds, packing and masks stay out of the numbers. May raise
+            BackendUnavailableError or PeerMissing: the case is then skipped with that reason.
+        sets: the input sets to rotate through (tensors that require grad are the leaves).
+        flops: FLOPs of one call, by ``formula``.
+        nbytes: compulsory bytes of one call, by ``formula``.
+        formula: the stated formula for flops and nbytes.
+        compiled: the provider compiles on its first call (with a single warm-up call, that
+            call's time does not size the rounds: they fill the budget at the fewest).
+        notes: anything a reader of the numbers must know (e.g. threads of a peer).
+
+    Returns:
+        The summary row (also appended to RESULTS).
+    """
+    from vljepa_fast import BackendUnavailableError
+
+    check_deadline(op, case, provider)
+    mode = case["mode"]
+    device = next(t.device for t in sets[0] if isinstance(t, torch.Tensor))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    try:
+        calls = [make(s) for s in sets]
+    except (BackendUnavailableError, PeerMissing) as e:
+        skip(op, case, provider, _reasons(e))
+    except Exception as e:
+        _failed(op, case, provider, e)
+        raise
+    leaves = [[t for t in s if isinstance(t, torch.Tensor) and t.requires_grad] for s in sets]
+    outs: dict[int, object] = {}
+    grads: dict[int, object] = {}
+
+    def grad_for(i: int, out: torch.Tensor):
+        if i not in grads:  # the first output (in warm-up) shapes the gradients of every set
+            for j in range(len(sets)):
+                grads[j] = None if out.numel() == 1 else torch.randn_like(out)
+        return grads[i]
+
+    if mode == "fwd":
+
+        def target(i: int):
+            with torch.no_grad():
+                out = calls[i]()
+            sync()
+            return out
+    elif mode == "fwd+bwd":
+
+        def target(i: int):
+            out = calls[i]()
+            out.backward(grad_for(i, out))
+            sync()
+    elif mode == "bwd":
+
+        def target(i: int):
+            outs[i].backward(grads[i], retain_graph=True)
+            sync()
+    else:
+        raise ValueError(f"mode: expected fwd, bwd or fwd+bwd, got {mode!r}")
+
+    def prepare(i: int) -> None:
+        for t in leaves[i]:
+            t.grad = None
+        if mode == "bwd" and i not in outs:
+            outs[i] = out = calls[i]()
+            grad_for(i, out)
+        sync()
+
+    timing = STATE["timing"]
+    order = itertools.cycle(range(len(sets)))
+    n_warm = timing.warmup
+    try:
+        for _ in range(n_warm):
+            i = next(order)
+            prepare(i)
+            t0 = time.perf_counter()
+            target(i)
+            est = time.perf_counter() - t0
+    except (BackendUnavailableError, PeerMissing) as e:
+        skip(op, case, provider, _reasons(e))
+    except Exception as e:
+        _failed(op, case, provider, e)
+        raise
+    if compiled and n_warm == 1:  # the one warm-up call compiled too: its time says little
+        est = timing.budget_s
+    rounds = max(
+        timing.min_rounds, min(timing.max_rounds, math.ceil(timing.budget_s / max(est, 1e-9)))
+    )
+
+    meter = PeakMemory(device)
+    state = {"round": 0}
+
+    def setup():
+        i = next(order)
+        prepare(i)
+        if state["round"] == 0:
+            meter.start()
+        return (i,), {}
+
+    def teardown(i):
+        if state["round"] == 0:
+            meter.stop()
+        state["round"] += 1
+
+    benchmark.group = f"{op} | {case['label']}"
+    benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds, iterations=1)
+    if meter.peak is None and meter.available:  # --benchmark-disable: one call, no teardown
+        meter.stop()
+    stats = getattr(benchmark.stats, "stats", None)
+    median = stats.median if stats is not None else est
+    for ls in leaves:
+        for t in ls:
+            t.grad = None
+    outs.clear()
+
+    tflops_ceil, gbs_ceil, ceil_note = ceiling(device.type, case["dtype"])
+    tflops = flops / median / 1e12
+    gbs = nbytes / median / 1e9
+    roofline = None
+    if tflops_ceil and gbs_ceil:
+        roofline = max(tflops / tflops_ceil, gbs / gbs_ceil)
+    row = {
+        "op": op,
+        "case": case["label"],
+        "mode": mode,
+        "provider": provider,
+        "median_s": median,
+        "rounds": rounds,
+        "warmup_calls": n_warm,
+        "input_sets": len(sets),
+        "peak_extra_bytes": meter.peak,
+        "peak_method": meter.method,
+        "input_bytes": tensor_bytes(sets[0]),
+        "flops": flops,
+        "bytes": nbytes,
+        "formula": formula,
+        "tflops": tflops,
+        "gbs": gbs,
+        "roofline": roofline,
+        "ceiling_tflops": tflops_ceil,
+        "ceiling_gbs": gbs_ceil,
+        "ceiling_note": ceil_note,
+    }
+    RESULTS.append(row)
+    benchmark.extra_info.update(row)
+    benchmark.extra_info.update(
+        {
+            "params": {k: v for k, v in case.items() if k != "label"},
+            "preset": STATE["preset"],
+            "notes": list(notes),
+            "device": device_info(device.type),
+            "versions": versions(),
+        }
+    )
+    if device.type == "cuda":
+        benchmark.extra_info["measured_ceilings"] = measured_ceilings()
+    return row
+
+
+def parametrize(
+    metafunc, op: str, providers: Callable[[dict], list[str]], label: Callable[[dict], str]
+) -> None:
+    """Parametrize a bench test over (case, provider) of the selected preset, providers innermost.
+
+    Args:
+        metafunc: pytest's Metafunc of a test taking ``case`` and ``provider``.
+        op: the preset table's key for this op.
+        providers: case -> provider names, in the order the summary shows them.
+        label: case -> its shape text (the benchmark group and the summary's case column).
+    """
+    from presets import cases, get
+
+    if not {"case", "provider"} <= set(metafunc.fixturenames):
+        return
+    pairs, ids = [], []
+    name = metafunc.config.getoption("preset")
+    preset_device = get(name).device
+    if preset_device == "auto":  # is_available() does not initialise CUDA at collection
+        preset_device = "cuda" if torch.cuda.is_available() else "cpu"
+    for c in cases(name, op):
+        c = dict(c, device=preset_device)
+        c["dtype"] = dtype_name(dtype_for(c["dtype"], torch.device(preset_device)))
+        c["label"] = label(c)
+        for p in providers(c):
+            pairs.append((c, p))
+            ids.append(f"{c['label']}-{p}".replace(" ", "_"))
+    metafunc.parametrize("case,provider", pairs, ids=ids)

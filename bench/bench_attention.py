@@ -1,0 +1,231 @@
+"""attention: the VL-JEPA predictor's attention (GQA 32:8, head dim 64, bidirectional, key
+padding), forward, backward and both.
+
+Providers, side by side in one benchmark group per shape and mode:
+
+* ``reference``: the eager reference (materialises the [B, Hq, T, S] scores in fp32).
+* ``reference+compile``: the eager reference under torch.compile (cases with ``compile``).
+* ``vf.<backend>``: every backend registered for ``attention`` with the [B, S] key padding mask,
+  and, on padded cases, ``vf.<backend>.varlen``: every ``attention_varlen`` backend on the same
+  real tokens packed (packing outside the timing); each skipped with its reasons where it
+  cannot serve.
+* ``torch.sdpa[math]`` and ``torch.sdpa``: torch's scaled_dot_product_attention called the way
+  public VL-JEPA code calls it, with a dense additive [B, 1, T, S] mask for padding (built
+  outside the timing), on the math backend and on the backend torch picks.
+* ``flash_attn`` and ``xformers``, when importable: their padded cases run on the packed real
+  tokens (flash_attn_varlen_func, a block-diagonal mask), their dense cases directly.
+
+FLOPs count real tokens only (see _harness.ATTENTION_FORMULA), so a provider that computes on
+padding shows a lower rate for the same result.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import _harness
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import vljepa_fast as vf
+from vljepa_fast import _backends, reference
+
+OP = "attention"
+
+
+def _label(c: dict) -> str:
+    causal = " causal" if c["causal"] else ""
+    return (
+        f"{c['mode']} B{c['B']} T{c['T']} H{c['Hq']}:{c['Hkv']} hd{c['D']} "
+        f"pad{round(100 * c['pad'])}%{causal} {c['dtype']}"
+    )
+
+
+def _providers(c: dict) -> list[str]:
+    names = ["reference"]
+    if c.get("compile"):
+        names.append("reference+compile")
+    names += [f"vf.{r.name}" for r in _backends.records("attention") if r.name != "reference"]
+    if c["pad"] > 0:
+        names += [
+            f"vf.{r.name}.varlen"
+            for r in _backends.records("attention_varlen")
+            if r.name != "reference"
+        ]
+    return names + ["torch.sdpa[math]", "torch.sdpa", "flash_attn", "xformers"]
+
+
+def pytest_generate_tests(metafunc):
+    _harness.parametrize(metafunc, OP, _providers, _label)
+
+
+@functools.cache
+def _compiled_reference():
+    return torch.compile(reference.attention)
+
+
+def _pack(s: tuple, lengths: list[int]) -> tuple:
+    """(q, k, v, mask) -> (q, k, v) of the real tokens, [total, H, D] leaves, and cu_seqlens."""
+    q, k, v, mask = s
+    packed = tuple(x.detach()[mask].requires_grad_(x.requires_grad) for x in (q, k, v))
+    lens = torch.tensor([0, *lengths], device=q.device, dtype=torch.int32)
+    return (*packed, torch.cumsum(lens, 0, dtype=torch.int32))
+
+
+def _dense_mask(mask: torch.Tensor | None, T: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """[B, 1, T, S] additive mask: 0 for real keys, the dtype's minimum for padding."""
+    if mask is None:
+        return None
+    add = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    add.masked_fill_(~mask, torch.finfo(dtype).min)
+    return add[:, None, None, :].expand(-1, 1, T, -1).contiguous()
+
+
+def _sdpa_peer(s: tuple, causal: bool, math: bool):
+    q, k, v, mask = s
+    add = _dense_mask(mask, q.shape[1], q.dtype)
+    gqa = q.shape[2] != k.shape[2]
+
+    def run():
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=add,
+            is_causal=causal and add is None,
+            enable_gqa=gqa,
+        )
+        return out.transpose(1, 2)
+
+    if not math:
+        return run
+
+    def run_math():
+        with sdpa_kernel(SDPBackend.MATH):
+            return run()
+
+    return run_math
+
+
+def _check_half_cuda(name: str, q: torch.Tensor) -> None:
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        raise _harness.PeerMissing(
+            f"{name} runs fp16/bf16 CUDA tensors, this case is {q.dtype} on {q.device.type}"
+        )
+
+
+def _flash_attn(s: tuple, lengths: list[int], padded: bool, causal: bool):
+    fa = _harness.import_peer("flash_attn", "flash-attn")
+    _check_half_cuda("flash_attn", s[0])
+    if not padded:
+        q, k, v, _ = s
+        return lambda: fa.flash_attn_func(q, k, v, causal=causal)
+    q, k, v, cu = s
+    L = max(lengths)
+    return lambda: fa.flash_attn_varlen_func(q, k, v, cu, cu, L, L, causal=causal)
+
+
+def _xformers(s: tuple, lengths: list[int], padded: bool, causal: bool):
+    xops = _harness.import_peer("xformers.ops", "xformers")
+    _check_half_cuda("xformers", s[0])
+    q, k, v = s[:3]
+    Hq, Hkv, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    rep = Hq // Hkv
+    if padded:  # packed real tokens as one batch entry with a block-diagonal mask
+        bias_cls = (
+            xops.fmha.attn_bias.BlockDiagonalCausalMask
+            if causal
+            else xops.fmha.attn_bias.BlockDiagonalMask
+        )
+        bias = bias_cls.from_seqlens(lengths)
+        q, k, v = q[None], k[None], v[None]
+    else:
+        bias = xops.LowerTriangularMask() if causal else None
+    B, T, S = q.shape[0], q.shape[1], k.shape[1]
+
+    def run():  # GQA as xformers' 5-D layout [B, M, G, H, K], KV heads broadcast over H
+        q5 = q.view(B, T, Hkv, rep, D)
+        k5 = k.view(B, S, Hkv, 1, D).expand(B, S, Hkv, rep, D)
+        v5 = v.view(B, S, Hkv, 1, D).expand(B, S, Hkv, rep, D)
+        out = xops.memory_efficient_attention(q5, k5, v5, attn_bias=bias)
+        return out.reshape(B, T, Hq, D)
+
+    return run
+
+
+def test_attention(benchmark, case, provider):
+    device = _harness.device_for(OP, case, provider)
+    dtype = _harness.dtype_for(case["dtype"], device)
+    B, T, Hq, Hkv, D = case["B"], case["T"], case["Hq"], case["Hkv"], case["D"]
+    mode, causal, padded = case["mode"], case["causal"], case["pad"] > 0
+    grad = mode != "fwd"
+    lengths = _harness.padded_lengths(B, T, case["pad"])
+
+    def build(seed: int) -> tuple:
+        g = torch.Generator(device=device).manual_seed(seed)
+        q, k, v = (
+            torch.randn(B, T, h, D, generator=g, device=device, dtype=dtype).requires_grad_(grad)
+            for h in (Hq, Hkv, Hkv)
+        )
+        mask = None
+        if padded:
+            mask = (
+                torch.arange(T, device=device)[None, :]
+                < torch.tensor(lengths, device=device)[:, None]
+            )
+        return q, k, v, mask
+
+    sets = _harness.input_sets((OP, case["label"].split(" ", 1)[1], grad), build, device)
+    packs = provider.endswith(".varlen") or (padded and provider in ("flash_attn", "xformers"))
+    if packs:
+        sets = [_pack(s, lengths) for s in sets]
+
+    if provider == "reference+compile":
+        fn = _compiled_reference()
+
+        def make(s):
+            return lambda: fn(s[0], s[1], s[2], key_padding_mask=s[3], causal=causal)
+    elif provider in ("torch.sdpa[math]", "torch.sdpa"):
+
+        def make(s):
+            return _sdpa_peer(s, causal, math=provider == "torch.sdpa[math]")
+    elif provider == "flash_attn":
+
+        def make(s):
+            return _flash_attn(s, lengths, padded, causal)
+    elif provider == "xformers":
+
+        def make(s):
+            return _xformers(s, lengths, padded, causal)
+    elif provider.endswith(".varlen"):
+        name = provider.removeprefix("vf.").removesuffix(".varlen")
+        L = max(lengths)
+
+        def make(s):
+            args = (s[0], s[1], s[2], s[3], s[3], L, L)
+            _backends.select("attention_varlen", name, args, {"causal": causal, "scale": None})
+            return lambda: vf.attention_varlen(*args, causal=causal, backend=name)
+    else:
+        name = "reference" if provider == "reference" else provider.removeprefix("vf.")
+
+        def make(s):
+            kw = {"key_padding_mask": s[3], "causal": causal, "scale": None}
+            _backends.select("attention", name, s[:3], kw)
+            return lambda: vf.attention(
+                s[0], s[1], s[2], key_padding_mask=s[3], causal=causal, backend=name
+            )
+
+    _harness.run_case(
+        benchmark,
+        op=OP,
+        case=case,
+        provider=provider,
+        make=make,
+        sets=sets,
+        flops=_harness.attention_flops(lengths, Hq, D, causal, mode),
+        nbytes=_harness.attention_bytes(lengths, Hq, Hkv, D, dtype.itemsize, mode),
+        formula=_harness.ATTENTION_FORMULA,
+        compiled=provider == "reference+compile",
+        notes=["padded providers run on the packed real tokens"] if packs else (),
+    )

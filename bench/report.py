@@ -1,0 +1,312 @@
+"""Markdown report and PNG charts from pytest-benchmark JSON files of bench/.
+
+    python bench/report.py RUN.json [OTHER.json] [--out DIR]
+
+Writes DIR/report.md (default DIR: bench/out/) with, per op and shape, every provider's median
+time, speedup over the eager reference, peak extra memory, TFLOP/s, GB/s and fraction of the
+roofline, the skipped providers and the FLOP formulas; and per op DIR/<op>_speedup.png and
+DIR/<op>_memory.png. Given two files, it adds a comparison (OTHER's median over RUN's, per case
+and provider present in both).
+
+The same table, as text, is the closing summary of ``pytest bench/`` (:func:`summary_lines`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+REFERENCE = "reference"
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "n/a"
+    for unit, mult in (("s", 1.0), ("ms", 1e3), ("us", 1e6)):
+        if s * mult >= 1.0:
+            return f"{s * mult:.3g} {unit}"
+    return f"{s * 1e9:.3g} ns"
+
+
+def fmt_bytes(b: float | None) -> str:
+    if b is None:
+        return "n/a"
+    if abs(b) >= 1 << 30:
+        return f"{b / (1 << 30):.2f} GiB"
+    return f"{b / (1 << 20):.1f} MiB"
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _groups(rows: Iterable[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Rows that ran, by (op, case) in order of appearance."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if "median_s" in r:
+            out.setdefault((r["op"], r["case"]), []).append(r)
+    return out
+
+
+def table(rows: Iterable[dict]) -> list[list[str]]:
+    """Header plus one line of cells per provider that ran, grouped by op and case."""
+    out = [
+        [
+            "op",
+            "case",
+            "provider",
+            "median",
+            "vs eager",
+            "peak extra",
+            "TFLOP/s",
+            "GB/s",
+            "roofline",
+        ]
+    ]
+    for (op, case), group in _groups(rows).items():
+        ref = next((r["median_s"] for r in group if r["provider"] == REFERENCE), None)
+        for r in group:
+            speed = f"{ref / r['median_s']:.2f}x" if ref and r["median_s"] else "-"
+            roof = "n/a" if r.get("roofline") is None else f"{100 * r['roofline']:.1f}%"
+            out.append(
+                [
+                    op,
+                    case,
+                    r["provider"],
+                    fmt_time(r["median_s"]),
+                    speed,
+                    fmt_bytes(r.get("peak_extra_bytes")),
+                    _num(r.get("tflops"), ".3g"),
+                    _num(r.get("gbs"), ".3g"),
+                    roof,
+                ]
+            )
+    return out
+
+
+def skipped(rows: Iterable[dict], kind: str = "skipped") -> list[str]:
+    """'op provider: reason (n cases)' for every distinct skip (or failure: kind "failed")."""
+    count: dict[tuple[str, str, str], int] = {}
+    for r in rows:
+        if kind in r:
+            key = (r["op"], r["provider"], r[kind])
+            count[key] = count.get(key, 0) + 1
+    return [f"{op} {prov}: {why} ({n} case{'s' * (n > 1)})" for (op, prov, why), n in count.items()]
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """The closing summary of a bench run: the aligned table, then the skips."""
+    cells = table(rows)
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    right = {3, 4, 5, 6, 7, 8}
+    lines = []
+    prev = None
+    for n, line in enumerate(cells):
+        key = tuple(line[:2])
+        if n > 1 and key != prev:
+            lines.append("")
+        prev = key
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i in right else c.ljust(w)
+                for i, (c, w) in enumerate(zip(line, widths))
+            ).rstrip()
+        )
+    if len(cells) == 1:
+        lines.append("(no case ran)")
+    if any(r.get("roofline") is None for r in rows if "median_s" in r):
+        lines.append(
+            "roofline n/a: no published ceiling for this device (CPU, or a GPU not in "
+            "bench/_harness.py CEILINGS)"
+        )
+    for kind in ("failed", "skipped"):
+        found = skipped(rows, kind)
+        if found:
+            lines += ["", f"{kind}:"] + [f"  {s}" for s in found]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------
+# JSON in, markdown and charts out
+# ------------------------------------------------------------------------------------------
+
+
+def load(path: str | Path) -> dict:
+    """A --benchmark-json file as {"rows": [...], "meta": {...}}."""
+    data = json.loads(Path(path).read_text())
+    rows = []
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        if "op" not in info:
+            continue
+        rows.append(dict(info, median_s=b["stats"]["median"]))
+    extra = data.get("vljepa_fast", {})
+    rows.extend(extra.get("skipped", []))
+    rows.extend(extra.get("failed", []))
+    meta = {
+        "datetime": data.get("datetime"),
+        "path": str(path),
+        "machine": data.get("machine_info", {}).get("vljepa_fast", {}),
+        "preset": extra.get("preset"),
+        "commit": data.get("commit_info", {}).get("id"),
+    }
+    return {"rows": rows, "meta": meta}
+
+
+def _md_table(cells: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
+    out.extend("| " + " | ".join(c) + " |" for c in cells[1:])
+    return out
+
+
+def _describe(meta: dict) -> list[str]:
+    m = meta.get("machine", {})
+    dev = m.get("device", {})
+    lines = [f"- file: `{meta['path']}`, date {meta.get('datetime')}, preset {meta.get('preset')}"]
+    if dev:
+        desc = ", ".join(f"{k} {v}" for k, v in dev.items() if k != "type")
+        lines.append(f"- device ({dev.get('type')}): {desc}")
+    if m.get("measured_ceilings"):
+        lines.append(f"- measured ceilings: {m['measured_ceilings']}")
+    if m.get("versions"):
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    return lines
+
+
+def charts(rows: list[dict], out: Path) -> list[Path]:
+    """Per op: speedup over eager and peak extra memory, one bar per provider and shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    by_op: dict[str, dict[str, list[dict]]] = {}
+    for (op, case), group in _groups(rows).items():
+        by_op.setdefault(op, {})[case] = group
+    for op, cases in by_op.items():
+        labels = list(cases)
+        providers = list(dict.fromkeys(r["provider"] for g in cases.values() for r in g))
+        for kind in ("speedup", "memory"):
+            fig, ax = plt.subplots(
+                figsize=(max(6.0, 1.1 * len(labels) * max(1, len(providers)) / 3), 4.5)
+            )
+            width = 0.8 / max(1, len(providers))
+            for j, prov in enumerate(providers):
+                vals = []
+                for case in labels:
+                    g = cases[case]
+                    r = next((x for x in g if x["provider"] == prov), None)
+                    ref = next((x["median_s"] for x in g if x["provider"] == REFERENCE), None)
+                    if r is None:
+                        vals.append(math.nan)
+                    elif kind == "speedup":
+                        vals.append(ref / r["median_s"] if ref else math.nan)
+                    else:
+                        peak = r.get("peak_extra_bytes")
+                        vals.append(math.nan if peak is None else max(peak, 1) / (1 << 20))
+                xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(labels))]
+                ax.bar(xs, vals, width, label=prov)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+            if kind == "speedup":
+                ax.axhline(1.0, color="black", linewidth=0.8)
+                ax.set_ylabel("speedup over eager reference (x)")
+            else:
+                ax.set_yscale("log")
+                ax.set_ylabel("peak extra memory (MiB, log)")
+            ax.set_title(f"{op}: {kind}")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out / f"{op}_{kind}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def compare(a: dict, b: dict) -> list[str]:
+    """Markdown lines: B's median over A's for every (op, case, provider) present in both."""
+    index = {(r["op"], r["case"], r["provider"]): r for r in a["rows"] if "median_s" in r}
+    cells = [["op", "case", "provider", "median A", "median B", "B / A"]]
+    for r in b["rows"]:
+        key = (r["op"], r["case"], r["provider"])
+        if "median_s" not in r or key not in index:
+            continue
+        ta, tb = index[key]["median_s"], r["median_s"]
+        cells.append([*key, fmt_time(ta), fmt_time(tb), f"{tb / ta:.2f}"])
+    lines = [
+        "## Comparison",
+        "",
+        f"A: `{a['meta']['path']}`; B: `{b['meta']['path']}`; B / A < 1 means B is faster.",
+        "",
+    ]
+    if len(cells) == 1:
+        return lines + ["No case and provider appears in both runs."]
+    return lines + _md_table(cells)
+
+
+def markdown(run: dict, images: list[Path], other: dict | None = None) -> str:
+    rows = run["rows"]
+    lines = ["# vljepa_fast benchmark report", "", *_describe(run["meta"]), ""]
+    ops = list(dict.fromkeys(r["op"] for r in rows if "median_s" in r))
+    cells = table(rows)
+    for op in ops:
+        lines += [f"## {op}", ""]
+        lines += _md_table([cells[0]] + [c for c in cells[1:] if c[0] == op])
+        formula = next((r.get("formula") for r in rows if r["op"] == op and r.get("formula")), None)
+        if formula:
+            lines += [
+                "",
+                f"FLOPs and bytes: {formula}. Peak extra memory: "
+                + next(r.get("peak_method", "") for r in rows if r["op"] == op and "median_s" in r)
+                + ".",
+            ]
+        lines.append("")
+        lines += [f"![{p.stem}]({p.name})" for p in images if p.name.startswith(op + "_")]
+        lines.append("")
+    for kind in ("failed", "skipped"):
+        found = skipped(rows, kind)
+        if found:
+            lines += [f"## {kind.capitalize()}", ""] + [f"- {s}" for s in found] + [""]
+    if other is not None:
+        lines += compare(run, other) + [""]
+        lines += ["### Second run", "", *_describe(other["meta"]), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python bench/report.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("runs", nargs="+", help="one --benchmark-json file, or two to compare")
+    ap.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "out"),
+        help="output folder (default: bench/out/)",
+    )
+    args = ap.parse_args(argv)
+    if len(args.runs) > 2:
+        ap.error("give one JSON file, or two to compare")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = load(args.runs[0])
+    other = load(args.runs[1]) if len(args.runs) == 2 else None
+    images = charts(run["rows"], out)
+    path = out / "report.md"
+    path.write_text(markdown(run, images, other))
+    print(f"wrote {path} and {len(images)} charts in {out}")
+    for line in summary_lines(run["rows"]):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,803 @@
+// Fused InfoNCE terms on CUDA: the row and column log-sum-exp of S = scale * norm(a) @ norm(b)^T
+// and their gradients, without ever writing the [N, M] logits to global memory.
+//
+// Contract (csrc/ops.cpp, vljepa_fast/reference.py::infonce_terms, csrc/cpu/infonce.cpp): the
+// positive of row i is column i + offset; the positive of column j is row clamp(j - offset, 0,
+// N - 1). The backward differentiates loss = sum_i g_row[i] (row_lse[i] - pos_row[i]) +
+// sum_j g_col[j] (col_lse[j] - pos_col[j]), whose logit gradient is
+//   dS = g_row (softmax_row(S) - onehot_row) + g_col (softmax_col(S) - onehot_col).
+//
+// Tiles. Every kernel walks 64 x 64 tiles G[r][c] = <own[r], other[c]> of raw (unnormalised)
+// rows, computed by tile_gemm into a shared fp32 tile: WMMA tensor cores (16x16x16, fp32
+// accumulators) for fp16/bf16, plain fp32 FMA in a fixed order over D for fp32 (no TF32, so fp32
+// keeps sgemm rounding). Normalisation never touches memory: inv_a [N] and inv_b [M] (1 / max(
+// ||row||, eps), ones without normalize) scale the tile, S = scale * G * inv_a[i] * inv_b[j].
+//
+// Forward, infonce_fwd_kernel: program i_r owns rows [64 i_r, 64 i_r + 64) of a and walks every
+// column tile. Row statistics are online (running max and rescaled sum-exp per row, one warp per
+// row, butterfly shuffles: the same order on every run). Column statistics of the block's 64
+// rows are exact per tile and go to col_part_max / col_part_sum [n_row_blocks, M]; col_lse_kernel
+// merges them in row-block order (deterministic, no atomics). Positives are read off the tile
+// that holds them. Every exponent is relative to a maximum, so |S| of 1e4 and more stays finite.
+//
+// Backward, infonce_bwd_kernel (launched twice, by_rows then by columns): program p owns 64 rows
+// of one input ("own": a by rows, b by columns) and walks tiles of the other. It recomputes the
+// tile, turns it in place into W = dS * inv_other (W[r][c] for own row r), and adds W @ other
+// (raw rows, fp32 FMA) into acc [own rows, D] fp32. Only program p ever touches its 64 rows of
+// acc, so plain read-modify-write is race-free and deterministic. dÂ = scale * acc (by rows) and
+// dB̂ = scale * acc (by columns); normalize_bwd_kernel then applies the normalisation backward
+// inv * (dX̂ - x (x . dX̂) / ||x||^2) with the dot and norm in double. dscale = sum(dS * S) / scale
+// = sum(dS * G * inv_a * inv_b): per-thread double sums, one partial per row program reduced in
+// thread order, then summed in program order by sum_kernel.
+//
+// Why a global fp32 accumulator rather than registers: a program's [64, D] accumulator is 384 KiB
+// at D = 1536, beyond registers and shared memory; chunking D instead would recompute every S tile
+// once per chunk (D / chunk times the GEMM work). The accumulator is read and written once per
+// 64-column tile (L2-resident: 384 KiB per program), an O(N * M * D / 32) byte stream against
+// O(N * M * D) FLOPs. For fp32 inputs da and db themselves are the accumulators (no extra memory);
+// fp16/bf16 inputs need one fp32 [max(N, M), D] buffer, reused by both passes. The gradient
+// GEMMs run on fp32 FMA for every dtype: dS keeps fp32 precision (g_row = 1 / N makes dS too
+// small for fp16), at the price of speed (an open item: WMMA on a rescaled bf16 dS).
+//
+// scale is read on the device (no host sync); the Python layer validates that it is finite.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+#include <mma.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "vljepa_check.h"
+
+namespace vljepa_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Tile edge for both operands: 64 x 64 scores, 16 per thread, two WMMA fragments per warp.
+constexpr int kTile = 64;
+constexpr int kRowsPerWarp = kTile / kWarps;
+// fp32 tile row pitch: a multiple of 4 floats (WMMA store) whose column walks hit distinct banks.
+constexpr int kLdTile = kTile + 4;
+// One k-step loads 64 bytes of each of the 128 operand rows as four 16-byte packs; rows are 80
+// bytes apart in shared memory (16-byte accesses of 8 consecutive rows on distinct banks, WMMA
+// pointers 32-byte aligned).
+constexpr int kPackBytes = 16;
+constexpr int kPacksPerRow = 4;
+constexpr int kOperandPitch = 80;
+constexpr int kOperandBytes = 2 * kTile * kOperandPitch;
+constexpr int kTileBytes = kTile * kLdTile * 4;
+// The operand staging area doubles as the [64, 64] fp32 slice of `other` in the backward.
+constexpr int kUnionBytes = kOperandBytes > kTileBytes ? kOperandBytes : kTileBytes;
+constexpr float kNormEps = 1e-12f;
+// A row whose inverse norm reaches this had its norm clamped to eps: no projection in backward.
+constexpr float kInvNormEps = 1.0f / kNormEps;
+constexpr unsigned kFullMask = 0xffffffffu;
+static_assert(kTile == 2 * 32, "row passes give each lane two columns");
+static_assert(kTile * kTile == 16 * kThreads, "16 tile elements per thread");
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Butterfly reductions: every lane ends with the same value (a + b == b + a in IEEE).
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  }
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    v += __shfl_xor_sync(kFullMask, v, o);
+  }
+  return v;
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    v += __shfl_xor_sync(kFullMask, v, o);
+  }
+  return v;
+}
+
+template <typename T>
+struct Operand {
+  static constexpr int kPack = kPackBytes / int(sizeof(T));  // elements per 16-byte pack
+  static constexpr int BK = kPack * kPacksPerRow;             // elements per k-step
+  static constexpr int kLd = kOperandPitch / int(sizeof(T));  // staging row pitch (elements)
+};
+
+// Elements [d, d + kPack) of one row as a 16-byte pack, zero past `dim`. vec: dim is a multiple
+// of kPack and the tensor 16-byte aligned, so a pack lies wholly inside or outside the row.
+template <typename T>
+__device__ __forceinline__ uint4 load_pack(const T* row, int d, int dim, bool vec) {
+  using Bits = typename std::conditional<sizeof(T) == 2, uint16_t, uint32_t>::type;
+  constexpr int kPack = Operand<T>::kPack;
+  uint4 out = make_uint4(0u, 0u, 0u, 0u);
+  if (vec) {
+    if (d < dim) {
+      out = __ldg(reinterpret_cast<const uint4*>(row + d));
+    }
+  } else {
+    const Bits* src = reinterpret_cast<const Bits*>(row);
+    Bits v[kPack];
+#pragma unroll
+    for (int e = 0; e < kPack; ++e) {
+      v[e] = d + e < dim ? src[d + e] : Bits(0);
+    }
+    memcpy(&out, v, sizeof(out));
+  }
+  return out;
+}
+
+// s_tile[r][c] = <own[r], other[c]> (fp32) for r < own_rows, c < other_rows; rows past those
+// are zero-filled, so their entries are 0 (callers mask them). s_ops: [128, kLd] staging.
+// Ends without a barrier: callers sync before reading s_tile.
+template <typename T>
+__device__ void tile_gemm(const T* __restrict__ own, int own_rows, const T* __restrict__ other,
+                          int other_rows, int dim, bool vec, T* s_ops, float* s_tile) {
+  using O = Operand<T>;
+  constexpr int kPacks = 2 * kTile * kPacksPerRow;
+  constexpr int kPacksPerThread = kPacks / kThreads;
+  static_assert(kPacks % kThreads == 0, "whole packs per thread");
+  const int k_steps = (dim + O::BK - 1) / O::BK;
+  uint4 regs[kPacksPerThread];
+  const auto load_step = [&](int step) {
+    const int d0 = step * O::BK;
+#pragma unroll
+    for (int p = 0; p < kPacksPerThread; ++p) {
+      const int v = threadIdx.x + p * kThreads;
+      const int row = v / kPacksPerRow;
+      const int d = d0 + (v % kPacksPerRow) * O::kPack;
+      uint4 r = make_uint4(0u, 0u, 0u, 0u);
+      if (row < kTile) {
+        if (row < own_rows) {
+          r = load_pack(own + int64_t(row) * dim, d, dim, vec);
+        }
+      } else if (row - kTile < other_rows) {
+        r = load_pack(other + int64_t(row - kTile) * dim, d, dim, vec);
+      }
+      regs[p] = r;
+    }
+  };
+  const auto store_step = [&]() {
+#pragma unroll
+    for (int p = 0; p < kPacksPerThread; ++p) {
+      const int v = threadIdx.x + p * kThreads;
+      *reinterpret_cast<uint4*>(s_ops + (v / kPacksPerRow) * O::kLd +
+                                (v % kPacksPerRow) * O::kPack) = regs[p];
+    }
+  };
+
+  load_step(0);
+  if constexpr (std::is_same<T, float>::value) {
+    // Thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j; sums run over d in order.
+    const int ty = threadIdx.x / 16;
+    const int tx = threadIdx.x % 16;
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        acc[i][j] = 0.0f;
+      }
+    }
+    for (int step = 0; step < k_steps; ++step) {
+      __syncthreads();  // readers of the previous step are done
+      store_step();
+      __syncthreads();
+      if (step + 1 < k_steps) {
+        load_step(step + 1);  // in flight during this step's FMAs
+      }
+#pragma unroll
+      for (int kk = 0; kk < O::BK; kk += 4) {
+        float4 x[4];
+        float4 y[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          x[i] = *reinterpret_cast<const float4*>(s_ops + (ty + 16 * i) * O::kLd + kk);
+          y[i] = *reinterpret_cast<const float4*>(s_ops + (kTile + tx + 16 * i) * O::kLd + kk);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            acc[i][j] = fmaf(x[i].x, y[j].x, acc[i][j]);
+            acc[i][j] = fmaf(x[i].y, y[j].y, acc[i][j]);
+            acc[i][j] = fmaf(x[i].z, y[j].z, acc[i][j]);
+            acc[i][j] = fmaf(x[i].w, y[j].w, acc[i][j]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        s_tile[(ty + 16 * i) * kLdTile + tx + 16 * j] = acc[i][j];
+      }
+    }
+  } else {
+    using namespace nvcuda;
+    constexpr int kFragsN = kTile / 16;
+    const int warp = threadIdx.x / 32;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+    wmma::fill_fragment(acc[0], 0.0f);
+    wmma::fill_fragment(acc[1], 0.0f);
+    for (int step = 0; step < k_steps; ++step) {
+      __syncthreads();  // readers of the previous step are done
+      store_step();
+      __syncthreads();
+      if (step + 1 < k_steps) {
+        load_step(step + 1);
+      }
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        const int frag = warp + f * kWarps;
+        const T* p_x = s_ops + (frag / kFragsN) * 16 * O::kLd;
+        const T* p_y = s_ops + (kTile + (frag % kFragsN) * 16) * O::kLd;
+#pragma unroll
+        for (int kk = 0; kk < O::BK; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> b_x;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b_y;
+          wmma::load_matrix_sync(b_x, p_x + kk, O::kLd);
+          wmma::load_matrix_sync(b_y, p_y + kk, O::kLd);  // other rows = columns of B
+          wmma::mma_sync(acc[f], b_x, b_y, acc[f]);
+        }
+      }
+    }
+#pragma unroll
+    for (int f = 0; f < 2; ++f) {
+      const int frag = warp + f * kWarps;
+      wmma::store_matrix_sync(s_tile + (frag / kFragsN) * 16 * kLdTile + (frag % kFragsN) * 16,
+                              acc[f], kLdTile, wmma::mem_row_major);
+    }
+  }
+}
+
+// Program i_r: rows [64 i_r, 64 i_r + 64) of a against all of b (see the header).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    infonce_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b,
+                       const float* __restrict__ inv_a, const float* __restrict__ inv_b,
+                       const float* __restrict__ scale_ptr, int n, int m, int dim, int offset,
+                       bool vec, bool col_stats, float* __restrict__ row_lse,
+                       float* __restrict__ pos_row, float* __restrict__ col_part_max,
+                       float* __restrict__ col_part_sum, float* __restrict__ pos_col) {
+  __shared__ __align__(128) unsigned char s_ops_raw[kOperandBytes];
+  __shared__ __align__(128) float s_tile[kTile * kLdTile];
+  T* s_ops = reinterpret_cast<T*>(s_ops_raw);
+  const int i_r = blockIdx.x;
+  const int i0 = i_r * kTile;
+  const int rows = min(kTile, n - i0);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const float scale = __ldg(scale_ptr);
+  const float neg_inf = -CUDART_INF_F;
+
+  // Running max and sum-exp of rows warp + kWarps * k; every lane holds the same copy.
+  float m_run[kRowsPerWarp];
+  float l_run[kRowsPerWarp];
+#pragma unroll
+  for (int k = 0; k < kRowsPerWarp; ++k) {
+    m_run[k] = neg_inf;
+    l_run[k] = 0.0f;
+  }
+
+  for (int j0 = 0; j0 < m; j0 += kTile) {
+    const int cols = min(kTile, m - j0);
+    __syncthreads();  // the previous tile's readers of s_tile are done
+    tile_gemm<T>(a + int64_t(i0) * dim, rows, b + int64_t(j0) * dim, cols, dim, vec, s_ops,
+                 s_tile);
+    __syncthreads();
+    // G -> S; entries outside the matrix become -inf, which every reduction below ignores.
+    for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+      const int r = e / kTile;
+      const int c = e % kTile;
+      float* p = s_tile + r * kLdTile + c;
+      *p = r < rows && c < cols ? scale * (*p * inv_a[i0 + r] * inv_b[j0 + c]) : neg_inf;
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int k = 0; k < kRowsPerWarp; ++k) {
+      const int r = warp + k * kWarps;
+      if (r < rows) {  // warp-uniform
+        const float* s_row = s_tile + r * kLdTile;
+        const float v0 = s_row[lane];
+        const float v1 = s_row[lane + 32];
+        // Column j0 (lane 0) is always inside the matrix, so m_new is finite.
+        const float m_new = fmaxf(m_run[k], warp_max(fmaxf(v0, v1)));
+        const float sum = warp_sum(expf(v0 - m_new) + expf(v1 - m_new));
+        l_run[k] = l_run[k] * expf(m_run[k] - m_new) + sum;
+        m_run[k] = m_new;
+        const int jp = i0 + r + offset;
+        if (lane == 0 && jp >= j0 && jp < j0 + cols) {
+          pos_row[i0 + r] = s_row[jp - j0];
+        }
+      }
+    }
+
+    if (col_stats && int(threadIdx.x) < cols) {
+      // Exact (max, sum-exp) of this block's rows for column j; merged by col_lse_kernel.
+      const int c = threadIdx.x;
+      const int j = j0 + c;
+      float cmax = neg_inf;
+      for (int r = 0; r < rows; ++r) {
+        cmax = fmaxf(cmax, s_tile[r * kLdTile + c]);
+      }
+      float csum = 0.0f;
+      for (int r = 0; r < rows; ++r) {
+        csum += expf(s_tile[r * kLdTile + c] - cmax);
+      }
+      col_part_max[int64_t(i_r) * m + j] = cmax;
+      col_part_sum[int64_t(i_r) * m + j] = csum;
+      const int pr = min(max(j - offset, 0), n - 1) - i0;
+      if (pr >= 0 && pr < rows) {
+        pos_col[j] = s_tile[pr * kLdTile + c];
+      }
+    }
+  }
+
+#pragma unroll
+  for (int k = 0; k < kRowsPerWarp; ++k) {
+    const int r = warp + k * kWarps;
+    if (r < rows && lane == 0) {
+      row_lse[i0 + r] = m_run[k] + logf(l_run[k]);
+    }
+  }
+}
+
+// col_lse[j] from the per-row-block partials, merged in row-block order.
+__global__ void __launch_bounds__(kThreads)
+    col_lse_kernel(const float* __restrict__ col_part_max, const float* __restrict__ col_part_sum,
+                   int row_blocks, int m, float* __restrict__ col_lse) {
+  const int j = blockIdx.x * kThreads + threadIdx.x;
+  if (j >= m) {
+    return;
+  }
+  float cmax = -CUDART_INF_F;
+  for (int p = 0; p < row_blocks; ++p) {
+    cmax = fmaxf(cmax, col_part_max[int64_t(p) * m + j]);
+  }
+  float csum = 0.0f;
+  for (int p = 0; p < row_blocks; ++p) {
+    csum += col_part_sum[int64_t(p) * m + j] * expf(col_part_max[int64_t(p) * m + j] - cmax);
+  }
+  col_lse[j] = cmax + logf(csum);
+}
+
+// Program p owns rows [64 p, 64 p + 64) of `own` (a when by_rows, else b) and adds
+// sum_c W[r][c] other[c] into its rows of acc [n_own, D] (see the header). dscale_part (by rows
+// only) receives the program's share of sum(dS * G * inv_a * inv_b).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    infonce_bwd_kernel(const T* __restrict__ own, const T* __restrict__ other, int n_own,
+                       int n_other, const float* __restrict__ inv_a,
+                       const float* __restrict__ inv_b, const float* __restrict__ scale_ptr,
+                       int n, int dim, int offset, bool vec, bool by_rows,
+                       const float* __restrict__ row_lse, const float* __restrict__ g_row,
+                       const float* __restrict__ col_lse, const float* __restrict__ g_col,
+                       float* __restrict__ acc, double* __restrict__ dscale_part) {
+  __shared__ __align__(128) unsigned char s_union[kUnionBytes];
+  __shared__ __align__(128) float s_tile[kTile * kLdTile];
+  __shared__ double s_red[kThreads];
+  T* s_ops = reinterpret_cast<T*>(s_union);
+  float* s_other = reinterpret_cast<float*>(s_union);  // [64, kLdTile]: other[c][d] slice
+  const int own0 = blockIdx.x * kTile;
+  const int own_rows = min(kTile, n_own - own0);
+  const float scale = __ldg(scale_ptr);
+  const bool with_col = g_col != nullptr;
+  const int ty = threadIdx.x / 16;
+  const int tx = threadIdx.x % 16;
+  double dscale_acc = 0.0;
+
+  for (int o0 = 0; o0 < n_other; o0 += kTile) {
+    const int other_rows = min(kTile, n_other - o0);
+    __syncthreads();  // the previous tile's readers of s_tile and s_other are done
+    tile_gemm<T>(own + int64_t(own0) * dim, own_rows, other + int64_t(o0) * dim, other_rows, dim,
+                 vec, s_ops, s_tile);
+    __syncthreads();
+    // G -> W = dS * inv_other, in place; zero outside the matrix.
+    for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+      const int r = e / kTile;
+      const int c = e % kTile;
+      float* p = s_tile + r * kLdTile + c;
+      float w = 0.0f;
+      if (r < own_rows && c < other_rows) {
+        const int i = by_rows ? own0 + r : o0 + c;  // row of a
+        const int j = by_rows ? o0 + c : own0 + r;  // row of b
+        const float g_hat = *p * inv_a[i] * inv_b[j];
+        const float s = scale * g_hat;
+        float ds = g_row[i] * (expf(s - row_lse[i]) - (j == i + offset ? 1.0f : 0.0f));
+        if (with_col) {
+          const int pc = min(max(j - offset, 0), n - 1);
+          ds += g_col[j] * (expf(s - col_lse[j]) - (i == pc ? 1.0f : 0.0f));
+        }
+        dscale_acc += double(ds) * double(g_hat);
+        w = ds * (by_rows ? inv_b[j] : inv_a[i]);
+      }
+      *p = w;
+    }
+    // acc[own0 + r, dc + d] += sum_c W[r][c] other[o0 + c, dc + d], 64 features at a time.
+    for (int dc = 0; dc < dim; dc += kTile) {
+      __syncthreads();  // W is complete; the previous chunk's readers of s_other are done
+      for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+        const int c = e / kTile;
+        const int d = e % kTile;
+        s_other[c * kLdTile + d] = c < other_rows && dc + d < dim
+                                       ? to_float(other[int64_t(o0 + c) * dim + dc + d])
+                                       : 0.0f;
+      }
+      __syncthreads();
+      float sum[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int r = ty + 16 * i;
+          const int d = dc + tx + 16 * j;
+          sum[i][j] = r < own_rows && d < dim ? acc[int64_t(own0 + r) * dim + d] : 0.0f;
+        }
+      }
+#pragma unroll 4
+      for (int c = 0; c < kTile; ++c) {
+        float w[4];
+        float x[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          w[i] = s_tile[(ty + 16 * i) * kLdTile + c];
+          x[i] = s_other[c * kLdTile + tx + 16 * i];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            sum[i][j] = fmaf(w[i], x[j], sum[i][j]);
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int r = ty + 16 * i;
+          const int d = dc + tx + 16 * j;
+          if (r < own_rows && d < dim) {
+            acc[int64_t(own0 + r) * dim + d] = sum[i][j];
+          }
+        }
+      }
+    }
+  }
+
+  if (dscale_part != nullptr) {
+    s_red[threadIdx.x] = dscale_acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double total = 0.0;
+      for (int t = 0; t < kThreads; ++t) {
+        total += s_red[t];
+      }
+      dscale_part[blockIdx.x] = total;
+    }
+  }
+}
+
+// out = sum of parts in order (one thread: a fixed summation order, a few thousand terms).
+__global__ void sum_kernel(const double* __restrict__ parts, int count, float* __restrict__ out) {
+  double total = 0.0;
+  for (int p = 0; p < count; ++p) {
+    total += parts[p];
+  }
+  *out = float(total);
+}
+
+// inv[r] = 1 / max(||x[r]||, eps) in fp32, one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    inv_norm_kernel(const T* __restrict__ x, int rows, int dim, float* __restrict__ inv) {
+  const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= rows) {
+    return;
+  }
+  const T* row = x + r * dim;
+  float ss = 0.0f;
+  for (int d = lane; d < dim; d += 32) {
+    const float v = to_float(row[d]);
+    ss = fmaf(v, v, ss);
+  }
+  ss = warp_sum(ss);
+  if (lane == 0) {
+    inv[r] = 1.0f / fmaxf(sqrtf(ss), kNormEps);
+  }
+}
+
+// out[r] = inv[r] * (g - x (x . g) / ||x||^2), g = scale * acc[r]: the backward of
+// x / max(||x||, eps) (projection in double, so that the component along x cancels to double
+// precision); rows whose norm was clamped, or all rows without normalize, get inv[r] * g only.
+// One warp per row. acc and out may alias (fp32 inputs): each lane reads its elements before it
+// writes them.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    normalize_bwd_kernel(const float* acc, const T* __restrict__ x,
+                         const float* __restrict__ inv, const float* __restrict__ scale_ptr,
+                         int rows, int dim, bool normalize, T* out) {
+  const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= rows) {
+    return;
+  }
+  const float scale = __ldg(scale_ptr);
+  const double iv = inv[r];
+  const bool project = normalize && inv[r] < kInvNormEps;
+  const float* g_row = acc + r * dim;
+  const T* x_row = x + r * dim;
+  double coef = 0.0;
+  if (project) {
+    double dot = 0.0;
+    double sq = 0.0;
+    for (int d = lane; d < dim; d += 32) {
+      const double xv = to_float(x_row[d]);
+      dot += xv * double(scale * g_row[d]);
+      sq += xv * xv;
+    }
+    coef = warp_sum(dot) / warp_sum(sq);  // sq > 0: the norm exceeds eps
+  }
+  T* o_row = out + r * dim;
+  for (int d = lane; d < dim; d += 32) {
+    const double g = scale * g_row[d];
+    const double xv = to_float(x_row[d]);
+    o_row[d] = from_float<T>(float(iv * (g - xv * coef)));
+  }
+}
+
+struct Problem {
+  int n, m, dim, offset;
+  bool vec;
+  at::Tensor scale;  // [1] fp32 on the device
+  at::Tensor inv_a;  // [N] fp32
+  at::Tensor inv_b;  // [M] fp32
+};
+
+template <typename T>
+at::Tensor inverse_norms(const at::Tensor& x, bool normalize, cudaStream_t stream) {
+  const int rows = int(x.size(0));
+  if (!normalize) {
+    return at::ones({rows}, x.options().dtype(at::kFloat));
+  }
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kFloat));
+  inv_norm_kernel<T><<<(rows + kWarps - 1) / kWarps, kThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), rows, int(x.size(1)), out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                  int64_t offset) {
+  VF_CHECK_DEVICE(a, at::kCUDA);
+  VF_CHECK_DEVICE(b, at::kCUDA);
+  TORCH_CHECK(a.device() == b.device(), "a and b must be on the same device, got ", a.device(),
+              " and ", b.device());
+  VF_CHECK_DIM(a, 2);
+  VF_CHECK_DIM(b, 2);
+  VF_CHECK_FLOATING(a);
+  TORCH_CHECK(b.scalar_type() == a.scalar_type(), "b dtype ", b.scalar_type(),
+              " must match a dtype ", a.scalar_type());
+  VF_CHECK_CONTIGUOUS(a);
+  VF_CHECK_CONTIGUOUS(b);
+  TORCH_CHECK(a.size(1) == b.size(1), "a and b must have the same feature size, got ", a.sizes(),
+              " and ", b.sizes());
+  TORCH_CHECK(a.size(1) >= 1, "a and b need at least one feature column, got ", a.sizes());
+  TORCH_CHECK(scale.numel() == 1 && scale.is_floating_point(),
+              "scale must be a one-element floating tensor, got ", scale.scalar_type(),
+              " of shape ", scale.sizes());
+  TORCH_CHECK(scale.is_cpu() || scale.device() == a.device(), "scale must be on the cpu or on ",
+              a.device(), ", got ", scale.device());
+  const int64_t n = a.size(0);
+  const int64_t m = b.size(0);
+  TORCH_CHECK(n >= 1, "a must have at least one row, got ", a.sizes());
+  TORCH_CHECK(offset >= 0 && n + offset <= m, "offset must be in [0, M - N] = [0, ", m - n,
+              "] so that every row has its positive column, got ", offset);
+  // Row and feature indices are int in the kernels, with headroom for a tile end past the last
+  // row; element offsets are int64.
+  constexpr int64_t kMax = int64_t(1) << 30;
+  TORCH_CHECK(m < kMax && a.size(1) < kMax, "infonce (cuda): sizes must be below 2^30, got a ",
+              a.sizes(), " and b ", b.sizes());
+}
+
+template <typename T>
+Problem make_problem(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                     int64_t offset, bool normalize, cudaStream_t stream) {
+  Problem p;
+  p.n = int(a.size(0));
+  p.m = int(b.size(0));
+  p.dim = int(a.size(1));
+  p.offset = int(offset);
+  constexpr int kPack = Operand<T>::kPack;
+  p.vec = p.dim % kPack == 0 && reinterpret_cast<uintptr_t>(a.data_ptr()) % kPackBytes == 0 &&
+          reinterpret_cast<uintptr_t>(b.data_ptr()) % kPackBytes == 0;
+  p.scale = scale.reshape({1}).to(a.device(), at::kFloat).contiguous();
+  p.inv_a = inverse_norms<T>(a, normalize, stream);
+  p.inv_b = inverse_norms<T>(b, normalize, stream);
+  return p;
+}
+
+template <typename T>
+void launch_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                int64_t offset, bool normalize, bool col_stats, at::Tensor& row_lse,
+                at::Tensor& col_lse, at::Tensor& pos_row, at::Tensor& pos_col,
+                cudaStream_t stream) {
+  const Problem p = make_problem<T>(a, b, scale, offset, normalize, stream);
+  const int row_blocks = (p.n + kTile - 1) / kTile;
+  at::Tensor part_max;
+  at::Tensor part_sum;
+  if (col_stats) {
+    part_max = at::empty({row_blocks, p.m}, a.options().dtype(at::kFloat));
+    part_sum = at::empty({row_blocks, p.m}, a.options().dtype(at::kFloat));
+  }
+  infonce_fwd_kernel<T><<<row_blocks, kThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(a.data_ptr()), reinterpret_cast<const T*>(b.data_ptr()),
+      p.inv_a.data_ptr<float>(), p.inv_b.data_ptr<float>(), p.scale.data_ptr<float>(), p.n, p.m,
+      p.dim, p.offset, p.vec, col_stats, row_lse.data_ptr<float>(), pos_row.data_ptr<float>(),
+      col_stats ? part_max.data_ptr<float>() : nullptr,
+      col_stats ? part_sum.data_ptr<float>() : nullptr,
+      col_stats ? pos_col.data_ptr<float>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (col_stats) {
+    col_lse_kernel<<<(p.m + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+        part_max.data_ptr<float>(), part_sum.data_ptr<float>(), row_blocks, p.m,
+        col_lse.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T>
+void launch_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                int64_t offset, bool normalize, const at::Tensor& row_lse,
+                const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col,
+                at::Tensor& da, at::Tensor& db, at::Tensor& dscale, cudaStream_t stream) {
+  const Problem p = make_problem<T>(a, b, scale, offset, normalize, stream);
+  const bool f32 = std::is_same<T, float>::value;
+  const bool with_col = g_col.defined();
+  const T* p_a = reinterpret_cast<const T*>(a.data_ptr());
+  const T* p_b = reinterpret_cast<const T*>(b.data_ptr());
+  // fp32: da / db are the accumulators; otherwise one fp32 buffer serves both passes in turn.
+  at::Tensor buffer;
+  if (!f32) {
+    buffer = at::empty({std::max(p.n, p.m), p.dim}, a.options().dtype(at::kFloat));
+  }
+  const int row_blocks = (p.n + kTile - 1) / kTile;
+  at::Tensor dscale_part = at::empty({row_blocks}, a.options().dtype(at::kDouble));
+
+  for (const bool by_rows : {true, false}) {
+    const int n_own = by_rows ? p.n : p.m;
+    at::Tensor& grad = by_rows ? da : db;
+    at::Tensor acc = f32 ? grad : buffer.narrow(0, 0, n_own);
+    acc.zero_();
+    infonce_bwd_kernel<T><<<(n_own + kTile - 1) / kTile, kThreads, 0, stream>>>(
+        by_rows ? p_a : p_b, by_rows ? p_b : p_a, n_own, by_rows ? p.m : p.n,
+        p.inv_a.data_ptr<float>(), p.inv_b.data_ptr<float>(), p.scale.data_ptr<float>(), p.n,
+        p.dim, p.offset, p.vec, by_rows, row_lse.data_ptr<float>(), g_row.data_ptr<float>(),
+        with_col ? col_lse.data_ptr<float>() : nullptr,
+        with_col ? g_col.data_ptr<float>() : nullptr, acc.data_ptr<float>(),
+        by_rows ? dscale_part.data_ptr<double>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    normalize_bwd_kernel<T><<<(n_own + kWarps - 1) / kWarps, kThreads, 0, stream>>>(
+        acc.data_ptr<float>(), by_rows ? p_a : p_b,
+        (by_rows ? p.inv_a : p.inv_b).data_ptr<float>(), p.scale.data_ptr<float>(), n_own, p.dim,
+        normalize, reinterpret_cast<T*>(grad.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  sum_kernel<<<1, 1, 0, stream>>>(dscale_part.data_ptr<double>(), row_blocks,
+                                  dscale.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
+    bool normalize, bool col_stats) {
+  check_inputs(a, b, scale, offset);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto opts = a.options().dtype(at::kFloat);
+  const int64_t mc = col_stats ? b.size(0) : 0;
+  at::Tensor row_lse = at::empty({a.size(0)}, opts);
+  at::Tensor pos_row = at::empty({a.size(0)}, opts);
+  at::Tensor col_lse = at::empty({mc}, opts);
+  at::Tensor pos_col = at::empty({mc}, opts);
+  switch (a.scalar_type()) {
+    case at::kFloat:
+      launch_fwd<float>(a, b, scale, offset, normalize, col_stats, row_lse, col_lse, pos_row,
+                        pos_col, stream);
+      break;
+    case at::kHalf:
+      launch_fwd<__half>(a, b, scale, offset, normalize, col_stats, row_lse, col_lse, pos_row,
+                         pos_col, stream);
+      break;
+    default:
+      launch_fwd<__nv_bfloat16>(a, b, scale, offset, normalize, col_stats, row_lse, col_lse,
+                                pos_row, pos_col, stream);
+      break;
+  }
+  return {row_lse, col_lse, pos_row, pos_col};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cuda(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
+    bool normalize, const at::Tensor& row_lse, const std::optional<at::Tensor>& col_lse,
+    const at::Tensor& g_row, const std::optional<at::Tensor>& g_col) {
+  check_inputs(a, b, scale, offset);
+  const bool with_col = g_col.has_value() && g_col->defined();
+  TORCH_CHECK(!with_col || (col_lse.has_value() && col_lse->defined()),
+              "col_lse is required when g_col is given");
+  const auto vec = [&](const at::Tensor& t, int64_t len, const char* name) {
+    TORCH_CHECK(t.device() == a.device(), name, " must be on ", a.device(), ", got ", t.device());
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == len && t.is_floating_point(), name,
+                " must be a floating [", len, "] vector, got ", t.scalar_type(), " of shape ",
+                t.sizes());
+    return t.to(at::kFloat).contiguous();
+  };
+  const c10::cuda::CUDAGuard guard(a.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor row_lse32 = vec(row_lse, a.size(0), "row_lse");
+  const at::Tensor g_row32 = vec(g_row, a.size(0), "g_row");
+  const at::Tensor col_lse32 = with_col ? vec(*col_lse, b.size(0), "col_lse") : at::Tensor();
+  const at::Tensor g_col32 = with_col ? vec(*g_col, b.size(0), "g_col") : at::Tensor();
+  at::Tensor da = at::empty_like(a);
+  at::Tensor db = at::empty_like(b);
+  // dscale lives where scale does (the Meta kernel's contract).
+  at::Tensor dscale = at::empty({}, a.options().dtype(at::kFloat));
+  switch (a.scalar_type()) {
+    case at::kFloat:
+      launch_bwd<float>(a, b, scale, offset, normalize, row_lse32, col_lse32, g_row32, g_col32,
+                        da, db, dscale, stream);
+      break;
+    case at::kHalf:
+      launch_bwd<__half>(a, b, scale, offset, normalize, row_lse32, col_lse32, g_row32, g_col32,
+                         da, db, dscale, stream);
+      break;
+    default:
+      launch_bwd<__nv_bfloat16>(a, b, scale, offset, normalize, row_lse32, col_lse32, g_row32,
+                                g_col32, da, db, dscale, stream);
+      break;
+  }
+  return {da, db, scale.is_cpu() ? dscale.to(at::kCPU) : dscale};
+}
+
+}  // namespace
+}  // namespace vljepa_fast
+
+TORCH_LIBRARY_IMPL(vljepa_fast, CUDA, m) {
+  m.impl("infonce_fwd", &vljepa_fast::infonce_fwd_cuda);
+  m.impl("infonce_bwd", &vljepa_fast::infonce_bwd_cuda);
+}

@@ -1,0 +1,663 @@
+// Batched top-k similarity search on CUDA: for every query row, the k bank rows of largest inner
+// product (or cosine similarity), without ever writing the [Q, N] score matrix to global memory.
+//
+// scores[q, n] = <queries[q], bank[n]>                                        (ip)
+//              = <queries[q], bank[n]> * rq[q] * rb[n],  r = 1 / max(||row||, 1e-12)   (cosine)
+//
+// Stage 1, topk_chunk_kernel<T, BQ>: block (i_q, i_c) owns BQ queries and chunk i_c of the bank
+// (whole BN-row tiles). For each [BQ, BN] tile it
+//   1. computes the scores with fp32 accumulation: WMMA tensor cores (16x16x16, fp32 accumulators)
+//      for fp16/bf16; for fp32 inputs plain fp32 FMA in a fixed sequential order over D (no TF32,
+//      so fp32 results carry the same rounding as a BLAS sgemm and match a float64 reference to
+//      about 1e-6 relative);
+//   2. stores them into shared memory (aliasing the operand tiles, which are dead by then);
+//   3. lets every warp fold the scores of its queries into their running top-k lists ("warp select",
+//      below).
+// It then writes each query's k best keys of the chunk, [Q, n_chunks, k]. Chunks exist so that few
+// queries still fill the GPU: the grid is sized to one full wave of resident blocks.
+// Stage 2, topk_merge_kernel: one warp per query runs the same warp select over the n_chunks * k
+// candidates and writes the final sorted top k. With a single chunk stage 1 writes the result.
+//
+// Keys. A score and its index travel as one uint64: high 32 bits are the fp32 score mapped to a
+// uint32 of the same order (sign bit set for positives, all bits flipped for negatives; every NaN
+// maps to 0, so NaN ranks below -inf and is reported as NaN), low 32 bits are ~index (index <
+// 2^31), so equal scores prefer the smaller index. Real keys are therefore unique and > 0; the
+// padding key 0 is smaller than every real key.
+//
+// Warp select (per query; list and buffer in shared memory, owned by exactly one warp):
+//   list[kp]   sorted descending, kp = max(32, next_pow2(k)); starts all padding.
+//   buffer[cap] unsorted keys not yet merged, cap = min(kp, 64) >= 32 (one ballot adds <= 32).
+//   threshold = list[k - 1], the k-th best merged key. A key <= threshold can never be in the top
+//   k (the list only ever grows element-wise), so only keys > threshold are appended, with a ballot.
+//   Merge (buffer full, or at the end): sort the buffer ascending (bitonic, size cap); replace the
+//   list tail t = list[kp - cap, kp) by max(t[i], buffer[i]) (a bitonic half-cleaner: the top cap of
+//   tail u buffer, as the tail is descending and the buffer ascending); head (descending) followed
+//   by that new tail is V-shaped, hence bitonic, so one bitonic merge sorts the list again. The
+//   result is the top kp of list u buffer because every head key beats all cap tail keys.
+// Padding is never returned: a chunk of R rows yields min(k, R) real keys among its k, and
+// sum_c min(k, R_c) >= k because sum_c R_c = N >= k; the final top k are therefore all real.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+
+#include "vljepa_check.h"
+
+namespace vljepa_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxK = 1024;
+// The smallest list: one ballot appends up to 32 keys, so the buffer (<= list) holds >= 32.
+constexpr int kMinList = 32;
+constexpr int kMaxBuffer = 64;
+// BQ * BN: every configuration keeps a 16 KiB fp32 score tile and two 16x16 fragments per warp.
+constexpr int kTileScores = 4096;
+// One k-step loads 64 bytes of every operand row (BK = 32 halves or 16 floats) as four 16-byte
+// packs; rows are 80 bytes apart in shared memory, which keeps 16-byte accesses of 8 consecutive
+// rows on distinct banks and WMMA pointers 32-byte aligned.
+constexpr int kPackBytes = 16;
+constexpr int kPacksPerRow = 4;
+constexpr int kOperandPitch = 80;
+// Candidate keys written by stage 1 at most (256 MiB); more would rather use fewer chunks.
+constexpr int64_t kMaxCandidates = int64_t(1) << 25;
+constexpr float kNormEps = 1e-12f;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T, int BQ>
+struct Config {
+  static constexpr int BN = kTileScores / BQ;
+  static constexpr int kPack = kPackBytes / int(sizeof(T));  // elements per 16-byte pack
+  static constexpr int BK = kPack * kPacksPerRow;
+  static constexpr int kLd = kOperandPitch / int(sizeof(T));  // operand row pitch (elements)
+  static constexpr int kLdScores = BN + 4;                     // score row pitch (floats)
+  static constexpr int kPacks = (BQ + BN) * kPacksPerRow;
+  static constexpr int kPacksPerThread = (kPacks + kThreads - 1) / kThreads;
+  static constexpr int kOperandBytes = (BQ + BN) * kOperandPitch;
+  static constexpr int kScoreBytes = BQ * kLdScores * 4;
+  static constexpr int kUnionBytes =
+      ((kOperandBytes > kScoreBytes ? kOperandBytes : kScoreBytes) + 15) / 16 * 16;
+  static_assert(BN % 32 == 0 && BQ % 16 == 0, "tiles must hold whole warps and fragments");
+  static_assert((BQ / 16) * (BN / 16) == 2 * kWarps, "two score fragments per warp");
+
+  // [union(operands, scores) | lists BQ x kp | buffers BQ x cap | counts BQ]
+  static size_t smem_bytes(int kp, int cap) {
+    return size_t(kUnionBytes) + size_t(BQ) * (kp + cap) * sizeof(uint64_t) + BQ * sizeof(int);
+  }
+};
+
+__device__ __forceinline__ uint64_t make_key(float score, int index) {
+  const uint32_t bits = __float_as_uint(score);
+  uint32_t ord = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  ord = score != score ? 0u : ord;
+  return (uint64_t(ord) << 32) | uint64_t(~uint32_t(index));
+}
+
+__device__ __forceinline__ float key_score(uint64_t key) {
+  const uint32_t ord = uint32_t(key >> 32);
+  return __uint_as_float((ord & 0x80000000u) ? (ord & 0x7fffffffu) : ~ord);
+}
+
+__device__ __forceinline__ int64_t key_index(uint64_t key) {
+  return int64_t(~uint32_t(key & 0xffffffffu));
+}
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Sorts v[0, n) ascending; n is a power of two. Every stage ends with __syncwarp so that the next
+// one (and the caller) sees all lanes' writes.
+__device__ void bitonic_sort_ascending(uint64_t* v, int n, int lane) {
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int t = lane; t < (n >> 1); t += 32) {
+        const int i = 2 * t - (t & (stride - 1));  // i has bit `stride` clear
+        const int j = i + stride;
+        const bool ascending = (i & size) == 0;  // alternate blocks; the last stage is ascending
+        const uint64_t a = v[i];
+        const uint64_t b = v[j];
+        if ((a > b) == ascending) {
+          v[i] = b;
+          v[j] = a;
+        }
+      }
+      __syncwarp();
+    }
+  }
+}
+
+// Sorts the bitonic sequence v[0, n) descending; n is a power of two.
+__device__ void bitonic_merge_descending(uint64_t* v, int n, int lane) {
+  for (int stride = n >> 1; stride > 0; stride >>= 1) {
+    for (int t = lane; t < (n >> 1); t += 32) {
+      const int i = 2 * t - (t & (stride - 1));
+      const int j = i + stride;
+      const uint64_t a = v[i];
+      const uint64_t b = v[j];
+      if (a < b) {
+        v[i] = b;
+        v[j] = a;
+      }
+    }
+    __syncwarp();
+  }
+}
+
+// The running top-k of one query, owned by one warp (see the header).
+struct WarpSelect {
+  uint64_t* list;    // [kp], sorted descending
+  uint64_t* buffer;  // [cap]
+  int k;
+  int kp;
+  int cap;
+
+  // Merges buffer[0, count) into the list. All lanes call it; count is warp-uniform.
+  __device__ void merge(int count, int lane) const {
+    for (int i = count + lane; i < cap; i += 32) {
+      buffer[i] = 0;
+    }
+    __syncwarp();
+    bitonic_sort_ascending(buffer, cap, lane);
+    uint64_t* tail = list + (kp - cap);
+    for (int i = lane; i < cap; i += 32) {
+      const uint64_t a = tail[i];
+      const uint64_t b = buffer[i];
+      tail[i] = a > b ? a : b;
+    }
+    __syncwarp();
+    bitonic_merge_descending(list, kp, lane);
+  }
+
+  // Offers one key per lane (0 = nothing). count and threshold are warp-uniform copies of the
+  // buffer fill and of list[k - 1].
+  __device__ void offer(uint64_t key, int& count, uint64_t& threshold, int lane) const {
+    bool take = key > threshold;
+    unsigned mask = __ballot_sync(kFullMask, take);
+    if (mask == 0) {
+      return;
+    }
+    if (count + __popc(mask) > cap) {
+      merge(count, lane);
+      count = 0;
+      threshold = list[k - 1];
+      take = key > threshold;
+      mask = __ballot_sync(kFullMask, take);
+    }
+    if (take) {
+      buffer[count + __popc(mask & ((1u << lane) - 1u))] = key;
+    }
+    count += __popc(mask);
+  }
+};
+
+// Loads elements [d, d + kPack) of one row as a 16-byte pack, zero past `dim`. vec: dim is a
+// multiple of kPack and the tensor is 16-byte aligned, so a pack is wholly inside or outside.
+template <typename T>
+__device__ __forceinline__ uint4 load_pack(const T* row, int d, int dim, bool vec) {
+  using Bits = typename std::conditional<sizeof(T) == 2, uint16_t, uint32_t>::type;
+  constexpr int kPack = kPackBytes / int(sizeof(T));
+  uint4 out = make_uint4(0u, 0u, 0u, 0u);
+  if (vec) {
+    if (d < dim) {
+      out = __ldg(reinterpret_cast<const uint4*>(row + d));
+    }
+  } else {
+    const Bits* src = reinterpret_cast<const Bits*>(row);
+    Bits b[kPack];
+#pragma unroll
+    for (int e = 0; e < kPack; ++e) {
+      b[e] = d + e < dim ? src[d + e] : Bits(0);
+    }
+    memcpy(&out, b, sizeof(out));
+  }
+  return out;
+}
+
+template <typename T, int BQ>
+__global__ void __launch_bounds__(kThreads)
+    topk_chunk_kernel(const T* __restrict__ queries, const T* __restrict__ bank,
+                      const float* __restrict__ q_rnorm, const float* __restrict__ b_rnorm,
+                      int num_queries, int num_bank, int dim, int k, int kp, int cap,
+                      int tiles_per_chunk, bool vec, uint64_t* __restrict__ candidates,
+                      float* __restrict__ out_scores, int64_t* __restrict__ out_index) {
+  using C = Config<T, BQ>;
+  constexpr int BN = C::BN;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* s_ops = reinterpret_cast<T*>(smem);            // [BQ + BN, kLd]: query rows, then bank rows
+  float* s_scores = reinterpret_cast<float*>(smem);  // [BQ, kLdScores], aliases s_ops
+  uint64_t* s_list = reinterpret_cast<uint64_t*>(smem + C::kUnionBytes);  // [BQ, kp]
+  uint64_t* s_buffer = s_list + BQ * kp;                                  // [BQ, cap]
+  int* s_count = reinterpret_cast<int*>(s_buffer + BQ * cap);             // [BQ]
+
+  const int i_q = blockIdx.x;
+  const int i_c = blockIdx.y;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int q0 = i_q * BQ;
+  // Sizes are below 2^30 (checked on the host), so these int sums cannot overflow.
+  const int n_begin = i_c * tiles_per_chunk * BN;
+  const int n_end = min(num_bank, n_begin + tiles_per_chunk * BN);
+  const int k_steps = (dim + C::BK - 1) / C::BK;
+  const bool cosine = q_rnorm != nullptr;
+
+  // Each warp owns queries warp, warp + kWarps, ...: their lists, buffers and counts.
+  for (int qi = warp; qi < BQ; qi += kWarps) {
+    for (int i = lane; i < kp; i += 32) {
+      s_list[qi * kp + i] = 0;
+    }
+    if (lane == 0) {
+      s_count[qi] = 0;
+    }
+  }
+
+  uint4 regs[C::kPacksPerThread];
+  // Stages k-step `step` of the tile at bank row n0 into registers.
+  const auto load_step = [&](int n0, int step) {
+    const int d0 = step * C::BK;
+#pragma unroll
+    for (int p = 0; p < C::kPacksPerThread; ++p) {
+      const int v = threadIdx.x + p * kThreads;
+      uint4 r = make_uint4(0u, 0u, 0u, 0u);
+      if (v < C::kPacks) {
+        const int row = v / kPacksPerRow;
+        const int d = d0 + (v % kPacksPerRow) * C::kPack;
+        if (row < BQ) {
+          if (q0 + row < num_queries) {
+            r = load_pack(queries + int64_t(q0 + row) * dim, d, dim, vec);
+          }
+        } else if (n0 + row - BQ < n_end) {
+          r = load_pack(bank + int64_t(n0 + row - BQ) * dim, d, dim, vec);
+        }
+      }
+      regs[p] = r;
+    }
+  };
+  const auto store_step = [&]() {
+#pragma unroll
+    for (int p = 0; p < C::kPacksPerThread; ++p) {
+      const int v = threadIdx.x + p * kThreads;
+      if (v < C::kPacks) {
+        *reinterpret_cast<uint4*>(s_ops + (v / kPacksPerRow) * C::kLd +
+                                  (v % kPacksPerRow) * C::kPack) = regs[p];
+      }
+    }
+  };
+
+  if (k_steps > 0) {
+    load_step(n_begin, 0);
+  }
+  for (int n0 = n_begin; n0 < n_end; n0 += BN) {
+    if constexpr (std::is_same<T, float>::value) {
+      // Thread (ty, tx) computes rows ty + 16 i and columns tx + 16 j of the tile.
+      constexpr int kRows = BQ / 16;
+      constexpr int kCols = BN / 16;
+      const int ty = threadIdx.x / 16;
+      const int tx = threadIdx.x % 16;
+      float acc[kRows][kCols];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) {
+          acc[i][j] = 0.0f;
+        }
+      }
+      for (int step = 0; step < k_steps; ++step) {
+        __syncthreads();  // the previous step's (or tile's) readers of the union are done
+        store_step();
+        __syncthreads();
+        if (step + 1 < k_steps) {
+          load_step(n0, step + 1);
+        } else if (n0 + BN < n_end) {
+          load_step(n0 + BN, 0);
+        }
+#pragma unroll
+        for (int kk = 0; kk < C::BK; kk += 4) {
+          float4 a[kRows];
+          float4 b[kCols];
+#pragma unroll
+          for (int i = 0; i < kRows; ++i) {
+            a[i] = *reinterpret_cast<const float4*>(s_ops + (ty + 16 * i) * C::kLd + kk);
+          }
+#pragma unroll
+          for (int j = 0; j < kCols; ++j) {
+            b[j] = *reinterpret_cast<const float4*>(s_ops + (BQ + tx + 16 * j) * C::kLd + kk);
+          }
+#pragma unroll
+          for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+            for (int j = 0; j < kCols; ++j) {
+              acc[i][j] = fmaf(a[i].x, b[j].x, acc[i][j]);
+              acc[i][j] = fmaf(a[i].y, b[j].y, acc[i][j]);
+              acc[i][j] = fmaf(a[i].z, b[j].z, acc[i][j]);
+              acc[i][j] = fmaf(a[i].w, b[j].w, acc[i][j]);
+            }
+          }
+        }
+      }
+      __syncthreads();  // operands are dead before the scores overwrite them
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) {
+          s_scores[(ty + 16 * i) * C::kLdScores + tx + 16 * j] = acc[i][j];
+        }
+      }
+    } else {
+      using namespace nvcuda;
+      constexpr int kFragsN = BN / 16;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+      wmma::fill_fragment(acc[0], 0.0f);
+      wmma::fill_fragment(acc[1], 0.0f);
+      for (int step = 0; step < k_steps; ++step) {
+        __syncthreads();  // the previous step's (or tile's) readers of the union are done
+        store_step();
+        __syncthreads();
+        if (step + 1 < k_steps) {
+          load_step(n0, step + 1);
+        } else if (n0 + BN < n_end) {
+          load_step(n0 + BN, 0);
+        }
+#pragma unroll
+        for (int f = 0; f < 2; ++f) {
+          const int frag = warp + f * kWarps;
+          const T* p_q = s_ops + (frag / kFragsN) * 16 * C::kLd;
+          const T* p_b = s_ops + (BQ + (frag % kFragsN) * 16) * C::kLd;
+#pragma unroll
+          for (int kk = 0; kk < C::BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> b_q;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b_b;
+            wmma::load_matrix_sync(b_q, p_q + kk, C::kLd);
+            wmma::load_matrix_sync(b_b, p_b + kk, C::kLd);  // bank rows = columns of B
+            wmma::mma_sync(acc[f], b_q, b_b, acc[f]);
+          }
+        }
+      }
+      __syncthreads();  // operands are dead before the scores overwrite them
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        const int frag = warp + f * kWarps;
+        wmma::store_matrix_sync(
+            s_scores + (frag / kFragsN) * 16 * C::kLdScores + (frag % kFragsN) * 16, acc[f],
+            C::kLdScores, wmma::mem_row_major);
+      }
+    }
+    __syncthreads();
+
+    for (int qi = warp; qi < BQ && q0 + qi < num_queries; qi += kWarps) {
+      const WarpSelect ws{s_list + qi * kp, s_buffer + qi * cap, k, kp, cap};
+      int count = s_count[qi];
+      uint64_t threshold = ws.list[k - 1];
+      const float rq = cosine ? q_rnorm[q0 + qi] : 1.0f;
+      const float* row = s_scores + qi * C::kLdScores;
+      for (int j = lane; j < BN; j += 32) {
+        const int n = n0 + j;
+        uint64_t key = 0;
+        if (n < n_end) {
+          const float score = cosine ? row[j] * rq * b_rnorm[n] : row[j];
+          key = make_key(score, n);
+        }
+        ws.offer(key, count, threshold, lane);
+      }
+      __syncwarp();  // every lane has read s_count[qi] before lane 0 rewrites it
+      if (lane == 0) {
+        s_count[qi] = count;
+      }
+    }
+  }
+  __syncthreads();  // s_count written by lane 0 is visible to the whole warp
+
+  for (int qi = warp; qi < BQ && q0 + qi < num_queries; qi += kWarps) {
+    const WarpSelect ws{s_list + qi * kp, s_buffer + qi * cap, k, kp, cap};
+    const int count = s_count[qi];
+    if (count > 0) {
+      ws.merge(count, lane);
+    }
+    const int64_t q = q0 + qi;
+    if (candidates != nullptr) {
+      uint64_t* dst = candidates + (q * gridDim.y + i_c) * k;
+      for (int i = lane; i < k; i += 32) {
+        dst[i] = ws.list[i];
+      }
+    } else {
+      for (int i = lane; i < k; i += 32) {
+        out_scores[q * k + i] = key_score(ws.list[i]);
+        out_index[q * k + i] = key_index(ws.list[i]);
+      }
+    }
+  }
+}
+
+constexpr int kMergeWarps = 4;
+
+// One warp per query: the top k of its num_chunks * k candidate keys, sorted descending.
+__global__ void __launch_bounds__(kMergeWarps * 32)
+    topk_merge_kernel(const uint64_t* __restrict__ candidates, int num_queries, int num_chunks,
+                      int k, int kp, int cap, float* __restrict__ out_scores,
+                      int64_t* __restrict__ out_index) {
+  extern __shared__ __align__(16) uint64_t smem_keys[];  // [kMergeWarps, kp + cap]
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t q = int64_t(blockIdx.x) * kMergeWarps + warp;
+  if (q >= num_queries) {
+    return;  // no block-wide barrier follows
+  }
+  uint64_t* s_list = smem_keys + warp * (kp + cap);
+  const WarpSelect ws{s_list, s_list + kp, k, kp, cap};
+  for (int i = lane; i < kp; i += 32) {
+    s_list[i] = 0;
+  }
+  __syncwarp();
+  int count = 0;
+  uint64_t threshold = 0;
+  const int total = num_chunks * k;
+  const uint64_t* src = candidates + q * total;
+  for (int base = 0; base < total; base += 32) {
+    const int i = base + lane;
+    ws.offer(i < total ? src[i] : uint64_t(0), count, threshold, lane);
+  }
+  if (count > 0) {
+    ws.merge(count, lane);
+  }
+  for (int i = lane; i < k; i += 32) {
+    out_scores[q * k + i] = key_score(s_list[i]);
+    out_index[q * k + i] = key_index(s_list[i]);
+  }
+}
+
+// rnorm[r] = 1 / max(||x[r]||, eps) in fp32, one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    inv_norm_kernel(const T* __restrict__ x, int rows, int dim, float* __restrict__ rnorm) {
+  const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= rows) {
+    return;
+  }
+  const T* row = x + r * dim;
+  float ss = 0.0f;
+  for (int d = lane; d < dim; d += 32) {
+    const float v = to_float(row[d]);
+    ss = fmaf(v, v, ss);
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    ss += __shfl_xor_sync(kFullMask, ss, offset);
+  }
+  if (lane == 0) {
+    rnorm[r] = 1.0f / fmaxf(sqrtf(ss), kNormEps);
+  }
+}
+
+template <typename T>
+at::Tensor inv_norms(const at::Tensor& x, cudaStream_t stream) {
+  const int rows = int(x.size(0));
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kFloat));
+  const int blocks = (rows + kWarps - 1) / kWarps;
+  inv_norm_kernel<T><<<blocks, kThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), rows, int(x.size(1)), out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+template <typename T, int BQ>
+void launch_topk(const at::Tensor& queries, const at::Tensor& bank, int k, int kp, int cap,
+                 bool cosine, at::Tensor& out_scores, at::Tensor& out_index, cudaStream_t stream) {
+  using C = Config<T, BQ>;
+  const int64_t num_queries = queries.size(0);
+  const int64_t num_bank = bank.size(0);
+  const int dim = int(queries.size(1));
+  const auto kernel = topk_chunk_kernel<T, BQ>;
+  const size_t smem = C::smem_bytes(kp, cap);
+  // Device attributes straight from the runtime: ATen/cuda/CUDAContext.h would pull in the
+  // cuSPARSE/cuBLAS headers, which a bare nvcc toolkit does not ship.
+  const int device = queries.get_device();
+  int smem_optin = 0;
+  int num_sms = 0;
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+  TORCH_CHECK(smem <= size_t(smem_optin), "topk_similarity (cuda): k=", k, " needs ", smem,
+              " bytes of shared memory per block, the device allows ", smem_optin);
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int blocks_per_sm = 0;
+  C10_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, smem));
+  const int64_t wave = int64_t(std::max(blocks_per_sm, 1)) * num_sms;
+
+  // Chunks: as many as fill one wave of resident blocks (equal chunks finish together), never
+  // more than there are tiles, and few enough that the candidates stay below kMaxCandidates.
+  const int64_t q_tiles = (num_queries + BQ - 1) / BQ;
+  const int64_t tiles = (num_bank + C::BN - 1) / C::BN;
+  int64_t n_chunks = q_tiles < wave ? wave / q_tiles : 1;
+  n_chunks = std::min(n_chunks, tiles);
+  n_chunks = std::min(n_chunks, std::max<int64_t>(1, kMaxCandidates / (num_queries * k)));
+  const int64_t tiles_per_chunk = (tiles + n_chunks - 1) / n_chunks;
+  n_chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;  // no empty chunk
+
+  const T* p_q = reinterpret_cast<const T*>(queries.data_ptr());
+  const T* p_b = reinterpret_cast<const T*>(bank.data_ptr());
+  const bool vec = dim % C::kPack == 0 && reinterpret_cast<uintptr_t>(p_q) % kPackBytes == 0 &&
+                   reinterpret_cast<uintptr_t>(p_b) % kPackBytes == 0;
+  at::Tensor q_rnorm;
+  at::Tensor b_rnorm;
+  if (cosine) {
+    q_rnorm = inv_norms<T>(queries, stream);
+    b_rnorm = inv_norms<T>(bank, stream);
+  }
+  const float* p_rq = cosine ? q_rnorm.data_ptr<float>() : nullptr;
+  const float* p_rb = cosine ? b_rnorm.data_ptr<float>() : nullptr;
+  const dim3 grid{unsigned(q_tiles), unsigned(n_chunks)};
+
+  if (n_chunks == 1) {
+    kernel<<<grid, kThreads, smem, stream>>>(
+        p_q, p_b, p_rq, p_rb, int(num_queries), int(num_bank), dim, k, kp, cap,
+        int(tiles_per_chunk), vec, nullptr, out_scores.data_ptr<float>(),
+        out_index.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  at::Tensor candidates = at::empty({num_queries, n_chunks, k}, queries.options().dtype(at::kLong));
+  uint64_t* p_cand = reinterpret_cast<uint64_t*>(candidates.data_ptr<int64_t>());
+  kernel<<<grid, kThreads, smem, stream>>>(p_q, p_b, p_rq, p_rb, int(num_queries),
+                                           int(num_bank), dim, k, kp, cap,
+                                           int(tiles_per_chunk), vec, p_cand, nullptr, nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int merge_blocks = int((num_queries + kMergeWarps - 1) / kMergeWarps);
+  const size_t merge_smem = size_t(kMergeWarps) * (kp + cap) * sizeof(uint64_t);
+  topk_merge_kernel<<<merge_blocks, kMergeWarps * 32, merge_smem, stream>>>(
+      p_cand, int(num_queries), int(n_chunks), k, kp, cap, out_scores.data_ptr<float>(),
+      out_index.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Query tile: the lists and buffers of BQ queries share the block's shared memory (BQ * (kp +
+// cap) * 8 bytes: 64 KiB up to kp = 256, 136 KiB at kp = 1024), which bounds BQ by kp. Few
+// queries take a smaller tile too: padded query rows cost GEMM work (FMA work for fp32) on every
+// bank row, which would make the bandwidth-bound case compute-bound.
+template <typename T>
+void dispatch_tile(const at::Tensor& queries, const at::Tensor& bank, int k, bool cosine,
+                   at::Tensor& out_scores, at::Tensor& out_index, cudaStream_t stream) {
+  int kp = kMinList;
+  while (kp < k) {
+    kp <<= 1;
+  }
+  const int cap = std::min(kp, kMaxBuffer);
+  const int64_t num_queries = queries.size(0);
+  if (kp <= 64 && num_queries > 32) {
+    launch_topk<T, 64>(queries, bank, k, kp, cap, cosine, out_scores, out_index, stream);
+  } else if (kp <= 128 && num_queries > 16) {
+    launch_topk<T, 32>(queries, bank, k, kp, cap, cosine, out_scores, out_index, stream);
+  } else {
+    launch_topk<T, 16>(queries, bank, k, kp, cap, cosine, out_scores, out_index, stream);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_similarity_cuda(const at::Tensor& queries,
+                                                        const at::Tensor& bank, int64_t k,
+                                                        bool cosine) {
+  VF_CHECK_DEVICE(queries, at::kCUDA);
+  VF_CHECK_DEVICE(bank, at::kCUDA);
+  TORCH_CHECK(queries.device() == bank.device(), "queries and bank must be on the same device, got ",
+              queries.device(), " and ", bank.device());
+  VF_CHECK_DIM(queries, 2);
+  VF_CHECK_DIM(bank, 2);
+  VF_CHECK_FLOATING(queries);
+  TORCH_CHECK(bank.scalar_type() == queries.scalar_type(), "bank dtype ", bank.scalar_type(),
+              " must match queries dtype ", queries.scalar_type());
+  VF_CHECK_CONTIGUOUS(queries);
+  VF_CHECK_CONTIGUOUS(bank);
+  TORCH_CHECK(bank.size(1) == queries.size(1),
+              "queries and bank must have the same feature size, got ", queries.sizes(), " and ",
+              bank.sizes());
+  const int64_t num_queries = queries.size(0);
+  const int64_t num_bank = bank.size(0);
+  TORCH_CHECK(k >= 1 && k <= num_bank, "k must be in [1, N=", num_bank, "], got ", k);
+  TORCH_CHECK(k <= kMaxK, "topk_similarity (cuda) supports k <= ", kMaxK, ", got k=", k,
+              "; use the cpu or reference backend for larger k");
+  // Indices travel as 32-bit ~index in the keys; row counts and offsets inside the kernels are
+  // int, with headroom for a chunk end past the last row.
+  TORCH_CHECK(num_bank < (int64_t(1) << 30) && num_queries < (int64_t(1) << 30) &&
+                  queries.size(1) < (int64_t(1) << 30),
+              "topk_similarity (cuda): sizes must be below 2^30, got queries ", queries.sizes(),
+              " and bank ", bank.sizes());
+
+  const c10::cuda::CUDAGuard guard(queries.device());
+  at::Tensor out_scores = at::empty({num_queries, k}, queries.options().dtype(at::kFloat));
+  at::Tensor out_index = at::empty({num_queries, k}, queries.options().dtype(at::kLong));
+  if (num_queries == 0) {
+    return {out_scores, out_index};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int kk = int(k);
+  switch (queries.scalar_type()) {
+    case at::kFloat:
+      dispatch_tile<float>(queries, bank, kk, cosine, out_scores, out_index, stream);
+      break;
+    case at::kHalf:
+      dispatch_tile<__half>(queries, bank, kk, cosine, out_scores, out_index, stream);
+      break;
+    default:
+      dispatch_tile<__nv_bfloat16>(queries, bank, kk, cosine, out_scores, out_index, stream);
+      break;
+  }
+  return {out_scores, out_index};
+}
+
+}  // namespace
+}  // namespace vljepa_fast
+
+TORCH_LIBRARY_IMPL(vljepa_fast, CUDA, m) {
+  m.impl("topk_similarity", &vljepa_fast::topk_similarity_cuda);
+}

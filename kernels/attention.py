@@ -1,0 +1,657 @@
+"""Flash attention for the VL-JEPA predictor: GQA, key padding, packed varlen, causal or not.
+
+Math. For one (sequence, query head h) with KV head h // G (G = Hq / Hkv query heads per KV head):
+    s = scale * q k^T,  p = softmax(s) over the valid keys,  o = p v,  lse = log sum_j exp(s_j).
+Forward (online softmax): walk the KV blocks keeping, per query row, the running max m, the
+running sum l of exp(s - m) and the unnormalised output acc; a new block with max m' rescales l
+and acc by exp(m - m'). All of it in base 2: exp(x) = exp2(x * log2(e)), and log2(e) is folded
+into the score scale, so each score costs one multiply-add and one exp2 (MUFU is the ceiling for
+head dim 64). out = acc / l, lse = (m + log2 l) * ln 2 (natural log, like flash-attn).
+Backward, with delta = rowsum(do * o) (= rowsum(p * dp)):
+    p = exp2(s * log2e - lse * log2e),  dv = p^T do,  dp = do v^T,  ds = p (dp - delta),
+    dq = scale * ds k,  dk = scale * ds^T q.
+
+Memory. Nothing of size T x S is ever stored: the forward keeps one [BM, BN] score tile in
+registers and saves only lse ([B, Hq, T] fp32); the backward recomputes p from lse. GQA indexes the
+KV head (h // G) instead of repeating K and V. Key padding is a per-sequence length: KV blocks
+past it are skipped, not computed and masked. Masks are evaluated only on the blocks
+that need them (the last partial block, the causal diagonal): every loop runs in two ranges,
+the fully visible blocks without masks, then the few blocks that need them.
+
+Determinism. dK/dV: one program per (KV block, KV head) loops over the G query heads of its
+group and over all query blocks, accumulating in fp32 registers, and writes dk/dv once. dQ: one
+program per (query block, query head) loops over KV blocks. No atomics, so gradients are bitwise
+reproducible run to run, at the price of recomputing s and p twice in the backward.
+
+Conventions. Dense: q [B, T, Hq, D], k/v [B, S, Hkv, D]; varlen: q [total_q, Hq, D], k/v
+[total_k, Hkv, D] with int32 cu_seqlens. Causal masks are bottom-right aligned as in flash-attn
+>= 2.1: query i sees key j iff j <= i + (S - T); dense uses the tensor lengths T and S (key
+padding is a mask applied on top), varlen the lengths of each sequence. A query row that sees no
+key (zero keys, or causal with T > S) gets out = 0 and lse = -inf, and zero gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import interpreting, launch
+
+__all__ = ["HEAD_DIMS", "attention_backward", "attention_forward"]
+
+#: Supported head dims; 96 runs in a 128-wide block with masked columns.
+HEAD_DIMS = (32, 64, 96, 128, 256)
+
+_LOG2E = math.log2(math.e)
+
+
+class _Config(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Per padded head dim: forward, dK/dV (block_m = queries per inner step, block_n = keys per
+# program) and dQ (block_m = queries per program, block_n = keys per inner step). The wide side of
+# each backward kernel is the one held in registers for the whole program. Every 16-bit entry
+# was compiled for sm_80 and sm_90a (GQA, key padding, causal or not, varlen) with no ptxas
+# spills, and uses wgmma on sm_90a.
+_FWD = {
+    32: _Config(128, 64, 4, 3),
+    64: _Config(128, 64, 4, 3),
+    128: _Config(128, 64, 8, 3),
+    256: _Config(64, 64, 8, 2),
+}
+_BWD_DKDV = {
+    32: _Config(32, 128, 8, 3),
+    64: _Config(32, 128, 8, 3),
+    128: _Config(32, 64, 8, 2),
+    256: _Config(16, 64, 8, 2),
+}
+_BWD_DQ = {
+    32: _Config(128, 32, 4, 3),
+    64: _Config(128, 32, 4, 3),
+    128: _Config(128, 32, 8, 2),
+    256: _Config(64, 32, 8, 2),
+}
+# The interpreter runs every program in numpy: small blocks keep several blocks per sequence in
+# the tests (boundaries, skipping) at tiny shapes, and BM != BN catches swapped block roles.
+_INTERPRET_CONFIG = _Config(32, 64, 1, 1)
+
+
+# Kernel arguments are grouped by role on a line: one per line would triple the file.
+# fmt: off
+@triton.jit
+def _seq_bounds(i_b, T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, IS_VARLEN: tl.constexpr,
+                HAS_SEQLENS: tl.constexpr):
+    """(first q row, first k row, query rows, key rows, valid keys) of sequence i_b."""
+    if IS_VARLEN:
+        bos_q = tl.load(cu_seqlens_q + i_b)
+        bos_k = tl.load(cu_seqlens_k + i_b)
+        T = tl.load(cu_seqlens_q + i_b + 1) - bos_q
+        S = tl.load(cu_seqlens_k + i_b + 1) - bos_k
+        n_valid = S
+    else:
+        bos_q = i_b * 0
+        bos_k = i_b * 0
+        if HAS_SEQLENS:
+            n_valid = tl.minimum(tl.load(seqlens_k + i_b), S)
+        else:
+            n_valid = S
+    return bos_q.to(tl.int64), bos_k.to(tl.int64), T, S, n_valid
+
+
+@triton.jit
+def _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, lo, hi,
+                    n_valid, diag, qk_scale, D: tl.constexpr, BN: tl.constexpr,
+                    MASK: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    m_d = o_d < D
+    for start_n in range(lo, hi, BN):
+        o_n = start_n + tl.arange(0, BN)
+        if MASK:
+            m_kv = (o_n < n_valid)[:, None] & m_d[None, :]
+        else:
+            m_kv = (o_n >= 0)[:, None] & m_d[None, :]
+        # [BN, BD]; masked rows load 0 so that garbage past the keys (even NaN) never reaches a dot
+        b_k = tl.load(p_k + o_n[:, None] * stride_kt, mask=m_kv, other=0.0)
+        b_v = tl.load(p_v + o_n[:, None] * stride_vt, mask=m_kv, other=0.0)
+        if INTERPRET:
+            b_k = b_k.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        # [BM, BN] scores in log2 units
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
+        if MASK:
+            m_s = (o_n < n_valid)[None, :]
+            if CAUSAL:
+                m_s = m_s & (o_n[None, :] <= o_m[:, None] + diag)
+            b_s = tl.where(m_s, b_s, float("-inf"))
+        # b_m starts finite, so a fully masked block gives exp2(-inf - finite) = 0, never NaN.
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_p = tl.exp2(b_s - b_m_new[:, None])
+        b_alpha = tl.exp2(b_m - b_m_new)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        # [BM, BD]
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(
+            b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION
+        )
+        b_m = b_m_new
+    return b_acc, b_l, b_m
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q, k, v, o, lse, seqlens_k, cu_seqlens_q, cu_seqlens_k,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
+    T, S, qk_scale,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, CAUSAL: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos_q, bos_k, T, S, n_valid = _seq_bounds(
+        i_b, T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, IS_VARLEN, HAS_SEQLENS
+    )
+    start_m = i_m * BM
+    if start_m >= T:
+        return
+    diag = S - T
+    o_m = start_m + tl.arange(0, BM)
+    o_d = tl.arange(0, BD)
+    m_m = o_m < T
+    m_d = o_d < D
+
+    i_b64 = i_b.to(tl.int64)
+    p_q = q + i_b64 * stride_qb + bos_q * stride_qt + i_h * stride_qh
+    p_k = k + i_b64 * stride_kb + bos_k * stride_kt + (i_h // G) * stride_kh + o_d[None, :]
+    p_v = v + i_b64 * stride_vb + bos_k * stride_vt + (i_h // G) * stride_vh + o_d[None, :]
+    # [BM, BD]
+    b_q = tl.load(p_q + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
+                  other=0.0)
+    if INTERPRET:
+        b_q = b_q.to(tl.float32)
+
+    b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_m = tl.full([BM], -1.0e30, dtype=tl.float32)
+
+    # Keys [0, hi) are visible to some row of the block; [0, n_full) to every row of it.
+    hi = n_valid
+    n_full = n_valid // BN * BN
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(hi, tl.minimum(start_m + BM, T) + diag), 0)
+        n_full = tl.minimum(n_full, tl.maximum(start_m + 1 + diag, 0) // BN * BN)
+    b_acc, b_l, b_m = _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m,
+                                      o_d, 0, n_full, n_valid, diag, qk_scale, D, BN, False,
+                                      CAUSAL, INTERPRET, DOT_PRECISION)
+    b_acc, b_l, b_m = _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m,
+                                      o_d, n_full, hi, n_valid, diag, qk_scale, D, BN, True,
+                                      CAUSAL, INTERPRET, DOT_PRECISION)
+
+    # Rows that saw no key keep l = 0: out 0 and lse -inf rather than 0/0.
+    m_seen = b_l > 0.0
+    b_l_safe = tl.where(m_seen, b_l, 1.0)
+    b_o = b_acc / b_l_safe[:, None]
+    b_lse = tl.where(m_seen, (b_m + tl.log2(b_l_safe)) * 0.6931471805599453, float("-inf"))
+    p_o = o + i_b64 * stride_ob + bos_q * stride_ot + i_h * stride_oh
+    tl.store(p_o + o_m[:, None] * stride_ot + o_d[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_m[:, None] & m_d[None, :])
+    tl.store(lse + i_b64 * stride_lb + i_h * stride_lh + bos_q + o_m, b_lse, mask=m_m)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    o, do, delta, seqlens_k, cu_seqlens_q, cu_seqlens_k,
+    stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
+    T, S,
+    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos_q, bos_k, T, S, n_valid = _seq_bounds(
+        i_b, T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, IS_VARLEN, HAS_SEQLENS
+    )
+    start_m = i_m * BM
+    if start_m >= T:
+        return
+    o_m = start_m + tl.arange(0, BM)
+    o_d = tl.arange(0, BD)
+    m_md = (o_m < T)[:, None] & (o_d < D)[None, :]
+    i_b64 = i_b.to(tl.int64)
+    p_o = o + i_b64 * stride_ob + bos_q * stride_ot + i_h * stride_oh
+    p_do = do + i_b64 * stride_dob + bos_q * stride_dot + i_h * stride_doh
+    # [BM, BD]
+    b_o = tl.load(p_o + o_m[:, None] * stride_ot + o_d[None, :], mask=m_md, other=0.0)
+    b_do = tl.load(p_do + o_m[:, None] * stride_dot + o_d[None, :], mask=m_md, other=0.0)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    tl.store(delta + i_b64 * stride_lb + i_h * stride_lh + bos_q + o_m, b_delta, mask=o_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot,
+                         o_n, o_d, lo, hi, n_valid, T, diag, qk_scale, D: tl.constexpr,
+                         BM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                         INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Query rows past T load zeros (q, do, lse, delta), so their p is finite and their dp and
+    # delta are 0: they add nothing to dk or dv even where no mask is applied.
+    m_d = o_d < D
+    for start_m in range(lo, hi, BM):
+        o_m = start_m + tl.arange(0, BM)
+        m_m = o_m < T
+        # [BM, BD]
+        b_q = tl.load(p_q + o_m[:, None] * stride_qt, mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_do = tl.load(p_do + o_m[:, None] * stride_dot, mask=m_m[:, None] & m_d[None, :],
+                       other=0.0)
+        if INTERPRET:
+            b_q = b_q.to(tl.float32)
+            b_do = b_do.to(tl.float32)
+        # [BM]; a row without keys has lse = -inf, replaced so that its (masked) p stays finite
+        b_lse = tl.load(p_lse + o_m, mask=m_m, other=0.0)
+        b_lse = tl.where(b_lse == float("-inf"), 0.0, b_lse * 1.4426950408889634)
+        b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
+        # [BN, BM]: the transposed scores, so dv and dk need no transpose of p
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale
+        b_pt = tl.exp2(b_st - b_lse[None, :])
+        if MASK:
+            m_s = (o_n < n_valid)[:, None] & m_m[None, :]
+            if CAUSAL:
+                m_s = m_s & (o_n[:, None] <= o_m[None, :] + diag)
+            b_pt = tl.where(m_s, b_pt, 0.0)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+        # [BN, BM]
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+    return b_dk, b_dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q, k, v, do, lse, delta, dk, dv, seqlens_k, cu_seqlens_q, cu_seqlens_k,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_lb, stride_lh,
+    T, S, qk_scale, sm_scale,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, CAUSAL: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = i_bh // HKV, i_bh % HKV
+    bos_q, bos_k, T, S, n_valid = _seq_bounds(
+        i_b, T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, IS_VARLEN, HAS_SEQLENS
+    )
+    start_n = i_n * BN
+    if start_n >= S:
+        return
+    diag = S - T
+    o_n = start_n + tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    m_n = o_n < n_valid
+    m_d = o_d < D
+    i_b64 = i_b.to(tl.int64)
+    p_k = k + i_b64 * stride_kb + bos_k * stride_kt + i_hk * stride_kh
+    p_v = v + i_b64 * stride_vb + bos_k * stride_vt + i_hk * stride_vh
+    # [BN, BD]
+    b_k = tl.load(p_k + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
+                  other=0.0)
+    b_v = tl.load(p_v + o_n[:, None] * stride_vt + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
+                  other=0.0)
+    if INTERPRET:
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+
+    # Query rows [lo, hi) see some of these keys, rows [m_full, hi) all of them. A block past
+    # the valid keys is skipped whole and writes zeros; one that straddles n_valid is masked.
+    lo = 0
+    m_full = 0
+    if CAUSAL:
+        lo = tl.maximum(start_n - diag, 0) // BM * BM
+        m_full = (tl.maximum(start_n + BN - 1 - diag, 0) + BM - 1) // BM * BM
+    hi = tl.where(start_n < n_valid, T, 0)
+    m_full = tl.minimum(tl.where(start_n + BN <= n_valid, m_full, hi), hi)
+    for i_g in range(G):
+        i_h = i_hk * G + i_g
+        p_q = q + i_b64 * stride_qb + bos_q * stride_qt + i_h * stride_qh + o_d[None, :]
+        p_do = do + i_b64 * stride_dob + bos_q * stride_dot + i_h * stride_doh + o_d[None, :]
+        p_lse = lse + i_b64 * stride_lb + i_h * stride_lh + bos_q
+        p_delta = delta + i_b64 * stride_lb + i_h * stride_lh + bos_q
+        b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
+                                          stride_qt, stride_dot, o_n, o_d, lo, m_full, n_valid,
+                                          T, diag, qk_scale, D, BM, True, CAUSAL, INTERPRET,
+                                          DOT_PRECISION)
+        b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
+                                          stride_qt, stride_dot, o_n, o_d, m_full, hi, n_valid,
+                                          T, diag, qk_scale, D, BM, False, CAUSAL, INTERPRET,
+                                          DOT_PRECISION)
+
+    m_store = (o_n < S)[:, None] & m_d[None, :]
+    p_dk = dk + i_b64 * stride_dkb + bos_k * stride_dkt + i_hk * stride_dkh
+    p_dv = dv + i_b64 * stride_dvb + bos_k * stride_dvt + i_hk * stride_dvh
+    tl.store(p_dk + o_n[:, None] * stride_dkt + o_d[None, :],
+             (b_dk * sm_scale).to(dk.dtype.element_ty), mask=m_store)
+    tl.store(p_dv + o_n[:, None] * stride_dvt + o_d[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=m_store)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, stride_vt, o_m, o_d,
+                       lo, hi, n_valid, diag, qk_scale, D: tl.constexpr, BN: tl.constexpr,
+                       MASK: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    m_d = o_d < D
+    for start_n in range(lo, hi, BN):
+        o_n = start_n + tl.arange(0, BN)
+        if MASK:
+            m_kv = (o_n < n_valid)[:, None] & m_d[None, :]
+        else:
+            m_kv = (o_n >= 0)[:, None] & m_d[None, :]
+        # [BN, BD]
+        b_k = tl.load(p_k + o_n[:, None] * stride_kt, mask=m_kv, other=0.0)
+        b_v = tl.load(p_v + o_n[:, None] * stride_vt, mask=m_kv, other=0.0)
+        if INTERPRET:
+            b_k = b_k.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        # [BM, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
+        b_p = tl.exp2(b_s - b_lse[:, None])
+        if MASK:
+            m_s = (o_n < n_valid)[None, :]
+            if CAUSAL:
+                m_s = m_s & (o_n[None, :] <= o_m[:, None] + diag)
+            b_p = tl.where(m_s, b_p, 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        # [BM, BD]
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+    return b_dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q, k, v, do, lse, delta, dq, seqlens_k, cu_seqlens_q, cu_seqlens_k,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh,
+    T, S, qk_scale, sm_scale,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, CAUSAL: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos_q, bos_k, T, S, n_valid = _seq_bounds(
+        i_b, T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, IS_VARLEN, HAS_SEQLENS
+    )
+    start_m = i_m * BM
+    if start_m >= T:
+        return
+    diag = S - T
+    o_m = start_m + tl.arange(0, BM)
+    o_d = tl.arange(0, BD)
+    m_m = o_m < T
+    m_md = m_m[:, None] & (o_d < D)[None, :]
+    i_b64 = i_b.to(tl.int64)
+    p_q = q + i_b64 * stride_qb + bos_q * stride_qt + i_h * stride_qh
+    p_do = do + i_b64 * stride_dob + bos_q * stride_dot + i_h * stride_doh
+    p_k = k + i_b64 * stride_kb + bos_k * stride_kt + (i_h // G) * stride_kh + o_d[None, :]
+    p_v = v + i_b64 * stride_vb + bos_k * stride_vt + (i_h // G) * stride_vh + o_d[None, :]
+    # [BM, BD]
+    b_q = tl.load(p_q + o_m[:, None] * stride_qt + o_d[None, :], mask=m_md, other=0.0)
+    b_do = tl.load(p_do + o_m[:, None] * stride_dot + o_d[None, :], mask=m_md, other=0.0)
+    if INTERPRET:
+        b_q = b_q.to(tl.float32)
+        b_do = b_do.to(tl.float32)
+    # [BM]; rows without keys have lse = -inf, replaced so that their (masked) p stays finite
+    p_l = i_b64 * stride_lb + i_h * stride_lh + bos_q + o_m
+    b_lse = tl.load(lse + p_l, mask=m_m, other=0.0)
+    b_lse = tl.where(b_lse == float("-inf"), 0.0, b_lse * 1.4426950408889634)
+    b_delta = tl.load(delta + p_l, mask=m_m, other=0.0)
+    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+
+    # The same key ranges as the forward: [0, n_full) unmasked, [n_full, hi) masked.
+    hi = n_valid
+    n_full = n_valid // BN * BN
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(hi, tl.minimum(start_m + BM, T) + diag), 0)
+        n_full = tl.minimum(n_full, tl.maximum(start_m + 1 + diag, 0) // BN * BN)
+    b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, stride_vt,
+                              o_m, o_d, 0, n_full, n_valid, diag, qk_scale, D, BN, False, CAUSAL,
+                              INTERPRET, DOT_PRECISION)
+    b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, stride_vt,
+                              o_m, o_d, n_full, hi, n_valid, diag, qk_scale, D, BN, True, CAUSAL,
+                              INTERPRET, DOT_PRECISION)
+
+    p_dq = dq + i_b64 * stride_dqb + bos_q * stride_dqt + i_h * stride_dqh
+    tl.store(p_dq + o_m[:, None] * stride_dqt + o_d[None, :], (b_dq * sm_scale).to(
+        dq.dtype.element_ty), mask=m_md)
+# fmt: on
+
+
+class _Layout(NamedTuple):
+    """How the launchers see dense and varlen inputs alike: (batch, rows, heads) strides."""
+
+    varlen: bool
+    n_seq: int
+    T: int  # dense: query rows; varlen: max_seqlen_q (grid size only)
+    S: int  # dense: key rows; varlen: max_seqlen_k (grid size only)
+    Hq: int
+    Hkv: int
+    D: int
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, row, head) strides; varlen tensors are one packed batch row (batch stride 0)."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _layout(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
+) -> _Layout:
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        if cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
+            raise ValueError("varlen attention needs cu_seqlens_q/k and max_seqlen_q/k")
+        if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+            raise ValueError("varlen q, k, v must be [total_tokens, heads, head_dim]")
+        n_seq, T, S = cu_seqlens_q.numel() - 1, int(max_seqlen_q), int(max_seqlen_k)
+    else:
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise ValueError("q, k, v must be [batch, seq, heads, head_dim]")
+        n_seq, T, S = q.shape[0], q.shape[1], k.shape[1]
+    Hq, D, Hkv = q.shape[-2], q.shape[-1], k.shape[-2]
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim {D} not supported by the Triton kernel ({HEAD_DIMS})")
+    if Hq % Hkv != 0:
+        raise ValueError(f"query heads {Hq} not a multiple of key/value heads {Hkv}")
+    return _Layout(varlen, n_seq, T, S, Hq, Hkv, D)
+
+
+def _lse_strides(lse: Tensor, varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of lse/delta: dense [B, Hq, T], varlen [Hq, total_q]."""
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _config(table: dict[int, _Config], bd: int, dtype: torch.dtype, interpret: bool) -> _Config:
+    if interpret:
+        return _INTERPRET_CONFIG
+    cfg = table[bd]
+    if dtype == torch.float32:
+        # fp32 tiles take twice the registers and shared memory of 16-bit ones (tl.dot: >= 16).
+        return cfg._replace(
+            block_m=max(cfg.block_m // 2, 16), block_n=max(cfg.block_n // 2, 16), num_stages=2
+        )
+    return cfg
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: three TF32 MMAs per product (split hi/lo) give near-fp32 accuracy, as eager
+    # fp32 matmul (no TF32 by default) does, while staying on tensor cores; a plain fp32 FMA dot
+    # spills at these block sizes. 16-bit inputs ignore the setting.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    seqlens_k: Tensor | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    causal: bool = False,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Attention forward: softmax(scale * q k^T) v per query head, with its log-sum-exp.
+
+    Args:
+        q: dense [B, T, Hq, D] or varlen [total_q, Hq, D]; fp16, bf16 or fp32. D in
+            :data:`HEAD_DIMS`. Any strides with a contiguous last dim (others are copied).
+        k: dense [B, S, Hkv, D] or varlen [total_k, Hkv, D], q's dtype; Hq % Hkv == 0 (GQA:
+            query head h reads KV head h // (Hq // Hkv)).
+        v: like k.
+        seqlens_k: dense only, optional int32 [B]: keys at positions >= seqlens_k[b] are padding
+            (right padding); 0 is allowed.
+        cu_seqlens_q: varlen only, int32 [N + 1] cumulative query lengths (starts at 0).
+        cu_seqlens_k: varlen only, int32 [N + 1] cumulative key lengths.
+        max_seqlen_q: varlen only, the longest query sequence.
+        max_seqlen_k: varlen only, the longest key sequence.
+        causal: bottom-right aligned causal mask (query i sees key j iff j <= i + S - T; dense
+            uses the tensor lengths, varlen each sequence's lengths).
+        scale: softmax scale, usually D ** -0.5.
+
+    Returns:
+        (out, lse): out with q's shape (contiguous) and dtype; lse fp32 natural-log log-sum-exp,
+        dense [B, Hq, T], varlen [Hq, total_q]. Rows that see no key: out 0, lse -inf.
+    """
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    lay = _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    interpret = interpreting(q)
+    bd = triton.next_power_of_2(lay.D)
+    cfg = _config(_FWD, bd, q.dtype, interpret)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if lay.varlen:
+        lse = torch.empty(lay.Hq, q.shape[0], dtype=torch.float32, device=q.device)
+    else:
+        lse = torch.empty(lay.n_seq, lay.Hq, lay.T, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    grid = (triton.cdiv(lay.T, cfg.block_m), lay.n_seq * lay.Hq)
+    launch(
+        _attn_fwd_kernel, grid,
+        q, k, v, out, lse, seqlens_k, cu_seqlens_q, cu_seqlens_k,
+        *_strides(q, lay.varlen), *_strides(k, lay.varlen), *_strides(v, lay.varlen),
+        *_strides(out, lay.varlen), *_lse_strides(lse, lay.varlen),
+        lay.T, lay.S, scale * _LOG2E,
+        H=lay.Hq, G=lay.Hq // lay.Hkv, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n,
+        IS_VARLEN=lay.varlen, HAS_SEQLENS=seqlens_k is not None, CAUSAL=causal,
+        INTERPRET=interpret, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_backward(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    seqlens_k: Tensor | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    causal: bool = False,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`attention_forward`, deterministic (no atomics).
+
+    Args:
+        do: gradient of out, out's shape (cast to q's dtype if it differs).
+        q, k, v, seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+            scale: exactly as given to :func:`attention_forward`.
+        out: the forward output.
+        lse: the forward log-sum-exp (fp32, dense [B, Hq, T] or varlen [Hq, total_q]).
+
+    Returns:
+        (dq, dk, dv) with the shapes and dtypes of q, k, v (contiguous). Padded keys and rows
+        that see no key get zero gradients.
+    """
+    do, q, k, v, out = (_last_dim_contiguous(t) for t in (do.to(q.dtype), q, k, v, out))
+    lay = _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    interpret = interpreting(q)
+    bd = triton.next_power_of_2(lay.D)
+    G = lay.Hq // lay.Hkv
+    masking = dict(IS_VARLEN=lay.varlen, HAS_SEQLENS=seqlens_k is not None)
+    kernel_flags = dict(
+        **masking, CAUSAL=causal, INTERPRET=interpret, DOT_PRECISION=_dot_precision(q.dtype)
+    )
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)
+    lse_strides = _lse_strides(lse, lay.varlen)
+
+    cfg = _config(_BWD_DQ, bd, q.dtype, interpret)
+    launch(
+        _attn_bwd_preprocess_kernel, (triton.cdiv(lay.T, cfg.block_m), lay.n_seq * lay.Hq),
+        out, do, delta, seqlens_k, cu_seqlens_q, cu_seqlens_k,
+        *_strides(out, lay.varlen), *_strides(do, lay.varlen), *lse_strides, lay.T, lay.S,
+        H=lay.Hq, D=lay.D, BD=bd, BM=cfg.block_m, **masking,
+    )  # fmt: skip
+    launch(
+        _attn_bwd_dq_kernel, (triton.cdiv(lay.T, cfg.block_m), lay.n_seq * lay.Hq),
+        q, k, v, do, lse, delta, dq, seqlens_k, cu_seqlens_q, cu_seqlens_k,
+        *_strides(q, lay.varlen), *_strides(k, lay.varlen), *_strides(v, lay.varlen),
+        *_strides(do, lay.varlen), *_strides(dq, lay.varlen), *lse_strides,
+        lay.T, lay.S, scale * _LOG2E, scale,
+        H=lay.Hq, G=G, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n, **kernel_flags,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    cfg = _config(_BWD_DKDV, bd, q.dtype, interpret)
+    launch(
+        _attn_bwd_dkdv_kernel, (triton.cdiv(lay.S, cfg.block_n), lay.n_seq * lay.Hkv),
+        q, k, v, do, lse, delta, dk, dv, seqlens_k, cu_seqlens_q, cu_seqlens_k,
+        *_strides(q, lay.varlen), *_strides(k, lay.varlen), *_strides(v, lay.varlen),
+        *_strides(do, lay.varlen), *_strides(dk, lay.varlen), *_strides(dv, lay.varlen),
+        *lse_strides, lay.T, lay.S, scale * _LOG2E, scale,
+        HKV=lay.Hkv, G=G, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n, **kernel_flags,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return dq, dk, dv

@@ -1,0 +1,742 @@
+"""Fused InfoNCE: row and column log-sum-exp of S = scale * Â B̂^T and its gradients, in Triton.
+
+Math. A [N, D], B [M, D]; Â = A / max(||A_i||, eps) row-wise (identity when ``normalize`` is
+off), likewise B̂; S_ij = scale * Â_i . B̂_j. The positive of row i is column i + offset (of column
+j, row j - offset); a row or column whose positive falls outside S has none (positive logit 0, no
+indicator term). With per-row and per-column upstream gradients g_row [N], g_col [M]:
+
+    loss    = sum_i g_row_i (row_lse_i - S_i,i+off) + sum_j g_col_j (col_lse_j - S_j-off,j)
+    dS_ij   = g_row_i (exp(S_ij - row_lse_i) - [j = i+off])
+            + g_col_j (exp(S_ij - col_lse_j) - [j = i+off])
+    dÂ_i    = scale sum_j dS_ij B̂_j                  dB̂_j = scale sum_i dS_ij Â_i
+    dscale  = sum_ij dS_ij S_ij / scale = sum_ij dS_ij cos_ij
+    dA_i    = (dÂ_i - Â_i (Â_i . dÂ_i)) / max(||A_i||, eps),   Â_i . dÂ_i = sum_j dS_ij S_ij
+
+The last identity is why the normalisation backward costs no extra pass: the row reduction
+r_i = sum_j dS_ij cos_ij that dscale needs is also the projection coefficient, so it is
+accumulated beside the gradient and applied in an O(BM * D) epilogue.
+
+Memory. S is never stored. Only the inverse norms [N] and [M] are materialised (no normalised
+copy: 1/||A_i|| and 1/||B_j|| scale the fp32 dot products, so Â and B̂ never exist in memory).
+Forward: one pass over the S tiles per row block gives the row statistics with the online
+max / sum-exp (flash-attention style) and, from the same tile, each column's log-sum-exp over
+that row block; these column partials, one fp32 per (row block, column), [cdiv(N, BM), M], are
+combined by a second small kernel. At N = M = 16k, BM = 128 that is 8.4 MB, 8% of the bf16
+inputs, versus 1 GB for S in fp32. Backward: one kernel launched twice, each program owning a
+block of rows of the gradient it writes (DB=False: BM rows of A, sweeping the column tiles;
+DB=True: BN rows of B, i.e. columns of S, sweeping the row tiles), so no atomics are needed and
+the result is deterministic. Each launch recomputes its S tiles, always as [A rows, B rows] like
+the forward (four GEMMs of N*M*D in all instead of three: the price of determinism). dscale
+comes from per-program partial sums of the dA launch, added in a fixed order.
+
+Why the gradient accumulator lives in global memory. A program owns BM rows of dA, a [BM, D]
+fp32 accumulator: at D = 1536 that is 768 KB for BM = 128, far more than a block's registers or
+shared memory, and splitting D across programs would recompute the full-D S tile once per split.
+So for each S tile the program sweeps D in chunks of BD, loading its own [BM, BD] fp32
+accumulator chunk, adding dS @ B̂[:, chunk] and storing it back; the accumulator is private to
+the program (no races) and mostly served from L2. The traffic is 8 * BM * D bytes per S tile
+against 4 * BM * BN * D flops, so BN / 2 flops per byte: BN is the lever if it limits speed. The
+accumulator is the dA output itself for fp32 inputs and an fp32 workspace of max(N, M) x D
+otherwise (shared by the dA and dB launches), the only O(N*D) extra memory of the backward. A
+final epilogue turns it into dA in A's dtype.
+
+Numerics. Accumulation is fp32 and maxima are subtracted before every exponential, so logits of
+any size (temperature 0.01 with |S| up to 1e4) give no overflow. Exponentials are exp2 with
+log2(e) applied after the subtraction, exp2((S - m) * log2(e)), rather than folded into the
+scale: at |S| ~ 1e4 an fp32 logit has an ulp of 1e-3, and keeping S, the lse outputs and their
+round trip through the backward in natural units makes a dominant logit's probability exactly
+exp2(0) = 1 instead of 1 +- 1e-3 (the cost is one multiply per exponential). For the same
+reason every kernel forms S with one expression, raw * (1/||A_i|| * 1/||B_j||) * scale,
+symmetric in A and B, and the forward and backward default configs share BK: the backward's
+recomputed S (either orientation) repeats the forward's arithmetic. tl.dot runs on bf16/fp16
+tensor cores on the GPU (fp32 inputs use 3xTF32, about fp32-accurate; plain TF32 would put a
+1e-3 relative error on every logit); under the interpreter its operands are upcast to fp32 (the
+interpreter's bf16 dot is wrong), selected by the ``INTERPRET`` constexpr. dS is multiplied by
+a power of two 2^-ceil(log2(max |g|)) before it is cast to the 16-bit dot type, so that the
+small probabilities of a large batch (g ~ 1/N) do not underflow fp16; the epilogue divides it
+out. The normalisation backward's projection coefficient is taken from that rounded dS, so dA
+stays orthogonal to Â up to fp32 rounding.
+
+Limits. Offsets are int32: N * D, M * D and cdiv(N, BM) * M must stay below 2^31. Loads are
+vectorised when D is a multiple of 16 (the JIT specialises on it); other D run correctly but
+with scalar loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import interpreting, launch
+
+__all__ = [
+    "NORM_EPS",
+    "InfoNCEConfig",
+    "backward_config",
+    "forward_config",
+    "infonce_backward",
+    "infonce_forward",
+]
+
+#: Smallest norm a row is divided by when normalising (as ``F.normalize``'s ``eps``).
+NORM_EPS = 1e-12
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_EPS = tl.constexpr(NORM_EPS)
+# Rows x D-slice of the inverse-norm kernel, and columns per program of the column combine.
+_NORM_BLOCK = (64, 64)
+_COMBINE_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class InfoNCEConfig:
+    """Tile sizes and launch options of the InfoNCE kernels.
+
+    Attributes:
+        block_m: rows of S per tile; a forward or dA program owns that many rows of A.
+        block_n: columns of S per tile; a dB program owns that many rows of B.
+        block_k: slice of D per step of the S GEMM.
+        block_d: slice of D per step of the gradient GEMM and epilogue (backward only).
+        num_warps: warps per program.
+        num_stages: software pipelining depth of the GEMM loops.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def forward_config(dtype: torch.dtype) -> InfoNCEConfig:
+    """Default forward tiles for inputs of ``dtype``.
+
+    Chosen so that ptxas spills nothing on sm_80 and sm_90; fp32 inputs use 3xTF32 dots (three
+    MMAs on split operands), which need smaller tiles.
+    """
+    if dtype == torch.float32:
+        return InfoNCEConfig(128, 64, 16, 32, num_warps=8, num_stages=3)
+    return InfoNCEConfig(128, 128, 64, 32, num_warps=8, num_stages=3)
+
+
+def backward_config(dtype: torch.dtype) -> InfoNCEConfig:
+    """Default backward tiles for inputs of ``dtype`` (no spills on sm_80 and sm_90).
+
+    BK equals the forward's, so the recomputed S tiles sum their products in the same order.
+    """
+    if dtype == torch.float32:
+        return InfoNCEConfig(64, 32, 16, 16, num_warps=8, num_stages=2)
+    return InfoNCEConfig(128, 64, 64, 32, num_warps=8, num_stages=2)
+
+
+@triton.jit
+def _inv_norm_kernel(x_ptr, inv_ptr, R, D, BR: tl.constexpr, BD: tl.constexpr):
+    """inv[r] = 1 / max(||x[r]||, eps) for a block of BR rows of x [R, D]."""
+    i_r = tl.program_id(0)
+    o_r = i_r * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    b_ss = tl.zeros([BR], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        p_x = x_ptr + o_r[:, None] * D + o_d[None, :]
+        # [BR, BD]
+        b_x = tl.load(p_x, mask=m_r[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
+        b_ss += tl.sum(b_x * b_x, 1)
+    tl.store(inv_ptr + o_r, 1.0 / tl.maximum(tl.sqrt(b_ss), _EPS), mask=m_r)
+
+
+@triton.jit
+def _s_tile(
+    x_ptr,
+    y_ptr,
+    o_m,
+    o_n,
+    m_m,
+    m_n,
+    D,
+    INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """Raw dot products x[o_m] . y[o_n] as a [BM, BN] fp32 tile (zero outside the masks)."""
+    b_acc = tl.zeros([BM, BN], dtype=tl.float32)
+    o_mx = o_m * D
+    o_ny = o_n * D
+    for k0 in range(0, D, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < D
+        # [BM, BK]
+        b_x = tl.load(
+            x_ptr + o_mx[:, None] + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0
+        )
+        # [BN, BK]
+        b_y = tl.load(
+            y_ptr + o_ny[:, None] + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0
+        )
+        if INTERPRET:
+            b_x = b_x.to(tl.float32)
+            b_y = b_y.to(tl.float32)
+        # [BM, BN]
+        b_acc = tl.dot(b_x, tl.trans(b_y), acc=b_acc, input_precision=DOT_PRECISION)
+    return b_acc
+
+
+@triton.jit
+def _infonce_fwd_kernel(
+    a_ptr,
+    b_ptr,
+    scale_ptr,
+    inv_a_ptr,
+    inv_b_ptr,
+    row_lse_ptr,
+    pos_row_ptr,
+    col_part_ptr,
+    N,
+    M,
+    D,
+    offset,
+    NORMALIZE: tl.constexpr,
+    COL_STATS: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """One row block: row lse and positives, plus per-column lse partials over these rows."""
+    i_m = tl.program_id(0)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < N
+    b_scale = tl.load(scale_ptr)
+    if NORMALIZE:
+        b_ia = tl.load(inv_a_ptr + o_m, mask=m_m, other=0.0)
+    b_mx = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_pos = tl.zeros([BM], dtype=tl.float32)
+    for j0 in range(0, M, BN):
+        o_n = j0 + tl.arange(0, BN)
+        m_n = o_n < M
+        # [BM, BN] logits; rows/columns outside S are 0 here (zero-filled loads). The same
+        # expression as in the backward, symmetric in the two inverse norms, so that the
+        # backward's recomputed S (of either orientation) is this S to the bit.
+        b_s = _s_tile(a_ptr, b_ptr, o_m, o_n, m_m, m_n, D, INTERPRET, DOT_PRECISION, BM, BN, BK)
+        if NORMALIZE:
+            b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
+            b_s = b_s * (b_ia[:, None] * b_ib[None, :])
+        b_s = b_s * b_scale
+        b_pos += tl.sum(tl.where(o_n[None, :] == (o_m + offset)[:, None], b_s, 0.0), 1)
+        # Only columns outside S are excluded from the row statistics: a row outside S stays
+        # finite (all zeros) and is never stored, and no NaN is ever formed.
+        b_sr = tl.where(m_n[None, :], b_s, float("-inf"))
+        b_mn = tl.maximum(b_mx, tl.max(b_sr, 1))
+        b_l = b_l * tl.exp2((b_mx - b_mn) * _LOG2E)
+        b_l += tl.sum(tl.exp2((b_sr - b_mn[:, None]) * _LOG2E), 1)
+        b_mx = b_mn
+        if COL_STATS:
+            b_sc = tl.where(m_m[:, None], b_s, float("-inf"))
+            # [BN] column max over this row block; every column has a row in S, so it is finite.
+            b_cm = tl.max(b_sc, 0)
+            b_cl = tl.sum(tl.exp2((b_sc - b_cm[None, :]) * _LOG2E), 0)
+            tl.store(col_part_ptr + i_m * M + o_n, b_cm + tl.log2(b_cl) * _LN2, mask=m_n)
+    tl.store(row_lse_ptr + o_m, b_mx + tl.log2(b_l) * _LN2, mask=m_m)
+    tl.store(pos_row_ptr + o_m, b_pos, mask=m_m)
+
+
+@triton.jit
+def _infonce_col_combine_kernel(
+    col_part_ptr, pos_row_ptr, col_lse_ptr, pos_col_ptr, N, M, offset, R, BC: tl.constexpr
+):
+    """Column lse from the R row-block partials and the column positives."""
+    i_c = tl.program_id(0)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < M
+    b_mx = tl.full([BC], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BC], dtype=tl.float32)
+    for r in range(0, R):
+        b_x = tl.load(col_part_ptr + r * M + o_c, mask=m_c, other=0.0)
+        b_mn = tl.maximum(b_mx, b_x)
+        b_l = b_l * tl.exp2((b_mx - b_mn) * _LOG2E) + tl.exp2((b_x - b_mn) * _LOG2E)
+        b_mx = b_mn
+    tl.store(col_lse_ptr + o_c, b_mx + tl.log2(b_l) * _LN2, mask=m_c)
+    # S[j - offset, j] was already extracted as a row positive.
+    o_p = o_c - offset
+    m_p = m_c & (o_p >= 0) & (o_p < N)
+    tl.store(pos_col_ptr + o_c, tl.load(pos_row_ptr + o_p, mask=m_p, other=0.0), mask=m_c)
+
+
+@triton.jit
+def _ds_tile(
+    a_ptr,
+    b_ptr,
+    o_m,
+    o_n,
+    m_m,
+    m_n,
+    b_ia,
+    b_ib,
+    b_lr,
+    b_gr,
+    b_lc,
+    b_gc,
+    b_scale,
+    offset,
+    D,
+    NORMALIZE: tl.constexpr,
+    HAS_COL: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """Raw dot products, cos and dS of the S tile [rows o_m of A, rows o_n of B], all [BM, BN].
+
+    b_ia/b_ib: inverse norms (NORMALIZE), b_lr/b_gr: row lse and g_row, b_lc/b_gc: column lse
+    and g_col (HAS_COL), each over the tile's rows or columns.
+    """
+    m_s = m_m[:, None] & m_n[None, :]
+    b_raw = _s_tile(a_ptr, b_ptr, o_m, o_n, m_m, m_n, D, INTERPRET, DOT_PRECISION, BM, BN, BK)
+    if NORMALIZE:
+        b_cos = b_raw * (b_ia[:, None] * b_ib[None, :])
+    else:
+        b_cos = b_raw
+    # The forward's logits to the bit (same expression); -inf outside S so that every
+    # exponential below is 0 there.
+    b_s = tl.where(m_s, b_cos * b_scale, float("-inf"))
+    # [BM, BN] indicator of the positives
+    b_pos = (m_s & (o_n[None, :] == (o_m + offset)[:, None])).to(tl.float32)
+    b_ds = b_gr[:, None] * (tl.exp2((b_s - b_lr[:, None]) * _LOG2E) - b_pos)
+    if HAS_COL:
+        b_ds += b_gc[None, :] * (tl.exp2((b_s - b_lc[None, :]) * _LOG2E) - b_pos)
+    return b_raw, b_cos, b_ds
+
+
+@triton.jit
+def _acc_update(
+    acc_ptr,
+    y_ptr,
+    o_p,
+    m_p,
+    o_q,
+    m_q,
+    b_w,
+    has_prev,
+    D,
+    INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """acc[o_p] += b_w @ y[o_q], D-slice by D-slice: the program's private fp32 accumulator rows."""
+    o_pa = o_p * D
+    o_qy = o_q * D
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        p_acc = acc_ptr + o_pa[:, None] + o_d[None, :]
+        m_acc = m_p[:, None] & m_d[None, :]
+        # [BP, BD]; nothing to read before the first tile (the buffer is uninitialised).
+        b_acc = tl.load(p_acc, mask=m_acc & has_prev, other=0.0)
+        # [BQ, BD]
+        b_y = tl.load(
+            y_ptr + o_qy[:, None] + o_d[None, :], mask=m_q[:, None] & m_d[None, :], other=0.0
+        )
+        if INTERPRET:
+            b_y = b_y.to(tl.float32)
+        b_acc = tl.dot(b_w, b_y, acc=b_acc, input_precision=DOT_PRECISION)
+        tl.store(p_acc, b_acc, mask=m_acc)
+
+
+@triton.jit
+def _grad_epilogue(
+    acc_ptr,
+    x_ptr,
+    dx_ptr,
+    o_p,
+    m_p,
+    b_ix,
+    b_rw,
+    b_scale,
+    b_c,
+    D,
+    NORMALIZE: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """dx_p = scale / ||x_p|| (G_p - x̂_p r_p) with G_p = acc_p / b_c, in x's dtype."""
+    b_f = b_scale * b_ix / b_c
+    if NORMALIZE:
+        # r_p = b_rw / (||x_p|| b_c); a row clamped to the eps norm is divided by a constant,
+        # so it has no projection term.
+        b_pr = tl.where(b_ix * _EPS < 1.0, b_scale * b_ix * b_ix * b_ix * b_rw / b_c, 0.0)
+    o_px = o_p * D
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_x = m_p[:, None] & (o_d < D)[None, :]
+        # [BP, BD]
+        b_dx = tl.load(acc_ptr + o_px[:, None] + o_d[None, :], mask=m_x, other=0.0) * b_f[:, None]
+        if NORMALIZE:
+            b_x = tl.load(x_ptr + o_px[:, None] + o_d[None, :], mask=m_x, other=0.0)
+            b_dx -= b_pr[:, None] * b_x.to(tl.float32)
+        tl.store(dx_ptr + o_px[:, None] + o_d[None, :], b_dx.to(dx_ptr.dtype.element_ty), mask=m_x)
+
+
+@triton.jit
+def _infonce_bwd_kernel(
+    a_ptr,
+    b_ptr,
+    scale_ptr,
+    gmax_ptr,
+    inv_a_ptr,
+    inv_b_ptr,
+    row_lse_ptr,
+    col_lse_ptr,
+    g_row_ptr,
+    g_col_ptr,
+    acc_ptr,
+    d_ptr,
+    dscale_part_ptr,
+    N,
+    M,
+    D,
+    offset,
+    NORMALIZE: tl.constexpr,
+    HAS_COL: tl.constexpr,
+    DB: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """dA (DB False: a program owns BM rows of A, sweeps the column tiles, writes dA and its
+    dscale partial) or dB (DB True: a program owns BN rows of B, i.e. columns of S, sweeps the
+    row tiles). Both compute their S tiles as [A rows, B rows] like the forward, so the
+    recomputed logits are the forward's.
+    """
+    i_p = tl.program_id(0)
+    b_scale = tl.load(scale_ptr)
+    # Power of two that brings max |g| to [0.5, 1]: dS fits the 16-bit dot type without
+    # underflow, and multiplying by it is exact.
+    b_c = tl.exp2(-tl.ceil(tl.log2(tl.maximum(tl.load(gmax_ptr), 1e-30))))
+    # r_p = sum_q dS_pq cos_pq, the projection coefficient of the normalisation backward
+    # (Â_p . dÂ_p = scale r_p), accumulated as b_rw = sum_q dS'_pq raw_pq from the dS' = dS b_c /
+    # ||y_q|| rounded for the gradient GEMM, so that dx stays orthogonal to x̂.
+    if not DB:
+        o_m = i_p * BM + tl.arange(0, BM)
+        m_m = o_m < N
+        b_ia = tl.full([BM], 1.0, dtype=tl.float32)
+        if NORMALIZE:
+            b_ia = tl.load(inv_a_ptr + o_m, mask=m_m, other=0.0)
+        b_lr = tl.load(row_lse_ptr + o_m, mask=m_m, other=0.0)
+        b_gr = tl.load(g_row_ptr + o_m, mask=m_m, other=0.0)
+        # dscale / scale share of these rows, from the fp32 dS.
+        b_r = tl.zeros([BM], dtype=tl.float32)
+        b_rw = tl.zeros([BM], dtype=tl.float32)
+        for j0 in range(0, M, BN):
+            o_n = j0 + tl.arange(0, BN)
+            m_n = o_n < M
+            # Unused operands (no normalisation, no column term) get the scalar scale.
+            b_ib, b_lc, b_gc = b_scale, b_scale, b_scale
+            if NORMALIZE:
+                b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
+            if HAS_COL:
+                b_lc = tl.load(col_lse_ptr + o_n, mask=m_n, other=0.0)
+                b_gc = tl.load(g_col_ptr + o_n, mask=m_n, other=0.0)
+            b_raw, b_cos, b_ds = _ds_tile(
+                a_ptr, b_ptr, o_m, o_n, m_m, m_n, b_ia, b_ib, b_lr, b_gr, b_lc, b_gc, b_scale,
+                offset, D, NORMALIZE, HAS_COL, INTERPRET, DOT_PRECISION, BM, BN, BK,
+            )  # fmt: skip
+            b_r += tl.sum(b_ds * b_cos, 1)
+            # [BM, BN] left operand of sum_j dS_ij B̂_j = sum_j (dS_ij / ||B_j||) B_j, times b_c,
+            # rounded to the input dtype in both modes (the interpreter sees the GPU's rounding).
+            if NORMALIZE:
+                b_w = (b_ds * (b_ib * b_c)[None, :]).to(b_ptr.dtype.element_ty)
+                b_rw += tl.sum(b_w.to(tl.float32) * b_raw, 1)
+            else:
+                b_w = (b_ds * b_c).to(b_ptr.dtype.element_ty)
+            if INTERPRET:
+                b_w = b_w.to(tl.float32)
+            _acc_update(
+                acc_ptr, b_ptr, o_m, m_m, o_n, m_n, b_w, j0 > 0, D, INTERPRET, DOT_PRECISION, BD
+            )
+        tl.store(dscale_part_ptr + i_p, tl.sum(b_r, 0))
+        _grad_epilogue(acc_ptr, a_ptr, d_ptr, o_m, m_m, b_ia, b_rw, b_scale, b_c, D, NORMALIZE, BD)
+    else:
+        o_n = i_p * BN + tl.arange(0, BN)
+        m_n = o_n < M
+        b_ib = tl.full([BN], 1.0, dtype=tl.float32)
+        if NORMALIZE:
+            b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
+        b_lc, b_gc = b_scale, b_scale
+        if HAS_COL:
+            b_lc = tl.load(col_lse_ptr + o_n, mask=m_n, other=0.0)
+            b_gc = tl.load(g_col_ptr + o_n, mask=m_n, other=0.0)
+        b_rw = tl.zeros([BN], dtype=tl.float32)
+        for i0 in range(0, N, BM):
+            o_m = i0 + tl.arange(0, BM)
+            m_m = o_m < N
+            b_ia = b_scale
+            if NORMALIZE:
+                b_ia = tl.load(inv_a_ptr + o_m, mask=m_m, other=0.0)
+            b_lr = tl.load(row_lse_ptr + o_m, mask=m_m, other=0.0)
+            b_gr = tl.load(g_row_ptr + o_m, mask=m_m, other=0.0)
+            b_raw, b_cos, b_ds = _ds_tile(
+                a_ptr, b_ptr, o_m, o_n, m_m, m_n, b_ia, b_ib, b_lr, b_gr, b_lc, b_gc, b_scale,
+                offset, D, NORMALIZE, HAS_COL, INTERPRET, DOT_PRECISION, BM, BN, BK,
+            )  # fmt: skip
+            # [BM, BN] dS_ij / ||A_i|| times b_c; its transpose is the left operand of dB̂.
+            if NORMALIZE:
+                b_w = (b_ds * (b_ia * b_c)[:, None]).to(a_ptr.dtype.element_ty)
+                b_rw += tl.sum(b_w.to(tl.float32) * b_raw, 0)
+            else:
+                b_w = (b_ds * b_c).to(a_ptr.dtype.element_ty)
+            if INTERPRET:
+                b_w = b_w.to(tl.float32)
+            _acc_update(
+                acc_ptr, a_ptr, o_n, m_n, o_m, m_m, tl.trans(b_w), i0 > 0, D, INTERPRET,
+                DOT_PRECISION, BD,
+            )  # fmt: skip
+        _grad_epilogue(acc_ptr, b_ptr, d_ptr, o_n, m_n, b_ib, b_rw, b_scale, b_c, D, NORMALIZE, BD)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # Plain TF32 would put ~1e-3 relative error on every logit; 3xTF32 is about fp32-exact.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _check_inputs(a: Tensor, b: Tensor, scale: Tensor) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"expected A [N, D] and B [M, D], got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.dtype != b.dtype or a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"A and B must share one dtype of fp32/fp16/bf16, got {a.dtype}, {b.dtype}"
+        )
+    if not (a.is_contiguous() and b.is_contiguous()):
+        raise ValueError("A and B must be contiguous")
+    if scale.dim() != 0 or scale.dtype != torch.float32:
+        raise ValueError(
+            f"scale must be a 0-dim float32 tensor, got {scale.dtype} {tuple(scale.shape)}"
+        )
+    if not (a.device == b.device == scale.device):
+        raise ValueError(
+            f"A, B and scale on different devices: {a.device}, {b.device}, {scale.device}"
+        )
+    if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"empty input: A {tuple(a.shape)}, B {tuple(b.shape)}")
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    # Element offsets are int32: rows x D of each input and the column partials (BM >= 16).
+    if max(n, m) * d >= 2**31 or triton.cdiv(n, 16) * m >= 2**31:
+        raise ValueError(f"A {tuple(a.shape)}, B {tuple(b.shape)}: offsets overflow int32")
+
+
+def _inv_norms(x: Tensor) -> Tensor:
+    inv = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+    block_r, block_d = _NORM_BLOCK
+    launch(
+        _inv_norm_kernel,
+        (triton.cdiv(x.shape[0], block_r),),
+        x,
+        inv,
+        x.shape[0],
+        x.shape[1],
+        BR=block_r,
+        BD=block_d,
+    )
+    return inv
+
+
+def infonce_forward(
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    offset: int = 0,
+    normalize: bool = True,
+    col_stats: bool = True,
+    *,
+    config: InfoNCEConfig | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Row and column log-sum-exp and positive logits of S = scale * Â B̂^T, without storing S.
+
+    Args:
+        a: [N, D] fp32, fp16 or bf16, contiguous.
+        b: [M, D] same dtype and device as ``a``, contiguous.
+        scale: 0-dim fp32 tensor, the inverse temperature (read on device: may be learnable).
+        offset: the positive of row i is column i + offset. A row or column whose positive is
+            outside S has none: its positive logit is 0.
+        normalize: use L2-normalised rows Â = A / max(||A_i||, 1e-12) and likewise B̂.
+        col_stats: also compute the column statistics (the target->pred direction).
+        config: tile sizes; default :func:`forward_config` of the dtype.
+
+    Returns:
+        (row_lse [N], col_lse [M] or None, pos_row [N], pos_col [M] or None), all fp32:
+        logsumexp_j S_ij, logsumexp_i S_ij, S[i, i + offset] and S[j - offset, j].
+        Extra memory beyond the outputs: the inverse norms [N] and [M] when ``normalize``, and
+        the column partials [cdiv(N, block_m), M] fp32 when ``col_stats``.
+    """
+    _check_inputs(a, b, scale)
+    cfg = config or forward_config(a.dtype)
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    dev = a.device
+    inv_a, inv_b = (_inv_norms(a), _inv_norms(b)) if normalize else (scale, scale)
+    n_blocks = triton.cdiv(n, cfg.block_m)
+    row_lse = torch.empty(n, device=dev, dtype=torch.float32)
+    pos_row = torch.empty(n, device=dev, dtype=torch.float32)
+    col_part = torch.empty((n_blocks, m) if col_stats else (1,), device=dev, dtype=torch.float32)
+    launch(
+        _infonce_fwd_kernel,
+        (n_blocks,),
+        a,
+        b,
+        scale,
+        inv_a,
+        inv_b,
+        row_lse,
+        pos_row,
+        col_part,
+        n,
+        m,
+        d,
+        offset,
+        NORMALIZE=normalize,
+        COL_STATS=col_stats,
+        INTERPRET=interpreting(a),
+        DOT_PRECISION=_dot_precision(a.dtype),
+        BM=cfg.block_m,
+        BN=cfg.block_n,
+        BK=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if not col_stats:
+        return row_lse, None, pos_row, None
+    col_lse = torch.empty(m, device=dev, dtype=torch.float32)
+    pos_col = torch.empty(m, device=dev, dtype=torch.float32)
+    block_c = _COMBINE_BLOCK
+    launch(
+        _infonce_col_combine_kernel,
+        (triton.cdiv(m, block_c),),
+        col_part,
+        pos_row,
+        col_lse,
+        pos_col,
+        n,
+        m,
+        offset,
+        n_blocks,
+        BC=block_c,
+    )
+    return row_lse, col_lse, pos_row, pos_col
+
+
+def infonce_backward(
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    offset: int,
+    normalize: bool,
+    row_lse: Tensor,
+    col_lse: Tensor | None,
+    g_row: Tensor,
+    g_col: Tensor | None,
+    *,
+    config: InfoNCEConfig | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_i g_row_i (row_lse_i - pos_row_i) + sum_j g_col_j (col_lse_j - pos_col_j).
+
+    S is recomputed tile by tile (never stored). Deterministic: dA is written by programs over
+    row blocks, dB by programs over column blocks, dscale is a fixed-order sum of per-program
+    partials; no atomics.
+
+    Args:
+        a: [N, D] fp32, fp16 or bf16, contiguous (as given to :func:`infonce_forward`).
+        b: [M, D] same dtype and device, contiguous.
+        scale: 0-dim fp32 tensor, the inverse temperature.
+        offset: the positive of row i is column i + offset (as in the forward).
+        normalize: whether S used L2-normalised rows (as in the forward).
+        row_lse: [N] fp32 from :func:`infonce_forward`.
+        col_lse: [M] fp32 from :func:`infonce_forward`; required when ``g_col`` is given.
+        g_row: [N] fp32 gradient of the loss with respect to each row term.
+        g_col: [M] fp32 gradient with respect to each column term, or None (no column term).
+        config: tile sizes; default :func:`backward_config` of the dtype.
+
+    Returns:
+        (dA [N, D] in A's dtype, dB [M, D] in B's dtype, dscale 0-dim fp32).
+        Extra memory beyond the outputs: the inverse norms when ``normalize`` and, for fp16/bf16
+        inputs, one fp32 accumulator of max(N, M) x D shared by the dA and dB passes.
+    """
+    _check_inputs(a, b, scale)
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    if g_row.shape != (n,) or row_lse.shape != (n,):
+        raise ValueError(
+            f"g_row and row_lse must be [{n}], got {tuple(g_row.shape)}, {tuple(row_lse.shape)}"
+        )
+    if g_col is not None and (col_lse is None or g_col.shape != (m,) or col_lse.shape != (m,)):
+        raise ValueError(f"g_col needs col_lse, both [{m}]")
+    for t in (row_lse, g_row, col_lse, g_col):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
+            raise ValueError("row_lse, col_lse, g_row and g_col must be contiguous float32")
+    cfg = config or backward_config(a.dtype)
+    dev = a.device
+    inv_a, inv_b = (_inv_norms(a), _inv_norms(b)) if normalize else (scale, scale)
+    gmax = g_row.abs().amax()
+    if g_col is not None:
+        gmax = torch.maximum(gmax, g_col.abs().amax())
+    da, db = torch.empty_like(a), torch.empty_like(b)
+    fp32 = a.dtype == torch.float32
+    work = None if fp32 else torch.empty((max(n, m), d), device=dev, dtype=torch.float32)
+    dscale_part = torch.empty(triton.cdiv(n, cfg.block_m), device=dev, dtype=torch.float32)
+    common = dict(
+        NORMALIZE=normalize,
+        HAS_COL=g_col is not None,
+        INTERPRET=interpreting(a),
+        DOT_PRECISION=_dot_precision(a.dtype),
+        BM=cfg.block_m,
+        BN=cfg.block_n,
+        BK=cfg.block_k,
+        BD=cfg.block_d,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    # Unused pointers (no column term) alias row_lse; the kernel never reads them.
+    col_lse_arg = row_lse if g_col is None else col_lse
+    g_col_arg = g_row if g_col is None else g_col
+    args = (a, b, scale, gmax, inv_a, inv_b, row_lse, col_lse_arg, g_row, g_col_arg)
+    launch(
+        _infonce_bwd_kernel,
+        (triton.cdiv(n, cfg.block_m),),
+        *args,
+        da if fp32 else work,
+        da,
+        dscale_part,
+        n,
+        m,
+        d,
+        offset,
+        DB=False,
+        **common,
+    )
+    launch(
+        _infonce_bwd_kernel,
+        (triton.cdiv(m, cfg.block_n),),
+        *args,
+        db if fp32 else work,
+        db,
+        dscale_part,
+        n,
+        m,
+        d,
+        offset,
+        DB=True,
+        **common,
+    )
+    return da, db, dscale_part.sum()

@@ -1,0 +1,210 @@
+"""vf.nn.PredictorAttention against transformers' LlamaAttention, and the flash_attn / xformers
+backend records (vljepa_fast/ops/attention_peers.py).
+
+The module is compared with LlamaAttention holding the same weights: bidirectional (the VL-JEPA
+predictor) against LlamaAttention run eagerly in float64 under a padding-only mask, causal against
+LlamaAttention under transformers' own causal mask. A result passes at 2x the error of eager fp32
+LlamaAttention plus a floor. torch.compile(fullgraph=True) traces a forward and backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vljepa_fast as vf
+from tests._util import assert_close_2x
+from vljepa_fast import _backends
+from vljepa_fast.ops import attention_peers, rotary
+
+transformers = pytest.importorskip("transformers")
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaAttention  # noqa: E402
+
+HIDDEN, HQ, HKV, D = 128, 8, 2, 16
+
+
+def llama_config() -> transformers.LlamaConfig:
+    config = transformers.LlamaConfig(
+        hidden_size=HIDDEN, num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D,
+        max_position_embeddings=131072,
+        rope_parameters={"rope_theta": 500000.0, **rotary.LLAMA3_ROPE_SCALING},
+    )
+    config._attn_implementation = "eager"
+    return config
+
+
+def padded(B: int, L: int, lengths: list[int]) -> torch.Tensor:
+    return torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def module_pair() -> tuple[LlamaAttention, vf.nn.PredictorAttention]:
+    llama = LlamaAttention(llama_config(), layer_idx=0)
+    for p in llama.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ours = vf.nn.PredictorAttention(HIDDEN, HQ, HKV, D, max_position_embeddings=131072)
+    ours.load_state_dict(llama.state_dict(), strict=True)
+    return llama, ours
+
+
+def llama_forward(llama, x, mask_2d, position_ids, *, causal: bool, dtype: torch.dtype):
+    """LlamaAttention in ``dtype`` under transformers' mask; tables exact in float64 runs."""
+    config = llama.config
+    x = x.to(dtype)
+    if causal:
+        mask = create_causal_mask(config, x, mask_2d, None, position_ids=position_ids)
+    else:
+        mask = create_bidirectional_mask(config, x, mask_2d)
+    cos, sin = rotary.rotary_cos_sin(position_ids, D, dtype=dtype)
+    return llama.to(dtype)(x, (cos, sin), mask)[0]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", [None, [21, 9, 1]])
+def test_predictor_attention_matches_llama(causal, lengths):
+    B, L = 3, 21
+    llama, ours = module_pair()
+    ours.causal = causal
+    mask = None if lengths is None else padded(B, L, lengths)
+    position_ids = torch.arange(L)[None].expand(B, L)
+    x = torch.randn(B, L, HIDDEN, dtype=torch.float64)
+
+    xg = x.float().requires_grad_()
+    got = ours(xg, key_padding_mask=mask, position_ids=position_ids)
+    g_out = torch.randn_like(got)
+    (got_dx,) = torch.autograd.grad(got, xg, g_out)
+
+    def run(dtype):
+        xd = x.to(dtype).requires_grad_()
+        out = llama_forward(llama, xd, mask, position_ids, causal=causal, dtype=dtype)
+        return out, torch.autograd.grad(out, xd, g_out.to(dtype))[0]
+
+    exact, exact_dx = run(torch.float64)
+    eager, eager_dx = run(torch.float32)
+    assert_close_2x(got, eager, exact, torch.float32, "out")
+    assert_close_2x(got_dx, eager_dx, exact_dx, torch.float32, "d hidden")
+
+
+def test_predictor_attention_defaults_are_llama_3_2_1b():
+    m = vf.nn.PredictorAttention(device="meta")
+    assert (m.num_heads, m.num_kv_heads, m.head_dim, m.causal) == (32, 8, 64, False)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes == {"q_proj.weight": (2048, 2048), "k_proj.weight": (512, 2048),
+                      "v_proj.weight": (512, 2048), "o_proj.weight": (2048, 2048)}
+
+
+def test_predictor_attention_bad_arguments():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        vf.nn.PredictorAttention(64, 6, 4, 16)
+    with pytest.raises(ValueError, match="head_dim"):
+        vf.nn.PredictorAttention(64, 4, 2, 15)
+    m = vf.nn.PredictorAttention(64, 4, 2, 16, max_position_embeddings=8)
+    with pytest.raises(ValueError, match="hidden"):
+        m(torch.randn(2, 5, 32))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        m(torch.randn(1, 9, 64))
+    with pytest.raises(ValueError, match="position_ids"):
+        m(torch.randn(2, 5, 64), position_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        m(torch.randn(2, 5, 64), key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_predictor_attention_compiles_fullgraph(with_mask):
+    """The forward traces as one graph (custom ops with fake kernels, no host syncs); its
+    backward runs through AOT autograd; both match eager."""
+    torch._dynamo.reset()
+    B, L = 2, 13
+    m = vf.nn.PredictorAttention(64, 4, 2, 16)
+    mask = padded(B, L, [13, 6]) if with_mask else None
+    x = torch.randn(B, L, 64)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    results = []
+    for module in (compiled, m):
+        xg = x.clone().requires_grad_()
+        out = module(xg, key_padding_mask=mask)
+        out.square().sum().backward()
+        results.append((out.detach(), xg.grad, m.q_proj.weight.grad.clone()))
+        m.zero_grad()
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------ peer backends
+
+
+@pytest.mark.parametrize("name, module", [("flash_attn", "flash_attn"), ("xformers", "xformers")])
+def test_peer_records_are_registered_with_reasons(name, module, monkeypatch):
+    for op in ("attention", "attention_varlen"):
+        rec = next(b for b in _backends.records(op) if b.name == name)
+        assert rec.devices == ("cuda",)
+    monkeypatch.setattr(attention_peers, "_import_reasons", lambda m: [f"{m} is not installed"])
+    rows = {(r.op, r.name): r for r in attention_peers._records()}
+    for op in ("attention", "attention_varlen"):
+        assert rows[(op, name)].available() == [f"{module} is not installed"]
+
+
+def test_peer_reasons_when_not_importable():
+    for module in ("flash_attn", "xformers"):
+        try:
+            __import__(module)
+        except ImportError:
+            assert attention_peers._import_reasons(module) == [f"{module} is not installed"]
+            q = torch.randn(1, 4, 2, 16)
+            with pytest.raises(vf.BackendUnavailableError, match="does not run on cpu"):
+                vf.attention(q, q, q, backend=module)
+
+
+def test_flash_attn_supports_refuses_what_it_cannot_do():
+    sup = attention_peers.flash_attn_supports
+    q = torch.randn(2, 5, 4, 64, dtype=torch.float16)
+    k = torch.randn(2, 7, 2, 64, dtype=torch.float16)
+    assert sup(q, k, k) == []
+    assert any("float32" in r for r in sup(q.float(), k.float(), k.float()))
+    big = torch.randn(1, 3, 1, 320, dtype=torch.bfloat16)
+    assert any("head dim 320" in r for r in sup(big, big, big))
+    mask = padded(2, 7, [7, 3])
+    assert sup(q, k, k, key_padding_mask=mask) == []
+    assert any("causal" in r for r in sup(q, k, k, key_padding_mask=mask, causal=True))
+    empty = padded(2, 7, [7, 0])
+    assert any("no key" in r for r in sup(q, k, k, key_padding_mask=empty))
+
+
+def test_xformers_supports_refuses_what_it_cannot_do():
+    sup = attention_peers.xformers_supports
+    q = torch.randn(2, 5, 4, 64, dtype=torch.bfloat16)
+    k = torch.randn(2, 7, 2, 64, dtype=torch.bfloat16)
+    assert sup(q, k, k) == [] and sup(q.float(), k.float(), k.float()) == []
+    assert any("float64" in r for r in sup(q.double(), k.double(), k.double()))
+    mask = padded(2, 7, [7, 3])
+    assert any("causal" in r for r in sup(q, k, k, key_padding_mask=mask, causal=True))
+    cu_q = torch.tensor([0, 3, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 4], dtype=torch.int32)
+    vq, vk = q.reshape(-1, 4, 64)[:5], k.reshape(-1, 2, 64)[:4]
+    assert any("no key" in r for r in attention_peers.xformers_varlen_supports(
+        vq, vk, vk, cu_q, cu_k, 3, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["flash_attn", "xformers"])
+@pytest.mark.parametrize("causal, lengths", [(False, None), (True, None), (False, [37, 11])])
+def test_peer_matches_reference_on_gpu(name, causal, lengths):
+    pytest.importorskip(name)
+    B, T, S = 2, 37, 37
+    q = torch.randn(B, T, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, S, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, S, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    mask = None if lengths is None else padded(B, S, lengths).cuda()
+    kw = dict(key_padding_mask=mask, causal=causal)
+    out = vf.attention(q, k, v, backend=name, **kw)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    xs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = vf.attention(*xs, backend="reference", **kw)
+    exact_grads = torch.autograd.grad(exact, xs, g.double())
+    xe = [t.detach().requires_grad_() for t in (q, k, v)]
+    eager = vf.attention(*xe, backend="reference", **kw)
+    eager_grads = torch.autograd.grad(eager, xe, g)
+    assert_close_2x(out, eager, exact, torch.bfloat16, "out")
+    for n, a, b, c in zip("qkv", grads, eager_grads, exact_grads):
+        assert_close_2x(a, b, c, torch.bfloat16, f"d{n}")

@@ -1,0 +1,343 @@
+"""Triton flash attention kernels (kernels/attention.py) against a float64 eager softmax attention.
+
+interpret: CPU tensors through Triton's interpreter, tiny shapes with lengths that are not
+multiples of any block, forward (out, lse) and backward (dq, dk, dv). A low-precision result passes
+when its error is at most 2x the error of the same eager attention run in that dtype, plus a
+floor. Every buffer the launchers allocate is NaN-poisoned, and padded keys hold NaN, so an
+unwritten element or a read past a sequence's keys cannot pass.
+compile: the kernels compiled ahead of time for sm_80 and sm_90 (no GPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+from vljepa_fast._kernels import attention as attn
+from vljepa_fast._kernels._common import aot_compile, pointer_type
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def eager_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, seqlens_k: Tensor | None, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention in q's dtype. q [B, T, Hq, D], k/v [B, S, Hkv, D] -> out, lse [B, Hq, T].
+
+    GQA by repeating K/V heads; padded keys are zeroed (they may hold NaN) and masked; causal is
+    bottom-right aligned; rows without keys give out 0, lse -inf, and zero gradients.
+    """
+    B, T, Hq, _ = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    o_s = torch.arange(S)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    if seqlens_k is not None:
+        valid = o_s[None, :] < seqlens_k[:, None].long()
+    k = torch.where(valid[:, :, None, None], k, 0).repeat_interleave(Hq // Hkv, dim=2)
+    v = torch.where(valid[:, :, None, None], v, 0).repeat_interleave(Hq // Hkv, dim=2)
+    s = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    mask = valid[:, None, None, :]
+    if causal:
+        mask = mask & (o_s[None, :] <= torch.arange(T)[:, None] + (S - T))
+    has_key = mask.any(-1, keepdim=True)
+    s = s.masked_fill(~mask, float("-inf")).masked_fill(~has_key, 0.0)
+    p = torch.softmax(s, dim=-1) * has_key
+    out = torch.einsum("bhts,bshd->bthd", p, v)
+    lse = torch.logsumexp(s, dim=-1).masked_fill(~has_key[..., 0], float("-inf"))
+    return out, lse
+
+
+def eager_attention_varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_q: list[int], cu_k: list[int], *, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Varlen version: packed [total, H, D] -> out [total_q, Hq, D], lse [Hq, total_q]."""
+    outs, lses = [], []
+    for i in range(len(cu_q) - 1):
+        o, lse = eager_attention(
+            q[cu_q[i] : cu_q[i + 1]][None],
+            k[cu_k[i] : cu_k[i + 1]][None],
+            v[cu_k[i] : cu_k[i + 1]][None],
+            seqlens_k=None,
+            causal=causal,
+            scale=scale,
+        )
+        outs.append(o[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def reference(run, inputs: tuple[Tensor, ...], do: Tensor, dtype: torch.dtype):
+    """(out, lse, dq, dk, dv) of ``run`` evaluated in ``dtype`` on copies of ``inputs``."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    out, lse = run(*leaves)
+    grads = torch.autograd.grad(out, leaves, do.to(dtype))
+    return (out.detach(), lse.detach(), *grads)
+
+
+def assert_matches(name: str, got: Tensor, exact: Tensor, eager: Tensor, dtype: torch.dtype):
+    assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or NaN)"
+    err = (got.double() - exact).abs().max().item()
+    err_eager = (eager.double() - exact).abs().max().item()
+    bound = 2 * err_eager + FLOOR[dtype] * max(1.0, exact.abs().max().item())
+    assert err <= bound, (
+        f"{name}: max error {err:.3g} > {bound:.3g} (eager {dtype}: {err_eager:.3g})"
+    )
+
+
+def assert_lse_matches(got: Tensor, exact: Tensor):
+    assert got.dtype == torch.float32
+    assert torch.equal(torch.isneginf(got), torch.isneginf(exact)), "lse: -inf rows differ"
+    assert not torch.isnan(got).any() and not torch.isposinf(got).any(), "lse: NaN or +inf"
+    finite = torch.isfinite(exact)
+    torch.testing.assert_close(got.double()[finite], exact[finite], rtol=1e-5, atol=1e-5)
+
+
+def check(run_kernel, run_eager, inputs: tuple[Tensor, ...], do: Tensor, dtype: torch.dtype):
+    """Compare kernel forward and backward with float64 and with eager in ``dtype``."""
+    out, lse, dq, dk, dv = run_kernel(*inputs, do)
+    exact = reference(run_eager, inputs, do, torch.float64)
+    eager = reference(run_eager, inputs, do, dtype)
+    assert out.dtype == dtype and dq.dtype == dtype and dk.dtype == dtype and dv.dtype == dtype
+    assert_lse_matches(lse, exact[1])
+    for name, got, i in zip(
+        ("out", "dq", "dk", "dv"), (out, dq, dk, dv), (0, 2, 3, 4), strict=True
+    ):
+        assert_matches(name, got, exact[i], eager[i], dtype)
+
+
+@pytest.fixture
+def poisoned(monkeypatch) -> list[Tensor]:
+    """NaN-fill every floating tensor made by torch.empty / torch.empty_like during the test."""
+    made: list[Tensor] = []
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t: Tensor) -> Tensor:
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+            made.append(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+    return made
+
+
+def randn(*shape: int, dtype: torch.dtype, transposed: bool = False) -> Tensor:
+    """Fresh N(0, 1) values; ``transposed`` returns a [B, T, H, D] view of a [B, H, T, D] tensor."""
+    if transposed:
+        b, t, h, d = shape
+        return torch.randn(b, h, t, d).to(dtype).transpose(1, 2)
+    return torch.randn(*shape).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# interpret
+# ---------------------------------------------------------------------------------------------
+
+# (B, T, S, Hq, Hkv, D, causal, dtype, seqlens_k, transposed q)
+DENSE_CASES = [
+    pytest.param(2, 37, 101, 2, 2, 64, False, torch.float32, None, False, id="g1-d64-f32"),
+    pytest.param(
+        2, 37, 101, 4, 1, 64, True, torch.float32, [101, 1], True, id="g4-d64-causal-pad1"
+    ),
+    pytest.param(2, 37, 101, 4, 1, 64, False, torch.float16, [64, 37], False, id="g4-d64-f16-pad"),
+    pytest.param(
+        2, 21, 37, 4, 2, 32, False, torch.bfloat16, [0, 20], False, id="g2-d32-bf16-empty"
+    ),
+    pytest.param(1, 37, 37, 8, 1, 32, True, torch.float16, None, False, id="g8-d32-f16-causal"),
+    pytest.param(1, 48, 33, 2, 1, 96, True, torch.float32, None, False, id="d96-causal-T-gt-S"),
+    pytest.param(1, 37, 50, 2, 1, 128, False, torch.bfloat16, [45], False, id="d128-bf16-pad"),
+    pytest.param(
+        1, 128, 128, 2, 1, 64, True, torch.bfloat16, None, False, id="g2-d64-bf16-causal-aligned"
+    ),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("B, T, S, Hq, Hkv, D, causal, dtype, seqlens, transposed", DENSE_CASES)
+def test_dense(poisoned, B, T, S, Hq, Hkv, D, causal, dtype, seqlens, transposed):
+    scale = D**-0.5
+    q = randn(B, T, Hq, D, dtype=dtype, transposed=transposed)
+    k, v = randn(B, S, Hkv, D, dtype=dtype), randn(B, S, Hkv, D, dtype=dtype)
+    seqlens_k = None if seqlens is None else torch.tensor(seqlens, dtype=torch.int32)
+    if seqlens_k is not None:
+        # Padded keys hold NaN: the kernels must never let them reach a dot product.
+        pad = torch.arange(S)[None, :] >= seqlens_k[:, None]
+        k[pad], v[pad] = float("nan"), float("nan")
+    do = randn(B, T, Hq, D, dtype=dtype)
+    masking = dict(seqlens_k=seqlens_k, causal=causal, scale=scale)
+
+    def run_kernel(q, k, v, do):
+        out, lse = attn.attention_forward(q, k, v, **masking)
+        return (out, lse, *attn.attention_backward(do, q, k, v, out, lse, **masking))
+
+    check(run_kernel, lambda q, k, v: eager_attention(q, k, v, **masking), (q, k, v), do, dtype)
+    assert poisoned, "the launchers allocated nothing through torch.empty: poisoning is inert"
+
+
+# Lengths include a single query, a single key, and a sequence with no keys at all.
+VARLEN_Q, VARLEN_K = [1, 37, 12, 5], [20, 1, 45, 0]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "causal, dtype, Hq, Hkv",
+    [
+        pytest.param(False, torch.float32, 4, 1, id="g4-f32"),
+        pytest.param(True, torch.bfloat16, 4, 1, id="g4-bf16-causal"),
+        pytest.param(True, torch.float32, 2, 2, id="g1-f32-causal"),
+    ],
+)
+def test_varlen(poisoned, causal, dtype, Hq, Hkv):
+    D, scale = 64, 64**-0.5
+    cu_q = [0, *torch.tensor(VARLEN_Q).cumsum(0).tolist()]
+    cu_k = [0, *torch.tensor(VARLEN_K).cumsum(0).tolist()]
+    # Views into wider packed buffers: strides differ from the contiguous ones.
+    q = randn(cu_q[-1], Hq + 3, D, dtype=dtype)[:, :Hq]
+    kv = randn(cu_k[-1], 2 * Hkv, D, dtype=dtype)
+    k, v = kv[:, :Hkv], kv[:, Hkv:]
+    do = randn(cu_q[-1], Hq, D, dtype=dtype)
+    masking = dict(
+        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32),
+        cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32),
+        max_seqlen_q=max(VARLEN_Q),
+        max_seqlen_k=max(VARLEN_K),
+        causal=causal,
+        scale=scale,
+    )
+
+    def run_kernel(q, k, v, do):
+        out, lse = attn.attention_forward(q, k, v, **masking)
+        return (out, lse, *attn.attention_backward(do, q, k, v, out, lse, **masking))
+
+    def run_eager(q, k, v):
+        return eager_attention_varlen(q, k, v, cu_q, cu_k, causal=causal, scale=scale)
+
+    check(run_kernel, run_eager, (q, k, v), do, dtype)
+    assert poisoned, "the launchers allocated nothing through torch.empty: poisoning is inert"
+
+
+@pytest.mark.interpret
+def test_no_key_rows_are_zero(poisoned):
+    """Rows that see no key: out 0, lse -inf, zero gradients, never NaN (documented contract)."""
+    q, k, v = (torch.randn(2, 5, 2, 32) for _ in range(3))
+    seqlens_k = torch.tensor([0, 5], dtype=torch.int32)
+    out, lse = attn.attention_forward(q, k, v, seqlens_k=seqlens_k, scale=0.2)
+    dq, dk, dv = attn.attention_backward(
+        torch.randn_like(out), q, k, v, out, lse, seqlens_k=seqlens_k, scale=0.2
+    )
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
+    for g in (dq[0], dk[0], dv[0]):
+        assert torch.equal(g, torch.zeros_like(g))
+    assert torch.isfinite(out[1]).all() and torch.isfinite(lse[1]).all()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((1, 4, 2, 72), (1, 4, 2, 72)), "head dim 72"),
+        (((1, 4, 3, 64), (1, 4, 2, 64)), "multiple"),
+    ],
+)
+def test_rejects_unsupported(shapes, match):
+    q, k = torch.randn(*shapes[0]), torch.randn(*shapes[1])
+    with pytest.raises(ValueError, match=match):
+        attn.attention_forward(q, k, k, scale=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# compile
+# ---------------------------------------------------------------------------------------------
+
+_KERNELS = {
+    "fwd": (attn._attn_fwd_kernel, attn._FWD),
+    "dq": (attn._attn_bwd_dq_kernel, attn._BWD_DQ),
+    "dkdv": (attn._attn_bwd_dkdv_kernel, attn._BWD_DKDV),
+}
+
+
+def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("seqlens_k", "cu_seqlens_q", "cu_seqlens_k"):
+            sig[name] = "*i32"
+        elif name in ("lse", "delta"):
+            sig[name] = "*fp32"
+        elif name.startswith("stride_") or name in ("T", "S"):
+            sig[name] = "i32"
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = pointer_type(dtype)
+    return sig
+
+
+def _divisible_by_16(kernel, signature: dict[str, str]) -> list[str]:
+    """What a runtime launch specialises on for ordinary tensors: 16-aligned pointers and
+    batch/row/head strides divisible by 16 (lse strides follow T, which may be odd)."""
+    return [
+        name
+        for name in kernel.arg_names
+        if signature[name].startswith("*")
+        or (name.startswith("stride_") and not name.startswith("stride_l"))
+    ]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize(
+    "which, arch, D, dtype",
+    [
+        ("fwd", 90, 64, torch.bfloat16),
+        ("fwd", 80, 64, torch.float16),
+        ("fwd", 90, 128, torch.bfloat16),
+        ("dq", 90, 64, torch.bfloat16),
+        ("dkdv", 90, 64, torch.bfloat16),
+        ("dq", 80, 64, torch.float16),
+        ("dkdv", 80, 64, torch.float16),
+        ("dkdv", 80, 128, torch.bfloat16),
+    ],
+    ids=lambda x: str(x).replace("torch.", ""),
+)
+def test_compiles(which, arch, D, dtype):
+    """The predictor's case (GQA 4:1, key padding, bidirectional) compiles without spills."""
+    kernel, table = _KERNELS[which]
+    cfg = table[D]
+    heads = {"HKV": 8} if which == "dkdv" else {"H": 32}
+    constexprs = dict(
+        **heads,
+        G=4,
+        D=D,
+        BD=D,
+        BM=cfg.block_m,
+        BN=cfg.block_n,
+        IS_VARLEN=False,
+        HAS_SEQLENS=True,
+        CAUSAL=False,
+        INTERPRET=False,
+        DOT_PRECISION="tf32",
+        cu_seqlens_q=None,
+        cu_seqlens_k=None,
+    )
+    signature = _signature(kernel, dtype, constexprs)
+    report = aot_compile(
+        kernel,
+        signature,
+        constexprs,
+        arch=arch,
+        divisible_by_16=_divisible_by_16(kernel, signature),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    assert report.n_spills == 0, f"{report.name}: {report.n_spills} bytes spilled"
+    assert report.shared <= report.shared_limit
+    if arch == 90 and which == "fwd":
+        assert report.uses_wgmma, "sm_90 forward does not use wgmma"

@@ -1,0 +1,187 @@
+"""infonce_fwd / infonce_bwd CUDA kernels (csrc/cuda/infonce.cu) against the float64 reference.
+
+gpu tier only. The oracle is ``reference.infonce_terms`` in float64 with autograd for the three
+gradients; a kernel passes when its error is at most 2x that of the same reference run in the
+input dtype, plus a floor (tests/_util.py). Every case draws fresh inputs with duplicate rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vljepa_fast as vf
+from tests._util import assert_close_2x
+from vljepa_fast import _ext, reference
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# (N, M, D, offset): sizes inside one 64-row tile, M > N with and without an offset, the largest
+# offset M - N, a single feature.
+SMALL = [(1, 1, 1, 0), (1, 5, 72, 3), (5, 5, 72, 0), (5, 127, 1, 60), (5, 300, 72, 295)]
+# Several row and column tiles, ragged last tiles, D = 72 (no 16-element multiple for WMMA
+# k-steps of 32 halves), D = 1536 (VL-JEPA), D = 100 (unaligned for fp16 16-byte packs).
+LARGE = [(127, 127, 72, 0), (127, 300, 72, 100), (300, 300, 1, 0), (200, 260, 1536, 60),
+         (130, 130, 100, 0)]
+
+
+@pytest.fixture(scope="module")
+def cuda_lib():
+    st = _ext.load("cuda")
+    assert st.loaded, "native cuda library unavailable: " + "; ".join(st.reasons)
+
+
+def _inputs(n, m, d, dtype, *, seed, magnitude=1.0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g) * magnitude
+    b = torch.randn(m, d, generator=g) * magnitude
+    if n >= 4:
+        a[n - 1] = a[1]  # duplicate rows: equal logits must split softmax mass exactly
+    if m >= 4:
+        b[m - 1] = b[2]
+        b[0] = b[1]
+    return a.to("cuda", dtype), b.to("cuda", dtype)
+
+
+def _terms_and_grads(a, b, scale, offset, normalize, col_stats, g_row, g_col, cdt):
+    """reference terms and the gradients of sum g_row (row_lse - pos_row) + sum g_col (...)."""
+    a = a.detach().to(cdt if cdt == torch.float64 else a.dtype).requires_grad_(True)
+    b = b.detach().to(a.dtype).requires_grad_(True)
+    s = scale.detach().to(cdt).requires_grad_(True)
+    terms = reference.infonce_terms(a, b, s, offset=offset, normalize=normalize,
+                                    col_stats=col_stats)
+    loss = (g_row.to(terms[0].dtype) * (terms[0] - terms[2])).sum()
+    if col_stats:
+        loss = loss + (g_col.to(terms[1].dtype) * (terms[1] - terms[3])).sum()
+    da, db, ds = torch.autograd.grad(loss, (a, b, s))
+    return [t for t in terms if t is not None], (da, db, ds)
+
+
+def _check(n, m, d, offset, dtype, normalize, col_stats, *, temperature=0.07, magnitude=1.0,
+           seed=0, zero_rows=False):
+    a, b = _inputs(n, m, d, dtype, seed=seed, magnitude=magnitude)
+    if zero_rows:
+        a[n // 2] = 0
+        b[m // 3] = 0
+    scale = torch.tensor(1.0 / temperature, dtype=torch.float32, device="cuda")
+    g = torch.Generator().manual_seed(seed + 1)
+    g_row = torch.randn(n, generator=g).cuda()
+    g_col = torch.randn(m, generator=g).cuda() if col_stats else None
+
+    out = torch.ops.vljepa_fast.infonce_fwd(a, b, scale, offset, normalize, col_stats)
+    assert all(t.dtype == torch.float32 and t.is_cuda for t in out)
+    if not col_stats:
+        assert out[1].shape == (0,) and out[3].shape == (0,)
+    got_terms = list(out) if col_stats else [out[0], out[2]]
+    da, db, ds = torch.ops.vljepa_fast.infonce_bwd(
+        a, b, scale, offset, normalize, out[0], out[1] if col_stats else None, g_row, g_col
+    )
+    torch.cuda.synchronize()
+    assert da.dtype == dtype and db.dtype == dtype and ds.dtype == torch.float32 and ds.dim() == 0
+    assert da.shape == a.shape and db.shape == b.shape
+
+    exact_terms, exact_grads = _terms_and_grads(a, b, scale, offset, normalize, col_stats,
+                                                g_row, g_col, torch.float64)
+    eager_terms, eager_grads = _terms_and_grads(a, b, scale, offset, normalize, col_stats,
+                                                g_row, g_col, torch.float32)
+    names = ["row_lse", "col_lse", "pos_row", "pos_col"] if col_stats else ["row_lse", "pos_row"]
+    # The terms are float32 in every backend: their tolerance floor is float32's.
+    for name, got, eager, exact in zip(names, got_terms, eager_terms, exact_terms):
+        assert torch.isfinite(got).all(), f"{name}: non-finite"
+        assert_close_2x(got, eager, exact, torch.float32, name)
+    for name, got, eager, exact in zip(["da", "db", "dscale"], (da, db, ds), eager_grads,
+                                       exact_grads):
+        assert torch.isfinite(got).all(), f"{name}: non-finite"
+        assert_close_2x(got, eager, exact, dtype if name != "dscale" else torch.float32, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("col_stats", [True, False], ids=["cols", "rows"])
+@pytest.mark.parametrize("n,m,d,offset", SMALL)
+def test_small_matches_float64(cuda_lib, n, m, d, offset, dtype, normalize, col_stats):
+    _check(n, m, d, offset, dtype, normalize, col_stats, seed=n * 1000 + m + d + offset)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("normalize,col_stats", [(True, True), (False, True), (True, False)],
+                         ids=["norm-cols", "raw-cols", "norm-rows"])
+@pytest.mark.parametrize("n,m,d,offset", LARGE)
+def test_large_matches_float64(cuda_lib, n, m, d, offset, dtype, normalize, col_stats):
+    _check(n, m, d, offset, dtype, normalize, col_stats, seed=n * 1000 + m + d + offset)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+def test_huge_logits_stay_finite(cuda_lib, dtype, normalize):
+    # temperature 0.01; raw inputs of norm about 3.4 * sqrt(72): |logits| up to about 1e4.
+    _check(127, 300, 72, 100, dtype, normalize, True, temperature=0.01,
+           magnitude=1.0 if normalize else 3.4, seed=7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_zero_rows_use_the_clamped_norm(cuda_lib, dtype):
+    _check(70, 90, 40, 5, dtype, True, True, temperature=0.1, seed=3, zero_rows=True)
+
+
+def test_deterministic(cuda_lib):
+    a, b = _inputs(300, 333, 200, torch.bfloat16, seed=11)
+    scale = torch.tensor(14.0, device="cuda")
+    g_row, g_col = torch.rand(300, device="cuda"), torch.rand(333, device="cuda")
+    runs = []
+    for _ in range(2):
+        out = torch.ops.vljepa_fast.infonce_fwd(a, b, scale, 0, True, True)
+        runs.append(out + torch.ops.vljepa_fast.infonce_bwd(a, b, scale, 0, True, out[0], out[1],
+                                                            g_row, g_col))
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+def test_cpu_scale_gives_cpu_dscale(cuda_lib):
+    # The Meta kernel puts dscale on scale's device; a cpu scale must work and agree.
+    a, b = _inputs(40, 50, 24, torch.float32, seed=13)
+    g_row, g_col = torch.randn(40, device="cuda"), torch.randn(50, device="cuda")
+    results = []
+    for scale in (torch.tensor(10.0), torch.tensor(10.0, device="cuda")):
+        out = torch.ops.vljepa_fast.infonce_fwd(a, b, scale, 0, True, True)
+        grads = torch.ops.vljepa_fast.infonce_bwd(a, b, scale, 0, True, out[0], out[1], g_row,
+                                                  g_col)
+        assert grads[2].device == scale.device
+        results.append([t.cpu() for t in out + grads])
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
+def test_no_n_by_m_buffer(cuda_lib):
+    n = m = 8192
+    a, b = _inputs(n, m, 64, torch.bfloat16, seed=5)
+    scale = torch.tensor(14.0, device="cuda")
+    g = torch.full((n,), 1.0 / n, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = torch.ops.vljepa_fast.infonce_fwd(a, b, scale, 0, True, True)
+    grads = torch.ops.vljepa_fast.infonce_bwd(a, b, scale, 0, True, out[0], out[1], g, g)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < n * m * 4 / 8, f"peak grew by {extra / 2**20:.1f} MiB"
+    assert all(torch.isfinite(t).all() for t in grads)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "one-way"])
+def test_public_loss_with_learnable_temperature(cuda_lib, symmetric):
+    g = torch.Generator().manual_seed(17)
+    pred = torch.randn(150, 96, generator=g).cuda().requires_grad_(True)
+    target = torch.randn(150, 96, generator=g).cuda().requires_grad_(True)
+    temp = torch.tensor(0.05, device="cuda", requires_grad=True)
+    loss = vf.infonce_loss(pred, target, temperature=temp, symmetric=symmetric, backend="cuda")
+    grads = torch.autograd.grad(loss, (pred, target, temp))
+    p64, t64 = pred.detach().double().requires_grad_(True), target.detach().double().requires_grad_(True)
+    temp64 = temp.detach().double().requires_grad_(True)
+    want = reference.infonce_loss(p64, t64, temperature=temp64, symmetric=symmetric)
+    want_grads = torch.autograd.grad(want, (p64, t64, temp64))
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), exp, atol=1e-6, rtol=1e-4)

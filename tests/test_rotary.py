@@ -1,0 +1,311 @@
+"""Rotary embedding (vljepa_fast/ops/rotary.py, kernels/rotary.py).
+
+cpu: the tables against independent float64 formulas (Llama 3 scaling written branch by branch
+as its definition, V-JEPA 2's per-axis procedure), the eager reference against a dense per-token
+rotation matrix, argument errors. interpret: the Triton kernel (forward and the backward through
+autograd) on CPU tensors through the interpreter against float64, with NaN-poisoned outputs;
+a low-precision result passes at 2x the error of eager math in that dtype plus a floor.
+compile: the kernel compiled ahead of time for sm_80 and sm_90 without spills.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+from vljepa_fast._kernels import rotary as kernel
+from vljepa_fast._kernels._common import aot_compile, pointer_type
+
+from tests._util import assert_close_2x
+from vljepa_fast import BackendUnavailableError
+from vljepa_fast.ops.rotary import LLAMA3_ROPE_SCALING, apply_rotary, rotary_cos_sin
+
+
+def pairs(D: int, layout: str) -> list[tuple[int, int]]:
+    """(first, second) channel of every rotated pair."""
+    if layout == "llama":
+        return [(i, i + D // 2) for i in range(D // 2)]
+    return [(2 * i, 2 * i + 1) for i in range(D // 2)]
+
+
+def dense_rotation(cos: Tensor, sin: Tensor, layout: str) -> Tensor:
+    """[.., T, D, D] matrices M, out = M x: out_a = c_a x_a - s_a x_b, out_b = c_b x_b + s_b x_a."""
+    D = cos.shape[-1]
+    M = torch.zeros(*cos.shape, D, dtype=torch.float64)
+    c, s = cos.double(), sin.double()
+    for a, b in pairs(D, layout):
+        M[..., a, a], M[..., a, b] = c[..., a], -s[..., a]
+        M[..., b, b], M[..., b, a] = c[..., b], s[..., b]
+    return M
+
+
+def rotate_exact(x: Tensor, cos: Tensor, sin: Tensor, layout: str, dtype=torch.float64) -> Tensor:
+    """x [B, T, H, D] rotated by tables [B or 1, T, D] with the dense matrices, in ``dtype``."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    M = dense_rotation(cos, sin, layout).to(dtype)
+    return torch.einsum("btde,bthe->bthd", M, x.to(dtype))
+
+
+def tables(B: int, T: int, D: int, layout: str, per_batch: bool) -> tuple[Tensor, Tensor]:
+    if layout == "llama":
+        pos = torch.randint(0, 9000, (B, T) if per_batch else (T,))
+        return rotary_cos_sin(pos, D)
+    grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), torch.arange(4),
+                                      indexing="ij"), -1).reshape(-1, 3)
+    pos = grid[torch.randint(0, 64, (B, T) if per_batch else (T,))]
+    return rotary_cos_sin(pos, D, layout="vjepa2")
+
+
+# ------------------------------------------------------------------------------------- cpu
+
+
+def test_llama3_tables_match_the_definition():
+    D, theta = 64, 500000.0
+    pos = torch.tensor([0, 1, 7, 100, 5000, 131071])
+    cos, sin = rotary_cos_sin(pos, D, dtype=torch.float64)
+    sc = LLAMA3_ROPE_SCALING
+    lo_wl = sc["original_max_position_embeddings"] / sc["low_freq_factor"]
+    hi_wl = sc["original_max_position_embeddings"] / sc["high_freq_factor"]
+    for i in range(D // 2):
+        f = theta ** (-2 * i / D)
+        wl = 2 * math.pi / f
+        if wl < hi_wl:
+            g = f
+        elif wl > lo_wl:
+            g = f / sc["factor"]
+        else:
+            t = (sc["original_max_position_embeddings"] / wl - sc["low_freq_factor"]) / (
+                sc["high_freq_factor"] - sc["low_freq_factor"])
+            g = (1 - t) * f / sc["factor"] + t * f
+        for j, p in enumerate(pos.tolist()):
+            for c in (i, i + D // 2):
+                assert math.isclose(cos[j, c].item(), math.cos(p * g), abs_tol=1e-12)
+                assert math.isclose(sin[j, c].item(), math.sin(p * g), abs_tol=1e-12)
+    plain_cos, _ = rotary_cos_sin(pos, D, rope_scaling=None, dtype=torch.float64)
+    assert not torch.allclose(plain_cos, cos), "the llama3 scaling changed nothing"
+
+
+def test_llama_tables_match_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = transformers.LlamaConfig(
+        hidden_size=256, num_attention_heads=4, head_dim=64, max_position_embeddings=131072,
+        rope_parameters={"rope_theta": 500000.0, **LLAMA3_ROPE_SCALING},
+    )
+    pos = torch.randint(0, 20000, (2, 9))
+    want_cos, want_sin = LlamaRotaryEmbedding(config)(torch.randn(2, 9, 256), pos)
+    cos, sin = rotary_cos_sin(pos, 64)
+    # transformers computes the angles in fp32: |error| <= position * 2^-24 or so
+    torch.testing.assert_close(cos, want_cos, atol=3e-3, rtol=0)
+    torch.testing.assert_close(sin, want_sin, atol=3e-3, rtol=0)
+    small = torch.arange(40)[None]
+    c_small, s_small = LlamaRotaryEmbedding(config)(torch.randn(1, 40, 256), small)
+    # positions < 40: angles < 40 rad, fp32 angle error < 40 * 2^-23
+    torch.testing.assert_close(rotary_cos_sin(small, 64)[0], c_small, atol=5e-6, rtol=0)
+    torch.testing.assert_close(rotary_cos_sin(small, 64)[1], s_small, atol=5e-6, rtol=0)
+
+
+def vjepa2_rotate(x: Tensor, pos: Tensor) -> Tensor:
+    """V-JEPA 2's procedure in float64: x [N, H, 64], pos [N, 3] -> rotated x.
+
+    Per axis (t, h, w) a group of 20 channels: frequencies 10000^(-i/10), i < 10, their sin/cos
+    tiled twice over the group, adjacent channels rotated as (-x_odd, x_even); 4 channels left.
+    """
+    x = x.double()
+    out, s = [], 0
+    omega = 1.0 / 10000 ** (torch.arange(10, dtype=torch.float64) / 10)
+    for a in range(3):
+        xs = x[..., s : s + 20]
+        freq = pos[:, a, None].double() * omega  # [N, 10]
+        emb_sin, emb_cos = freq.sin().repeat(1, 2)[:, None], freq.cos().repeat(1, 2)[:, None]
+        y = torch.stack((-xs[..., 1::2], xs[..., 0::2]), dim=-1).flatten(-2)
+        out.append(xs * emb_cos + y * emb_sin)
+        s += 20
+    out.append(x[..., s:])
+    return torch.cat(out, dim=-1)
+
+
+def test_vjepa2_layout_matches_the_published_procedure():
+    N, H = 50, 3
+    pos = torch.randint(0, 16, (N, 3))
+    q, k = torch.randn(1, N, H, 64, dtype=torch.float64), torch.randn(1, N, 1, 64,
+                                                                      dtype=torch.float64)
+    cos, sin = rotary_cos_sin(pos, 64, layout="vjepa2", dtype=torch.float64)
+    assert (cos[:, 60:] == 1).all() and (sin[:, 60:] == 0).all()
+    got_q, got_k = apply_rotary(q, k, cos, sin, layout="vjepa2", backend="reference")
+    torch.testing.assert_close(got_q[0], vjepa2_rotate(q[0], pos), atol=1e-12, rtol=0)
+    torch.testing.assert_close(got_k[0], vjepa2_rotate(k[0], pos), atol=1e-12, rtol=0)
+    # the tiling quirk: the two channels of a pair turn by different angles
+    assert not torch.allclose(cos[:, 0:20:2], cos[:, 1:20:2])
+
+
+@pytest.mark.parametrize("layout", ["llama", "vjepa2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_reference_matches_dense_rotation(layout, dtype):
+    B, T, Hq, Hkv, D = 2, 13, 4, 2, 64
+    cos, sin = tables(B, T, D, layout, per_batch=True)
+    q, k = torch.randn(B, T, Hq, D).to(dtype), torch.randn(B, T, Hkv, D).to(dtype)
+    got_q, got_k = apply_rotary(q, k, cos, sin, layout=layout, backend="reference")
+    assert got_q.dtype == dtype
+    for name, x, got in (("q", q, got_q), ("k", k, got_k)):
+        eager, exact = rotate_exact(x, cos, sin, layout, dtype), rotate_exact(x, cos, sin, layout)
+        assert_close_2x(got, eager, exact, dtype, name)
+
+
+def test_bad_arguments_name_the_argument():
+    q, k = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)
+    cos, sin = rotary_cos_sin(torch.arange(5), 8)
+    cases = [
+        ((q, k[:, :4], cos, sin), {}, "k:"),
+        ((q, k.double(), cos, sin), {}, "k:"),
+        ((q[..., :7], k[..., :7], cos[:, :7], sin[:, :7]), {}, "q:"),
+        ((q, k, cos[:4], sin[:4]), {}, "cos:"),
+        ((q, k, cos, sin[None].expand(3, 5, 8)), {}, "sin:"),
+        ((q[0], k[0], cos, sin), {}, "q:"),
+        ((torch.randn(2, 5, 4, 16)[..., ::2], k, cos, sin), {}, "q:"),
+        ((q, k, cos, sin), {"layout": "gptj"}, "layout"),
+        ((q, k, cos, sin), {"backend": "cuda"}, "backend"),
+    ]
+    for args, kwargs, name in cases:
+        with pytest.raises(ValueError, match=name):
+            apply_rotary(*args, **kwargs)
+    with pytest.raises(ValueError, match="positions"):
+        rotary_cos_sin(torch.arange(5)[:, None].expand(5, 2), 64, layout="vjepa2")
+    with pytest.raises(ValueError, match="head_dim"):
+        rotary_cos_sin(torch.arange(5), 63)
+
+
+def test_named_triton_backend_explains_itself(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8)
+    cos, sin = rotary_cos_sin(torch.arange(3), 8)
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
+        apply_rotary(q, k, cos, sin, backend="triton")
+    auto_q, _ = apply_rotary(q, k, cos, sin)  # auto: the reference serves CPU tensors
+    torch.testing.assert_close(auto_q, apply_rotary(q, k, cos, sin, backend="reference")[0])
+
+
+# ------------------------------------------------------------------------------- interpret
+
+
+@pytest.fixture
+def poisoned(monkeypatch) -> list[Tensor]:
+    """NaN-fill every floating tensor made by torch.empty during the test."""
+    made: list[Tensor] = []
+    real_empty = torch.empty
+
+    def empty(*a, **kw):
+        t = real_empty(*a, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+            made.append(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    return made
+
+
+# (B, T, Hq, Hkv, D, layout, dtype, per-batch tables, q a strided head slice)
+CASES = [
+    pytest.param(2, 37, 4, 2, 64, "llama", torch.float32, False, False, id="llama-f32"),
+    pytest.param(2, 37, 4, 1, 64, "llama", torch.bfloat16, True, True, id="llama-bf16-strided"),
+    pytest.param(1, 21, 2, 2, 72, "llama", torch.float16, False, False, id="llama-d72-f16"),
+    pytest.param(2, 37, 4, 2, 64, "vjepa2", torch.float32, True, False, id="vjepa2-f32"),
+    pytest.param(1, 19, 3, 3, 64, "vjepa2", torch.bfloat16, False, True, id="vjepa2-bf16-strided"),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("B, T, Hq, Hkv, D, layout, dtype, per_batch, strided", CASES)
+def test_triton_matches_float64(poisoned, B, T, Hq, Hkv, D, layout, dtype, per_batch, strided):
+    cos, sin = tables(B, T, D, layout, per_batch)
+    if strided:  # q and k as head slices of one fused projection: strided rows
+        qkv = torch.randn(B, T, Hq + 2 * Hkv, D).to(dtype)
+        q, k = qkv[:, :, :Hq], qkv[:, :, Hq : Hq + Hkv]
+    else:
+        q, k = torch.randn(B, T, Hq, D).to(dtype), torch.randn(B, T, Hkv, D).to(dtype)
+    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+    got_q, got_k = apply_rotary(q, k, cos, sin, layout=layout, backend="triton")
+    assert poisoned, "the launcher allocated nothing through torch.empty: poisoning is inert"
+    dq_out, dk_out = torch.randn_like(got_q), torch.randn_like(got_k)
+    gq, gk = torch.autograd.grad((got_q, got_k), (q, k), (dq_out, dk_out))
+
+    def run(dt):
+        xq, xk = q.detach().to(dt).requires_grad_(), k.detach().to(dt).requires_grad_()
+        oq, ok = rotate_exact(xq, cos, sin, layout, dt), rotate_exact(xk, cos, sin, layout, dt)
+        return (oq, ok, *torch.autograd.grad((oq, ok), (xq, xk), (dq_out.to(dt), dk_out.to(dt))))
+
+    exact, eager = run(torch.float64), run(dtype)
+    for name, got, i in zip(("q", "k", "dq", "dk"), (got_q, got_k, gq, gk), range(4)):
+        assert got.dtype == dtype, name
+        assert_close_2x(got, eager[i], exact[i], dtype, name)
+
+
+@pytest.mark.interpret
+def test_triton_backward_is_the_transpose_for_tiled_tables():
+    """<R x, g> = <x, R^T g> in float64 terms, for V-JEPA 2's asymmetric pairs."""
+    B, T, D = 1, 11, 64
+    cos, sin = tables(B, T, D, "vjepa2", per_batch=False)
+    x, g = torch.randn(B, T, 2, D), torch.randn(B, T, 2, D)
+    rx, _ = kernel.rotary(x, x[:, :, :1], cos[None], sin[None], interleaved=True, transpose=False)
+    rtg, _ = kernel.rotary(g, g[:, :, :1], cos[None], sin[None], interleaved=True, transpose=True)
+    lhs, rhs = (rx.double() * g.double()).sum(), (x.double() * rtg.double()).sum()
+    assert abs(lhs - rhs).item() < 1e-4 * max(1.0, abs(lhs).item())
+
+
+@pytest.mark.interpret
+def test_custom_op_registration_and_fullgraph_compile():
+    """Fake kernel, autograd registration and schema pass opcheck; a compiled forward+backward
+    through the Triton op (one graph) matches eager."""
+    B, T, D = 1, 9, 32
+    cos, sin = tables(B, T, D, "llama", per_batch=False)
+    q = torch.randn(B, T, 4, D, requires_grad=True)
+    k = torch.randn(B, T, 2, D, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.vljepa_fast.rotary_triton.default, (q, k, cos[None], sin[None], False, False),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+    def step(q, k):
+        rq, rk = apply_rotary(q, k, cos, sin, backend="triton")
+        return rq.square().sum() + (rk * 3).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k), (q, k))
+    want = torch.autograd.grad(step(q, k), (q, k))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------- compile
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize(
+    "dtype, interleaved, transpose",
+    [(torch.bfloat16, False, False), (torch.float16, True, True), (torch.float32, False, True)],
+)
+def test_compiles(arch, dtype, interleaved, transpose):
+    cfg = kernel.rotary_config(4096, 64)
+    constexprs = {"D": 64, "INTERLEAVED": interleaved, "TRANSPOSE": transpose,
+                  "BT": cfg["BT"], "BD": cfg["BD"]}
+    sig = {}
+    for name in kernel.rotary_kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("cos", "sin"):
+            sig[name] = "*fp32"
+        elif name in ("q", "k", "q_out", "k_out"):
+            sig[name] = pointer_type(dtype)
+        else:
+            sig[name] = "i32"
+    report = aot_compile(kernel.rotary_kernel, sig, constexprs, arch=arch,
+                         num_warps=cfg["num_warps"], num_stages=1)
+    assert report.n_spills == 0, f"{report.name}: {report.n_spills} bytes spilled"
+    assert report.shared <= report.shared_limit

@@ -1,0 +1,307 @@
+"""Rotary position embedding: tables (Llama 3 and V-JEPA 2), the fused op and its eager reference.
+
+``apply_rotary`` rotates queries and keys in the flash-attn layout [B, T, H, D] that
+:func:`vljepa_fast.attention` takes, so a layer goes projection -> view -> rotary -> attention
+without a transpose. Two layouts:
+
+* ``"llama"``: rotate-half pairs (c, c + D/2), tables cos/sin = [cos(f), cos(f)] over the two
+  halves (transformers' ``rotate_half`` convention, so Llama checkpoints load unchanged).
+* ``"vjepa2"``: adjacent pairs (2i, 2i + 1), as V-JEPA 2. Its released weights depend on a quirk:
+  the per-pair frequencies are *tiled* over each axis group ([f0..f9, f0..f9]) rather than
+  repeated per pair ([f0, f0, f1, f1, ..]), so the two channels of a pair may turn by different
+  angles. :func:`rotary_cos_sin` builds exactly those tables; the fused backward is the exact
+  transpose of that (not quite orthogonal) map.
+
+Backends: ``triton`` (one launch for q and k, forward and backward; CUDA, or CPU tensors through
+Triton's interpreter when TRITON_INTERPRET=1) and ``reference`` (eager, fp32 math, float64 kept),
+which ``auto`` falls back to. Gradients flow to q and k; the tables are constants to the fused
+op (tables that require a gradient go to the reference, which differentiates them too).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import torch
+from torch import Tensor
+
+from vljepa_fast import _validate
+from vljepa_fast._backends import BackendUnavailableError
+from vljepa_fast.ops import _common
+
+__all__ = ["LLAMA3_ROPE_SCALING", "apply_rotary", "rotary_cos_sin", "rotary_reference"]
+
+LAYOUTS = ("llama", "vjepa2")
+ROTARY_BACKENDS = ("auto", "triton", "reference")
+
+#: Llama 3.1/3.2 frequency scaling, in transformers' ``rope_scaling`` format.
+LLAMA3_ROPE_SCALING: Mapping[str, float | str] = MappingProxyType(
+    {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+)
+
+_DEFAULT_THETA = {"llama": 500000.0, "vjepa2": 10000.0}
+
+
+# ------------------------------------------------------------------------------------ tables
+
+
+def _inv_freq(dim: int, theta: float, device: torch.device) -> Tensor:
+    """[dim // 2] float64 frequencies theta^(-2i / dim)."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+
+
+def _llama3_scale(inv_freq: Tensor, scaling: Mapping[str, float | str]) -> Tensor:
+    """Llama 3 scaling: long wavelengths slowed by ``factor``, short kept, a smooth ramp between."""
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    # smooth = 0 beyond original / low (scaled), 1 below original / high (kept)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rotary_cos_sin(
+    positions: Tensor,
+    head_dim: int,
+    *,
+    layout: str = "llama",
+    theta: float | None = None,
+    rope_scaling: Mapping[str, float | str] | None = LLAMA3_ROPE_SCALING,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """cos and sin tables for :func:`apply_rotary` (angles computed in float64).
+
+    Args:
+        positions: token positions on the tables' device. ``"llama"``: [T] or [B, T] (integer
+            or float). ``"vjepa2"``: [..., 3] (t, h, w) grid coordinates of each token (frame
+            index, patch row, patch column, as V-JEPA 2's ``separate_positions``).
+        head_dim: D, even.
+        layout: ``"llama"``: angle(c) = position * f[c mod D/2], f[i] = theta^(-2i/D), scaled
+            by ``rope_scaling``. ``"vjepa2"``: the D channels are three groups of
+            G = 2 * ((D // 3) // 2) channels (20 for D = 64) for t, h, w, each with
+            f[i] = theta^(-2i/G), i < G/2, tiled over the group: angle(c) = pos_axis *
+            f[c mod G/2]; the last D - 3G channels (4 for D = 64) are not rotated (cos 1, sin 0).
+        theta: frequency base; None means 500000 (Llama 3) or 10000 (V-JEPA 2).
+        rope_scaling: ``"llama"`` only: transformers' ``rope_scaling`` dict with rope_type
+            "llama3" (factor, low_freq_factor, high_freq_factor,
+            original_max_position_embeddings) or "default"; None for plain RoPE. Defaults to
+            Llama 3.2's (factor 32, low 1, high 4, original 8192). "vjepa2" has no scaling: the
+            default is ignored there and any other dict is an error.
+        dtype: dtype of the returned tables.
+
+    Returns:
+        (cos, sin), each [*positions.shape, D] for "llama", [*positions.shape[:-1], D] for
+        "vjepa2".
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
+    """
+    _validate.choice("layout", layout, LAYOUTS)
+    _validate.int_in("head_dim", head_dim, 2)
+    if head_dim % 2:
+        raise ValueError(f"head_dim: expected an even head dim, got {head_dim}")
+    if not isinstance(positions, Tensor):
+        raise ValueError(f"positions: expected a tensor, got {type(positions).__name__}")
+    theta = _DEFAULT_THETA[layout] if theta is None else float(theta)
+    if not math.isfinite(theta) or theta <= 1.0:
+        raise ValueError(f"theta: expected a finite base > 1, got {theta}")
+    pos = positions.to(torch.float64)
+    if layout == "llama":
+        if positions.dim() not in (1, 2):
+            raise ValueError(
+                f"positions: expected [T] or [B, T] for layout 'llama', got "
+                f"shape {tuple(positions.shape)}"
+            )
+        inv_freq = _inv_freq(head_dim, theta, positions.device)
+        rope_type = None if rope_scaling is None else rope_scaling.get("rope_type", "default")
+        if rope_type == "llama3":
+            inv_freq = _llama3_scale(inv_freq, rope_scaling)
+        elif rope_type not in (None, "default"):
+            raise ValueError(
+                f"rope_scaling: expected rope_type 'llama3' or 'default', got {rope_type!r}"
+            )
+        angles = pos[..., None] * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+    if rope_scaling is not None and rope_scaling is not LLAMA3_ROPE_SCALING:
+        raise ValueError("rope_scaling: layout 'vjepa2' has no frequency scaling (pass None)")
+    if positions.dim() < 1 or positions.shape[-1] != 3:
+        raise ValueError(
+            f"positions: expected [..., 3] (t, h, w) for layout 'vjepa2', got "
+            f"shape {tuple(positions.shape)}"
+        )
+    group = 2 * ((head_dim // 3) // 2)
+    inv_freq = _inv_freq(group, theta, positions.device)
+    parts = [pos[..., a, None] * inv_freq for a in range(3)]
+    angles = torch.cat([torch.cat((p, p), dim=-1) for p in parts], dim=-1)  # tiled per group
+    tail = angles.new_zeros(*angles.shape[:-1], head_dim - 3 * group)
+    angles = torch.cat((angles, tail), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+# ---------------------------------------------------------------------------------- the op
+
+
+def _partner(x: Tensor, interleaved: bool) -> Tensor:
+    """x[p(c)] * s(c): (-x1, x0, -x3, x2, ..) interleaved, (-x_hi, x_lo) rotate-half."""
+    if interleaved:
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_reference(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, layout: str = "llama"
+) -> tuple[Tensor, Tensor]:
+    """Eager rotary embedding (the spec): x * cos + partner(x) * sin per head.
+
+    Same contract as :func:`apply_rotary` (tables [B or 1, T, D]); math in fp32 (float64 for
+    float64 inputs), differentiable in every argument.
+    """
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    c, s = cos.to(cdt)[:, :, None, :], sin.to(cdt)[:, :, None, :]
+    interleaved = layout == "vjepa2"
+    out = []
+    for x in (q, k):
+        x32 = x.to(cdt)
+        out.append((x32 * c + _partner(x32, interleaved) * s).to(x.dtype))
+    return out[0], out[1]
+
+
+@torch.library.custom_op("vljepa_fast::rotary_triton", mutates_args=())
+def _rotary_op(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, transpose: bool
+) -> tuple[Tensor, Tensor]:
+    from vljepa_fast._kernels import rotary as kernel
+
+    return kernel.rotary(q, k, cos, sin, interleaved=interleaved, transpose=transpose)
+
+
+@_rotary_op.register_fake
+def _(q, k, cos, sin, interleaved, transpose):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, _, cos, sin, interleaved, transpose = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.flags = (interleaved, transpose)
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _backward(ctx, dq: Tensor, dk: Tensor):
+    cos, sin = ctx.saved_tensors
+    interleaved, transpose = ctx.flags
+    gq, gk = _rotary_op(
+        _last_dim_contiguous(dq), _last_dim_contiguous(dk), cos, sin, interleaved, not transpose
+    )
+    return gq, gk, None, None, None, None
+
+
+_rotary_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_reasons(q: Tensor, cos: Tensor, sin: Tensor) -> list[str]:
+    why = _common.triton_import() + _common.triton_device(q) + _common.dtype_in("q", q)
+    if cos.requires_grad or sin.requires_grad:
+        why.append("cos/sin require a gradient (the fused op treats the tables as constants)")
+    return why
+
+
+def _check(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate the arguments; return the tables as [B or 1, T, D]."""
+    _validate.tensor("q", q, ndim=4, layout="[B, T, Hq, D]")
+    _validate.tensor("k", k, ndim=4, layout="[B, T, Hkv, D]")
+    _validate.same(("q", "k"), (q, k), "dtype")
+    _validate.same(("q", "k"), (q, k), "device")
+    B, T, _, D = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise ValueError(
+            f"k: expected [B, T, Hkv, D] with B, T, D = {B}, {T}, {D} (q's), got {tuple(k.shape)}"
+        )
+    if D % 2:
+        raise ValueError(f"q: expected an even head dim, got {D}")
+    _validate.last_dim_contiguous("q", q)
+    _validate.last_dim_contiguous("k", k)
+    tables = []
+    for name, t in (("cos", cos), ("sin", sin)):
+        _validate.tensor(name, t, ndim=(2, 3), layout="[T, D] or [B, T, D]")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device}, got {t.device}")
+        t3 = t[None] if t.dim() == 2 else t
+        if t3.shape[0] not in (1, B) or tuple(t3.shape[1:]) != (T, D):
+            raise ValueError(
+                f"{name}: expected [T, D] or [B, T, D] with B, T, D = {B}, {T}, "
+                f"{D}, got {tuple(t.shape)}"
+            )
+        tables.append(t3)
+    if tables[0].shape != tables[1].shape:
+        raise ValueError(
+            f"sin: expected the shape of cos {tuple(cos.shape)}, got {tuple(sin.shape)}"
+        )
+    return tables[0], tables[1]
+
+
+def apply_rotary(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    *,
+    layout: str = "llama",
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Rotary position embedding of queries and keys, fused: one kernel for both, fwd and bwd.
+
+    out[.., c] = x[.., c] * cos[t, c] + s(c) * x[.., p(c)] * sin[t, c] for every head, where
+    the pair partner p(c) and sign s(c) (-1 on the first channel of a pair, +1 on the second)
+    follow ``layout``. Differentiable with respect to q and k (and, on the reference backend,
+    the tables).
+
+    Args:
+        q: [B, T, Hq, D] queries (flash-attn layout, as :func:`vljepa_fast.attention`),
+            float32/float16/bfloat16 (float64: reference only); last dimension contiguous,
+            D even.
+        k: [B, T, Hkv, D] keys, same dtype, device, B, T and D.
+        cos: [T, D] or [B, T, D] cosines of each token's angles (any float dtype; the math is
+            fp32), from :func:`rotary_cos_sin` or transformers' rotary embedding.
+        sin: sines, same shape as ``cos``.
+        layout: ``"llama"`` pairs channel c with c + D/2 (transformers' ``rotate_half``);
+            ``"vjepa2"`` pairs 2i with 2i + 1 (V-JEPA 2; its tables are tiled per axis group,
+            see :func:`rotary_cos_sin`).
+        backend: ``"auto"`` (Triton when it can serve, else the eager reference),
+            ``"triton"`` or ``"reference"``.
+
+    Returns:
+        (q_rot [B, T, Hq, D], k_rot [B, T, Hkv, D]), new contiguous tensors in q's dtype.
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
+        BackendUnavailableError: ``backend="triton"`` cannot serve these inputs (the reasons
+            are listed).
+    """
+    _validate.choice("layout", layout, LAYOUTS)
+    _validate.choice("backend", backend, ROTARY_BACKENDS)
+    cos3, sin3 = _check(q, k, cos, sin)
+    if backend != "reference":
+        why = _triton_reasons(q, cos, sin)
+        if not why:
+            return _rotary_op(q, k, cos3.contiguous(), sin3.contiguous(), layout == "vjepa2", False)
+        if backend == "triton":
+            lines = "\n".join(f"  - {r}" for r in why)
+            raise BackendUnavailableError(
+                f"apply_rotary: backend 'triton' cannot run these inputs:\n{lines}"
+            )
+    return rotary_reference(q, k, cos3, sin3, layout=layout)
