@@ -17,7 +17,7 @@ from torch import Tensor
 from vljepa_fast import functional, reference
 from vljepa_fast.ops.rotary import LLAMA3_ROPE_SCALING, apply_rotary, rotary_cos_sin
 
-__all__ = ["EmbeddingIndex", "PredictorAttention"]
+__all__ = ["EmbeddingIndex", "InfoNCELoss", "PredictorAttention"]
 
 _MAGIC = b"VLJEPA_FAST_INDEX\x00v1\n"
 _HEADER = struct.Struct("<32sQ")  # sha256 of the payload, payload length
@@ -345,3 +345,71 @@ class PredictorAttention(torch.nn.Module):
             q, k, v, key_padding_mask=key_padding_mask, causal=self.causal, backend=self.backend
         )
         return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))
+
+
+class InfoNCELoss(torch.nn.Module):
+    """Bidirectional InfoNCE on the fused kernels (:func:`vljepa_fast.infonce_loss`) as a module.
+
+    Args:
+        temperature: the fixed temperature, or the initial one when learnable.
+        learnable_temperature: learn ``logit_scale = log(1 / temperature)`` (CLIP convention);
+            the scale used is ``exp(logit_scale)`` clamped at ``max_logit_scale``.
+        max_logit_scale: the clamp of the learned scale (CLIP: 100).
+        symmetric, reduction, group, backend: as :func:`vljepa_fast.infonce_loss`.
+
+    Shapes:
+        forward(pred [N, D], target [N, D]) -> scalar float32 (or [N] with reduction "none").
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        learnable_temperature: bool = False,
+        max_logit_scale: float = 100.0,
+        symmetric: bool = True,
+        reduction: str = "mean",
+        group: object | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature: expected a positive finite float, got {temperature!r}")
+        if not max_logit_scale > 0:
+            raise ValueError(f"max_logit_scale: expected > 0, got {max_logit_scale!r}")
+        self.temperature = float(temperature)
+        self.max_logit_scale = float(max_logit_scale)
+        self.symmetric, self.reduction, self.group, self.backend = (
+            symmetric,
+            reduction,
+            group,
+            backend,
+        )
+        if learnable_temperature:
+            init = torch.tensor(1.0 / temperature).log()
+            self.logit_scale = torch.nn.Parameter(init)
+        else:
+            self.register_parameter("logit_scale", None)
+
+    def current_temperature(self) -> float | Tensor:
+        """The temperature the next forward uses (a 0-dim tensor when learnable)."""
+        if self.logit_scale is None:
+            return self.temperature
+        return 1.0 / self.logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        temperature = self.current_temperature()
+        if isinstance(temperature, Tensor):
+            temperature = temperature.to(pred.device)
+        return functional.infonce_loss(
+            pred,
+            target,
+            temperature=temperature,
+            symmetric=self.symmetric,
+            reduction=self.reduction,
+            group=self.group,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        learn = self.logit_scale is not None
+        return f"temperature={self.temperature}, learnable={learn}, symmetric={self.symmetric}"

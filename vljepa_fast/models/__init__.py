@@ -8,6 +8,12 @@ from vljepa_fast.models.config import (
     YEncoderConfig,
 )
 from vljepa_fast.models.predictor import Predictor, load_llama_layers
+from vljepa_fast.models.selective_decoding import (
+    OnlineSegmenter,
+    online_segment_starts,
+    segment_embeddings,
+    temporal_ward_segments,
+)
 from vljepa_fast.models.tokenizer import ByteTokenizer
 from vljepa_fast.models.vljepa import VLJEPA
 from vljepa_fast.models.x_encoder import XEncoder, load_vjepa2_state_dict
@@ -16,6 +22,7 @@ from vljepa_fast.models.y_encoder import HFTextEncoder, TextEncoder
 __all__ = [
     "ByteTokenizer",
     "HFTextEncoder",
+    "OnlineSegmenter",
     "Predictor",
     "PredictorConfig",
     "TextEncoder",
@@ -27,4 +34,7 @@ __all__ = [
     "YEncoderConfig",
     "load_llama_layers",
     "load_vjepa2_state_dict",
+    "online_segment_starts",
+    "segment_embeddings",
+    "temporal_ward_segments",
 ]

@@ -236,7 +236,11 @@ class _FusedInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale, offset: int, normalize: bool, col_stats: bool, impl: str):
         fwd, _ = _IMPLS[impl]
-        row_lse, col_lse, pos_row, pos_col = fwd(a, b, scale.detach(), offset, normalize, col_stats)
+        # detached views: native kernels run ATen ops (out= GEMMs) on worker threads where the
+        # grad mode of this thread does not apply
+        row_lse, col_lse, pos_row, pos_col = fwd(
+            a.detach(), b.detach(), scale.detach(), offset, normalize, col_stats
+        )
         ctx.save_for_backward(a, b, scale, row_lse, col_lse)
         ctx.args = (offset, normalize, col_stats, impl)
         return row_lse - pos_row, col_lse - pos_col
@@ -249,8 +253,8 @@ class _FusedInfoNCE(torch.autograd.Function):
         g_row = g_row.float().contiguous()
         g_col = g_col.float().contiguous() if col_stats else None
         da, db, dscale = bwd(
-            a,
-            b,
+            a.detach(),
+            b.detach(),
             scale.detach(),
             offset,
             normalize,
