@@ -7,8 +7,8 @@ How one (case, provider) is measured (:func:`run_case`):
    (enough to cover twice the last-level cache) used in turn, so a round never finds its inputs
    in cache from the round before; large cases get one.
 2. Warm-up, untimed: the preset's number of calls (the first compiles under torch.compile, and
-   Triton autotunes on its first call). The last warm-up call is timed to
-   size the rounds: rounds = budget / call time, within the preset's bounds.
+   Triton autotunes on its first call). The last warm-up call is timed to size the rounds:
+   rounds = budget / call time, within the preset's bounds.
 3. Rounds through pytest-benchmark's pedantic mode, one call per round. The timed target ends
    with torch.cuda.synchronize() on GPU, so a round is the device time of the call plus its
    launch cost, never just the launch.
@@ -21,6 +21,10 @@ How one (case, provider) is measured (:func:`run_case`):
 
 Modes: "fwd" runs under torch.no_grad(); "fwd+bwd" runs the forward and backward of fresh
 graphs; "bwd" times only the backward of a graph built before the round (retain_graph=True).
+
+A provider that cannot serve a case (a backend's reasons, a peer not installed, out of memory)
+is skipped with the reason; one that raises anything else fails its test. Both are listed in
+the closing summary.
 """
 
 from __future__ import annotations
@@ -493,6 +497,15 @@ def _failed(op: str, case: dict, provider: str, e: Exception) -> None:
     )
 
 
+def _out_of_memory(op: str, case: dict, provider: str, e: Exception) -> None:
+    """Skip a provider that ran out of memory on this case (eager at large N does), saying so."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    skip(op, case, provider, f"out of memory: {first[:200]}")
+
+
 def _reasons(e: Exception) -> str:
     """An unavailable-backend message as one line: its bulleted reasons joined by '; '."""
     lines = [ln.strip() for ln in str(e).splitlines()]
@@ -572,6 +585,8 @@ def run_case(
         calls = [make(s) for s in sets]
     except (BackendUnavailableError, PeerMissing) as e:
         skip(op, case, provider, _reasons(e))
+    except torch.OutOfMemoryError as e:
+        _out_of_memory(op, case, provider, e)
     except Exception as e:
         _failed(op, case, provider, e)
         raise
@@ -626,6 +641,8 @@ def run_case(
             est = time.perf_counter() - t0
     except (BackendUnavailableError, PeerMissing) as e:
         skip(op, case, provider, _reasons(e))
+    except torch.OutOfMemoryError as e:
+        _out_of_memory(op, case, provider, e)
     except Exception as e:
         _failed(op, case, provider, e)
         raise
@@ -651,7 +668,10 @@ def run_case(
         state["round"] += 1
 
     benchmark.group = f"{op} | {case['label']}"
-    benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds, iterations=1)
+    try:
+        benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds, iterations=1)
+    except torch.OutOfMemoryError as e:
+        _out_of_memory(op, case, provider, e)
     if meter.peak is None and meter.available:  # --benchmark-disable: one call, no teardown
         meter.stop()
     stats = getattr(benchmark.stats, "stats", None)

@@ -222,6 +222,14 @@ def _run_json(path: Path, eager: float, fused: float) -> Path:
                     "skipped": "open_clip is not importable",
                 }
             ],
+            "failed": [
+                {
+                    "op": "infonce",
+                    "case": "fwd N64 D8 float32",
+                    "provider": "vf.triton",
+                    "failed": "RuntimeError: boom",
+                }
+            ],
         },
     }
     path.write_text(json.dumps(data))
@@ -233,7 +241,9 @@ def test_summary_lines_speedup_and_skips(tmp_path):
     text = "\n".join(report.summary_lines(rows))
     assert "4.00x" in text and "1.00x" in text
     assert "64.0 MiB" in text and "2.0 MiB" in text
-    assert "open_clip.ClipLoss: open_clip is not importable" in text
+    assert "open_clip.ClipLoss: open_clip is not importable (1 case)" in text
+    assert text.index("failed:") < text.index("vf.triton: RuntimeError: boom")
+    assert "vf.triton  " not in text  # a provider that failed has no row in the table
 
 
 def test_report_writes_markdown_charts_and_comparison(tmp_path):

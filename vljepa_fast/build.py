@@ -1,6 +1,6 @@
 """Build the native libraries ahead of time: ``python -m vljepa_fast.build [--require cpu,cuda]``.
 
-Without ``--require`` every library that can be built on this machine is built, and the ones
+``--only cpu`` limits the build to the named libraries. Without ``--require`` every library that can be built on this machine is built, and the ones
 that cannot are reported (exit 0). With ``--require`` the named libraries must build and load,
 or the command exits 1 with the compiler's message (CI uses ``--require cpu,cuda``).
 """
@@ -17,14 +17,16 @@ from vljepa_fast import _ext
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vljepa_fast.build", description=__doc__)
     ap.add_argument("--require", default="", help="comma-separated libraries that must build")
+    ap.add_argument("--only", default="", help="comma-separated libraries to build (default all)")
     ap.add_argument("--verbose", action="store_true", help="show the compiler's output")
     args = ap.parse_args(argv)
     required = {x for x in args.require.split(",") if x}
-    unknown = required - set(_ext.LIBS)
+    only = {x for x in args.only.split(",") if x} or set(_ext.LIBS)
+    unknown = (required | only) - set(_ext.LIBS)
     if unknown:
-        ap.error(f"--require: unknown libraries {sorted(unknown)}; expected some of {_ext.LIBS}")
+        ap.error(f"unknown libraries {sorted(unknown)}; expected some of {_ext.LIBS}")
     failed = False
-    for lib in _ext.LIBS:
+    for lib in (x for x in _ext.LIBS if x in only | required):
         start = time.time()
         so = _ext.build_dir(lib) / f"{_ext.library_name(lib)}.so"
         try:
