@@ -1,8 +1,9 @@
 """Build the native libraries ahead of time: ``python -m vljepa_fast.build [--require cpu,cuda]``.
 
-``--only cpu`` limits the build to the named libraries. Without ``--require`` every library that can be built on this machine is built, and the ones
-that cannot are reported (exit 0). With ``--require`` the named libraries must build and load,
-or the command exits 1 with the compiler's message (CI uses ``--require cpu,cuda``).
+``--only cpu`` limits the build to the named libraries. Without ``--require`` every library that
+can be built on this machine is built, and the ones that cannot are reported (exit 0). With
+``--require`` the named libraries must build and load, or the command exits 1 with the
+compiler's message (CI uses ``--require cpu,cuda``).
 """
 
 from __future__ import annotations
