@@ -211,3 +211,40 @@ def test_compile_fullgraph_training_step(backend):
     torch.testing.assert_close(got, eager)
     for p, w in zip((lin.weight, lin.bias, log_scale), want):
         torch.testing.assert_close(p.grad, w)
+
+
+# ------------------------------------------------------------------------------ gpu tier
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "backend", [b.name for b in _backends.records("infonce_loss") if "cuda" in b.devices]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,D", [(127, 72), (4096, 1536)])
+def test_gpu_backends_vs_float64(backend, dtype, N, D):
+    p, t = _inputs(N, D, dtype, seed=N, device="cuda")
+    tau = torch.tensor(0.07, device="cuda", requires_grad=True)
+    loss, grads = _run(backend, p, t, tau)
+    eager, egrads = _run("reference", p, t, tau)
+    p64, t64 = (x.detach().double().requires_grad_(True) for x in (p, t))
+    tau64 = tau.detach().double().requires_grad_(True)
+    exact, xgrads = _run("reference", p64, t64, tau64)
+    assert_close_2x(loss, eager, exact, dtype, "loss")
+    for got, ea, ex, name in zip(grads, egrads, xgrads, ("dpred", "dtarget", "dtemperature")):
+        assert_close_2x(got, ea, ex, dtype, name)
+
+
+@pytest.mark.gpu
+def test_gpu_no_n_squared_memory():
+    N, D = 16384, 1536
+    p, t = _inputs(N, D, torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = vf.infonce_loss(p, t)
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = 2 * N * D * 2
+    assert extra - grads < 0.10 * (2 * N * D * 2) + 64 * N, f"extra memory {extra / 2**20:.1f} MiB"
