@@ -5,7 +5,8 @@ scores[q, n] = <queries[q], bank[n]>           (metric "ip")
 returns the k largest scores of every query row and their bank row indices.
 
 Stage 1 (Triton): program (i_q, i_c) takes BQ queries and one chunk of the bank, computes
-[BQ, BN] score tiles with fp32 accumulation (tensor-core dots for fp16/bf16) and folds each
+[BQ, BN] score tiles with fp32 accumulation (tensor-core dots; fp32 as three tf32 MMAs, for
+fp32 accuracy) and folds each
 tile into a running per-query top-K_PAD list held in registers, then writes that list:
 candidates [Q, n_chunks, K_PAD]. Splitting the bank into chunks keeps the GPU full when there
 are few queries. Stage 2 (torch) takes the top k of the n_chunks * K_PAD candidates of each query.
@@ -207,16 +208,18 @@ def topk_config(dtype: torch.dtype, num_queries: int, dim: int, k: int) -> TopkC
     aligned = dim % 16 == 0
     # fp32 dots are three tf32 MMAs on split operands: a narrower step keeps them in registers.
     bd = 16 if dtype == torch.float32 else 64 if aligned else 32
+    # fp32 with scalar loads has the most live registers of all: narrower tiles, one stage less.
+    narrow = dtype == torch.float32 and not aligned
+    bn = 32 if narrow else 64
     if select:
-        bn = 64
         bq = max(16, min(64, 2048 // k_pad) // (1 if aligned else 2))
         num_warps = 4
     else:
         k_pad = 1  # unused: no running list
-        bq, bn, num_warps = (64, 128, 8) if aligned else (32, 64, 4)
+        bq, bn, num_warps = (64, 128, 8) if aligned else (32, bn, 4)
     bq = min(bq, max(16, triton.next_power_of_2(num_queries)))
     bd = min(bd, max(16, triton.next_power_of_2(dim)))
-    return TopkConfig(select, k_pad, bq, bn, bd, num_warps, num_stages=3)
+    return TopkConfig(select, k_pad, bq, bn, bd, num_warps, num_stages=2 if narrow else 3)
 
 
 def kernel_spec(

@@ -35,7 +35,7 @@ def differentiable_scores(queries: Tensor, bank: Tensor, indices: Tensor, metric
 def _triton_op(queries: Tensor, bank: Tensor, k: int, cosine: bool) -> tuple[Tensor, Tensor]:
     from vljepa_fast._kernels import topk_similarity as kernel
 
-    return kernel.topk_similarity(queries, bank, k, cosine)
+    return kernel.topk_similarity(queries, bank, k, cosine, eps=reference.NORM_EPS)
 
 
 @_triton_op.register_fake
