@@ -15,4 +15,5 @@ else
   python -m vljepa_fast.build
 fi
 python -m vljepa_fast.info
-python -m pytest tests -p no:cacheprovider "$@"
+# two or more workers: the compile tier is many independent single-threaded ptxas runs
+python -m pytest tests -p no:cacheprovider -n "${VLJEPA_FAST_TEST_WORKERS:-auto}" "$@"

@@ -62,8 +62,13 @@ def pytest_runtest_makereport(item, call):
     if rep.skipped and IN_CI and tier != "gpu" and not hasattr(rep, "wasxfail"):
         rep.outcome = "failed"
         rep.longrepr = f"[CI] the {tier} tier must not skip: {rep.longrepr}"
-    if rep.when == "call" or (rep.when == "setup" and not rep.passed):
-        _counts[(tier, rep.outcome)] += 1
+
+
+def pytest_runtest_logreport(report):
+    """Count outcomes per tier where reports arrive (the controller, also under pytest-xdist)."""
+    tier = next((t for t in TIERS if t in report.keywords), "cpu")
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        _counts[(tier, report.outcome)] += 1
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -86,7 +91,8 @@ def pytest_sessionfinish(session, exitstatus):
     full_run = (
         not cfg.getoption("markexpr") and not cfg.getoption("keyword") and cfg.args == ["tests"]
     )
-    if not (IN_CI and full_run) or exitstatus not in (0,):
+    is_worker = hasattr(cfg, "workerinput")  # pytest-xdist workers see only their share
+    if not (IN_CI and full_run) or is_worker or exitstatus not in (0,):
         return
     empty = [t for t in ("cpu", "interpret", "compile") if _counts[(t, "passed")] == 0]
     if empty:
