@@ -21,10 +21,15 @@ DTYPE_IDS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16:
 # (N, M, D, offset): sizes inside one 64-row tile, M > N with and without an offset, the largest
 # offset M - N, a single feature.
 SMALL = [(1, 1, 1, 0), (1, 5, 72, 3), (5, 5, 72, 0), (5, 127, 1, 60), (5, 300, 72, 295)]
-# Several row and column tiles, ragged last tiles, D = 72 (no 16-element multiple for WMMA
-# k-steps of 32 halves), D = 1536 (VL-JEPA), D = 100 (unaligned for fp16 16-byte packs).
-LARGE = [(127, 127, 72, 0), (127, 300, 72, 100), (300, 300, 1, 0), (200, 260, 1536, 60),
-         (130, 130, 100, 0)]
+# Several row and column tiles, ragged last tiles, D = 72 (not a multiple of the 32-half
+# k-step), D = 1536 (VL-JEPA), D = 100 (unaligned for fp16 16-byte packs).
+LARGE = [
+    (127, 127, 72, 0),
+    (127, 300, 72, 100),
+    (300, 300, 1, 0),
+    (200, 260, 1536, 60),
+    (130, 130, 100, 0),
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +50,22 @@ def _inputs(n, m, d, dtype, *, seed, magnitude=1.0):
     return a.to("cuda", dtype), b.to("cuda", dtype)
 
 
+def _poison_allocator():
+    """NaN-fill cached blocks of both allocator pools, so that outputs the kernels allocate with
+    at::empty start as NaN (best effort: the caching allocator hands freed blocks back as is)."""
+    small = [torch.full((1 << 16,), float("nan"), device="cuda") for _ in range(64)]  # 256 KiB
+    large = torch.full((1 << 26,), float("nan"), device="cuda")  # 256 MiB
+    del small, large
+
+
 def _terms_and_grads(a, b, scale, offset, normalize, col_stats, g_row, g_col, cdt):
     """reference terms and the gradients of sum g_row (row_lse - pos_row) + sum g_col (...)."""
     a = a.detach().to(cdt if cdt == torch.float64 else a.dtype).requires_grad_(True)
     b = b.detach().to(a.dtype).requires_grad_(True)
     s = scale.detach().to(cdt).requires_grad_(True)
-    terms = reference.infonce_terms(a, b, s, offset=offset, normalize=normalize,
-                                    col_stats=col_stats)
+    terms = reference.infonce_terms(
+        a, b, s, offset=offset, normalize=normalize, col_stats=col_stats
+    )
     loss = (g_row.to(terms[0].dtype) * (terms[0] - terms[2])).sum()
     if col_stats:
         loss = loss + (g_col.to(terms[1].dtype) * (terms[1] - terms[3])).sum()
@@ -59,8 +73,20 @@ def _terms_and_grads(a, b, scale, offset, normalize, col_stats, g_row, g_col, cd
     return [t for t in terms if t is not None], (da, db, ds)
 
 
-def _check(n, m, d, offset, dtype, normalize, col_stats, *, temperature=0.07, magnitude=1.0,
-           seed=0, zero_rows=False):
+def _check(
+    n,
+    m,
+    d,
+    offset,
+    dtype,
+    normalize,
+    col_stats,
+    *,
+    temperature=0.07,
+    magnitude=1.0,
+    seed=0,
+    zero_rows=False,
+):
     a, b = _inputs(n, m, d, dtype, seed=seed, magnitude=magnitude)
     if zero_rows:
         a[n // 2] = 0
@@ -70,11 +96,13 @@ def _check(n, m, d, offset, dtype, normalize, col_stats, *, temperature=0.07, ma
     g_row = torch.randn(n, generator=g).cuda()
     g_col = torch.randn(m, generator=g).cuda() if col_stats else None
 
+    _poison_allocator()
     out = torch.ops.vljepa_fast.infonce_fwd(a, b, scale, offset, normalize, col_stats)
     assert all(t.dtype == torch.float32 and t.is_cuda for t in out)
     if not col_stats:
         assert out[1].shape == (0,) and out[3].shape == (0,)
     got_terms = list(out) if col_stats else [out[0], out[2]]
+    _poison_allocator()
     da, db, ds = torch.ops.vljepa_fast.infonce_bwd(
         a, b, scale, offset, normalize, out[0], out[1] if col_stats else None, g_row, g_col
     )
@@ -82,17 +110,20 @@ def _check(n, m, d, offset, dtype, normalize, col_stats, *, temperature=0.07, ma
     assert da.dtype == dtype and db.dtype == dtype and ds.dtype == torch.float32 and ds.dim() == 0
     assert da.shape == a.shape and db.shape == b.shape
 
-    exact_terms, exact_grads = _terms_and_grads(a, b, scale, offset, normalize, col_stats,
-                                                g_row, g_col, torch.float64)
-    eager_terms, eager_grads = _terms_and_grads(a, b, scale, offset, normalize, col_stats,
-                                                g_row, g_col, torch.float32)
+    exact_terms, exact_grads = _terms_and_grads(
+        a, b, scale, offset, normalize, col_stats, g_row, g_col, torch.float64
+    )
+    eager_terms, eager_grads = _terms_and_grads(
+        a, b, scale, offset, normalize, col_stats, g_row, g_col, torch.float32
+    )
     names = ["row_lse", "col_lse", "pos_row", "pos_col"] if col_stats else ["row_lse", "pos_row"]
     # The terms are float32 in every backend: their tolerance floor is float32's.
     for name, got, eager, exact in zip(names, got_terms, eager_terms, exact_terms):
         assert torch.isfinite(got).all(), f"{name}: non-finite"
         assert_close_2x(got, eager, exact, torch.float32, name)
-    for name, got, eager, exact in zip(["da", "db", "dscale"], (da, db, ds), eager_grads,
-                                       exact_grads):
+    for name, got, eager, exact in zip(
+        ["da", "db", "dscale"], (da, db, ds), eager_grads, exact_grads
+    ):
         assert torch.isfinite(got).all(), f"{name}: non-finite"
         assert_close_2x(got, eager, exact, dtype if name != "dscale" else torch.float32, name)
 
@@ -106,8 +137,11 @@ def test_small_matches_float64(cuda_lib, n, m, d, offset, dtype, normalize, col_
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("normalize,col_stats", [(True, True), (False, True), (True, False)],
-                         ids=["norm-cols", "raw-cols", "norm-rows"])
+@pytest.mark.parametrize(
+    "normalize,col_stats",
+    [(True, True), (False, True), (True, False)],
+    ids=["norm-cols", "raw-cols", "norm-rows"],
+)
 @pytest.mark.parametrize("n,m,d,offset", LARGE)
 def test_large_matches_float64(cuda_lib, n, m, d, offset, dtype, normalize, col_stats):
     _check(n, m, d, offset, dtype, normalize, col_stats, seed=n * 1000 + m + d + offset)
@@ -117,8 +151,18 @@ def test_large_matches_float64(cuda_lib, n, m, d, offset, dtype, normalize, col_
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
 def test_huge_logits_stay_finite(cuda_lib, dtype, normalize):
     # temperature 0.01; raw inputs of norm about 3.4 * sqrt(72): |logits| up to about 1e4.
-    _check(127, 300, 72, 100, dtype, normalize, True, temperature=0.01,
-           magnitude=1.0 if normalize else 3.4, seed=7)
+    _check(
+        127,
+        300,
+        72,
+        100,
+        dtype,
+        normalize,
+        True,
+        temperature=0.01,
+        magnitude=1.0 if normalize else 3.4,
+        seed=7,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -133,8 +177,10 @@ def test_deterministic(cuda_lib):
     runs = []
     for _ in range(2):
         out = torch.ops.vljepa_fast.infonce_fwd(a, b, scale, 0, True, True)
-        runs.append(out + torch.ops.vljepa_fast.infonce_bwd(a, b, scale, 0, True, out[0], out[1],
-                                                            g_row, g_col))
+        runs.append(
+            out
+            + torch.ops.vljepa_fast.infonce_bwd(a, b, scale, 0, True, out[0], out[1], g_row, g_col)
+        )
     for x, y in zip(*runs):
         assert torch.equal(x, y)
 
@@ -146,8 +192,9 @@ def test_cpu_scale_gives_cpu_dscale(cuda_lib):
     results = []
     for scale in (torch.tensor(10.0), torch.tensor(10.0, device="cuda")):
         out = torch.ops.vljepa_fast.infonce_fwd(a, b, scale, 0, True, True)
-        grads = torch.ops.vljepa_fast.infonce_bwd(a, b, scale, 0, True, out[0], out[1], g_row,
-                                                  g_col)
+        grads = torch.ops.vljepa_fast.infonce_bwd(
+            a, b, scale, 0, True, out[0], out[1], g_row, g_col
+        )
         assert grads[2].device == scale.device
         results.append([t.cpu() for t in out + grads])
     for x, y in zip(*results):
@@ -178,8 +225,7 @@ def test_public_loss_with_learnable_temperature(cuda_lib, symmetric):
     temp = torch.tensor(0.05, device="cuda", requires_grad=True)
     loss = vf.infonce_loss(pred, target, temperature=temp, symmetric=symmetric, backend="cuda")
     grads = torch.autograd.grad(loss, (pred, target, temp))
-    p64, t64 = pred.detach().double().requires_grad_(True), target.detach().double().requires_grad_(True)
-    temp64 = temp.detach().double().requires_grad_(True)
+    p64, t64, temp64 = (t.detach().double().requires_grad_(True) for t in (pred, target, temp))
     want = reference.infonce_loss(p64, t64, temperature=temp64, symmetric=symmetric)
     want_grads = torch.autograd.grad(want, (p64, t64, temp64))
     torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)

@@ -73,6 +73,7 @@ class BackendStatus(NamedTuple):
 
 _REGISTRY: dict[str, list[Backend]] = {op: [] for op in OPS}
 _warned_reference: set[str] = set()
+_available_ok: set[tuple[str, str]] = set()
 
 
 def register(backend: Backend) -> Backend:
@@ -103,9 +104,13 @@ def reasons_for(b: Backend, args: Sequence[Any], kwargs: dict) -> list[str]:
     dev = _device_type(args, kwargs)
     if dev not in b.devices:
         return [f"does not run on {dev} tensors (serves {', '.join(b.devices)})"]
-    reasons = list(b.available())
-    if reasons:
-        return reasons
+    if (b.op, b.name) not in _available_ok:
+        reasons = list(b.available())
+        if reasons:
+            return reasons
+        # success never reverts; remembering it keeps locks and native-library probes out of
+        # torch.compile's trace (a dict lookup is all it sees once the op has run eagerly)
+        _available_ok.add((b.op, b.name))
     if not b.deterministic and torch.are_deterministic_algorithms_enabled():
         return ["not deterministic, and torch.use_deterministic_algorithms(True) is set"]
     return list(b.supports(*args, **kwargs))

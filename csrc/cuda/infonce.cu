@@ -17,8 +17,9 @@
 // column tile. Row statistics are online (running max and rescaled sum-exp per row, one warp per
 // row, butterfly shuffles: the same order on every run). Column statistics of the block's 64
 // rows are exact per tile and go to col_part_max / col_part_sum [n_row_blocks, M]; col_lse_kernel
-// merges them in row-block order (deterministic, no atomics). Positives are read off the tile
-// that holds them. Every exponent is relative to a maximum, so |S| of 1e4 and more stays finite.
+// merges them in row-block order (deterministic, no atomics; the partials take N * M / 8 bytes,
+// 1/32 of an fp32 logit matrix). Positives are read off the tile that holds them. Every exponent
+// is relative to a maximum, so |S| of 1e4 and more stays finite.
 //
 // Backward, infonce_bwd_kernel (launched twice, by_rows then by columns): program p owns 64 rows
 // of one input ("own": a by rows, b by columns) and walks tiles of the other. It recomputes the
@@ -33,9 +34,10 @@
 // Why a global fp32 accumulator rather than registers: a program's [64, D] accumulator is 384 KiB
 // at D = 1536, beyond registers and shared memory; chunking D instead would recompute every S tile
 // once per chunk (D / chunk times the GEMM work). The accumulator is read and written once per
-// 64-column tile (L2-resident: 384 KiB per program), an O(N * M * D / 32) byte stream against
-// O(N * M * D) FLOPs. For fp32 inputs da and db themselves are the accumulators (no extra memory);
-// fp16/bf16 inputs need one fp32 [max(N, M), D] buffer, reused by both passes. The gradient
+// 64-column tile (L2-resident: 384 KiB per program): N * M * D / 8 bytes against the 2 * N * M * D
+// FLOPs of that GEMM, 16 FLOP per byte. For fp32 inputs da and db themselves are the
+// accumulators (no extra memory); fp16/bf16 inputs need one fp32 [max(N, M), D] buffer, reused
+// by both passes (as large as both inputs together when N = M). The gradient
 // GEMMs run on fp32 FMA for every dtype: dS keeps fp32 precision (g_row = 1 / N makes dS too
 // small for fp16), at the price of speed (an open item: WMMA on a rescaled bf16 dS).
 //
@@ -52,7 +54,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -147,13 +148,16 @@ __device__ __forceinline__ uint4 load_pack(const T* row, int d, int dim, bool ve
       out = __ldg(reinterpret_cast<const uint4*>(row + d));
     }
   } else {
+    // Assembled in 32-bit words with shifts (no local array whose address is taken).
+    constexpr int kPerWord = 4 / int(sizeof(T));
     const Bits* src = reinterpret_cast<const Bits*>(row);
-    Bits v[kPack];
+    uint32_t w[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
     for (int e = 0; e < kPack; ++e) {
-      v[e] = d + e < dim ? src[d + e] : Bits(0);
+      const uint32_t bits = d + e < dim ? uint32_t(src[d + e]) : 0u;
+      w[e / kPerWord] |= bits << (16 * (e % kPerWord));
     }
-    memcpy(&out, v, sizeof(out));
+    out = make_uint4(w[0], w[1], w[2], w[3]);
   }
   return out;
 }
@@ -398,8 +402,10 @@ __global__ void __launch_bounds__(kThreads)
 // Program p owns rows [64 p, 64 p + 64) of `own` (a when by_rows, else b) and adds
 // sum_c W[r][c] other[c] into its rows of acc [n_own, D] (see the header). dscale_part (by rows
 // only) receives the program's share of sum(dS * G * inv_a * inv_b).
+// Two resident blocks per SM asked for explicitly: without it ptxas 13 squeezes the fp16 variant
+// for sm_90a into 64 registers and spills.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     infonce_bwd_kernel(const T* __restrict__ own, const T* __restrict__ other, int n_own,
                        int n_other, const float* __restrict__ inv_a,
                        const float* __restrict__ inv_b, const float* __restrict__ scale_ptr,

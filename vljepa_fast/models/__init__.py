@@ -17,6 +17,7 @@ from vljepa_fast.models.selective_decoding import (
 from vljepa_fast.models.tokenizer import ByteTokenizer
 from vljepa_fast.models.vljepa import VLJEPA
 from vljepa_fast.models.x_encoder import XEncoder, load_vjepa2_state_dict
+from vljepa_fast.models.y_decoder import YDecoder
 from vljepa_fast.models.y_encoder import HFTextEncoder, TextEncoder
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "VLJEPAConfig",
     "XEncoder",
     "XEncoderConfig",
+    "YDecoder",
     "YDecoderConfig",
     "YEncoderConfig",
     "load_llama_layers",
