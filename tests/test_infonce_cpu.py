@@ -45,8 +45,9 @@ def _terms_and_grads(a, b, scale, offset, normalize, col_stats, g_row, g_col, cd
     a = a.detach().to(cdt if cdt == torch.float64 else a.dtype).requires_grad_(True)
     b = b.detach().to(a.dtype).requires_grad_(True)
     s = scale.detach().to(cdt).requires_grad_(True)
-    terms = reference.infonce_terms(a, b, s, offset=offset, normalize=normalize,
-                                    col_stats=col_stats)
+    terms = reference.infonce_terms(
+        a, b, s, offset=offset, normalize=normalize, col_stats=col_stats
+    )
     loss = (g_row.to(terms[0].dtype) * (terms[0] - terms[2])).sum()
     if col_stats:
         loss = loss + (g_col.to(terms[1].dtype) * (terms[1] - terms[3])).sum()
@@ -54,8 +55,9 @@ def _terms_and_grads(a, b, scale, offset, normalize, col_stats, g_row, g_col, cd
     return [t for t in terms if t is not None], (da, db, ds)
 
 
-def _check(n, m, d, offset, dtype, normalize, col_stats, *, temperature=0.07, magnitude=1.0,
-           seed=0):
+def _check(
+    n, m, d, offset, dtype, normalize, col_stats, *, temperature=0.07, magnitude=1.0, seed=0
+):
     a, b = _inputs(n, m, d, dtype, seed=seed, magnitude=magnitude)
     scale = torch.tensor(1.0 / temperature, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed + 1)
@@ -72,17 +74,20 @@ def _check(n, m, d, offset, dtype, normalize, col_stats, *, temperature=0.07, ma
     )
     assert da.dtype == dtype and db.dtype == dtype and ds.dtype == torch.float32 and ds.dim() == 0
 
-    exact_terms, exact_grads = _terms_and_grads(a, b, scale, offset, normalize, col_stats,
-                                                g_row, g_col, torch.float64)
-    eager_terms, eager_grads = _terms_and_grads(a, b, scale, offset, normalize, col_stats,
-                                                g_row, g_col, torch.float32)
+    exact_terms, exact_grads = _terms_and_grads(
+        a, b, scale, offset, normalize, col_stats, g_row, g_col, torch.float64
+    )
+    eager_terms, eager_grads = _terms_and_grads(
+        a, b, scale, offset, normalize, col_stats, g_row, g_col, torch.float32
+    )
     names = ["row_lse", "col_lse", "pos_row", "pos_col"] if col_stats else ["row_lse", "pos_row"]
     # The terms are float32 in every backend: their tolerance floor is float32's.
     for name, got, eager, exact in zip(names, got_terms, eager_terms, exact_terms):
         assert torch.isfinite(got).all(), f"{name}: non-finite"
         assert_close_2x(got, eager, exact, torch.float32, name)
-    for name, got, eager, exact in zip(["da", "db", "dscale"], (da, db, ds), eager_grads,
-                                       exact_grads):
+    for name, got, eager, exact in zip(
+        ["da", "db", "dscale"], (da, db, ds), eager_grads, exact_grads
+    ):
         assert torch.isfinite(got).all(), f"{name}: non-finite"
         assert_close_2x(got, eager, exact, dtype if name != "dscale" else torch.float32, name)
 
@@ -113,8 +118,18 @@ def test_large_matches_float64(n, m, d, offset, dtype, normalize, col_stats):
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
 def test_huge_logits_stay_finite(dtype, normalize):
     # temperature 0.01; raw inputs of norm about 3.4 * sqrt(72): |logits| up to about 1e4.
-    _check(127, 300, 72, 100, dtype, normalize, True, temperature=0.01,
-           magnitude=1.0 if normalize else 3.4, seed=7)
+    _check(
+        127,
+        300,
+        72,
+        100,
+        dtype,
+        normalize,
+        True,
+        temperature=0.01,
+        magnitude=1.0 if normalize else 3.4,
+        seed=7,
+    )
 
 
 def test_zero_rows_use_the_clamped_norm():
@@ -125,10 +140,12 @@ def test_zero_rows_use_the_clamped_norm():
     out = torch.ops.vljepa_fast.infonce_fwd(a, b, scale, 2, True, True)
     g_row, g_col = torch.randn(9), torch.randn(12)
     grads = torch.ops.vljepa_fast.infonce_bwd(a, b, scale, 2, True, out[0], out[1], g_row, g_col)
-    exact_terms, exact_grads = _terms_and_grads(a, b, scale, 2, True, True, g_row, g_col,
-                                                torch.float64)
-    eager_terms, eager_grads = _terms_and_grads(a, b, scale, 2, True, True, g_row, g_col,
-                                                torch.float32)
+    exact_terms, exact_grads = _terms_and_grads(
+        a, b, scale, 2, True, True, g_row, g_col, torch.float64
+    )
+    eager_terms, eager_grads = _terms_and_grads(
+        a, b, scale, 2, True, True, g_row, g_col, torch.float32
+    )
     for got, eager, exact in zip(out, eager_terms, exact_terms):
         assert_close_2x(got, eager, exact, torch.float32, "terms")
     for got, eager, exact in zip(grads, eager_grads, exact_grads):
@@ -142,8 +159,10 @@ def test_deterministic():
     runs = []
     for _ in range(2):
         out = torch.ops.vljepa_fast.infonce_fwd(a, b, scale, 0, True, True)
-        runs.append(out + torch.ops.vljepa_fast.infonce_bwd(a, b, scale, 0, True, out[0], out[1],
-                                                            g_row, g_col))
+        runs.append(
+            out
+            + torch.ops.vljepa_fast.infonce_bwd(a, b, scale, 0, True, out[0], out[1], g_row, g_col)
+        )
     for x, y in zip(*runs):
         assert torch.equal(x, y)
 
@@ -160,8 +179,9 @@ def test_no_n_by_m_buffer():
     scale = torch.tensor(14.0)
     g = torch.full((n,), 1.0 / n)
     out = torch.ops.vljepa_fast.infonce_fwd(a[:64], b[:64], scale, 0, True, True)  # warm-up
-    torch.ops.vljepa_fast.infonce_bwd(a[:64], b[:64], scale, 0, True, out[0], out[1], g[:64],
-                                      g[:64])
+    torch.ops.vljepa_fast.infonce_bwd(
+        a[:64], b[:64], scale, 0, True, out[0], out[1], g[:64], g[:64]
+    )
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident size
     base = _vm_hwm_kib()
@@ -198,8 +218,10 @@ def test_bad_backward_calls_raise():
     a, b, s = torch.randn(5, 4), torch.randn(6, 4), torch.tensor(10.0)
     row_lse, col_lse = torch.randn(5), torch.randn(6)
     with pytest.raises(RuntimeError, match="col_lse is required"):
-        torch.ops.vljepa_fast.infonce_bwd(a, b, s, 0, True, row_lse, None, torch.randn(5),
-                                          torch.randn(6))
+        torch.ops.vljepa_fast.infonce_bwd(
+            a, b, s, 0, True, row_lse, None, torch.randn(5), torch.randn(6)
+        )
     with pytest.raises(RuntimeError, match="g_row must be a floating \\[5\\]"):
-        torch.ops.vljepa_fast.infonce_bwd(a, b, s, 0, True, row_lse, col_lse, torch.randn(4),
-                                          torch.randn(6))
+        torch.ops.vljepa_fast.infonce_bwd(
+            a, b, s, 0, True, row_lse, col_lse, torch.randn(4), torch.randn(6)
+        )

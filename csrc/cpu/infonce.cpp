@@ -17,14 +17,16 @@
 // [N, N] matrix in eager; fp16/bf16 inputs add an fp32 copy of b and, in the backward, an fp32
 // accumulator for db.
 //
-// Threads: each thread owns a fixed range of columns (of b) and runs single-threaded MKL GEMMs on
-// its slice of the block: G[:, cols] = Â_blk @ b[cols]^T, then the epilogue on that slice while it
-// is warm, then (backward) dB'[cols] += dS'[:, cols]^T @ Â_blk, its own rows of the accumulator.
-// Only dÂ_blk = dS'_blk @ b, which needs every column, runs after a barrier, split by rows. Under
-// a busy machine this beats one multi-threaded GEMM (about 15% here): no barrier inside each GEMM
-// waiting for a descheduled thread. Row statistics are merged from per-slice partials in slice
-// order, column statistics and dB' rows belong to one slice each, and every sum runs in a fixed
-// order: results are deterministic for a given thread count, with no atomics.
+// Threads: the columns (rows of b) are cut into fixed slices, a few per thread, that threads pull
+// from a shared counter. A slice runs single-threaded MKL GEMMs on its part of the block: G[:,
+// cols] = Â_blk @ b[cols]^T, then the epilogue while that part is warm, then (backward) dB'[cols]
+// += dS'[:, cols]^T @ Â_blk, its own rows of the accumulator. Only dÂ_blk = dS'_blk @ b, which
+// needs every column, runs after a barrier, in feature-column parts pulled the same way. On a
+// shared machine this beats one multi-threaded GEMM: a thread that loses its core takes fewer
+// items instead of stalling a barrier inside every GEMM. Row statistics are merged from
+// per-slice partials in slice order, column statistics and dB' rows belong to one slice each,
+// and every sum runs in a fixed order: results are deterministic for a given thread count (which
+// fixes the slices), without atomics on data.
 //
 // Normalisation is folded in: Â_blk = a_blk / max(||a_i||, eps) is built per block, while b is
 // never normalised in memory: its inverse norms scale G's columns in the epilogue (S = scale *
@@ -40,6 +42,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -70,6 +73,11 @@ constexpr int64_t kFlush = 256;
 constexpr int64_t kStrip = 64;
 // Column slices start on multiples of 16 floats (64-byte cache lines): no false sharing.
 constexpr int64_t kSliceAlign = 16;
+// Work items (column slices, feature-column parts) per thread, pulled from a shared counter: a
+// thread slowed down by another process takes fewer of them instead of holding up the barrier.
+constexpr int64_t kItemsPerThread = 4;
+// Columns per slice at least (up to the 16-column alignment): keeps the slice GEMMs efficient.
+constexpr int64_t kMinSliceCols = 64;
 
 // exp(x) in fp32 for x <= 88 (Cephes expf: range reduction by ln 2 in two parts, degree-6
 // polynomial, about 1 ulp). Written without float compares, which -ftrapping-math (the default)
@@ -205,8 +213,8 @@ Plan make_plan(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale
   for (int64_t j = 0; j < p.m; ++j) {
     p.col_mul[j] = p.scale * p.inv_b[j];
   }
-  const int64_t num_slices =
-      std::clamp<int64_t>(at::get_num_threads(), 1, (p.m + kSliceAlign - 1) / kSliceAlign);
+  const int64_t num_slices = std::clamp<int64_t>(at::get_num_threads() * kItemsPerThread, 1,
+                                                  std::max<int64_t>(1, p.m / kMinSliceCols));
   p.slices.resize(num_slices + 1);
   for (int64_t t = 0; t < num_slices; ++t) {
     p.slices[t] = t * p.m / num_slices / kSliceAlign * kSliceAlign;
@@ -254,14 +262,23 @@ at::Tensor a_block(const at::Tensor& a, int64_t r0, int64_t rows, Plan& p) {
   return dst;
 }
 
-// Runs fn(slice, j0, j1) for every column slice, one slice per thread.
+// Runs fn(item) for item in [0, num_items) on all threads, each pulling the next item from a
+// shared counter. Items own disjoint outputs, so which thread runs one does not change a result.
 template <typename Fn>
-void for_each_slice(const Plan& p, const Fn& fn) {
-  at::parallel_for(0, p.num_slices(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      fn(t, p.slices[t], p.slices[t + 1]);
+void for_each_item(int64_t num_items, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_items);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t item = next.fetch_add(1); item < num_items; item = next.fetch_add(1)) {
+      fn(item);
     }
   });
+}
+
+// Runs fn(slice, j0, j1) for every column slice.
+template <typename Fn>
+void for_each_slice(const Plan& p, const Fn& fn) {
+  for_each_item(p.num_slices(), [&](int64_t t) { fn(t, p.slices[t], p.slices[t + 1]); });
 }
 
 // G[:, j0:j1) = Â_blk @ b[j0:j1)^T into the block buffer: one single-threaded GEMM per slice.
@@ -542,7 +559,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
   at::Tensor db_acc = f32 ? db : at::empty({p.m, p.dim}, at::kFloat);
   std::vector<double> dscale_part(p.num_slices(), 0.0);
   float* g_ptr = p.block.data_ptr<float>();
-  const int64_t row_parts = std::min<int64_t>(p.num_slices(), p.block_rows);
+  const int64_t dim_parts = std::clamp<int64_t>(at::get_num_threads() * kItemsPerThread, 1,
+                                                 std::max<int64_t>(1, p.dim / kMinSliceCols));
 
   for (int64_t r0 = 0; r0 < p.n; r0 += p.block_rows) {
     const int64_t rows = std::min(p.block_rows, p.n - r0);
@@ -561,24 +579,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
         db_rows.addmm_(g.t(), a_hat);
       }
     });
-    // dÂ_blk / scale = dS'_blk @ b needs every column: after the slices, split by rows.
-    at::parallel_for(0, row_parts, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t i0 = t * rows / row_parts;
-        const int64_t i1 = (t + 1) * rows / row_parts;
-        if (i1 == i0) {
-          continue;
-        }
-        at::Tensor out = da_acc.narrow(0, f32 ? r0 + i0 : i0, i1 - i0);  // [i1 - i0, D]
-        at::mm_out(out, p.block.narrow(0, i0, i1 - i0), p.b32);
-        const float* inv_a = p.inv_a.data() + i0;
-        normalize_backward(out.data_ptr<float>(), a_hat.data_ptr<float>() + i0 * p.dim, inv_a,
-                           inv_a, p.scale, p.dim, normalize, 0, i1 - i0);
-        if (!f32) {
-          da.narrow(0, r0 + i0, i1 - i0).copy_(out);
-        }
-      }
+    // dÂ_blk / scale = dS'_blk @ b needs every column: after the slices, split by feature
+    // columns, so that each item packs the [C, M] dS' block (smaller than b) and its part of b.
+    at::Tensor da_blk = da_acc.narrow(0, f32 ? r0 : 0, rows);  // [rows, D]
+    const at::Tensor ds_blk = p.block.narrow(0, 0, rows);      // [rows, M]
+    for_each_item(dim_parts, [&](int64_t t) {
+      const int64_t d0 = t * p.dim / dim_parts / kSliceAlign * kSliceAlign;
+      const int64_t d1 =
+          t + 1 == dim_parts ? p.dim : (t + 1) * p.dim / dim_parts / kSliceAlign * kSliceAlign;
+      at::Tensor out = da_blk.narrow(1, d0, d1 - d0);  // [rows, d1 - d0], row stride D
+      at::mm_out(out, ds_blk, p.b32.narrow(1, d0, d1 - d0));
     });
+    float* da_ptr = da_blk.data_ptr<float>();
+    const float* a_hat_ptr = a_hat.data_ptr<float>();
+    at::parallel_for(0, rows, row_grain(p.dim), [&](int64_t begin, int64_t end) {
+      normalize_backward(da_ptr, a_hat_ptr, p.inv_a.data(), p.inv_a.data(), p.scale, p.dim,
+                         normalize, begin, end);
+    });
+    if (!f32) {
+      da.narrow(0, r0, rows).copy_(da_blk);
+    }
   }
   // dB' -> db: the factor inv_b was already applied through dS'.
   const float* b_ptr = p.b32.data_ptr<float>();
