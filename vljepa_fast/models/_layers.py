@@ -36,8 +36,7 @@ def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 
 
-def check_tokens(name: str, ids: Tensor, mask: Tensor | None, vocab: int, max_len: int
-                 ) -> Tensor:
+def check_tokens(name: str, ids: Tensor, mask: Tensor | None, vocab: int, max_len: int) -> Tensor:
     """Validate right-padded token ids [B, L] and their mask; return the mask (all True if None)."""
     if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point():
         got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
@@ -48,8 +47,9 @@ def check_tokens(name: str, ids: Tensor, mask: Tensor | None, vocab: int, max_le
     if L > max_len:
         raise ValueError(f"{name}: {L} tokens, longer than the maximum ({max_len})")
     if ids.min() < 0 or ids.max() >= vocab:
-        raise ValueError(f"{name}: token ids must lie in [0, {vocab}), got "
-                         f"[{int(ids.min())}, {int(ids.max())}]")
+        raise ValueError(
+            f"{name}: token ids must lie in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}]"
+        )
     if mask is None:
         return torch.ones_like(ids, dtype=torch.bool)
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != ids.shape:
@@ -65,15 +65,22 @@ def load_checked(module: nn.Module, state: dict[str, Tensor], what: str) -> None
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
     if missing or unexpected or mismatched:
         parts = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
             if items:
-                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)"
-                                                 if len(items) > 20 else "")
+                shown = ", ".join(items[:20]) + (
+                    f", ... ({len(items)} in all)" if len(items) > 20 else ""
+                )
                 parts.append(f"{label}: {shown}")
         raise ValueError(f"{what}: state dict does not match the model; " + "; ".join(parts))
     module.load_state_dict(state, strict=True)

@@ -38,12 +38,23 @@ class XEncoderConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        _positive("XEncoderConfig", dim=self.dim, depth=self.depth, heads=self.heads,
-                  mlp_dim=self.mlp_dim, patch=self.patch, tubelet=self.tubelet,
-                  in_chans=self.in_chans, image_size=self.image_size, max_frames=self.max_frames)
+        _positive(
+            "XEncoderConfig",
+            dim=self.dim,
+            depth=self.depth,
+            heads=self.heads,
+            mlp_dim=self.mlp_dim,
+            patch=self.patch,
+            tubelet=self.tubelet,
+            in_chans=self.in_chans,
+            image_size=self.image_size,
+            max_frames=self.max_frames,
+        )
         if self.dim % self.heads or (self.dim // self.heads) % 2:
-            raise ValueError(f"XEncoderConfig.heads: dim {self.dim} / heads {self.heads} must be "
-                             "an even integer head dim")
+            raise ValueError(
+                f"XEncoderConfig.heads: dim {self.dim} / heads {self.heads} must be "
+                "an even integer head dim"
+            )
         if (self.dim // self.heads) < 6:
             raise ValueError("XEncoderConfig: head dim must be >= 6 (three RoPE axes)")
 
@@ -72,15 +83,26 @@ class PredictorConfig:
     first_llama_layer: int = 8
 
     def __post_init__(self) -> None:
-        _positive("PredictorConfig", dim=self.dim, layers=self.layers, heads=self.heads,
-                  kv_heads=self.kv_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
-                  vocab_size=self.vocab_size, max_query_len=self.max_query_len)
+        _positive(
+            "PredictorConfig",
+            dim=self.dim,
+            layers=self.layers,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            mlp_dim=self.mlp_dim,
+            vocab_size=self.vocab_size,
+            max_query_len=self.max_query_len,
+        )
         if self.heads % self.kv_heads:
-            raise ValueError(f"PredictorConfig.kv_heads: must divide heads ({self.heads}), got "
-                             f"{self.kv_heads}")
+            raise ValueError(
+                f"PredictorConfig.kv_heads: must divide heads ({self.heads}), got {self.kv_heads}"
+            )
         if not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(f"PredictorConfig.pad_id: expected 0 <= pad_id < vocab_size "
-                             f"({self.vocab_size}), got {self.pad_id}")
+            raise ValueError(
+                f"PredictorConfig.pad_id: expected 0 <= pad_id < vocab_size "
+                f"({self.vocab_size}), got {self.pad_id}"
+            )
 
 
 @dataclass(frozen=True)
@@ -102,12 +124,21 @@ class YEncoderConfig:
     lr_multiplier: float = 0.05
 
     def __post_init__(self) -> None:
-        _positive("YEncoderConfig", dim=self.dim, layers=self.layers, heads=self.heads,
-                  kv_heads=self.kv_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
-                  vocab_size=self.vocab_size, max_len=self.max_len)
+        _positive(
+            "YEncoderConfig",
+            dim=self.dim,
+            layers=self.layers,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            mlp_dim=self.mlp_dim,
+            vocab_size=self.vocab_size,
+            max_len=self.max_len,
+        )
         if self.heads % self.kv_heads:
-            raise ValueError(f"YEncoderConfig.kv_heads: must divide heads ({self.heads}), got "
-                             f"{self.kv_heads}")
+            raise ValueError(
+                f"YEncoderConfig.kv_heads: must divide heads ({self.heads}), got {self.kv_heads}"
+            )
 
 
 @dataclass(frozen=True)
@@ -126,12 +157,21 @@ class YDecoderConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        _positive("YDecoderConfig", dim=self.dim, layers=self.layers, heads=self.heads,
-                  mlp_dim=self.mlp_dim, prefix_tokens=self.prefix_tokens,
-                  vocab_size=self.vocab_size, max_len=self.max_len)
+        _positive(
+            "YDecoderConfig",
+            dim=self.dim,
+            layers=self.layers,
+            heads=self.heads,
+            mlp_dim=self.mlp_dim,
+            prefix_tokens=self.prefix_tokens,
+            vocab_size=self.vocab_size,
+            max_len=self.max_len,
+        )
         if self.dim % self.heads or (self.dim // self.heads) % 2:
-            raise ValueError(f"YDecoderConfig.heads: dim {self.dim} / heads {self.heads} must be "
-                             "an even integer head dim")
+            raise ValueError(
+                f"YDecoderConfig.heads: dim {self.dim} / heads {self.heads} must be "
+                "an even integer head dim"
+            )
 
 
 @dataclass(frozen=True)
@@ -169,25 +209,59 @@ class VLJEPAConfig:
         return cls()
 
     @classmethod
-    def tiny(cls, vocab_size: int = 260, pad_id: int = 256, bos_id: int = 257,
-             eos_id: int = 258) -> VLJEPAConfig:
+    def tiny(
+        cls, vocab_size: int = 260, pad_id: int = 256, bos_id: int = 257, eos_id: int = 258
+    ) -> VLJEPAConfig:
         """A few hundred thousand parameters for tests and CPU examples (byte-level vocab).
 
         The defaults match :class:`vljepa_fast.models.ByteTokenizer`; 32x32 frames in 8x8
         patches, tubelet 2.
         """
         return cls(
-            x_encoder=XEncoderConfig(dim=64, depth=2, heads=4, mlp_dim=128, patch=8, tubelet=2,
-                                     image_size=32, max_frames=16),
-            predictor=PredictorConfig(dim=64, layers=2, heads=4, kv_heads=2, head_dim=16,
-                                      mlp_dim=128, vocab_size=vocab_size, pad_id=pad_id,
-                                      max_query_len=48, first_llama_layer=2),
-            y_encoder=YEncoderConfig(dim=64, layers=2, heads=4, kv_heads=2, head_dim=16,
-                                     mlp_dim=128, vocab_size=vocab_size, pad_id=pad_id,
-                                     max_len=48),
-            y_decoder=YDecoderConfig(dim=64, layers=2, heads=4, mlp_dim=128, prefix_tokens=2,
-                                     vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id,
-                                     max_len=48),
+            x_encoder=XEncoderConfig(
+                dim=64,
+                depth=2,
+                heads=4,
+                mlp_dim=128,
+                patch=8,
+                tubelet=2,
+                image_size=32,
+                max_frames=16,
+            ),
+            predictor=PredictorConfig(
+                dim=64,
+                layers=2,
+                heads=4,
+                kv_heads=2,
+                head_dim=16,
+                mlp_dim=128,
+                vocab_size=vocab_size,
+                pad_id=pad_id,
+                max_query_len=48,
+                first_llama_layer=2,
+            ),
+            y_encoder=YEncoderConfig(
+                dim=64,
+                layers=2,
+                heads=4,
+                kv_heads=2,
+                head_dim=16,
+                mlp_dim=128,
+                vocab_size=vocab_size,
+                pad_id=pad_id,
+                max_len=48,
+            ),
+            y_decoder=YDecoderConfig(
+                dim=64,
+                layers=2,
+                heads=4,
+                mlp_dim=128,
+                prefix_tokens=2,
+                vocab_size=vocab_size,
+                bos_id=bos_id,
+                eos_id=eos_id,
+                max_len=48,
+            ),
             embed_dim=32,
             freeze_x_encoder=False,
         )

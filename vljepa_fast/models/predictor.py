@@ -34,8 +34,14 @@ class LlamaLayer(nn.Module):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.rms_eps)
         self.self_attn = PredictorAttention(
-            cfg.dim, cfg.heads, cfg.kv_heads, cfg.head_dim, rope_theta=cfg.rope_theta,
-            rope_scaling=cfg.rope_scaling, causal=causal, backend=backend,
+            cfg.dim,
+            cfg.heads,
+            cfg.kv_heads,
+            cfg.head_dim,
+            rope_theta=cfg.rope_theta,
+            rope_scaling=cfg.rope_scaling,
+            causal=causal,
+            backend=backend,
         )
         self.post_attention_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.rms_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim)
@@ -55,8 +61,9 @@ class Predictor(nn.Module):
         backend: "auto" (fused attention) or "reference" (eager).
     """
 
-    def __init__(self, cfg: PredictorConfig, visual_dim: int, embed_dim: int,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, cfg: PredictorConfig, visual_dim: int, embed_dim: int, backend: str = "auto"
+    ) -> None:
         super().__init__()
         self.cfg, self.backend = cfg, check_backend(backend)
         self.visual_proj = nn.Linear(visual_dim, cfg.dim)
@@ -65,8 +72,9 @@ class Predictor(nn.Module):
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.rms_eps)
         self.head = nn.Linear(cfg.dim, embed_dim)
 
-    def forward(self, visual: Tensor, query_ids: Tensor, query_mask: Tensor | None = None
-                ) -> Tensor:
+    def forward(
+        self, visual: Tensor, query_ids: Tensor, query_mask: Tensor | None = None
+    ) -> Tensor:
         """Predict.
 
         Args:
@@ -78,14 +86,16 @@ class Predictor(nn.Module):
             [B, embed_dim] predicted embeddings.
         """
         c = self.cfg
-        if not isinstance(visual, Tensor) or visual.dim() != 3 or \
-                visual.shape[-1] != self.visual_proj.in_features:
+        if (
+            not isinstance(visual, Tensor)
+            or visual.dim() != 3
+            or visual.shape[-1] != self.visual_proj.in_features
+        ):
             got = tuple(visual.shape) if isinstance(visual, Tensor) else type(visual).__name__
             raise ValueError(f"visual: expected [B, N, {self.visual_proj.in_features}], got {got}")
         if query_mask is None and isinstance(query_ids, Tensor):
             query_mask = query_ids != c.pad_id
-        query_mask = check_tokens("query_ids", query_ids, query_mask, c.vocab_size,
-                                  c.max_query_len)
+        query_mask = check_tokens("query_ids", query_ids, query_mask, c.vocab_size, c.max_query_len)
         B, N, _ = visual.shape
         if query_ids.shape[0] != B:
             raise ValueError(f"query_ids: batch {query_ids.shape[0]} != visual batch {B}")
@@ -97,8 +107,9 @@ class Predictor(nn.Module):
         return self.head(masked_mean(self.norm(x), mask))
 
 
-def load_llama_layers(predictor: Predictor, state: Mapping[str, Tensor],
-                      first_layer: int | None = None) -> None:
+def load_llama_layers(
+    predictor: Predictor, state: Mapping[str, Tensor], first_layer: int | None = None
+) -> None:
     """Load layers ``first_layer ..`` (default 8..15), the token embeddings and the final norm
     of a local Llama-3.2-1B state dict (transformers' ``LlamaForCausalLM`` or ``LlamaModel``
     keys) into the predictor; ``visual_proj`` and ``head`` keep their values.
@@ -120,14 +131,17 @@ def load_llama_layers(predictor: Predictor, state: Mapping[str, Tensor],
     own = predictor.state_dict()
     mismatched = sorted(
         f"model.{src}: checkpoint {tuple(state[src].shape)} vs predictor {tuple(own[dst].shape)}"
-        for dst, src in wanted.items() if src in state and state[src].shape != own[dst].shape
+        for dst, src in wanted.items()
+        if src in state and state[src].shape != own[dst].shape
     )
     if missing or mismatched:
         parts = [f"missing keys: {', '.join(missing)}"] if missing else []
         if mismatched:
             parts.append(f"shape mismatches: {', '.join(mismatched)}")
-        raise ValueError("Llama state dict (layers "
-                         f"{first}..{first + predictor.cfg.layers - 1}): " + "; ".join(parts))
+        raise ValueError(
+            "Llama state dict (layers "
+            f"{first}..{first + predictor.cfg.layers - 1}): " + "; ".join(parts)
+        )
     full = dict(own)
     full.update({dst: state[src] for dst, src in wanted.items()})
     load_checked(predictor, full, "predictor")

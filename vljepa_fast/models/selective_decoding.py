@@ -22,15 +22,25 @@ import heapq
 import torch
 from torch import Tensor
 
-__all__ = ["OnlineSegmenter", "online_segment_starts", "segment_embeddings",
-           "temporal_ward_segments"]
+__all__ = [
+    "OnlineSegmenter",
+    "online_segment_starts",
+    "segment_embeddings",
+    "temporal_ward_segments",
+]
 
 
 def _check_stream(embeddings: Tensor) -> Tensor:
-    if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or \
-            not embeddings.is_floating_point():
-        got = (f"{embeddings.dtype} {tuple(embeddings.shape)}" if isinstance(embeddings, Tensor)
-               else type(embeddings).__name__)
+    if (
+        not isinstance(embeddings, Tensor)
+        or embeddings.dim() != 2
+        or not embeddings.is_floating_point()
+    ):
+        got = (
+            f"{embeddings.dtype} {tuple(embeddings.shape)}"
+            if isinstance(embeddings, Tensor)
+            else type(embeddings).__name__
+        )
         raise ValueError(f"embeddings: expected a floating [T, D] tensor, got {got}")
     if embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
         raise ValueError(f"embeddings: expected T >= 1 and D >= 1, got {tuple(embeddings.shape)}")
@@ -55,8 +65,7 @@ def temporal_ward_segments(embeddings: Tensor, n_segments: int) -> Tensor:
     """
     x = _check_stream(embeddings)
     T = x.shape[0]
-    if isinstance(n_segments, bool) or not isinstance(n_segments, int) or \
-            not 1 <= n_segments <= T:
+    if isinstance(n_segments, bool) or not isinstance(n_segments, int) or not 1 <= n_segments <= T:
         raise ValueError(f"n_segments: expected an int in [1, T = {T}], got {n_segments!r}")
     mean = [x[i] for i in range(T)]  # segment i is keyed by its start index
     size = [1] * T
@@ -108,8 +117,9 @@ def segment_embeddings(embeddings: Tensor, starts: Tensor, mode: str = "mean") -
     T = embeddings.shape[0]
     bounds = starts.tolist() + [T]
     if bounds[0] != 0 or any(b >= e for b, e in zip(bounds, bounds[1:])):
-        raise ValueError(f"starts: expected ascending starts in [0, {T}) beginning at 0, got "
-                         f"{starts.tolist()}")
+        raise ValueError(
+            f"starts: expected ascending starts in [0, {T}) beginning at 0, got {starts.tolist()}"
+        )
     rows = []
     for b, e in zip(bounds, bounds[1:]):
         rows.append(embeddings[b:e].mean(0) if mode == "mean" else embeddings[(b + e - 1) // 2])
@@ -139,7 +149,7 @@ class OnlineSegmenter:
 
     def push(self, embedding: Tensor) -> bool:
         e = embedding.detach().to("cpu", torch.float64).reshape(-1)
-        recent = (self._recent + [e])[-self.window:]
+        recent = (self._recent + [e])[-self.window :]
         if len(recent) > 1:
             stack = torch.stack(recent)
             var = float(((stack - stack.mean(0)) ** 2).sum(1).mean())

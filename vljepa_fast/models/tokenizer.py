@@ -44,8 +44,9 @@ class ByteTokenizer:
         rows = [self.encode(t) for t in texts]
         for t, r in zip(texts, rows):
             if len(r) > self.max_len:
-                raise ValueError(f"texts: {t[:30]!r}... is {len(r)} tokens, more than max_len "
-                                 f"({self.max_len})")
+                raise ValueError(
+                    f"texts: {t[:30]!r}... is {len(r)} tokens, more than max_len ({self.max_len})"
+                )
         L = max(1, max(len(r) for r in rows))
         ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(rows), L, dtype=torch.bool)

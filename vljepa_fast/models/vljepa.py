@@ -40,18 +40,26 @@ class VLJEPA(nn.Module):
             when it has one, else a ByteTokenizer).
     """
 
-    def __init__(self, config: VLJEPAConfig, backend: str = "auto", *,
-                 y_encoder: nn.Module | None = None,
-                 query_tokenizer: Callable[[Sequence[str]], tuple[Tensor, Tensor]] | None = None,
-                 text_tokenizer: Callable[[Sequence[str]], tuple[Tensor, Tensor]] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        config: VLJEPAConfig,
+        backend: str = "auto",
+        *,
+        y_encoder: nn.Module | None = None,
+        query_tokenizer: Callable[[Sequence[str]], tuple[Tensor, Tensor]] | None = None,
+        text_tokenizer: Callable[[Sequence[str]], tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
         super().__init__()
         self.config, self.backend = config, check_backend(backend)
         self.x_encoder = XEncoder(config.x_encoder, backend)
-        self.predictor = Predictor(config.predictor, config.x_encoder.dim, config.embed_dim,
-                                   backend)
-        self.y_encoder = (TextEncoder(config.y_encoder, config.embed_dim, backend)
-                          if y_encoder is None else y_encoder)
+        self.predictor = Predictor(
+            config.predictor, config.x_encoder.dim, config.embed_dim, backend
+        )
+        self.y_encoder = (
+            TextEncoder(config.y_encoder, config.embed_dim, backend)
+            if y_encoder is None
+            else y_encoder
+        )
         if config.learnable_temperature:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.temperature)))
         else:
@@ -59,8 +67,11 @@ class VLJEPA(nn.Module):
         if config.freeze_x_encoder:
             self.x_encoder.requires_grad_(False)
         self.query_tokenizer = query_tokenizer or ByteTokenizer(config.predictor.max_query_len)
-        self.text_tokenizer = text_tokenizer or getattr(self.y_encoder, "tokenize", None) \
+        self.text_tokenizer = (
+            text_tokenizer
+            or getattr(self.y_encoder, "tokenize", None)
             or ByteTokenizer(config.y_encoder.max_len)
+        )
 
     # ------------------------------------------------------------------ encoders
 
@@ -70,8 +81,10 @@ class VLJEPA(nn.Module):
         if isinstance(text, str):
             text = [text]
         if not isinstance(text, Sequence) or not all(isinstance(t, str) for t in text):
-            raise ValueError(f"{name}: expected a string, a list of strings or an (ids, mask) "
-                             f"tuple, got {type(text).__name__}")
+            raise ValueError(
+                f"{name}: expected a string, a list of strings or an (ids, mask) "
+                f"tuple, got {type(text).__name__}"
+            )
         if len(text) == 0:
             raise ValueError(f"{name}: expected at least one text, got an empty list")
         return tokenizer(list(text))
@@ -87,8 +100,9 @@ class VLJEPA(nn.Module):
                 return self.x_encoder(video)
         return self.x_encoder(video)
 
-    def predict(self, video: Tensor | None, query: Text, *, x_features: Tensor | None = None
-                ) -> Tensor:
+    def predict(
+        self, video: Tensor | None, query: Text, *, x_features: Tensor | None = None
+    ) -> Tensor:
         """[B, embed_dim] predicted embeddings of (video, query); pass ``x_features`` (from
         :meth:`encode_video`) instead of ``video`` to skip the X-encoder."""
         if (video is None) == (x_features is None):
@@ -116,9 +130,16 @@ class VLJEPA(nn.Module):
             return self.config.temperature
         return 1.0 / self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
 
-    def forward(self, video: Tensor | None, query: Text, target: Text, *,
-                x_features: Tensor | None = None, group: object | None = None,
-                reduction: str = "mean") -> Tensor:
+    def forward(
+        self,
+        video: Tensor | None,
+        query: Text,
+        target: Text,
+        *,
+        x_features: Tensor | None = None,
+        group: object | None = None,
+        reduction: str = "mean",
+    ) -> Tensor:
         """The training loss: bidirectional InfoNCE between predicted and target embeddings.
 
         Args:
@@ -137,16 +158,31 @@ class VLJEPA(nn.Module):
         if tgt.shape != pred.shape:
             raise ValueError(f"target: {tgt.shape[0]} texts for {pred.shape[0]} videos")
         tgt = tgt.to(pred.dtype)
-        return functional.infonce_loss(pred, tgt, temperature=self.temperature(), group=group,
-                                       reduction=reduction, backend=self.backend)
+        return functional.infonce_loss(
+            pred,
+            tgt,
+            temperature=self.temperature(),
+            group=group,
+            reduction=reduction,
+            backend=self.backend,
+        )
 
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
-        """Optimizer parameter groups: the Y-encoder at ``lr * lr_multiplier`` (paper 0.05),
-        everything else trainable at ``lr``; frozen parameters are left out."""
+        """Optimizer parameter groups.
+
+        The Y-encoder's body trains at ``lr * lr_multiplier`` (paper: 0.05, which protects a
+        pretrained text encoder); its freshly initialised linear ``head`` to the shared space
+        and everything else trainable train at ``lr``. Frozen parameters are left out.
+
+        Returns:
+            [{"name": "main", ...}, {"name": "y_encoder", ...}] for torch.optim.
+        """
         mult = getattr(self.y_encoder, "lr_multiplier", self.config.y_encoder.lr_multiplier)
-        y_ids = {id(p) for p in self.y_encoder.parameters()}
+        head = getattr(self.y_encoder, "head", None)
+        head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+        y = [p for p in self.y_encoder.parameters() if p.requires_grad and id(p) not in head_ids]
+        y_ids = {id(p) for p in y}
         main = [p for p in self.parameters() if p.requires_grad and id(p) not in y_ids]
-        y = [p for p in self.y_encoder.parameters() if p.requires_grad]
         return [
             {"params": main, "lr": lr, "weight_decay": weight_decay, "name": "main"},
             {"params": y, "lr": lr * mult, "weight_decay": weight_decay, "name": "y_encoder"},
@@ -159,12 +195,14 @@ class VLJEPA(nn.Module):
             raise ValueError(f"k: expected an int in [1, {bank.shape[0]}], got {k!r}")
         q = F.normalize(queries.float(), dim=-1)
         b = F.normalize(bank.float(), dim=-1)
-        return functional.topk_similarity(q.contiguous(), b.contiguous(), k, metric="ip",
-                                          backend=self.backend)
+        return functional.topk_similarity(
+            q.contiguous(), b.contiguous(), k, metric="ip", backend=self.backend
+        )
 
     @torch.no_grad()
-    def classify(self, video: Tensor, query: Text, label_texts: Sequence[str] | tuple,
-                 k: int = 1) -> tuple[Tensor, Tensor]:
+    def classify(
+        self, video: Tensor, query: Text, label_texts: Sequence[str] | tuple, k: int = 1
+    ) -> tuple[Tensor, Tensor]:
         """Open-vocabulary classification: nearest label embeddings (cosine) to each prediction.
 
         Returns:
@@ -173,15 +211,19 @@ class VLJEPA(nn.Module):
         Raises:
             ValueError: an empty label list, or k > number of labels.
         """
-        if isinstance(label_texts, Sequence) and not isinstance(label_texts, str | tuple) \
-                and len(label_texts) == 0:
+        if (
+            isinstance(label_texts, Sequence)
+            and not isinstance(label_texts, str | tuple)
+            and len(label_texts) == 0
+        ):
             raise ValueError("label_texts: expected at least one label, got an empty list")
         labels = self.encode_text(label_texts)
         return self._search(self.predict(video, query), labels, k)
 
     @torch.no_grad()
-    def retrieve(self, text: Text, videos: Tensor, query: Text, k: int = 1
-                 ) -> tuple[Tensor, Tensor]:
+    def retrieve(
+        self, text: Text, videos: Tensor, query: Text, k: int = 1
+    ) -> tuple[Tensor, Tensor]:
         """Text-to-video retrieval: rank videos (embedded with ``query``, e.g. a captioning
         prompt) by cosine similarity to each text.
 
@@ -210,8 +252,9 @@ class VLJEPA(nn.Module):
         if all(isinstance(c, str) for c in candidates):
             return self._search(pred, self.encode_text(list(candidates)), 1)[1][:, 0]
         if len(candidates) != B:
-            raise ValueError(f"candidates: expected one shared list or {B} lists, got "
-                             f"{len(candidates)}")
+            raise ValueError(
+                f"candidates: expected one shared list or {B} lists, got {len(candidates)}"
+            )
         out = []
         for i, cands in enumerate(candidates):
             if len(cands) == 0:

@@ -99,30 +99,39 @@ class XEncoder(nn.Module):
         if video.dim() == 4:  # images: duplicate each frame to fill one tubelet
             video = video[:, :, None].expand(-1, -1, c.tubelet, -1, -1)
         if video.dim() != 5:
-            raise ValueError(f"video: expected [B, C, T, H, W] (or an image [B, C, H, W]), got "
-                             f"rank {video.dim()} shape {tuple(video.shape)}")
+            raise ValueError(
+                f"video: expected [B, C, T, H, W] (or an image [B, C, H, W]), got "
+                f"rank {video.dim()} shape {tuple(video.shape)}"
+            )
         B, C, T, H, W = video.shape
         if B == 0:
             raise ValueError("video: empty batch")
         if C != c.in_chans:
-            raise ValueError(f"video: expected {c.in_chans} channels (dim 1 of [B, C, T, H, W]), "
-                             f"got {C}")
+            raise ValueError(
+                f"video: expected {c.in_chans} channels (dim 1 of [B, C, T, H, W]), got {C}"
+            )
         if T == 0 or T % c.tubelet:
-            raise ValueError(f"video: frame count {T} is not a positive multiple of the tubelet "
-                             f"({c.tubelet})")
+            raise ValueError(
+                f"video: frame count {T} is not a positive multiple of the tubelet ({c.tubelet})"
+            )
         if T > c.max_frames:
             raise ValueError(f"video: {T} frames, more than max_frames ({c.max_frames})")
         if H % c.patch or W % c.patch or H == 0 or W == 0:
-            raise ValueError(f"video: frame size {H}x{W} is not a multiple of the patch "
-                             f"({c.patch})")
+            raise ValueError(
+                f"video: frame size {H}x{W} is not a multiple of the patch ({c.patch})"
+            )
         return video
 
     def grid_positions(self, T: int, H: int, W: int, device: torch.device) -> Tensor:
         """[N, 3] (t, h, w) grid coordinates of the tokens, in token order."""
         c = self.cfg
         t, h, w = T // c.tubelet, H // c.patch, W // c.patch
-        grid = torch.meshgrid(torch.arange(t, device=device), torch.arange(h, device=device),
-                              torch.arange(w, device=device), indexing="ij")
+        grid = torch.meshgrid(
+            torch.arange(t, device=device),
+            torch.arange(h, device=device),
+            torch.arange(w, device=device),
+            indexing="ij",
+        )
         return torch.stack(grid, dim=-1).reshape(-1, 3)
 
     def forward(self, video: Tensor) -> Tensor:
@@ -139,8 +148,9 @@ class XEncoder(nn.Module):
         _, _, T, H, W = video.shape
         x = self.patch_embed(video.to(self.patch_embed.proj.weight.dtype))
         pos = self.grid_positions(T, H, W, x.device)
-        cos, sin = rotary_cos_sin(pos, self.cfg.head_dim, layout="vjepa2",
-                                  theta=self.cfg.rope_theta, dtype=torch.float32)
+        cos, sin = rotary_cos_sin(
+            pos, self.cfg.head_dim, layout="vjepa2", theta=self.cfg.rope_theta, dtype=torch.float32
+        )
         for blk in self.blocks:
             x = blk(x, cos, sin)
         return self.norm(x)
@@ -168,6 +178,6 @@ def load_vjepa2_state_dict(encoder: XEncoder, state: Mapping[str, Tensor]) -> No
             stripped = False
             for p in _VJEPA2_PREFIXES:
                 if key.startswith(p):
-                    key, stripped = key[len(p):], True
+                    key, stripped = key[len(p) :], True
         clean[key] = value
     load_checked(encoder, clean, "V-JEPA 2 encoder")

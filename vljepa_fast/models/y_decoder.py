@@ -31,8 +31,14 @@ class _Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         B, L, C = x.shape
         q = self.q_proj(x).view(B, L, self.heads, self.head_dim)
         k = self.k_proj(x).view(B, L, self.heads, self.head_dim)
@@ -41,8 +47,9 @@ class _Attention(nn.Module):
         q, k = apply_rotary(q, k, cos, sin, layout="llama", backend=rot)
         if cache is not None:
             k, v = torch.cat((cache[0], k), dim=1), torch.cat((cache[1], v), dim=1)
-        out = functional.attention(q, k, v, key_padding_mask=mask, causal=True,
-                                   backend=self.backend)
+        out = functional.attention(
+            q, k, v, key_padding_mask=mask, causal=True, backend=self.backend
+        )
         return self.o_proj(out.reshape(B, L, C)), (k, v)
 
 
@@ -80,16 +87,21 @@ class YDecoder(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def _check_embedding(self, embedding: Tensor) -> None:
-        if not isinstance(embedding, Tensor) or embedding.dim() != 2 or \
-                embedding.shape[1] != self.embed_dim:
+        if (
+            not isinstance(embedding, Tensor)
+            or embedding.dim() != 2
+            or embedding.shape[1] != self.embed_dim
+        ):
             got = tuple(embedding.shape) if isinstance(embedding, Tensor) else type(embedding)
             raise ValueError(f"embedding: expected [B, {self.embed_dim}], got {got}")
 
-    def _run(self, x: Tensor, start: int, mask: Tensor | None, cache: KVCache | None
-             ) -> tuple[Tensor, KVCache]:
+    def _run(
+        self, x: Tensor, start: int, mask: Tensor | None, cache: KVCache | None
+    ) -> tuple[Tensor, KVCache]:
         pos = torch.arange(start, start + x.shape[1], device=x.device)
-        cos, sin = rotary_cos_sin(pos, self.cfg.dim // self.cfg.heads, rope_scaling=None,
-                                  theta=10000.0)
+        cos, sin = rotary_cos_sin(
+            pos, self.cfg.dim // self.cfg.heads, rope_scaling=None, theta=10000.0
+        )
         new = []
         for i, blk in enumerate(self.blocks):
             x, kv = blk(x, cos, sin, mask, None if cache is None else cache[i])
@@ -128,8 +140,9 @@ class YDecoder(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
 
     @torch.no_grad()
-    def generate(self, embedding: Tensor, max_new_tokens: int = 32, use_cache: bool = True
-                 ) -> list[list[int]]:
+    def generate(
+        self, embedding: Tensor, max_new_tokens: int = 32, use_cache: bool = True
+    ) -> list[list[int]]:
         """Greedy decoding from BOS until EOS or ``max_new_tokens``.
 
         Args:

@@ -23,10 +23,17 @@ class _Block(nn.Module):
     def __init__(self, cfg: YEncoderConfig, backend: str) -> None:
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = PredictorAttention(cfg.dim, cfg.heads, cfg.kv_heads, cfg.head_dim,
-                                       rope_theta=cfg.rope_theta, rope_scaling=None,
-                                       max_position_embeddings=cfg.max_len, causal=False,
-                                       backend=backend)
+        self.attn = PredictorAttention(
+            cfg.dim,
+            cfg.heads,
+            cfg.kv_heads,
+            cfg.head_dim,
+            rope_theta=cfg.rope_theta,
+            rope_scaling=None,
+            max_position_embeddings=cfg.max_len,
+            causal=False,
+            backend=backend,
+        )
         self.norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)
@@ -77,12 +84,18 @@ class HFTextEncoder(nn.Module):
         embed_dim: the shared embedding space (the head maps hidden_size -> embed_dim).
         tokenizer: optional transformers tokenizer, used by :meth:`tokenize`.
         max_len: the longest token sequence accepted.
-        lr_multiplier: the Y-encoder's learning-rate multiplier (paper: 0.05); the head trains
-            at the same multiplier.
+        lr_multiplier: learning-rate multiplier of the wrapped model (paper: 0.05); the new
+            head trains at the full rate (see :meth:`VLJEPA.param_groups`).
     """
 
-    def __init__(self, model: nn.Module, embed_dim: int, tokenizer=None, max_len: int = 512,
-                 lr_multiplier: float = 0.05) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        embed_dim: int,
+        tokenizer=None,
+        max_len: int = 512,
+        lr_multiplier: float = 0.05,
+    ) -> None:
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.max_len, self.lr_multiplier = max_len, lr_multiplier
@@ -116,4 +129,3 @@ class HFTextEncoder(nn.Module):
         out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev).long())
         hidden = out.last_hidden_state.to(self.head.weight.dtype)
         return self.head(masked_mean(hidden, mask.to(dev)))
-

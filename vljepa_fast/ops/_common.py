@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -26,13 +25,21 @@ def native_cuda() -> list[str]:
     return native("cuda")
 
 
-@functools.cache
-def triton_import() -> list[str]:
+def _probe_triton() -> list[str]:
     try:
         import triton  # noqa: F401
     except ImportError as e:
         return [f"triton is not importable: {e}"]
     return []
+
+
+# probed once at import: a plain value, which torch.compile reads without tracing a cache
+_TRITON_REASONS = _probe_triton()
+
+
+def triton_import() -> list[str]:
+    """Reasons triton cannot be used (empty when it imports)."""
+    return list(_TRITON_REASONS)
 
 
 def interpreter_on() -> bool:
