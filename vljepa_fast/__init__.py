@@ -5,9 +5,10 @@ Public API (see DESIGN.md):
     vljepa_fast.apply_rotary, rotary_cos_sin                                  (RoPE)
     vljepa_fast.backends()                                                    (op x backend table)
     vljepa_fast.nn                                                            (modules)
+    vljepa_fast.models                                    (VLJEPAConfig, VLJEPA, temporal_ward_segments)
 """
 
-from vljepa_fast import nn
+from vljepa_fast import models, nn
 from vljepa_fast._backends import BackendStatus, BackendUnavailableError, backends
 from vljepa_fast.functional import attention, attention_varlen, infonce_loss, topk_similarity
 from vljepa_fast.ops.rotary import LLAMA3_ROPE_SCALING, apply_rotary, rotary_cos_sin
@@ -23,6 +24,7 @@ __all__ = [
     "attention_varlen",
     "backends",
     "infonce_loss",
+    "models",
     "nn",
     "rotary_cos_sin",
     "topk_similarity",
