@@ -5,7 +5,7 @@ Public API (see DESIGN.md):
     vljepa_fast.apply_rotary, rotary_cos_sin                                  (RoPE)
     vljepa_fast.backends()                                                    (op x backend table)
     vljepa_fast.nn                                                            (modules)
-    vljepa_fast.models                                    (VLJEPAConfig, VLJEPA, temporal_ward_segments)
+    vljepa_fast.models                          (VLJEPAConfig, VLJEPA, temporal_ward_segments)
 """
 
 from vljepa_fast import models, nn
