@@ -506,8 +506,15 @@ def _config(table: dict[int, _Config], bd: int, dtype: torch.dtype, interpret: b
     cfg = table[bd]
     if dtype == torch.float32:
         # fp32 tiles take twice the registers and shared memory of 16-bit ones (tl.dot: >= 16).
+        # and 8 warps / a single stage keep the 3xTF32 split (hi/lo operands) within 255
+        # registers on sm_80 too (4 warps or 2 stages spilled 40-104 bytes at head dim 64).
+        # Wider heads halve the query block once more per doubling beyond 64.
+        shrink = 2 * max(1, bd // 64)
         return cfg._replace(
-            block_m=max(cfg.block_m // 2, 16), block_n=max(cfg.block_n // 2, 16), num_stages=2
+            block_m=max(cfg.block_m // shrink, 16),
+            block_n=max(cfg.block_n // 2, 16),
+            num_warps=8,
+            num_stages=1,
         )
     return cfg
 

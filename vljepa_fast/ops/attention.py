@@ -253,6 +253,8 @@ def _triton_supports(
     why = _common.triton_device(q) + _common.dtype_in("q", q)
     if q.shape[-1] not in HEAD_DIMS:
         why.append(f"head dim {q.shape[-1]} not in {HEAD_DIMS}")
+    elif q.dtype == torch.float32 and q.shape[-1] > 128:
+        why.append("float32 at head dim > 128 (its backward spills registers; use bf16/fp16)")
     if key_padding_mask is not None:
         if torch.compiler.is_compiling():
             why.append(
