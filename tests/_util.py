@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vljepa_fast import reference
+
 #: error floor per dtype added to "2x the eager error in the same dtype" (DESIGN.md tolerance rule)
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -46,3 +48,18 @@ def check_topk(
     torch.testing.assert_close(scores.double(), want, atol=atol, rtol=0)
     at_idx = full.gather(1, indices)
     torch.testing.assert_close(at_idx, scores.double(), atol=atol, rtol=0)
+
+
+def infonce_terms_and_grads(a, b, scale, offset, normalize, col_stats, g_row, g_col, cdt):
+    """reference terms and the gradients of sum g_row (row_lse - pos_row) + sum g_col (...)."""
+    a = a.detach().to(cdt if cdt == torch.float64 else a.dtype).requires_grad_(True)
+    b = b.detach().to(a.dtype).requires_grad_(True)
+    s = scale.detach().to(cdt).requires_grad_(True)
+    terms = reference.infonce_terms(
+        a, b, s, offset=offset, normalize=normalize, col_stats=col_stats
+    )
+    loss = (g_row.to(terms[0].dtype) * (terms[0] - terms[2])).sum()
+    if col_stats:
+        loss = loss + (g_col.to(terms[1].dtype) * (terms[1] - terms[3])).sum()
+    da, db, ds = torch.autograd.grad(loss, (a, b, s))
+    return [t for t in terms if t is not None], (da, db, ds)

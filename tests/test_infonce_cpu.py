@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from tests._util import assert_close_2x
-from vljepa_fast import _ext, reference
+from tests._util import assert_close_2x, infonce_terms_and_grads
+from vljepa_fast import _ext
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (N, M, D, offset): odd sizes, M > N with and without an offset, the largest offset M - N.
@@ -40,21 +40,6 @@ def _inputs(n, m, d, dtype, *, seed, magnitude=1.0):
     return a.to(dtype), b.to(dtype)
 
 
-def _terms_and_grads(a, b, scale, offset, normalize, col_stats, g_row, g_col, cdt):
-    """reference terms and the gradients of sum g_row (row_lse - pos_row) + sum g_col (...)."""
-    a = a.detach().to(cdt if cdt == torch.float64 else a.dtype).requires_grad_(True)
-    b = b.detach().to(a.dtype).requires_grad_(True)
-    s = scale.detach().to(cdt).requires_grad_(True)
-    terms = reference.infonce_terms(
-        a, b, s, offset=offset, normalize=normalize, col_stats=col_stats
-    )
-    loss = (g_row.to(terms[0].dtype) * (terms[0] - terms[2])).sum()
-    if col_stats:
-        loss = loss + (g_col.to(terms[1].dtype) * (terms[1] - terms[3])).sum()
-    da, db, ds = torch.autograd.grad(loss, (a, b, s))
-    return [t for t in terms if t is not None], (da, db, ds)
-
-
 def _check(
     n, m, d, offset, dtype, normalize, col_stats, *, temperature=0.07, magnitude=1.0, seed=0
 ):
@@ -74,10 +59,10 @@ def _check(
     )
     assert da.dtype == dtype and db.dtype == dtype and ds.dtype == torch.float32 and ds.dim() == 0
 
-    exact_terms, exact_grads = _terms_and_grads(
+    exact_terms, exact_grads = infonce_terms_and_grads(
         a, b, scale, offset, normalize, col_stats, g_row, g_col, torch.float64
     )
-    eager_terms, eager_grads = _terms_and_grads(
+    eager_terms, eager_grads = infonce_terms_and_grads(
         a, b, scale, offset, normalize, col_stats, g_row, g_col, torch.float32
     )
     names = ["row_lse", "col_lse", "pos_row", "pos_col"] if col_stats else ["row_lse", "pos_row"]
@@ -140,10 +125,10 @@ def test_zero_rows_use_the_clamped_norm():
     out = torch.ops.vljepa_fast.infonce_fwd(a, b, scale, 2, True, True)
     g_row, g_col = torch.randn(9), torch.randn(12)
     grads = torch.ops.vljepa_fast.infonce_bwd(a, b, scale, 2, True, out[0], out[1], g_row, g_col)
-    exact_terms, exact_grads = _terms_and_grads(
+    exact_terms, exact_grads = infonce_terms_and_grads(
         a, b, scale, 2, True, True, g_row, g_col, torch.float64
     )
-    eager_terms, eager_grads = _terms_and_grads(
+    eager_terms, eager_grads = infonce_terms_and_grads(
         a, b, scale, 2, True, True, g_row, g_col, torch.float32
     )
     for got, eager, exact in zip(out, eager_terms, exact_terms):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vljepa_fast as vf
-from tests._util import assert_close_2x
+from tests._util import assert_close_2x, infonce_terms_and_grads
 from vljepa_fast import _ext, reference
 
 pytestmark = pytest.mark.gpu
@@ -58,21 +58,6 @@ def _poison_allocator():
     del small, large
 
 
-def _terms_and_grads(a, b, scale, offset, normalize, col_stats, g_row, g_col, cdt):
-    """reference terms and the gradients of sum g_row (row_lse - pos_row) + sum g_col (...)."""
-    a = a.detach().to(cdt if cdt == torch.float64 else a.dtype).requires_grad_(True)
-    b = b.detach().to(a.dtype).requires_grad_(True)
-    s = scale.detach().to(cdt).requires_grad_(True)
-    terms = reference.infonce_terms(
-        a, b, s, offset=offset, normalize=normalize, col_stats=col_stats
-    )
-    loss = (g_row.to(terms[0].dtype) * (terms[0] - terms[2])).sum()
-    if col_stats:
-        loss = loss + (g_col.to(terms[1].dtype) * (terms[1] - terms[3])).sum()
-    da, db, ds = torch.autograd.grad(loss, (a, b, s))
-    return [t for t in terms if t is not None], (da, db, ds)
-
-
 def _check(
     n,
     m,
@@ -110,10 +95,10 @@ def _check(
     assert da.dtype == dtype and db.dtype == dtype and ds.dtype == torch.float32 and ds.dim() == 0
     assert da.shape == a.shape and db.shape == b.shape
 
-    exact_terms, exact_grads = _terms_and_grads(
+    exact_terms, exact_grads = infonce_terms_and_grads(
         a, b, scale, offset, normalize, col_stats, g_row, g_col, torch.float64
     )
-    eager_terms, eager_grads = _terms_and_grads(
+    eager_terms, eager_grads = infonce_terms_and_grads(
         a, b, scale, offset, normalize, col_stats, g_row, g_col, torch.float32
     )
     names = ["row_lse", "col_lse", "pos_row", "pos_col"] if col_stats else ["row_lse", "pos_row"]
