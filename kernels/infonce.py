@@ -18,16 +18,20 @@ accumulated beside the gradient and applied in an O(BM * D) epilogue.
 
 Memory. S is never stored. Only the inverse norms [N] and [M] are materialised (no normalised
 copy: 1/||A_i|| and 1/||B_j|| scale the fp32 dot products, so Â and B̂ never exist in memory).
-Forward: one pass over the S tiles per row block gives the row statistics with the online
-max / sum-exp (flash-attention style) and, from the same tile, each column's log-sum-exp over
-that row block; these column partials, one fp32 per (row block, column), [cdiv(N, BM), M], are
-combined by a second small kernel. At N = M = 16k, BM = 128 that is 8.4 MB, 8% of the bf16
-inputs, versus 1 GB for S in fp32. Backward: one kernel launched twice, each program owning a
-block of rows of the gradient it writes (DB=False: BM rows of A, sweeping the column tiles;
-DB=True: BN rows of B, i.e. columns of S, sweeping the row tiles), so no atomics are needed and
-the result is deterministic. Each launch recomputes its S tiles, always as [A rows, B rows] like
-the forward (four GEMMs of N*M*D in all instead of three: the price of determinism). dscale
-comes from per-program partial sums of the dA launch, added in a fixed order.
+Forward: the S tiles are cut into at most max_splits (16) row groups of consecutive row blocks
+and as many column splits of consecutive column tiles; the program of (group g, split s) sweeps
+its block of tiles with the online max / sum-exp (flash-attention style) for its rows, and for
+its columns a log-sum-exp over the group's rows merged tile by tile into col_part[g] (only that
+program touches those entries: no races, no atomics). The row lse of each split goes to
+row_part[s]; a small kernel merges the partials in a fixed order. The partials are
+max_splits x (N + M) fp32 whatever the batch: 2 MB at N = M = 16k, 2% of the bf16 inputs,
+versus 1 GB for S in fp32, and the grid has up to 256 programs for any N >= 16 * BM.
+Backward: one kernel launched twice, each program owning a block of rows of the gradient it
+writes (DB=False: BM rows of A, sweeping the column tiles; DB=True: BN rows of B, i.e. columns
+of S, sweeping the row tiles), so no atomics are needed and the result is deterministic. Each
+launch recomputes its S tiles, always as [A rows, B rows] like the forward (four GEMMs of N*M*D
+in all instead of three: the price of determinism). dscale comes from per-program partial sums
+of the dA launch, added in a fixed order.
 
 Why the gradient accumulator lives in global memory. A program owns BM rows of dA, a [BM, D]
 fp32 accumulator: at D = 1536 that is 768 KB for BM = 128, far more than a block's registers or
@@ -57,7 +61,7 @@ small probabilities of a large batch (g ~ 1/N) do not underflow fp16; the epilog
 out. The normalisation backward's projection coefficient is taken from that rounded dS, so dA
 stays orthogonal to Â up to fp32 rounding.
 
-Limits. Offsets are int32: N * D, M * D and cdiv(N, BM) * M must stay below 2^31. Loads are
+Limits. Offsets are int32: N * D, M * D, 64 * N and 64 * M must stay below 2^31. Loads are
 vectorised when D is a multiple of 16 (the JIT specialises on it); other D run correctly but
 with scalar loads.
 """
@@ -88,9 +92,11 @@ NORM_EPS = 1e-12
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 _EPS = tl.constexpr(NORM_EPS)
-# Rows x D-slice of the inverse-norm kernel, and columns per program of the column combine.
+# Rows x D-slice of the inverse-norm kernel, and rows or columns per program of the lse merge.
 _NORM_BLOCK = (64, 64)
-_COMBINE_BLOCK = 256
+_MERGE_BLOCK = 256
+# Largest InfoNCEConfig.max_splits: bounds the partials' int32 offsets (see _check_inputs).
+_MAX_SPLITS_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,9 @@ class InfoNCEConfig:
         block_d: slice of D per step of the gradient GEMM and epilogue (backward only).
         num_warps: warps per program.
         num_stages: software pipelining depth of the GEMM loops.
+        max_splits: forward only: at most this many row groups and as many column splits
+            (a grid of up to max_splits^2 programs); the lse partials take
+            max_splits * (N + M) fp32, whatever N and M.
     """
 
     block_m: int
@@ -112,6 +121,7 @@ class InfoNCEConfig:
     block_d: int
     num_warps: int
     num_stages: int
+    max_splits: int = 16
 
 
 def forward_config(dtype: torch.dtype) -> InfoNCEConfig:
@@ -122,7 +132,8 @@ def forward_config(dtype: torch.dtype) -> InfoNCEConfig:
     """
     if dtype == torch.float32:
         return InfoNCEConfig(128, 64, 16, 32, num_warps=8, num_stages=3)
-    return InfoNCEConfig(128, 128, 64, 32, num_warps=8, num_stages=3)
+    # Two stages: with three, the 128 x 128 tile plus the column-partial merge spills on sm_80.
+    return InfoNCEConfig(128, 128, 64, 32, num_warps=8, num_stages=2)
 
 
 def backward_config(dtype: torch.dtype) -> InfoNCEConfig:
@@ -196,13 +207,15 @@ def _infonce_fwd_kernel(
     scale_ptr,
     inv_a_ptr,
     inv_b_ptr,
-    row_lse_ptr,
-    pos_row_ptr,
+    row_part_ptr,
     col_part_ptr,
+    pos_row_ptr,
     N,
     M,
     D,
     offset,
+    blocks_per_group,
+    tiles_per_split,
     NORMALIZE: tl.constexpr,
     COL_STATS: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -211,65 +224,101 @@ def _infonce_fwd_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """One row block: row lse and positives, plus per-column lse partials over these rows."""
-    i_m = tl.program_id(0)
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < N
+    """Program (split s, group g): the S block [rows of group g, columns of split s].
+
+    Writes the lse of each of its rows over the split's columns to row_part[s], the lse of each
+    of its columns over the group's rows to col_part[g], and the positives its block holds.
+    """
+    i_s = tl.program_id(0)
+    i_g = tl.program_id(1)
     b_scale = tl.load(scale_ptr)
-    if NORMALIZE:
-        b_ia = tl.load(inv_a_ptr + o_m, mask=m_m, other=0.0)
-    b_mx = tl.full([BM], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BM], dtype=tl.float32)
-    b_pos = tl.zeros([BM], dtype=tl.float32)
-    for j0 in range(0, M, BN):
-        o_n = j0 + tl.arange(0, BN)
-        m_n = o_n < M
-        # [BM, BN] logits; rows/columns outside S are 0 here (zero-filled loads). The same
-        # expression as in the backward, symmetric in the two inverse norms, so that the
-        # backward's recomputed S (of either orientation) is this S to the bit.
-        b_s = _s_tile(a_ptr, b_ptr, o_m, o_n, m_m, m_n, D, INTERPRET, DOT_PRECISION, BM, BN, BK)
+    i_lo = i_g * blocks_per_group * BM
+    i_hi = tl.minimum(i_lo + blocks_per_group * BM, N)
+    j_lo = i_s * tiles_per_split * BN
+    j_hi = tl.minimum(j_lo + tiles_per_split * BN, M)
+    for i0 in range(i_lo, i_hi, BM):
+        o_m = i0 + tl.arange(0, BM)
+        m_m = o_m < N
+        o_p = o_m + offset
         if NORMALIZE:
-            b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
-            b_s = b_s * (b_ia[:, None] * b_ib[None, :])
-        b_s = b_s * b_scale
-        b_pos += tl.sum(tl.where(o_n[None, :] == (o_m + offset)[:, None], b_s, 0.0), 1)
-        # Only columns outside S are excluded from the row statistics: a row outside S stays
-        # finite (all zeros) and is never stored, and no NaN is ever formed.
-        b_sr = tl.where(m_n[None, :], b_s, float("-inf"))
-        b_mn = tl.maximum(b_mx, tl.max(b_sr, 1))
-        b_l = b_l * tl.exp2((b_mx - b_mn) * _LOG2E)
-        b_l += tl.sum(tl.exp2((b_sr - b_mn[:, None]) * _LOG2E), 1)
-        b_mx = b_mn
-        if COL_STATS:
-            b_sc = tl.where(m_m[:, None], b_s, float("-inf"))
-            # [BN] column max over this row block; every column has a row in S, so it is finite.
-            b_cm = tl.max(b_sc, 0)
-            b_cl = tl.sum(tl.exp2((b_sc - b_cm[None, :]) * _LOG2E), 0)
-            tl.store(col_part_ptr + i_m * M + o_n, b_cm + tl.log2(b_cl) * _LN2, mask=m_n)
-    tl.store(row_lse_ptr + o_m, b_mx + tl.log2(b_l) * _LN2, mask=m_m)
-    tl.store(pos_row_ptr + o_m, b_pos, mask=m_m)
+            b_ia = tl.load(inv_a_ptr + o_m, mask=m_m, other=0.0)
+        b_mx = tl.full([BM], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BM], dtype=tl.float32)
+        for j0 in range(j_lo, j_hi, BN):
+            o_n = j0 + tl.arange(0, BN)
+            m_n = o_n < M
+            # [BM, BN] logits; rows/columns outside S are 0 here (zero-filled loads). The same
+            # expression as in the backward, symmetric in the two inverse norms, so that the
+            # backward's recomputed S (of either orientation) is this S to the bit.
+            b_s = _s_tile(a_ptr, b_ptr, o_m, o_n, m_m, m_n, D, INTERPRET, DOT_PRECISION, BM, BN, BK)
+            if NORMALIZE:
+                b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
+                b_s = b_s * (b_ia[:, None] * b_ib[None, :])
+            b_s = b_s * b_scale
+            # The positive (i, i + offset) lies in exactly one tile of one program: written there.
+            b_pos = tl.sum(tl.where(o_n[None, :] == o_p[:, None], b_s, 0.0), 1)
+            m_pos = m_m & (o_p >= j0) & (o_p < j0 + BN) & (o_p < M)
+            tl.store(pos_row_ptr + o_m, b_pos, mask=m_pos)
+            # Only columns outside S are excluded from the row statistics: a row outside S stays
+            # finite (all zeros) and is never stored, and no NaN is ever formed.
+            b_sr = tl.where(m_n[None, :], b_s, float("-inf"))
+            b_mn = tl.maximum(b_mx, tl.max(b_sr, 1))
+            b_l = b_l * tl.exp2((b_mx - b_mn) * _LOG2E)
+            b_l += tl.sum(tl.exp2((b_sr - b_mn[:, None]) * _LOG2E), 1)
+            b_mx = b_mn
+            if COL_STATS:
+                b_sc = tl.where(m_m[:, None], b_s, float("-inf"))
+                # [BN] column lse over this row block; every column has a row in S: finite.
+                b_cm = tl.max(b_sc, 0)
+                b_cl = tl.sum(tl.exp2((b_sc - b_cm[None, :]) * _LOG2E), 0)
+                b_ct = b_cm + tl.log2(b_cl) * _LN2
+                # Merged with the group's earlier row blocks (-inf before the first): only this
+                # program touches col_part[g, split s], so the read-modify-write is race-free.
+                p_c = col_part_ptr + i_g * M + o_n
+                b_co = tl.load(p_c, mask=m_n & (i0 > i_lo), other=float("-inf"))
+                b_cx = tl.maximum(b_co, b_ct)
+                b_cs = tl.exp2((b_co - b_cx) * _LOG2E) + tl.exp2((b_ct - b_cx) * _LOG2E)
+                tl.store(p_c, b_cx + tl.log2(b_cs) * _LN2, mask=m_n)
+        tl.store(row_part_ptr + i_s * N + o_m, b_mx + tl.log2(b_l) * _LN2, mask=m_m)
 
 
 @triton.jit
-def _infonce_col_combine_kernel(
-    col_part_ptr, pos_row_ptr, col_lse_ptr, pos_col_ptr, N, M, offset, R, BC: tl.constexpr
+def _infonce_merge_kernel(
+    part_ptr,
+    lse_ptr,
+    pos_row_ptr,
+    pos_ptr,
+    L,
+    R,
+    N,
+    M,
+    offset,
+    ROWS: tl.constexpr,
+    BC: tl.constexpr,
 ):
-    """Column lse from the R row-block partials and the column positives."""
+    """lse over the R partials [R, L] of each of BC rows (ROWS) or columns of S, in partial
+    order, and the positives the forward did not write: 0 for a row without a positive column;
+    for a column, the row positive S[j - offset, j] (0 without one)."""
     i_c = tl.program_id(0)
     o_c = i_c * BC + tl.arange(0, BC)
-    m_c = o_c < M
+    m_c = o_c < L
     b_mx = tl.full([BC], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BC], dtype=tl.float32)
     for r in range(0, R):
-        b_x = tl.load(col_part_ptr + r * M + o_c, mask=m_c, other=0.0)
+        b_x = tl.load(part_ptr + r * L + o_c, mask=m_c, other=0.0)
         b_mn = tl.maximum(b_mx, b_x)
         b_l = b_l * tl.exp2((b_mx - b_mn) * _LOG2E) + tl.exp2((b_x - b_mn) * _LOG2E)
         b_mx = b_mn
-    tl.store(col_lse_ptr + o_c, b_mx + tl.log2(b_l) * _LN2, mask=m_c)
-    # S[j - offset, j] was already extracted as a row positive.
-    o_p = o_c - offset
-    m_p = m_c & (o_p >= 0) & (o_p < N)
-    tl.store(pos_col_ptr + o_c, tl.load(pos_row_ptr + o_p, mask=m_p, other=0.0), mask=m_c)
+    tl.store(lse_ptr + o_c, b_mx + tl.log2(b_l) * _LN2, mask=m_c)
+    if ROWS:
+        o_p = o_c + offset
+        tl.store(
+            pos_ptr + o_c, tl.zeros([BC], dtype=tl.float32), mask=m_c & ((o_p < 0) | (o_p >= M))
+        )
+    else:
+        o_p = o_c - offset
+        m_p = m_c & (o_p >= 0) & (o_p < N)
+        tl.store(pos_ptr + o_c, tl.load(pos_row_ptr + o_p, mask=m_p, other=0.0), mask=m_c)
 
 
 @triton.jit
@@ -534,8 +583,8 @@ def _check_inputs(a: Tensor, b: Tensor, scale: Tensor) -> None:
     if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"empty input: A {tuple(a.shape)}, B {tuple(b.shape)}")
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
-    # Element offsets are int32: rows x D of each input and the column partials (BM >= 16).
-    if max(n, m) * d >= 2**31 or triton.cdiv(n, 16) * m >= 2**31:
+    # Element offsets are int32: rows x D of each input and the lse partials (max_splits rows).
+    if max(n, m) * max(d, _MAX_SPLITS_LIMIT) >= 2**31:
         raise ValueError(f"A {tuple(a.shape)}, B {tuple(b.shape)}: offsets overflow int32")
 
 
@@ -581,32 +630,42 @@ def infonce_forward(
         (row_lse [N], col_lse [M] or None, pos_row [N], pos_col [M] or None), all fp32:
         logsumexp_j S_ij, logsumexp_i S_ij, S[i, i + offset] and S[j - offset, j].
         Extra memory beyond the outputs: the inverse norms [N] and [M] when ``normalize``, and
-        the column partials [cdiv(N, block_m), M] fp32 when ``col_stats``.
+        the lse partials: at most max_splits x N fp32 for the rows and, with ``col_stats``,
+        max_splits x M for the columns (the config's max_splits, 16 by default): linear in N
+        and M, never N x M.
     """
     _check_inputs(a, b, scale)
     cfg = config or forward_config(a.dtype)
+    if not 1 <= cfg.max_splits <= _MAX_SPLITS_LIMIT:
+        raise ValueError(
+            f"config.max_splits must be in [1, {_MAX_SPLITS_LIMIT}], got {cfg.max_splits}"
+        )
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
     dev = a.device
     inv_a, inv_b = (_inv_norms(a), _inv_norms(b)) if normalize else (scale, scale)
-    n_blocks = triton.cdiv(n, cfg.block_m)
+    blocks_per_group, groups = _split(triton.cdiv(n, cfg.block_m), cfg.max_splits)
+    tiles_per_split, splits = _split(triton.cdiv(m, cfg.block_n), cfg.max_splits)
     row_lse = torch.empty(n, device=dev, dtype=torch.float32)
     pos_row = torch.empty(n, device=dev, dtype=torch.float32)
-    col_part = torch.empty((n_blocks, m) if col_stats else (1,), device=dev, dtype=torch.float32)
+    row_part = torch.empty((splits, n), device=dev, dtype=torch.float32)
+    col_part = torch.empty((groups, m) if col_stats else (1,), device=dev, dtype=torch.float32)
     launch(
         _infonce_fwd_kernel,
-        (n_blocks,),
+        (splits, groups),
         a,
         b,
         scale,
         inv_a,
         inv_b,
-        row_lse,
-        pos_row,
+        row_part,
         col_part,
+        pos_row,
         n,
         m,
         d,
         offset,
+        blocks_per_group,
+        tiles_per_split,
         NORMALIZE=normalize,
         COL_STATS=col_stats,
         INTERPRET=interpreting(a),
@@ -617,25 +676,40 @@ def infonce_forward(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    _merge(row_part, row_lse, pos_row, pos_row, n, m, offset, rows=True)
     if not col_stats:
         return row_lse, None, pos_row, None
     col_lse = torch.empty(m, device=dev, dtype=torch.float32)
     pos_col = torch.empty(m, device=dev, dtype=torch.float32)
-    block_c = _COMBINE_BLOCK
+    _merge(col_part, col_lse, pos_row, pos_col, n, m, offset, rows=False)
+    return row_lse, col_lse, pos_row, pos_col
+
+
+def _split(blocks: int, max_parts: int) -> tuple[int, int]:
+    """(blocks per part, parts): ``blocks`` cut into at most ``max_parts`` consecutive runs."""
+    per = triton.cdiv(blocks, min(blocks, max_parts))
+    return per, triton.cdiv(blocks, per)
+
+
+def _merge(
+    part: Tensor, lse: Tensor, pos_row: Tensor, pos: Tensor, n: int, m: int, offset: int, rows: bool
+) -> None:
+    length = lse.shape[0]
     launch(
-        _infonce_col_combine_kernel,
-        (triton.cdiv(m, block_c),),
-        col_part,
+        _infonce_merge_kernel,
+        (triton.cdiv(length, _MERGE_BLOCK),),
+        part,
+        lse,
         pos_row,
-        col_lse,
-        pos_col,
+        pos,
+        length,
+        part.shape[0],
         n,
         m,
         offset,
-        n_blocks,
-        BC=block_c,
+        ROWS=rows,
+        BC=_MERGE_BLOCK,
     )
-    return row_lse, col_lse, pos_row, pos_col
 
 
 def infonce_backward(

@@ -29,6 +29,9 @@ LARGE = [
     (300, 300, 1, 0),
     (200, 260, 1536, 60),
     (130, 130, 100, 0),
+    # More than 24 row blocks and column tiles: the forward's groups and splits span several
+    # tiles each (partials merged inside a program and across programs), ragged at both ends.
+    (3001, 3077, 40, 70),
 ]
 
 
@@ -198,7 +201,11 @@ def test_no_n_by_m_buffer(cuda_lib):
     grads = torch.ops.vljepa_fast.infonce_bwd(a, b, scale, 0, True, out[0], out[1], g, g)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert extra < n * m * 4 / 8, f"peak grew by {extra / 2**20:.1f} MiB"
+    # dA, dB (bf16) and the fp32 accumulator: 8 N D bytes; the forward's lse partials
+    # (192 (N + M) bytes) and the [N], [M] vectors: under 256 (N + M). An N x M fp32 buffer
+    # would be 256 MiB; the old [N / 64, M] partials alone took 8 MiB.
+    bound = 8 * n * 64 + 256 * (n + m)
+    assert extra < bound, f"peak grew by {extra / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"
     assert all(torch.isfinite(t).all() for t in grads)
 
 

@@ -24,9 +24,11 @@ from vljepa_fast._kernels._common import aot_compile, pointer_type
 
 from tests._util import assert_close_2x
 
-# Small tiles so that shapes of 127 span several row and column blocks (several column partials
-# to combine, several gradient-accumulator passes); the defaults cover single-block launches.
-SMALL = K.InfoNCEConfig(32, 32, 32, 32, num_warps=4, num_stages=2)
+# Small tiles so that shapes of 127 span several row and column blocks: with max_splits=3 the
+# forward's 4 x 4 tiles form 2 row groups x 2 column splits of 2 blocks each (partials merged
+# within a program and across programs), and the backward makes several accumulator passes;
+# the defaults cover single-block launches.
+SMALL = K.InfoNCEConfig(32, 32, 32, 32, num_warps=4, num_stages=2, max_splits=3)
 NAMES = ("row_lse", "col_lse", "pos_row", "pos_col", "dA", "dB", "dscale")
 
 
@@ -293,4 +295,5 @@ def test_gemm_kernels_compile(which, dtype, arch):
 def test_small_kernels_compile(arch):
     for dtype in (F32, F16, BF16):
         _compile(K._inv_norm_kernel, dtype, arch, dict(zip(("BR", "BD"), K._NORM_BLOCK)))
-    _compile(K._infonce_col_combine_kernel, F32, arch, dict(BC=K._COMBINE_BLOCK))
+    for rows in (True, False):
+        _compile(K._infonce_merge_kernel, F32, arch, dict(ROWS=rows, BC=K._MERGE_BLOCK))

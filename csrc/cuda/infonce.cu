@@ -13,13 +13,16 @@
 // keeps sgemm rounding). Normalisation never touches memory: inv_a [N] and inv_b [M] (1 / max(
 // ||row||, eps), ones without normalize) scale the tile, S = scale * G * inv_a[i] * inv_b[j].
 //
-// Forward, infonce_fwd_kernel: program i_r owns rows [64 i_r, 64 i_r + 64) of a and walks every
-// column tile. Row statistics are online (running max and rescaled sum-exp per row, one warp per
-// row, butterfly shuffles: the same order on every run). Column statistics of the block's 64
-// rows are exact per tile and go to col_part_max / col_part_sum [n_row_blocks, M]; col_lse_kernel
-// merges them in row-block order (deterministic, no atomics; the partials take N * M / 8 bytes,
-// 1/32 of an fp32 logit matrix). Positives are read off the tile that holds them. Every exponent
-// is relative to a maximum, so |S| of 1e4 and more stays finite.
+// Forward, infonce_fwd_kernel: the row blocks are cut into at most kMaxSplits groups of
+// consecutive blocks and the column tiles into as many splits; program (split s, group g) walks
+// its block of tiles, row block by row block. Row statistics are online over the split's tiles
+// (running max and rescaled sum-exp per row, one warp per row, butterfly shuffles: the same order
+// on every run) and land in row_part_max / row_part_sum [splits, N]. Column statistics are exact
+// per tile and merged over the group's row blocks in col_part_max / col_part_sum [groups, M]
+// (only program (s, g) touches its entries). lse_merge_kernel merges both kinds of partials in
+// part order: deterministic, no atomics, and 8 * kMaxSplits * (N + M) bytes whatever the batch
+// (6% of the bf16 inputs at D = 1536; nothing grows with N * M). Positives are read off the tile
+// that holds them. Every exponent is relative to a maximum, so |S| of 1e4 and more stays finite.
 //
 // Backward, infonce_bwd_kernel (launched twice, by_rows then by columns): program p owns 64 rows
 // of one input ("own": a by rows, b by columns) and walks tiles of the other. It recomputes the
@@ -57,6 +60,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 
 #include "vljepa_check.h"
@@ -85,6 +89,9 @@ constexpr float kNormEps = 1e-12f;
 // A row whose inverse norm reaches this had its norm clamped to eps: no projection in backward.
 constexpr float kInvNormEps = 1.0f / kNormEps;
 constexpr unsigned kFullMask = 0xffffffffu;
+// Forward grid: at most kMaxSplits row groups x kMaxSplits column splits (576 programs, several
+// waves on any current GPU); the lse partials take 8 * kMaxSplits * (N + M) bytes.
+constexpr int kMaxSplits = 24;
 static_assert(kTile == 2 * 32, "row passes give each lane two columns");
 static_assert(kTile * kTile == 16 * kThreads, "16 tile elements per thread");
 
@@ -287,116 +294,135 @@ __device__ void tile_gemm(const T* __restrict__ own, int own_rows, const T* __re
   }
 }
 
-// Program i_r: rows [64 i_r, 64 i_r + 64) of a against all of b (see the header).
+// Program (s, g) = (blockIdx.x, blockIdx.y): the S block [row blocks of group g, column tiles of
+// split s] (see the header). Row partials go to row_part_* [splits, N], column partials to
+// col_part_* [groups, M], both as (max, sum of exp(x - max)).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     infonce_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b,
                        const float* __restrict__ inv_a, const float* __restrict__ inv_b,
                        const float* __restrict__ scale_ptr, int n, int m, int dim, int offset,
-                       bool vec, bool col_stats, float* __restrict__ row_lse,
+                       bool vec, bool col_stats, int blocks_per_group, int tiles_per_split,
+                       float* __restrict__ row_part_max, float* __restrict__ row_part_sum,
                        float* __restrict__ pos_row, float* __restrict__ col_part_max,
                        float* __restrict__ col_part_sum, float* __restrict__ pos_col) {
   __shared__ __align__(128) unsigned char s_ops_raw[kOperandBytes];
   __shared__ __align__(128) float s_tile[kTile * kLdTile];
   T* s_ops = reinterpret_cast<T*>(s_ops_raw);
-  const int i_r = blockIdx.x;
-  const int i0 = i_r * kTile;
-  const int rows = min(kTile, n - i0);
+  const int split = blockIdx.x;
+  const int group = blockIdx.y;
+  const int i_lo = group * blocks_per_group * kTile;
+  const int i_hi = min(n, i_lo + blocks_per_group * kTile);
+  const int j_lo = split * tiles_per_split * kTile;
+  const int j_hi = min(m, j_lo + tiles_per_split * kTile);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const float scale = __ldg(scale_ptr);
   const float neg_inf = -CUDART_INF_F;
 
-  // Running max and sum-exp of rows warp + kWarps * k; every lane holds the same copy.
-  float m_run[kRowsPerWarp];
-  float l_run[kRowsPerWarp];
-#pragma unroll
-  for (int k = 0; k < kRowsPerWarp; ++k) {
-    m_run[k] = neg_inf;
-    l_run[k] = 0.0f;
-  }
-
-  for (int j0 = 0; j0 < m; j0 += kTile) {
-    const int cols = min(kTile, m - j0);
-    __syncthreads();  // the previous tile's readers of s_tile are done
-    tile_gemm<T>(a + int64_t(i0) * dim, rows, b + int64_t(j0) * dim, cols, dim, vec, s_ops,
-                 s_tile);
-    __syncthreads();
-    // G -> S; entries outside the matrix become -inf, which every reduction below ignores.
-    for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-      const int r = e / kTile;
-      const int c = e % kTile;
-      float* p = s_tile + r * kLdTile + c;
-      *p = r < rows && c < cols ? scale * (*p * inv_a[i0 + r] * inv_b[j0 + c]) : neg_inf;
-    }
-    __syncthreads();
-
+  for (int i0 = i_lo; i0 < i_hi; i0 += kTile) {
+    const int rows = min(kTile, n - i0);
+    // Running max and sum-exp of rows warp + kWarps * k; every lane holds the same copy.
+    float m_run[kRowsPerWarp];
+    float l_run[kRowsPerWarp];
 #pragma unroll
     for (int k = 0; k < kRowsPerWarp; ++k) {
-      const int r = warp + k * kWarps;
-      if (r < rows) {  // warp-uniform
-        const float* s_row = s_tile + r * kLdTile;
-        const float v0 = s_row[lane];
-        const float v1 = s_row[lane + 32];
-        // Column j0 (lane 0) is always inside the matrix, so m_new is finite.
-        const float m_new = fmaxf(m_run[k], warp_max(fmaxf(v0, v1)));
-        const float sum = warp_sum(expf(v0 - m_new) + expf(v1 - m_new));
-        l_run[k] = l_run[k] * expf(m_run[k] - m_new) + sum;
-        m_run[k] = m_new;
-        const int jp = i0 + r + offset;
-        if (lane == 0 && jp >= j0 && jp < j0 + cols) {
-          pos_row[i0 + r] = s_row[jp - j0];
+      m_run[k] = neg_inf;
+      l_run[k] = 0.0f;
+    }
+
+    for (int j0 = j_lo; j0 < j_hi; j0 += kTile) {
+      const int cols = min(kTile, m - j0);
+      __syncthreads();  // the previous tile's readers of s_tile are done
+      tile_gemm<T>(a + int64_t(i0) * dim, rows, b + int64_t(j0) * dim, cols, dim, vec, s_ops,
+                   s_tile);
+      __syncthreads();
+      // G -> S; entries outside the matrix become -inf, which every reduction below ignores.
+      for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+        const int r = e / kTile;
+        const int c = e % kTile;
+        float* p = s_tile + r * kLdTile + c;
+        *p = r < rows && c < cols ? scale * (*p * inv_a[i0 + r] * inv_b[j0 + c]) : neg_inf;
+      }
+      __syncthreads();
+
+#pragma unroll
+      for (int k = 0; k < kRowsPerWarp; ++k) {
+        const int r = warp + k * kWarps;
+        if (r < rows) {  // warp-uniform
+          const float* s_row = s_tile + r * kLdTile;
+          const float v0 = s_row[lane];
+          const float v1 = s_row[lane + 32];
+          // Column j0 (lane 0) is always inside the matrix, so m_new is finite.
+          const float m_new = fmaxf(m_run[k], warp_max(fmaxf(v0, v1)));
+          const float sum = warp_sum(expf(v0 - m_new) + expf(v1 - m_new));
+          l_run[k] = l_run[k] * expf(m_run[k] - m_new) + sum;
+          m_run[k] = m_new;
+          const int jp = i0 + r + offset;
+          if (lane == 0 && jp >= j0 && jp < j0 + cols) {
+            pos_row[i0 + r] = s_row[jp - j0];
+          }
+        }
+      }
+
+      if (col_stats && int(threadIdx.x) < cols) {
+        // Exact (max, sum-exp) of this row block for column j, merged with the group's earlier
+        // row blocks: thread c owns column j0 + c of every row block of this program, and no
+        // other program touches col_part[group, j], so the read-modify-write is race-free.
+        const int c = threadIdx.x;
+        const int j = j0 + c;
+        float cmax = neg_inf;
+        for (int r = 0; r < rows; ++r) {
+          cmax = fmaxf(cmax, s_tile[r * kLdTile + c]);
+        }
+        float csum = 0.0f;
+        for (int r = 0; r < rows; ++r) {
+          csum += expf(s_tile[r * kLdTile + c] - cmax);
+        }
+        const int64_t at = int64_t(group) * m + j;
+        if (i0 > i_lo) {
+          const float omax = col_part_max[at];
+          const float nmax = fmaxf(omax, cmax);
+          csum = col_part_sum[at] * expf(omax - nmax) + csum * expf(cmax - nmax);
+          cmax = nmax;
+        }
+        col_part_max[at] = cmax;
+        col_part_sum[at] = csum;
+        const int pr = min(max(j - offset, 0), n - 1) - i0;
+        if (pr >= 0 && pr < rows) {
+          pos_col[j] = s_tile[pr * kLdTile + c];
         }
       }
     }
 
-    if (col_stats && int(threadIdx.x) < cols) {
-      // Exact (max, sum-exp) of this block's rows for column j; merged by col_lse_kernel.
-      const int c = threadIdx.x;
-      const int j = j0 + c;
-      float cmax = neg_inf;
-      for (int r = 0; r < rows; ++r) {
-        cmax = fmaxf(cmax, s_tile[r * kLdTile + c]);
-      }
-      float csum = 0.0f;
-      for (int r = 0; r < rows; ++r) {
-        csum += expf(s_tile[r * kLdTile + c] - cmax);
-      }
-      col_part_max[int64_t(i_r) * m + j] = cmax;
-      col_part_sum[int64_t(i_r) * m + j] = csum;
-      const int pr = min(max(j - offset, 0), n - 1) - i0;
-      if (pr >= 0 && pr < rows) {
-        pos_col[j] = s_tile[pr * kLdTile + c];
-      }
-    }
-  }
-
 #pragma unroll
-  for (int k = 0; k < kRowsPerWarp; ++k) {
-    const int r = warp + k * kWarps;
-    if (r < rows && lane == 0) {
-      row_lse[i0 + r] = m_run[k] + logf(l_run[k]);
+    for (int k = 0; k < kRowsPerWarp; ++k) {
+      const int r = warp + k * kWarps;
+      if (r < rows && lane == 0) {
+        row_part_max[int64_t(split) * n + i0 + r] = m_run[k];
+        row_part_sum[int64_t(split) * n + i0 + r] = l_run[k];
+      }
     }
   }
 }
 
-// col_lse[j] from the per-row-block partials, merged in row-block order.
+// out[x] = log-sum-exp of the `parts` partials (max, sum) of x in [0, len), merged in part order.
 __global__ void __launch_bounds__(kThreads)
-    col_lse_kernel(const float* __restrict__ col_part_max, const float* __restrict__ col_part_sum,
-                   int row_blocks, int m, float* __restrict__ col_lse) {
-  const int j = blockIdx.x * kThreads + threadIdx.x;
-  if (j >= m) {
+    lse_merge_kernel(const float* __restrict__ part_max, const float* __restrict__ part_sum,
+                     int parts, int len, float* __restrict__ out) {
+  const int x = blockIdx.x * kThreads + threadIdx.x;
+  if (x >= len) {
     return;
   }
   float cmax = -CUDART_INF_F;
-  for (int p = 0; p < row_blocks; ++p) {
-    cmax = fmaxf(cmax, col_part_max[int64_t(p) * m + j]);
+  for (int p = 0; p < parts; ++p) {
+    cmax = fmaxf(cmax, part_max[int64_t(p) * len + x]);
   }
   float csum = 0.0f;
-  for (int p = 0; p < row_blocks; ++p) {
-    csum += col_part_sum[int64_t(p) * m + j] * expf(col_part_max[int64_t(p) * m + j] - cmax);
+  for (int p = 0; p < parts; ++p) {
+    csum += part_sum[int64_t(p) * len + x] * expf(part_max[int64_t(p) * len + x] - cmax);
   }
-  col_lse[j] = cmax + logf(csum);
+  out[x] = cmax + logf(csum);
 }
 
 // Program p owns rows [64 p, 64 p + 64) of `own` (a when by_rows, else b) and adds
@@ -658,32 +684,51 @@ Problem make_problem(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   return p;
 }
 
+// (runs per part, parts): `runs` consecutive tiles cut into at most kMaxSplits parts.
+std::pair<int, int> split_runs(int runs) {
+  const int parts = std::min(runs, kMaxSplits);
+  const int per = (runs + parts - 1) / parts;
+  return {per, (runs + per - 1) / per};
+}
+
+void launch_merge(const at::Tensor& part_max, const at::Tensor& part_sum, at::Tensor& out,
+                  cudaStream_t stream) {
+  const int len = int(out.size(0));
+  lse_merge_kernel<<<(len + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+      part_max.data_ptr<float>(), part_sum.data_ptr<float>(), int(part_max.size(0)), len,
+      out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T>
 void launch_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                 int64_t offset, bool normalize, bool col_stats, at::Tensor& row_lse,
                 at::Tensor& col_lse, at::Tensor& pos_row, at::Tensor& pos_col,
                 cudaStream_t stream) {
   const Problem p = make_problem<T>(a, b, scale, offset, normalize, stream);
-  const int row_blocks = (p.n + kTile - 1) / kTile;
-  at::Tensor part_max;
-  at::Tensor part_sum;
+  const auto [blocks_per_group, groups] = split_runs((p.n + kTile - 1) / kTile);
+  const auto [tiles_per_split, splits] = split_runs((p.m + kTile - 1) / kTile);
+  const auto f32 = a.options().dtype(at::kFloat);
+  at::Tensor row_max = at::empty({splits, p.n}, f32);
+  at::Tensor row_sum = at::empty({splits, p.n}, f32);
+  at::Tensor col_max;
+  at::Tensor col_sum;
   if (col_stats) {
-    part_max = at::empty({row_blocks, p.m}, a.options().dtype(at::kFloat));
-    part_sum = at::empty({row_blocks, p.m}, a.options().dtype(at::kFloat));
+    col_max = at::empty({groups, p.m}, f32);
+    col_sum = at::empty({groups, p.m}, f32);
   }
-  infonce_fwd_kernel<T><<<row_blocks, kThreads, 0, stream>>>(
+  infonce_fwd_kernel<T><<<dim3(splits, groups), kThreads, 0, stream>>>(
       reinterpret_cast<const T*>(a.data_ptr()), reinterpret_cast<const T*>(b.data_ptr()),
       p.inv_a.data_ptr<float>(), p.inv_b.data_ptr<float>(), p.scale.data_ptr<float>(), p.n, p.m,
-      p.dim, p.offset, p.vec, col_stats, row_lse.data_ptr<float>(), pos_row.data_ptr<float>(),
-      col_stats ? part_max.data_ptr<float>() : nullptr,
-      col_stats ? part_sum.data_ptr<float>() : nullptr,
+      p.dim, p.offset, p.vec, col_stats, blocks_per_group, tiles_per_split,
+      row_max.data_ptr<float>(), row_sum.data_ptr<float>(), pos_row.data_ptr<float>(),
+      col_stats ? col_max.data_ptr<float>() : nullptr,
+      col_stats ? col_sum.data_ptr<float>() : nullptr,
       col_stats ? pos_col.data_ptr<float>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_merge(row_max, row_sum, row_lse, stream);
   if (col_stats) {
-    col_lse_kernel<<<(p.m + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        part_max.data_ptr<float>(), part_sum.data_ptr<float>(), row_blocks, p.m,
-        col_lse.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_merge(col_max, col_sum, col_lse, stream);
   }
 }
 
