@@ -19,9 +19,12 @@ TORCH_LIBRARY(vljepa_fast, m) {
   // infonce_fwd / infonce_bwd: the InfoNCE kernel contract (vljepa_fast/reference.py,
   // infonce_terms). a [N, D], b [M, D] (same floating dtype, contiguous), scale a 0-dim float32
   // tensor (1 / temperature), S = scale * norm(a) @ norm(b)^T (norm = identity unless normalize),
-  // positive of row i = column i + offset. Forward returns row_lse [N], col_lse [M] (empty [0]
-  // when col_stats is false), pos_row [N] = S[i, i+offset], pos_col [M] (empty likewise), all
-  // float32. Backward takes the weights of loss = sum_i g_row[i] (row_lse[i] - pos_row[i]) +
+  // positive of row i = column i + offset. Forward returns row_lse [N] and col_lse [M] (empty
+  // [0] when col_stats is false) in float64, pos_row [N] = S[i, i+offset] and pos_col [M]
+  // (empty likewise) in float32. The LSEs are float64 because the backward forms exp(S - lse):
+  // a float32 LSE is off by up to half an ulp of |S| (5e-4 at |S| = 1e4), which would scale
+  // every probability of its row by up to 1 +- 5e-4; kernels split it into float hi + lo, so
+  // the hot loops stay in float32. Backward takes the weights of loss = sum_i g_row[i] (row_lse[i] - pos_row[i]) +
   // sum_j g_col[j] (col_lse[j] - pos_col[j]) and returns (da [N, D] in a's dtype, db [M, D],
   // dscale 0-dim float32).
   m.def("infonce_fwd(Tensor a, Tensor b, Tensor scale, int offset, bool normalize, bool col_stats)"
@@ -49,10 +52,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_meta(
   (void)scale;
   (void)offset;
   (void)normalize;
-  auto opts = a.options().dtype(at::kFloat);
+  auto f32 = a.options().dtype(at::kFloat);
+  auto f64 = a.options().dtype(at::kDouble);
   const int64_t m = col_stats ? b.size(0) : 0;
-  return {at::empty({a.size(0)}, opts), at::empty({m}, opts), at::empty({a.size(0)}, opts),
-          at::empty({m}, opts)};
+  return {at::empty({a.size(0)}, f64), at::empty({m}, f64), at::empty({a.size(0)}, f32),
+          at::empty({m}, f32)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_meta(

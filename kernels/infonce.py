@@ -21,11 +21,12 @@ copy: 1/||A_i|| and 1/||B_j|| scale the fp32 dot products, so Â and B̂ never e
 Forward: the S tiles are cut into at most max_splits (16) row groups of consecutive row blocks
 and as many column splits of consecutive column tiles; the program of (group g, split s) sweeps
 its block of tiles with the online max / sum-exp (flash-attention style) for its rows, and for
-its columns a log-sum-exp over the group's rows merged tile by tile into col_part[g] (only that
-program touches those entries: no races, no atomics). The row lse of each split goes to
-row_part[s]; a small kernel merges the partials in a fixed order. The partials are
-max_splits x (N + M) fp32 whatever the batch: 2 MB at N = M = 16k, 2% of the bf16 inputs,
-versus 1 GB for S in fp32, and the grid has up to 256 programs for any N >= 16 * BM.
+its columns a (max, sum-exp) pair over the group's rows, merged tile by tile into
+col_max/col_sum[g] (only that program touches those entries: no races, no atomics). The rows'
+pairs of each split go to row_max/row_sum[s]; a small kernel merges the partials in a fixed
+order and rounds each lse once, to float64 (see Numerics). The partials are 2 max_splits x (N +
+M) fp32 whatever the batch: 4 MB at N = M = 16k, 4% of the bf16 inputs, versus 1 GB for S in
+fp32, and the grid has up to 256 programs for any N >= 16 * BM.
 Backward: one kernel launched twice, each program owning a block of rows of the gradient it
 writes (DB=False: BM rows of A, sweeping the column tiles; DB=True: BN rows of B, i.e. columns
 of S, sweeping the row tiles), so no atomics are needed and the result is deterministic. Each
@@ -45,21 +46,25 @@ otherwise (shared by the dA and dB launches), the only O(N*D) extra memory of th
 final epilogue turns it into dA in A's dtype.
 
 Numerics. Accumulation is fp32 and maxima are subtracted before every exponential, so logits of
-any size (temperature 0.01 with |S| up to 1e4) give no overflow. Exponentials are exp2 with
-log2(e) applied after the subtraction, exp2((S - m) * log2(e)), rather than folded into the
-scale: at |S| ~ 1e4 an fp32 logit has an ulp of 1e-3, and keeping S, the lse outputs and their
-round trip through the backward in natural units makes a dominant logit's probability exactly
-exp2(0) = 1 instead of 1 +- 1e-3 (the cost is one multiply per exponential). For the same
-reason every kernel forms S with one expression, raw * (1/||A_i|| * 1/||B_j||) * scale,
-symmetric in A and B, and the forward and backward default configs share BK: the backward's
-recomputed S (either orientation) repeats the forward's arithmetic. tl.dot runs on bf16/fp16
-tensor cores on the GPU (fp32 inputs use 3xTF32, about fp32-accurate; plain TF32 would put a
-1e-3 relative error on every logit); under the interpreter its operands are upcast to fp32 (the
-interpreter's bf16 dot is wrong), selected by the ``INTERPRET`` constexpr. dS is multiplied by
-a power of two 2^-ceil(log2(max |g|)) before it is cast to the 16-bit dot type, so that the
-small probabilities of a large batch (g ~ 1/N) do not underflow fp16; the epilogue divides it
-out. The normalisation backward's projection coefficient is taken from that rounded dS, so dA
-stays orthogonal to Â up to fp32 rounding.
+any size (temperature 0.01 with |S| up to 1e4) give no overflow. The lse outputs are float64:
+the forward keeps (max, sum-exp) pairs and rounds max + log(sum) once, to double, and the
+backward splits each lse into float hi + lo and forms exp((S - hi) - lo), exact near the maximum
+(Sterbenz). A float lse would be off by up to half an ulp of |S| (5e-4 at 1e4) and scale every
+probability of its row by that factor (dscale errors up to 10x eager's were seen at temperature
+0.01 with |S| ~ 1e4). Exponentials are exp2 with log2(e) applied after the subtraction, exp2((S
+- m) * log2(e)), rather than folded into the scale: at |S| ~ 1e4 an fp32 logit has an ulp of
+1e-3, and keeping S, the lse outputs and their round trip through the backward in natural units
+makes a dominant logit's probability exactly exp2(0) = 1 instead of 1 +- 1e-3 (the cost is one
+multiply per exponential). For the same reason every kernel forms S with one expression, raw *
+(1/||A_i|| * 1/||B_j||) * scale, symmetric in A and B, and the forward and backward default
+configs share BK: the backward's recomputed S (either orientation) repeats the forward's
+arithmetic. tl.dot runs on bf16/fp16 tensor cores on the GPU (fp32 inputs use 3xTF32, about
+fp32-accurate; plain TF32 would put a 1e-3 relative error on every logit); under the interpreter
+its operands are upcast to fp32 (the interpreter's bf16 dot is wrong), selected by the
+``INTERPRET`` constexpr. dS is multiplied by a power of two 2^-ceil(log2(max |g|)) before it is
+cast to the 16-bit dot type, so that the small probabilities of a large batch (g ~ 1/N) do not
+underflow fp16; the epilogue divides it out. The normalisation backward's projection coefficient
+is taken from that rounded dS, so dA stays orthogonal to Â up to fp32 rounding.
 
 Limits. Offsets are int32: N * D, M * D, 64 * N and 64 * M must stay below 2^31. Loads are
 vectorised when D is a multiple of 16 (the JIT specialises on it); other D run correctly but
@@ -112,7 +117,7 @@ class InfoNCEConfig:
         num_stages: software pipelining depth of the GEMM loops.
         max_splits: forward only: at most this many row groups and as many column splits
             (a grid of up to max_splits^2 programs); the lse partials take
-            max_splits * (N + M) fp32, whatever N and M.
+            2 * max_splits * (N + M) fp32, whatever N and M.
     """
 
     block_m: int
@@ -132,8 +137,9 @@ def forward_config(dtype: torch.dtype) -> InfoNCEConfig:
     """
     if dtype == torch.float32:
         return InfoNCEConfig(128, 64, 16, 32, num_warps=8, num_stages=3)
-    # Two stages: with three, the 128 x 128 tile plus the column-partial merge spills on sm_80.
-    return InfoNCEConfig(128, 128, 64, 32, num_warps=8, num_stages=2)
+    # BK 32 (shared with the backward): at BK 64 the 128 x 128 tile plus the column-partial
+    # merge spills on sm_80 with three stages, and the backward's dA pass spills at BK 64.
+    return InfoNCEConfig(128, 128, 32, 32, num_warps=8, num_stages=3)
 
 
 def backward_config(dtype: torch.dtype) -> InfoNCEConfig:
@@ -143,7 +149,7 @@ def backward_config(dtype: torch.dtype) -> InfoNCEConfig:
     """
     if dtype == torch.float32:
         return InfoNCEConfig(64, 32, 16, 16, num_warps=8, num_stages=2)
-    return InfoNCEConfig(128, 64, 64, 32, num_warps=8, num_stages=2)
+    return InfoNCEConfig(128, 64, 32, 32, num_warps=8, num_stages=2)
 
 
 @triton.jit
@@ -207,8 +213,10 @@ def _infonce_fwd_kernel(
     scale_ptr,
     inv_a_ptr,
     inv_b_ptr,
-    row_part_ptr,
-    col_part_ptr,
+    row_max_ptr,
+    row_sum_ptr,
+    col_max_ptr,
+    col_sum_ptr,
     pos_row_ptr,
     N,
     M,
@@ -226,8 +234,10 @@ def _infonce_fwd_kernel(
 ):
     """Program (split s, group g): the S block [rows of group g, columns of split s].
 
-    Writes the lse of each of its rows over the split's columns to row_part[s], the lse of each
-    of its columns over the group's rows to col_part[g], and the positives its block holds.
+    Writes (max, sum of exp(x - max)) of each of its rows over the split's columns to
+    row_max/row_sum[s], the same of each of its columns over the group's rows to
+    col_max/col_sum[g], and the positives its block holds. Pairs rather than an lse: a float
+    lse rounds to half an ulp of |S| (the merge rounds once, to float64).
     """
     i_s = tl.program_id(0)
     i_g = tl.program_id(1)
@@ -268,23 +278,29 @@ def _infonce_fwd_kernel(
             b_mx = b_mn
             if COL_STATS:
                 b_sc = tl.where(m_m[:, None], b_s, float("-inf"))
-                # [BN] column lse over this row block; every column has a row in S: finite.
+                # [BN] column max and sum-exp over this row block; every column has a row in
+                # S, so the max is finite.
                 b_cm = tl.max(b_sc, 0)
                 b_cl = tl.sum(tl.exp2((b_sc - b_cm[None, :]) * _LOG2E), 0)
-                b_ct = b_cm + tl.log2(b_cl) * _LN2
-                # Merged with the group's earlier row blocks (-inf before the first): only this
-                # program touches col_part[g, split s], so the read-modify-write is race-free.
-                p_c = col_part_ptr + i_g * M + o_n
-                b_co = tl.load(p_c, mask=m_n & (i0 > i_lo), other=float("-inf"))
-                b_cx = tl.maximum(b_co, b_ct)
-                b_cs = tl.exp2((b_co - b_cx) * _LOG2E) + tl.exp2((b_ct - b_cx) * _LOG2E)
-                tl.store(p_c, b_cx + tl.log2(b_cs) * _LN2, mask=m_n)
-        tl.store(row_part_ptr + i_s * N + o_m, b_mx + tl.log2(b_l) * _LN2, mask=m_m)
+                # Merged with the group's earlier row blocks (-inf and 0 before the first): only
+                # this program touches col_*[g, split s], so the read-modify-write is race-free.
+                o_c = i_g * M + o_n
+                m_old = m_n & (i0 > i_lo)
+                b_om = tl.load(col_max_ptr + o_c, mask=m_old, other=float("-inf"))
+                b_ol = tl.load(col_sum_ptr + o_c, mask=m_old, other=0.0)
+                b_nm = tl.maximum(b_om, b_cm)
+                b_nl = b_ol * tl.exp2((b_om - b_nm) * _LOG2E)
+                b_nl += b_cl * tl.exp2((b_cm - b_nm) * _LOG2E)
+                tl.store(col_max_ptr + o_c, b_nm, mask=m_n)
+                tl.store(col_sum_ptr + o_c, b_nl, mask=m_n)
+        tl.store(row_max_ptr + i_s * N + o_m, b_mx, mask=m_m)
+        tl.store(row_sum_ptr + i_s * N + o_m, b_l, mask=m_m)
 
 
 @triton.jit
 def _infonce_merge_kernel(
-    part_ptr,
+    max_ptr,
+    sum_ptr,
     lse_ptr,
     pos_row_ptr,
     pos_ptr,
@@ -296,29 +312,37 @@ def _infonce_merge_kernel(
     ROWS: tl.constexpr,
     BC: tl.constexpr,
 ):
-    """lse over the R partials [R, L] of each of BC rows (ROWS) or columns of S, in partial
-    order, and the positives the forward did not write: 0 for a row without a positive column;
-    for a column, the row positive S[j - offset, j] (0 without one)."""
+    """float64 lse from the R partials (max, sum-exp) [R, L] of each of BC rows (ROWS) or columns
+    of S, in partial order, and the positives the forward did not write: 0 for a row without a
+    positive column; for a column, the row positive S[j - offset, j] (0 without one)."""
     i_c = tl.program_id(0)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < L
     b_mx = tl.full([BC], float("-inf"), dtype=tl.float32)
+    for r in range(0, R):
+        b_mx = tl.maximum(b_mx, tl.load(max_ptr + r * L + o_c, mask=m_c, other=0.0))
     b_l = tl.zeros([BC], dtype=tl.float32)
     for r in range(0, R):
-        b_x = tl.load(part_ptr + r * L + o_c, mask=m_c, other=0.0)
-        b_mn = tl.maximum(b_mx, b_x)
-        b_l = b_l * tl.exp2((b_mx - b_mn) * _LOG2E) + tl.exp2((b_x - b_mn) * _LOG2E)
-        b_mx = b_mn
-    tl.store(lse_ptr + o_c, b_mx + tl.log2(b_l) * _LN2, mask=m_c)
+        b_pm = tl.load(max_ptr + r * L + o_c, mask=m_c, other=0.0)
+        # other=1: lanes past L stay finite (no log(0) below, even in the interpreter).
+        b_l += tl.load(sum_ptr + r * L + o_c, mask=m_c, other=1.0) * tl.exp2((b_pm - b_mx) * _LOG2E)
+    # The one rounding of the lse, to float64 (see "Numerics" in the module docstring).
+    tl.store(lse_ptr + o_c, b_mx.to(tl.float64) + tl.log(b_l.to(tl.float64)), mask=m_c)
     if ROWS:
         o_p = o_c + offset
-        tl.store(
-            pos_ptr + o_c, tl.zeros([BC], dtype=tl.float32), mask=m_c & ((o_p < 0) | (o_p >= M))
-        )
+        b_zero = tl.zeros([BC], dtype=tl.float32)
+        tl.store(pos_ptr + o_c, b_zero, mask=m_c & ((o_p < 0) | (o_p >= M)))
     else:
         o_p = o_c - offset
         m_p = m_c & (o_p >= 0) & (o_p < N)
         tl.store(pos_ptr + o_c, tl.load(pos_row_ptr + o_p, mask=m_p, other=0.0), mask=m_c)
+
+
+@triton.jit
+def _load_lse(hi_ptr, lo_ptr, o, m):
+    """lse[o] as float hi + lo (split on the host from the float64 lse): exp((s - hi) - lo) keeps
+    float accuracy at |s| ~ 1e4, where float(lse) alone is off by up to half an ulp (5e-4)."""
+    return tl.load(hi_ptr + o, mask=m, other=0.0), tl.load(lo_ptr + o, mask=m, other=0.0)
 
 
 @triton.jit
@@ -332,8 +356,10 @@ def _ds_tile(
     b_ia,
     b_ib,
     b_lr,
+    b_lrl,
     b_gr,
     b_lc,
+    b_lcl,
     b_gc,
     b_scale,
     offset,
@@ -348,8 +374,9 @@ def _ds_tile(
 ):
     """Raw dot products, cos and dS of the S tile [rows o_m of A, rows o_n of B], all [BM, BN].
 
-    b_ia/b_ib: inverse norms (NORMALIZE), b_lr/b_gr: row lse and g_row, b_lc/b_gc: column lse
-    and g_col (HAS_COL), each over the tile's rows or columns.
+    b_ia/b_ib: inverse norms (NORMALIZE), b_lr + b_lrl / b_gr: row lse as float hi + lo (see
+    _load_lse) and g_row, b_lc + b_lcl / b_gc: the same for the columns (HAS_COL), each over the
+    tile's rows or columns.
     """
     m_s = m_m[:, None] & m_n[None, :]
     b_raw = _s_tile(a_ptr, b_ptr, o_m, o_n, m_m, m_n, D, INTERPRET, DOT_PRECISION, BM, BN, BK)
@@ -362,9 +389,10 @@ def _ds_tile(
     b_s = tl.where(m_s, b_cos * b_scale, float("-inf"))
     # [BM, BN] indicator of the positives
     b_pos = (m_s & (o_n[None, :] == (o_m + offset)[:, None])).to(tl.float32)
-    b_ds = b_gr[:, None] * (tl.exp2((b_s - b_lr[:, None]) * _LOG2E) - b_pos)
+    b_ds = b_gr[:, None] * (tl.exp2(((b_s - b_lr[:, None]) - b_lrl[:, None]) * _LOG2E) - b_pos)
     if HAS_COL:
-        b_ds += b_gc[None, :] * (tl.exp2((b_s - b_lc[None, :]) * _LOG2E) - b_pos)
+        b_pc = tl.exp2(((b_s - b_lc[None, :]) - b_lcl[None, :]) * _LOG2E)
+        b_ds += b_gc[None, :] * (b_pc - b_pos)
     return b_raw, b_cos, b_ds
 
 
@@ -444,8 +472,10 @@ def _infonce_bwd_kernel(
     gmax_ptr,
     inv_a_ptr,
     inv_b_ptr,
-    row_lse_ptr,
-    col_lse_ptr,
+    row_hi_ptr,
+    row_lo_ptr,
+    col_hi_ptr,
+    col_lo_ptr,
     g_row_ptr,
     g_col_ptr,
     acc_ptr,
@@ -484,7 +514,7 @@ def _infonce_bwd_kernel(
         b_ia = tl.full([BM], 1.0, dtype=tl.float32)
         if NORMALIZE:
             b_ia = tl.load(inv_a_ptr + o_m, mask=m_m, other=0.0)
-        b_lr = tl.load(row_lse_ptr + o_m, mask=m_m, other=0.0)
+        b_lr, b_lrl = _load_lse(row_hi_ptr, row_lo_ptr, o_m, m_m)
         b_gr = tl.load(g_row_ptr + o_m, mask=m_m, other=0.0)
         # dscale / scale share of these rows, from the fp32 dS.
         b_r = tl.zeros([BM], dtype=tl.float32)
@@ -493,15 +523,15 @@ def _infonce_bwd_kernel(
             o_n = j0 + tl.arange(0, BN)
             m_n = o_n < M
             # Unused operands (no normalisation, no column term) get the scalar scale.
-            b_ib, b_lc, b_gc = b_scale, b_scale, b_scale
+            b_ib, b_lc, b_lcl, b_gc = b_scale, b_scale, b_scale, b_scale
             if NORMALIZE:
                 b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
             if HAS_COL:
-                b_lc = tl.load(col_lse_ptr + o_n, mask=m_n, other=0.0)
+                b_lc, b_lcl = _load_lse(col_hi_ptr, col_lo_ptr, o_n, m_n)
                 b_gc = tl.load(g_col_ptr + o_n, mask=m_n, other=0.0)
             b_raw, b_cos, b_ds = _ds_tile(
-                a_ptr, b_ptr, o_m, o_n, m_m, m_n, b_ia, b_ib, b_lr, b_gr, b_lc, b_gc, b_scale,
-                offset, D, NORMALIZE, HAS_COL, INTERPRET, DOT_PRECISION, BM, BN, BK,
+                a_ptr, b_ptr, o_m, o_n, m_m, m_n, b_ia, b_ib, b_lr, b_lrl, b_gr, b_lc, b_lcl,
+                b_gc, b_scale, offset, D, NORMALIZE, HAS_COL, INTERPRET, DOT_PRECISION, BM, BN, BK,
             )  # fmt: skip
             b_r += tl.sum(b_ds * b_cos, 1)
             # [BM, BN] left operand of sum_j dS_ij B̂_j = sum_j (dS_ij / ||B_j||) B_j, times b_c,
@@ -524,9 +554,9 @@ def _infonce_bwd_kernel(
         b_ib = tl.full([BN], 1.0, dtype=tl.float32)
         if NORMALIZE:
             b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
-        b_lc, b_gc = b_scale, b_scale
+        b_lc, b_lcl, b_gc = b_scale, b_scale, b_scale
         if HAS_COL:
-            b_lc = tl.load(col_lse_ptr + o_n, mask=m_n, other=0.0)
+            b_lc, b_lcl = _load_lse(col_hi_ptr, col_lo_ptr, o_n, m_n)
             b_gc = tl.load(g_col_ptr + o_n, mask=m_n, other=0.0)
         b_rw = tl.zeros([BN], dtype=tl.float32)
         for i0 in range(0, N, BM):
@@ -535,11 +565,11 @@ def _infonce_bwd_kernel(
             b_ia = b_scale
             if NORMALIZE:
                 b_ia = tl.load(inv_a_ptr + o_m, mask=m_m, other=0.0)
-            b_lr = tl.load(row_lse_ptr + o_m, mask=m_m, other=0.0)
+            b_lr, b_lrl = _load_lse(row_hi_ptr, row_lo_ptr, o_m, m_m)
             b_gr = tl.load(g_row_ptr + o_m, mask=m_m, other=0.0)
             b_raw, b_cos, b_ds = _ds_tile(
-                a_ptr, b_ptr, o_m, o_n, m_m, m_n, b_ia, b_ib, b_lr, b_gr, b_lc, b_gc, b_scale,
-                offset, D, NORMALIZE, HAS_COL, INTERPRET, DOT_PRECISION, BM, BN, BK,
+                a_ptr, b_ptr, o_m, o_n, m_m, m_n, b_ia, b_ib, b_lr, b_lrl, b_gr, b_lc, b_lcl,
+                b_gc, b_scale, offset, D, NORMALIZE, HAS_COL, INTERPRET, DOT_PRECISION, BM, BN, BK,
             )  # fmt: skip
             # [BM, BN] dS_ij / ||A_i|| times b_c; its transpose is the left operand of dB̂.
             if NORMALIZE:
@@ -627,12 +657,14 @@ def infonce_forward(
         config: tile sizes; default :func:`forward_config` of the dtype.
 
     Returns:
-        (row_lse [N], col_lse [M] or None, pos_row [N], pos_col [M] or None), all fp32:
-        logsumexp_j S_ij, logsumexp_i S_ij, S[i, i + offset] and S[j - offset, j].
+        (row_lse [N], col_lse [M] or None, pos_row [N], pos_col [M] or None):
+        logsumexp_j S_ij and logsumexp_i S_ij in float64 (one rounding, so that the backward's
+        exp(S - lse) keeps fp32 accuracy at any |S|), S[i, i + offset] and S[j - offset, j] in
+        fp32.
         Extra memory beyond the outputs: the inverse norms [N] and [M] when ``normalize``, and
-        the lse partials: at most max_splits x N fp32 for the rows and, with ``col_stats``,
-        max_splits x M for the columns (the config's max_splits, 16 by default): linear in N
-        and M, never N x M.
+        the lse partials: (max, sum-exp) pairs, at most 2 max_splits x N fp32 for the rows and,
+        with ``col_stats``, 2 max_splits x M for the columns (the config's max_splits, 16 by
+        default): linear in N and M, never N x M.
     """
     _check_inputs(a, b, scale)
     cfg = config or forward_config(a.dtype)
@@ -645,10 +677,11 @@ def infonce_forward(
     inv_a, inv_b = (_inv_norms(a), _inv_norms(b)) if normalize else (scale, scale)
     blocks_per_group, groups = _split(triton.cdiv(n, cfg.block_m), cfg.max_splits)
     tiles_per_split, splits = _split(triton.cdiv(m, cfg.block_n), cfg.max_splits)
-    row_lse = torch.empty(n, device=dev, dtype=torch.float32)
+    row_lse = torch.empty(n, device=dev, dtype=torch.float64)
     pos_row = torch.empty(n, device=dev, dtype=torch.float32)
-    row_part = torch.empty((splits, n), device=dev, dtype=torch.float32)
-    col_part = torch.empty((groups, m) if col_stats else (1,), device=dev, dtype=torch.float32)
+    # (max, sum-exp) partials: [2, splits, N] for the rows, [2, groups, M] for the columns.
+    row_part = torch.empty((2, splits, n), device=dev, dtype=torch.float32)
+    col_part = torch.empty((2, groups, m) if col_stats else (2, 1), device=dev, dtype=torch.float32)
     launch(
         _infonce_fwd_kernel,
         (splits, groups),
@@ -657,8 +690,10 @@ def infonce_forward(
         scale,
         inv_a,
         inv_b,
-        row_part,
-        col_part,
+        row_part[0],
+        row_part[1],
+        col_part[0],
+        col_part[1],
         pos_row,
         n,
         m,
@@ -679,7 +714,7 @@ def infonce_forward(
     _merge(row_part, row_lse, pos_row, pos_row, n, m, offset, rows=True)
     if not col_stats:
         return row_lse, None, pos_row, None
-    col_lse = torch.empty(m, device=dev, dtype=torch.float32)
+    col_lse = torch.empty(m, device=dev, dtype=torch.float64)
     pos_col = torch.empty(m, device=dev, dtype=torch.float32)
     _merge(col_part, col_lse, pos_row, pos_col, n, m, offset, rows=False)
     return row_lse, col_lse, pos_row, pos_col
@@ -694,22 +729,30 @@ def _split(blocks: int, max_parts: int) -> tuple[int, int]:
 def _merge(
     part: Tensor, lse: Tensor, pos_row: Tensor, pos: Tensor, n: int, m: int, offset: int, rows: bool
 ) -> None:
+    """lse [L] float64 from the (max, sum-exp) partials part [2, R, L]; see the merge kernel."""
     length = lse.shape[0]
     launch(
         _infonce_merge_kernel,
         (triton.cdiv(length, _MERGE_BLOCK),),
-        part,
+        part[0],
+        part[1],
         lse,
         pos_row,
         pos,
         length,
-        part.shape[0],
+        part.shape[1],
         n,
         m,
         offset,
         ROWS=rows,
         BC=_MERGE_BLOCK,
     )
+
+
+def _split_lse(lse: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 [L] -> float32 (hi, lo), hi = float(lse), hi + lo = lse to about 2^-48 relative."""
+    hi = lse.float()
+    return hi, (lse - hi.double()).float()
 
 
 def infonce_backward(
@@ -737,16 +780,17 @@ def infonce_backward(
         scale: 0-dim fp32 tensor, the inverse temperature.
         offset: the positive of row i is column i + offset (as in the forward).
         normalize: whether S used L2-normalised rows (as in the forward).
-        row_lse: [N] fp32 from :func:`infonce_forward`.
-        col_lse: [M] fp32 from :func:`infonce_forward`; required when ``g_col`` is given.
+        row_lse: [N] float64 from :func:`infonce_forward`.
+        col_lse: [M] float64 from :func:`infonce_forward`; required when ``g_col`` is given.
         g_row: [N] fp32 gradient of the loss with respect to each row term.
         g_col: [M] fp32 gradient with respect to each column term, or None (no column term).
         config: tile sizes; default :func:`backward_config` of the dtype.
 
     Returns:
         (dA [N, D] in A's dtype, dB [M, D] in B's dtype, dscale 0-dim fp32).
-        Extra memory beyond the outputs: the inverse norms when ``normalize`` and, for fp16/bf16
-        inputs, one fp32 accumulator of max(N, M) x D shared by the dA and dB passes.
+        Extra memory beyond the outputs: the inverse norms when ``normalize``, the lse split
+        into fp32 hi + lo ([N] and [M] each) and, for fp16/bf16 inputs, one fp32 accumulator
+        of max(N, M) x D shared by the dA and dB passes.
     """
     _check_inputs(a, b, scale)
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
@@ -756,9 +800,17 @@ def infonce_backward(
         )
     if g_col is not None and (col_lse is None or g_col.shape != (m,) or col_lse.shape != (m,)):
         raise ValueError(f"g_col needs col_lse, both [{m}]")
-    for t in (row_lse, g_row, col_lse, g_col):
-        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
-            raise ValueError("row_lse, col_lse, g_row and g_col must be contiguous float32")
+    for t, dt in (
+        (row_lse, torch.float64),
+        (col_lse, torch.float64),
+        (g_row, torch.float32),
+        (g_col, torch.float32),
+    ):
+        if t is not None and (t.dtype != dt or not t.is_contiguous()):
+            raise ValueError(
+                "row_lse and col_lse must be contiguous float64, g_row and g_col contiguous "
+                f"float32; got {t.dtype}"
+            )
     cfg = config or backward_config(a.dtype)
     dev = a.device
     inv_a, inv_b = (_inv_norms(a), _inv_norms(b)) if normalize else (scale, scale)
@@ -781,10 +833,11 @@ def infonce_backward(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    # Unused pointers (no column term) alias row_lse; the kernel never reads them.
-    col_lse_arg = row_lse if g_col is None else col_lse
+    # Unused pointers (no column term) alias the row ones; the kernel never reads them.
+    row_hi, row_lo = _split_lse(row_lse)
+    col_hi, col_lo = (row_hi, row_lo) if g_col is None else _split_lse(col_lse)
     g_col_arg = g_row if g_col is None else g_col
-    args = (a, b, scale, gmax, inv_a, inv_b, row_lse, col_lse_arg, g_row, g_col_arg)
+    args = (a, b, scale, gmax, inv_a, inv_b, row_hi, row_lo, col_hi, col_lo, g_row, g_col_arg)
     launch(
         _infonce_bwd_kernel,
         (triton.cdiv(n, cfg.block_m),),

@@ -86,7 +86,9 @@ def _check(
 
     _poison_allocator()
     out = torch.ops.vljepa_fast.infonce_fwd(a, b, scale, offset, normalize, col_stats)
-    assert all(t.dtype == torch.float32 and t.is_cuda for t in out)
+    # The LSEs are float64 (the backward needs them to better than float), the positives float32.
+    assert [t.dtype for t in out] == [torch.float64, torch.float64, torch.float32, torch.float32]
+    assert all(t.is_cuda for t in out)
     if not col_stats:
         assert out[1].shape == (0,) and out[3].shape == (0,)
     got_terms = list(out) if col_stats else [out[0], out[2]]

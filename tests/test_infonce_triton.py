@@ -97,7 +97,7 @@ def check(got: dict, a, b, scale, offset, normalize, g_row, g_col) -> None:
         if exact[name] is None:
             assert got[name] is None, f"{name}: expected None without column statistics"
             continue
-        want_dtype = a.dtype if name in ("dA", "dB") else torch.float32
+        want_dtype = {"dA": a.dtype, "dB": a.dtype, "row_lse": F64, "col_lse": F64}.get(name, F32)
         assert got[name].dtype == want_dtype, f"{name}: dtype {got[name].dtype}"
         assert got[name].shape == shapes.get(name, ()), f"{name}: shape {tuple(got[name].shape)}"
         assert torch.isfinite(got[name]).all(), f"{name}: non-finite values (unwritten or NaN)"
@@ -146,7 +146,7 @@ def inputs(n, m, d, dtype, *, temperature=0.07, magnitude=1.0, g_col=True, g_siz
 # interpret
 # ---------------------------------------------------------------------------------------------
 
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 
 
 @pytest.mark.interpret
@@ -248,6 +248,8 @@ def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
             sig[name] = "constexpr"
         elif name in ("a_ptr", "b_ptr", "x_ptr", "d_ptr"):
             sig[name] = pointer_type(dtype)
+        elif name == "lse_ptr":
+            sig[name] = "*fp64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         else:

@@ -147,7 +147,9 @@ def infonce_terms(
     Returns:
         (row_lse [N], col_lse [M] or None, pos_row [N], pos_col [M] or None), float32 (float64
         for float64 inputs): log-sum-exp of each row and column of S, and the positive logit of
-        each row (S[i, i + offset]) and column (S[j - offset, j]).
+        each row (S[i, i + offset]) and column (S[j - offset, j]). The fused kernels
+        (``torch.ops.vljepa_fast.infonce_fwd``) give the same values but return the two LSEs in
+        float64, for their backward's sake (see csrc/ops.cpp).
     """
     cdt = _compute_dtype(pred, target)
     a, b = pred.to(cdt), target.to(cdt)

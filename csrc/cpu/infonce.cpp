@@ -36,7 +36,10 @@
 // is accumulated as sum(dS' * G), without the division.
 //
 // Huge logits (|S| up to 1e4 and beyond) are safe: every exponent is relative to a maximum or an
-// LSE, so exp never sees a positive argument above rounding.
+// LSE, so exp never sees a positive argument above rounding. The LSEs leave the forward in
+// float64 (max + log(sum) rounded once to double) and the backward splits them into float hi +
+// lo (struct Lse), so that exp(S - lse) keeps float accuracy where a float LSE would be off by
+// half an ulp of |S| (5e-4 at 1e4) and bias every probability of its row by that factor.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -49,6 +52,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "vljepa_check.h"
@@ -375,16 +379,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
     bool normalize, bool col_stats) {
   Plan p = make_plan(a, b, scale, offset, normalize);
   const int64_t mc = col_stats ? p.m : 0;
-  at::Tensor row_lse = at::empty({p.n}, at::kFloat);
+  at::Tensor row_lse = at::empty({p.n}, at::kDouble);
   at::Tensor pos_row = at::empty({p.n}, at::kFloat);
-  at::Tensor col_lse = at::empty({mc}, at::kFloat);
+  at::Tensor col_lse = at::empty({mc}, at::kDouble);
   at::Tensor pos_col = at::empty({mc}, at::kFloat);
   std::vector<float> col_max(mc, kNegInf);
   std::vector<double> col_sum(mc, 0.0);
   const int64_t num_slices = p.num_slices();
   std::vector<float> part_max(num_slices * p.block_rows);  // [P, C]
   std::vector<double> part_sum(num_slices * p.block_rows);
-  float* row_lse_ptr = row_lse.data_ptr<float>();
+  double* row_lse_ptr = row_lse.data_ptr<double>();
   float* pos_row_ptr = pos_row.data_ptr<float>();
   float* pos_col_ptr = pos_col.data_ptr<float>();
   float* s = p.block.data_ptr<float>();
@@ -411,34 +415,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
         total += part_sum[t * p.block_rows + i] *
                  std::exp(static_cast<double>(part_max[t * p.block_rows + i]) - mx);
       }
-      row_lse_ptr[r0 + i] = mx + static_cast<float>(std::log(total));
+      row_lse_ptr[r0 + i] = mx + std::log(total);
     }
   }
-  float* col_lse_ptr = col_lse.data_ptr<float>();
+  double* col_lse_ptr = col_lse.data_ptr<double>();
   for (int64_t j = 0; j < mc; ++j) {
-    col_lse_ptr[j] = col_max[j] + static_cast<float>(std::log(col_sum[j]));
+    col_lse_ptr[j] = col_max[j] + std::log(col_sum[j]);
   }
   return {row_lse, col_lse, pos_row, pos_col};
 }
 
-// The per-row constants of the logit gradient.
+// The per-row constants of the logit gradient: the row LSE as hi + lo (see Lse).
 struct RowGrad {
-  float lse, weight;
+  float hi, lo, weight;
+};
+
+// LSEs [len] (float64 from the forward) split as hi + lo with hi = float(lse): exp(s - lse) is
+// formed as exp((s - hi) - lo). s - hi is exact near the maximum (Sterbenz), so the probability
+// keeps float accuracy at |S| ~ 1e4, where float(lse) alone is off by up to half an ulp (5e-4).
+struct Lse {
+  std::vector<float> hi, lo;
+  explicit Lse(const at::Tensor& lse) : hi(lse.size(0)), lo(lse.size(0)) {
+    const double* x = lse.data_ptr<double>();
+    for (int64_t i = 0; i < lse.size(0); ++i) {
+      hi[i] = static_cast<float>(x[i]);
+      lo[i] = static_cast<float>(x[i] - hi[i]);
+    }
+  }
 };
 
 // Columns [j0, j1) of one row: G -> dS' = dS * inv_b in place, with constant one-hot values
 // (d_row for the row softmax, d_col for the column softmax) over the range. Returns sum(dS' * G).
 template <bool kCol>
 double grad_segment(float* gi, int64_t j0, int64_t j1, const Plan& p, RowGrad row, float d_row,
-                    float d_col, const float* col_lse, const float* g_col) {
+                    float d_col, const float* col_hi, const float* col_lo, const float* g_col) {
   const float* col_mul = p.col_mul.data();
   const float* inv_b = p.inv_b.data();
   const auto one = [&](int64_t j) {
     const float g = gi[j];
     const float s = g * col_mul[j];
-    float e = row.weight * (fast_exp(s - row.lse) - d_row);
+    float e = row.weight * (fast_exp((s - row.hi) - row.lo) - d_row);
     if (kCol) {
-      e += g_col[j] * (fast_exp(s - col_lse[j]) - d_col);
+      e += g_col[j] * (fast_exp((s - col_hi[j]) - col_lo[j]) - d_col);
     }
     e *= inv_b[j];
     gi[j] = e;
@@ -465,13 +483,15 @@ double grad_segment(float* gi, int64_t j0, int64_t j1, const Plan& p, RowGrad ro
 // Backward epilogue of one slice: G[:, j0:j1) -> dS' in place; returns sum(dS' * G) over it.
 template <bool kCol>
 double grad_slice(float* g, int64_t first_row, int64_t rows, int64_t j0, int64_t j1,
-                  const Plan& p, const float* row_lse, const float* g_row, const float* col_lse,
+                  const Plan& p, const Lse& row_lse, const float* g_row, const Lse* col_lse,
                   const float* g_col) {
+  const float* col_hi = kCol ? col_lse->hi.data() : nullptr;
+  const float* col_lo = kCol ? col_lse->lo.data() : nullptr;
   const auto clip = [&](int64_t j) { return std::clamp(j, j0, j1); };
   double total = 0.0;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t gr = first_row + i;
-    const RowGrad row{row_lse[gr], g_row[gr]};
+    const RowGrad row{row_lse.hi[gr], row_lse.lo[gr], g_row[gr]};
     float* gi = g + i * p.m;
     // Row gr is the positive of column gr + offset in both directions; the clamp in the column
     // contract also makes row 0 the positive of columns [0, offset) and row N - 1 that of
@@ -479,11 +499,14 @@ double grad_slice(float* g, int64_t first_row, int64_t rows, int64_t j0, int64_t
     const int64_t pos = gr + p.offset;
     const int64_t lo = kCol && gr == 0 ? 0 : pos;
     const int64_t hi = kCol && gr == p.n - 1 ? p.m : pos + 1;
-    total += grad_segment<kCol>(gi, j0, clip(lo), p, row, 0.0f, 0.0f, col_lse, g_col);
-    total += grad_segment<kCol>(gi, clip(lo), clip(pos), p, row, 0.0f, 1.0f, col_lse, g_col);
-    total += grad_segment<kCol>(gi, clip(pos), clip(pos + 1), p, row, 1.0f, 1.0f, col_lse, g_col);
-    total += grad_segment<kCol>(gi, clip(pos + 1), clip(hi), p, row, 0.0f, 1.0f, col_lse, g_col);
-    total += grad_segment<kCol>(gi, clip(hi), j1, p, row, 0.0f, 0.0f, col_lse, g_col);
+    const auto segment = [&](int64_t s0, int64_t s1, float d_row, float d_col) {
+      return grad_segment<kCol>(gi, s0, s1, p, row, d_row, d_col, col_hi, col_lo, g_col);
+    };
+    total += segment(j0, clip(lo), 0.0f, 0.0f);
+    total += segment(clip(lo), clip(pos), 0.0f, 1.0f);
+    total += segment(clip(pos), clip(pos + 1), 1.0f, 1.0f);
+    total += segment(clip(pos + 1), clip(hi), 0.0f, 1.0f);
+    total += segment(clip(hi), j1, 0.0f, 0.0f);
   }
   return total;
 }
@@ -535,20 +558,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
   const bool with_col = g_col.has_value() && g_col->defined();
   TORCH_CHECK(!with_col || (col_lse.has_value() && col_lse->defined()),
               "col_lse is required when g_col is given");
-  const auto vec = [](const at::Tensor& t, int64_t len, const char* name) {
+  const auto vec = [](const at::Tensor& t, int64_t len, const char* name, at::ScalarType as) {
     VF_CHECK_DEVICE(t, at::kCPU);
     TORCH_CHECK(t.dim() == 1 && t.size(0) == len && t.is_floating_point(), name,
                 " must be a floating [", len, "] vector, got ", t.scalar_type(), " of shape ",
                 t.sizes());
-    return t.to(at::kFloat).contiguous();
+    return t.to(as).contiguous();
   };
-  const at::Tensor row_lse32 = vec(row_lse, p.n, "row_lse");
-  const at::Tensor g_row32 = vec(g_row, p.n, "g_row");
-  const at::Tensor col_lse32 = with_col ? vec(*col_lse, p.m, "col_lse") : at::Tensor();
-  const at::Tensor g_col32 = with_col ? vec(*g_col, p.m, "g_col") : at::Tensor();
-  const float* row_lse_ptr = row_lse32.data_ptr<float>();
+  const Lse row_lse_split(vec(row_lse, p.n, "row_lse", at::kDouble));
+  const at::Tensor g_row32 = vec(g_row, p.n, "g_row", at::kFloat);
+  const std::optional<Lse> col_lse_split =
+      with_col ? std::optional<Lse>(std::in_place, vec(*col_lse, p.m, "col_lse", at::kDouble))
+               : std::nullopt;
+  const at::Tensor g_col32 = with_col ? vec(*g_col, p.m, "g_col", at::kFloat) : at::Tensor();
   const float* g_row_ptr = g_row32.data_ptr<float>();
-  const float* col_lse_ptr = with_col ? col_lse32.data_ptr<float>() : nullptr;
+  const Lse* col_lse_ptr = with_col ? &*col_lse_split : nullptr;
   const float* g_col_ptr = with_col ? g_col32.data_ptr<float>() : nullptr;
 
   at::Tensor da = at::empty_like(a);
@@ -567,9 +591,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
     const at::Tensor a_hat = a_block(a, r0, rows, p);  // [rows, D]
     for_each_slice(p, [&](int64_t t, int64_t j0, int64_t j1) {
       const at::Tensor g = slice_gemm(p, a_hat, rows, j0, j1);
-      dscale_part[t] += with_col ? grad_slice<true>(g_ptr, r0, rows, j0, j1, p, row_lse_ptr,
+      dscale_part[t] += with_col ? grad_slice<true>(g_ptr, r0, rows, j0, j1, p, row_lse_split,
                                                     g_row_ptr, col_lse_ptr, g_col_ptr)
-                                 : grad_slice<false>(g_ptr, r0, rows, j0, j1, p, row_lse_ptr,
+                                 : grad_slice<false>(g_ptr, r0, rows, j0, j1, p, row_lse_split,
                                                      g_row_ptr, nullptr, nullptr);
       // This slice's rows of dB' [w, D], blocks added in order.
       at::Tensor db_rows = db_acc.narrow(0, j0, j1 - j0);

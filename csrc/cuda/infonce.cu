@@ -44,6 +44,12 @@
 // GEMMs run on fp32 FMA for every dtype: dS keeps fp32 precision (g_row = 1 / N makes dS too
 // small for fp16), at the price of speed (an open item: WMMA on a rescaled bf16 dS).
 //
+// LSEs. row_lse and col_lse leave the forward in float64 (max + log(sum) rounded once, to
+// double): the backward forms exp(S - lse), and a float LSE would be off by up to half an ulp of
+// |S| (5e-4 at |S| = 1e4), scaling every probability of its row by up to 1 +- 5e-4. The host
+// splits each into float hi + lo and the kernel computes exp((s - hi) - lo): float arithmetic,
+// exact near the maximum (Sterbenz), so gradients keep float accuracy at any logit size.
+//
 // scale is read on the device (no host sync); the Python layer validates that it is finite.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -320,15 +326,17 @@ __global__ void __launch_bounds__(kThreads)
   const float scale = __ldg(scale_ptr);
   const float neg_inf = -CUDART_INF_F;
 
+  // Running max and sum-exp of the row block's rows, in shared memory rather than registers:
+  // with the loop over row blocks, register arrays push ptxas past 128 registers into spills.
+  // Row r belongs to warp r % kWarps, which alone reads and writes its two entries.
+  __shared__ float s_m_run[kTile];
+  __shared__ float s_l_run[kTile];
+
   for (int i0 = i_lo; i0 < i_hi; i0 += kTile) {
     const int rows = min(kTile, n - i0);
-    // Running max and sum-exp of rows warp + kWarps * k; every lane holds the same copy.
-    float m_run[kRowsPerWarp];
-    float l_run[kRowsPerWarp];
-#pragma unroll
-    for (int k = 0; k < kRowsPerWarp; ++k) {
-      m_run[k] = neg_inf;
-      l_run[k] = 0.0f;
+    if (threadIdx.x < kTile) {
+      s_m_run[threadIdx.x] = neg_inf;
+      s_l_run[threadIdx.x] = 0.0f;
     }
 
     for (int j0 = j_lo; j0 < j_hi; j0 += kTile) {
@@ -354,10 +362,15 @@ __global__ void __launch_bounds__(kThreads)
           const float v0 = s_row[lane];
           const float v1 = s_row[lane + 32];
           // Column j0 (lane 0) is always inside the matrix, so m_new is finite.
-          const float m_new = fmaxf(m_run[k], warp_max(fmaxf(v0, v1)));
+          const float m_old = s_m_run[r];
+          const float m_new = fmaxf(m_old, warp_max(fmaxf(v0, v1)));
           const float sum = warp_sum(expf(v0 - m_new) + expf(v1 - m_new));
-          l_run[k] = l_run[k] * expf(m_run[k] - m_new) + sum;
-          m_run[k] = m_new;
+          const float l_new = s_l_run[r] * expf(m_old - m_new) + sum;
+          __syncwarp();  // every lane has read the old values
+          if (lane == 0) {
+            s_m_run[r] = m_new;
+            s_l_run[r] = l_new;
+          }
           const int jp = i0 + r + offset;
           if (lane == 0 && jp >= j0 && jp < j0 + cols) {
             pos_row[i0 + r] = s_row[jp - j0];
@@ -395,13 +408,10 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
-#pragma unroll
-    for (int k = 0; k < kRowsPerWarp; ++k) {
-      const int r = warp + k * kWarps;
-      if (r < rows && lane == 0) {
-        row_part_max[int64_t(split) * n + i0 + r] = m_run[k];
-        row_part_sum[int64_t(split) * n + i0 + r] = l_run[k];
-      }
+    __syncthreads();  // the last tile's row statistics are in shared memory
+    if (int(threadIdx.x) < rows) {
+      row_part_max[int64_t(split) * n + i0 + threadIdx.x] = s_m_run[threadIdx.x];
+      row_part_sum[int64_t(split) * n + i0 + threadIdx.x] = s_l_run[threadIdx.x];
     }
   }
 }
@@ -409,7 +419,7 @@ __global__ void __launch_bounds__(kThreads)
 // out[x] = log-sum-exp of the `parts` partials (max, sum) of x in [0, len), merged in part order.
 __global__ void __launch_bounds__(kThreads)
     lse_merge_kernel(const float* __restrict__ part_max, const float* __restrict__ part_sum,
-                     int parts, int len, float* __restrict__ out) {
+                     int parts, int len, double* __restrict__ out) {
   const int x = blockIdx.x * kThreads + threadIdx.x;
   if (x >= len) {
     return;
@@ -422,7 +432,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int p = 0; p < parts; ++p) {
     csum += part_sum[int64_t(p) * len + x] * expf(part_max[int64_t(p) * len + x] - cmax);
   }
-  out[x] = cmax + logf(csum);
+  // One rounding, to double: see the LSE note in the header.
+  out[x] = double(cmax) + log(double(csum));
 }
 
 // Program p owns rows [64 p, 64 p + 64) of `own` (a when by_rows, else b) and adds
@@ -436,8 +447,9 @@ __global__ void __launch_bounds__(kThreads, 2)
                        int n_other, const float* __restrict__ inv_a,
                        const float* __restrict__ inv_b, const float* __restrict__ scale_ptr,
                        int n, int dim, int offset, bool vec, bool by_rows,
-                       const float* __restrict__ row_lse, const float* __restrict__ g_row,
-                       const float* __restrict__ col_lse, const float* __restrict__ g_col,
+                       const float* __restrict__ row_hi, const float* __restrict__ row_lo,
+                       const float* __restrict__ g_row, const float* __restrict__ col_hi,
+                       const float* __restrict__ col_lo, const float* __restrict__ g_col,
                        float* __restrict__ acc, double* __restrict__ dscale_part) {
   __shared__ __align__(128) unsigned char s_union[kUnionBytes];
   __shared__ __align__(128) float s_tile[kTile * kLdTile];
@@ -469,10 +481,11 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int j = by_rows ? o0 + c : own0 + r;  // row of b
         const float g_hat = *p * inv_a[i] * inv_b[j];
         const float s = scale * g_hat;
-        float ds = g_row[i] * (expf(s - row_lse[i]) - (j == i + offset ? 1.0f : 0.0f));
+        const float pos = j == i + offset ? 1.0f : 0.0f;
+        float ds = g_row[i] * (expf((s - row_hi[i]) - row_lo[i]) - pos);
         if (with_col) {
           const int pc = min(max(j - offset, 0), n - 1);
-          ds += g_col[j] * (expf(s - col_lse[j]) - (i == pc ? 1.0f : 0.0f));
+          ds += g_col[j] * (expf((s - col_hi[j]) - col_lo[j]) - (i == pc ? 1.0f : 0.0f));
         }
         dscale_acc += double(ds) * double(g_hat);
         w = ds * (by_rows ? inv_b[j] : inv_a[i]);
@@ -696,7 +709,7 @@ void launch_merge(const at::Tensor& part_max, const at::Tensor& part_sum, at::Te
   const int len = int(out.size(0));
   lse_merge_kernel<<<(len + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
       part_max.data_ptr<float>(), part_sum.data_ptr<float>(), int(part_max.size(0)), len,
-      out.data_ptr<float>());
+      out.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -758,8 +771,10 @@ void launch_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
     infonce_bwd_kernel<T><<<(n_own + kTile - 1) / kTile, kThreads, 0, stream>>>(
         by_rows ? p_a : p_b, by_rows ? p_b : p_a, n_own, by_rows ? p.m : p.n,
         p.inv_a.data_ptr<float>(), p.inv_b.data_ptr<float>(), p.scale.data_ptr<float>(), p.n,
-        p.dim, p.offset, p.vec, by_rows, row_lse.data_ptr<float>(), g_row.data_ptr<float>(),
-        with_col ? col_lse.data_ptr<float>() : nullptr,
+        p.dim, p.offset, p.vec, by_rows, row_lse[0].data_ptr<float>(),
+        row_lse[1].data_ptr<float>(), g_row.data_ptr<float>(),
+        with_col ? col_lse[0].data_ptr<float>() : nullptr,
+        with_col ? col_lse[1].data_ptr<float>() : nullptr,
         with_col ? g_col.data_ptr<float>() : nullptr, acc.data_ptr<float>(),
         by_rows ? dscale_part.data_ptr<double>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -781,10 +796,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(
   const c10::cuda::CUDAGuard guard(a.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto opts = a.options().dtype(at::kFloat);
+  const auto opts64 = a.options().dtype(at::kDouble);
   const int64_t mc = col_stats ? b.size(0) : 0;
-  at::Tensor row_lse = at::empty({a.size(0)}, opts);
+  at::Tensor row_lse = at::empty({a.size(0)}, opts64);
   at::Tensor pos_row = at::empty({a.size(0)}, opts);
-  at::Tensor col_lse = at::empty({mc}, opts);
+  at::Tensor col_lse = at::empty({mc}, opts64);
   at::Tensor pos_col = at::empty({mc}, opts);
   switch (a.scalar_type()) {
     case at::kFloat:
@@ -811,19 +827,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cuda(
   const bool with_col = g_col.has_value() && g_col->defined();
   TORCH_CHECK(!with_col || (col_lse.has_value() && col_lse->defined()),
               "col_lse is required when g_col is given");
-  const auto vec = [&](const at::Tensor& t, int64_t len, const char* name) {
+  const auto vec = [&](const at::Tensor& t, int64_t len, const char* name, at::ScalarType as) {
     TORCH_CHECK(t.device() == a.device(), name, " must be on ", a.device(), ", got ", t.device());
     TORCH_CHECK(t.dim() == 1 && t.size(0) == len && t.is_floating_point(), name,
                 " must be a floating [", len, "] vector, got ", t.scalar_type(), " of shape ",
                 t.sizes());
-    return t.to(at::kFloat).contiguous();
+    return t.to(as).contiguous();
+  };
+  // LSE [len] (float64) -> [2, len] float (hi, lo), hi + lo = lse to about 2^-48: the kernel
+  // forms exp((s - hi) - lo) in float (see the LSE note in the header).
+  const auto split = [](const at::Tensor& lse) {
+    const at::Tensor hi = lse.to(at::kFloat);
+    return at::stack({hi, (lse - hi.to(at::kDouble)).to(at::kFloat)});
   };
   const c10::cuda::CUDAGuard guard(a.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor row_lse32 = vec(row_lse, a.size(0), "row_lse");
-  const at::Tensor g_row32 = vec(g_row, a.size(0), "g_row");
-  const at::Tensor col_lse32 = with_col ? vec(*col_lse, b.size(0), "col_lse") : at::Tensor();
-  const at::Tensor g_col32 = with_col ? vec(*g_col, b.size(0), "g_col") : at::Tensor();
+  const at::Tensor row_lse32 = split(vec(row_lse, a.size(0), "row_lse", at::kDouble));
+  const at::Tensor g_row32 = vec(g_row, a.size(0), "g_row", at::kFloat);
+  const at::Tensor col_lse32 =
+      with_col ? split(vec(*col_lse, b.size(0), "col_lse", at::kDouble)) : at::Tensor();
+  const at::Tensor g_col32 = with_col ? vec(*g_col, b.size(0), "g_col", at::kFloat) : at::Tensor();
   at::Tensor da = at::empty_like(a);
   at::Tensor db = at::empty_like(b);
   // dscale lives where scale does (the Meta kernel's contract).

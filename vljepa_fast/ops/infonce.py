@@ -186,17 +186,17 @@ def _triton_fwd(
         a, b, scale, offset, normalize, col_stats
     )
     if col_lse is None:  # the native contract: empty column outputs without col_stats
-        col_lse, pos_col = row_lse.new_empty(0), row_lse.new_empty(0)
+        col_lse, pos_col = row_lse.new_empty(0), pos_row.new_empty(0)
     return row_lse, col_lse, pos_row, pos_col
 
 
 @_triton_fwd.register_fake
 def _(a, b, scale, offset, normalize, col_stats):
     m = b.shape[0] if col_stats else 0
-    f32 = dict(dtype=torch.float32)
+    f32, f64 = dict(dtype=torch.float32), dict(dtype=torch.float64)
     return (
-        a.new_empty(a.shape[0], **f32),
-        a.new_empty(m, **f32),
+        a.new_empty(a.shape[0], **f64),
+        a.new_empty(m, **f64),
         a.new_empty(a.shape[0], **f32),
         a.new_empty(m, **f32),
     )
@@ -243,7 +243,8 @@ class _FusedInfoNCE(torch.autograd.Function):
         )
         ctx.save_for_backward(a, b, scale, row_lse, col_lse)
         ctx.args = (offset, normalize, col_stats, impl)
-        return row_lse - pos_row, col_lse - pos_col
+        # The LSEs are float64 (the kernel contract, csrc/ops.cpp); the loss terms are float32.
+        return (row_lse - pos_row).float(), (col_lse - pos_col).float()
 
     @staticmethod
     def backward(ctx, g_row, g_col):
