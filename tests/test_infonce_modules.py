@@ -1,4 +1,5 @@
-"""cpu tier: vf.nn.InfoNCELoss and the open_clip ClipLoss drop-in against written-out formulas."""
+"""cpu tier: vf.nn.InfoNCELoss and the open_clip ClipLoss drop-in against written-out formulas
+and against open_clip itself."""
 
 from __future__ import annotations
 
@@ -39,12 +40,36 @@ def test_clip_loss_matches_open_clip_formula_and_gradients():
     assert set(out) == {"contrastive_loss"}
 
 
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_clip_loss_matches_the_real_open_clip(with_bias):
+    """The drop-in against open_clip.loss.ClipLoss itself (installed by the test extra), float64:
+    the loss, the gradients of both features, logit_scale and logit_bias, and output_dict."""
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    img, txt = (x.detach().double() for x in _feats(29, 20, seed=4))
+    args = [img, txt, torch.tensor(11.0, dtype=torch.float64)]
+    if with_bias:
+        args.append(torch.tensor(-3.5, dtype=torch.float64))
+    results = []
+    for loss_fn in (ClipLoss(), open_clip_loss.ClipLoss()):
+        inputs = [a.clone().requires_grad_(True) for a in args]
+        out = loss_fn(*inputs, **({} if with_bias else {"logit_bias": None}), output_dict=True)
+        assert set(out) == {"contrastive_loss"}
+        loss = out["contrastive_loss"]
+        results.append((loss, torch.autograd.grad(loss, inputs)))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name, g, w in zip(("image", "text", "logit_scale", "logit_bias"), got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_clip_loss_errors():
     with pytest.raises(ValueError, match="use_horovod"):
         ClipLoss(use_horovod=True)
     img, txt = _feats(4, 3)
     with pytest.raises(ValueError, match="world_size"):
         ClipLoss(world_size=2)(img, txt, 10.0)
+    with pytest.raises(ValueError, match="logit_bias"):
+        ClipLoss()(img, txt, 10.0, torch.zeros(4))
 
 
 def test_infonce_module_learnable_temperature_clamps_and_learns():

@@ -11,6 +11,9 @@ N x N logits. Differences, on purpose:
   both give the same gradients.
 * ``cache_labels`` and ``use_horovod`` are accepted for signature compatibility; there are no
   labels to cache, and Horovod is not supported (ValueError).
+* ``logit_bias`` (open_clip's fourth positional argument) must be None or a one-element tensor or
+  number: open_clip adds it to every logit, which cancels in both softmaxes, so the loss does not
+  depend on it and its gradient is exactly 0 (open_clip's is 0 up to rounding).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class ClipLoss(torch.nn.Module):
 
     Shapes:
         forward(image_features [N, D], text_features [N, D], logit_scale float or 0-dim tensor,
-        output_dict=False) -> scalar float32, or {"contrastive_loss": scalar}.
+        logit_bias=None (None or one element), output_dict=False) -> scalar float32, or
+        {"contrastive_loss": scalar}.
     """
 
     def __init__(
@@ -64,8 +68,13 @@ class ClipLoss(torch.nn.Module):
         image_features: Tensor,
         text_features: Tensor,
         logit_scale: float | Tensor,
+        logit_bias: float | Tensor | None = None,
         output_dict: bool = False,
     ) -> Tensor | dict[str, Tensor]:
+        if isinstance(logit_bias, Tensor) and logit_bias.numel() != 1:
+            raise ValueError(
+                f"logit_bias: expected None or one element, got shape {tuple(logit_bias.shape)}"
+            )
         group = None
         if self.world_size > 1:
             import torch.distributed as dist
@@ -82,4 +91,8 @@ class ClipLoss(torch.nn.Module):
             group=group,
             backend=self.backend,
         )
+        if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
+            # A constant on every logit cancels in both softmaxes: exactly zero gradient, and
+            # logit_bias stays in the graph (its .grad is 0, not None, as with open_clip).
+            loss = loss + 0.0 * logit_bias.reshape(())
         return {"contrastive_loss": loss} if output_dict else loss
