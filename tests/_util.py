@@ -63,3 +63,28 @@ def infonce_terms_and_grads(a, b, scale, offset, normalize, col_stats, g_row, g_
         loss = loss + (g_col.to(terms[1].dtype) * (terms[1] - terms[3])).sum()
     da, db, ds = torch.autograd.grad(loss, (a, b, s))
     return [t for t in terms if t is not None], (da, db, ds)
+
+
+def check_against_float64(
+    got_terms, got_grads, a, b, scale, offset, normalize, col_stats, g_row, g_col
+) -> None:
+    """A native infonce_fwd's terms (all four, or row_lse and pos_row without col_stats) and
+    infonce_bwd's (da, db, dscale) against float64, each within 2x the float32 eager error.
+
+    The kernels' LSEs are float64 and their positives float32; eager's terms are float32, so
+    every term is held to float32's floor, and the gradients to the input dtype's (dscale:
+    float32's).
+    """
+    exact_terms, exact_grads = infonce_terms_and_grads(
+        a, b, scale, offset, normalize, col_stats, g_row, g_col, torch.float64
+    )
+    eager_terms, eager_grads = infonce_terms_and_grads(
+        a, b, scale, offset, normalize, col_stats, g_row, g_col, torch.float32
+    )
+    names = ["row_lse", "col_lse", "pos_row", "pos_col"] if col_stats else ["row_lse", "pos_row"]
+    for name, got, eager, exact in zip(names, got_terms, eager_terms, exact_terms):
+        assert torch.isfinite(got).all(), f"{name}: non-finite"
+        assert_close_2x(got, eager, exact, torch.float32, name)
+    for name, got, eager, exact in zip(["da", "db", "dscale"], got_grads, eager_grads, exact_grads):
+        assert torch.isfinite(got).all(), f"{name}: non-finite"
+        assert_close_2x(got, eager, exact, a.dtype if name != "dscale" else torch.float32, name)
