@@ -95,7 +95,6 @@ __all__ = [
 NORM_EPS = 1e-12
 
 _LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
 _EPS = tl.constexpr(NORM_EPS)
 # Rows x D-slice of the inverse-norm kernel, and rows or columns per program of the lse merge.
 _NORM_BLOCK = (64, 64)
