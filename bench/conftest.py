@@ -9,6 +9,11 @@
   reference, peak extra memory, TFLOP/s, GB/s and fraction of the roofline, then the providers
   that were skipped and why.
 * Adds device metadata, versions, ceilings and skips to the ``--benchmark-json`` file.
+* Under ``--bench-deadline`` the cases run most valuable first, so that a time-boxed run measures
+  every shape before it runs out: every shape's fwd+bwd, then fwd, then bwd, and the torch.compile
+  providers (slowest to start, not our kernels) after all of them.
+* Without the pytest-benchmark plugin (a GPU machine without a registry may lack it), the
+  stand-in bench/_benchmark_fallback.py provides the ``benchmark`` fixture and the JSON.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ import torch  # noqa: E402
 _progress = {"config": None, "total": 0, "done": 0, "start": 0.0}
 
 
-def pytest_addoption(parser):
+def pytest_addoption(parser, pluginmanager):
+    if not pluginmanager.has_plugin("benchmark"):  # pytest-benchmark is not installed (or -p no:)
+        import _benchmark_fallback
+
+        pluginmanager.register(_benchmark_fallback, "vljepa_fast_benchmark_fallback")
     group = parser.getgroup("vljepa_fast bench")
     group.addoption(
         "--preset",
@@ -109,6 +118,28 @@ def pytest_report_header(config):
     return lines
 
 
+#: order of the modes under --bench-deadline (training steps first)
+_MODE_RANK = {"fwd+bwd": 0, "fwd": 1, "bwd": 2}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under --bench-deadline: every shape's fwd+bwd, then fwd, then bwd; torch.compile last.
+
+    The providers of one case stay together (a case's inputs are built once for all of them).
+    """
+    if config.getoption("bench_deadline") is None:
+        return
+
+    def key(pair):
+        index, item = pair
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        case, provider = params.get("case") or {}, str(params.get("provider", ""))
+        return ("compile" in provider, _MODE_RANK.get(case.get("mode"), len(_MODE_RANK)), index)
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=key)]
+
+
 def pytest_collection_finish(session):
     _progress["total"] = len(session.items)
 
@@ -127,10 +158,12 @@ def pytest_runtest_logfinish(nodeid, location):
     )
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["vljepa_fast"] = _machine()
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["vljepa_fast"] = {
         "preset": _harness.STATE["preset"],

@@ -9,24 +9,33 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
+
+#include "infonce_check.h"
+#include "topk_similarity_check.h"
 
 TORCH_LIBRARY(vljepa_fast, m) {
   // topk_similarity: queries [Q, D], bank [N, D] (same floating dtype, contiguous), 1 <= k <= N.
   // cosine: score rows divided by max(||q|| * ||b||, eps) products (zero rows score 0).
-  // Returns scores [Q, k] float32 sorted descending and indices [Q, k] int64.
+  // Returns scores [Q, k] float32 sorted descending and indices [Q, k] int64, in one order on
+  // every backend: NaN scores last (below -inf), equal scores (-0.0 == +0.0) lowest index first.
+  // No gradient: vljepa_fast.topk_similarity calls it on detached inputs and attaches one.
   m.def("topk_similarity(Tensor queries, Tensor bank, int k, bool cosine) -> (Tensor, Tensor)");
 
   // infonce_fwd / infonce_bwd: the InfoNCE kernel contract (vljepa_fast/reference.py,
-  // infonce_terms). a [N, D], b [M, D] (same floating dtype, contiguous), scale a 0-dim float32
-  // tensor (1 / temperature), S = scale * norm(a) @ norm(b)^T (norm = identity unless normalize),
-  // positive of row i = column i + offset. Forward returns row_lse [N] and col_lse [M] (empty
-  // [0] when col_stats is false) in float64, pos_row [N] = S[i, i+offset] and pos_col [M]
-  // (empty likewise) in float32. The LSEs are float64 because the backward forms exp(S - lse):
-  // a float32 LSE is off by up to half an ulp of |S| (5e-4 at |S| = 1e4), which would scale
-  // every probability of its row by up to 1 +- 5e-4; kernels split it into float hi + lo, so
-  // the hot loops stay in float32. Backward takes the weights of loss = sum_i g_row[i] (row_lse[i] - pos_row[i]) +
-  // sum_j g_col[j] (col_lse[j] - pos_col[j]) and returns (da [N, D] in a's dtype, db [M, D],
-  // dscale 0-dim float32).
+  // infonce_terms). a [N, D], b [M, D] (same floating dtype, contiguous, N >= 1, D >= 1), scale a
+  // one-element floating tensor (1 / temperature, finite), S = scale * norm(a) @ norm(b)^T (norm =
+  // identity unless normalize), positive of row i = column i + offset with 0 <= offset <= M - N.
+  // The argument checks (csrc/include/infonce_check.h) are shared by every kernel and by the Meta
+  // functions below: no argument that passes them makes a kernel touch memory outside its
+  // tensors. Forward returns row_lse [N] and col_lse [M] (empty [0] when col_stats is false) in
+  // float64, pos_row [N] = S[i, i+offset] and pos_col [M] (empty likewise) in float32. The LSEs
+  // are float64 because the backward forms exp(S - lse): a float32 LSE is off by up to half an
+  // ulp of |S| (5e-4 at |S| = 1e4), which would scale every probability of its row by up to
+  // 1 +- 5e-4; kernels split it into float hi + lo, so the hot loops stay in float32. Backward
+  // takes the weights of loss = sum_i g_row[i] (row_lse[i] - pos_row[i]) + sum_j g_col[j]
+  // (col_lse[j] - pos_col[j]) (row_lse, g_row [N]; col_lse, g_col [M], floating) and returns
+  // (da [N, D] in a's dtype, db [M, D], dscale 0-dim float32).
   m.def("infonce_fwd(Tensor a, Tensor b, Tensor scale, int offset, bool normalize, bool col_stats)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("infonce_bwd(Tensor a, Tensor b, Tensor scale, int offset, bool normalize, Tensor row_lse,"
@@ -36,11 +45,21 @@ TORCH_LIBRARY(vljepa_fast, m) {
 // Shape functions (Meta kernels) so that FakeTensor tracing and torch.compile(fullgraph=True)
 // see through the native ops without running them.
 namespace {
+// The dispatcher also picks a Meta kernel when real tensors are mixed with meta ones (a on the
+// cpu, b on meta): refuse that instead of handing back uninitialised real tensors. FakeTensor
+// tracing runs these functions on meta tensors only.
+void check_meta(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_meta(), op, ": ", name, " is on ", t.device(),
+              " while other arguments are on meta: all tensors must be on one device");
+}
+
 std::tuple<at::Tensor, at::Tensor> topk_similarity_meta(const at::Tensor& queries,
                                                         const at::Tensor& bank, int64_t k,
                                                         bool cosine) {
-  (void)bank;
   (void)cosine;
+  check_meta("topk_similarity", "queries", queries);
+  check_meta("topk_similarity", "bank", bank);
+  vljepa_fast::check_topk_similarity_inputs(queries, bank, k);
   auto scores = at::empty({queries.size(0), k}, queries.options().dtype(at::kFloat));
   auto indices = at::empty({queries.size(0), k}, queries.options().dtype(at::kLong));
   return {scores, indices};
@@ -49,9 +68,12 @@ std::tuple<at::Tensor, at::Tensor> topk_similarity_meta(const at::Tensor& querie
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_meta(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
     bool normalize, bool col_stats) {
-  (void)scale;
-  (void)offset;
   (void)normalize;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"a", &a}, {"b", &b},
+                                {"scale", &scale}}) {
+    check_meta("infonce_fwd", name, *t);
+  }
+  vljepa_fast::check_infonce_inputs(a, b, scale, offset);
   auto f32 = a.options().dtype(at::kFloat);
   auto f64 = a.options().dtype(at::kDouble);
   const int64_t m = col_stats ? b.size(0) : 0;
@@ -63,12 +85,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_meta(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
     bool normalize, const at::Tensor& row_lse, const std::optional<at::Tensor>& col_lse,
     const at::Tensor& g_row, const std::optional<at::Tensor>& g_col) {
-  (void)offset;
   (void)normalize;
-  (void)row_lse;
-  (void)col_lse;
-  (void)g_row;
-  (void)g_col;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"a", &a}, {"b", &b},
+                                {"scale", &scale}, {"row_lse", &row_lse}, {"g_row", &g_row}}) {
+    check_meta("infonce_bwd", name, *t);
+  }
+  if (g_col.has_value() && g_col->defined()) {
+    check_meta("infonce_bwd", "g_col", *g_col);
+  }
+  if (col_lse.has_value() && col_lse->defined()) {
+    check_meta("infonce_bwd", "col_lse", *col_lse);
+  }
+  vljepa_fast::check_infonce_inputs(a, b, scale, offset);
+  vljepa_fast::check_infonce_bwd_vectors(a, b, row_lse, col_lse, g_row, g_col);
   return {at::empty_like(a), at::empty_like(b), at::empty({}, scale.options().dtype(at::kFloat))};
 }
 }  // namespace

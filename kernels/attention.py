@@ -28,6 +28,17 @@ Conventions. Dense: q [B, T, Hq, D], k/v [B, S, Hkv, D]; varlen: q [total_q, Hq,
 >= 2.1: query i sees key j iff j <= i + (S - T); dense uses the tensor lengths T and S (key
 padding is a mask applied on top), varlen the lengths of each sequence. A query row that sees no
 key (zero keys, or causal with T > S) gets out = 0 and lse = -inf, and zero gradients.
+
+Non-finite inputs. The running max starts at the lowest finite fp32, so the softmax is the plain
+one for scores of any size: a NaN or +inf score, or a row whose every score is -inf, makes that
+row NaN (out and lse), as eager softmax does. Padded keys (past seqlens_k, outside a varlen
+sequence) are loaded as zeros and never reach a dot. With causal, a non-finite value in a real
+key's v row can reach rows of the same tile that the mask hides it from (0 * NaN in p v).
+
+Memory safety. Launchers copy strided offsets (cu_seqlens, seqlens_k) contiguous and check their
+sizes; the kernels clamp every varlen sequence to [0, total_q) x [0, total_k) and compute row
+offsets in int64 when an offset inside one batch entry can pass int32 (ROW64), so no input
+reaches memory outside its tensor.
 """
 
 from __future__ import annotations
@@ -90,38 +101,63 @@ _INTERPRET_CONFIG = _Config(32, 64, 1, 1)
 @triton.jit
 def _seq_bounds(i_b, T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, IS_VARLEN: tl.constexpr,
                 HAS_SEQLENS: tl.constexpr):
-    """(first q row, first k row, query rows, key rows, valid keys) of sequence i_b."""
+    """(first q row, first k row, query rows, key rows, valid keys) of sequence i_b.
+
+    Dense: T, S are the tensor lengths. Varlen: T, S are the row counts of the packed q and k
+    (total_q, total_k), and every sequence is clamped into [0, total): whatever cu_seqlens hold,
+    no row outside the tensors is ever read or written.
+    """
     if IS_VARLEN:
-        bos_q = tl.load(cu_seqlens_q + i_b)
-        bos_k = tl.load(cu_seqlens_k + i_b)
-        T = tl.load(cu_seqlens_q + i_b + 1) - bos_q
-        S = tl.load(cu_seqlens_k + i_b + 1) - bos_k
+        bos_q = tl.minimum(tl.maximum(tl.load(cu_seqlens_q + i_b), 0), T)
+        bos_k = tl.minimum(tl.maximum(tl.load(cu_seqlens_k + i_b), 0), S)
+        T = tl.minimum(tl.maximum(tl.load(cu_seqlens_q + i_b + 1), bos_q), T) - bos_q
+        S = tl.minimum(tl.maximum(tl.load(cu_seqlens_k + i_b + 1), bos_k), S) - bos_k
         n_valid = S
     else:
         bos_q = i_b * 0
         bos_k = i_b * 0
         if HAS_SEQLENS:
-            n_valid = tl.minimum(tl.load(seqlens_k + i_b), S)
+            n_valid = tl.minimum(tl.maximum(tl.load(seqlens_k + i_b), 0), S)
         else:
             n_valid = S
     return bos_q.to(tl.int64), bos_k.to(tl.int64), T, S, n_valid
 
 
 @triton.jit
+def _rows(start, r, stride, ROW64: tl.constexpr):
+    """[len(r), 1] offsets of rows start + r; int64 when rows x stride may pass 2**31 - 1."""
+    if ROW64:
+        return tl.cast(start, tl.int64) * stride + r[:, None] * stride
+    else:
+        return (start + r)[:, None] * stride
+
+
+@triton.jit
+def _head(i_h, stride, ROW64: tl.constexpr):
+    """Offset of head i_h (a tensor's head stride, or lse's); int64 when it may pass 2**31 - 1."""
+    if ROW64:
+        return i_h.to(tl.int64) * stride
+    else:
+        return i_h * stride
+
+
+@triton.jit
 def _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, lo, hi,
                     n_valid, diag, qk_scale, D: tl.constexpr, BN: tl.constexpr,
                     MASK: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
     m_d = o_d < D
+    r_n = tl.arange(0, BN)
     for start_n in range(lo, hi, BN):
-        o_n = start_n + tl.arange(0, BN)
+        o_n = start_n + r_n
         if MASK:
             m_kv = (o_n < n_valid)[:, None] & m_d[None, :]
         else:
             m_kv = (o_n >= 0)[:, None] & m_d[None, :]
-        # [BN, BD]; masked rows load 0 so that garbage past the keys (even NaN) never reaches a dot
-        b_k = tl.load(p_k + o_n[:, None] * stride_kt, mask=m_kv, other=0.0)
-        b_v = tl.load(p_v + o_n[:, None] * stride_vt, mask=m_kv, other=0.0)
+        # [BN, BD]; masked rows load 0 so that garbage past the keys (even NaN) never reaches a
+        # dot
+        b_k = tl.load(p_k + _rows(start_n, r_n, stride_kt, ROW64), mask=m_kv, other=0.0)
+        b_v = tl.load(p_v + _rows(start_n, r_n, stride_vt, ROW64), mask=m_kv, other=0.0)
         if INTERPRET:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
@@ -132,7 +168,10 @@ def _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o
             if CAUSAL:
                 m_s = m_s & (o_n[None, :] <= o_m[:, None] + diag)
             b_s = tl.where(m_s, b_s, float("-inf"))
-        # b_m starts finite, so a fully masked block gives exp2(-inf - finite) = 0, never NaN.
+        # The running max starts at the lowest finite fp32, below or at every finite score, so
+        # the softmax is the plain one for scores of any size, and a row whose scores are all
+        # -inf so far gives exp2(-inf - finite) = 0, never -inf - -inf = NaN. NaN and +inf
+        # scores make l NaN, as in plain math.
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_p = tl.exp2(b_s - b_m_new[:, None])
         b_alpha = tl.exp2(b_m - b_m_new)
@@ -154,7 +193,7 @@ def _attn_fwd_kernel(
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, CAUSAL: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -170,19 +209,22 @@ def _attn_fwd_kernel(
     m_m = o_m < T
     m_d = o_d < D
 
+    r_m = tl.arange(0, BM)
     i_b64 = i_b.to(tl.int64)
-    p_q = q + i_b64 * stride_qb + bos_q * stride_qt + i_h * stride_qh
-    p_k = k + i_b64 * stride_kb + bos_k * stride_kt + (i_h // G) * stride_kh + o_d[None, :]
-    p_v = v + i_b64 * stride_vb + bos_k * stride_vt + (i_h // G) * stride_vh + o_d[None, :]
+    p_q = q + i_b64 * stride_qb + bos_q * stride_qt + _head(i_h, stride_qh, ROW64)
+    p_k = (k + i_b64 * stride_kb + bos_k * stride_kt + _head(i_h // G, stride_kh, ROW64)
+           + o_d[None, :])
+    p_v = (v + i_b64 * stride_vb + bos_k * stride_vt + _head(i_h // G, stride_vh, ROW64)
+           + o_d[None, :])
     # [BM, BD]
-    b_q = tl.load(p_q + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
-                  other=0.0)
+    b_q = tl.load(p_q + _rows(start_m, r_m, stride_qt, ROW64) + o_d[None, :],
+                  mask=m_m[:, None] & m_d[None, :], other=0.0)
     if INTERPRET:
         b_q = b_q.to(tl.float32)
 
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
-    b_m = tl.full([BM], -1.0e30, dtype=tl.float32)
+    b_m = tl.full([BM], -3.4028234663852886e38, dtype=tl.float32)
 
     # Keys [0, hi) are visible to some row of the block; [0, n_full) to every row of it.
     hi = n_valid
@@ -192,20 +234,29 @@ def _attn_fwd_kernel(
         n_full = tl.minimum(n_full, tl.maximum(start_m + 1 + diag, 0) // BN * BN)
     b_acc, b_l, b_m = _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m,
                                       o_d, 0, n_full, n_valid, diag, qk_scale, D, BN, False,
-                                      CAUSAL, INTERPRET, DOT_PRECISION)
+                                      CAUSAL, INTERPRET, DOT_PRECISION, ROW64)
     b_acc, b_l, b_m = _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m,
                                       o_d, n_full, hi, n_valid, diag, qk_scale, D, BN, True,
-                                      CAUSAL, INTERPRET, DOT_PRECISION)
+                                      CAUSAL, INTERPRET, DOT_PRECISION, ROW64)
 
-    # Rows that saw no key keep l = 0: out 0 and lse -inf rather than 0/0.
+    # A row that attends to no key (key padding, causal with T > S) gets out 0 and lse -inf,
+    # whatever q holds. A row that attends to some key but has l = 0 (all its scores -inf) or
+    # l = NaN (a NaN or +inf score: non-finite q or k) gets NaN, as plain softmax does.
+    if CAUSAL:
+        m_keys = tl.minimum(o_m + diag + 1, n_valid) > 0
+    else:
+        m_keys = (r_m * 0 + n_valid) > 0
     m_seen = b_l > 0.0
     b_l_safe = tl.where(m_seen, b_l, 1.0)
-    b_o = b_acc / b_l_safe[:, None]
-    b_lse = tl.where(m_seen, (b_m + tl.log2(b_l_safe)) * 0.6931471805599453, float("-inf"))
-    p_o = o + i_b64 * stride_ob + bos_q * stride_ot + i_h * stride_oh
-    tl.store(p_o + o_m[:, None] * stride_ot + o_d[None, :], b_o.to(o.dtype.element_ty),
-             mask=m_m[:, None] & m_d[None, :])
-    tl.store(lse + i_b64 * stride_lb + i_h * stride_lh + bos_q + o_m, b_lse, mask=m_m)
+    b_o = tl.where((m_keys & m_seen)[:, None], b_acc / b_l_safe[:, None],
+                   tl.where(m_keys, float("nan"), 0.0)[:, None])
+    b_lse = tl.where(m_seen, (b_m + tl.log2(b_l_safe)) * 0.6931471805599453, float("nan"))
+    b_lse = tl.where(m_keys, b_lse, float("-inf"))
+    p_o = o + i_b64 * stride_ob + bos_q * stride_ot + _head(i_h, stride_oh, ROW64)
+    tl.store(p_o + _rows(start_m, r_m, stride_ot, ROW64) + o_d[None, :],
+             b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    tl.store(lse + i_b64 * stride_lb + _head(i_h, stride_lh, ROW64) + bos_q + o_m, b_lse,
+             mask=m_m)
 
 
 @triton.jit
@@ -224,34 +275,40 @@ def _attn_bwd_preprocess_kernel(
     start_m = i_m * BM
     if start_m >= T:
         return
-    o_m = start_m + tl.arange(0, BM)
+    r_m = tl.arange(0, BM)
+    o_m = start_m + r_m
     o_d = tl.arange(0, BD)
     m_md = (o_m < T)[:, None] & (o_d < D)[None, :]
     i_b64 = i_b.to(tl.int64)
-    p_o = o + i_b64 * stride_ob + bos_q * stride_ot + i_h * stride_oh
-    p_do = do + i_b64 * stride_dob + bos_q * stride_dot + i_h * stride_doh
+    row_q = bos_q + start_m
+    p_o = o + i_b64 * stride_ob + row_q * stride_ot + i_h * stride_oh
+    p_do = do + i_b64 * stride_dob + row_q * stride_dot + i_h * stride_doh
     # [BM, BD]
-    b_o = tl.load(p_o + o_m[:, None] * stride_ot + o_d[None, :], mask=m_md, other=0.0)
-    b_do = tl.load(p_do + o_m[:, None] * stride_dot + o_d[None, :], mask=m_md, other=0.0)
+    b_o = tl.load(p_o + r_m[:, None] * stride_ot + o_d[None, :], mask=m_md, other=0.0)
+    b_do = tl.load(p_do + r_m[:, None] * stride_dot + o_d[None, :], mask=m_md, other=0.0)
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
-    tl.store(delta + i_b64 * stride_lb + i_h * stride_lh + bos_q + o_m, b_delta, mask=o_m < T)
+    tl.store(delta + i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + bos_q + o_m, b_delta,
+             mask=o_m < T)
 
 
 @triton.jit
 def _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot,
                          o_n, o_d, lo, hi, n_valid, T, diag, qk_scale, D: tl.constexpr,
                          BM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                         INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         ROW64: tl.constexpr):
     # Query rows past T load zeros (q, do, lse, delta), so their p is finite and their dp and
     # delta are 0: they add nothing to dk or dv even where no mask is applied.
     m_d = o_d < D
+    r_m = tl.arange(0, BM)
     for start_m in range(lo, hi, BM):
-        o_m = start_m + tl.arange(0, BM)
+        o_m = start_m + r_m
         m_m = o_m < T
         # [BM, BD]
-        b_q = tl.load(p_q + o_m[:, None] * stride_qt, mask=m_m[:, None] & m_d[None, :], other=0.0)
-        b_do = tl.load(p_do + o_m[:, None] * stride_dot, mask=m_m[:, None] & m_d[None, :],
-                       other=0.0)
+        b_q = tl.load(p_q + _rows(start_m, r_m, stride_qt, ROW64),
+                      mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_do = tl.load(p_do + _rows(start_m, r_m, stride_dot, ROW64),
+                       mask=m_m[:, None] & m_d[None, :], other=0.0)
         if INTERPRET:
             b_q = b_q.to(tl.float32)
             b_do = b_do.to(tl.float32)
@@ -285,7 +342,7 @@ def _attn_bwd_dkdv_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, CAUSAL: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr,
 ):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = i_bh // HKV, i_bh % HKV
@@ -296,18 +353,19 @@ def _attn_bwd_dkdv_kernel(
     if start_n >= S:
         return
     diag = S - T
-    o_n = start_n + tl.arange(0, BN)
+    r_n = tl.arange(0, BN)
+    o_n = start_n + r_n
     o_d = tl.arange(0, BD)
     m_n = o_n < n_valid
     m_d = o_d < D
     i_b64 = i_b.to(tl.int64)
-    p_k = k + i_b64 * stride_kb + bos_k * stride_kt + i_hk * stride_kh
-    p_v = v + i_b64 * stride_vb + bos_k * stride_vt + i_hk * stride_vh
+    p_k = k + i_b64 * stride_kb + bos_k * stride_kt + _head(i_hk, stride_kh, ROW64)
+    p_v = v + i_b64 * stride_vb + bos_k * stride_vt + _head(i_hk, stride_vh, ROW64)
     # [BN, BD]
-    b_k = tl.load(p_k + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
-                  other=0.0)
-    b_v = tl.load(p_v + o_n[:, None] * stride_vt + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
-                  other=0.0)
+    b_k = tl.load(p_k + _rows(start_n, r_n, stride_kt, ROW64) + o_d[None, :],
+                  mask=m_n[:, None] & m_d[None, :], other=0.0)
+    b_v = tl.load(p_v + _rows(start_n, r_n, stride_vt, ROW64) + o_d[None, :],
+                  mask=m_n[:, None] & m_d[None, :], other=0.0)
     if INTERPRET:
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
@@ -325,43 +383,46 @@ def _attn_bwd_dkdv_kernel(
     m_full = tl.minimum(tl.where(start_n + BN <= n_valid, m_full, hi), hi)
     for i_g in range(G):
         i_h = i_hk * G + i_g
-        p_q = q + i_b64 * stride_qb + bos_q * stride_qt + i_h * stride_qh + o_d[None, :]
-        p_do = do + i_b64 * stride_dob + bos_q * stride_dot + i_h * stride_doh + o_d[None, :]
-        p_lse = lse + i_b64 * stride_lb + i_h * stride_lh + bos_q
-        p_delta = delta + i_b64 * stride_lb + i_h * stride_lh + bos_q
+        p_q = (q + i_b64 * stride_qb + bos_q * stride_qt + _head(i_h, stride_qh, ROW64)
+               + o_d[None, :])
+        p_do = (do + i_b64 * stride_dob + bos_q * stride_dot + _head(i_h, stride_doh, ROW64)
+                + o_d[None, :])
+        p_lse = lse + i_b64 * stride_lb + _head(i_h, stride_lh, ROW64) + bos_q
+        p_delta = delta + i_b64 * stride_lb + _head(i_h, stride_lh, ROW64) + bos_q
         b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
                                           stride_qt, stride_dot, o_n, o_d, lo, m_full, n_valid,
                                           T, diag, qk_scale, D, BM, True, CAUSAL, INTERPRET,
-                                          DOT_PRECISION)
+                                          DOT_PRECISION, ROW64)
         b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
                                           stride_qt, stride_dot, o_n, o_d, m_full, hi, n_valid,
                                           T, diag, qk_scale, D, BM, False, CAUSAL, INTERPRET,
-                                          DOT_PRECISION)
+                                          DOT_PRECISION, ROW64)
 
     m_store = (o_n < S)[:, None] & m_d[None, :]
-    p_dk = dk + i_b64 * stride_dkb + bos_k * stride_dkt + i_hk * stride_dkh
-    p_dv = dv + i_b64 * stride_dvb + bos_k * stride_dvt + i_hk * stride_dvh
-    tl.store(p_dk + o_n[:, None] * stride_dkt + o_d[None, :],
+    p_dk = dk + i_b64 * stride_dkb + bos_k * stride_dkt + _head(i_hk, stride_dkh, ROW64)
+    p_dv = dv + i_b64 * stride_dvb + bos_k * stride_dvt + _head(i_hk, stride_dvh, ROW64)
+    tl.store(p_dk + _rows(start_n, r_n, stride_dkt, ROW64) + o_d[None, :],
              (b_dk * sm_scale).to(dk.dtype.element_ty), mask=m_store)
-    tl.store(p_dv + o_n[:, None] * stride_dvt + o_d[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=m_store)
+    tl.store(p_dv + _rows(start_n, r_n, stride_dvt, ROW64) + o_d[None, :],
+             b_dv.to(dv.dtype.element_ty), mask=m_store)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, stride_vt, o_m, o_d,
                        lo, hi, n_valid, diag, qk_scale, D: tl.constexpr, BN: tl.constexpr,
                        MASK: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
     m_d = o_d < D
+    r_n = tl.arange(0, BN)
     for start_n in range(lo, hi, BN):
-        o_n = start_n + tl.arange(0, BN)
+        o_n = start_n + r_n
         if MASK:
             m_kv = (o_n < n_valid)[:, None] & m_d[None, :]
         else:
             m_kv = (o_n >= 0)[:, None] & m_d[None, :]
         # [BN, BD]
-        b_k = tl.load(p_k + o_n[:, None] * stride_kt, mask=m_kv, other=0.0)
-        b_v = tl.load(p_v + o_n[:, None] * stride_vt, mask=m_kv, other=0.0)
+        b_k = tl.load(p_k + _rows(start_n, r_n, stride_kt, ROW64), mask=m_kv, other=0.0)
+        b_v = tl.load(p_v + _rows(start_n, r_n, stride_vt, ROW64), mask=m_kv, other=0.0)
         if INTERPRET:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
@@ -390,7 +451,7 @@ def _attn_bwd_dq_kernel(
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, CAUSAL: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -401,23 +462,28 @@ def _attn_bwd_dq_kernel(
     if start_m >= T:
         return
     diag = S - T
-    o_m = start_m + tl.arange(0, BM)
+    r_m = tl.arange(0, BM)
+    o_m = start_m + r_m
     o_d = tl.arange(0, BD)
     m_m = o_m < T
     m_md = m_m[:, None] & (o_d < D)[None, :]
     i_b64 = i_b.to(tl.int64)
-    p_q = q + i_b64 * stride_qb + bos_q * stride_qt + i_h * stride_qh
-    p_do = do + i_b64 * stride_dob + bos_q * stride_dot + i_h * stride_doh
-    p_k = k + i_b64 * stride_kb + bos_k * stride_kt + (i_h // G) * stride_kh + o_d[None, :]
-    p_v = v + i_b64 * stride_vb + bos_k * stride_vt + (i_h // G) * stride_vh + o_d[None, :]
+    p_q = q + i_b64 * stride_qb + bos_q * stride_qt + _head(i_h, stride_qh, ROW64)
+    p_do = do + i_b64 * stride_dob + bos_q * stride_dot + _head(i_h, stride_doh, ROW64)
+    p_k = (k + i_b64 * stride_kb + bos_k * stride_kt + _head(i_h // G, stride_kh, ROW64)
+           + o_d[None, :])
+    p_v = (v + i_b64 * stride_vb + bos_k * stride_vt + _head(i_h // G, stride_vh, ROW64)
+           + o_d[None, :])
     # [BM, BD]
-    b_q = tl.load(p_q + o_m[:, None] * stride_qt + o_d[None, :], mask=m_md, other=0.0)
-    b_do = tl.load(p_do + o_m[:, None] * stride_dot + o_d[None, :], mask=m_md, other=0.0)
+    b_q = tl.load(p_q + _rows(start_m, r_m, stride_qt, ROW64) + o_d[None, :], mask=m_md,
+                  other=0.0)
+    b_do = tl.load(p_do + _rows(start_m, r_m, stride_dot, ROW64) + o_d[None, :], mask=m_md,
+                   other=0.0)
     if INTERPRET:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
     # [BM]; rows without keys have lse = -inf, replaced so that their (masked) p stays finite
-    p_l = i_b64 * stride_lb + i_h * stride_lh + bos_q + o_m
+    p_l = i_b64 * stride_lb + _head(i_h, stride_lh, ROW64) + bos_q + o_m
     b_lse = tl.load(lse + p_l, mask=m_m, other=0.0)
     b_lse = tl.where(b_lse == float("-inf"), 0.0, b_lse * 1.4426950408889634)
     b_delta = tl.load(delta + p_l, mask=m_m, other=0.0)
@@ -431,14 +497,14 @@ def _attn_bwd_dq_kernel(
         n_full = tl.minimum(n_full, tl.maximum(start_m + 1 + diag, 0) // BN * BN)
     b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, stride_vt,
                               o_m, o_d, 0, n_full, n_valid, diag, qk_scale, D, BN, False, CAUSAL,
-                              INTERPRET, DOT_PRECISION)
+                              INTERPRET, DOT_PRECISION, ROW64)
     b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, stride_vt,
                               o_m, o_d, n_full, hi, n_valid, diag, qk_scale, D, BN, True, CAUSAL,
-                              INTERPRET, DOT_PRECISION)
+                              INTERPRET, DOT_PRECISION, ROW64)
 
-    p_dq = dq + i_b64 * stride_dqb + bos_q * stride_dqt + i_h * stride_dqh
-    tl.store(p_dq + o_m[:, None] * stride_dqt + o_d[None, :], (b_dq * sm_scale).to(
-        dq.dtype.element_ty), mask=m_md)
+    p_dq = dq + i_b64 * stride_dqb + bos_q * stride_dqt + _head(i_h, stride_dqh, ROW64)
+    tl.store(p_dq + _rows(start_m, r_m, stride_dqt, ROW64) + o_d[None, :],
+             (b_dq * sm_scale).to(dq.dtype.element_ty), mask=m_md)
 # fmt: on
 
 
@@ -452,6 +518,10 @@ class _Layout(NamedTuple):
     Hq: int
     Hkv: int
     D: int
+    # What the kernels get as T and S: dense, the lengths; varlen, the packed row counts
+    # (total_q, total_k), the bounds every sequence is clamped to.
+    rows_q: int
+    rows_k: int
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -465,34 +535,89 @@ def _strides(t: Tensor, varlen: bool) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _offsets(name: str, t: Tensor | None, numel: int, device: torch.device) -> Tensor | None:
+    """An int32 offsets tensor the kernels read as a contiguous array of ``numel`` entries.
+
+    The kernels index it with plain pointer arithmetic, so a strided view (e.g. a column of a
+    2-D tensor) is copied to a contiguous one here; a wrong size or dtype is refused.
+    """
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != 1 or t.numel() != numel:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name}: expected a 1-D int32 tensor of {numel} entries, got {got}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    return t.contiguous()
+
+
 def _layout(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    seqlens_k: Tensor | None,
     cu_seqlens_q: Tensor | None,
     cu_seqlens_k: Tensor | None,
     max_seqlen_q: int | None,
     max_seqlen_k: int | None,
-) -> _Layout:
+) -> tuple[_Layout, Tensor | None, Tensor | None, Tensor | None]:
+    """The layout, and (seqlens_k, cu_seqlens_q, cu_seqlens_k) made contiguous and checked."""
     varlen = cu_seqlens_q is not None
     if varlen:
         if cu_seqlens_k is None or max_seqlen_q is None or max_seqlen_k is None:
             raise ValueError("varlen attention needs cu_seqlens_q/k and max_seqlen_q/k")
+        if seqlens_k is not None:
+            raise ValueError("seqlens_k: dense only (varlen lengths come from cu_seqlens_k)")
         if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
             raise ValueError("varlen q, k, v must be [total_tokens, heads, head_dim]")
         n_seq, T, S = cu_seqlens_q.numel() - 1, int(max_seqlen_q), int(max_seqlen_k)
+        rows_q, rows_k = q.shape[0], k.shape[0]
+        cu_seqlens_q = _offsets("cu_seqlens_q", cu_seqlens_q, n_seq + 1, q.device)
+        cu_seqlens_k = _offsets("cu_seqlens_k", cu_seqlens_k, n_seq + 1, q.device)
     else:
+        if cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens_k: given without cu_seqlens_q")
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise ValueError("q, k, v must be [batch, seq, heads, head_dim]")
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"k: batch {k.shape[0]} differs from q's {q.shape[0]}")
         n_seq, T, S = q.shape[0], q.shape[1], k.shape[1]
+        rows_q, rows_k = T, S
+        seqlens_k = _offsets("seqlens_k", seqlens_k, n_seq, q.device)
     Hq, D, Hkv = q.shape[-2], q.shape[-1], k.shape[-2]
+    if v.shape != k.shape:
+        raise ValueError(f"v: shape {tuple(v.shape)} differs from k's {tuple(k.shape)}")
+    if k.shape[-1] != D:
+        raise ValueError(f"k: head dim {k.shape[-1]} differs from q's {D}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     if D not in HEAD_DIMS:
         raise ValueError(f"head dim {D} not supported by the Triton kernel ({HEAD_DIMS})")
-    if Hq % Hkv != 0:
+    if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"query heads {Hq} not a multiple of key/value heads {Hkv}")
-    return _Layout(varlen, n_seq, T, S, Hq, Hkv, D)
+    lay = _Layout(varlen, n_seq, T, S, Hq, Hkv, D, rows_q, rows_k)
+    return lay, seqlens_k, cu_seqlens_q, cu_seqlens_k
+
+
+def _row64(varlen: bool, lse: Tensor, *tensors: Tensor) -> bool:
+    """Whether an offset inside one batch entry (row x row stride, a block past the last row
+    included, or head x head stride) can pass int32.
+
+    Such inputs (about 2**31 elements in one batch entry of a tensor; varlen: in the packed
+    tensor) get kernels that compute these offsets in int64; all others keep the cheaper int32
+    inner loops. Batch and sequence-start offsets are int64 always.
+    """
+    dim = 0 if varlen else 1
+    limit = 2**31 - 1
+    for t in tensors:
+        # the largest offset inside one batch entry (varlen: inside the packed tensor), plus a
+        # block of rows past the end
+        inner = [(n - 1) * st for i, (n, st) in enumerate(zip(t.shape, t.stride())) if i >= dim]
+        if sum(inner) + 256 * t.stride(dim) > limit:
+            return True
+    return (lse.numel() if varlen else lse[0].numel()) + 256 > limit
 
 
 def _lse_strides(lse: Tensor, varlen: bool) -> tuple[int, int]:
@@ -548,10 +673,14 @@ def attention_forward(
             query head h reads KV head h // (Hq // Hkv)).
         v: like k.
         seqlens_k: dense only, optional int32 [B]: keys at positions >= seqlens_k[b] are padding
-            (right padding); 0 is allowed.
-        cu_seqlens_q: varlen only, int32 [N + 1] cumulative query lengths (starts at 0).
-        cu_seqlens_k: varlen only, int32 [N + 1] cumulative key lengths.
-        max_seqlen_q: varlen only, the longest query sequence.
+            (right padding); 0 is allowed (values are clamped to [0, S]).
+        cu_seqlens_q: varlen only, int32 [N + 1] cumulative query lengths (starts at 0). Any
+            strides (a strided view is copied contiguous). The kernels clamp every sequence to
+            the rows of q and k, so even offsets that are not cumulative lengths never reach
+            memory outside the tensors (they give meaningless values; the public op checks them).
+        cu_seqlens_k: varlen only, int32 [N + 1] cumulative key lengths, likewise.
+        max_seqlen_q: varlen only, the longest query sequence (sizes the grid: rows of a longer
+            sequence are not computed).
         max_seqlen_k: varlen only, the longest key sequence.
         causal: bottom-right aligned causal mask (query i sees key j iff j <= i + S - T; dense
             uses the tensor lengths, varlen each sequence's lengths).
@@ -559,10 +688,15 @@ def attention_forward(
 
     Returns:
         (out, lse): out with q's shape (contiguous) and dtype; lse fp32 natural-log log-sum-exp,
-        dense [B, Hq, T], varlen [Hq, total_q]. Rows that see no key: out 0, lse -inf.
+        dense [B, Hq, T], varlen [Hq, total_q]. Rows that see no key: out 0, lse -inf, whatever
+        q holds. Non-finite inputs follow plain softmax: a row with a NaN or +inf score, or
+        with every score -inf (NaN/Inf in its q row or in a key it sees), gets out NaN and
+        lse NaN; padded keys are never loaded.
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    lay = _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    lay, seqlens_k, cu_seqlens_q, cu_seqlens_k = _layout(
+        q, k, v, seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    )
     interpret = interpreting(q)
     bd = triton.next_power_of_2(lay.D)
     cfg = _config(_FWD, bd, q.dtype, interpret)
@@ -580,10 +714,11 @@ def attention_forward(
         q, k, v, out, lse, seqlens_k, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, lay.varlen), *_strides(k, lay.varlen), *_strides(v, lay.varlen),
         *_strides(out, lay.varlen), *_lse_strides(lse, lay.varlen),
-        lay.T, lay.S, scale * _LOG2E,
+        lay.rows_q, lay.rows_k, scale * _LOG2E,
         H=lay.Hq, G=lay.Hq // lay.Hkv, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n,
         IS_VARLEN=lay.varlen, HAS_SEQLENS=seqlens_k is not None, CAUSAL=causal,
         INTERPRET=interpret, DOT_PRECISION=_dot_precision(q.dtype),
+        ROW64=_row64(lay.varlen, lse, q, k, v, out),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse
@@ -612,20 +747,40 @@ def attention_backward(
         q, k, v, seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
             scale: exactly as given to :func:`attention_forward`.
         out: the forward output.
-        lse: the forward log-sum-exp (fp32, dense [B, Hq, T] or varlen [Hq, total_q]).
+        lse: the forward log-sum-exp (fp32, dense [B, Hq, T] or varlen [Hq, total_q]; any
+            strides).
 
     Returns:
         (dq, dk, dv) with the shapes and dtypes of q, k, v (contiguous). Padded keys and rows
         that see no key get zero gradients.
     """
     do, q, k, v, out = (_last_dim_contiguous(t) for t in (do.to(q.dtype), q, k, v, out))
-    lay = _layout(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    lay, seqlens_k, cu_seqlens_q, cu_seqlens_k = _layout(
+        q, k, v, seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    )
+    for name, t in (("do", do), ("out", out)):
+        if t.shape != q.shape or t.device != q.device:
+            raise ValueError(
+                f"{name}: expected q's shape {tuple(q.shape)} on {q.device}, got "
+                f"{tuple(t.shape)} on {t.device}"
+            )
+    want = (lay.Hq, lay.rows_q) if lay.varlen else (lay.n_seq, lay.Hq, lay.T)
+    if lse.dtype != torch.float32 or tuple(lse.shape) != want or lse.device != q.device:
+        raise ValueError(
+            f"lse: expected float32 {want} on {q.device}, got {lse.dtype} "
+            f"{tuple(lse.shape)} on {lse.device}"
+        )
+    lse = lse.contiguous()  # the kernels index its rows with stride 1
     interpret = interpreting(q)
     bd = triton.next_power_of_2(lay.D)
     G = lay.Hq // lay.Hkv
     masking = dict(IS_VARLEN=lay.varlen, HAS_SEQLENS=seqlens_k is not None)
     kernel_flags = dict(
-        **masking, CAUSAL=causal, INTERPRET=interpret, DOT_PRECISION=_dot_precision(q.dtype)
+        **masking,
+        CAUSAL=causal,
+        INTERPRET=interpret,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        ROW64=_row64(lay.varlen, lse, q, k, v, do),
     )
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -639,7 +794,8 @@ def attention_backward(
     launch(
         _attn_bwd_preprocess_kernel, (triton.cdiv(lay.T, cfg.block_m), lay.n_seq * lay.Hq),
         out, do, delta, seqlens_k, cu_seqlens_q, cu_seqlens_k,
-        *_strides(out, lay.varlen), *_strides(do, lay.varlen), *lse_strides, lay.T, lay.S,
+        *_strides(out, lay.varlen), *_strides(do, lay.varlen), *lse_strides,
+        lay.rows_q, lay.rows_k,
         H=lay.Hq, D=lay.D, BD=bd, BM=cfg.block_m, **masking,
     )  # fmt: skip
     launch(
@@ -647,7 +803,7 @@ def attention_backward(
         q, k, v, do, lse, delta, dq, seqlens_k, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, lay.varlen), *_strides(k, lay.varlen), *_strides(v, lay.varlen),
         *_strides(do, lay.varlen), *_strides(dq, lay.varlen), *lse_strides,
-        lay.T, lay.S, scale * _LOG2E, scale,
+        lay.rows_q, lay.rows_k, scale * _LOG2E, scale,
         H=lay.Hq, G=G, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n, **kernel_flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -657,7 +813,7 @@ def attention_backward(
         q, k, v, do, lse, delta, dk, dv, seqlens_k, cu_seqlens_q, cu_seqlens_k,
         *_strides(q, lay.varlen), *_strides(k, lay.varlen), *_strides(v, lay.varlen),
         *_strides(do, lay.varlen), *_strides(dk, lay.varlen), *_strides(dv, lay.varlen),
-        *lse_strides, lay.T, lay.S, scale * _LOG2E, scale,
+        *lse_strides, lay.rows_q, lay.rows_k, scale * _LOG2E, scale,
         HKV=lay.Hkv, G=G, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n, **kernel_flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -66,7 +66,8 @@ cast to the 16-bit dot type, so that the small probabilities of a large batch (g
 underflow fp16; the epilogue divides it out. The normalisation backward's projection coefficient
 is taken from that rounded dS, so dA stays orthogonal to Â up to fp32 rounding.
 
-Limits. Offsets are int32: N * D, M * D, 64 * N and 64 * M must stay below 2^31. Loads are
+Limits. Offsets are int32: N * D, M * D, 64 * N and 64 * M must stay below 2^31, and the
+positive offset must lie in [-N, M] (beyond it no row or column would have a positive). Loads are
 vectorised when D is a multiple of 16 (the JIT specialises on it); other D run correctly but
 with scalar loads.
 """
@@ -590,7 +591,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _check_inputs(a: Tensor, b: Tensor, scale: Tensor) -> None:
+def _check_inputs(a: Tensor, b: Tensor, scale: Tensor, offset: int) -> None:
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor) or not isinstance(scale, Tensor):
+        raise ValueError("A, B and scale must be tensors")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(
             f"expected A [N, D] and B [M, D], got {tuple(a.shape)} and {tuple(b.shape)}"
@@ -615,6 +618,10 @@ def _check_inputs(a: Tensor, b: Tensor, scale: Tensor) -> None:
     # Element offsets are int32: rows x D of each input and the lse partials (max_splits rows).
     if max(n, m) * max(d, _MAX_SPLITS_LIMIT) >= 2**31:
         raise ValueError(f"A {tuple(a.shape)}, B {tuple(b.shape)}: offsets overflow int32")
+    # Outside [-N, M] no row or column has a positive; bounding it keeps i + offset and
+    # j - offset inside int32 in the kernels (every positive index is masked against S).
+    if isinstance(offset, bool) or not isinstance(offset, int) or not -n <= offset <= m:
+        raise ValueError(f"offset must be an int in [-N, M] = [{-n}, {m}], got {offset!r}")
 
 
 def _inv_norms(x: Tensor) -> Tensor:
@@ -649,8 +656,8 @@ def infonce_forward(
         a: [N, D] fp32, fp16 or bf16, contiguous.
         b: [M, D] same dtype and device as ``a``, contiguous.
         scale: 0-dim fp32 tensor, the inverse temperature (read on device: may be learnable).
-        offset: the positive of row i is column i + offset. A row or column whose positive is
-            outside S has none: its positive logit is 0.
+        offset: the positive of row i is column i + offset, an int in [-N, M]. A row or column
+            whose positive is outside S has none: its positive logit is 0.
         normalize: use L2-normalised rows Â = A / max(||A_i||, 1e-12) and likewise B̂.
         col_stats: also compute the column statistics (the target->pred direction).
         config: tile sizes; default :func:`forward_config` of the dtype.
@@ -665,7 +672,7 @@ def infonce_forward(
         with ``col_stats``, 2 max_splits x M for the columns (the config's max_splits, 16 by
         default): linear in N and M, never N x M.
     """
-    _check_inputs(a, b, scale)
+    _check_inputs(a, b, scale, offset)
     cfg = config or forward_config(a.dtype)
     if not 1 <= cfg.max_splits <= _MAX_SPLITS_LIMIT:
         raise ValueError(
@@ -791,8 +798,12 @@ def infonce_backward(
         into fp32 hi + lo ([N] and [M] each) and, for fp16/bf16 inputs, one fp32 accumulator
         of max(N, M) x D shared by the dA and dB passes.
     """
-    _check_inputs(a, b, scale)
+    _check_inputs(a, b, scale, offset)
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    for name, t in (("row_lse", row_lse), ("col_lse", col_lse), ("g_row", g_row), ("g_col", g_col)):
+        if t is not None and (not isinstance(t, Tensor) or t.device != a.device):
+            got = t.device if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a tensor on A's device {a.device}, got {got}")
     if g_row.shape != (n,) or row_lse.shape != (n,):
         raise ValueError(
             f"g_row and row_lse must be [{n}], got {tuple(g_row.shape)}, {tuple(row_lse.shape)}"

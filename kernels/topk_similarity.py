@@ -13,11 +13,13 @@ are few queries. Stage 2 (torch) takes the top k of the n_chunks * K_PAD candida
 
 Keys. A score and its index travel together as one int64, so that selecting the largest keys
 carries the index along: the high 32 bits are the fp32 score mapped to an int32 with the same
-order (negative floats get their magnitude bits flipped), the low 32 bits are ``~index`` read as
-unsigned, so equal scores prefer the smaller index and the order is total and deterministic.
-Masked bank rows get the smallest int64, which no real score maps to (it would be a NaN), so
+order (negative floats get their magnitude bits flipped; every NaN maps to the smallest int32,
+below -inf, and -0.0 to +0.0), the low 32 bits are ``~index`` read as unsigned, so equal scores
+prefer the smaller index and the order is total and deterministic: the order documented by
+:func:`vljepa_fast.topk_similarity` (NaN last, ties lowest index). Masked bank rows get the
+smallest int64, below every real key (a NaN key still has ``~index`` > 0 in its low bits), so
 padding is never returned: every chunk holds at least min(K_PAD, rows in chunk) real keys, which
-sums to at least k over the chunks.
+sums to at least k over the chunks. NaN keys decode to a NaN score (bits 0xFFFFFFFF).
 
 A tile is merged only when one of its keys beats the current K_PAD-th best of some query; after
 the first few tiles most tiles are skipped, which saves the K_PAD selection rounds of a merge.
@@ -52,6 +54,8 @@ MAX_K_PAD = 128
 
 # Smallest int64: the key of a masked bank row.
 _KEY_PAD = tl.constexpr(-(2**63))
+# Ordered value of every NaN score: the smallest int32, below -inf's (-2**31 + 2**23 - 1).
+_ORD_NAN = tl.constexpr(-(2**31))
 
 # Keys kept at once on the large-k path (8 bytes each).
 _MAX_BUFFER_KEYS = 1 << 26
@@ -59,9 +63,17 @@ _MAX_BUFFER_KEYS = 1 << 26
 
 @triton.jit
 def _score_keys(b_s, o_n, m_n):
-    """Pack fp32 scores [BQ, BN] and their bank indices [BN] into order-preserving int64 keys."""
+    """Pack fp32 scores [BQ, BN] and their bank indices [BN] into order-preserving int64 keys.
+
+    Every NaN maps to the smallest ordered value (ranks below -inf) and -0.0 to +0.0's (equal
+    scores tie, and ties go to the lowest index). Both tests are on the bits, so no compiler
+    assumption about NaN can drop them.
+    """
     b_bits = b_s.to(tl.int32, bitcast=True)
+    b_mag = b_bits & 0x7FFFFFFF
     b_ord = b_bits ^ ((b_bits >> 31) & 0x7FFFFFFF)
+    b_ord = tl.where(b_mag > 0x7F800000, _ORD_NAN, b_ord)
+    b_ord = tl.where(b_mag == 0, 0, b_ord)
     b_idx = (~o_n).to(tl.uint32, bitcast=True).to(tl.int64)
     b_key = (b_ord.to(tl.int64) << 32) | b_idx[None, :]
     return tl.where(m_n[None, :], b_key, _KEY_PAD)
@@ -291,8 +303,8 @@ def topk_similarity(
         config: block sizes; default :func:`topk_config`.
 
     Returns:
-        (scores [Q, k] float32 sorted descending, indices [Q, k] int64). Equal scores come
-        smallest index first.
+        (scores [Q, k] float32 sorted descending, indices [Q, k] int64). NaN scores rank
+        last (below -inf); equal scores come smallest index first.
     """
     num_queries, dim = queries.shape
     num_bank = bank.shape[0]

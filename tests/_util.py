@@ -50,6 +50,54 @@ def check_topk(
     torch.testing.assert_close(at_idx, scores.double(), atol=atol, rtol=0)
 
 
+def topk_scores64(queries: Tensor, bank: Tensor, metric: str) -> Tensor:
+    """The full [Q, N] float64 score matrix of the (already rounded) inputs."""
+    q, b = queries.double().cpu(), bank.double().cpu()
+    if metric == "cosine":
+        q = torch.nn.functional.normalize(q, dim=1, eps=1e-12)
+        b = torch.nn.functional.normalize(b, dim=1, eps=1e-12)
+    return q @ b.T
+
+
+def topk_expected(
+    queries: Tensor, bank: Tensor, k: int, metric: str, fp32_order: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(float64 scores, indices) of the documented topk_similarity order, by a full stable sort
+    (independent of the library's code): descending, NaN below -inf, ties lowest index first.
+
+    fp32_order: rank the float64 scores rounded to float32 (for exact integer inputs whose
+    products overflow fp32 to +-inf in every kernel).
+    """
+    s = topk_scores64(queries, bank, metric)
+    rank = s.float().double() if fp32_order else s
+    nan = rank.isnan()
+    key = rank.masked_fill(nan, float("-inf"))
+    order = key.argsort(dim=1, descending=True, stable=True)
+    order = order.gather(1, nan.gather(1, order).to(torch.uint8).argsort(dim=1, stable=True))
+    idx = order[:, :k]
+    return rank.gather(1, idx), idx
+
+
+def topk_tie_inputs(
+    num_queries: int, num_bank: int, dim: int, dtype: torch.dtype, metric: str, seed: int,
+    groups: int = 12,
+) -> tuple[Tensor, Tensor]:
+    """Queries and a bank of exact duplicates of ``groups`` random base rows, built so that every
+    score is exact in fp32 whatever the order of the sums, hence bit-equal in every backend and
+    in float64 (exact ties, also between different base rows): for "ip" small integers; for
+    "cosine" entries +-1 with ``dim`` a power of 4, so that every norm is a power of two."""
+    g = torch.Generator().manual_seed(seed)
+    if metric == "ip":
+        base = torch.randint(-3, 4, (groups, dim), generator=g)
+        q = torch.randint(-3, 4, (num_queries, dim), generator=g)
+    else:
+        assert dim in (1, 4, 16, 64, 256), "cosine ties need norms that are powers of two"
+        base = torch.randint(0, 2, (groups, dim), generator=g) * 2 - 1
+        q = torch.randint(0, 2, (num_queries, dim), generator=g) * 2 - 1
+    bank = base[torch.randint(0, groups, (num_bank,), generator=g)]
+    return q.to(dtype), bank.to(dtype)
+
+
 def infonce_terms_and_grads(a, b, scale, offset, normalize, col_stats, g_row, g_col, cdt):
     """reference terms and the gradients of sum g_row (row_lse - pos_row) + sum g_col (...)."""
     a = a.detach().to(cdt if cdt == torch.float64 else a.dtype).requires_grad_(True)

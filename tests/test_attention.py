@@ -1,5 +1,7 @@
 """attention / attention_varlen: validation, and every backend that serves CPU inputs against the
-float64 reference, forward and gradients (gpu tier: every CUDA backend)."""
+float64 reference, forward and gradients (gpu tier: every CUDA backend); the NaN rule and key
+padding contract of vf.attention's docstring on every backend (Triton through the interpreter)
+against a pair-by-pair float64 oracle; strided, offset and non-contiguous arguments."""
 
 from __future__ import annotations
 
@@ -186,3 +188,295 @@ def test_gpu_attention_backends(backend, dtype, masked):
         "qkv",
     ):
         assert_close_2x(got, ea, ex, dtype, f"d{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite inputs and padded keys (the rule in vf.attention's docstring), every backend
+# ---------------------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+# every backend that serves CPU tensors, "auto" (sdpa here), and Triton through its interpreter
+RULE_BACKENDS = [
+    *_cpu_backends("attention"),
+    "auto",
+    pytest.param("triton", marks=pytest.mark.interpret),
+]
+
+
+def _allowed_pairs(B, T, S, key_padding_mask, causal):
+    """[B, 1, T, S] bool: query i attends to key j."""
+    allowed = torch.ones(B, 1, T, S, dtype=torch.bool)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    if causal:
+        allowed = allowed & (torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T))
+    return allowed
+
+
+def plain_attention(q, k, v, key_padding_mask=None, causal=False):
+    """Float64 softmax attention evaluated pair by pair over the allowed (query, key) pairs only:
+    the oracle of the NaN rule (no 0 * NaN from masked pairs, no shortcut for -inf maxima)."""
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    qf = q.detach().double()
+    kf = k.detach().double().repeat_interleave(g, dim=2)
+    vf = v.detach().double().repeat_interleave(g, dim=2)
+    allowed = _allowed_pairs(B, T, S, key_padding_mask, causal)
+    s = torch.einsum("bthd,bshd->bhts", qf, kf) * D**-0.5
+    p = torch.softmax(s.masked_fill(~allowed, -INF), dim=-1)  # [B, H, T, S]
+    terms = p[..., None] * vf.permute(0, 2, 1, 3)[:, :, None]  # [B, H, T, S, D]
+    out = torch.where(allowed[..., None], terms, 0.0).sum(dim=3)
+    out = torch.where(allowed.any(-1, keepdim=True), out, 0.0)  # no key: zeros
+    return out.transpose(1, 2)
+
+
+def _check_rule(got, want, hidden=None):
+    """Non-finite exactly where the oracle is (``hidden`` [B, T, Hq]: rows where extra
+    non-finite values are allowed), finite values equal to it."""
+    bad_got, bad_want = ~torch.isfinite(got), ~torch.isfinite(want)
+    missing = bad_want & ~bad_got
+    assert not missing.any(), f"{int(missing.sum())} outputs finite where plain math is not"
+    extra = bad_got & ~bad_want
+    if hidden is not None:
+        extra = extra & ~hidden[..., None]
+    assert not extra.any(), f"{int(extra.sum())} outputs non-finite where plain math is finite"
+    ok = ~bad_got & ~bad_want
+    torch.testing.assert_close(got.double()[ok], want[ok], rtol=1e-4, atol=1e-5)
+
+
+B_, T_, S_, HQ_, HKV_, D_ = 2, 7, 9, 4, 2, 32
+# (T, S, Hq, Hkv): GQA with T != S, and T == S without GQA; short sequences (T <= 7) take the
+# path of torch's CPU SDPA kernel that turned a NaN query into zeros
+RULE_SHAPES = [(5, 7, 4, 2), (7, 7, 2, 2)]
+
+
+def _rule_inputs(seed, T, S, hq, hkv, masked):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B_, n, h, D_, generator=g) for n, h in ((T, hq), (S, hkv), (S, hkv)))
+    mask = (torch.arange(S)[None] < torch.tensor([S, 6])[:, None]) if masked else None
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("backend", RULE_BACKENDS)
+@pytest.mark.parametrize("T, S, hq, hkv", RULE_SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("target", ["q", "k", "v"])
+def test_nan_rule_matches_plain_math(backend, T, S, hq, hkv, masked, causal, value, target):
+    """A NaN/Inf in a query row, a real key or a real value reaches exactly the outputs plain
+    math sends it to (regression: sdpa turned a NaN query into finite outputs)."""
+    q, k, v, mask = _rule_inputs(11, T, S, hq, hkv, masked)
+    j = 5  # a real key of sequence 1, hidden under causal from the queries i < j - (S - T)
+    if target == "q":
+        q[1, 3, hq - 1, 5] = value
+    else:
+        (k if target == "k" else v)[1, j, hkv - 1, 4] = value
+    got = vf.attention(q, k, v, key_padding_mask=mask, causal=causal, backend=backend)
+    want = plain_attention(q, k, v, mask, causal)
+    hidden = None
+    if causal and target != "q":
+        # documented exception: with causal, a non-finite real key/value may also reach the
+        # queries of its sequence the mask hides it from
+        hidden = torch.zeros(B_, T, hq, dtype=torch.bool)
+        group = hq // hkv
+        hidden[1, : max(j - (S - T), 0), hq - group :] = True
+    _check_rule(got, want, hidden)
+
+
+@pytest.mark.parametrize("backend", RULE_BACKENDS)
+@pytest.mark.parametrize("T, S, hq, hkv", RULE_SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["all-scores-minus-inf", "all-keys-nan"])
+def test_nan_rule_when_no_score_is_finite(backend, T, S, hq, hkv, masked, causal, kind):
+    """Every score of sequence 1 is -inf (or NaN): plain softmax gives NaN (0 / 0), not the zeros
+    of a kernel that takes a -inf running max for 'no key' (regression: sdpa and triton)."""
+    q, k, v, mask = _rule_inputs(12, T, S, hq, hkv, masked)
+    if kind == "all-scores-minus-inf":
+        q[1, :, :, 7] = q[1, :, :, 7].abs() + 0.5
+        k[1, :, :, 7] = -INF
+    else:
+        k[1, :, :, 3] = NAN
+    got = vf.attention(q, k, v, key_padding_mask=mask, causal=causal, backend=backend)
+    want = plain_attention(q, k, v, mask, causal)
+    assert not torch.isfinite(want[1]).any()
+    _check_rule(got, want)
+
+
+@pytest.mark.parametrize(
+    "backend, pattern",
+    [(b, p) for b in RULE_BACKENDS[:-1] for p in ("right", "scattered")]
+    # triton serves right padding only (it refuses other patterns)
+    + [pytest.param("triton", "right", marks=pytest.mark.interpret)],
+)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+def test_padded_keys_take_no_part(backend, pattern, causal, value):
+    """NaN/Inf in padded keys and values changes nothing, forward or backward (regression:
+    reference and sdpa returned NaN everywhere); padded k/v get zero gradients."""
+    q, k, v = _qkv(B_, T_, S_, HQ_, HKV_, D_, seed=13)
+    if pattern == "right":
+        mask = torch.arange(S_)[None] < torch.tensor([S_, 4])[:, None]
+    else:
+        mask = torch.rand(B_, S_, generator=torch.Generator().manual_seed(14)) < 0.6
+        mask[:, -1] = True  # every query keeps a key under causal too
+    pad = ~mask
+    k_bad, v_bad = (x.detach().clone() for x in (k, v))
+    k_bad[pad], v_bad[pad] = value, -value
+    k_bad.requires_grad_(True)
+    v_bad.requires_grad_(True)
+    clean = vf.attention(q, k, v, key_padding_mask=mask, causal=causal, backend=backend)
+    out = vf.attention(q, k_bad, v_bad, key_padding_mask=mask, causal=causal, backend=backend)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, clean, rtol=0, atol=0)
+    want = reference.attention(
+        *(x.detach().double() for x in (q, k, v)), key_padding_mask=mask, causal=causal
+    )
+    assert_close_2x(clean, reference.attention(q, k, v, key_padding_mask=mask, causal=causal),
+                    want, torch.float32, "out")
+    grads = _grads(out, (q, k_bad, v_bad), 15)
+    clean_grads = _grads(clean, (q, k, v), 15)
+    for name, got, ref in zip("qkv", grads, clean_grads):
+        assert torch.isfinite(got).all(), f"d{name}: non-finite"
+        torch.testing.assert_close(got, ref, rtol=0, atol=0, msg=f"d{name} differs")
+    for name, got in (("dk", grads[1]), ("dv", grads[2])):
+        assert torch.equal(got[pad], torch.zeros_like(got[pad])), f"{name}: padded keys nonzero"
+
+
+VARLEN_RULE_BACKENDS = [
+    *_cpu_backends("attention_varlen"),
+    "auto",
+    pytest.param("triton", marks=pytest.mark.interpret),
+]
+
+
+@pytest.mark.parametrize("backend", VARLEN_RULE_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("target", ["q", "k", "v", "all-k"])
+def test_varlen_nan_rule_stays_in_its_sequence(backend, causal, target):
+    """A NaN in sequence 0 reaches only what plain math sends it to inside sequence 0; the other
+    sequences are untouched (regression: sdpa's padded gather copied row 0 of the pack, NaN
+    included, into the padding of every other sequence)."""
+    lq, lk = [3, 5, 2], [4, 6, 3]
+    g = torch.Generator().manual_seed(16)
+    q = torch.randn(sum(lq), 4, 32, generator=g)
+    k, v = (torch.randn(sum(lk), 2, 32, generator=g) for _ in range(2))
+    if target == "q":
+        q[0, 1, 3] = NAN
+    elif target == "all-k":
+        k[: lk[0], :, 3] = NAN
+    else:
+        (k if target == "k" else v)[0, 1, 3] = NAN
+    cu = lambda ls: torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()], dtype=torch.int32)
+    cu_q, cu_k = cu(lq), cu(lk)
+    got = vf.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal,
+                              backend=backend)
+    want = torch.cat([
+        plain_attention(q[None, cu_q[b] : cu_q[b + 1]], k[None, cu_k[b] : cu_k[b + 1]],
+                        v[None, cu_k[b] : cu_k[b + 1]], None, causal)[0]
+        for b in range(len(lq))
+    ])
+    hidden = None
+    if causal and target in ("k", "v"):  # key 0 is seen by every query of sequence 0
+        hidden = torch.zeros(sum(lq), 4, dtype=torch.bool)
+    _check_rule(got, want, hidden)
+    assert torch.isfinite(got[lq[0] :]).all(), "a NaN of sequence 0 reached another sequence"
+
+
+# ---------------------------------------------------------------------------------------------
+# Strided, offset and non-contiguous arguments (every argument, every backend)
+# ---------------------------------------------------------------------------------------------
+
+
+def nan_margins(x: torch.Tensor, pad: int = 4096) -> torch.Tensor:
+    """A copy of ``x`` (same strides) living inside a NaN buffer with ``pad`` elements of margin
+    on both sides: a kernel reading past the tensor reads NaN."""
+    extent = 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
+    buf = torch.full((extent + 2 * pad,), float("nan"), dtype=x.dtype)
+    view = buf.as_strided(x.shape, x.stride(), pad)
+    view.copy_(x)
+    return view
+
+
+def strided_dense_inputs(seed, B=2, T=37, S=45, hq=4, hkv=2, D=32):
+    """q, k, v views with storage offsets and foreign strides, and a non-contiguous right-padding
+    key_padding_mask (a transposed [S, B] tensor)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T + 3, hq + 2, D, generator=g)[:, 2 : 2 + T, 1 : 1 + hq]
+    k = torch.randn(B, hkv, S, D, generator=g).transpose(1, 2)
+    v = torch.randn(S, B, 2 * hkv, D, generator=g).transpose(0, 1)[:, :, hkv:]
+    q, k, v = (nan_margins(x) for x in (q, k, v))
+    mask = (torch.arange(S)[:, None] < torch.tensor([S, 20])[None, :]).T
+    assert not any(x.is_contiguous() for x in (q, k, v, mask)) and q.storage_offset() > 0
+    return tuple(x.requires_grad_(True) for x in (q, k, v)) + (mask,)
+
+
+def strided_varlen_inputs(seed, hq=4, hkv=2, D=32):
+    """Packed q, k, v views with offsets and foreign strides (inside NaN margins), and
+    cu_seqlens that are strided views (a column of a [B + 1, 2] tensor, as in the issue)."""
+    lq, lk = [3, 5, 12, 0], [9, 2, 19, 4]
+    cu = lambda ls: torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()], dtype=torch.int32)
+    # column 0 of [[c0, x], [c1, x], ...]: stride 2, and column 1 holds total + 1, so a kernel
+    # that reads the buffer as contiguous sees sequences running one row past the tensors
+    col = lambda ls: torch.full((len(ls) + 1,), sum(ls) + 1, dtype=torch.int32)
+    cu_q = torch.stack([cu(lq), col(lq)], 1)[:, 0]
+    cu_k = torch.stack([cu(lk), col(lk)], 1)[:, 0]
+    assert cu_q.stride(0) == 2 and cu_k.stride(0) == 2
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(lq), sum(lk)
+    q = torch.randn(tq + 2, 2 * hq, D, generator=g)[1 : 1 + tq, ::2]
+    k = torch.randn(hkv, tk, D, generator=g).transpose(0, 1)
+    v = torch.randn(tk + 1, 2 * hkv, D, generator=g)[1:, hkv:]
+    qkv = tuple(nan_margins(x).requires_grad_(True) for x in (q, k, v))
+    return qkv + (cu_q, cu_k, max(lq), max(lk))
+
+
+def _strided_grads(outs, inputs, seed):
+    """Gradients of each out (with its inputs) for one upstream gradient that is a transposed,
+    non-contiguous view."""
+    g = torch.Generator().manual_seed(seed)
+    shape = outs[0].shape
+    do = torch.randn(shape[0], shape[2], shape[1], *shape[3:], generator=g).transpose(1, 2)
+    assert not do.is_contiguous()
+    return [torch.autograd.grad(o, x, do.to(o.dtype)) for o, x in zip(outs, inputs)]
+
+
+def check_strided_dense(backend, causal):
+    q, k, v, mask = strided_dense_inputs(17 + causal)
+    out = vf.attention(q, k, v, key_padding_mask=mask, causal=causal, backend=backend)
+    leaves = [x.detach().contiguous().requires_grad_(True) for x in (q, k, v)]
+    leaves64 = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    kw = dict(key_padding_mask=mask.contiguous(), causal=causal)
+    eager, exact = reference.attention(*leaves, **kw), reference.attention(*leaves64, **kw)
+    assert_close_2x(out, eager, exact, torch.float32, "out")
+    grads = _strided_grads((out, eager, exact), ((q, k, v), leaves, leaves64), 18)
+    for name, got, ea, ex in zip("qkv", *grads):
+        assert_close_2x(got, ea, ex, torch.float32, f"d{name}")
+
+
+def check_strided_varlen(backend, causal):
+    q, k, v, cu_q, cu_k, mq, mk = strided_varlen_inputs(19 + causal)
+    out = vf.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=causal, backend=backend)
+    leaves = [x.detach().contiguous().requires_grad_(True) for x in (q, k, v)]
+    leaves64 = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    args = (cu_q.contiguous(), cu_k.contiguous(), mq, mk)
+    eager = reference.attention_varlen(*leaves, *args, causal=causal)
+    exact = reference.attention_varlen(*leaves64, *args, causal=causal)
+    assert_close_2x(out, eager, exact, torch.float32, "out")
+    grads = _strided_grads((out, eager, exact), ((q, k, v), leaves, leaves64), 20)
+    for name, got, ea, ex in zip("qkv", *grads):
+        assert_close_2x(got, ea, ex, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", [*_cpu_backends("attention"), "auto"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_inputs_dense(backend, causal):
+    check_strided_dense(backend, causal)
+
+
+@pytest.mark.parametrize("backend", [*_cpu_backends("attention_varlen"), "auto"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_inputs_varlen(backend, causal):
+    check_strided_varlen(backend, causal)

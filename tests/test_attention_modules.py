@@ -26,7 +26,10 @@ HIDDEN, HQ, HKV, D = 128, 8, 2, 16
 
 def llama_config() -> transformers.LlamaConfig:
     config = transformers.LlamaConfig(
-        hidden_size=HIDDEN, num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D,
+        hidden_size=HIDDEN,
+        num_attention_heads=HQ,
+        num_key_value_heads=HKV,
+        head_dim=D,
         max_position_embeddings=131072,
         rope_parameters={"rope_theta": 500000.0, **rotary.LLAMA3_ROPE_SCALING},
     )
@@ -89,8 +92,12 @@ def test_predictor_attention_defaults_are_llama_3_2_1b():
     m = vf.nn.PredictorAttention(device="meta")
     assert (m.num_heads, m.num_kv_heads, m.head_dim, m.causal) == (32, 8, 64, False)
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
-    assert shapes == {"q_proj.weight": (2048, 2048), "k_proj.weight": (512, 2048),
-                      "v_proj.weight": (512, 2048), "o_proj.weight": (2048, 2048)}
+    assert shapes == {
+        "q_proj.weight": (2048, 2048),
+        "k_proj.weight": (512, 2048),
+        "v_proj.weight": (512, 2048),
+        "o_proj.weight": (2048, 2048),
+    }
 
 
 def test_predictor_attention_bad_arguments():
@@ -109,25 +116,187 @@ def test_predictor_attention_bad_arguments():
         m(torch.randn(2, 5, 64), key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_predictor_attention_compiles_fullgraph(with_mask):
-    """The forward traces as one graph (custom ops with fake kernels, no host syncs); its
-    backward runs through AOT autograd; both match eager."""
+@pytest.mark.parametrize(
+    "with_mask, with_positions", [(False, False), (True, False), (False, True)]
+)
+def test_predictor_attention_compiles_fullgraph(with_mask, with_positions):
+    """The forward traces as one graph (custom ops with fake kernels, no host syncs: the
+    position_ids value check stays out of it); its backward runs through AOT autograd; both
+    match eager."""
     torch._dynamo.reset()
     B, L = 2, 13
     m = vf.nn.PredictorAttention(64, 4, 2, 16)
     mask = padded(B, L, [13, 6]) if with_mask else None
+    positions = torch.randint(0, 1000, (B, L)) if with_positions else None
     x = torch.randn(B, L, 64)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     results = []
     for module in (compiled, m):
         xg = x.clone().requires_grad_()
-        out = module(xg, key_padding_mask=mask)
+        out = module(xg, key_padding_mask=mask, position_ids=positions)
         out.square().sum().backward()
         results.append((out.detach(), xg.grad, m.q_proj.weight.grad.clone()))
         m.zero_grad()
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"hidden_size": True}, "hidden_size"),
+        ({"hidden_size": 64.0}, "hidden_size"),
+        ({"hidden_size": "64"}, "hidden_size"),
+        ({"num_heads": 0}, "num_heads"),
+        ({"num_kv_heads": -2}, "num_kv_heads"),
+        ({"head_dim": 16.0}, "head_dim"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings"),
+        ({"max_position_embeddings": True}, "max_position_embeddings"),
+        ({"rope_theta": "500000"}, "rope_theta"),  # was parsed by float()
+        ({"rope_theta": True}, "rope_theta"),
+        ({"rope_theta": NAN}, "rope_theta"),
+        ({"rope_theta": INF}, "rope_theta"),
+        ({"rope_theta": 1.0}, "rope_theta"),
+        ({"rope_theta": None}, "rope_theta"),
+        ({"rope_scaling": "llama3"}, "rope_scaling"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+        ({"rope_scaling": {"rope_type": "llama3"}}, "rope_scaling"),  # was a KeyError
+        ({"rope_scaling": {**rotary.LLAMA3_ROPE_SCALING, "factor": "32"}}, "rope_scaling"),
+        ({"rope_scaling": {**rotary.LLAMA3_ROPE_SCALING, "factor": NAN}}, "rope_scaling"),
+        ({"rope_scaling": {**rotary.LLAMA3_ROPE_SCALING, "factor": 0.0}}, "rope_scaling"),
+        (
+            {"rope_scaling": {**rotary.LLAMA3_ROPE_SCALING, "high_freq_factor": 1.0}},
+            "rope_scaling",
+        ),  # high == low: a division by zero
+        ({"causal": "yes"}, "causal"),
+        ({"causal": 1}, "causal"),
+        ({"causal": None}, "causal"),
+        ({"backend": "nope"}, "backend"),
+        ({"backend": "cpu"}, "backend"),  # an InfoNCE / top-k backend, not an attention one
+        ({"backend": None}, "backend"),
+        ({"dtype": torch.int64}, "dtype"),
+        ({"dtype": "float32"}, "dtype"),
+        ({"device": "bogus"}, "device"),
+        ({"device": 1.5}, "device"),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, dict) else v,
+)
+def test_predictor_attention_constructor_refuses_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name}"):
+        vf.nn.PredictorAttention(
+            **{"hidden_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, **kwargs}
+        )
+
+
+def _same_weights(a, b):
+    b.load_state_dict(a.state_dict(), strict=True)
+    return a, b
+
+
+def test_predictor_attention_takes_numpy_ints_and_legacy_rope_scaling_keys():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 9, 64)
+    positions = torch.arange(5000, 5009)  # beyond 8192 / 4: where llama3 scaling matters
+    want_m = vf.nn.PredictorAttention(64, 4, 2, 16)
+    numpy_m = vf.nn.PredictorAttention(
+        np.int64(64), np.int32(4), np.int64(2), np.int64(16), causal=np.bool_(False)
+    )
+    assert type(numpy_m.hidden_size) is int and numpy_m.causal is False
+    legacy = {k if k != "rope_type" else "type": v for k, v in rotary.LLAMA3_ROPE_SCALING.items()}
+    legacy_m = vf.nn.PredictorAttention(64, 4, 2, 16, rope_scaling=legacy)  # was: plain RoPE
+    want = want_m(x, position_ids=positions)
+    for m in (numpy_m, legacy_m):
+        _same_weights(want_m, m)
+        torch.testing.assert_close(m(x, position_ids=positions), want, rtol=0, atol=0)
+    plain = _same_weights(want_m, vf.nn.PredictorAttention(64, 4, 2, 16, rope_scaling=None))[1]
+    assert not torch.allclose(plain(x, position_ids=positions), want)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda m: m(torch.randn(2, 5, 64, dtype=torch.float64)), "hidden"),  # was a matmul error
+        (lambda m: m(torch.randn(2, 5, 64, dtype=torch.bfloat16)), "hidden"),
+        (lambda m: m(torch.randn(2, 5, 64, device="meta")), "hidden"),
+        (lambda m: m(torch.randn(2, 0, 64)), "hidden"),
+        (lambda m: m(torch.randn(0, 5, 64)), "hidden"),
+        (lambda m: m([[[0.0] * 64]]), "hidden"),
+        (lambda m: m(torch.randn(2, 5, 64), position_ids=torch.arange(5.0)), "position_ids"),
+        (lambda m: m(torch.randn(2, 5, 64), position_ids=-torch.arange(5)), "position_ids"),
+        (lambda m: m(torch.randn(2, 5, 64), position_ids=torch.arange(5) + 4), "position_ids"),
+        (lambda m: m(torch.randn(2, 5, 64), position_ids=[0, 1, 2, 3, 4]), "position_ids"),
+        (
+            lambda m: m(torch.randn(2, 5, 64), position_ids=torch.ones(5, dtype=torch.bool)),
+            "position_ids",
+        ),
+        (
+            lambda m: m(torch.randn(2, 5, 64), position_ids=torch.arange(5, device="meta")),
+            "position_ids",
+        ),
+        (
+            lambda m: m(torch.randn(2, 5, 64), position_ids=torch.zeros(3, 5, dtype=torch.long)),
+            "position_ids",
+        ),
+    ],
+    ids=[
+        "hidden-float64",
+        "hidden-bfloat16",
+        "hidden-meta",
+        "hidden-L0",
+        "hidden-B0",
+        "hidden-list",
+        "positions-float",
+        "positions-negative",
+        "positions-too-large",
+        "positions-list",
+        "positions-bool",
+        "positions-meta",
+        "positions-shape",
+    ],
+)
+def test_predictor_attention_forward_refuses_bad_arguments(call, name):
+    m = vf.nn.PredictorAttention(64, 4, 2, 16, max_position_embeddings=8)
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        call(m)
+
+
+def test_predictor_attention_under_autocast_takes_the_autocast_dtype():
+    """The dtype check stands aside under torch.autocast, where the projections cast."""
+    m = vf.nn.PredictorAttention(64, 4, 2, 16)
+    x = torch.randn(2, 5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x.bfloat16())
+        want = m(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_predictor_attention_position_ids_any_integer_dtype_and_the_last_position():
+    m = vf.nn.PredictorAttention(64, 4, 2, 16, max_position_embeddings=8)
+    x = torch.randn(2, 5, 64)
+    want = m(x, position_ids=torch.arange(3, 8))  # 7 = max_position_embeddings - 1
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        got = m(x, position_ids=torch.arange(3, 8, dtype=dtype)[None].expand(2, 5))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_predictor_attention_backend_reaches_rotary(monkeypatch):
+    """backend="reference" runs the eager rotary too (the model layers' convention)."""
+    seen = []
+    real = vf.nn.apply_rotary
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("backend", "auto"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vf.nn, "apply_rotary", spy)
+    x = torch.randn(1, 3, 64)
+    vf.nn.PredictorAttention(64, 4, 2, 16, backend="reference")(x)
+    vf.nn.PredictorAttention(64, 4, 2, 16, backend="sdpa")(x)
+    assert seen == ["reference", "auto"]
 
 
 # ------------------------------------------------------------------------ peer backends
@@ -181,8 +350,10 @@ def test_xformers_supports_refuses_what_it_cannot_do():
     cu_q = torch.tensor([0, 3, 5], dtype=torch.int32)
     cu_k = torch.tensor([0, 4, 4], dtype=torch.int32)
     vq, vk = q.reshape(-1, 4, 64)[:5], k.reshape(-1, 2, 64)[:4]
-    assert any("no key" in r for r in attention_peers.xformers_varlen_supports(
-        vq, vk, vk, cu_q, cu_k, 3, 4))
+    assert any(
+        "no key" in r
+        for r in attention_peers.xformers_varlen_supports(vq, vk, vk, cu_q, cu_k, 3, 4)
+    )
 
 
 @pytest.mark.gpu

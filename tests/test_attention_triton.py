@@ -5,16 +5,23 @@ multiples of any block, forward (out, lse) and backward (dq, dk, dv). A low-prec
 when its error is at most 2x the error of the same eager attention run in that dtype, plus a
 floor. Every buffer the launchers allocate is NaN-poisoned, and padded keys hold NaN, so an
 unwritten element or a read past a sequence's keys cannot pass.
-compile: the kernels compiled ahead of time for sm_80 and sm_90 (no GPU).
+Memory safety (interpret): strided offsets, offsets past the tensors and strided inputs, with
+inputs inside NaN margins and outputs inside guarded margins, so that a kernel touching memory
+outside its tensors fails the test instead of corrupting the heap.
+compile: the kernels compiled ahead of time for sm_80 and sm_90 (no GPU), both offset widths.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from torch import Tensor
 from vljepa_fast._kernels import attention as attn
 from vljepa_fast._kernels._common import aot_compile, pointer_type
+
+from tests.test_attention import check_strided_dense, check_strided_varlen, nan_margins
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
@@ -238,6 +245,152 @@ def test_no_key_rows_are_zero(poisoned):
     assert torch.isfinite(out[1]).all() and torch.isfinite(lse[1]).all()
 
 
+# ---------------------------------------------------------------------------------------------
+# memory safety: offsets, strides, sizes
+# ---------------------------------------------------------------------------------------------
+
+
+class Guarded:
+    """Floating tensors from torch.empty / empty_like are NaN-filled views into the middle of a
+    larger NaN buffer, margins at least 4096 elements on both sides: a kernel writing past its
+    output lands in a margin (detected by :meth:`check`) instead of corrupting the heap."""
+
+    def __init__(self) -> None:
+        self.buffers: list[tuple[Tensor, int, int]] = []
+
+    def alloc(self, shape, dtype, device) -> Tensor:
+        n = math.prod(shape)
+        pad = max(4096, n)
+        buf = torch.full((n + 2 * pad,), float("nan"), dtype=dtype, device=device)
+        self.buffers.append((buf, pad, n))
+        return buf[pad : pad + n].view(shape)
+
+    def check(self) -> None:
+        assert self.buffers, "the launchers allocated nothing through torch.empty"
+        for buf, pad, n in self.buffers:
+            for margin in (buf[:pad], buf[pad + n :]):
+                assert margin.isnan().all(), f"a kernel wrote outside a {n}-element output"
+
+
+@pytest.fixture
+def guarded(monkeypatch) -> Guarded:
+    g = Guarded()
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*size, dtype=None, device=None, **kw):
+        dtype = dtype or torch.get_default_dtype()
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
+        if kw or not dtype.is_floating_point:
+            return real_empty(*size, dtype=dtype, device=device, **kw)
+        return g.alloc(shape, dtype, device)
+
+    def empty_like(t, *, dtype=None, device=None, **kw):
+        dtype = dtype or t.dtype
+        if kw or not dtype.is_floating_point:
+            return real_empty_like(t, dtype=dtype, device=device, **kw)
+        return g.alloc(tuple(t.shape), dtype, device or t.device)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    return g
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("causal", [False, True])
+def test_backend_strided_varlen_cu_seqlens(guarded, causal):
+    """vf.attention_varlen(backend="triton") with strided cu_seqlens (a column of a 2-D tensor)
+    and offset/strided q, k, v: equal to the reference, nothing written outside the outputs
+    (regression: the kernel read the cu buffer as contiguous, computed wrong values and wrote
+    past the end of the output; the margins make that a failure, not heap corruption)."""
+    check_strided_varlen("triton", causal)
+    guarded.check()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("causal", [False, True])
+def test_backend_strided_dense(guarded, causal):
+    """vf.attention(backend="triton") with offset/strided q, k, v and a non-contiguous
+    key_padding_mask."""
+    check_strided_dense("triton", causal)
+    guarded.check()
+
+
+@pytest.mark.interpret
+def test_offsets_out_of_range_stay_inside(guarded):
+    """Offsets no validation would pass (cu_seqlens past the totals, seqlens_k < 0 or > S)
+    given to the launchers directly: the kernels clamp every sequence to the tensors, so nothing
+    outside them is read (inputs sit in NaN margins) or written (outputs in guarded margins)."""
+    D, scale = 32, 32**-0.5
+    g = torch.Generator().manual_seed(21)
+    # varlen: totals 7 and 8; the last sequence claims rows up to 30 and 40
+    q, k, v = (nan_margins(torch.randn(n, h, D, generator=g)) for n, h in ((7, 4), (8, 2), (8, 2)))
+    do = torch.randn(7, 4, D, generator=g)
+    bad = dict(
+        cu_seqlens_q=torch.tensor([0, 3, 30], dtype=torch.int32),
+        cu_seqlens_k=torch.tensor([0, 5, 40], dtype=torch.int32),
+        max_seqlen_q=30, max_seqlen_k=40, scale=scale,
+    )
+    out, lse = attn.attention_forward(q, k, v, **bad)
+    grads = attn.attention_backward(do, q, k, v, out, lse, **bad)
+    want = eager_attention_varlen(q, k, v, [0, 3, 7], [0, 5, 8], causal=False, scale=scale)
+    torch.testing.assert_close(out, want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want[1], rtol=1e-5, atol=1e-5)
+    for got in grads:
+        assert torch.isfinite(got).all(), "a kernel read outside its inputs (NaN margins)"
+    # dense: lengths below 0 and above S
+    q, k, v = (nan_margins(torch.randn(2, 5, h, D, generator=g)) for h in (2, 2, 2))
+    seqlens = torch.tensor([-3, 100], dtype=torch.int32)
+    out, lse = attn.attention_forward(q, k, v, seqlens_k=seqlens, scale=scale)
+    grads = attn.attention_backward(torch.randn_like(out), q, k, v, out, lse, seqlens_k=seqlens,
+                                    scale=scale)
+    want = eager_attention(q, k, v, seqlens_k=torch.tensor([0, 5]), causal=False, scale=scale)
+    torch.testing.assert_close(out, want[0], rtol=1e-5, atol=1e-5)
+    for got in grads:
+        assert torch.isfinite(got).all()
+    guarded.check()
+
+
+@pytest.mark.interpret
+def test_launchers_check_offset_tensors():
+    """Offsets of the wrong size or dtype are refused (the kernels index them blindly); strided
+    ones are copied (seqlens_k as a column of a 2-D tensor gives the same result)."""
+    q, k = torch.randn(2, 5, 2, 32), torch.randn(2, 6, 2, 32)
+    with pytest.raises(ValueError, match="seqlens_k: expected a 1-D int32 tensor of 2 entries"):
+        attn.attention_forward(q, k, k, seqlens_k=torch.tensor([3], dtype=torch.int32), scale=1.0)
+    with pytest.raises(ValueError, match="seqlens_k: expected a 1-D int32"):
+        attn.attention_forward(q, k, k, seqlens_k=torch.tensor([3, 4]), scale=1.0)
+    lengths = torch.tensor([[3, 99], [6, 99]], dtype=torch.int32)[:, 0]
+    got, _ = attn.attention_forward(q, k, k, seqlens_k=lengths, scale=0.2)
+    want, _ = attn.attention_forward(q, k, k, seqlens_k=lengths.contiguous(), scale=0.2)
+    assert torch.equal(got, want)
+    qv, kv = torch.randn(5, 2, 32), torch.randn(6, 2, 32)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_k: expected a 1-D int32 tensor of 2 entries"):
+        attn.attention_forward(qv, kv, kv, cu_seqlens_q=cu, max_seqlen_q=5, max_seqlen_k=6,
+                               cu_seqlens_k=torch.tensor([0, 3, 6], dtype=torch.int32), scale=1.0)
+    with pytest.raises(ValueError, match="v: shape"):
+        attn.attention_forward(q, k, k[:, :5], scale=1.0)
+    out, lse = attn.attention_forward(q, k, k, scale=1.0)
+    with pytest.raises(ValueError, match="lse: expected float32"):
+        attn.attention_backward(out, q, k, k, out, lse[:, :, :4], scale=1.0)
+
+
+def test_row64_only_for_huge_offsets():
+    """int64 in-sequence offsets exactly when an offset inside one batch entry can pass int32
+    (a meta tensor: nothing is allocated)."""
+    small = torch.empty(2, 1024, 32, 64, device="meta")
+    lse = torch.empty(2, 32, 1024, device="meta")
+    assert not attn._row64(False, lse, small)
+    rows = 2**31 // (32 * 64)  # one sequence of 2**31 elements
+    huge = torch.empty(1, rows, 32, 64, device="meta")
+    assert attn._row64(False, torch.empty(1, 32, rows, device="meta"), huge)
+    # a transposed view: the head stride is what grows
+    heads = torch.empty(1, 32, rows, 64, device="meta").transpose(1, 2)
+    assert attn._row64(False, torch.empty(1, 32, rows, device="meta"), heads)
+    # varlen lse [Hq, total_q] of more than 2**31 entries
+    assert attn._row64(True, torch.empty(64, 2**26, device="meta"), small[0])
+
+
 @pytest.mark.interpret
 @pytest.mark.parametrize(
     "shapes, match",
@@ -313,6 +466,28 @@ def _divisible_by_16(kernel, signature: dict[str, str]) -> list[str]:
 )
 def test_compiles(which, arch, D, dtype):
     """The predictor's case (GQA 4:1, key padding, bidirectional) compiles without spills."""
+    check_compiles(which, arch, D, dtype, row64=False)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize(
+    "which, arch, D, dtype",
+    [
+        ("fwd", 90, 64, torch.bfloat16),
+        ("dq", 90, 64, torch.bfloat16),
+        ("dkdv", 90, 64, torch.bfloat16),
+        ("fwd", 80, 64, torch.float16),
+        ("dkdv", 80, 128, torch.bfloat16),
+    ],
+    ids=lambda x: str(x).replace("torch.", ""),
+)
+def test_compiles_row64(which, arch, D, dtype):
+    """The int64-offset variant (inputs of over 2**31 elements per batch entry) compiles without
+    spills and keeps wgmma on 16-bit inputs too."""
+    check_compiles(which, arch, D, dtype, row64=True)
+
+
+def check_compiles(which, arch, D, dtype, *, row64):
     kernel, table = _KERNELS[which]
     cfg = attn._config(table, D, dtype, False)
     heads = {"HKV": 8} if which == "dkdv" else {"H": 32}
@@ -328,6 +503,7 @@ def test_compiles(which, arch, D, dtype):
         CAUSAL=False,
         INTERPRET=False,
         DOT_PRECISION=attn._dot_precision(dtype),
+        ROW64=row64,
         cu_seqlens_q=None,
         cu_seqlens_k=None,
     )

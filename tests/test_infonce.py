@@ -4,7 +4,9 @@ single-process loss over the full batch, and torch.compile(fullgraph=True) over 
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
 
 import pytest
@@ -107,6 +109,177 @@ def test_bad_tensors():
         vf.infonce_loss(torch.randn(4), torch.randn(4))
 
 
+# ------------------------------------------------------------------------------ strides
+
+#: every backend that serves CPU tensors here, Triton through its interpreter
+ALL_CPU = _cpu_backends() + [pytest.param("triton", marks=pytest.mark.interpret)]
+
+# Views of a fresh leaf: (leaf shape, view). Each gives an [N, D] = [6, 9] tensor that is not
+# contiguous (or, for "offset", starts inside its storage).
+LAYOUTS = {
+    "transposed": ((9, 6), lambda x: x.T),
+    "step": ((12, 9), lambda x: x[::2]),
+    "expanded": ((1, 9), lambda x: x.expand(6, 9)),
+    "offset": ((60,), lambda x: x[3 : 3 + 54].view(6, 9)),
+    "columns": ((6, 20), lambda x: x[:, 5:14]),
+}
+
+
+@pytest.mark.parametrize("backend", ALL_CPU)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_any_strides_match_float64(backend, layout, symmetric):
+    """Non-contiguous, transposed, expanded (stride 0) and offset inputs: every backend serves
+    them (the fused ones copy), values and gradients of the leaves against float64."""
+    _check_strides(backend, layout, symmetric, "cpu")
+
+
+def _check_strides(backend, layout, symmetric, device):
+    shape, view = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(len(layout) * 7 + symmetric)
+    leaves = [torch.randn(shape, generator=g).to(device).requires_grad_(True) for _ in range(2)]
+    tau = torch.tensor(0.1, device=device, requires_grad=True)
+    w = torch.randn(6, generator=g)
+
+    def run(be, p_leaf, t_leaf, temp):
+        p, t = view(p_leaf), view(t_leaf)
+        assert p.shape == (6, 9) and t.shape == (6, 9)
+        loss = vf.infonce_loss(
+            p, t, temperature=temp, symmetric=symmetric, reduction="none", backend=be
+        )
+        return loss, torch.autograd.grad((loss * w.to(loss)).sum(), (p_leaf, t_leaf, temp))
+
+    assert not view(leaves[0]).is_contiguous() or layout == "offset"
+    loss, grads = run(backend, *leaves, tau)
+    eager, egrads = run("reference", *leaves, tau)
+    x64 = [x.detach().double().requires_grad_(True) for x in (*leaves, tau)]
+    exact, xgrads = run("reference", *x64)
+    assert_close_2x(loss, eager, exact, torch.float32, "loss")
+    for got, ea, ex, name in zip(grads, egrads, xgrads, ("dpred", "dtarget", "dtemperature")):
+        assert_close_2x(got, ea, ex, torch.float32, name)
+
+
+def test_auto_serves_non_contiguous_on_cpu():
+    """auto never fails on CPU for inputs the reference serves (it raised 'a must be
+    contiguous')."""
+    p, t = torch.randn(9, 6).T, torch.randn(12, 9)[::2]
+    want = reference.infonce_loss(p.double(), t.double())
+    torch.testing.assert_close(vf.infonce_loss(p, t).double(), want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ temperature
+
+TAU_MIN = 2.0**-60  # vljepa_fast.ops.infonce.MIN_TEMPERATURE
+BELOW = [
+    math.nextafter(TAU_MIN, 0.0),
+    1e-39,  # 1/temperature is infinite in float32: NaN (reference), "scale" error (cpu) before
+    5e-324,
+    torch.tensor(1e-39),  # a float32 subnormal
+    torch.tensor(math.nextafter(TAU_MIN, 0.0), dtype=torch.float64),
+    torch.tensor(2.0**-61, dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("backend", ALL_CPU)
+@pytest.mark.parametrize("temperature", BELOW, ids=str)
+def test_temperature_below_range_is_refused(backend, temperature):
+    p, t = _inputs(4, 3)
+    with pytest.raises(ValueError, match=r"temperature: expected a positive finite value >= 2\*"):
+        vf.infonce_loss(p, t, temperature=temperature, backend=backend)
+
+
+def test_ops_min_temperature_is_the_documented_bound():
+    from vljepa_fast.ops import infonce as ops
+
+    assert ops.MIN_TEMPERATURE == TAU_MIN
+
+
+@pytest.mark.parametrize("backend", ALL_CPU)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_smallest_temperature_is_served(backend, as_tensor, normalize):
+    """At temperature = 2**-60 (|logits| up to 2**60) every backend stays finite and matches
+    float64: the loss, the input gradients and a float32 tensor temperature's gradient."""
+    _check_smallest_temperature(backend, as_tensor, normalize, "cpu")
+
+
+def _check_smallest_temperature(backend, as_tensor, normalize, device):
+    p, t = _inputs(8, 5, seed=31, device=device)
+    tau = torch.tensor(TAU_MIN, device=device, requires_grad=True) if as_tensor else TAU_MIN
+    loss, grads = _run(backend, p, t, tau, normalize=normalize)
+    eager, egrads = _run("reference", p, t, tau, normalize=normalize)
+    p64, t64 = (x.detach().double().requires_grad_(True) for x in (p, t))
+    tau64 = (
+        torch.tensor(TAU_MIN, dtype=torch.float64, device=device, requires_grad=True)
+        if as_tensor
+        else tau
+    )
+    exact, xgrads = _run("reference", p64, t64, tau64, normalize=normalize)
+    assert exact.abs() > 2.0**50, "the case no longer has huge logits"
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert_close_2x(loss, eager, exact, torch.float32, "loss")
+    for got, ea, ex, name in zip(grads, egrads, xgrads, ("dpred", "dtarget", "dtemperature")):
+        assert_close_2x(got, ea, ex, torch.float32, name)
+
+
+# ------------------------------------------------------------------------------ NaN rule
+
+# (tensor, row, column, value): one non-finite entry planted in pred or target
+NONFINITE = {
+    "nan_pred": (0, 2, 3, float("nan")),
+    "inf_pred": (0, 1, 0, float("inf")),
+    "nan_target": (1, 4, 5, float("nan")),
+    "neginf_target": (1, 3, 2, float("-inf")),
+}
+
+
+@pytest.mark.parametrize("backend", ALL_CPU)
+@pytest.mark.parametrize("case", NONFINITE)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_nan_rule(backend, case, symmetric, normalize):
+    """NaN / Inf propagate (functional.infonce_loss, NaN rule): the per-row terms that are
+    non-finite are exactly the float64 reference's, the others match it, and mean/sum are
+    non-finite."""
+    _check_nan_rule(backend, case, symmetric, normalize, "cpu")
+
+
+def _check_nan_rule(backend, case, symmetric, normalize, device):
+    which, row, col, value = NONFINITE[case]
+    g = torch.Generator().manual_seed(len(case))
+    x = [torch.randn(7, 6, generator=g) for _ in range(2)]
+    x[which][row, col] = value
+    x = [y.to(device) for y in x]
+    kw = dict(symmetric=symmetric, normalize=normalize)
+    got = vf.infonce_loss(*x, reduction="none", backend=backend, **kw)
+    want = reference.infonce_loss(*(y.double() for y in x), reduction="none", **kw)
+    got, want = got.cpu(), want.cpu()
+    finite = torch.isfinite(want)
+    assert not finite.all(), "the case no longer produces a non-finite term"
+    assert torch.equal(torch.isfinite(got), finite), f"{got} vs {want}"
+    torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-5, atol=1e-5)
+    for reduction in ("mean", "sum"):
+        total = vf.infonce_loss(*x, reduction=reduction, backend=backend, **kw)
+        assert not torch.isfinite(total), reduction
+
+
+GPU_BACKENDS = [b.name for b in _backends.records("infonce_loss") if "cuda" in b.devices]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_strides_temperature_and_nan_rule(backend):
+    """The CUDA-side backends under the same three contracts as the CPU ones above."""
+    for layout in LAYOUTS:
+        _check_strides(backend, layout, True, "cuda")
+    for as_tensor in (False, True):
+        _check_smallest_temperature(backend, as_tensor, True, "cuda")
+    for case in NONFINITE:
+        for symmetric in (True, False):
+            for normalize in (True, False):
+                _check_nan_rule(backend, case, symmetric, normalize, "cuda")
+
+
 # ------------------------------------------------------------------------------ distributed
 
 
@@ -116,74 +289,146 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, backend, reduction, symmetric, out_q):
+D_DIST = 7
+
+
+def _global_batch(total: int):
+    g = torch.Generator().manual_seed(100 + total)
+    return (torch.randn(total, D_DIST, generator=g, dtype=torch.float64) for _ in range(2))
+
+
+def _worker(rank, sizes, dims, port, backend, reduction, symmetric, out_q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=len(sizes))
     try:
-        torch.manual_seed(0)
-        n, D = 5, 7
-        P = torch.randn(world * n, D, dtype=torch.float64)
-        T = torch.randn(world * n, D, dtype=torch.float64)
-        p = P[rank * n : (rank + 1) * n].float().clone().requires_grad_(True)
-        t = T[rank * n : (rank + 1) * n].float().clone().requires_grad_(True)
+        P, T = _global_batch(sum(sizes))
+        start = sum(sizes[:rank])
+        rows, d = slice(start, start + sizes[rank]), dims[rank]
+        p = P[rows, :d].float().clone().requires_grad_(True)
+        t = T[rows, :d].float().clone().requires_grad_(True)
         tau = torch.tensor(0.1, requires_grad=True)
-        loss = vf.infonce_loss(
-            p,
-            t,
-            temperature=tau,
-            symmetric=symmetric,
-            reduction=reduction,
-            group=dist.group.WORLD,
-            backend=backend,
-        )
-        target = loss.mean() if reduction == "none" else loss
-        gp, gt, gtau = torch.autograd.grad(target, (p, t, tau))
+        try:
+            loss = vf.infonce_loss(
+                p,
+                t,
+                temperature=tau,
+                symmetric=symmetric,
+                reduction=reduction,
+                group=dist.group.WORLD,
+                backend=backend,
+            )
+        except ValueError as e:
+            out_q.put((rank, "ValueError", str(e)))
+            return
+        objective = loss.mean() if reduction == "none" else loss
+        gp, gt, gtau = torch.autograd.grad(objective, (p, t, tau))
         # numpy arrays travel by value (tensors would need the sender alive: shared memory)
         out_q.put((rank, *(x.detach().numpy() for x in (loss, gp, gt, gtau))))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", _cpu_backends())
-@pytest.mark.parametrize(
-    "world,reduction,symmetric",
-    [(2, "mean", True), (2, "none", True), (3, "sum", True), (3, "mean", False)],
-)
-def test_distributed_gloo_matches_single_process(world, backend, reduction, symmetric):
+def _spawn(sizes, backend, reduction="mean", symmetric=True, dims=None):
+    world = len(sizes)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, port, backend, reduction, symmetric, q))
-        for r in range(world)
-    ]
+    args = (sizes, dims or [D_DIST] * world, port, backend, reduction, symmetric, q)
+    procs = [ctx.Process(target=_worker, args=(r, *args)) for r in range(world)]
     for pr in procs:
         pr.start()
-    results = sorted((q.get(timeout=120) for _ in range(world)), key=lambda r: r[0])
-    results = [(r[0], *(torch.from_numpy(x) for x in r[1:])) for r in results]
+    results = sorted((q.get(timeout=180) for _ in range(world)), key=lambda r: r[0])
     for pr in procs:
         pr.join(timeout=60)
         assert pr.exitcode == 0
-    torch.manual_seed(0)
-    n, D = 5, 7
-    P = torch.randn(world * n, D, dtype=torch.float64).requires_grad_(True)
-    T = torch.randn(world * n, D, dtype=torch.float64).requires_grad_(True)
+    return results
+
+
+def _expected(sizes, reduction, symmetric):
+    """What each rank must receive (ops/infonce.py module doc), from the single-process float64
+    loss over the full batch: per rank (value, dpred rows, dtarget rows, dtemperature), and the
+    DDP average of the temperature gradients."""
+    world, total = len(sizes), sum(sizes)
+    P, T = (x.requires_grad_(True) for x in _global_batch(total))
     tau = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    full = reference.infonce_loss(P, T, temperature=tau, symmetric=symmetric, reduction=reduction)
-    # "none": each rank's local mean is world x its share of the global mean (module doc)
-    objective = full.mean() if reduction == "none" else full
-    gP, gT, gtau = torch.autograd.grad(objective, (P, T, tau))
+    per_row = reference.infonce_loss(P, T, temperature=tau, symmetric=symmetric, reduction="none")
+    starts = [sum(sizes[:r]) for r in range(world)]
+    rows = [slice(s, s + n) for s, n in zip(starts, sizes)]
+    if reduction == "none":
+        # each rank takes the mean of its own rows; gradients are those of their sum over ranks
+        own = [per_row[r].mean() for r in rows]
+        objective = sum(own)
+        values = [per_row[r] for r in rows]
+    else:
+        full = per_row.mean() if reduction == "mean" else per_row.sum()
+        # L_r: the terms of rank r's rows of L; every gradient is world_size x its share
+        own = [world * per_row[r].sum() / (total if reduction == "mean" else 1) for r in rows]
+        objective = world * full
+        values = [full] * world
+    gP, gT = torch.autograd.grad(objective, (P, T), retain_graph=True)
+    gtau = [torch.autograd.grad(o, tau, retain_graph=True)[0] for o in own]
+    ddp_tau = torch.autograd.grad(objective / world, tau)[0]
+    want = [(v.detach(), gP[r], gT[r], gt) for v, r, gt in zip(values, rows, gtau)]
+    return want, ddp_tau
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize(
+    "sizes,reduction,symmetric",
+    [
+        ([5, 5], "mean", True),
+        ([5, 5], "none", True),
+        ([5, 5, 5], "sum", True),
+        ([5, 5, 5], "mean", False),
+        # unequal local batches (gloo aborted with "Received data size doesn't match")
+        ([3, 5], "mean", True),
+        ([3, 5], "none", True),
+        ([2, 6, 1], "sum", True),
+        ([2, 6, 1], "mean", False),
+        ([4, 1, 3], "none", False),
+    ],
+    ids=str,
+)
+def test_distributed_gloo_matches_single_process(sizes, backend, reduction, symmetric):
+    _check_distributed(sizes, backend, reduction, symmetric)
+
+
+@pytest.mark.interpret
+def test_distributed_gloo_triton_unequal_sizes():
+    _check_distributed([3, 5], "triton", "mean", True)
+
+
+def _check_distributed(sizes, backend, reduction, symmetric):
+    results = _spawn(sizes, backend, reduction, symmetric)
+    assert all(len(r) == 5 for r in results), results
+    want, ddp_tau = _expected(sizes, reduction, symmetric)
     tol = dict(rtol=1e-5, atol=1e-5)
-    for rank, loss, gp, gt, _ in results:
-        rows = slice(rank * n, (rank + 1) * n)
-        if reduction == "none":
-            torch.testing.assert_close(loss.double(), full[rows].detach(), **tol)
-        else:
-            torch.testing.assert_close(loss.double(), full.detach(), **tol)
-        torch.testing.assert_close(gp.double(), world * gP[rows], **tol)
-        torch.testing.assert_close(gt.double(), world * gT[rows], **tol)
-    # DDP averages the replicated temperature's gradient over ranks: that mean must be exact
-    torch.testing.assert_close(sum(r[4] for r in results).double() / world, gtau, **tol)
+    for (rank, *got), exp in zip(results, want):
+        for name, g, e in zip(("loss", "dpred", "dtarget", "dtemperature"), got, exp):
+            g = torch.from_numpy(g).double()
+            where = f"rank {rank} {name}"
+            torch.testing.assert_close(g, e, **tol, msg=lambda m, where=where: f"{where}: {m}")
+    # DDP averages gradients over ranks: the replicated temperature's mean is the exact one
+    mean_tau = sum(torch.from_numpy(r[4]).double() for r in results) / len(sizes)
+    torch.testing.assert_close(mean_tau, ddp_tau, **tol)
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize(
+    "sizes,dims,match",
+    [
+        ([3, 0], None, "pred: expected at least one row on every rank of group, got local"),
+        ([2, 0, 4], None, "pred: expected at least one row on every rank"),
+        ([3, 3], [D_DIST, D_DIST - 1], "pred: expected the same feature size D on every rank"),
+    ],
+    ids=str,
+)
+def test_distributed_mismatch_raises_on_every_rank(backend, sizes, dims, match):
+    """A rank-dependent problem raises the same ValueError on every rank (no hang or abort)."""
+    results = _spawn(sizes, backend, dims=dims)
+    messages = {r[2] for r in results if r[1] == "ValueError"}
+    assert len(messages) == 1 and all(r[1] == "ValueError" for r in results), results
+    assert re.search(match, messages.pop())
 
 
 # ------------------------------------------------------------------------------ compile

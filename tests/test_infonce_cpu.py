@@ -157,6 +157,99 @@ def test_no_n_by_m_buffer():
     assert all(torch.isfinite(t).all() for t in grads)
 
 
+# Direct calls through torch.ops.vljepa_fast: every argument the schema accepts but the kernel
+# cannot serve gets a RuntimeError naming it, never a read outside a tensor. Offsets near 2**63
+# used to pass the range check by signed overflow (n + offset wrapped around).
+_N, _M, _D = 5, 7, 4
+FWD_BAD = {
+    "offset_wraps": (dict(offset=2**63 - 3), "offset must be in"),
+    "offset_max": (dict(offset=2**63 - 1), "offset must be in"),
+    "offset_min": (dict(offset=-(2**63)), "offset must be in"),
+    "offset_negative": (dict(offset=-1), "offset must be in"),
+    "offset_past_m_minus_n": (dict(offset=_M - _N + 1), "offset must be in"),
+    "b_fewer_rows": (dict(b=torch.randn(_N - 1, _D)), "offset must be in"),
+    "b_dtype": (dict(b=torch.randn(_M, _D).double()), "must match a dtype"),
+    "float64": (dict(a=torch.randn(_N, _D).double(), b=torch.randn(_M, _D).double()), "float32"),
+    "int": (dict(a=torch.ones(_N, _D, dtype=torch.int32), b=torch.ones(_M, _D, dtype=torch.int32)),
+            "float32, float16 or bfloat16"),
+    "feature_size": (dict(b=torch.randn(_M, _D + 1)), "same feature size"),
+    "no_features": (dict(a=torch.randn(_N, 0), b=torch.randn(_M, 0)), "at least one feature"),
+    "no_rows": (dict(a=torch.randn(0, _D)), "at least one row"),
+    "a_1d": (dict(a=torch.randn(_D)), "a must be 2-D"),
+    "b_3d": (dict(b=torch.randn(1, _M, _D)), "b must be 2-D"),
+    "a_transposed": (dict(a=torch.randn(_D, _N).T), "a must be contiguous"),
+    "b_step": (dict(b=torch.randn(2 * _M, _D)[::2]), "b must be contiguous"),
+    "b_expanded": (dict(b=torch.randn(1, _D).expand(_M, _D)), "b must be contiguous"),
+    "scale_two": (dict(scale=torch.ones(2)), "scale must be a one-element floating"),
+    "scale_int": (dict(scale=torch.tensor(10)), "scale must be a one-element floating"),
+    "scale_inf": (dict(scale=torch.tensor(float("inf"))), "scale must be finite"),
+    "scale_nan": (dict(scale=torch.tensor(float("nan"))), "scale must be finite"),
+    "b_meta": (dict(b=torch.randn(_M, _D, device="meta")), "all tensors must be on one device"),
+    "scale_meta": (dict(scale=torch.ones((), device="meta")), "all tensors must be on one device"),
+}  # fmt: skip
+
+
+def _fwd_args(**kw):
+    args = dict(a=torch.randn(_N, _D), b=torch.randn(_M, _D), scale=torch.tensor(10.0), offset=2)
+    args.update(kw)
+    return args
+
+
+@pytest.mark.parametrize("case", FWD_BAD)
+def test_bad_forward_calls_raise(case):
+    kw, match = FWD_BAD[case]
+    x = _fwd_args(**kw)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.vljepa_fast.infonce_fwd(x["a"], x["b"], x["scale"], x["offset"], True, True)
+    lse, g = torch.randn(x["a"].shape[0]), torch.randn(x["a"].shape[0])
+    with pytest.raises(RuntimeError, match=match):  # the backward checks the same arguments
+        torch.ops.vljepa_fast.infonce_bwd(
+            x["a"], x["b"], x["scale"], x["offset"], True, lse, None, g, None
+        )
+
+
+@pytest.mark.parametrize("case", ["offset_wraps", "offset_negative", "b_dtype", "a_transposed"])
+def test_meta_kernels_check_like_the_cpu_kernels(case):
+    """FakeTensor tracing (torch.compile) refuses what an eager call refuses."""
+    kw, match = FWD_BAD[case]
+    x = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in _fwd_args(**kw).items()}
+    if case == "a_transposed":
+        x["a"] = torch.empty(_D, _N, device="meta").T
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.vljepa_fast.infonce_fwd(x["a"], x["b"], x["scale"], x["offset"], True, True)
+
+
+BWD_BAD = {
+    "row_lse_short": (dict(row_lse=torch.randn(_N - 1)), "row_lse must be a floating \\[5\\]"),
+    "row_lse_2d": (dict(row_lse=torch.randn(_N, 1)), "row_lse must be a floating"),
+    "g_row_int": (dict(g_row=torch.ones(_N, dtype=torch.int64)), "g_row must be a floating"),
+    "g_row_long": (dict(g_row=torch.randn(_N + 1)), "g_row must be a floating \\[5\\]"),
+    "col_lse_missing": (dict(col_lse=None), "col_lse is required"),
+    "col_lse_short": (dict(col_lse=torch.randn(_M - 1)), "col_lse must be a floating \\[7\\]"),
+    "g_col_short": (dict(g_col=torch.randn(_N)), "g_col must be a floating \\[7\\]"),
+    "g_row_meta": (dict(g_row=torch.randn(_N, device="meta")), "all tensors must be on one"),
+    "row_lse_meta": (dict(row_lse=torch.randn(_N, device="meta")), "all tensors must be on one"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BWD_BAD)
+def test_bad_backward_vectors_raise(case):
+    kw, match = BWD_BAD[case]
+    x = _fwd_args(offset=0)
+    v = dict(row_lse=torch.randn(_N), col_lse=torch.randn(_M), g_row=torch.randn(_N),
+             g_col=torch.randn(_M))  # fmt: skip
+    v.update(kw)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.vljepa_fast.infonce_bwd(
+            x["a"], x["b"], x["scale"], 0, True, v["row_lse"], v["col_lse"], v["g_row"], v["g_col"]
+        )
+
+
+def test_largest_offset_is_served():
+    """offset = M - N, the boundary of the fixed check, still runs and matches float64."""
+    _check(_N, _M, _D, _M - _N, torch.float32, True, True, seed=21)
+
+
 @pytest.mark.parametrize(
     "call,match",
     [

@@ -212,3 +212,67 @@ def test_public_loss_with_learnable_temperature(cuda_lib, symmetric):
     torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
     for got, exp in zip(grads, want_grads):
         torch.testing.assert_close(got.double(), exp, atol=1e-6, rtol=1e-4)
+
+
+def _bad_args(case):
+    """The arguments of one CUDA_BAD case, made at run time (no CUDA call at collection)."""
+    cu = dict(device="cuda")
+    args = dict(
+        a=torch.randn(5, 4, **cu),
+        b=torch.randn(7, 4, **cu),
+        scale=torch.tensor(10.0, **cu),
+        offset=2,
+        row_lse=torch.randn(5, **cu),
+        g_row=torch.randn(5, **cu),
+    )
+    bad = {
+        "offset_wraps": dict(offset=2**63 - 3),
+        "offset_max": dict(offset=2**63 - 1),
+        "offset_min": dict(offset=-(2**63)),
+        "offset_negative": dict(offset=-1),
+        "offset_past": dict(offset=3),
+        "a_transposed": dict(a=torch.randn(4, 5, **cu).T),
+        "b_expanded": dict(b=torch.randn(1, 4, **cu).expand(7, 4)),
+        "b_cpu": dict(b=torch.randn(7, 4)),
+        "float64": dict(a=args["a"].double(), b=args["b"].double()),
+        "b_3d": dict(b=torch.randn(1, 7, 4, **cu)),
+        "scale_two": dict(scale=torch.ones(2, **cu)),
+        "g_row_cpu": dict(g_row=torch.randn(5)),
+        "row_lse_short": dict(row_lse=torch.randn(4, **cu)),
+    }
+    args.update(bad[case])
+    return args
+
+
+# n + offset used to wrap around and pass; int(offset) then handed the kernel a negative offset
+CUDA_BAD = {
+    "offset_wraps": "offset must be in",
+    "offset_max": "offset must be in",
+    "offset_min": "offset must be in",
+    "offset_negative": "offset must be in",
+    "offset_past": "offset must be in",
+    "a_transposed": "a must be contiguous",
+    "b_expanded": "b must be contiguous",
+    "b_cpu": "b must be on cuda",
+    "float64": "float32, float16 or bfloat16",
+    "b_3d": "b must be 2-D",
+    "scale_two": "one-element floating",
+    "g_row_cpu": "g_row must be on cuda",
+    "row_lse_short": "row_lse must be a floating",
+}
+
+
+@pytest.mark.parametrize("case", CUDA_BAD)
+def test_bad_calls_raise(cuda_lib, case):
+    """Direct calls through torch.ops.vljepa_fast: a RuntimeError naming the argument, never a
+    kernel launch that reads outside a tensor."""
+    match = CUDA_BAD[case]
+    x = _bad_args(case)
+    if "row_lse" not in case and "g_row" not in case:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.vljepa_fast.infonce_fwd(x["a"], x["b"], x["scale"], x["offset"], True, True)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.vljepa_fast.infonce_bwd(
+            x["a"], x["b"], x["scale"], x["offset"], True, x["row_lse"], None, x["g_row"], None
+        )
+    torch.cuda.synchronize()  # no asynchronous fault was left behind either

@@ -93,3 +93,173 @@ def test_infonce_module_learnable_temperature_clamps_and_learns():
     assert fixed(p, t).shape == (16,) and fixed.logit_scale is None
     with pytest.raises(ValueError, match="temperature"):
         vf.nn.InfoNCELoss(temperature=-1.0)
+
+
+# --------------------------------------------------------------------- argument checks
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"temperature": True}, "temperature"),  # was taken as 1.0
+        ({"temperature": False}, "temperature"),
+        ({"temperature": "0.07"}, "temperature"),
+        ({"temperature": None}, "temperature"),
+        ({"temperature": NAN}, "temperature"),
+        ({"temperature": INF}, "temperature"),
+        ({"temperature": 0}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": torch.tensor(0.07)}, "temperature"),
+        ({"learnable_temperature": "yes"}, "learnable_temperature"),
+        ({"learnable_temperature": 1}, "learnable_temperature"),
+        ({"learnable_temperature": None}, "learnable_temperature"),
+        ({"max_logit_scale": "100"}, "max_logit_scale"),  # was a bare TypeError
+        ({"max_logit_scale": True}, "max_logit_scale"),
+        ({"max_logit_scale": NAN}, "max_logit_scale"),
+        ({"max_logit_scale": 0.0}, "max_logit_scale"),
+        ({"max_logit_scale": -100.0}, "max_logit_scale"),
+        ({"max_logit_scale": None}, "max_logit_scale"),
+        ({"symmetric": "yes"}, "symmetric"),
+        ({"symmetric": 1}, "symmetric"),
+        ({"reduction": "avg"}, "reduction"),
+        ({"reduction": None}, "reduction"),
+        ({"backend": "nope"}, "backend"),
+        ({"backend": "sdpa"}, "backend"),  # an attention backend, not an InfoNCE one
+        ({"backend": None}, "backend"),
+        # a learnable start below 1 / max_logit_scale would be clamped to another value at once
+        ({"temperature": 0.001, "learnable_temperature": True}, "temperature"),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, dict) else v,
+)
+def test_infonce_module_refuses_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        vf.nn.InfoNCELoss(**kwargs)
+
+
+def test_infonce_module_takes_numpy_scalars_and_an_unbounded_clamp():
+    np = pytest.importorskip("numpy")
+    p, t = _feats(12, 8, seed=2)
+    fixed = vf.nn.InfoNCELoss(np.float32(0.25), symmetric=np.bool_(False))
+    assert fixed.temperature == float(np.float32(0.25)) and fixed.symmetric is False
+    want = vf.infonce_loss(
+        p, t, temperature=fixed.temperature, symmetric=False, backend="reference"
+    )
+    torch.testing.assert_close(fixed(p, t), want, rtol=1e-5, atol=1e-6)
+    learn = vf.nn.InfoNCELoss(0.001, learnable_temperature=True, max_logit_scale=float("inf"))
+    torch.testing.assert_close(learn.current_temperature(), torch.tensor(0.001))
+    capped = vf.nn.InfoNCELoss(0.05, learnable_temperature=True, max_logit_scale=np.int64(50))
+    assert capped.max_logit_scale == 50.0
+
+
+def test_infonce_module_forward_names_a_non_tensor_pred():
+    """The learnable temperature was moved to pred.device first: AttributeError on a list."""
+    _, t = _feats(4, 3)
+    loss_fn = vf.nn.InfoNCELoss(learnable_temperature=True)
+    with pytest.raises(ValueError, match="^pred: "):
+        loss_fn([[1.0, 0.0, 0.0]] * 4, t)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"local_loss": "no"}, "local_loss"),
+        ({"gather_with_grad": 1}, "gather_with_grad"),
+        ({"cache_labels": None}, "cache_labels"),
+        ({"use_horovod": "False"}, "use_horovod: expected a bool"),  # a truthy string
+        ({"rank": -1}, "rank"),
+        ({"rank": True}, "rank"),
+        ({"rank": 1}, "rank"),  # >= world_size
+        ({"rank": 0.0}, "rank"),
+        ({"world_size": 0}, "world_size"),
+        ({"world_size": 2.0}, "world_size"),
+        ({"world_size": "2"}, "world_size"),
+        ({"backend": "nope"}, "backend"),
+        ({"backend": None}, "backend"),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, dict) else v.split(":")[0],
+)
+def test_clip_loss_constructor_refuses_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name}"):
+        ClipLoss(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [
+        0.0,  # was ZeroDivisionError
+        -1.0,
+        NAN,
+        INF,
+        1e-310,  # 1 / scale overflows
+        True,
+        "10",
+        None,
+        torch.tensor(0.0),
+        torch.tensor(-2.0),
+        torch.tensor(NAN),
+        torch.ones(2),
+        torch.tensor(10),
+        torch.tensor(10.0, device="meta"),
+    ],
+    ids=repr,
+)
+def test_clip_loss_refuses_bad_logit_scales(scale):
+    img, txt = _feats(4, 3)
+    with pytest.raises(ValueError, match="^logit_scale: "):
+        ClipLoss()(img, txt, scale)
+
+
+def test_clip_loss_takes_numpy_and_one_element_logit_scales():
+    np = pytest.importorskip("numpy")
+    img, txt = _feats(9, 5, seed=3)
+    want = _open_clip_formula(img.detach().double(), txt.detach().double(), 7.0)
+    torch.testing.assert_close(
+        ClipLoss()(img, txt, np.float32(7.0)).double(), want, rtol=1e-5, atol=1e-6
+    )
+    scale = torch.full((1,), 7.0, requires_grad=True)  # open_clip broadcasts a [1] scale too
+    got = ClipLoss()(img, txt, scale)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(got, scale)
+    s64 = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    (w,) = torch.autograd.grad(
+        _open_clip_formula(img.detach().double(), txt.detach().double(), s64), s64
+    )
+    assert g.shape == (1,)
+    torch.testing.assert_close(g.double(), w.reshape(1), rtol=1e-4, atol=1e-6)
+
+
+def test_clip_loss_forward_refuses_bad_arguments():
+    img, txt = _feats(4, 3)
+    cases = [
+        (([[1.0]], txt, 10.0), {}, "image_features"),
+        ((img, txt[None], 10.0), {}, "text_features"),
+        ((img, txt[:3], 10.0), {}, "text_features"),
+        ((img, txt.double(), 10.0), {}, "text_features"),
+        ((img, txt, 10.0, "abc"), {}, "logit_bias"),
+        ((img, txt, 10.0, NAN), {}, "logit_bias"),
+        ((img, txt, 10.0, True), {}, "logit_bias"),
+        ((img, txt, 10.0, torch.tensor(1)), {}, "logit_bias"),
+        ((img, txt, 10.0, torch.zeros(2)), {}, "logit_bias"),
+        ((img, txt, 10.0), {"output_dict": "yes"}, "output_dict"),
+    ]
+    for args, kwargs, name in cases:
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            ClipLoss()(*args, **kwargs)
+    ok = ClipLoss()(img, txt, 10.0, -2.5)  # a finite number bias cancels
+    torch.testing.assert_close(ok, ClipLoss()(img, txt, 10.0))
+
+
+def test_clip_loss_checks_rank_and_world_size_against_the_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    img, txt = _feats(4, 3)
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    with pytest.raises(ValueError, match="^world_size: 4 given, but .* 2 ranks"):
+        ClipLoss(rank=0, world_size=4)(img, txt, 10.0)
+    with pytest.raises(ValueError, match="^rank: 1 given, but this process is rank 0"):
+        ClipLoss(rank=1, world_size=2)(img, txt, 10.0)

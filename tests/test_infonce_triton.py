@@ -236,6 +236,41 @@ def test_rejects_bad_inputs(shape_a, shape_b, dtype_b, match):
         K.infonce_forward(a, b, torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("offset", [2**63 - 3, 2**31, -(2**63), -6, 8, True, 1.0], ids=repr)
+def test_rejects_offsets_outside_minus_n_to_m(offset):
+    """[-N, M] bounds i + offset and j - offset in the kernels' int32 index math (a huge offset
+    used to reach the launch unchecked); outside it no row would have a positive anyway."""
+    a, b = torch.randn(5, 8), torch.randn(7, 8)
+    with pytest.raises(ValueError, match=r"offset must be an int in \[-N, M\] = \[-5, 7\]"):
+        K.infonce_forward(a, b, torch.tensor(1.0), offset)
+    g = torch.randn(5)
+    with pytest.raises(ValueError, match="offset must be an int in"):
+        K.infonce_backward(a, b, torch.tensor(1.0), offset, True, g.double(), None, g, None)
+    if type(offset) is int:  # the registered op's schema refuses other types itself
+        with pytest.raises(ValueError, match="offset must be an int in"):
+            torch.ops.vljepa_fast.infonce_fwd_triton(a, b, torch.tensor(1.0), offset, True, True)
+
+
+@pytest.mark.parametrize("name", ["row_lse", "col_lse", "g_row", "g_col"])
+def test_backward_rejects_vectors_on_another_device(name):
+    """A vector on another device would hand the kernel a foreign pointer."""
+    a, b, scale = torch.randn(5, 8), torch.randn(5, 8), torch.tensor(1.0)
+    v = dict(row_lse=torch.randn(5).double(), col_lse=torch.randn(5).double(),
+             g_row=torch.randn(5), g_col=torch.randn(5))  # fmt: skip
+    v[name] = v[name].to("meta")
+    with pytest.raises(ValueError, match=f"{name} must be a tensor on A's device cpu, got meta"):
+        K.infonce_backward(a, b, scale, 0, True, v["row_lse"], v["col_lse"], v["g_row"], v["g_col"])
+
+
+@pytest.mark.interpret
+def test_extreme_offsets_inside_range(poisoned):
+    """offset = M (no row has a positive) and offset = -N run and match the float64 formulas."""
+    for offset in (-5, 127):
+        a, b, scale, g_row, g_col = inputs(5, 127, 8, F32)
+        got = run_kernels(a, b, scale, offset, True, g_row, g_col, SMALL)
+        check(got, a, b, scale, offset, True, g_row, g_col)
+
+
 # ---------------------------------------------------------------------------------------------
 # compile
 # ---------------------------------------------------------------------------------------------

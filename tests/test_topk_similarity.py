@@ -3,13 +3,20 @@ EmbeddingIndex module, and (gpu tier) the CUDA and Triton kernels."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vljepa_fast as vf
-from tests._util import check_topk
+from tests._util import (
+    assert_close_2x,
+    check_topk,
+    topk_expected,
+    topk_tie_inputs,
+)
 
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1, torch.float64: 1e-10}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -60,8 +67,6 @@ def test_bad_dtype_device_contiguity_k_type():
         vf.topk_similarity(q, b.half(), 2)
     with pytest.raises(ValueError, match="queries: expected float32"):
         vf.topk_similarity(q.int(), b.int(), 2)
-    with pytest.raises(ValueError, match="bank: expected a contiguous tensor"):
-        vf.topk_similarity(q, torch.randn(4, 5).T, 2)
     with pytest.raises(ValueError, match="k: expected an int"):
         vf.topk_similarity(q, b, 2.0)
     with pytest.raises(ValueError, match="bank: expected the same device as queries"):
@@ -133,6 +138,296 @@ def test_reference_backend_float64_and_scores_gradient():
     wq, wb = torch.autograd.grad(want.sum(), (q, b))
     torch.testing.assert_close(gq, wq)
     torch.testing.assert_close(gb, wb)
+
+
+# ---------------------------------------------------------------------------- rules, every backend
+# The order rule (NaN last, ties lowest index), gradients, strides: every backend that runs here,
+# and the GPU ones in the gpu tier (Triton interpreted: tests/test_topk_similarity_triton.py).
+
+CPU_BACKENDS = ["reference", "cpu", "auto"]
+GPU_BACKENDS = [pytest.param(b, marks=pytest.mark.gpu) for b in ("cuda", "triton")]
+
+
+def _device(backend: str) -> str:
+    return "cuda" if backend in ("cuda", "triton") else "cpu"
+
+
+def _special_inputs(dtype, metric, seed):
+    """A tie bank (see topk_tie_inputs) with NaN, +-inf and duplicated special rows, a NaN
+    query row and a zero query row. fp32 "ip" adds products that overflow fp32 to +-inf."""
+    q, b = topk_tie_inputs(6, 40, 16, dtype, metric, seed)
+    q[:, 0] = torch.where(q[:, 0] == 0, torch.ones_like(q[:, 0]), q[:, 0])  # inf * q0 != NaN
+    b[5, 2] = float("nan")
+    b[7, 0] = float("inf")
+    b[8] = b[7]
+    b[9, 0] = float("-inf")
+    b[10] = b[9]
+    q[1, 3] = float("nan")  # every score NaN: indices 0..k-1
+    q[4] = 0  # every score +-0 or NaN: ties
+    overflow = dtype == torch.float32 and metric == "ip"
+    if overflow:
+        q[2, 1] = 2.0**100
+        b[11, 1] = 2.0**100  # 2^200: +inf in fp32
+        b[12, 1] = -(2.0**100)  # -inf
+    return q, b, overflow
+
+
+def _check_order(scores, idx, q, b, k, metric, fp32_order, atol):
+    want_s, want_i = topk_expected(q, b, k, metric, fp32_order=fp32_order)
+    assert idx.dtype == torch.int64 and scores.dtype == torch.float32
+    torch.testing.assert_close(idx.cpu(), want_i, rtol=0, atol=0)
+    got = scores.double().cpu()
+    assert torch.equal(got.isnan(), want_s.isnan()), "NaN scores at other places"
+    assert torch.equal(got.isinf() & (got > 0), want_s.isinf() & (want_s > 0)), "+inf places"
+    assert torch.equal(got.isinf() & (got < 0), want_s.isinf() & (want_s < 0)), "-inf places"
+    fin = want_s.isfinite()
+    torch.testing.assert_close(got[fin], want_s[fin], rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_nan_and_inf_rank_rule(backend, dtype, metric):
+    """NaN scores rank last (below -inf), +-inf are ordinary scores, ties (also among the inf
+    and NaN ones) go to the lowest index; a NaN query row returns indices 0..k-1."""
+    q, b, overflow = _special_inputs(dtype, metric, seed=3)
+    dev = _device(backend)
+    b_want = b
+    if backend == "triton" and dtype == torch.float32:
+        # Documented: three-tf32 dots split x = hi + (x - hi), and an inf entry makes
+        # inf - inf = NaN (products that overflow still give +-inf).
+        b_want = b.masked_fill(b.isinf(), float("nan"))
+    for k in (40, 13):
+        scores, idx = vf.topk_similarity(q.to(dev), b.to(dev), k, metric=metric, backend=backend)
+        _check_order(scores, idx, q, b_want, k, metric, overflow, _tol(dtype, 16))
+    assert torch.equal(idx[1].cpu(), torch.arange(13)), "NaN query row: lowest indices first"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_topk_order_is_the_stable_order(dtype):
+    """The reference's choice (topk plus the exact redo of rows whose tie group is cut by k or
+    that hold a NaN) equals a full stable sort, for every k: ties, +-0, +-inf, NaN."""
+    from vljepa_fast import reference
+
+    g = torch.Generator().manual_seed(12)
+    s = torch.randint(-4, 5, (9, 61), generator=g).to(dtype) / 2  # many exact ties
+    s[0, 3:9] = -0.0
+    s[1, ::7] = float("nan")
+    s[2] = float("nan")
+    s[3, 5:20] = float("-inf")
+    s[3, 30:40] = float("nan")
+    s[4, 10:12] = float("inf")
+    s[5] = torch.randn(61, generator=g).to(dtype)  # no ties: the fast path
+    nan = s.isnan()
+    order = s.masked_fill(nan, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    order = order.gather(1, nan.gather(1, order).to(torch.uint8).argsort(dim=1, stable=True))
+    for k in (1, 2, 5, 17, 40, 60, 61):
+        assert torch.equal(reference.topk_order(s, k), order[:, :k]), k
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_ties_lowest_index_across_threads(deterministic, backend, dtype, metric):
+    """Many exact duplicate rows; k spans tie groups. Large enough (Q * N * D = 2^20) for the
+    cpu kernel's parallel path: 1 and 2 threads, repeated runs, all equal to the stable
+    float64 order."""
+    q, b = topk_tie_inputs(16, 4096, 16, dtype, metric, seed=7)
+    dev = _device(backend)
+    qd, bd = q.to(dev), b.to(dev)
+    runs = []
+    for threads in (1, 2, 2, 1, 2):
+        torch.set_num_threads(threads)
+        for k in (300, 1000):
+            scores, idx = vf.topk_similarity(qd, bd, k, metric=metric, backend=backend)
+            _check_order(scores, idx, q, b, k, metric, False, _tol(dtype, 16))
+            runs.append((k, scores.cpu(), idx.cpu()))
+    for k, s, i in runs:
+        first = next(r for r in runs if r[0] == k)
+        assert torch.equal(s, first[1]) and torch.equal(i, first[2]), "runs differ"
+
+
+def _oracle_grads(q, b, idx, g, metric, cdt):
+    """Gradients of sum(g * scores[idx]) by autograd through the full score matrix in ``cdt``,
+    with the documented cosine rule: rows with norm < 1e-12 get a zero gradient. Returned in
+    the inputs' dtypes (so a float32 run is the eager result in the input dtype)."""
+    qc = q.detach().cpu().to(cdt).requires_grad_(True)
+    bc = b.detach().cpu().to(cdt).requires_grad_(True)
+    qn, bn = qc, bc
+    if metric == "cosine":
+        qn, bn = F.normalize(qc, dim=1, eps=1e-12), F.normalize(bc, dim=1, eps=1e-12)
+    s = (qn @ bn.T).gather(1, idx.cpu())
+    gq, gb = torch.autograd.grad((s * g.cpu().to(cdt)).sum(), (qc, bc))
+    if metric == "cosine":
+        gq[qc.detach().norm(dim=1) < 1e-12] = 0
+        gb[bc.detach().norm(dim=1) < 1e-12] = 0
+    out = (gq, gb) if cdt == torch.float64 else (gq.to(q.dtype), gb.to(b.dtype))
+    return out
+
+
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [(be, dt) for be in CPU_BACKENDS for dt in DTYPES]
+    + [pytest.param(be, dt, marks=pytest.mark.gpu) for be in ("cuda", "triton") for dt in DTYPES]
+    + [("reference", torch.float64)],
+)
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+@pytest.mark.parametrize("zero_rows", [False, True])
+def test_gradients_match_float64(backend, dtype, metric, zero_rows):
+    """Scores with a gradient are the kernel's scores (same values, same order: ties included)
+    and their gradients to queries and bank match float64 within 2x the eager error; a zero
+    row (cosine, fp16 included) gets a finite, zero gradient."""
+    dev = _device(backend)
+    q, b = _inputs(7, 300, 72, dtype, device=dev, seed=11, ties=True, zero_rows=zero_rows)
+    b[100:120] = b[0:20]  # more exact ties inside the top k
+    k = 37
+    s_plain, i_plain = vf.topk_similarity(q, b, k, metric=metric, backend=backend)
+    qg, bg = q.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    scores, idx = vf.topk_similarity(qg, bg, k, metric=metric, backend=backend)
+    assert scores.requires_grad and not idx.requires_grad
+    assert torch.equal(idx, i_plain), "a gradient changed the indices"
+    assert torch.equal(scores, s_plain), "a gradient changed the scores"
+    assert (scores[:, :-1] >= scores[:, 1:]).all(), "scores not sorted descending"
+    g = torch.randn(scores.shape, generator=torch.Generator().manual_seed(5)).to(dev)
+    gq, gb = torch.autograd.grad((scores * g).sum(), (qg, bg))
+    assert gq.dtype == dtype and gb.dtype == dtype
+    assert torch.isfinite(gq).all() and torch.isfinite(gb).all()
+    exact = _oracle_grads(q, b, idx, g, metric, torch.float64)
+    eager = _oracle_grads(q, b, idx, g, metric, torch.float32)
+    for name, got, e32, e64 in zip(("d_queries", "d_bank"), (gq, gb), eager, exact):
+        assert_close_2x(got.cpu(), e32, e64, dtype, name)
+    if zero_rows and metric == "cosine":
+        assert (gq[0] == 0).all() and (gb[0] == 0).all(), "zero rows: zero gradient"
+    # one input at a time
+    (only_q,) = torch.autograd.grad(
+        vf.topk_similarity(qg, b, k, metric=metric, backend=backend)[0].mul(g).sum(), qg
+    )
+    assert torch.equal(only_q, gq)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_gradcheck_float64(metric):
+    q, b = _inputs(3, 12, 5, torch.float64, seed=2)
+    q.requires_grad_(True)
+    b.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, y: vf.topk_similarity(x, y, 4, metric=metric, backend="reference")[0], (q, b)
+    )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + GPU_BACKENDS)
+def test_non_contiguous_inputs_any_strides(backend):
+    """Transposed and strided inputs give the results (and gradients) of contiguous copies."""
+    dev = _device(backend)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(40, 9, generator=g).to(dev).T  # [9, 40], strides (1, 9)
+    b = torch.randn(2 * 130, 40, generator=g).to(dev)[::2]  # [130, 40], strides (80, 1)
+    assert not q.is_contiguous() and not b.is_contiguous()
+    for metric in ("ip", "cosine"):
+        want = vf.topk_similarity(q.contiguous(), b.contiguous(), 17, metric=metric,
+                                  backend=backend)
+        got = vf.topk_similarity(q, b, 17, metric=metric, backend=backend)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        qg = q.detach().requires_grad_(True)
+        (dq,) = torch.autograd.grad(vf.topk_similarity(qg, b, 17, metric=metric,
+                                                       backend=backend)[0].sum(), qg)
+        qc = q.detach().contiguous().requires_grad_(True)
+        (dqc,) = torch.autograd.grad(vf.topk_similarity(qc, b.contiguous(), 17, metric=metric,
+                                                        backend=backend)[0].sum(), qc)
+        assert torch.equal(dq, dqc)
+
+
+@pytest.mark.parametrize(
+    "k,match",
+    [
+        (True, "k: expected an int, got bool"),
+        (np.bool_(True), "k: expected an int"),
+        (2.0, "k: expected an int, got float"),
+        (torch.tensor(2), "k: expected an int, got Tensor"),
+        ("2", "k: expected an int"),
+        (np.int64(0), "k: expected in \\[1, 5\\]"),
+    ],
+)
+def test_k_validation(k, match):
+    with pytest.raises(ValueError, match=match):
+        vf.topk_similarity(torch.randn(3, 4), torch.randn(5, 4), k)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_k_numpy_integer_accepted(backend):
+    q, b = _inputs(3, 20, 4, torch.float32)
+    want = vf.topk_similarity(q, b, 3, backend=backend)
+    for k in (np.int64(3), np.int32(3), np.uint8(3)):
+        got = vf.topk_similarity(q, b, k, backend=backend)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize(
+    "q_shape,b_shape,match",
+    [
+        ((3, 0), (5, 0), "queries: expected at least one column \\(D >= 1\\)"),
+        ((0, 0), (5, 0), "queries: expected at least one query row"),
+        ((3, 4), (0, 4), "bank: expected at least one bank row"),
+    ],
+)
+def test_empty_dims_rejected(q_shape, b_shape, match):
+    with pytest.raises(ValueError, match=match):
+        vf.topk_similarity(torch.randn(q_shape), torch.randn(b_shape), 1)
+
+
+def test_native_op_called_directly_with_grad_inputs():
+    """The registered CPU kernel records no autograd history (its mm_out used to fail)."""
+    from vljepa_fast.ops import _common
+
+    assert _common.native_kernel("topk_similarity", "cpu") == []  # loads the library
+    q, b = torch.randn(3, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    scores, idx = torch.ops.vljepa_fast.topk_similarity(q, b, 4, False)
+    want = vf.topk_similarity(q.detach(), b.detach(), 4, backend="cpu")
+    assert torch.equal(scores, want[0]) and torch.equal(idx, want[1])
+
+
+NATIVE_BAD = {
+    "d_zero": ((3, 0), (5, 0), 2, "at least one feature column"),
+    "k_zero": ((3, 4), (5, 4), 0, "k must be in"),
+    "k_above_n": ((3, 4), (5, 4), 6, "k must be in"),
+    "k_huge": ((3, 4), (5, 4), 2**63 - 1, "k must be in"),
+    "k_negative": ((3, 4), (5, 4), -(2**63), "k must be in"),
+    "dim_mismatch": ((3, 4), (5, 3), 2, "same feature size"),
+    "queries_3d": ((3, 4, 1), (5, 4), 2, "must be 2-D"),
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("case", NATIVE_BAD)
+def test_native_op_refuses_bad_calls(case, device):
+    """Direct calls through torch.ops (eager and FakeTensor tracing alike) get the same checks."""
+    from vljepa_fast.ops import _common
+
+    assert _common.native_kernel("topk_similarity", "cpu") == []  # loads the library
+    q_shape, b_shape, k, match = NATIVE_BAD[case]
+    q, b = torch.randn(q_shape, device=device), torch.randn(b_shape, device=device)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.vljepa_fast.topk_similarity(q, b, k, False)
+
+
+def test_native_meta_refuses_mixed_devices():
+    """A real tensor mixed with a meta one must not get uninitialised real outputs back."""
+    from vljepa_fast.ops import _common
+
+    assert _common.native_kernel("topk_similarity", "cpu") == []
+    q, b = torch.randn(3, 4), torch.randn(5, 4, device="meta")
+    with pytest.raises(RuntimeError, match="all tensors must be on one device"):
+        torch.ops.vljepa_fast.topk_similarity(q, b, 2, False)
 
 
 # ------------------------------------------------------------------------------ EmbeddingIndex

@@ -15,6 +15,9 @@ from vljepa_fast._kernels.topk_similarity import (
     topk_similarity,
 )
 
+import vljepa_fast as vf
+from tests._util import topk_tie_inputs
+from tests.test_topk_similarity import _check_order, _oracle_grads, _special_inputs
 from vljepa_fast.reference import NORM_EPS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -34,7 +37,8 @@ def _check(
 ) -> None:
     """Scores match the float64 top-k; indices are valid, distinct and carry their scores.
 
-    Ties may resolve to either index, so indices are checked through the scores they point to.
+    Indices are checked through the scores they point to (random data has no exact ties;
+    the tie order is checked exactly by test_ties_lowest_index_first).
     The kernel accumulates in fp32 whatever the input dtype, so the tolerance is an fp32 bound
     on a dot product: a few ulps of the sum of |q_i * b_i|.
     """
@@ -101,6 +105,81 @@ def test_ties(dtype: torch.dtype, metric: str) -> None:
     bank = base[torch.randint(0, 6, (250,))].to(dtype)
     queries = torch.randn(7, 48).to(dtype)
     _run_and_check(queries, bank, 40, metric)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [40, 300], ids=["running-list", "write-all"])
+def test_ties_lowest_index_first(dtype: torch.dtype, metric: str, k: int) -> None:
+    """Exact ties (scores exact in fp32, see topk_tie_inputs), k spanning tie groups, through
+    the public API: the stable float64 order, lowest index first; two runs identical."""
+    queries, bank = topk_tie_inputs(9, 600, 16, dtype, metric, seed=k)
+    first = vf.topk_similarity(queries, bank, k, metric=metric, backend="triton")
+    _check_order(*first, queries, bank, k, metric, False, 1e-6)
+    again = vf.topk_similarity(queries, bank, k, metric=metric, backend="triton")
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf_rank_rule(dtype: torch.dtype, metric: str) -> None:
+    """NaN scores rank last (below -inf), +-inf are ordinary scores, ties lowest index; a NaN
+    query row returns indices 0..k-1 (the rule of tests/test_topk_similarity.py)."""
+    queries, bank, overflow = _special_inputs(dtype, metric, seed=3)
+    for k in (40, 13):
+        scores, idx = vf.topk_similarity(queries, bank, k, metric=metric, backend="triton")
+        _check_order(scores, idx, queries, bank, k, metric, overflow, 2e-6)
+    assert torch.equal(idx[1], torch.arange(13))
+
+
+@pytest.mark.interpret
+def test_nan_keys_are_real_keys() -> None:
+    """A bank of NaN rows only: every key is a NaN key, still above the padding key, so k real
+    rows come back (lowest indices), never the padding index."""
+    queries, bank = torch.randn(3, 16), torch.full((70, 16), float("nan"))
+    for k in (5, 70):
+        scores, idx = topk_similarity(queries, bank, k, False)
+        assert scores.isnan().all()
+        assert torch.equal(idx, torch.arange(k).expand(3, k))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_match_float64(dtype: torch.dtype, metric: str) -> None:
+    """Scores with a gradient are the kernel's (values and order); gradients to both inputs
+    match float64, zero rows (cosine, fp16 too) get a finite zero gradient."""
+    from tests._util import assert_close_2x
+
+    g = torch.Generator().manual_seed(8)
+    queries = torch.randn(5, 72, generator=g).to(dtype)
+    bank = torch.randn(127, 72, generator=g).to(dtype)
+    queries[0], bank[3] = 0, 0
+    bank[60:70] = bank[0:10]
+    plain = vf.topk_similarity(queries, bank, 20, metric=metric, backend="triton")
+    qg, bg = queries.clone().requires_grad_(True), bank.clone().requires_grad_(True)
+    scores, idx = vf.topk_similarity(qg, bg, 20, metric=metric, backend="triton")
+    assert torch.equal(scores, plain[0]) and torch.equal(idx, plain[1])
+    up = torch.randn(scores.shape, generator=g)
+    gq, gb = torch.autograd.grad((scores * up).sum(), (qg, bg))
+    assert torch.isfinite(gq).all() and torch.isfinite(gb).all()
+    exact = _oracle_grads(queries, bank, idx, up, metric, torch.float64)
+    eager = _oracle_grads(queries, bank, idx, up, metric, torch.float32)
+    for name, got, e32, e64 in zip(("d_queries", "d_bank"), (gq, gb), eager, exact):
+        assert_close_2x(got, e32, e64, dtype, name)
+
+
+@pytest.mark.interpret
+def test_non_contiguous_inputs() -> None:
+    g = torch.Generator().manual_seed(9)
+    queries = torch.randn(40, 9, generator=g).T
+    bank = torch.randn(260, 40, generator=g)[::2]
+    got = vf.topk_similarity(queries, bank, 17, backend="triton")
+    want = vf.topk_similarity(queries.contiguous(), bank.contiguous(), 17, backend="triton")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    _check_order(*got, queries, bank, 17, "ip", False, 1e-4)
 
 
 @pytest.mark.interpret

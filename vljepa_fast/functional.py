@@ -9,6 +9,8 @@ backend that cannot serve raises :class:`vljepa_fast.BackendUnavailableError` wi
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 from torch import Tensor
@@ -70,8 +72,11 @@ def attention(
             reference backend only); the last dimension must be contiguous.
         k: [B, S, Hkv, D] keys, same dtype and device; Hq % Hkv == 0.
         v: [B, S, Hkv, D] values, same shape as k.
-        key_padding_mask: [B, S] bool on q's device, True = a real key. Keys marked False
-            take no part. A query with no real key gets an output of zeros.
+        key_padding_mask: [B, S] bool on q's device (any strides), True = a real key. Keys
+            marked False take no part, whatever they hold (NaN, Inf included): outputs and the
+            gradients of q and of real keys/values are those of the same call without them,
+            and padded k/v positions get zero gradients. A query with no real key gets an
+            output of zeros.
         causal: mask key j for query i when j > i + S - T (bottom-right aligned, as flash-attn;
             the usual lower-triangular mask when T == S). The VL-JEPA predictor uses False.
         scale: multiplier of q.k; None means 1 / sqrt(D).
@@ -79,6 +84,16 @@ def attention(
 
     Returns:
         [B, T, Hq, D] tensor in q's dtype.
+
+    NaN rule (every backend): NaN and +-Inf propagate as in plain softmax over the keys a query
+    attends to. A query that attends to at least one key gets an output row of NaN when its q
+    row holds a NaN or Inf, when one of its scores q.k is NaN or +Inf, or when all of its scores
+    are -Inf (0 / 0); a non-finite entry v[b, j, g, d] makes column d non-finite for the
+    queries attending to key j. Every output no non-finite input reaches is unchanged. A query
+    that attends to no key gets zeros whatever the inputs hold; padded keys never take part.
+    With causal=True, a non-finite real key or value may also reach queries of its batch entry
+    that the causal mask hides it from (kernels work on blocks of keys). Gradients with
+    non-finite inputs are not specified beyond the key padding rule above.
 
     Raises:
         ValueError: a malformed argument (named in the message).
@@ -140,10 +155,11 @@ def attention_varlen(
     padded batch costs only its real tokens. Differentiable with respect to q, k and v.
 
     Args:
-        q: [total_q, Hq, D] packed queries (last dimension contiguous).
+        q: [total_q, Hq, D] packed queries (last dimension contiguous; other strides free).
         k: [total_k, Hkv, D] packed keys, Hq % Hkv == 0, same dtype and device.
         v: [total_k, Hkv, D] packed values.
         cu_seqlens_q: [B + 1] int32 on q's device: 0, then non-decreasing, ending at total_q.
+            Any strides (a strided view is read as such).
         cu_seqlens_k: [B + 1] int32 likewise, ending at total_k.
         max_seqlen_q: the longest query sequence (>= every length; kernels size their grid on it).
         max_seqlen_k: the longest key sequence.
@@ -153,6 +169,9 @@ def attention_varlen(
 
     Returns:
         [total_q, Hq, D] in q's dtype; queries of a sequence with no keys get zeros.
+
+    NaN rule: that of :func:`attention`, sequence by sequence; a non-finite value never reaches
+    another sequence.
 
     Note:
         Checking cu_seqlens reads them on the host (one device sync on GPU).
@@ -220,20 +239,35 @@ def infonce_loss(
     Differentiable with respect to pred, target and a tensor temperature.
 
     Args:
-        pred: [N, D] predicted embeddings, float32/float16/bfloat16 (float64: reference only).
+        pred: [N, D] predicted embeddings, float32/float16/bfloat16 (float64: reference only),
+            any strides (transposed, sliced, expanded, offset: the fused backends copy them to
+            contiguous rows first).
         target: [N, D] target embeddings, same shape, dtype and device.
-        temperature: a positive finite float, or a 0-dim floating tensor (learnable; its value
-            is checked eagerly, outside torch.compile).
+        temperature: a finite float >= 2**-60 (about 8.7e-19: 1/temperature and the logits,
+            |logits| <= 1/temperature with ``normalize``, must stay well inside float32, where
+            the kernels form them), or a 0-dim floating tensor (learnable; its value is checked
+            eagerly against the same range, outside torch.compile).
         symmetric: both directions (VL-JEPA) or pred->target only.
         normalize: L2-normalise rows first (zero rows stay zero: eps 1e-12).
         reduction: "mean" or "sum" (scalars) or "none" ([N] per-row losses).
         group: a torch.distributed process group (or ``torch.distributed.group.WORLD``): each
-            rank passes its local rows; negatives are the whole global batch.
+            rank passes its local rows (at least one; the number may differ by rank); negatives
+            are the whole global batch.
         backend: "auto" or a name from :func:`vljepa_fast.backends`.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [N] for reduction="none".
-        See :mod:`vljepa_fast.ops.infonce` for the distributed conventions.
+        See :mod:`vljepa_fast.ops.infonce` for the distributed conventions (which gradient each
+        rank receives).
+
+    NaN rule:
+        NaN and Inf in ``pred`` or ``target`` are not filtered: they propagate through the
+        logits as IEEE arithmetic does (with ``normalize`` a row holding a NaN or an Inf
+        normalises to NaNs). A per-row term is non-finite (NaN or +-Inf; which one is
+        unspecified) exactly when the eager reference's is: when a logit of its row (or, with
+        ``symmetric``, its column) is NaN or +Inf, or its positive logit is not finite; a -Inf
+        logit elsewhere only adds exp(-inf) = 0. "mean" and "sum" are then non-finite. Every
+        backend follows this rule.
 
     Raises:
         ValueError: a malformed argument (named in the message).
@@ -247,8 +281,11 @@ def infonce_loss(
         raise ValueError(
             f"target: expected the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}"
         )
-    _validate.nonempty("pred", pred, 0, "row (N >= 1)")
-    _validate.nonempty("pred", pred, 1, "column (D >= 1)")
+    if group is None:
+        # distributed: checked on every rank at once, after the sizes are exchanged (a rank that
+        # raised alone would leave the others waiting in a collective)
+        _validate.nonempty("pred", pred, 0, "row (N >= 1)")
+        _validate.nonempty("pred", pred, 1, "column (D >= 1)")
     _infonce_ops.check_temperature(temperature, pred)
     for name, flag in (("symmetric", symmetric), ("normalize", normalize)):
         if not isinstance(flag, bool):
@@ -274,19 +311,34 @@ def topk_similarity(
     """The k most similar bank rows of every query, without writing the Q x N score matrix.
 
     Args:
-        queries: [Q, D] contiguous, float32/float16/bfloat16 (float64: reference only), Q >= 1.
-        bank: [N, D] contiguous, same dtype and device, N >= 1.
-        k: 1 <= k <= N (the CUDA backend serves k <= 1024, the others any k).
+        queries: [Q, D], float32/float16/bfloat16 (float64: reference only), Q >= 1, D >= 1.
+            Any strides (a non-contiguous tensor is copied once for the kernels).
+        bank: [N, D], same dtype and device, N >= 1, any strides.
+        k: an int (Python or numpy integer, not bool), 1 <= k <= N (the CUDA backend serves
+            k <= 1024, the others any k).
         metric: "ip" (inner product) or "cosine" (each row divided by max(norm, 1e-12): a
             zero row scores exactly 0, never NaN).
         backend: "auto" or a name from :func:`vljepa_fast.backends`.
 
     Returns:
-        (scores, indices): scores [Q, k] float32 (float64 for float64 inputs), sorted
-        descending, accumulated in fp32 whatever the input dtype; indices [Q, k] int64 rows of
-        ``bank``. Among equal scores any index may be returned. Scores carry a gradient to
-        ``queries`` and ``bank`` when they require one (recomputed from the winning rows);
-        indices never do.
+        (scores, indices): scores [Q, k] float32 (float64 for float64 inputs), accumulated in
+        fp32 whatever the input dtype; indices [Q, k] int64 rows of ``bank``. Every backend
+        returns one order (:func:`vljepa_fast.reference.topk_order`):
+
+        * descending; +inf and -inf are ordinary scores (inf inputs, or fp32 products that
+          overflow), and NaN scores (NaN inputs, inf - inf, inf * 0) rank last, below -inf,
+          and are returned as NaN: a query row with a NaN gets indices 0..k-1, all NaN. (The
+          triton backend's fp32 dots on CUDA are three tf32 products of x = hi + (x - hi): an
+          inf entry scores NaN there.)
+        * equal scores (-0.0 equals +0.0) come lowest bank index first, so results are
+          deterministic and match faiss's order on exact ties.
+
+        Scores carry a gradient to ``queries`` and ``bank`` when they require one: the values
+        and order are the kernel's, the gradient is that of
+        sim(queries[q], bank[indices[q, j]]) recomputed from the chosen rows in fp32 (float64
+        stays). With "cosine", rows with norm < 1e-12 (zero rows) get a zero gradient: the eps
+        clamp is treated as a constant (:func:`vljepa_fast.reference.normalize_rows`), so
+        fp16 gradients stay finite. Indices never carry a gradient.
 
     Raises:
         ValueError: a malformed argument (named in the message).
@@ -303,13 +355,13 @@ def topk_similarity(
     _validate.nonempty("queries", queries, 0, "query row")
     _validate.nonempty("bank", bank, 0, "bank row (the bank is empty)")
     _validate.nonempty("queries", queries, 1, "column (D >= 1)")
-    _validate.contiguous("queries", queries)
-    _validate.contiguous("bank", bank)
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool):
+        k = operator.index(k)  # numpy integers
     _validate.int_in("k", k, 1, bank.shape[0], hint=f" (k <= N, the {bank.shape[0]} bank rows)")
     _validate.choice("metric", metric, ("ip", "cosine"))
-    scores, indices = _backends.dispatch(
-        "topk_similarity", backend, queries, bank, k, metric=metric
-    )
+    # Kernels see detached, contiguous inputs; the gradient is attached below.
+    q, b = queries.detach().contiguous(), bank.detach().contiguous()
+    scores, indices = _backends.dispatch("topk_similarity", backend, q, b, k, metric=metric)
     if torch.is_grad_enabled() and (queries.requires_grad or bank.requires_grad):
-        scores = _topk_ops.differentiable_scores(queries, bank, indices, metric)
+        scores = _topk_ops.attach_grad(queries, bank, scores, indices, metric)
     return scores, indices

@@ -2,25 +2,325 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import math
+import numbers
 import os
+import re
+import secrets
+import stat
 import struct
-import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vljepa_fast import functional, reference
+from vljepa_fast import _backends, _validate, functional, reference
 from vljepa_fast.ops.rotary import LLAMA3_ROPE_SCALING, apply_rotary, rotary_cos_sin
 
 __all__ = ["EmbeddingIndex", "InfoNCELoss", "PredictorAttention"]
 
+
+# ----------------------------------------------------------------------------- argument checks
+# Shared with vljepa_fast.integrations. Each returns the normalised value or raises a ValueError
+# naming the argument. Numbers may be numpy scalars (numbers.Integral / numbers.Real); bools are
+# refused where a number is expected (Python would silently read True as 1).
+
+
+def _is_bool(v: object) -> bool:
+    t = type(v)
+    return isinstance(v, bool) or (t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"))
+
+
+def _flag(name: str, v: object) -> bool:
+    if not _is_bool(v):
+        raise ValueError(f"{name}: expected a bool, got {v!r}")
+    return bool(v)
+
+
+def _integer(name: str, v: object, lo: int) -> int:
+    if _is_bool(v) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    if int(v) < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {int(v)}")
+    return int(v)
+
+
+def _number(name: str, v: object, *, above: float, allow_inf: bool = False) -> float:
+    """A real number > ``above``: finite unless ``allow_inf`` (then +inf passes too)."""
+    what = f"a number > {above:g}" + (" (inf allowed)" if allow_inf else ", finite")
+    if _is_bool(v) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{name}: expected {what}, got {v!r}")
+    f = float(v)
+    if math.isnan(f) or f <= above or (math.isinf(f) and not allow_inf):
+        raise ValueError(f"{name}: expected {what}, got {f}")
+    return f
+
+
+def _device(name: str, v: object, types: tuple[str, ...] | None = None) -> torch.device:
+    """A device torch can parse; CUDA ones must exist here; ``types`` restricts the kind."""
+    if _is_bool(v) or not isinstance(v, (str, int, torch.device)):
+        raise ValueError(f"{name}: expected a torch.device or a string like 'cuda:0', got {v!r}")
+    try:
+        dev = torch.device(v)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{name}: not a device: {v!r} ({e})") from None
+    if types is not None and dev.type not in types:
+        raise ValueError(f"{name}: expected a {' or '.join(types)} device, got {dev}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ValueError(f"{name}: {dev} is not available ({count} CUDA devices)")
+    return dev
+
+
+def _backend(v: object, ops: Iterable[str]) -> str:
+    """``"auto"`` or the name of a backend registered for one of ``ops``."""
+    names = tuple(dict.fromkeys(b.name for op in ops for b in _backends.records(op)))
+    if not isinstance(v, str) or (v != "auto" and v not in names):
+        raise ValueError(f"backend: expected 'auto' or one of {names}, got {v!r}")
+    return v
+
+
+def _choice(name: str, v: object, options: tuple[str, ...]) -> str:
+    if not isinstance(v, str) or v not in options:
+        raise ValueError(f"{name}: expected one of {options}, got {v!r}")
+    return v
+
+
+# ------------------------------------------------------------------------------ index files
+# Layout: _MAGIC, then _HEADER (sha256 of the payload, payload length), then the payload: a
+# torch.save archive of {"dim": int, "metric": str, "dtype": str, "vectors": [n, dim] tensor,
+# "ids": [n] int64 tensor}, read back with weights_only=True (no code runs on load). Only
+# _encode_payload / _decode_payload know the serialiser; _checked_state validates the decoded
+# fields whatever wrote them, so moving the payload to another format replaces those two only.
+
 _MAGIC = b"VLJEPA_FAST_INDEX\x00v1\n"
 _HEADER = struct.Struct("<32sQ")  # sha256 of the payload, payload length
+_FIELDS = ("dim", "metric", "dtype", "vectors", "ids")
+_METRICS = ("ip", "cosine")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ID_DTYPES = (
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+)
+# |row| of a normalised row after rounding to the storage dtype is at most 1 + this
+_UNIT_NORM_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# Temporaries are ".<name>.tmp-<pid>-<8 hex>" beside the target; a save in progress is listed
+# here so that another thread of this process never removes it.
+_TMP_SUFFIX = r"\.tmp-(\d+)-[0-9a-f]{8}"
+_TMP_IN_PROGRESS: set[str] = set()
+_TMP_LOCK = threading.Lock()
+_CLOCK_SLACK_S = 60.0  # mtime vs process start: tolerate this much clock error
+
+
+class _IndexFileNotFoundError(ValueError, FileNotFoundError):
+    """No file at the path given to :meth:`EmbeddingIndex.load` (a ValueError, as every unusable
+    index path is, and a FileNotFoundError)."""
+
+
+def _path(v: object) -> Path:
+    if isinstance(v, (str, bytes, os.PathLike)):
+        p = os.fsdecode(v)
+        if p:
+            return Path(p)
+    raise ValueError(f"path: expected a non-empty str or os.PathLike file path, got {v!r}")
+
+
+def _encode_payload(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _decode_payload(name: str, payload: bytes) -> object:
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure of the deserialiser is a malformed file
+        raise ValueError(
+            f"{name}: malformed index file: the payload is not a weights-only torch archive "
+            f"({type(e).__name__}: {e})"
+        ) from e
+
+
+def _checked_state(name: str, state: object) -> tuple[int, str, torch.dtype, Tensor, Tensor]:
+    """(dim, metric, dtype, vectors [n, dim], ids [n]) of a decoded payload, every field checked
+    on its own and against the others; a ValueError naming the file and the field otherwise."""
+
+    def bad(field: str, msg: str) -> ValueError:
+        return ValueError(f"{name}: malformed index file: field {field!r}: {msg}")
+
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{name}: malformed index file: expected a dict payload, got {type(state).__name__}"
+        )
+    for field in _FIELDS:
+        if field not in state:
+            raise bad(field, "missing")
+    extra = [k for k in state if k not in _FIELDS]
+    if extra:
+        raise ValueError(f"{name}: malformed index file: unexpected field(s) {extra!r}")
+    dim, metric, dtype_name = state["dim"], state["metric"], state["dtype"]
+    if type(dim) is not int or dim < 1:
+        raise bad("dim", f"expected an int >= 1, got {dim!r}")
+    if type(metric) is not str or metric not in _METRICS:
+        raise bad("metric", f"expected one of {_METRICS}, got {metric!r}")
+    if type(dtype_name) is not str or dtype_name not in _DTYPES:
+        raise bad("dtype", f"expected one of {tuple(_DTYPES)}, got {dtype_name!r}")
+    dtype = _DTYPES[dtype_name]
+    tensors = {}
+    for field, want_dtype, ndim in (("vectors", dtype, 2), ("ids", torch.int64, 1)):
+        t = state[field]
+        if not isinstance(t, Tensor):
+            raise bad(field, f"expected a tensor, got {type(t).__name__}")
+        if t.layout != torch.strided or t.is_quantized or t.device.type != "cpu":
+            raise bad(field, f"expected a dense CPU tensor, got {t.layout} on {t.device}")
+        if t.dim() != ndim:
+            raise bad(field, f"expected {ndim} dimension(s), got shape {tuple(t.shape)}")
+        if t.dtype != want_dtype:
+            raise bad(field, f"expected dtype {want_dtype} (the header's), got {t.dtype}")
+        if not t.is_contiguous():  # also bounds the copy below by the file's size
+            raise bad(field, f"expected a contiguous tensor, got strides {t.stride()}")
+        tensors[field] = t.detach()
+    vectors, ids = tensors["vectors"], tensors["ids"]
+    if vectors.shape[1] != dim:
+        raise bad("vectors", f"expected {dim} columns (the header's dim), got {vectors.shape[1]}")
+    if ids.shape[0] != vectors.shape[0]:
+        raise bad("ids", f"expected {vectors.shape[0]} ids (one per vector), got {ids.shape[0]}")
+    if not bool(torch.isfinite(vectors).all()):
+        raise bad("vectors", "holds NaN or inf")
+    if metric == "cosine" and vectors.shape[0]:
+        norm = vectors.float().norm(dim=1).max().item()
+        if norm > 1 + _UNIT_NORM_TOL[dtype]:
+            raise bad("vectors", f"metric 'cosine' stores unit rows, found a row of norm {norm}")
+    return dim, metric, dtype, vectors, ids
+
+
+def _read_index_file(path: Path, name: str) -> bytes:
+    """The checked payload of the file at ``path``; ValueErrors name the file as ``name``."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise _IndexFileNotFoundError(f"{name}: no such index file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{name}: not an index file (a directory)") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{name}: not an index file (a symlink loop)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"{name}: not an index file (a directory)")
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{name}: not an index file (not a regular file)")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        head = len(_MAGIC) + _HEADER.size
+        data = f.read(head)
+        if len(data) < head or not data.startswith(_MAGIC):
+            raise ValueError(f"{name}: not a vljepa_fast EmbeddingIndex file (bad header)")
+        digest, length = _HEADER.unpack(data[len(_MAGIC) :])
+        size = st.st_size - head
+        if size != length:
+            raise ValueError(f"{name}: truncated or corrupt index ({size} of {length} bytes)")
+        payload = f.read(length + 1)
+    if len(payload) != length:  # the file changed under us
+        raise ValueError(f"{name}: truncated or corrupt index ({len(payload)} of {length} bytes)")
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError(f"{name}: corrupt index (checksum mismatch)")
+    return payload
+
+
+def _process_start(pid: int) -> tuple[str, float] | None:
+    """(state letter, start time since the epoch) of a live process, from Linux's /proc; None
+    where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(ln.split()[1]) for ln in f if ln.startswith(b"btime "))
+        return fields[0].decode(), btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _temp_is_stale(tmp: Path, pid: int) -> bool:
+    """A temporary left by a save that cannot finish: its writer is dead (or is this process
+    and not writing it), or the live process with that pid started after the file was last
+    written (the pid was reused)."""
+    if pid == os.getpid():
+        with _TMP_LOCK:
+            return str(tmp) not in _TMP_IN_PROGRESS
+    if os.name != "posix":
+        return False
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: alive, another user's
+        pass
+    proc = _process_start(pid)
+    if proc is None:
+        return False
+    state, started = proc
+    if state in ("Z", "X"):  # killed, not yet reaped
+        return True
+    try:
+        return tmp.lstat().st_mtime < started - _CLOCK_SLACK_S
+    except OSError:
+        return False
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Delete the stale temporaries of saves of ``target`` (best effort: never fails)."""
+    pattern = re.compile(re.escape(f".{target.name}") + _TMP_SUFFIX)
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        try:
+            if m is None or not entry.is_file(follow_symlinks=False):
+                continue
+            tmp = Path(entry.path)
+            if _temp_is_stale(tmp, int(m.group(1))):
+                tmp.unlink()
+        except OSError:
+            continue
+
+
+def _save_target(path: Path, name: str) -> Path:
+    """The file a save to ``path`` replaces: symlinks are followed (the link stays, its target
+    is written); a directory, a device or a symlink loop is refused."""
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():
+        raise ValueError(f"path: {name} is a symlink loop")
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        return target
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"path: {name} is a directory")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"path: {name} exists and is not a regular file")
+    return target
 
 
 class EmbeddingIndex:
@@ -28,14 +328,18 @@ class EmbeddingIndex:
 
     Vectors live in one growing [capacity, dim] buffer on ``device`` (capacity doubles, so ``add``
     is amortised O(rows)). With metric "cosine" rows are L2-normalised when added (a zero row stays
-    zero and scores 0) and searched by inner product.
+    zero and scores 0) and searched by inner product. Stored rows and queries must be finite in
+    the storage dtype (NaN, inf and values that overflow it are refused).
 
     Args:
         dim: embedding dimension D >= 1.
         metric: "ip" (inner product) or "cosine".
         dtype: storage dtype (float32, float16 or bfloat16); default float32.
-        device: storage device; default CPU.
-        backend: passed to :func:`vljepa_fast.topk_similarity`.
+        device: storage device, CPU or an available CUDA device; default CPU.
+        backend: "auto" or a :func:`vljepa_fast.topk_similarity` backend name.
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
     """
 
     def __init__(
@@ -47,15 +351,14 @@ class EmbeddingIndex:
         *,
         backend: str = "auto",
     ) -> None:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim: expected an int >= 1, got {dim!r}")
-        if metric not in ("ip", "cosine"):
-            raise ValueError(f"metric: expected 'ip' or 'cosine', got {metric!r}")
+        dim = _integer("dim", dim, 1)
+        metric = _choice("metric", metric, _METRICS)
         dtype = torch.float32 if dtype is None else dtype
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
-        self.dim, self.metric, self.dtype, self.backend = dim, metric, dtype, backend
-        self.device = torch.device("cpu" if device is None else device)
+        if not isinstance(dtype, torch.dtype) or dtype not in _DTYPES.values():
+            raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype!r}")
+        self.dim, self.metric, self.dtype = dim, metric, dtype
+        self.backend = _backend(backend, ("topk_similarity",))
+        self.device = _device("device", "cpu" if device is None else device, ("cpu", "cuda"))
         self.reset()
 
     def reset(self) -> None:
@@ -83,12 +386,25 @@ class EmbeddingIndex:
         """[len] int64 ids, in insertion order."""
         return self._ids[: self._count]
 
+    def _finite_rows(self, name: str, rows: Tensor, what: str) -> None:
+        bad = ~torch.isfinite(rows).all(dim=1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{name}: {what} {i} holds NaN or inf, or a value beyond the range of {self.dtype}"
+            )
+
     def add(self, x: Tensor, ids: Tensor | None = None) -> None:
-        """Append rows.
+        """Append rows (nothing is stored if an argument is refused).
 
         Args:
-            x: [n, dim] floating tensor (any device and float dtype; converted to the index's).
-            ids: [n] integer ids; default len(self) + arange(n), as faiss does.
+            x: [n, dim] floating tensor (any device and float dtype; converted to the index's),
+                finite in the index's dtype.
+            ids: [n] integer tensor (int8/16/32/64, uint8/16/32; any device), stored as int64;
+                default len(self) + arange(n), as faiss does. Duplicates are allowed.
+
+        Raises:
+            ValueError: a malformed argument (named in the message).
         """
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.dim:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -98,16 +414,21 @@ class EmbeddingIndex:
         n = x.shape[0]
         if ids is None:
             ids = torch.arange(self._count, self._count + n, device=self.device)
-        elif not isinstance(ids, Tensor) or ids.shape != (n,) or ids.is_floating_point():
+        elif not isinstance(ids, Tensor) or ids.shape != (n,) or ids.dtype not in _ID_DTYPES:
             got = (
                 f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
             )
-            raise ValueError(f"ids: expected an integer tensor of shape [{n}], got {got}")
+            raise ValueError(
+                f"ids: expected an integer tensor of shape [{n}] (int8/16/32/64 or "
+                f"uint8/16/32), got {got}"
+            )
         rows = x.detach().to(self.device, torch.float32)
         if self.metric == "cosine":
             rows = F.normalize(rows, dim=1, eps=reference.NORM_EPS)
+        rows = rows.to(self.dtype)
+        self._finite_rows("x", rows, "row")
         self._reserve(self._count + n)
-        self._vectors[self._count : self._count + n] = rows.to(self.dtype)
+        self._vectors[self._count : self._count + n] = rows
         self._ids[self._count : self._count + n] = ids.to(self.device, torch.long)
         self._count += n
 
@@ -127,62 +448,97 @@ class EmbeddingIndex:
         """The k best stored rows of every query.
 
         Args:
-            q: [Q, dim] or [dim] queries (converted to the index's device and dtype).
-            k: 1 <= k <= len(self).
+            q: [Q, dim] or [dim] floating queries (converted to the index's device and dtype;
+                finite there). Q may be 0.
+            k: int (numpy ints too), 1 <= k <= len(self).
 
         Returns:
             (scores [Q, k] float32 sorted descending, ids [Q, k] int64), faiss's order; a 1-D
             query gives [k] results.
+
+        Raises:
+            ValueError: a malformed argument (named in the message), or the index is empty.
         """
         if len(self) == 0:
             raise ValueError("search: the index is empty (add vectors first)")
         if not isinstance(q, Tensor) or q.dim() not in (1, 2) or q.shape[-1] != self.dim:
             got = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
             raise ValueError(f"q: expected a [Q, {self.dim}] or [{self.dim}] tensor, got {got}")
+        if not q.is_floating_point():
+            raise ValueError(f"q: expected a floating tensor, got {q.dtype}")
+        if _is_bool(k) or not isinstance(k, numbers.Integral) or not 1 <= int(k) <= len(self):
+            raise ValueError(f"k: expected in [1, {len(self)}] (k <= len(index)), got {k!r}")
+        k = int(k)
         single = q.dim() == 1
-        queries = q.reshape(-1, self.dim).to(self.device, torch.float32)
+        queries = q.detach().reshape(-1, self.dim).to(self.device, torch.float32)
         if self.metric == "cosine":  # stored rows are unit already: inner product is the cosine
             queries = F.normalize(queries, dim=1, eps=reference.NORM_EPS)
-        scores, rows = functional.topk_similarity(
-            queries.to(self.dtype).contiguous(), self.vectors, k, backend=self.backend
-        )
+        queries = queries.to(self.dtype).contiguous()
+        self._finite_rows("q", queries, "query")
+        if queries.shape[0] == 0:
+            return (
+                torch.empty(0, k, device=self.device),
+                torch.empty(0, k, dtype=torch.long, device=self.device),
+            )
+        scores, rows = functional.topk_similarity(queries, self.vectors, k, backend=self.backend)
         ids = self._ids[rows]
         return (scores[0], ids[0]) if single else (scores, ids)
 
     def to(self, device: torch.device | str) -> EmbeddingIndex:
-        """Move the storage to ``device`` (in place) and return self."""
-        self.device = torch.device(device)
+        """Move the storage to ``device`` (CPU or an available CUDA device; in place); return
+        self."""
+        self.device = _device("device", device, ("cpu", "cuda"))
         self._vectors = self.vectors.to(self.device)
         self._ids = self.ids.to(self.device)
         return self
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file, fsync, rename); a sha256 guards the payload."""
-        buf = io.BytesIO()
-        torch.save(
+        """Write the index to ``path`` atomically: a temporary file beside it
+        (``.<name>.tmp-<pid>-<random>``), fsync, rename over ``path``, fsync of the directory.
+
+        The file gets the permissions of a new file under the process umask (0o666 & ~umask).
+        If ``path`` is a symlink, the file it points to is replaced and the link kept (a
+        dangling link's target is created). Temporaries of earlier saves of the same file that
+        can never finish (their process is gone, e.g. killed mid-write) are deleted first.
+
+        Raises:
+            ValueError: ``path`` is not a path, or names a directory, a device, a FIFO or a
+                symlink loop.
+            OSError: the file cannot be written (its directory is missing, permissions, disk).
+        """
+        p = _path(path)
+        target = _save_target(p, str(p))
+        payload = _encode_payload(
             {
                 "dim": self.dim,
                 "metric": self.metric,
                 "dtype": str(self.dtype).removeprefix("torch."),
-                "vectors": self.vectors.cpu(),
-                "ids": self.ids.cpu(),
-            },
-            buf,
+                # copies: a view would save the whole capacity buffer
+                "vectors": self.vectors.to("cpu", copy=True),
+                "ids": self.ids.to("cpu", copy=True),
+            }
         )
-        payload = buf.getvalue()
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        _remove_stale_temps(target)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        with _TMP_LOCK:
+            _TMP_IN_PROGRESS.add(str(tmp))
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(_MAGIC + _HEADER.pack(hashlib.sha256(payload).digest(), len(payload)))
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+            fd = os.open(tmp, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(_MAGIC + _HEADER.pack(hashlib.sha256(payload).digest(), len(payload)))
+                    f.write(payload)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        finally:
+            with _TMP_LOCK:
+                _TMP_IN_PROGRESS.discard(str(tmp))
+        dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -196,31 +552,71 @@ class EmbeddingIndex:
         *,
         backend: str = "auto",
     ) -> EmbeddingIndex:
-        """Read an index written by :meth:`save`.
+        """Read an index written by :meth:`save` (no code in the file is ever run).
+
+        Every field is checked: the header (magic, length, sha256 of the payload), then the
+        payload's fields on their own and against each other (dim, metric, dtype, [n, dim]
+        vectors of that dtype, finite, unit rows under "cosine", [n] int64 ids). Stale
+        temporaries of killed saves of this file are deleted (as :meth:`save` does).
+
+        Args:
+            path: the file (symlinks are followed).
+            device, backend: as the constructor.
 
         Raises:
-            ValueError: the file is not an index, or is truncated or corrupt (checksum mismatch).
+            ValueError: a malformed argument, or the file is missing (the error is then also a
+                FileNotFoundError), not a regular file, not an index, truncated, corrupt
+                (checksum mismatch) or malformed (the message names the file and the field).
+            OSError: the file exists but cannot be read (permissions, I/O).
         """
-        data = Path(path).read_bytes()
-        head = len(_MAGIC) + _HEADER.size
-        if not data.startswith(_MAGIC) or len(data) < head:
-            raise ValueError(f"{path}: not a vljepa_fast EmbeddingIndex file (bad header)")
-        digest, length = _HEADER.unpack(data[len(_MAGIC) : head])
-        payload = data[head:]
-        if len(payload) != length:
-            raise ValueError(
-                f"{path}: truncated or corrupt index ({len(payload)} of {length} bytes)"
-            )
-        if hashlib.sha256(payload).digest() != digest:
-            raise ValueError(f"{path}: corrupt index (checksum mismatch)")
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-        index = cls(
-            state["dim"], state["metric"], getattr(torch, state["dtype"]), device, backend=backend
+        p = _path(path)
+        dev = _device("device", "cpu" if device is None else device, ("cpu", "cuda"))
+        _backend(backend, ("topk_similarity",))
+        _remove_stale_temps(Path(os.path.realpath(p)))
+        name = str(p)
+        dim, metric, dtype, vectors, ids = _checked_state(
+            name, _decode_payload(name, _read_index_file(p, name))
         )
-        index._vectors = state["vectors"].to(index.device)
-        index._ids = state["ids"].to(index.device)
-        index._count = state["ids"].shape[0]
+        index = cls(dim, metric, dtype, dev, backend=backend)
+        n = ids.shape[0]
+        index._reserve(n)
+        index._vectors[:n] = vectors
+        index._ids[:n] = ids
+        index._count = n
         return index
+
+
+def _rope_scaling(v: object) -> dict | None:
+    """transformers' ``rope_scaling`` dict, checked; the legacy key "type" is read as
+    "rope_type"."""
+    if v is None:
+        return None
+    if not isinstance(v, Mapping):
+        raise ValueError(f"rope_scaling: expected a mapping or None, got {type(v).__name__}")
+    out = dict(v)
+    if "rope_type" not in out and "type" in out:
+        out["rope_type"] = out["type"]
+    rope_type = out.setdefault("rope_type", "default")
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(
+            f"rope_scaling: expected rope_type 'llama3' or 'default', got {rope_type!r}"
+        )
+    if rope_type == "llama3":
+        for key, above in (
+            ("factor", 0.0),
+            ("low_freq_factor", 0.0),
+            ("high_freq_factor", 0.0),
+            ("original_max_position_embeddings", 0.0),
+        ):
+            if key not in out:
+                raise ValueError(f"rope_scaling: rope_type 'llama3' needs {key!r}")
+            _number(f"rope_scaling[{key!r}]", out[key], above=above)
+        if not float(out["high_freq_factor"]) > float(out["low_freq_factor"]):
+            raise ValueError(
+                f"rope_scaling: expected high_freq_factor > low_freq_factor, got "
+                f"{out['high_freq_factor']} <= {out['low_freq_factor']}"
+            )
+    return out
 
 
 class PredictorAttention(torch.nn.Module):
@@ -239,14 +635,20 @@ class PredictorAttention(torch.nn.Module):
         num_heads: query heads Hq (32).
         num_kv_heads: key/value heads Hkv, dividing num_heads (8).
         head_dim: D, even (64).
-        rope_theta: RoPE frequency base (500000).
+        rope_theta: RoPE frequency base, a finite number > 1 (500000).
         rope_scaling: transformers' ``rope_scaling`` dict (default Llama 3.2's "llama3" scaling:
             factor 32, low 1, high 4, original 8192) or None for plain RoPE.
-        max_position_embeddings: the longest sequence accepted (131072).
+        max_position_embeddings: positions must be below this (131072).
         causal: lower-triangular mask on top of the key padding (the VL-JEPA predictor: False).
-        backend: attention backend, passed to :func:`vljepa_fast.attention`.
+        backend: "auto" or a :func:`vljepa_fast.attention` backend name; rotary runs on its
+            eager reference when this is "reference", else on "auto".
         device: parameter device.
-        dtype: parameter dtype.
+        dtype: parameter dtype (float32, float16, bfloat16 or float64).
+
+    Ints accept numpy integers; bools are refused where numbers are expected.
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
     """
 
     def __init__(
@@ -265,29 +667,30 @@ class PredictorAttention(torch.nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, v in (
-            ("hidden_size", hidden_size),
-            ("num_heads", num_heads),
-            ("num_kv_heads", num_kv_heads),
-            ("head_dim", head_dim),
-            ("max_position_embeddings", max_position_embeddings),
-        ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        hidden_size = _integer("hidden_size", hidden_size, 1)
+        num_heads = _integer("num_heads", num_heads, 1)
+        num_kv_heads = _integer("num_kv_heads", num_kv_heads, 1)
+        head_dim = _integer("head_dim", head_dim, 1)
+        max_position_embeddings = _integer("max_position_embeddings", max_position_embeddings, 1)
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_kv_heads: must divide num_heads ({num_heads}), got {num_kv_heads}"
             )
         if head_dim % 2:
             raise ValueError(f"head_dim: expected an even head dim (RoPE pairs), got {head_dim}")
+        if dtype is not None and dtype not in _validate.FLOAT_DTYPES:
+            raise ValueError(
+                f"dtype: expected float32, float16, bfloat16 or float64 (or None), got {dtype!r}"
+            )
+        if device is not None:
+            device = _device("device", device)
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
-        self.head_dim, self.rope_theta = head_dim, float(rope_theta)
-        self.rope_scaling = None if rope_scaling is None else dict(rope_scaling)
-        self.max_position_embeddings, self.causal, self.backend = (
-            max_position_embeddings,
-            causal,
-            backend,
-        )
+        self.head_dim = head_dim
+        self.rope_theta = _number("rope_theta", rope_theta, above=1.0)
+        self.rope_scaling = _rope_scaling(rope_scaling)
+        self.max_position_embeddings = max_position_embeddings
+        self.causal = _flag("causal", causal)
+        self.backend = _backend(backend, ("attention",))
         kw = {"device": device, "dtype": dtype, "bias": False}
         self.q_proj = torch.nn.Linear(hidden_size, num_heads * head_dim, **kw)
         self.k_proj = torch.nn.Linear(hidden_size, num_kv_heads * head_dim, **kw)
@@ -301,6 +704,33 @@ class PredictorAttention(torch.nn.Module):
             f"causal={self.causal}, backend={self.backend!r}"
         )
 
+    def _check_positions(self, position_ids: object, hidden: Tensor) -> Tensor:
+        B, L, _ = hidden.shape
+        if not isinstance(position_ids, Tensor):
+            raise ValueError(
+                f"position_ids: expected an integer tensor, got {type(position_ids).__name__}"
+            )
+        if position_ids.dtype not in _ID_DTYPES:
+            raise ValueError(f"position_ids: expected an integer tensor, got {position_ids.dtype}")
+        if position_ids.shape not in ((L,), (B, L)):
+            raise ValueError(
+                f"position_ids: expected [B, L] or [L] = {(B, L)}, got {tuple(position_ids.shape)}"
+            )
+        if position_ids.device != hidden.device:
+            raise ValueError(
+                f"position_ids: expected device {hidden.device} (hidden's), got "
+                f"{position_ids.device}"
+            )
+        if not torch.compiler.is_compiling():  # one host sync; not inside a compiled graph
+            lo, hi = torch.aminmax(position_ids.to(torch.int64))
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= self.max_position_embeddings:
+                raise ValueError(
+                    f"position_ids: expected values in [0, {self.max_position_embeddings}) "
+                    f"(max_position_embeddings), got values in [{lo}, {hi}]"
+                )
+        return position_ids
+
     def forward(
         self,
         hidden: Tensor,
@@ -310,19 +740,38 @@ class PredictorAttention(torch.nn.Module):
         """Attend over the sequence.
 
         Args:
-            hidden: [B, L, hidden_size] in the parameters' dtype.
+            hidden: [B, L, hidden_size], B, L >= 1, on the parameters' device and in their
+                dtype (any float dtype under torch.autocast).
             key_padding_mask: [B, L] bool, True = a real token; PAD keys take no part (a PAD
                 query still gets an output, from the real keys). None: every token is real.
-            position_ids: [B, L] or [L] integer positions for RoPE; default 0..L-1.
+            position_ids: [B, L] or [L] integer positions for RoPE on hidden's device, each in
+                [0, max_position_embeddings) (checked eagerly, one host sync; not checked inside
+                torch.compile); default 0..L-1.
 
         Returns:
             [B, L, hidden_size].
+
+        Raises:
+            ValueError: a malformed argument (named in the message).
         """
         H = self.hidden_size
         if not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[-1] != H:
             got = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
             raise ValueError(f"hidden: expected [B, L, {self.hidden_size}], got {got}")
+        weight = self.q_proj.weight
+        if hidden.dtype != weight.dtype or hidden.device != weight.device:
+            try:  # under autocast the projections cast; its absence on meta & co. is an error
+                autocast = torch.is_autocast_enabled(hidden.device.type)
+            except RuntimeError:
+                autocast = False
+            if hidden.device != weight.device or not autocast:
+                raise ValueError(
+                    f"hidden: expected {weight.dtype} on {weight.device} (the parameters'), got "
+                    f"{hidden.dtype} on {hidden.device}"
+                )
         B, L, _ = hidden.shape
+        if B == 0 or L == 0:
+            raise ValueError(f"hidden: expected B, L >= 1, got shape {tuple(hidden.shape)}")
         if position_ids is None:
             if L > self.max_position_embeddings:
                 raise ValueError(
@@ -330,17 +779,16 @@ class PredictorAttention(torch.nn.Module):
                     f"({self.max_position_embeddings})"
                 )
             position_ids = torch.arange(L, device=hidden.device)
-        elif position_ids.shape not in ((L,), (B, L)):
-            raise ValueError(
-                f"position_ids: expected [B, L] or [L] = {(B, L)}, got {tuple(position_ids.shape)}"
-            )
+        else:
+            position_ids = self._check_positions(position_ids, hidden)
         cos, sin = rotary_cos_sin(
             position_ids, self.head_dim, theta=self.rope_theta, rope_scaling=self.rope_scaling
         )
         q = self.q_proj(hidden).view(B, L, self.num_heads, self.head_dim)
         k = self.k_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, cos, sin, layout="llama")
+        rot = "reference" if self.backend == "reference" else "auto"
+        q, k = apply_rotary(q, k, cos, sin, layout="llama", backend=rot)
         out = functional.attention(
             q, k, v, key_padding_mask=key_padding_mask, causal=self.causal, backend=self.backend
         )
@@ -351,14 +799,22 @@ class InfoNCELoss(torch.nn.Module):
     """Bidirectional InfoNCE on the fused kernels (:func:`vljepa_fast.infonce_loss`) as a module.
 
     Args:
-        temperature: the fixed temperature, or the initial one when learnable.
+        temperature: the fixed temperature, or the initial one when learnable: a positive finite
+            number (numpy scalars too; not a bool). When learnable it must be at least
+            ``1 / max_logit_scale`` (the clamp would otherwise change it at once).
         learnable_temperature: learn ``logit_scale = log(1 / temperature)`` (CLIP convention);
             the scale used is ``exp(logit_scale)`` clamped at ``max_logit_scale``.
-        max_logit_scale: the clamp of the learned scale (CLIP: 100).
-        symmetric, reduction, group, backend: as :func:`vljepa_fast.infonce_loss`.
+        max_logit_scale: the clamp of the learned scale, a number > 0 (CLIP: 100; inf: none).
+        symmetric: both directions (bool).
+        reduction: "mean", "sum" or "none".
+        group, backend: as :func:`vljepa_fast.infonce_loss` (backend: "auto" or one of its
+            backend names).
 
     Shapes:
         forward(pred [N, D], target [N, D]) -> scalar float32 (or [N] with reduction "none").
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
     """
 
     def __init__(
@@ -372,21 +828,23 @@ class InfoNCELoss(torch.nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
-            raise ValueError(f"temperature: expected a positive finite float, got {temperature!r}")
-        if not max_logit_scale > 0:
-            raise ValueError(f"max_logit_scale: expected > 0, got {max_logit_scale!r}")
-        self.temperature = float(temperature)
-        self.max_logit_scale = float(max_logit_scale)
-        self.symmetric, self.reduction, self.group, self.backend = (
-            symmetric,
-            reduction,
-            group,
-            backend,
+        self.temperature = _number("temperature", temperature, above=0.0)
+        learnable = _flag("learnable_temperature", learnable_temperature)
+        self.max_logit_scale = _number(
+            "max_logit_scale", max_logit_scale, above=0.0, allow_inf=True
         )
-        if learnable_temperature:
-            init = torch.tensor(1.0 / temperature).log()
-            self.logit_scale = torch.nn.Parameter(init)
+        self.symmetric = _flag("symmetric", symmetric)
+        self.reduction = _choice("reduction", reduction, ("mean", "sum", "none"))
+        self.group = group
+        self.backend = _backend(backend, ("infonce_loss",))
+        if learnable:
+            scale = 1.0 / self.temperature
+            if not scale <= self.max_logit_scale:
+                raise ValueError(
+                    f"temperature: a learnable temperature starts at or above 1 / max_logit_scale "
+                    f"= {1.0 / self.max_logit_scale:g} (the clamp), got {self.temperature:g}"
+                )
+            self.logit_scale = torch.nn.Parameter(torch.tensor(scale).log())
         else:
             self.register_parameter("logit_scale", None)
 
@@ -398,7 +856,7 @@ class InfoNCELoss(torch.nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         temperature = self.current_temperature()
-        if isinstance(temperature, Tensor):
+        if isinstance(temperature, Tensor) and isinstance(pred, Tensor):
             temperature = temperature.to(pred.device)
         return functional.infonce_loss(
             pred,

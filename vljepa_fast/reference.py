@@ -21,6 +21,8 @@ __all__ = [
     "infonce_loss",
     "infonce_terms",
     "topk_similarity",
+    "topk_order",
+    "normalize_rows",
     "NORM_EPS",
 ]
 
@@ -60,12 +62,21 @@ def attention(
 
     Returns:
         [B, T, Hq, D] in q's dtype. A query whose keys are all masked gets zeros.
+
+    Padded keys take no part: their k and v are replaced by zeros before any arithmetic (a
+    NaN there would otherwise reach every output through 0 * NaN), so they get zero gradients.
+    Everything else is plain softmax arithmetic; its NaN / Inf results define the rule every
+    backend follows (see :func:`vljepa_fast.functional.attention`).
     """
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     cdt = _compute_dtype(q, k, v)
     group = Hq // Hkv
+    if key_padding_mask is not None:
+        real = key_padding_mask[:, :, None, None]
+        k = torch.where(real, k, torch.zeros((), dtype=k.dtype, device=k.device))
+        v = torch.where(real, v, torch.zeros((), dtype=v.dtype, device=v.device))
     qf = q.to(cdt).transpose(1, 2)  # [B, Hq, T, D]
     kf = k.to(cdt).transpose(1, 2).repeat_interleave(group, dim=1)  # [B, Hq, S, D]
     vf = v.to(cdt).transpose(1, 2).repeat_interleave(group, dim=1)
@@ -187,13 +198,16 @@ def infonce_loss(
     Args:
         pred: [N, D] predicted embeddings.
         target: [N, D] target embeddings.
-        temperature: positive float, or a 0-dim tensor (gradient flows to it).
+        temperature: positive float, or a 0-dim tensor (gradient flows to it); the public op
+            serves temperature >= 2**-60 (vljepa_fast.ops.infonce.MIN_TEMPERATURE).
         symmetric: average both directions; False keeps pred->target only.
         normalize: L2-normalise rows first (eps ``NORM_EPS``).
         reduction: "mean" (scalar), "sum" (scalar) or "none" ([N] per-row losses).
 
     Returns:
-        The loss in float32 (float64 for float64 inputs).
+        The loss in float32 (float64 for float64 inputs). NaN rule: NaN / Inf inputs are not
+        filtered and propagate through the logits by IEEE arithmetic; the terms this gives
+        non-finite define the rule every backend follows (vljepa_fast.functional.infonce_loss).
     """
     scale = 1.0 / temperature
     row_lse, col_lse, pos_row, pos_col = infonce_terms(
@@ -212,6 +226,62 @@ def infonce_loss(
 # --------------------------------------------------------------------------------------------
 
 
+def normalize_rows(x: Tensor) -> Tensor:
+    """Rows divided by max(norm, NORM_EPS), with the gradient rule of the cosine metric.
+
+    The value is ``F.normalize(x, dim=-1, eps=NORM_EPS)``. The gradient is that of x / |x| on
+    rows with norm >= NORM_EPS, and zero on rows below it (the clamp is treated as a constant:
+    a zero row has no direction, and 1 / NORM_EPS = 1e12 slopes would overflow fp16 gradients).
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    big = norm >= NORM_EPS
+    # x / 1 on the small rows keeps NaN (0 / 0) out of the masked branch and its gradient
+    unit = x / torch.where(big, norm, torch.ones_like(norm))
+    return torch.where(big, unit, (x / NORM_EPS).detach())
+
+
+def _topk_order_exact(scores: Tensor, k: int) -> Tensor:
+    """:func:`topk_order` by ranks over whole rows (O(Q * N) extra passes and memory)."""
+    nan = scores.isnan()
+    key = scores.masked_fill(nan, -math.inf)
+    # The k-th best key of each row (a value, unique whatever topk does with ties).
+    kth = key.topk(k, dim=1).values[:, -1:]
+    above = key > kth
+    # Of the keys equal to the k-th, the lowest indices fill the remaining places; when the k-th
+    # is -inf, real -inf scores come before NaN ones.
+    need = k - above.sum(1, keepdim=True)
+    tie = (key == kth) & ~nan
+    tie_nan = nan & (kth == -math.inf)
+    tie_rank = tie.cumsum(1)
+    nan_rank = tie.sum(1, keepdim=True) + tie_nan.cumsum(1)
+    chosen = above | (tie & (tie_rank <= need)) | (tie_nan & (nan_rank <= need))
+    return chosen.nonzero()[:, 1].view(scores.shape[0], k)
+
+
+def topk_order(scores: Tensor, k: int) -> Tensor:
+    """Indices [Q, k] of the k best columns of every row of ``scores`` [Q, N] in the documented
+    order of topk_similarity: descending, NaN below -inf, equal scores lowest index first
+    (-0.0 equals +0.0). Each row's choice is unique, so every backend returns the same indices.
+    """
+    # torch.topk picks any of equal values and ranks NaN first. Its set is still the right one
+    # in every row without a NaN whose k-th value differs from its (k+1)-th (no tie cut by k).
+    kk = min(k + 1, scores.shape[1])
+    values, index = scores.topk(kk, dim=1)
+    redo = values[:, 0].isnan()
+    if kk > k:
+        redo = redo | (values[:, k - 1] == values[:, k])
+    # The other rows take the exact choice by ranks over the whole row (slower).
+    rows = redo.nonzero()[:, 0]
+    index = index[:, :k].index_copy(0, rows, _topk_order_exact(scores.index_select(0, rows), k))
+    # Order the k: by index, then stably by score descending, then stably NaN last.
+    index = index.sort(dim=1).values
+    chosen = scores.gather(1, index)
+    nan = chosen.isnan()
+    order = chosen.masked_fill(nan, -math.inf).sort(dim=1, descending=True, stable=True).indices
+    index, nan = index.gather(1, order), nan.gather(1, order)
+    return index.gather(1, nan.to(torch.uint8).sort(dim=1, stable=True).indices)
+
+
 def topk_similarity(
     queries: Tensor, bank: Tensor, k: int, *, metric: str = "ip"
 ) -> tuple[Tensor, Tensor]:
@@ -222,16 +292,17 @@ def topk_similarity(
         bank: [N, D].
         k: 1 <= k <= N.
         metric: "ip" (inner product) or "cosine" (rows divided by max(norm, NORM_EPS): a zero
-            row scores 0 against everything).
+            row scores 0 against everything; gradient rule: :func:`normalize_rows`).
 
     Returns:
-        (scores [Q, k] float32 (float64 for float64 inputs) sorted descending,
-        indices [Q, k] int64).
+        (scores [Q, k] float32 (float64 for float64 inputs), indices [Q, k] int64), in the order
+        of :func:`topk_order`: descending, NaN scores last (below -inf), equal scores lowest
+        bank index first.
     """
     cdt = _compute_dtype(queries, bank)
     q, b = queries.to(cdt), bank.to(cdt)
     if metric == "cosine":
-        q = F.normalize(q, dim=-1, eps=NORM_EPS)
-        b = F.normalize(b, dim=-1, eps=NORM_EPS)
-    scores, indices = torch.topk(q @ b.T, k, dim=1, largest=True, sorted=True)
-    return scores, indices
+        q, b = normalize_rows(q), normalize_rows(b)
+    full = q @ b.T
+    indices = topk_order(full.detach(), k)
+    return full.gather(1, indices), indices

@@ -55,6 +55,7 @@
 #include <utility>
 #include <vector>
 
+#include "infonce_check.h"
 #include "vljepa_check.h"
 
 namespace vljepa_fast {
@@ -180,28 +181,13 @@ Plan make_plan(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale
   VF_CHECK_DEVICE(a, at::kCPU);
   VF_CHECK_DEVICE(b, at::kCPU);
   VF_CHECK_DEVICE(scale, at::kCPU);
-  VF_CHECK_DIM(a, 2);
-  VF_CHECK_DIM(b, 2);
-  VF_CHECK_FLOATING(a);
-  TORCH_CHECK(b.scalar_type() == a.scalar_type(), "b dtype ", b.scalar_type(),
-              " must match a dtype ", a.scalar_type());
-  VF_CHECK_CONTIGUOUS(a);
-  VF_CHECK_CONTIGUOUS(b);
-  TORCH_CHECK(a.size(1) == b.size(1), "a and b must have the same feature size, got ", a.sizes(),
-              " and ", b.sizes());
-  TORCH_CHECK(a.size(1) >= 1, "a and b need at least one feature column, got ", a.sizes());
-  TORCH_CHECK(scale.numel() == 1 && scale.is_floating_point(),
-              "scale must be a one-element floating tensor, got ", scale.scalar_type(),
-              " of shape ", scale.sizes());
+  check_infonce_inputs(a, b, scale, offset);
   Plan p;
   p.n = a.size(0);
   p.m = b.size(0);
   p.dim = a.size(1);
   p.offset = offset;
   p.normalize = normalize;
-  TORCH_CHECK(p.n >= 1, "a must have at least one row, got ", a.sizes());
-  TORCH_CHECK(offset >= 0 && p.n + offset <= p.m, "offset must be in [0, M - N] = [0, ",
-              p.m - p.n, "] so that every row has its positive column, got ", offset);
   p.scale = scale.item<float>();
   TORCH_CHECK(std::isfinite(p.scale), "scale must be finite, got ", p.scale);
 
@@ -555,22 +541,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
     bool normalize, const at::Tensor& row_lse, const std::optional<at::Tensor>& col_lse,
     const at::Tensor& g_row, const std::optional<at::Tensor>& g_col) {
   Plan p = make_plan(a, b, scale, offset, normalize);
-  const bool with_col = g_col.has_value() && g_col->defined();
-  TORCH_CHECK(!with_col || (col_lse.has_value() && col_lse->defined()),
-              "col_lse is required when g_col is given");
-  const auto vec = [](const at::Tensor& t, int64_t len, const char* name, at::ScalarType as) {
+  const bool with_col = check_infonce_bwd_vectors(a, b, row_lse, col_lse, g_row, g_col);
+  const auto vec = [](const at::Tensor& t, at::ScalarType as) {
     VF_CHECK_DEVICE(t, at::kCPU);
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == len && t.is_floating_point(), name,
-                " must be a floating [", len, "] vector, got ", t.scalar_type(), " of shape ",
-                t.sizes());
     return t.to(as).contiguous();
   };
-  const Lse row_lse_split(vec(row_lse, p.n, "row_lse", at::kDouble));
-  const at::Tensor g_row32 = vec(g_row, p.n, "g_row", at::kFloat);
+  const Lse row_lse_split(vec(row_lse, at::kDouble));
+  const at::Tensor g_row32 = vec(g_row, at::kFloat);
   const std::optional<Lse> col_lse_split =
-      with_col ? std::optional<Lse>(std::in_place, vec(*col_lse, p.m, "col_lse", at::kDouble))
+      with_col ? std::optional<Lse>(std::in_place, vec(*col_lse, at::kDouble))
                : std::nullopt;
-  const at::Tensor g_col32 = with_col ? vec(*g_col, p.m, "g_col", at::kFloat) : at::Tensor();
+  const at::Tensor g_col32 = with_col ? vec(*g_col, at::kFloat) : at::Tensor();
   const float* g_row_ptr = g_row32.data_ptr<float>();
   const Lse* col_lse_ptr = with_col ? &*col_lse_split : nullptr;
   const float* g_col_ptr = with_col ? g_col32.data_ptr<float>() : nullptr;

@@ -18,15 +18,23 @@
 // per-slot lists are merged per query (query-parallel) and sorted. Build with -fopenmp: ATen's
 // at::parallel_for is inlined into this file and runs serially without it.
 //
-// Selection: a candidate list holds up to cap = 2k + 32 unordered (score, index) pairs and a
-// threshold, the k-th best score kept so far (raised to the best threshold any thread has
-// published for the query). Random-like data rejects nearly every score with one compare; a
-// 16-wide "any above threshold" SSE test lets the scan skip whole chunks. When the list fills up,
-// nth_element cuts it back to k: O(1) amortised per accepted score even on adversarial (sorted)
-// banks.
+// Order. Right after its GEMM a score block is rewritten in place as int32 order keys: the fp32
+// bits mapped to an int32 of the same order (negative floats get their magnitude bits flipped),
+// every NaN mapped to INT32_MIN (below -inf) and -0.0 to +0.0's key. Candidates are compared by
+// (key descending, bank index ascending): a strict total order on distinct rows, so the top k of
+// a query is one well-defined set, whatever thread saw which block and in what order: NaN scores
+// rank last, equal scores go to the lowest index, and results do not depend on the thread count
+// (the order documented by vljepa_fast.topk_similarity, the same as every other backend's).
+// Keys decode back to the scores (a NaN comes back as the NaN with all bits set).
 //
-// NaN scores (only from NaN/inf inputs) rank below -inf so that selection stays a strict weak
-// order; they are reported as NaN if they make it into the top k.
+// Selection: a candidate list holds up to cap = 2k + 32 unordered (key, index) pairs and a
+// threshold pair, the k-th best kept so far. Random-like data rejects nearly every score with one
+// compare; a 16-wide "any key >= threshold key" SSE2 test lets the scan skip whole chunks. When
+// the list fills up, nth_element cuts it back to k: O(1) amortised per accepted score even on
+// adversarial (sorted) banks. Each thread also publishes the key of its lists' k-th best per
+// query (an atomic max); a score whose key is below a published one is beaten by k others and
+// is dropped by every thread. That roughly halves the scores taken on two threads when k is
+// large.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,13 +42,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <functional>
+#include <cstring>
 #include <limits>
 #include <memory>
-#include <utility>
 #include <vector>
 
-#include "vljepa_check.h"
+#include "topk_similarity_check.h"
 
 #if defined(__SSE2__) || defined(_M_X64)
 #include <emmintrin.h>
@@ -53,135 +60,170 @@ namespace {
 // an AVX2 EPYC (about 60 at 128 x 128), and the [256, 512] fp32 score block (512 KiB) fits in L2.
 constexpr int64_t kQueryTile = 256;
 constexpr int64_t kBankBlock = 512;
-// Scores compared per "any above threshold" test: four SSE vectors.
+// Keys compared per "any at or above threshold" test: four SSE vectors.
 constexpr int64_t kChunk = 16;
 constexpr int64_t kMinParallelWork = int64_t{1} << 20;
 constexpr float kNormEps = 1e-12f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// The key of every NaN score, below -inf's (INT32_MIN + 2^23 - 1).
+constexpr int32_t kKeyNaN = std::numeric_limits<int32_t>::min();
 
-inline float rank_key(float score) { return score != score ? kNegInf : score; }
+// fp32 score -> int32 key of the same order (see the header). Branch-free, so the loop over a
+// block vectorises.
+inline int32_t score_key(float score) {
+  uint32_t bits;
+  std::memcpy(&bits, &score, sizeof(bits));
+  const uint32_t mag = bits & 0x7fffffffu;
+  const int32_t signed_bits = static_cast<int32_t>(bits);
+  int32_t key = signed_bits ^ ((signed_bits >> 31) & 0x7fffffff);
+  key = mag > 0x7f800000u ? kKeyNaN : key;
+  return mag == 0 ? 0 : key;
+}
 
-// Compilers keep `any |= s > t` scalar (one comiss per score), so x86 gets SSE2 by hand (part of
-// x86-64, no -m flag needed): about 0.3 cycles per score.
-inline bool any_above(const float* scores, float threshold) {
+inline float key_score(int32_t key) {
+  const int32_t bits = key ^ ((key >> 31) & 0x7fffffff);
+  float score;
+  std::memcpy(&score, &bits, sizeof(score));
+  return score;
+}
+
+// Rewrites n fp32 scores in place as their int32 keys.
+void scores_to_keys(float* scores, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t key = score_key(scores[i]);
+    std::memcpy(scores + i, &key, sizeof(key));
+  }
+}
+
+// Compilers keep `any |= k >= t` scalar, so x86 gets SSE2 by hand (part of x86-64, no -m flag
+// needed): about 0.3 cycles per key.
+inline bool any_at_least(const int32_t* keys, int32_t threshold) {
 #if defined(__SSE2__) || defined(_M_X64)
-  const __m128 t = _mm_set1_ps(threshold);
-  const __m128 above = _mm_or_ps(
-      _mm_or_ps(_mm_cmpgt_ps(_mm_loadu_ps(scores), t), _mm_cmpgt_ps(_mm_loadu_ps(scores + 4), t)),
-      _mm_or_ps(_mm_cmpgt_ps(_mm_loadu_ps(scores + 8), t),
-                _mm_cmpgt_ps(_mm_loadu_ps(scores + 12), t)));
-  return _mm_movemask_ps(above) != 0;
+  const __m128i t = _mm_set1_epi32(threshold);
+  __m128i hit = _mm_setzero_si128();
+  for (int v = 0; v < 4; ++v) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + 4 * v));
+    hit = _mm_or_si128(hit, _mm_or_si128(_mm_cmpgt_epi32(x, t), _mm_cmpeq_epi32(x, t)));
+  }
+  return _mm_movemask_epi8(hit) != 0;
 #else
   int any = 0;
   for (int64_t j = 0; j < kChunk; ++j) {
-    any |= scores[j] > threshold;
+    any |= keys[j] >= threshold;
   }
   return any != 0;
 #endif
 }
 
-// Unordered candidates of one query: up to `cap` (score, index) pairs. Once it holds k pairs,
-// `threshold` is a lower bound of its k-th best score and only scores above it are taken.
-// index_t is int32_t whenever the bank allows: 8 instead of 12 bytes per candidate.
+// One candidate: a score's key and its bank row. index_t is int32_t whenever the bank allows.
 template <typename index_t>
-struct CandidateList {
-  float* score;
-  index_t* index;
-  int64_t& count;
-  float& threshold;
+struct Candidate {
+  int32_t key;
+  index_t index;
 };
 
-// Cuts a list holding `count` > k pairs back to its k best (in any order) and returns the k-th
-// best key, the new threshold. `scratch` holds at least `count` floats.
+// The strict total order of results: larger key first, then the lower bank index.
 template <typename index_t>
-float keep_best_k(const CandidateList<index_t>& list, int64_t k, float* scratch) {
-  const int64_t count = list.count;
-  for (int64_t i = 0; i < count; ++i) {
-    scratch[i] = rank_key(list.score[i]);
-  }
-  std::nth_element(scratch, scratch + k - 1, scratch + count, std::greater<float>());
-  const float kth = scratch[k - 1];
-  // nth_element left every key above the k-th best in front of it.
-  int64_t above = 0;
-  for (int64_t i = 0; i < k - 1; ++i) {
-    above += scratch[i] > kth;
-  }
-  // Scores equal to the k-th best fill the remaining places; which of them stay is arbitrary.
-  int64_t ties_left = k - above;
-  int64_t kept = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    const float key = rank_key(list.score[i]);
-    const bool tie = key == kth && ties_left > 0;
-    if (key > kth || tie) {
-      ties_left -= tie;
-      list.score[kept] = list.score[i];
-      list.index[kept] = list.index[i];
-      ++kept;
-    }
-  }
-  list.count = k;
-  return kth;
+inline bool better(const Candidate<index_t>& a, const Candidate<index_t>& b) {
+  return a.key > b.key || (a.key == b.key && a.index < b.index);
+}
+
+// Unordered candidates of one query: up to `cap` of them. Once it holds k, `threshold` is at or
+// below its k-th best (in the order above) and only candidates better than it are taken.
+template <typename index_t>
+struct CandidateList {
+  Candidate<index_t>* item;
+  int64_t& count;
+  Candidate<index_t>& threshold;
+};
+
+// Threshold from a published key: admits exactly the keys >= `key` (no row has the largest
+// index), a superset of what the publishing list still needs.
+template <typename index_t>
+inline Candidate<index_t> key_threshold(int32_t key) {
+  return {key, std::numeric_limits<index_t>::max()};
 }
 
 // Raises `shared` to `value` if that is larger (a relaxed atomic max).
-void raise_to(std::atomic<float>& shared, float value) {
-  float current = shared.load(std::memory_order_relaxed);
+void raise_to(std::atomic<int32_t>& shared, int32_t value) {
+  int32_t current = shared.load(std::memory_order_relaxed);
   while (current < value &&
          !shared.compare_exchange_weak(current, value, std::memory_order_relaxed)) {
   }
 }
 
-// Offers the scores row[0, n) of bank rows first_index + j to one query's list. `shared` is the
-// largest threshold any thread has published for this query: each is the k-th best of a subset
-// of the bank, so a score at or below it cannot beat the global k-th best (ties aside), and every
-// thread may drop it. That roughly halves the scores taken on two threads when k is large.
+// Publishes the key of the list's threshold (its k-th best) and keeps the tighter of that
+// threshold and the best published key.
 template <typename index_t>
-void offer_row(const float* row, int64_t n, int64_t first_index, int64_t k, int64_t cap,
-               const CandidateList<index_t>& list, std::atomic<float>& shared, float* scratch) {
+void update_threshold(const CandidateList<index_t>& list, std::atomic<int32_t>& shared) {
+  raise_to(shared, list.threshold.key);
+  const int32_t published = shared.load(std::memory_order_relaxed);
+  if (published > list.threshold.key) {
+    list.threshold = key_threshold<index_t>(published);
+  }
+}
+
+// Cuts a list holding `count` > k candidates back to its k best (in any order); the k-th best
+// becomes the threshold. Distinct rows make the order strict, so the k kept are unique.
+template <typename index_t>
+void keep_best_k(const CandidateList<index_t>& list, int64_t k) {
+  std::nth_element(list.item, list.item + (k - 1), list.item + list.count, better<index_t>);
+  list.threshold = list.item[k - 1];
+  list.count = k;
+}
+
+// Offers the keys row[0, n) of bank rows first_index + j to one query's list. `shared` is the
+// largest k-th-best key any thread has published for this query: the publisher keeps k
+// candidates with keys at or above it, so a key below it cannot be in the top k.
+template <typename index_t>
+void offer_row(const int32_t* row, int64_t n, int64_t first_index, int64_t k, int64_t cap,
+               const CandidateList<index_t>& list, std::atomic<int32_t>& shared) {
   int64_t j = 0;
   if (list.count < k) {
-    // Filling up: every score is taken, so the list holds k pairs whenever its share of the bank
-    // does, and the lists together always hold at least k.
+    // Filling up: every key is taken, so the list holds k whenever its share of the bank does,
+    // and the lists together always hold at least k.
     for (; j < n && list.count < k; ++j) {
-      list.score[list.count] = row[j];
-      list.index[list.count] = static_cast<index_t>(first_index + j);
+      list.item[list.count] = {row[j], static_cast<index_t>(first_index + j)};
       ++list.count;
     }
     if (list.count < k) {
       return;
     }
-    float kth = rank_key(list.score[0]);
+    Candidate<index_t> worst = list.item[0];
     for (int64_t i = 1; i < k; ++i) {
-      kth = std::min(kth, rank_key(list.score[i]));
+      worst = better(worst, list.item[i]) ? list.item[i] : worst;
     }
-    list.threshold = kth;
-    raise_to(shared, kth);
+    list.threshold = worst;
+    update_threshold(list, shared);
+  } else {
+    const int32_t published = shared.load(std::memory_order_relaxed);
+    if (published > list.threshold.key) {
+      list.threshold = key_threshold<index_t>(published);
+    }
   }
-  list.threshold = std::max(list.threshold, shared.load(std::memory_order_relaxed));
-  // Appends the scores row[from, to) (at most kChunk) that beat the threshold. Branch-free: in
-  // chunks that pass the any-above test about half the scores do, so a branch would mispredict.
-  const auto append_above = [&](int64_t from, int64_t to) {
+  // Appends the candidates row[from, to) (at most kChunk) better than the threshold.
+  // Branch-free: in chunks that pass the any-at-least test about half the keys do, so a branch
+  // would mispredict.
+  const auto append_better = [&](int64_t from, int64_t to) {
     if (list.count + kChunk > cap) {
-      const float kth = keep_best_k(list, k, scratch);
-      raise_to(shared, kth);
-      list.threshold = std::max(kth, shared.load(std::memory_order_relaxed));
+      keep_best_k(list, k);
+      update_threshold(list, shared);
     }
-    const float threshold = list.threshold;
+    const Candidate<index_t> threshold = list.threshold;
     int64_t count = list.count;
     for (int64_t jj = from; jj < to; ++jj) {
-      list.score[count] = row[jj];
-      list.index[count] = static_cast<index_t>(first_index + jj);
-      count += row[jj] > threshold;
+      const Candidate<index_t> c{row[jj], static_cast<index_t>(first_index + jj)};
+      list.item[count] = c;
+      count += better(c, threshold);
     }
     list.count = count;
   };
   for (; j + kChunk <= n; j += kChunk) {
-    if (any_above(row + j, list.threshold)) {
-      append_above(j, j + kChunk);
+    if (any_at_least(row + j, list.threshold.key)) {
+      append_better(j, j + kChunk);
     }
   }
   if (j < n) {
-    append_above(j, n);
+    append_better(j, n);
   }
 }
 
@@ -189,31 +231,27 @@ void offer_row(const float* row, int64_t n, int64_t first_index, int64_t k, int6
 template <typename index_t>
 struct Slot {
   Slot(int64_t tile, int64_t block, int64_t dim, int64_t cap, bool convert)
-      : score(new float[tile * cap]),
-        index(new index_t[tile * cap]),
+      : item(new Candidate<index_t>[tile * cap]),
         count(tile),
         threshold(tile),
-        scratch(cap),
         block_scores(at::empty({tile * block}, at::kFloat)),
         block_f32(convert ? at::empty({block, dim}, at::kFloat) : at::Tensor()) {}
 
   void reset() {
     std::fill(count.begin(), count.end(), 0);
-    std::fill(threshold.begin(), threshold.end(), kNegInf);
+    std::fill(threshold.begin(), threshold.end(), key_threshold<index_t>(kKeyNaN));
     used = false;
   }
 
   CandidateList<index_t> list(int64_t query, int64_t cap) {
-    return {score.get() + query * cap, index.get() + query * cap, count[query], threshold[query]};
+    return {item.get() + query * cap, count[query], threshold[query]};
   }
 
-  std::unique_ptr<float[]> score;    // [QT, cap], written before read: no zero fill
-  std::unique_ptr<index_t[]> index;  // [QT, cap]
-  std::vector<int64_t> count;        // [QT]
-  std::vector<float> threshold;      // [QT]
-  std::vector<float> scratch;        // [cap]
-  at::Tensor block_scores;           // [QT * NB] fp32
-  at::Tensor block_f32;              // [NB, D] fp32, for fp16/bf16 banks
+  std::unique_ptr<Candidate<index_t>[]> item;     // [QT, cap], written before read
+  std::vector<int64_t> count;                     // [QT]
+  std::vector<Candidate<index_t>> threshold;      // [QT]
+  at::Tensor block_scores;  // [QT * NB] fp32 scores, then their int32 keys in place
+  at::Tensor block_f32;     // [NB, D] fp32, for fp16/bf16 banks
   bool used = false;
 };
 
@@ -241,7 +279,7 @@ void search(const at::Tensor& queries, const at::Tensor& bank, int64_t k, bool c
   const int64_t num_slots = tiny ? 1 : std::min(num_threads, num_blocks);
 
   std::vector<std::unique_ptr<Slot<index_t>>> slots(num_slots);
-  std::unique_ptr<std::atomic<float>[]> shared(new std::atomic<float>[tile]);  // [QT]
+  std::unique_ptr<std::atomic<int32_t>[]> shared(new std::atomic<int32_t>[tile]);  // [QT]
   float* scores_ptr = out_scores.data_ptr<float>();
   int64_t* index_ptr = out_index.data_ptr<int64_t>();
 
@@ -260,7 +298,7 @@ void search(const at::Tensor& queries, const at::Tensor& bank, int64_t k, bool c
     }
     std::atomic<int64_t> next_block{0};
     for (int64_t i = 0; i < rows; ++i) {
-      shared[i].store(kNegInf, std::memory_order_relaxed);
+      shared[i].store(kKeyNaN, std::memory_order_relaxed);
     }
 
     const auto work = [&](int64_t slot_id, int64_t /*unused end*/) {
@@ -284,9 +322,11 @@ void search(const at::Tensor& queries, const at::Tensor& bank, int64_t k, bool c
               at::linalg_vector_norm(bank_block, 2, {1}).clamp_min_(kNormEps).reciprocal_();
           scores.mul_(inv_norm.unsqueeze(0));
         }
-        const float* row = scores.data_ptr<float>();
+        float* block_ptr = scores.data_ptr<float>();
+        scores_to_keys(block_ptr, rows * cols);
+        const int32_t* row = reinterpret_cast<const int32_t*>(block_ptr);
         for (int64_t i = 0; i < rows; ++i, row += cols) {
-          offer_row(row, cols, b0, k, cap, slot.list(i, cap), shared[i], slot.scratch.data());
+          offer_row(row, cols, b0, k, cap, slot.list(i, cap), shared[i]);
         }
       }
     };
@@ -297,31 +337,25 @@ void search(const at::Tensor& queries, const at::Tensor& bank, int64_t k, bool c
     }
 
     at::parallel_for(0, rows, tiny ? rows : 16, [&](int64_t begin, int64_t end) {
-      std::vector<std::pair<float, int64_t>> merged;
+      std::vector<Candidate<index_t>> merged;
       merged.reserve(num_slots * cap);
-      const auto better = [](const std::pair<float, int64_t>& a,
-                             const std::pair<float, int64_t>& b) {
-        return rank_key(a.first) > rank_key(b.first);
-      };
       for (int64_t i = begin; i < end; ++i) {
         merged.clear();
         for (auto& slot : slots) {
           if (slot && slot->used) {
             const CandidateList<index_t> list = slot->list(i, cap);
-            for (int64_t c = 0; c < list.count; ++c) {
-              merged.emplace_back(list.score[c], list.index[c]);
-            }
+            merged.insert(merged.end(), list.item, list.item + list.count);
           }
         }
         // Slots together saw the whole bank, and each kept its k best (or all it saw).
         TORCH_INTERNAL_ASSERT(static_cast<int64_t>(merged.size()) >= k);
-        std::nth_element(merged.begin(), merged.begin() + (k - 1), merged.end(), better);
-        std::sort(merged.begin(), merged.begin() + k, better);
+        std::nth_element(merged.begin(), merged.begin() + (k - 1), merged.end(), better<index_t>);
+        std::sort(merged.begin(), merged.begin() + k, better<index_t>);
         float* out_s = scores_ptr + (q0 + i) * k;
         int64_t* out_i = index_ptr + (q0 + i) * k;
         for (int64_t c = 0; c < k; ++c) {
-          out_s[c] = merged[c].first;
-          out_i[c] = merged[c].second;
+          out_s[c] = key_score(merged[c].key);
+          out_i[c] = merged[c].index;
         }
       }
     });
@@ -331,20 +365,13 @@ void search(const at::Tensor& queries, const at::Tensor& bank, int64_t k, bool c
 std::tuple<at::Tensor, at::Tensor> topk_similarity_cpu(const at::Tensor& queries,
                                                        const at::Tensor& bank, int64_t k,
                                                        bool cosine) {
+  // The ATen calls below (mm_out into a buffer) must not record autograd history even when an
+  // input requires grad: gradients come from vljepa_fast.ops.topk_similarity.attach_grad.
+  const at::NoGradGuard no_grad;
   VF_CHECK_DEVICE(queries, at::kCPU);
   VF_CHECK_DEVICE(bank, at::kCPU);
-  VF_CHECK_DIM(queries, 2);
-  VF_CHECK_DIM(bank, 2);
-  VF_CHECK_FLOATING(queries);
-  TORCH_CHECK(bank.scalar_type() == queries.scalar_type(), "bank dtype ", bank.scalar_type(),
-              " must match queries dtype ", queries.scalar_type());
-  VF_CHECK_CONTIGUOUS(queries);
-  VF_CHECK_CONTIGUOUS(bank);
-  TORCH_CHECK(bank.size(1) == queries.size(1),
-              "queries and bank must have the same feature size, got ", queries.sizes(), " and ",
-              bank.sizes());
+  vljepa_fast::check_topk_similarity_inputs(queries, bank, k);
   const int64_t num_bank = bank.size(0);
-  TORCH_CHECK(k >= 1 && k <= num_bank, "k must be in [1, N=", num_bank, "], got ", k);
 
   at::Tensor out_scores = at::empty({queries.size(0), k}, at::kFloat);
   at::Tensor out_index = at::empty({queries.size(0), k}, at::kLong);

@@ -69,6 +69,7 @@
 #include <utility>
 #include <type_traits>
 
+#include "infonce_check.h"
 #include "vljepa_check.h"
 
 namespace vljepa_fast {
@@ -653,31 +654,14 @@ void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sc
   VF_CHECK_DEVICE(b, at::kCUDA);
   TORCH_CHECK(a.device() == b.device(), "a and b must be on the same device, got ", a.device(),
               " and ", b.device());
-  VF_CHECK_DIM(a, 2);
-  VF_CHECK_DIM(b, 2);
-  VF_CHECK_FLOATING(a);
-  TORCH_CHECK(b.scalar_type() == a.scalar_type(), "b dtype ", b.scalar_type(),
-              " must match a dtype ", a.scalar_type());
-  VF_CHECK_CONTIGUOUS(a);
-  VF_CHECK_CONTIGUOUS(b);
-  TORCH_CHECK(a.size(1) == b.size(1), "a and b must have the same feature size, got ", a.sizes(),
-              " and ", b.sizes());
-  TORCH_CHECK(a.size(1) >= 1, "a and b need at least one feature column, got ", a.sizes());
-  TORCH_CHECK(scale.numel() == 1 && scale.is_floating_point(),
-              "scale must be a one-element floating tensor, got ", scale.scalar_type(),
-              " of shape ", scale.sizes());
   TORCH_CHECK(scale.is_cpu() || scale.device() == a.device(), "scale must be on the cpu or on ",
               a.device(), ", got ", scale.device());
-  const int64_t n = a.size(0);
-  const int64_t m = b.size(0);
-  TORCH_CHECK(n >= 1, "a must have at least one row, got ", a.sizes());
-  TORCH_CHECK(offset >= 0 && n + offset <= m, "offset must be in [0, M - N] = [0, ", m - n,
-              "] so that every row has its positive column, got ", offset);
+  check_infonce_inputs(a, b, scale, offset);
   // Row and feature indices are int in the kernels, with headroom for a tile end past the last
-  // row; element offsets are int64.
+  // row (N <= M, and the positive column i + offset < M); element offsets are int64.
   constexpr int64_t kMax = int64_t(1) << 30;
-  TORCH_CHECK(m < kMax && a.size(1) < kMax, "infonce (cuda): sizes must be below 2^30, got a ",
-              a.sizes(), " and b ", b.sizes());
+  TORCH_CHECK(b.size(0) < kMax && a.size(1) < kMax,
+              "infonce (cuda): sizes must be below 2^30, got a ", a.sizes(), " and b ", b.sizes());
 }
 
 template <typename T>
@@ -824,14 +808,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cuda(
     bool normalize, const at::Tensor& row_lse, const std::optional<at::Tensor>& col_lse,
     const at::Tensor& g_row, const std::optional<at::Tensor>& g_col) {
   check_inputs(a, b, scale, offset);
-  const bool with_col = g_col.has_value() && g_col->defined();
-  TORCH_CHECK(!with_col || (col_lse.has_value() && col_lse->defined()),
-              "col_lse is required when g_col is given");
-  const auto vec = [&](const at::Tensor& t, int64_t len, const char* name, at::ScalarType as) {
+  const bool with_col = check_infonce_bwd_vectors(a, b, row_lse, col_lse, g_row, g_col);
+  const auto vec = [&](const at::Tensor& t, const char* name, at::ScalarType as) {
     TORCH_CHECK(t.device() == a.device(), name, " must be on ", a.device(), ", got ", t.device());
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == len && t.is_floating_point(), name,
-                " must be a floating [", len, "] vector, got ", t.scalar_type(), " of shape ",
-                t.sizes());
     return t.to(as).contiguous();
   };
   // LSE [len] (float64) -> [2, len] float (hi, lo), hi + lo = lse to about 2^-48: the kernel
@@ -842,11 +821,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cuda(
   };
   const c10::cuda::CUDAGuard guard(a.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor row_lse32 = split(vec(row_lse, a.size(0), "row_lse", at::kDouble));
-  const at::Tensor g_row32 = vec(g_row, a.size(0), "g_row", at::kFloat);
+  const at::Tensor row_lse32 = split(vec(row_lse, "row_lse", at::kDouble));
+  const at::Tensor g_row32 = vec(g_row, "g_row", at::kFloat);
   const at::Tensor col_lse32 =
-      with_col ? split(vec(*col_lse, b.size(0), "col_lse", at::kDouble)) : at::Tensor();
-  const at::Tensor g_col32 = with_col ? vec(*g_col, b.size(0), "g_col", at::kFloat) : at::Tensor();
+      with_col ? split(vec(*col_lse, "col_lse", at::kDouble)) : at::Tensor();
+  const at::Tensor g_col32 = with_col ? vec(*g_col, "g_col", at::kFloat) : at::Tensor();
   at::Tensor da = at::empty_like(a);
   at::Tensor db = at::empty_like(b);
   // dscale lives where scale does (the Meta kernel's contract).

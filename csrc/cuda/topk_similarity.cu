@@ -20,9 +20,11 @@
 //
 // Keys. A score and its index travel as one uint64: high 32 bits are the fp32 score mapped to a
 // uint32 of the same order (sign bit set for positives, all bits flipped for negatives; every NaN
-// maps to 0, so NaN ranks below -inf and is reported as NaN), low 32 bits are ~index (index <
-// 2^31), so equal scores prefer the smaller index. Real keys are therefore unique and > 0; the
-// padding key 0 is smaller than every real key.
+// maps to 0, so NaN ranks below -inf and is reported as NaN; -0.0 maps to +0.0's 0x80000000),
+// low 32 bits are ~index (index < 2^31), so equal scores prefer the smaller index. Real keys are
+// therefore unique and > 0; the padding key 0 is smaller than every real key. This is the order
+// documented by vljepa_fast.topk_similarity for every backend: descending, NaN last, ties lowest
+// index.
 //
 // Warp select (per query; list and buffer in shared memory, owned by exactly one warp):
 //   list[kp]   sorted descending, kp = max(32, next_pow2(k)); starts all padding.
@@ -51,7 +53,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "vljepa_check.h"
+#include "topk_similarity_check.h"
 
 namespace vljepa_fast {
 namespace {
@@ -97,10 +99,14 @@ struct Config {
   }
 };
 
+// NaN and zero are recognised on the bits, so no compiler assumption about NaN can drop the
+// tests; -0.0 takes +0.0's key (equal scores tie, and ties go to the lowest index).
 __device__ __forceinline__ uint64_t make_key(float score, int index) {
   const uint32_t bits = __float_as_uint(score);
+  const uint32_t mag = bits & 0x7fffffffu;
   uint32_t ord = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  ord = score != score ? 0u : ord;
+  ord = mag > 0x7f800000u ? 0u : ord;
+  ord = mag == 0u ? 0x80000000u : ord;
   return (uint64_t(ord) << 32) | uint64_t(~uint32_t(index));
 }
 
@@ -611,19 +617,9 @@ std::tuple<at::Tensor, at::Tensor> topk_similarity_cuda(const at::Tensor& querie
   VF_CHECK_DEVICE(bank, at::kCUDA);
   TORCH_CHECK(queries.device() == bank.device(), "queries and bank must be on the same device, got ",
               queries.device(), " and ", bank.device());
-  VF_CHECK_DIM(queries, 2);
-  VF_CHECK_DIM(bank, 2);
-  VF_CHECK_FLOATING(queries);
-  TORCH_CHECK(bank.scalar_type() == queries.scalar_type(), "bank dtype ", bank.scalar_type(),
-              " must match queries dtype ", queries.scalar_type());
-  VF_CHECK_CONTIGUOUS(queries);
-  VF_CHECK_CONTIGUOUS(bank);
-  TORCH_CHECK(bank.size(1) == queries.size(1),
-              "queries and bank must have the same feature size, got ", queries.sizes(), " and ",
-              bank.sizes());
+  vljepa_fast::check_topk_similarity_inputs(queries, bank, k);
   const int64_t num_queries = queries.size(0);
   const int64_t num_bank = bank.size(0);
-  TORCH_CHECK(k >= 1 && k <= num_bank, "k must be in [1, N=", num_bank, "], got ", k);
   TORCH_CHECK(k <= kMaxK, "topk_similarity (cuda) supports k <= ", kMaxK, ", got k=", k,
               "; use the cpu or reference backend for larger k");
   // Indices travel as 32-bit ~index in the keys; row counts and offsets inside the kernels are

@@ -18,10 +18,14 @@ N x N logits. Differences, on purpose:
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
-from vljepa_fast import functional
+from vljepa_fast import _validate, functional
+from vljepa_fast.nn import _backend, _flag, _integer, _is_bool
 
 __all__ = ["ClipLoss"]
 
@@ -30,16 +34,21 @@ class ClipLoss(torch.nn.Module):
     """open_clip.loss.ClipLoss with the same constructor and call signature.
 
     Args:
-        local_loss, gather_with_grad, cache_labels: open_clip's options (see module doc).
-        rank, world_size: this process in the default process group (world_size > 1 needs
-            torch.distributed initialised).
+        local_loss, gather_with_grad, cache_labels: open_clip's options (bools; see module doc).
+        rank, world_size: this process in the default process group, 0 <= rank < world_size
+            (world_size > 1 needs torch.distributed initialised with that rank and size).
         use_horovod: must be False.
-        backend: passed to :func:`vljepa_fast.infonce_loss`.
+        backend: "auto" or a :func:`vljepa_fast.infonce_loss` backend name.
 
     Shapes:
-        forward(image_features [N, D], text_features [N, D], logit_scale float or 0-dim tensor,
-        logit_bias=None (None or one element), output_dict=False) -> scalar float32, or
-        {"contrastive_loss": scalar}.
+        forward(image_features [N, D], text_features [N, D] (same dtype and device),
+        logit_scale (a positive finite number, or a floating one-element tensor on the features'
+        device, value checked eagerly outside torch.compile), logit_bias=None (None, a finite
+        number or a floating one-element tensor on the features' device),
+        output_dict=False (bool)) -> scalar float32, or {"contrastive_loss": scalar}.
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
     """
 
     def __init__(
@@ -54,14 +63,44 @@ class ClipLoss(torch.nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if use_horovod:
+        if _flag("use_horovod", use_horovod):
             raise ValueError("use_horovod: Horovod is not supported; use torch.distributed")
-        self.local_loss, self.gather_with_grad, self.cache_labels = (
-            local_loss,
-            gather_with_grad,
-            cache_labels,
-        )
-        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.local_loss = _flag("local_loss", local_loss)
+        self.gather_with_grad = _flag("gather_with_grad", gather_with_grad)
+        self.cache_labels = _flag("cache_labels", cache_labels)
+        self.world_size = _integer("world_size", world_size, 1)
+        self.rank = _integer("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank: expected in [0, {self.world_size}) (world_size), got {rank}")
+        self.backend = _backend(backend, ("infonce_loss",))
+
+    def _temperature(self, logit_scale: object, like: Tensor) -> float | Tensor:
+        """1 / logit_scale, with logit_scale checked (not 0, negative, NaN or inf)."""
+        if isinstance(logit_scale, Tensor):
+            if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
+                raise ValueError(
+                    f"logit_scale: expected a floating one-element tensor, got "
+                    f"{logit_scale.dtype} of shape {tuple(logit_scale.shape)}"
+                )
+            if logit_scale.device != like.device:
+                raise ValueError(
+                    f"logit_scale: expected device {like.device} (the features'), got "
+                    f"{logit_scale.device}"
+                )
+            temperature = 1.0 / logit_scale.reshape(())
+            if torch.compiler.is_compiling():
+                return temperature
+            value = float(logit_scale.detach().reshape(()))
+        elif isinstance(logit_scale, numbers.Real) and not _is_bool(logit_scale):
+            value = float(logit_scale)
+            temperature = None
+        else:
+            raise ValueError(
+                f"logit_scale: expected a number or a one-element tensor, got {logit_scale!r}"
+            )
+        if not (math.isfinite(value) and value > 0 and math.isfinite(1.0 / value)):
+            raise ValueError(f"logit_scale: expected a positive finite value, got {value}")
+        return 1.0 / value if temperature is None else temperature
 
     def forward(
         self,
@@ -71,21 +110,59 @@ class ClipLoss(torch.nn.Module):
         logit_bias: float | Tensor | None = None,
         output_dict: bool = False,
     ) -> Tensor | dict[str, Tensor]:
-        if isinstance(logit_bias, Tensor) and logit_bias.numel() != 1:
+        _validate.tensor("image_features", image_features, ndim=2, layout="[N, D]")
+        _validate.tensor("text_features", text_features, ndim=2, layout="[N, D]")
+        if text_features.shape != image_features.shape:
             raise ValueError(
-                f"logit_bias: expected None or one element, got shape {tuple(logit_bias.shape)}"
+                f"text_features: expected the shape of image_features "
+                f"{tuple(image_features.shape)}, got {tuple(text_features.shape)}"
             )
+        _validate.same(("image_features", "text_features"), (image_features, text_features))
+        _validate.same(
+            ("image_features", "text_features"), (image_features, text_features), "device"
+        )
+        temperature = self._temperature(logit_scale, image_features)
+        if isinstance(logit_bias, Tensor):
+            if logit_bias.numel() != 1 or not logit_bias.is_floating_point():
+                raise ValueError(
+                    f"logit_bias: expected None or a floating one-element tensor, got "
+                    f"{logit_bias.dtype} of shape {tuple(logit_bias.shape)}"
+                )
+            if logit_bias.device != image_features.device:
+                raise ValueError(
+                    f"logit_bias: expected device {image_features.device} (the features'), got "
+                    f"{logit_bias.device}"
+                )
+        elif logit_bias is not None and (
+            _is_bool(logit_bias)
+            or not isinstance(logit_bias, numbers.Real)
+            or not math.isfinite(float(logit_bias))
+        ):
+            raise ValueError(
+                f"logit_bias: expected None, a finite number or a one-element tensor, got "
+                f"{logit_bias!r}"
+            )
+        output_dict = _flag("output_dict", output_dict)
         group = None
         if self.world_size > 1:
             import torch.distributed as dist
 
-            if not dist.is_initialized():
+            if not dist.is_available() or not dist.is_initialized():
                 raise ValueError("world_size: > 1 but torch.distributed is not initialised")
+            if dist.get_world_size() != self.world_size:
+                raise ValueError(
+                    f"world_size: {self.world_size} given, but the default process group has "
+                    f"{dist.get_world_size()} ranks"
+                )
+            if dist.get_rank() != self.rank:
+                raise ValueError(
+                    f"rank: {self.rank} given, but this process is rank {dist.get_rank()}"
+                )
             group = dist.group.WORLD
         loss = functional.infonce_loss(
             image_features,
             text_features,
-            temperature=1.0 / logit_scale,
+            temperature=temperature,
             symmetric=True,
             normalize=False,
             group=group,

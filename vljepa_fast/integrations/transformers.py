@@ -19,13 +19,24 @@ as transformers does for flash-attention, and the attention function takes causa
 layer (``is_causal``), so vf.attention gets ``key_padding_mask`` and ``causal`` and no dense mask
 exists. Other patterns (sliding windows, packed sequences, overlays, static caches) get the
 dense boolean mask, and a 4-D mask (built so, or passed by the user) is converted back to key
-padding (+ causal) when it is one. What vf.attention cannot express, a mask that is not key
-padding (+ causal), attention dropout in training, ``position_bias``, ``softcap``, sinks, runs
-on transformers' SDPA function instead, with a warning once per reason.
+padding (+ causal) when it is one. What vf.attention cannot express runs on a transformers
+function instead, with a warning once per reason: a mask that is not key padding (+ causal),
+attention dropout in training, ``position_bias`` and ``sliding_window`` on transformers' SDPA
+function; ``softcap`` and sinks (``s_aux``), which that SDPA function refuses or ignores, on the
+model's own ``eager_attention_forward``. Every fallback gets the mask its function expects, the
+one transformers' own mask builder would have made for it: SDPA a 4-D [B, 1, T, S] bool mask
+(or None where its ``is_causal`` path is exact), eager a 4-D additive float mask in the query
+dtype (or None where nothing is masked), causality included.
+
+Switching. :func:`use_vljepa_fast` switches one model instance: the model gets private copies of
+its configs for the duration of the switch, so another model built from the same config object
+keeps its implementation; ``undo`` puts the original configs back.
 """
 
 from __future__ import annotations
 
+import copy
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -48,19 +59,92 @@ __all__ = ["NAME", "VLJEPAFastSwitch", "attention_forward", "mask", "register", 
 
 NAME = "vljepa_fast"
 
-# keyword arguments of the attention interface that vf.attention has no equivalent for
-_UNSUPPORTED_KWARGS = ("position_bias", "softcap", "s_aux", "sliding_window")
+# keyword arguments of the attention interface that vf.attention has no equivalent for: those
+# transformers' SDPA function serves, and those only the model's eager function does (SDPA
+# raises on softcap and ignores s_aux)
+_SDPA_KWARGS = ("position_bias", "sliding_window")
+_EAGER_KWARGS = ("softcap", "s_aux")
 _warned: set[str] = set()
 
 
-def _fallback(reason: str, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
+def _causal_pairs(T: int, S: int, device: torch.device) -> Tensor:
+    """[T, S] bool, bottom-right aligned causal mask (vf.attention's ``causal``)."""
+    return torch.arange(S, device=device)[None, :] <= torch.arange(T, device=device)[:, None] + (
+        S - T
+    )
+
+
+def _allowed(mask: Tensor | None, query: Tensor, key: Tensor, causal: bool) -> Tensor | None:
+    """[B or 1, 1, T, S] bool of allowed pairs from a [B, S] key padding mask or None (None:
+    every pair allowed)."""
+    B, T, S = query.shape[0], query.shape[2], key.shape[2]
+    allowed = None if mask is None else mask.bool()[:, None, None, :].expand(B, 1, T, S)
+    if causal and T > 1:
+        tri = _causal_pairs(T, S, query.device)[None, None]
+        allowed = tri if allowed is None else allowed & tri
+    return allowed
+
+
+def _sdpa_mask(mask: Tensor | None, query: Tensor, key: Tensor, causal: bool) -> Tensor | None:
+    """What transformers' SDPA function expects: a 4-D mask as given, a [B, S] key padding mask
+    as the [B, 1, T, S] bool mask (causal included), None where its own is_causal is exact."""
+    if mask is not None and mask.dim() == 4:
+        return mask
+    T, S = query.shape[2], key.shape[2]
+    if mask is None and (not causal or T == 1 or T == S):
+        # is_causal (top-left aligned) equals bottom-right alignment when T == S; T == 1 sees
+        # every key either way
+        return None
+    return _allowed(mask, query, key, causal)
+
+
+def _eager_mask(mask: Tensor | None, query: Tensor, key: Tensor, causal: bool) -> Tensor | None:
+    """What a model's eager_attention_forward expects: an additive float mask (0 allowed, the
+    dtype's lowest value masked) that carries causality too, or None when nothing is masked."""
+    if mask is not None and mask.dim() == 4:
+        allowed = mask
+        if mask.dtype != torch.bool:
+            return mask
+    else:
+        allowed = _allowed(mask, query, key, causal)
+        if allowed is None:
+            return None
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    return torch.where(allowed, zero, torch.finfo(query.dtype).min)
+
+
+def _eager_function(module: torch.nn.Module) -> Callable[..., Any]:
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise ValueError(
+            f"module: {type(module).__name__} needs its eager attention (softcap or sinks), but "
+            f"{type(module).__module__} defines no eager_attention_forward"
+        )
+    return fn
+
+
+def _fallback(
+    reason: str,
+    target: str,
+    args: tuple[Any, ...],
+    attention_mask: Tensor | None,
+    causal: bool,
+    kwargs: dict[str, Any],
+) -> tuple[Tensor, Any]:
+    """Run ``target`` ("sdpa" or "eager") with the mask it expects, warning once per reason."""
     if reason not in _warned:
         _warned.add(reason)
+        name = "SDPA" if target == "sdpa" else "the model's eager"
         warnings.warn(
-            f"vljepa_fast attention: {reason}; running transformers' SDPA attention for it "
-            "(warned once)", RuntimeWarning, stacklevel=3,
+            f"vljepa_fast attention: {reason}; running {name} attention for it (warned once)",
+            RuntimeWarning, stacklevel=3,
         )
-    return sdpa_attention_forward(*args, **kwargs)
+    module, query, key, value = args
+    if target == "sdpa":
+        mask = _sdpa_mask(attention_mask, query, key, causal)
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    mask = _eager_mask(attention_mask, query, key, causal)
+    return _eager_function(module)(module, query, key, value, mask, **kwargs)
 
 
 def _is_plain(mask_function: Callable, q_length: int, kv_length: int, q_offset: Any,
@@ -152,33 +236,52 @@ def attention_forward(
         key: [B, Hkv, S, D].
         value: [B, Hkv, S, D].
         attention_mask: what :func:`mask` built ([B, S] bool or None), or any 4-D mask.
-        dropout: attention dropout probability (served by the SDPA fallback when > 0).
+        dropout: attention dropout probability (served by a fallback when > 0).
         scaling: multiplier of q.k (None: 1/sqrt(D)).
         is_causal: overrides ``module.is_causal``.
         **kwargs: the interface's other arguments; those vf.attention has no equivalent for
-            go to the SDPA fallback when set.
+            go to a fallback when set (see the module docstring).
 
     Returns:
-        ([B, T, Hq, D] output, None): attention weights are never materialised.
+        ([B, T, Hq, D] output, None): attention weights are never materialised (a fallback
+        returns what its function returns).
+
+    Raises:
+        ValueError: a 2-D ``attention_mask`` that is not [B, S].
     """
-    args = (module, query, key, value, attention_mask)
+    args = (module, query, key, value)
     kw = dict(dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
-    extra = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    B, T, S = query.shape[0], query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.dim() == 2:
+        if tuple(attention_mask.shape) != (B, S):
+            raise ValueError(
+                f"attention_mask: a 2-D mask must be key padding [B, S] = {(B, S)}, got "
+                f"{tuple(attention_mask.shape)}"
+            )
+    elif attention_mask is not None and attention_mask.dim() != 4:
+        raise ValueError(
+            f"attention_mask: expected [B, S] or [B, 1, T, S], got {tuple(attention_mask.shape)}"
+        )
+    eager = [k for k in _EAGER_KWARGS if kwargs.get(k) is not None]
+    if eager:
+        reason = f"{', '.join(eager)} is not supported"
+        return _fallback(reason, "eager", args, attention_mask, causal, kw)
+    extra = [k for k in _SDPA_KWARGS if kwargs.get(k) is not None]
     if extra:
-        return _fallback(f"{', '.join(extra)} is not supported", *args, **kw)
+        reason = f"{', '.join(extra)} is not supported"
+        return _fallback(reason, "sdpa", args, attention_mask, causal, kw)
     if dropout > 0.0:
-        return _fallback("attention dropout is not supported (use model.eval())", *args, **kw)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    T, S = query.shape[2], key.shape[2]
+        reason = "attention dropout is not supported (use model.eval())"
+        return _fallback(reason, "sdpa", args, attention_mask, causal, kw)
     key_padding_mask = attention_mask
     if attention_mask is not None and attention_mask.dim() == 2:
-        if attention_mask.shape[1] != S:
-            return _fallback("a 2-D mask not covering the keys", *args, **kw)
         key_padding_mask = attention_mask.bool()
     elif attention_mask is not None:
         converted = _from_dense(attention_mask, T, S)
         if converted is None:
-            return _fallback("a mask that is not key padding (+ causal)", *args, **kw)
+            reason = "a mask that is not key padding (+ causal)"
+            return _fallback(reason, "sdpa", args, attention_mask, causal, kw)
         key_padding_mask, causal = converted
     out = functional.attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
@@ -209,18 +312,39 @@ def _configs(model: PreTrainedModel) -> list[Any]:
     return list(seen.values())
 
 
+def _private_configs(model: PreTrainedModel) -> list[tuple[Any, str, Any]]:
+    """Rebind every module attribute of ``model`` that holds one of its configs to a private
+    deep copy (one copy per config: sharing inside the model is kept), so that switching the
+    copies changes no other model built from the same config objects.
+
+    Returns:
+        (module, attribute, original config) for every rebinding, to put back.
+    """
+    configs = _configs(model)
+    memo: dict[int, Any] = {}
+    copies = {id(c): copy.deepcopy(c, memo) for c in configs}
+    rebound = []
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if id(value) in copies:
+                object.__setattr__(module, name, copies[id(value)])
+                rebound.append((module, name, value))
+    return rebound
+
+
 class VLJEPAFastSwitch:
     """What :func:`use_vljepa_fast` returns: undoes the switch (``undo()`` or a ``with`` block)."""
 
-    def __init__(self, model: PreTrainedModel, previous: list[tuple[Any, Any]]) -> None:
+    def __init__(self, model: PreTrainedModel, rebound: list[tuple[Any, str, Any]]) -> None:
         self.model = model
-        self._previous = previous
+        self._rebound = rebound
 
     def undo(self) -> None:
-        """Give every config back the implementation it had before the switch (idempotent)."""
-        for config, impl in self._previous:
-            config._attn_implementation = impl
-        self._previous = []
+        """Give the model back its original configs, with the implementations they had before
+        the switch (idempotent). Changes made to ``model.config`` during the switch are lost."""
+        for module, name, original in self._rebound:
+            object.__setattr__(module, name, original)
+        self._rebound = []
 
     def __enter__(self) -> PreTrainedModel:
         return self.model
@@ -232,13 +356,16 @@ class VLJEPAFastSwitch:
 def use_vljepa_fast(model: PreTrainedModel) -> VLJEPAFastSwitch:
     """Switch an existing model (this instance only) to "vljepa_fast" attention.
 
+    The model runs on private copies of its configs while switched: other models sharing a
+    config object with it keep their implementation.
+
     Args:
         model: a transformers ``PreTrainedModel`` whose attention goes through
             ``AttentionInterface`` (Llama, BERT and most current architectures).
 
     Returns:
         a :class:`VLJEPAFastSwitch`: call ``undo()`` or use it as a context manager to restore
-        the implementations the model had (per sub-model).
+        the configs (and so the implementations) the model had, per sub-model.
 
     Raises:
         ValueError: the model cannot switch its attention implementation at run time.
@@ -247,15 +374,15 @@ def use_vljepa_fast(model: PreTrainedModel) -> VLJEPAFastSwitch:
         raise ValueError(f"model: expected a transformers PreTrainedModel, got "
                          f"{type(model).__name__}")
     register()
-    previous = [(c, c._attn_implementation) for c in _configs(model)]
+    switch = VLJEPAFastSwitch(model, _private_configs(model))
     model.set_attn_implementation(NAME)
     if model.config._attn_implementation != NAME:
-        VLJEPAFastSwitch(model, previous).undo()
+        switch.undo()
         raise ValueError(
             f"model: {type(model).__name__} does not route its attention through "
             "transformers' AttentionInterface, so its implementation cannot be switched"
         )
-    return VLJEPAFastSwitch(model, previous)
+    return switch
 
 
 register()

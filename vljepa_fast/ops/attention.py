@@ -3,6 +3,12 @@ reference; flash_attn and xformers register in ops/attention_peers.py).
 
 SDPA is the CPU default: torch's fused CPU kernel with GQA (enable_gqa) and a boolean mask
 broadcast over heads, never a dense additive [B, 1, T, S] float mask per head.
+
+NaN rule (vf.attention's docstring) on SDPA: padded keys are zeroed before the call (a masked
+pair still computes 0 * v, NaN for a NaN v; varlen padding slots likewise, which otherwise copy
+row 0 of the pack, a real row of another sequence), and the rows that torch's fused kernels turn
+finite although plain softmax gives NaN (a NaN query, or no finite key: a -inf running max read
+as "no key") are set to NaN afterwards (:func:`nan_rows`, a few elementwise passes, no sync).
 """
 
 from __future__ import annotations
@@ -39,13 +45,101 @@ def _allowed(
     return mask
 
 
+def nan_rows(
+    q_bad: Tensor,
+    k_finite: Tensor,
+    real_k: Tensor | None,
+    shift: Tensor | int | None,
+) -> Tensor:
+    """[B, T, Hq] bool: the rows the NaN rule of vf.attention makes NaN that a fused softmax may
+    not (one that treats a row whose running max stays -inf as having no key, as torch SDPA's
+    CPU kernel and flash-style kernels do).
+
+    A row that attends to at least one key is NaN when its query holds a NaN or Inf
+    (``q_bad``), or when none of the keys it attends to is finite (then every one of its scores
+    is NaN or +-inf: plain softmax gives NaN). Rows with a finite key are left to the kernel,
+    whose arithmetic then follows the plain one.
+
+    Args:
+        q_bad: [B, T, Hq] bool, some entry of the query row is NaN or +-inf.
+        k_finite: [B, S, Hkv] bool, the key row is real and all finite.
+        real_k: [B, S] bool, real keys (None: all).
+        shift: causal only, S - T per sequence ([B] tensor or an int): query i sees keys
+            j <= i + shift. None: not causal.
+    """
+    B, T, Hq = q_bad.shape
+    S, Hkv = k_finite.shape[1], k_finite.shape[2]
+    pos = torch.arange(S, device=q_bad.device)
+    # the first real key and the first finite key of every (sequence, KV head); S when none
+    first_finite = torch.where(k_finite, pos[None, :, None], S).amin(dim=1)  # [B, Hkv]
+    if real_k is None:
+        first_real = torch.zeros(B, 1, dtype=torch.long, device=q_bad.device)
+    else:
+        first_real = torch.where(real_k, pos[None, :], S).amin(dim=1, keepdim=True)  # [B, 1]
+    if shift is None:
+        last = torch.full((B, T, 1), S - 1, dtype=torch.long, device=q_bad.device)
+    else:
+        if isinstance(shift, Tensor):
+            shift = shift.to(torch.long)[:, None, None]
+        last = torch.arange(T, device=q_bad.device)[None, :, None] + shift  # [B or 1, T, 1]
+    has_key = first_real[:, None, :] <= last  # [B, T, 1]
+    no_finite = (first_finite[:, None, :] > last).repeat_interleave(Hq // Hkv, dim=2)
+    return has_key & (q_bad | no_finite)
+
+
+def _nonfinite_rows(t: Tensor) -> Tensor:
+    """[..., H] bool: some entry of the head row is NaN or +-inf."""
+    return ~torch.isfinite(t).all(dim=-1)
+
+
+def dense_nan_rows(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+    """:func:`nan_rows` of vf.attention's inputs: [B, T, Hq] bool."""
+    k_finite = _nonfinite_rows(k).logical_not_()
+    if key_padding_mask is not None:
+        k_finite = k_finite & key_padding_mask[:, :, None]
+    shift = k.shape[1] - q.shape[1] if causal else None
+    return nan_rows(_nonfinite_rows(q), k_finite, key_padding_mask, shift)
+
+
+def varlen_nan_rows(
+    q: Tensor,
+    k: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+) -> Tensor:
+    """:func:`nan_rows` of vf.attention_varlen's inputs: [total_q, Hq] bool."""
+    iq, vq, lq = _pad_index(cu_seqlens_q, max_seqlen_q)
+    ik, vk, lk = _pad_index(cu_seqlens_k, max_seqlen_k)
+    k_finite = _nonfinite_rows(k).logical_not_()[ik] & vk[:, :, None]
+    nan = nan_rows(_nonfinite_rows(q)[iq], k_finite, vk, (lk - lq) if causal else None)
+    return nan[vq]
+
+
+def _zero_padded(k: Tensor, v: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
+    """k and v with the rows where ``real`` [B, S] is False replaced by zeros (so that NaN or
+    Inf there never meets a 0 probability; their gradient is zero)."""
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    mask = real[:, :, None, None]
+    return torch.where(mask, k, zero), torch.where(mask, v, zero)
+
+
 def _sdpa_masked(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    scale: float | None,
+    nan: Tensor | None = None,
+    is_causal: bool = False,
 ) -> Tensor:
     """SDPA on [B, T, H, D] tensors with a bool mask; rows with no allowed key give zeros.
 
     Rows with no allowed key are given every key (so SDPA stays finite, forward and backward)
-    and then zeroed, which also zeroes their gradient.
+    and then zeroed, which also zeroes their gradient. ``nan`` [B, T, Hq]: rows set to NaN
+    afterwards (the NaN rule, see :func:`nan_rows`).
     """
     Hq, Hkv = q.shape[2], k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -54,8 +148,10 @@ def _sdpa_masked(
         empty = ~mask.any(dim=-1, keepdim=True)  # [B', 1, T', 1]
         mask = mask | empty
     out = F.scaled_dot_product_attention(
-        qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv
+        qt, kt, vt, attn_mask=mask, scale=scale, is_causal=is_causal, enable_gqa=Hq != Hkv
     ).transpose(1, 2)
+    if nan is not None:
+        out = out.masked_fill(nan[..., None], float("nan"))
     if empty is not None:
         out = out.masked_fill(empty.permute(0, 2, 1, 3), 0.0)
     return out
@@ -64,18 +160,13 @@ def _sdpa_masked(
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask=None, causal=False, scale=None):
     B, T, _, _ = q.shape
     S = k.shape[1]
+    nan = dense_nan_rows(q, k, key_padding_mask, causal)
+    if key_padding_mask is not None:
+        k, v = _zero_padded(k, v, key_padding_mask)
     if causal and key_padding_mask is None and T == S:
-        Hq, Hkv = q.shape[2], k.shape[2]
-        return F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=True,
-            scale=scale,
-            enable_gqa=Hq != Hkv,
-        ).transpose(1, 2)
+        return _sdpa_masked(q, k, v, None, scale, nan, is_causal=True)
     mask = _allowed(B, T, S, q.device, key_padding_mask, causal)
-    return _sdpa_masked(q, k, v, mask, scale)
+    return _sdpa_masked(q, k, v, mask, scale, nan)
 
 
 def _pad_index(cu: Tensor, max_len: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,7 +188,12 @@ def _sdpa_varlen(
         mask = mask & _allowed(
             iq.shape[0], max_seqlen_q, max_seqlen_k, q.device, None, True, lq, lk
         )
-    out = _sdpa_masked(q[iq], k[ik], v[ik], mask, scale)  # [B, max_q, Hq, D]
+    # The padding slots gather row 0 of the pack (a real row of another sequence, maybe NaN):
+    # zeroed, so that nothing of it reaches this sequence.
+    kp, vp = _zero_padded(k[ik], v[ik], vk)
+    k_finite = _nonfinite_rows(k).logical_not_()[ik] & vk[:, :, None]
+    nan = nan_rows(_nonfinite_rows(q)[iq], k_finite, vk, (lk - lq) if causal else None)
+    out = _sdpa_masked(q[iq], kp, vp, mask, scale, nan)  # [B, max_q, Hq, D]
     return out[vq]
 
 

@@ -10,6 +10,11 @@ right), not to the padded key positions of vf.attention's contract, so causal + 
 refused with that reason. GQA: flash-attn takes Hq % Hkv == 0 natively; xformers gets the
 [B, M, G, H, D] layout with K/V broadcast over the query heads of a group (a stride-0 view, no
 copy).
+
+NaN rule (vf.attention's docstring): unpadding keeps padded keys out of the kernels entirely;
+the rows the rule makes NaN that a fused softmax may leave finite (a non-finite query, no
+finite key: see ops.attention.nan_rows) are set to NaN afterwards. cu_seqlens are passed
+contiguous (the kernels read them as plain arrays).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import Tensor
 
 from vljepa_fast import _backends
 from vljepa_fast.ops import _common
+from vljepa_fast.ops.attention import dense_nan_rows, varlen_nan_rows
 
 __all__ = [
     "flash_attn_supports",
@@ -174,10 +180,12 @@ def _flash(q, k, v, *, key_padding_mask=None, causal=False, scale=None):
     import flash_attn
 
     deterministic = torch.are_deterministic_algorithms_enabled()
+    nan = dense_nan_rows(q, k, key_padding_mask, causal)[..., None]
     if key_padding_mask is None:
-        return flash_attn.flash_attn_func(
+        out = flash_attn.flash_attn_func(
             q, k, v, softmax_scale=scale, causal=causal, deterministic=deterministic
         )
+        return out.masked_fill(nan, float("nan"))
     B, T, Hq, D = q.shape
     k_real, v_real, lengths = _unpad_keys(k, v, key_padding_mask)
     cu_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
@@ -194,7 +202,7 @@ def _flash(q, k, v, *, key_padding_mask=None, causal=False, scale=None):
         causal=False,
         deterministic=deterministic,
     )
-    return out.view(B, T, Hq, D)
+    return out.view(B, T, Hq, D).masked_fill(nan, float("nan"))
 
 
 def _flash_varlen(
@@ -202,7 +210,8 @@ def _flash_varlen(
 ):
     import flash_attn
 
-    return flash_attn.flash_attn_varlen_func(
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    out = flash_attn.flash_attn_varlen_func(
         q,
         k,
         v,
@@ -214,6 +223,8 @@ def _flash_varlen(
         causal=causal,
         deterministic=torch.are_deterministic_algorithms_enabled(),
     )
+    nan = varlen_nan_rows(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    return out.masked_fill(nan[..., None], float("nan"))
 
 
 # --------------------------------------------------------------------------------- xformers
@@ -233,17 +244,18 @@ def _xformers(q, k, v, *, key_padding_mask=None, causal=False, scale=None):
     from xformers.ops import fmha
 
     B, T, Hq, D = q.shape
+    nan = dense_nan_rows(q, k, key_padding_mask, causal)[..., None]
     if key_padding_mask is None:
         bias = fmha.attn_bias.LowerTriangularFromBottomRightMask() if causal else None
         out = fmha.memory_efficient_attention(*_grouped(q, k, v), attn_bias=bias, scale=scale)
-        return out.reshape(B, T, Hq, D)
+        return out.reshape(B, T, Hq, D).masked_fill(nan, float("nan"))
     k_real, v_real, lengths = _unpad_keys(k, v, key_padding_mask)
     bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(
         q_seqlen=[T] * B, kv_seqlen=lengths.tolist()
     )
     q5, k5, v5 = _grouped(q.reshape(1, B * T, Hq, D), k_real[None], v_real[None])
     out = fmha.memory_efficient_attention(q5, k5, v5, attn_bias=bias, scale=scale)
-    return out.reshape(B, T, Hq, D)
+    return out.reshape(B, T, Hq, D).masked_fill(nan, float("nan"))
 
 
 def _xformers_varlen(
@@ -261,7 +273,8 @@ def _xformers_varlen(
     bias = mask.from_seqlens(q_seqlen=lq, kv_seqlen=lk)
     q5, k5, v5 = _grouped(q[None], k[None], v[None])
     out = fmha.memory_efficient_attention(q5, k5, v5, attn_bias=bias, scale=scale)
-    return out.reshape(q.shape)
+    nan = varlen_nan_rows(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    return out.reshape(q.shape).masked_fill(nan[..., None], float("nan"))
 
 
 def _records() -> list[_backends.Backend]:

@@ -1,17 +1,29 @@
 """infonce_loss: argument checks, the distributed composition, and backend records.
 
-Distributed convention (``group`` given; every rank holds N_local rows, the same on every rank):
-the negatives are the global batch (N = world_size * N_local rows of pred and of target). Rank r
-computes the terms of its own rows (pred rows r*N_local.. against all targets, and target rows
-against all preds), and the embeddings of the other ranks reach it through an all-gather whose
-backward returns every rank's gradient contribution to the owner (all-reduce or reduce-scatter).
+Distributed convention (``group`` given). Rank r holds N_r >= 1 local rows of pred and target;
+the sizes may differ by rank (they are all-gathered first, with the feature size, dtype and the
+flags, and a mismatch raises the same ValueError on every rank). The negatives are the global
+batch of N = sum_r N_r rows, in rank order: rank r's rows are global rows
+s_r = N_0 + ... + N_(r-1) onwards. Rank r computes the terms of its own rows (its pred rows
+against all targets, its target rows against all preds); the other ranks' embeddings reach it
+through an all-gather whose backward returns every rank's gradient contribution to the owner
+(all-reduce on gloo, reduce-scatter on NCCL).
 
-* reduction "mean" / "sum": every rank returns the global loss (the same value everywhere), and
-  the gradient of that returned value with respect to the local inputs (and the temperature) is
-  world_size x the exact full-batch gradient. DistributedDataParallel averages gradients over
-  ranks, so a DDP model receives exactly the single-process full-batch gradient.
-* reduction "none": the [N_local] per-row losses of the local rows; their local mean follows the
-  same convention as "mean".
+* reduction "mean" / "sum": every rank returns the global loss L (the same value everywhere).
+  Write L = sum_r L_r, where L_r holds the terms of rank r's own rows (with "mean", each term
+  divided by the global N). Rank r receives world_size x its share of the exact single-process
+  gradient of L: for its local pred and target rows, world_size x dL/d(those rows) (the whole
+  gradient of rows no other rank holds), and for a tensor temperature, world_size x dL_r/d
+  temperature (the part of dL/d temperature that its rows' terms contribute; the shares of the
+  ranks sum to dL/d temperature). DistributedDataParallel averages gradients over ranks, so a DDP
+  model, the temperature included, receives exactly the single-process full-batch gradient,
+  whatever the local batch sizes.
+* reduction "none": the [N_r] per-row losses of the local rows. Each rank's gradients (inputs
+  and temperature) are the exact gradients of O = sum over ranks of what each rank computes from
+  its own per-row losses (a row's loss reaches the inputs of every rank through the gather's
+  backward); for the temperature, rank r receives the part of dO/d temperature that flows
+  through its own per-row losses. DDP's average then gives the gradient of O / world_size. With
+  equal local sizes, every rank taking the local mean is exactly the "mean" convention.
 """
 
 from __future__ import annotations
@@ -28,8 +40,18 @@ from vljepa_fast.ops import _common
 OP = "infonce_loss"
 
 
+#: Smallest temperature served: 1/temperature <= 2**60. The logits then stay within 2**60 in
+#: magnitude (|S| <= 1/temperature with normalize), every loss term within 2**61 + log(N), and
+#: the float32 products the kernels form from the scale (scale times an inverse norm of at most
+#: 1/eps = 1e12 < 2**40; the gradient of a tensor temperature, dscale / temperature**2 <= 2**120
+#: |dscale|) stay far below float32's 2**128. A temperature of 1e-39 (1/temperature infinite in
+#: float32) is refused instead of turning into NaN.
+MIN_TEMPERATURE = 2.0**-60
+
+
 def check_temperature(temperature: object, like: Tensor) -> None:
-    """``temperature``: positive finite float, or a 0-dim floating tensor on ``like``'s device."""
+    """``temperature``: a finite float >= MIN_TEMPERATURE, or a 0-dim floating tensor on
+    ``like``'s device whose value (read eagerly, outside torch.compile) is in that range."""
     if isinstance(temperature, Tensor):
         if temperature.dim() != 0 or not temperature.is_floating_point():
             raise ValueError(
@@ -47,8 +69,11 @@ def check_temperature(temperature: object, like: Tensor) -> None:
         value = float(temperature)
     else:
         raise ValueError(f"temperature: expected a float or a 0-dim tensor, got {temperature!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"temperature: expected a positive finite value, got {value}")
+    if not math.isfinite(value) or not value >= MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature: expected a positive finite value >= 2**-60 (about 8.7e-19: "
+            f"1/temperature and the logits must stay well inside float32), got {value}"
+        )
 
 
 def check_group(group: object) -> None:
@@ -62,28 +87,92 @@ def check_group(group: object) -> None:
 
 
 class _GatherRows(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums every rank's gradient into the owner's rows."""
+    """all_gather along dim 0 of ``sizes[r]`` rows from each rank r (the sizes may differ: rows
+    are padded to the largest), whose backward sums every rank's gradient into the owner's rows.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        world = dist.get_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
+    def forward(ctx, x: Tensor, group, sizes: list[int]) -> Tensor:
+        ctx.group, ctx.sizes = group, sizes
+        width = max(sizes)
+        x = x.contiguous()
+        if x.shape[0] != width:
+            padded = x.new_zeros((width,) + tuple(x.shape[1:]))
+            padded[: x.shape[0]] = x
+            x = padded
+        parts = [torch.empty_like(x) for _ in sizes]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        group = ctx.group
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        grad = grad.contiguous()
-        n = grad.shape[0] // world
+        group, sizes = ctx.group, ctx.sizes
+        rank = dist.get_rank(group)
+        starts = [sum(sizes[:r]) for r in range(len(sizes))]
+        n = sizes[rank]
+        # a private copy: the collectives below work in place
+        grad = grad.clone(memory_format=torch.contiguous_format)
         if dist.get_backend(group) == dist.Backend.NCCL:
-            out = grad.new_empty((n,) + tuple(grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad, group=group)
-            return out, None
+            width = max(sizes)
+            full = grad
+            if any(size != width for size in sizes):
+                full = grad.new_zeros((len(sizes) * width,) + tuple(grad.shape[1:]))
+                for r, (start, size) in enumerate(zip(starts, sizes)):
+                    full[r * width : r * width + size] = grad[start : start + size]
+            out = grad.new_empty((width,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, full, group=group)
+            return out[:n], None, None
         dist.all_reduce(grad, group=group)  # gloo has no reduce_scatter
-        return grad[rank * n : (rank + 1) * n], None
+        return grad[starts[rank] : starts[rank] + n], None, None
+
+
+_DIST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_DIST_REDUCTIONS = ("mean", "sum", "none")
+
+
+def exchange_sizes(pred: Tensor, *, symmetric: bool, normalize: bool, reduction: str, group):
+    """Every rank's local batch size (rank order), after checking on all ranks at once that each
+    has at least one row and that all agree on D, the dtype and the flags: the same ValueError is
+    raised on every rank (a mismatch left to the collectives would hang or abort them)."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor(
+        [
+            pred.shape[0],
+            pred.shape[1],
+            _DIST_DTYPES.index(pred.dtype),
+            int(symmetric),
+            int(normalize),
+            _DIST_REDUCTIONS.index(reduction),
+        ],
+        dtype=torch.int64,
+        device=pred.device,
+    )
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    table = torch.stack(parts).tolist()
+    sizes = [row[0] for row in table]
+    if min(sizes) < 1:
+        raise ValueError(
+            f"pred: expected at least one row on every rank of group, got local batch sizes "
+            f"{sizes} (in rank order)"
+        )
+    if table[0][1] < 1:
+        raise ValueError(f"pred: expected at least one column (D >= 1), got D = {table[0][1]}")
+    decode = {
+        1: ("pred", "feature size D", lambda v: v),
+        2: ("pred", "dtype", lambda v: str(_DIST_DTYPES[v]).removeprefix("torch.")),
+        3: ("symmetric", "value", bool),
+        4: ("normalize", "value", bool),
+        5: ("reduction", "value", lambda v: _DIST_REDUCTIONS[v]),
+    }
+    for col, (name, what, show) in decode.items():
+        vals = [row[col] for row in table]
+        if len(set(vals)) > 1:
+            raise ValueError(
+                f"{name}: expected the same {what} on every rank of group, got "
+                f"{[show(v) for v in vals]} (in rank order)"
+            )
+    return sizes
 
 
 def scale_tensor(temperature: float | Tensor, like: Tensor) -> Tensor:
@@ -109,19 +198,24 @@ def distributed_loss(
     ``row_loss(a, b, scale, offset, normalize) -> [n]``: logsumexp over all rows of b minus the
     positive (column i + offset) of each row of a.
     """
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    n = pred.shape[0]
-    per_row = row_loss(pred, _GatherRows.apply(target, group), scale, rank * n, normalize)
+    sizes = exchange_sizes(
+        pred, symmetric=symmetric, normalize=normalize, reduction=reduction, group=group
+    )
+    world, rank = len(sizes), dist.get_rank(group)
+    start, total_rows = sum(sizes[:rank]), sum(sizes)
+    per_row = row_loss(pred, _GatherRows.apply(target, group, sizes), scale, start, normalize)
     if symmetric:
-        back = row_loss(target, _GatherRows.apply(pred, group), scale, rank * n, normalize)
+        back = row_loss(target, _GatherRows.apply(pred, group, sizes), scale, start, normalize)
         per_row = 0.5 * (per_row + back)
     if reduction == "none":
         return per_row
-    local = per_row.sum() * (world if reduction == "sum" else 1.0 / n)
-    total = local.detach().clone()
+    own = per_row.sum()  # L_r x total_rows ("mean") or L_r ("sum"): this rank's rows' terms
+    local = own * (world if reduction == "sum" else world / total_rows)
+    total = own.detach().clone()
     dist.all_reduce(total, group=group)
-    total = total / world
-    # value: the global loss; gradient: the local rows' part x world_size (see module doc).
+    if reduction == "mean":
+        total = total / total_rows
+    # value: the global loss L; gradient: world_size x L_r's (see module doc).
     return local + (total - local).detach()
 
 
@@ -268,8 +362,12 @@ class _FusedInfoNCE(torch.autograd.Function):
 
 
 def _fused(impl: str):
+    # The kernels read rows densely: inputs of any strides (transposed, sliced with a step,
+    # expanded, offset) are copied first; .contiguous() is differentiable and a no-op otherwise.
     def row_loss(a, b, scale, offset, normalize):
-        return _FusedInfoNCE.apply(a, b, scale, offset, normalize, False, impl)[0]
+        return _FusedInfoNCE.apply(
+            a.contiguous(), b.contiguous(), scale, offset, normalize, False, impl
+        )[0]
 
     def run(pred, target, *, temperature, symmetric, normalize, reduction, group):
         scale = scale_tensor(temperature, pred)
@@ -284,7 +382,9 @@ def _fused(impl: str):
                 reduction=reduction,
                 group=group,
             )
-        rows, cols = _FusedInfoNCE.apply(pred, target, scale, 0, normalize, symmetric, impl)
+        rows, cols = _FusedInfoNCE.apply(
+            pred.contiguous(), target.contiguous(), scale, 0, normalize, symmetric, impl
+        )
         per_row = 0.5 * (rows + cols) if symmetric else rows
         return _reduce(per_row, reduction)
 
