@@ -62,7 +62,7 @@ CEILINGS: tuple[tuple[str, dict[str, float], float], ...] = (
 )
 
 # ------------------------------------------------------------------------------------------
-# FLOP and byte formulas (TARGETS.md conventions); every function states its formula
+# FLOP and byte formulas (docs/TARGETS.md conventions); every function states its formula
 # ------------------------------------------------------------------------------------------
 
 TOPK_FORMULA = "flops 2*Q*N*D; bytes N*D*itemsize (the bank, read once)"

@@ -4,7 +4,7 @@
   scripts/gpu_run.sh); the numbers mean nothing.
 * ``cpu``: CPU-sized versions of the VL-JEPA hot spots, the full run under 15 minutes on a
   2-core machine (the default without CUDA).
-* ``gpu``: the paper shapes of TARGETS.md with short timing and torch.compile on one shape per
+* ``gpu``: the paper shapes of docs/TARGETS.md, short timing, torch.compile on one shape per
   op, so that scripts/gpu_run.sh finishes in about 8 minutes (the default with CUDA).
 * ``paper``: the same shapes with torch.compile everywhere and longer timing.
 

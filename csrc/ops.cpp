@@ -16,7 +16,7 @@
 
 TORCH_LIBRARY(vljepa_fast, m) {
   // topk_similarity: queries [Q, D], bank [N, D] (same floating dtype, contiguous), 1 <= k <= N.
-  // cosine: score rows divided by max(||q|| * ||b||, eps) products (zero rows score 0).
+  // cosine: every row of queries and bank divided by max(its norm, 1e-12) (zero rows score 0).
   // Returns scores [Q, k] float32 sorted descending and indices [Q, k] int64, in one order on
   // every backend: NaN scores last (below -inf), equal scores (-0.0 == +0.0) lowest index first.
   // No gradient: vljepa_fast.topk_similarity calls it on detached inputs and attaches one.

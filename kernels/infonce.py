@@ -10,7 +10,8 @@ indicator term). With per-row and per-column upstream gradients g_row [N], g_col
             + g_col_j (exp(S_ij - col_lse_j) - [j = i+off])
     dÂ_i    = scale sum_j dS_ij B̂_j                  dB̂_j = scale sum_i dS_ij Â_i
     dscale  = sum_ij dS_ij S_ij / scale = sum_ij dS_ij cos_ij
-    dA_i    = (dÂ_i - Â_i (Â_i . dÂ_i)) / max(||A_i||, eps),   Â_i . dÂ_i = sum_j dS_ij S_ij
+    dA_i    = (dÂ_i - Â_i (Â_i . dÂ_i)) / ||A_i||,   Â_i . dÂ_i = sum_j dS_ij S_ij
+    dA_i    = 0 where ||A_i|| < eps (zero rows: the rule of reference.normalize_rows), likewise dB
 
 The last identity is why the normalisation backward costs no extra pass: the row reduction
 r_i = sum_j dS_ij cos_ij that dscale needs is also the projection coefficient, so it is
@@ -432,6 +433,18 @@ def _acc_update(
 
 
 @triton.jit
+def _fold(b_iy, b_c, y_ptr):
+    """b_c / ||y_q|| per row q of the other operand y, folded into dS before its cast to y's
+    dtype. fp16 has no non-zero row below eps (its smallest subnormal is 6e-8), so a clamped
+    row there is a zero row: it folds with 0 instead of 1 / eps, which would overflow fp16 to
+    inf and put inf * 0 = NaN into every gradient row of the GEMM."""
+    b_f = b_iy * b_c
+    if y_ptr.dtype.element_ty == tl.float16:
+        b_f = tl.where(b_iy * _EPS < 1.0, b_f, 0.0)
+    return b_f
+
+
+@triton.jit
 def _grad_epilogue(
     acc_ptr,
     x_ptr,
@@ -446,12 +459,16 @@ def _grad_epilogue(
     NORMALIZE: tl.constexpr,
     BD: tl.constexpr,
 ):
-    """dx_p = scale / ||x_p|| (G_p - x̂_p r_p) with G_p = acc_p / b_c, in x's dtype."""
+    """dx_p = scale / ||x_p|| (G_p - x̂_p r_p) with G_p = acc_p / b_c, in x's dtype; 0 for rows
+    whose norm is below eps (NORMALIZE)."""
     b_f = b_scale * b_ix / b_c
     if NORMALIZE:
-        # r_p = b_rw / (||x_p|| b_c); a row clamped to the eps norm is divided by a constant,
-        # so it has no projection term.
-        b_pr = tl.where(b_ix * _EPS < 1.0, b_scale * b_ix * b_ix * b_ix * b_rw / b_c, 0.0)
+        # r_p = b_rw / (||x_p|| b_c). A row clamped to the eps norm (a zero row) gets a zero
+        # gradient, the rule of reference.normalize_rows: it has no direction, and its 1 / eps
+        # slope would overflow fp16.
+        b_big = b_ix * _EPS < 1.0
+        b_f = tl.where(b_big, b_f, 0.0)
+        b_pr = tl.where(b_big, b_scale * b_ix * b_ix * b_ix * b_rw / b_c, 0.0)
     o_px = o_p * D
     for d0 in range(0, D, BD):
         o_d = d0 + tl.arange(0, BD)
@@ -537,7 +554,7 @@ def _infonce_bwd_kernel(
             # [BM, BN] left operand of sum_j dS_ij B̂_j = sum_j (dS_ij / ||B_j||) B_j, times b_c,
             # rounded to the input dtype in both modes (the interpreter sees the GPU's rounding).
             if NORMALIZE:
-                b_w = (b_ds * (b_ib * b_c)[None, :]).to(b_ptr.dtype.element_ty)
+                b_w = (b_ds * _fold(b_ib, b_c, b_ptr)[None, :]).to(b_ptr.dtype.element_ty)
                 b_rw += tl.sum(b_w.to(tl.float32) * b_raw, 1)
             else:
                 b_w = (b_ds * b_c).to(b_ptr.dtype.element_ty)
@@ -573,7 +590,7 @@ def _infonce_bwd_kernel(
             )  # fmt: skip
             # [BM, BN] dS_ij / ||A_i|| times b_c; its transpose is the left operand of dB̂.
             if NORMALIZE:
-                b_w = (b_ds * (b_ia * b_c)[:, None]).to(a_ptr.dtype.element_ty)
+                b_w = (b_ds * _fold(b_ia, b_c, a_ptr)[:, None]).to(a_ptr.dtype.element_ty)
                 b_rw += tl.sum(b_w.to(tl.float32) * b_raw, 0)
             else:
                 b_w = (b_ds * b_c).to(a_ptr.dtype.element_ty)

@@ -1,4 +1,4 @@
-"""The prepared GPU run (DESIGN.md, "The GPU machine"); started as ``bash scripts/gpu_run.sh``.
+"""The prepared GPU run (docs/DESIGN.md, "The GPU machine"); run: ``bash scripts/gpu_run.sh``.
 
     python3 scripts/gpu_run.py [--dry-run] [--out DIR] [--keep-work]
 

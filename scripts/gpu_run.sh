@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run (docs: DESIGN.md, "The GPU machine"; the steps: scripts/gpu_run.py).
+# The prepared GPU run (docs/DESIGN.md, "The GPU machine"; the steps: scripts/gpu_run.py).
 #
 #   bash scripts/gpu_run.sh [--dry-run] [--out DIR] [--keep-work]
 #

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from vljepa_fast import reference
 
-#: error floor per dtype added to "2x the eager error in the same dtype" (DESIGN.md tolerance rule)
+#: error floor per dtype added to "2x the eager error in the same dtype" (docs/DESIGN.md, Tests)
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 

@@ -1,4 +1,4 @@
-"""Test tiers (see DESIGN.md): cpu, interpret, compile, gpu.
+"""Test tiers (see docs/DESIGN.md): cpu, interpret, compile, gpu.
 
 * A test without a tier marker is a ``cpu`` test.
 * ``interpret`` tests run with TRITON_INTERPRET=1 in the environment while they run (the kernels

@@ -5,6 +5,7 @@ against a pair-by-pair float64 oracle; strided, offset and non-contiguous argume
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -385,6 +386,32 @@ def test_varlen_nan_rule_stays_in_its_sequence(backend, causal, target):
     assert torch.isfinite(got[lq[0] :]).all(), "a NaN of sequence 0 reached another sequence"
 
 
+@pytest.mark.parametrize("backend", VARLEN_RULE_BACKENDS)
+def test_varlen_nan_gradient_stays_in_its_sequence(backend):
+    """A NaN key of the last sequence makes only that sequence's gradients NaN (regression: sdpa
+    fed its padding query slots with row 0 of the pack, a real query of sequence 0, and their
+    gradient, NaN from meeting the NaN key, flowed back into q row 0)."""
+    cu_q = torch.tensor([0, 3, 3, 7, 9], dtype=torch.int32)
+    cu_k = torch.tensor([0, 2, 5, 5, 10], dtype=torch.int32)
+    g = torch.Generator().manual_seed(17)
+    q = torch.randn(9, 2, 32, generator=g)
+    k, v = (torch.randn(10, 2, 32, generator=g) for _ in range(2))
+    k[6, 0, 0] = NAN  # a key of the last sequence (query rows 7, 8) only
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = vf.attention_varlen(q, k, v, cu_q, cu_k, 4, 5, backend=backend)
+    assert torch.isfinite(out[:7]).all()
+    out[:7].sum().backward()  # sequences 0-2 only
+    # rows 7, 8 may be NaN (their zero upstream gradient meets the NaN score: 0 * NaN)
+    assert torch.isfinite(q.grad[:7]).all(), "a NaN of the last sequence reached another's dq"
+    assert torch.isfinite(k.grad[:5]).all() and torch.isfinite(v.grad[:5]).all()
+    # float64 truth: sequences 0-2 alone (they hold no NaN) through the eager reference
+    q64, k64, v64 = (x.detach()[:n].double().requires_grad_() for x, n in ((q, 7), (k, 5), (v, 5)))
+    want = vf.attention_varlen(q64, k64, v64, cu_q[:4], cu_k[:4], 4, 3, backend="reference")
+    want.sum().backward()
+    torch.testing.assert_close(q.grad[:7].double(), q64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(k.grad[:5].double(), k64.grad, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Strided, offset and non-contiguous arguments (every argument, every backend)
 # ---------------------------------------------------------------------------------------------
@@ -480,3 +507,21 @@ def test_strided_inputs_dense(backend, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_strided_inputs_varlen(backend, causal):
     check_strided_varlen(backend, causal)
+
+
+def test_numpy_scalars_are_plain_numbers():
+    """numpy integers for max_seqlen_* and numpy reals for scale behave as Python numbers;
+    numpy bools are refused like bools."""
+    g = torch.Generator().manual_seed(18)
+    q = torch.randn(5, 2, 8, generator=g)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    want = vf.attention_varlen(q, q, q, cu, cu, 3, 3, scale=0.3, backend="reference")
+    got = vf.attention_varlen(
+        q, q, q, cu, cu, np.int64(3), np.int32(3), scale=np.float64(0.3), backend="reference"
+    )
+    assert torch.equal(got, want)
+    dense = vf.attention(q[None], q[None], q[None], scale=np.float32(0.5), backend="reference")
+    assert torch.equal(dense, vf.attention(q[None], q[None], q[None], scale=0.5,
+                                           backend="reference"))
+    with pytest.raises(ValueError, match="max_seqlen_q: expected an int"):
+        vf.attention_varlen(q, q, q, cu, cu, np.bool_(True), 3)

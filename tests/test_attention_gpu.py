@@ -7,7 +7,7 @@ packed varlen sequences (a single query, a single key, a sequence with no key), 
 sequence (T = 4096 + 37: many KV blocks, a partial last block), and a batch entry whose
 key_padding_mask is all False (out exactly 0, finite and exactly zero gradients).
 
-Rule (DESIGN.md): a result passes when its error against float64 is at most 2x the error of the
+Rule (docs/DESIGN.md): a result passes when its error against float64 is at most 2x the error of the
 eager reference run in the same dtype, plus a floor per dtype (tests/_util.assert_close_2x).
 Every floating tensor made by torch.empty / torch.empty_like while the Triton op runs (forward
 and backward) is NaN-filled first, and padded keys and values hold NaN, so an unwritten output

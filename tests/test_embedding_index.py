@@ -622,3 +622,13 @@ def test_to_and_load_refuse_bad_devices_and_backends(tmp_path):
         EmbeddingIndex.load(path, backend="nope")
     back = EmbeddingIndex.load(path, backend="reference")
     assert back.backend == "reference" and torch.equal(back.vectors, index.vectors)
+
+
+def test_save_into_a_missing_folder_names_the_path(tmp_path):
+    """The error names the user's path, not the hidden temporary file (regression)."""
+    index = vf.nn.EmbeddingIndex(4)
+    index.add(torch.randn(3, 4))
+    target = tmp_path / "missing" / "labels.vfi"
+    with pytest.raises(FileNotFoundError, match="labels.vfi.*does not exist") as info:
+        index.save(target)
+    assert ".tmp-" not in str(info.value)

@@ -280,6 +280,96 @@ def test_gpu_strides_temperature_and_nan_rule(backend):
                 _check_nan_rule(backend, case, symmetric, normalize, "cuda")
 
 
+# ------------------------------------------------------------------------------ zero rows
+
+# case: (pred rows, target rows) set to zero; "both" includes a positive pair of two zero rows
+ZERO_ROWS = {"pred": ([0], []), "target": ([], [3]), "both": ([0, 4], [0, 6])}
+# "tiny": (pred rows, target rows, entry size): rows below NORM_EPS (1e-20 entries, including a
+# positive pair of two such rows) get zero gradients; rows of 1e-6 entries are regular rows
+TINY_ROWS = [([2], [2], 1e-20), ([5], [7], 1e-6)]
+
+
+def _normalized_loss64(p, t, tau, symmetric):
+    """Per-row InfoNCE of float64 leaves, written out with reference.normalize_rows."""
+    a, b = reference.normalize_rows(p), reference.normalize_rows(t)
+    s = (a @ b.T) / tau
+    diag = s.diagonal()
+    per_row = s.logsumexp(1) - diag
+    if symmetric:
+        per_row = 0.5 * (per_row + (s.logsumexp(0) - diag))
+    return per_row
+
+
+def _check_zero_rows(backend, dtype, plant, symmetric, device, N=9, D=16):
+    """plant: [(pred rows, target rows, entry size or 0.0)]. Rows with norm < NORM_EPS get an
+    exactly zero, finite gradient (reference.normalize_rows' rule); every other row's gradient,
+    the temperature's and the loss match float64 within 2x the eager error in the same dtype."""
+    p, t = _inputs(N, D, dtype, seed=N + D + symmetric, device=device)
+    g = torch.Generator().manual_seed(5)
+    dead = {0: set(), 1: set()}  # rows below NORM_EPS, per tensor
+    with torch.no_grad():
+        for p_rows, t_rows, size in plant:
+            for which, x, rows in ((0, p, p_rows), (1, t, t_rows)):
+                for r in rows:
+                    x[r] = (torch.randn(D, generator=g) * size).to(device, dtype)
+                    if torch.linalg.vector_norm(x[r].double()) < reference.NORM_EPS:
+                        dead[which].add(r)
+    assert dead[0] or dead[1], "the case plants no row below NORM_EPS"
+    tau = torch.tensor(0.07, device=device, requires_grad=True)
+    kw = dict(symmetric=symmetric, reduction="none")
+    loss, grads = _run(backend, p, t, tau, **kw)
+    eager, egrads = _run("reference", p, t, tau, **kw)
+    p64, t64 = (x.detach().double().requires_grad_(True) for x in (p, t))
+    tau64 = tau.detach().double().requires_grad_(True)
+    exact = _normalized_loss64(p64, t64, tau64, symmetric)
+    w = torch.randn(exact.shape, generator=torch.Generator().manual_seed(9)).to(exact)
+    xgrads = torch.autograd.grad((exact * w).sum(), (p64, t64, tau64))
+    low = torch.float32 if dtype == torch.float32 else dtype
+    assert_close_2x(loss, eager, exact, low, "loss")
+    for which, name in ((0, "dpred"), (1, "dtarget")):
+        got, ea, ex = grads[which], egrads[which], xgrads[which]
+        assert torch.isfinite(got).all(), f"{name}: non-finite gradient {got}"
+        for r in range(N):
+            if r in dead[which]:
+                assert ex[r].abs().max() == 0, f"{name}[{r}]: float64 oracle is not zero"
+                assert got[r].abs().max() == 0, f"{name}[{r}] (norm < eps): {got[r]}"
+            else:
+                assert_close_2x(got[r], ea[r], ex[r], dtype, f"{name}[{r}]")
+    assert_close_2x(grads[2], egrads[2], xgrads[2], dtype, "dtemperature")
+
+
+@pytest.mark.parametrize("backend", ALL_CPU)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ZERO_ROWS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_zero_rows_get_zero_gradients(backend, dtype, case, symmetric):
+    """normalize=True: a zero row's gradient is 0 (it has no direction; F.normalize's 1/eps
+    slope overflowed fp16), the other rows' match float64 (reference.normalize_rows' rule)."""
+    _check_zero_rows(backend, dtype, [(*ZERO_ROWS[case], 0.0)], symmetric, "cpu")
+
+
+@pytest.mark.parametrize("backend", ALL_CPU)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rows_below_eps_get_zero_gradients(backend, dtype, symmetric):
+    """Non-zero rows below NORM_EPS (1e-20 entries) get zero gradients; rows of 1e-6 entries
+    are regular (the gradient of x / |x|, of order 1e5)."""
+    _check_zero_rows(backend, dtype, TINY_ROWS, symmetric, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("N,D", [(9, 16), (130, 72)])
+def test_gpu_zero_rows_get_zero_gradients(backend, N, D):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for symmetric in (True, False):
+            for case in ZERO_ROWS:
+                plant = [(*ZERO_ROWS[case], 0.0)]
+                _check_zero_rows(backend, dtype, plant, symmetric, "cuda", N, D)
+            if dtype != torch.float16:
+                _check_zero_rows(backend, dtype, TINY_ROWS, symmetric, "cuda", N, D)
+
+
 # ------------------------------------------------------------------------------ distributed
 
 
@@ -504,3 +594,17 @@ def test_gpu_no_n_squared_memory(backend):
         assert extras[N] < budget, f"N={N}: {extras[N] / 2**20:.1f} MiB > budget"
         del p, t, loss
     assert extras[16384] < 2.05 * extras[8192], f"extra memory grew {extras}"
+
+
+def test_numpy_temperature_is_a_plain_number():
+    """A numpy real temperature behaves as the Python float (it used to be refused, while the
+    modules accepted it); a numpy bool is refused like a bool."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(31)
+    p, t = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    want = vf.infonce_loss(p, t, temperature=0.25, backend="reference")
+    got = vf.infonce_loss(p, t, temperature=np.float32(0.25), backend="reference")
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="^temperature: "):
+        vf.infonce_loss(p, t, temperature=np.bool_(True))

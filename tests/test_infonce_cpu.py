@@ -105,15 +105,20 @@ def test_huge_logits_stay_finite(dtype, normalize):
     )
 
 
-def test_zero_rows_use_the_clamped_norm():
-    a, b = _inputs(9, 12, 16, torch.float32, seed=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_zero_rows_get_zero_gradients(dtype):
+    """Zero rows keep the eps-clamped value (zero logits) and get a zero gradient (the rule of
+    reference.normalize_rows), not the clamp's 1 / eps slope."""
+    a, b = _inputs(9, 12, 16, dtype, seed=3)
     a[4] = 0
     b[7] = 0
+    b[6] = 0  # the positive of the zero row a[4] (offset 2)
     scale = torch.tensor(10.0)
     out = torch.ops.vljepa_fast.infonce_fwd(a, b, scale, 2, True, True)
     g_row, g_col = torch.randn(9), torch.randn(12)
     grads = torch.ops.vljepa_fast.infonce_bwd(a, b, scale, 2, True, out[0], out[1], g_row, g_col)
     check_against_float64(out, grads, a, b, scale, 2, True, True, g_row, g_col)
+    assert grads[0][4].abs().max() == 0 and grads[1][[6, 7]].abs().max() == 0
 
 
 def test_deterministic():

@@ -130,6 +130,10 @@ NAN, INF = float("nan"), float("inf")
         ({"backend": None}, "backend"),
         # a learnable start below 1 / max_logit_scale would be clamped to another value at once
         ({"temperature": 0.001, "learnable_temperature": True}, "temperature"),
+        # below the range vf.infonce_loss serves: refused at construction, not at forward
+        ({"temperature": 1e-30}, "temperature"),
+        ({"temperature": 1e-300, "learnable_temperature": True, "max_logit_scale": INF},
+         "temperature"),
     ],
     ids=lambda v: repr(v) if isinstance(v, dict) else v,
 )
@@ -193,6 +197,7 @@ def test_clip_loss_constructor_refuses_bad_arguments(kwargs, name):
         NAN,
         INF,
         1e-310,  # 1 / scale overflows
+        1e30,  # 1 / scale below the smallest temperature vf.infonce_loss serves
         True,
         "10",
         None,

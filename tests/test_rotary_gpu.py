@@ -6,7 +6,7 @@ slices of one fused projection, head dims 64, 72 and 128 and sequences up to T =
 The float64 oracle is written here pair by pair (out_a = c_a x_a - s_a x_b, out_b = c_b x_b +
 s_b x_a for each rotated pair (a, b)), independently of vljepa_fast.ops.rotary; the eager
 reference (backend="reference") agrees with it in float64, and its run in the test's dtype sets
-the 2x error bound (DESIGN.md; tests/_util.assert_close_2x). The kernel's outputs (forward and
+the 2x error bound (docs/DESIGN.md; tests/_util.assert_close_2x). The kernel's outputs (forward and
 backward) are NaN-poisoned before it writes them.
 """
 

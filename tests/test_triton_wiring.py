@@ -96,3 +96,20 @@ def test_auto_never_picks_triton_on_cpu():
     assert _backends.select("attention", "auto", (q, q, q), {}).name == "sdpa"
     p = torch.randn(4, 8)
     assert _backends.select("infonce_loss", "auto", (p, p), {}).name != "triton"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: vf.topk_similarity(x, x, 2),
+        lambda x: vf.infonce_loss(x, x),
+        lambda x: vf.attention(x[None, :, None], x[None, :, None], x[None, :, None]),
+    ],
+    ids=["topk_similarity", "infonce_loss", "attention"],
+)
+def test_auto_on_a_device_no_backend_serves_lists_the_reasons(call):
+    """Meta tensors under auto: a BackendUnavailableError with every backend's reasons, not an
+    AssertionError (regression)."""
+    x = torch.randn(6, 4, device="meta")
+    with pytest.raises(vf.BackendUnavailableError, match="does not run on meta tensors"):
+        call(x)

@@ -1,6 +1,6 @@
 """vljepa_fast: fused kernels, drop-in modules and benchmarks for VL-JEPA's three hot spots.
 
-Public API (see DESIGN.md):
+Public API (see docs/DESIGN.md):
     vljepa_fast.attention, attention_varlen, infonce_loss, topk_similarity   (functional ops)
     vljepa_fast.apply_rotary, rotary_cos_sin                                  (RoPE)
     vljepa_fast.backends()                                                    (op x backend table)

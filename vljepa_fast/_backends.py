@@ -162,7 +162,11 @@ def select(op: str, backend: str, args: Sequence[Any], kwargs: dict) -> Backend:
                     stacklevel=4,
                 )
             return rec
-    raise AssertionError(f"{op}: no backend, not even the reference, accepted the inputs")
+    # only inputs on a device no backend serves (e.g. meta tensors) get here: the reference
+    # serves every input that passed validation on cpu and cuda
+    raise BackendUnavailableError(
+        f"{op}: no backend serves these {dev} inputs:\n{explain(op, args, kwargs)}"
+    )
 
 
 def dispatch(op: str, backend: str, *args: Any, **kwargs: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -52,6 +54,18 @@ def last_dim_contiguous(name: str, x: Tensor) -> None:
 def nonempty(name: str, x: Tensor, dim: int, what: str) -> None:
     if x.shape[dim] == 0:
         raise ValueError(f"{name}: expected at least one {what}, got shape {tuple(x.shape)}")
+
+
+def plain_number(v: object) -> object:
+    """A numpy (or other registered) integer as int and real as float; anything else, bools
+    included, unchanged (for the checks that follow to accept or name it)."""
+    if isinstance(v, (bool, Tensor)) or type(v).__name__ == "bool_":
+        return v
+    if isinstance(v, numbers.Integral):
+        return operator.index(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
 
 
 def int_in(name: str, v: object, lo: int, hi: int | None = None, hint: str = "") -> int:

@@ -69,7 +69,7 @@ def attention(
 
     Args:
         q: [B, T, Hq, D] queries (flash-attn layout), float32/float16/bfloat16 (float64 on the
-            reference backend only); the last dimension must be contiguous.
+            reference and sdpa backends only); the last dimension must be contiguous.
         k: [B, S, Hkv, D] keys, same dtype and device; Hq % Hkv == 0.
         v: [B, S, Hkv, D] values, same shape as k.
         key_padding_mask: [B, S] bool on q's device (any strides), True = a real key. Keys
@@ -100,6 +100,7 @@ def attention(
         BackendUnavailableError: a named backend cannot serve these inputs.
     """
     _check_qkv(q, k, v, 4, "[B, T, Hq, D]", "[B, S, Hkv, D]")
+    scale = _validate.plain_number(scale)  # numpy scalars
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k: expected batch size {q.shape[0]} (q's), got {k.shape[0]}")
     for name, x, dim, what in (
@@ -177,6 +178,8 @@ def attention_varlen(
         Checking cu_seqlens reads them on the host (one device sync on GPU).
     """
     _check_qkv(q, k, v, 3, "[total_q, Hq, D]", "[total_k, Hkv, D]")
+    max_seqlen_q, max_seqlen_k = map(_validate.plain_number, (max_seqlen_q, max_seqlen_k))
+    scale = _validate.plain_number(scale)
     for name, cu, total, mx in (
         ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
         ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
@@ -248,7 +251,9 @@ def infonce_loss(
             the kernels form them), or a 0-dim floating tensor (learnable; its value is checked
             eagerly against the same range, outside torch.compile).
         symmetric: both directions (VL-JEPA) or pred->target only.
-        normalize: L2-normalise rows first (zero rows stay zero: eps 1e-12).
+        normalize: L2-normalise rows first, dividing by max(norm, 1e-12): a zero row stays zero
+            (its logits are 0); rows with norm < 1e-12 get a zero gradient, the others that of
+            x / |x| (:func:`vljepa_fast.reference.normalize_rows`).
         reduction: "mean" or "sum" (scalars) or "none" ([N] per-row losses).
         group: a torch.distributed process group (or ``torch.distributed.group.WORLD``): each
             rank passes its local rows (at least one; the number may differ by rank); negatives
@@ -286,6 +291,7 @@ def infonce_loss(
         # raised alone would leave the others waiting in a collective)
         _validate.nonempty("pred", pred, 0, "row (N >= 1)")
         _validate.nonempty("pred", pred, 1, "column (D >= 1)")
+    temperature = _validate.plain_number(temperature)  # numpy scalars
     _infonce_ops.check_temperature(temperature, pred)
     for name, flag in (("symmetric", symmetric), ("normalize", normalize)):
         if not isinstance(flag, bool):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vljepa_fast import _backends, _validate, functional, reference
+from vljepa_fast.ops.infonce import MIN_TEMPERATURE
 from vljepa_fast.ops.rotary import LLAMA3_ROPE_SCALING, apply_rotary, rotary_cos_sin
 
 __all__ = ["EmbeddingIndex", "InfoNCELoss", "PredictorAttention"]
@@ -518,6 +519,11 @@ class EmbeddingIndex:
                 "ids": self.ids.to("cpu", copy=True),
             }
         )
+        if not target.parent.is_dir():  # else the error would name the hidden temporary file
+            raise FileNotFoundError(
+                errno.ENOENT, f"EmbeddingIndex.save: the folder of {str(p)!r} does not exist",
+                str(target.parent),
+            )
         _remove_stale_temps(target)
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -829,6 +835,11 @@ class InfoNCELoss(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.temperature = _number("temperature", temperature, above=0.0)
+        if not self.temperature >= MIN_TEMPERATURE:  # the range vf.infonce_loss serves
+            raise ValueError(
+                f"temperature: expected a value >= 2**-60 (about 8.7e-19, the smallest that "
+                f"vf.infonce_loss serves), got {self.temperature:g}"
+            )
         learnable = _flag("learnable_temperature", learnable_temperature)
         self.max_logit_scale = _number(
             "max_logit_scale", max_logit_scale, above=0.0, allow_inf=True

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -27,7 +26,8 @@ __all__ = [
 ]
 
 #: Smallest norm used when normalising rows (cosine similarity, InfoNCE ``normalize=True``): a
-#: zero row is divided by this instead of by 0, so it stays a zero row and scores 0.
+#: zero row is divided by this instead of by 0, so it stays a zero row and scores 0; rows below
+#: it get a zero gradient (:func:`normalize_rows`).
 NORM_EPS = 1e-12
 
 
@@ -152,8 +152,10 @@ def infonce_terms(
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """The per-row and per-column terms every InfoNCE backend computes (the kernel contract).
 
-    With S = scale * norm(pred) @ norm(target)^T ([N, M]; norm is the identity when
-    ``normalize`` is False), the positive of row i is column i + offset.
+    With S = scale * norm(pred) @ norm(target)^T ([N, M]; norm is :func:`normalize_rows` with
+    ``normalize``, the identity without), the positive of row i is column i + offset. Zero-row
+    rule: a row whose norm is below NORM_EPS is divided by NORM_EPS (a zero row gives zero
+    logits) and gets a zero gradient; every backend's backward follows it.
 
     Returns:
         (row_lse [N], col_lse [M] or None, pos_row [N], pos_col [M] or None), float32 (float64
@@ -165,8 +167,7 @@ def infonce_terms(
     cdt = _compute_dtype(pred, target)
     a, b = pred.to(cdt), target.to(cdt)
     if normalize:
-        a = F.normalize(a, dim=-1, eps=NORM_EPS)
-        b = F.normalize(b, dim=-1, eps=NORM_EPS)
+        a, b = normalize_rows(a), normalize_rows(b)
     s = (a @ b.T) * (scale.to(cdt) if isinstance(scale, Tensor) else scale)
     n, m = s.shape
     rows = torch.arange(n, device=s.device)
@@ -201,7 +202,9 @@ def infonce_loss(
         temperature: positive float, or a 0-dim tensor (gradient flows to it); the public op
             serves temperature >= 2**-60 (vljepa_fast.ops.infonce.MIN_TEMPERATURE).
         symmetric: average both directions; False keeps pred->target only.
-        normalize: L2-normalise rows first (eps ``NORM_EPS``).
+        normalize: L2-normalise rows first with :func:`normalize_rows`: values as
+            ``F.normalize(eps=NORM_EPS)``; rows with norm below NORM_EPS (zero rows) get a zero
+            gradient, the others that of x / |x|.
         reduction: "mean" (scalar), "sum" (scalar) or "none" ([N] per-row losses).
 
     Returns:

@@ -33,7 +33,8 @@
 // G * inv_b), and the backward stores dS' = dS * inv_b, so that dÂ = scale * dS' @ b and
 // dB' = scale * dS'^T @ Â equals inv_b * dB̂, which turns the normalisation backward of b
 // (dB̂ - B̂ (B̂ . dB̂)) / ||b|| into dB' - b (b . dB') / ||b||^2. dscale = sum(dS * S) / scale
-// is accumulated as sum(dS' * G), without the division.
+// is accumulated as sum(dS' * G), without the division. Rows whose norm is below eps (zero
+// rows) keep their eps-clamped values in S but get a zero gradient (reference.normalize_rows).
 //
 // Huge logits (|S| up to 1e4 and beyond) are safe: every exponent is relative to a maximum or an
 // LSE, so exp never sees a positive argument above rounding. The LSEs leave the forward in
@@ -62,7 +63,7 @@ namespace vljepa_fast {
 namespace {
 
 constexpr float kNormEps = 1e-12f;
-// A row whose inverse norm reaches this had its norm clamped to eps: no projection in backward.
+// A row whose inverse norm reaches this had its norm clamped to eps: zero gradient in backward.
 constexpr float kInvNormEps = 1.0f / kNormEps;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // The [C, M] fp32 block: small enough for L3 and for the 10%-of-inputs memory budget at N = 16k.
@@ -501,15 +502,21 @@ double grad_slice(float* g, int64_t first_row, int64_t rows, int64_t j0, int64_t
 // the backward of y = x / max(||x||, eps) (projection off the direction of x) times the chain
 // factor. Dot products, the squared norm and the projection run in double, so that the
 // component along x cancels to double precision (at D = 1 the whole gradient is that
-// component). Rows whose norm was clamped (inv_norm[r] >= 1 / eps), or all rows without
-// normalize, only get the factor.
+// component). Without normalize every row only gets the factor. Rows whose norm was clamped
+// (norm < eps, i.e. inv_norm[r] >= 1 / eps) get a zero gradient: the zero-row rule of
+// reference.normalize_rows (a zero row has no direction, and the 1 / eps slope of the clamp
+// would reach 1e12 and overflow fp16).
 void normalize_backward(float* grad, const float* x, const float* inv_norm, const float* factor,
                         float scalar_factor, int64_t dim, bool normalize, int64_t begin,
                         int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     float* gr = grad + r * dim;
     const float f = scalar_factor * (factor != nullptr ? factor[r] : 1.0f);
-    if (!normalize || inv_norm[r] >= kInvNormEps) {
+    if (normalize && inv_norm[r] >= kInvNormEps) {
+      std::fill(gr, gr + dim, 0.0f);
+      continue;
+    }
+    if (!normalize) {
       for (int64_t d = 0; d < dim; ++d) {
         gr[d] *= f;
       }

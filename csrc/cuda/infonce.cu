@@ -30,7 +30,8 @@
 // (raw rows, fp32 FMA) into acc [own rows, D] fp32. Only program p ever touches its 64 rows of
 // acc, so plain read-modify-write is race-free and deterministic. dÂ = scale * acc (by rows) and
 // dB̂ = scale * acc (by columns); normalize_bwd_kernel then applies the normalisation backward
-// inv * (dX̂ - x (x . dX̂) / ||x||^2) with the dot and norm in double. dscale = sum(dS * S) / scale
+// inv * (dX̂ - x (x . dX̂) / ||x||^2) with the dot and norm in double (0 for rows whose norm is
+// below eps, the zero-row rule of reference.normalize_rows). dscale = sum(dS * S) / scale
 // = sum(dS * G * inv_a * inv_b): per-thread double sums, one partial per row program reduced in
 // thread order, then summed in program order by sum_kernel.
 //
@@ -93,7 +94,7 @@ constexpr int kTileBytes = kTile * kLdTile * 4;
 // The operand staging area doubles as the [64, 64] fp32 slice of `other` in the backward.
 constexpr int kUnionBytes = kOperandBytes > kTileBytes ? kOperandBytes : kTileBytes;
 constexpr float kNormEps = 1e-12f;
-// A row whose inverse norm reaches this had its norm clamped to eps: no projection in backward.
+// A row whose inverse norm reaches this had its norm clamped to eps: zero gradient in backward.
 constexpr float kInvNormEps = 1.0f / kNormEps;
 constexpr unsigned kFullMask = 0xffffffffu;
 // Forward grid: at most kMaxSplits row groups x kMaxSplits column splits (576 programs, several
@@ -590,7 +591,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // out[r] = inv[r] * (g - x (x . g) / ||x||^2), g = scale * acc[r]: the backward of
 // x / max(||x||, eps) (projection in double, so that the component along x cancels to double
-// precision); rows whose norm was clamped, or all rows without normalize, get inv[r] * g only.
+// precision); all rows without normalize get inv[r] * g only (inv is 1 then). Rows whose norm
+// was clamped (norm < eps: zero rows) get 0, the rule of reference.normalize_rows (no
+// direction, and the 1 / eps slope would overflow fp16).
 // One warp per row. acc and out may alias (fp32 inputs): each lane reads its elements before it
 // writes them.
 template <typename T>
@@ -604,8 +607,9 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   const float scale = __ldg(scale_ptr);
+  const bool clamped = normalize && inv[r] >= kInvNormEps;  // uniform across the warp
   const double iv = inv[r];
-  const bool project = normalize && inv[r] < kInvNormEps;
+  const bool project = normalize && !clamped;
   const float* g_row = acc + r * dim;
   const T* x_row = x + r * dim;
   double coef = 0.0;
@@ -623,7 +627,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int d = lane; d < dim; d += 32) {
     const double g = scale * g_row[d];
     const double xv = to_float(x_row[d]);
-    o_row[d] = from_float<T>(float(iv * (g - xv * coef)));
+    o_row[d] = from_float<T>(clamped ? 0.0f : float(iv * (g - xv * coef)));
   }
 }
 

@@ -621,7 +621,7 @@ std::tuple<at::Tensor, at::Tensor> topk_similarity_cuda(const at::Tensor& querie
   const int64_t num_queries = queries.size(0);
   const int64_t num_bank = bank.size(0);
   TORCH_CHECK(k <= kMaxK, "topk_similarity (cuda) supports k <= ", kMaxK, ", got k=", k,
-              "; use the cpu or reference backend for larger k");
+              "; use the triton or reference backend for larger k");
   // Indices travel as 32-bit ~index in the keys; row counts and offsets inside the kernels are
   // int, with headroom for a chunk end past the last row.
   TORCH_CHECK(num_bank < (int64_t(1) << 30) && num_queries < (int64_t(1) << 30) &&

@@ -100,6 +100,8 @@ class ClipLoss(torch.nn.Module):
             )
         if not (math.isfinite(value) and value > 0 and math.isfinite(1.0 / value)):
             raise ValueError(f"logit_scale: expected a positive finite value, got {value}")
+        if not value <= 2.0**60:  # 1 / MIN_TEMPERATURE: the range vf.infonce_loss serves
+            raise ValueError(f"logit_scale: expected a value <= 2**60 (about 1.2e18), got {value}")
         return 1.0 / value if temperature is None else temperature
 
     def forward(

@@ -189,11 +189,13 @@ def _sdpa_varlen(
             iq.shape[0], max_seqlen_q, max_seqlen_k, q.device, None, True, lq, lk
         )
     # The padding slots gather row 0 of the pack (a real row of another sequence, maybe NaN):
-    # zeroed, so that nothing of it reaches this sequence.
+    # zeroed, key and query slots alike, so that nothing of it reaches this sequence and no
+    # gradient of a padding query (which may meet this sequence's NaN) flows back into row 0.
     kp, vp = _zero_padded(k[ik], v[ik], vk)
+    qp = torch.where(vq[:, :, None, None], q[iq], torch.zeros((), dtype=q.dtype, device=q.device))
     k_finite = _nonfinite_rows(k).logical_not_()[ik] & vk[:, :, None]
     nan = nan_rows(_nonfinite_rows(q)[iq], k_finite, vk, (lk - lq) if causal else None)
-    out = _sdpa_masked(q[iq], kp, vp, mask, scale, nan)  # [B, max_q, Hq, D]
+    out = _sdpa_masked(qp, kp, vp, mask, scale, nan)  # [B, max_q, Hq, D]
     return out[vq]
 
 

@@ -1,5 +1,14 @@
 """infonce_loss: argument checks, the distributed composition, and backend records.
 
+Zero-row rule (``normalize=True``, every backend). Rows are divided by max(norm, NORM_EPS)
+(``reference.NORM_EPS`` = 1e-12), so the values are ``F.normalize(x, eps=NORM_EPS)``'s and a zero
+row gives zero logits. The gradient is that of x / |x| on rows whose norm is >= NORM_EPS, and
+zero on rows below it (``reference.normalize_rows``, as topk_similarity's cosine): a zero row has
+no direction, and the clamp's 1 / NORM_EPS slope would reach 1e12 and overflow fp16. Such a row
+keeps its clamped value x / NORM_EPS in the other rows' logits, so their gradients are exact.
+The reference backend computes it with ``normalize_rows``; the cpu, triton and cuda backward
+kernels give the rows whose norm was clamped a zero gradient in their normalisation backward.
+
 Distributed convention (``group`` given). Rank r holds N_r >= 1 local rows of pred and target;
 the sizes may differ by rank (they are all-gathered first, with the feature size, dtype and the
 flags, and a mismatch raises the same ValueError on every rank). The negatives are the global

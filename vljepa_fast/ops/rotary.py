@@ -304,4 +304,5 @@ def apply_rotary(
             raise BackendUnavailableError(
                 f"apply_rotary: backend 'triton' cannot run these inputs:\n{lines}"
             )
-    return rotary_reference(q, k, cos3, sin3, layout=layout)
+    q_rot, k_rot = rotary_reference(q, k, cos3, sin3, layout=layout)
+    return q_rot.contiguous(), k_rot.contiguous()  # as documented, whatever q's strides
