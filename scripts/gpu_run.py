@@ -307,6 +307,10 @@ class Run:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                # a step must get SIGINT as KeyboardInterrupt even when this script was started
+                # with SIGINT ignored (nohup, pytest-xdist workers): Python leaves an inherited
+                # SIG_IGN in place, so the step would only die at SIGKILL, its outputs unwritten
+                preexec_fn=_default_sigint,
             )
             try:
                 rc = proc.wait(timeout=max(1.0, limit - grace))
@@ -350,6 +354,10 @@ class Run:
             (self.out / "summary.md").write_text(summary(self))
         except OSError as e:
             print(f"[gpu_run] cannot write summary.md: {e}", flush=True)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:

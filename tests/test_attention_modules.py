@@ -379,3 +379,21 @@ def test_peer_matches_reference_on_gpu(name, causal, lengths):
     assert_close_2x(out, eager, exact, torch.bfloat16, "out")
     for n, a, b, c in zip("qkv", grads, eager_grads, exact_grads):
         assert_close_2x(a, b, c, torch.bfloat16, f"d{n}")
+
+
+def test_predictor_attention_float64_uses_float64_tables():
+    """A float64 module is exact to float64 rounding (regression: its RoPE tables were float32,
+    costing 1e-8)."""
+    torch.manual_seed(5)
+    m = vf.nn.PredictorAttention(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16).double()
+    x = torch.randn(2, 7, 64, dtype=torch.float64)
+    pos = torch.arange(9000, 9007)
+    got = m(x, position_ids=pos)
+    cos, sin = vf.rotary_cos_sin(pos, 16, theta=m.rope_theta, rope_scaling=m.rope_scaling,
+                                 dtype=torch.float64)
+    q = m.q_proj(x).view(2, 7, 4, 16)
+    k = m.k_proj(x).view(2, 7, 2, 16)
+    v = m.v_proj(x).view(2, 7, 2, 16)
+    q, k = vf.apply_rotary(q, k, cos, sin, backend="reference")
+    want = m.o_proj(vf.attention(q, k, v, backend="reference").reshape(2, 7, 64))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

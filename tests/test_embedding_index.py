@@ -131,6 +131,7 @@ BAD_FIELDS = {
     "vectors-nan": (_vectors(_nan_row), "vectors"),
     "vectors-inf": (_vectors(_inf_row), "vectors"),
     "vectors-not-unit": (_vectors(lambda v: v * 3), "vectors"),
+    "vectors-short-rows": (_vectors(lambda v: v * 0.02), "vectors"),  # was accepted
     "vectors-transposed": (
         lambda s: {**s, "dim": 30, "vectors": s["vectors"].T, "ids": torch.arange(12)},
         "vectors",
@@ -632,3 +633,14 @@ def test_save_into_a_missing_folder_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="labels.vfi.*does not exist") as info:
         index.save(target)
     assert ".tmp-" not in str(info.value)
+
+
+def test_cosine_zero_rows_round_trip(tmp_path):
+    """add() keeps a zero row zero under cosine; save() then load() must accept it."""
+    index = EmbeddingIndex(6, metric="cosine")
+    x = torch.randn(4, 6)
+    x[2] = 0
+    index.add(x)
+    index.save(tmp_path / "z.vfi")
+    back = EmbeddingIndex.load(tmp_path / "z.vfi")
+    assert torch.equal(back.vectors, index.vectors) and torch.equal(back.ids, index.ids)

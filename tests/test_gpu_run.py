@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 import tarfile
@@ -171,9 +172,11 @@ def test_merge_bench_json_keeps_every_op(tmp_path):
 
 
 def test_a_step_gets_sigint_before_it_is_cut(tmp_path, monkeypatch):
-    # SIGINT comes GRACE_S before the step's end: the child needs that long to start and enter
-    # its try block even on a loaded CI machine (2.5 s / 1 s was flaky there)
+    # SIGINT comes GRACE_S before the step's end, time for the child to enter its try block
     monkeypatch.setattr(gpu_run, "GRACE_S", 4)
+    # as under pytest-xdist or nohup: the step must still see SIGINT as KeyboardInterrupt
+    # (regression: it inherited SIG_IGN and was only killed at the end, outputs unwritten)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     run = gpu_run.Run(tmp_path / "out", dry=True)
     (tmp_path / "out").mkdir()
     try:
@@ -198,6 +201,7 @@ def test_a_step_gets_sigint_before_it_is_cut(tmp_path, monkeypatch):
     finally:
         import shutil
 
+        signal.signal(signal.SIGINT, previous)
         shutil.rmtree(run.work, ignore_errors=True)
 
 

@@ -387,7 +387,7 @@ def _global_batch(total: int):
     return (torch.randn(total, D_DIST, generator=g, dtype=torch.float64) for _ in range(2))
 
 
-def _worker(rank, sizes, dims, port, backend, reduction, symmetric, out_q):
+def _worker(rank, sizes, dims, port, backend, reduction, symmetric, out_q, temps=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=len(sizes))
     try:
@@ -396,7 +396,7 @@ def _worker(rank, sizes, dims, port, backend, reduction, symmetric, out_q):
         rows, d = slice(start, start + sizes[rank]), dims[rank]
         p = P[rows, :d].float().clone().requires_grad_(True)
         t = T[rows, :d].float().clone().requires_grad_(True)
-        tau = torch.tensor(0.1, requires_grad=True)
+        tau = torch.tensor(0.1 if temps is None else temps[rank], requires_grad=True)
         try:
             loss = vf.infonce_loss(
                 p,
@@ -418,12 +418,12 @@ def _worker(rank, sizes, dims, port, backend, reduction, symmetric, out_q):
         dist.destroy_process_group()
 
 
-def _spawn(sizes, backend, reduction="mean", symmetric=True, dims=None):
+def _spawn(sizes, backend, reduction="mean", symmetric=True, dims=None, temps=None):
     world = len(sizes)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    args = (sizes, dims or [D_DIST] * world, port, backend, reduction, symmetric, q)
+    args = (sizes, dims or [D_DIST] * world, port, backend, reduction, symmetric, q, temps)
     procs = [ctx.Process(target=_worker, args=(r, *args)) for r in range(world)]
     for pr in procs:
         pr.start()
@@ -510,12 +510,15 @@ def _check_distributed(sizes, backend, reduction, symmetric):
         ([3, 0], None, "pred: expected at least one row on every rank of group, got local"),
         ([2, 0, 4], None, "pred: expected at least one row on every rank"),
         ([3, 3], [D_DIST, D_DIST - 1], "pred: expected the same feature size D on every rank"),
+        # regression: each rank returned its own "global" loss
+        ([3, 5], "temps", "temperature: expected the same value on every rank"),
     ],
     ids=str,
 )
 def test_distributed_mismatch_raises_on_every_rank(backend, sizes, dims, match):
     """A rank-dependent problem raises the same ValueError on every rank (no hang or abort)."""
-    results = _spawn(sizes, backend, dims=dims)
+    temps = [0.1, 0.2] if dims == "temps" else None
+    results = _spawn(sizes, backend, dims=None if temps else dims, temps=temps)
     messages = {r[2] for r in results if r[1] == "ValueError"}
     assert len(messages) == 1 and all(r[1] == "ValueError" for r in results), results
     assert re.search(match, messages.pop())

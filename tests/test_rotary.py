@@ -179,6 +179,54 @@ def test_bad_arguments_name_the_argument():
         rotary_cos_sin(torch.arange(5), 63)
 
 
+_L3 = dict(LLAMA3_ROPE_SCALING)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "^rope_scaling: expected rope_type"),
+        ({"rope_scaling": dict(_L3, factor=0.0)}, r"^rope_scaling\['factor'\]"),
+        ({"rope_scaling": dict(_L3, factor=-1.0)}, r"^rope_scaling\['factor'\]"),
+        ({"rope_scaling": dict(_L3, factor="8")}, r"^rope_scaling\['factor'\]"),
+        ({"rope_scaling": {k: v for k, v in _L3.items() if k != "low_freq_factor"}},
+         "needs 'low_freq_factor'"),
+        ({"rope_scaling": dict(_L3, high_freq_factor=0.5)}, "high_freq_factor > low_freq_factor"),
+        ({"rope_scaling": dict(_L3, original_max_position_embeddings=0)},
+         "original_max_position_embeddings"),
+        ({"rope_scaling": [1, 2]}, "^rope_scaling: expected a mapping"),
+        ({"dtype": torch.int32}, "^dtype: expected a floating"),
+        ({"dtype": torch.bool}, "^dtype: expected a floating"),
+        ({"dtype": "float32"}, "^dtype: expected a floating"),
+        ({"theta": "1e4"}, "^theta: "),
+        ({"theta": True}, "^theta: "),
+    ],
+    ids=str,
+)
+def test_tables_refuse_bad_arguments(kwargs, match):
+    """Every argument of rotary_cos_sin is checked (regressions: the legacy key "type" was
+    ignored, giving unscaled tables; a bad llama3 dict gave NaN tables or a KeyError; integer
+    dtypes truncated the tables)."""
+    with pytest.raises(ValueError, match=match):
+        rotary_cos_sin(torch.arange(4), 8, **kwargs)
+
+
+@pytest.mark.parametrize("positions", [torch.ones(4, dtype=torch.bool), torch.ones(4) * 1j])
+def test_tables_refuse_bool_and_complex_positions(positions):
+    with pytest.raises(ValueError, match="^positions: "):
+        rotary_cos_sin(positions, 8)
+
+
+def test_legacy_type_key_is_read_as_rope_type():
+    legacy = {("type" if k == "rope_type" else k): v for k, v in _L3.items()}
+    pos = torch.arange(9000, 9004)
+    got = rotary_cos_sin(pos, 8, rope_scaling=legacy)
+    want = rotary_cos_sin(pos, 8, rope_scaling=_L3)
+    plain = rotary_cos_sin(pos, 8, rope_scaling=None)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not torch.equal(got[0], plain[0])
+
+
 def test_named_triton_backend_explains_itself(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8)

@@ -22,7 +22,12 @@ from torch import Tensor
 
 from vljepa_fast import _backends, _validate, functional, reference
 from vljepa_fast.ops.infonce import MIN_TEMPERATURE
-from vljepa_fast.ops.rotary import LLAMA3_ROPE_SCALING, apply_rotary, rotary_cos_sin
+from vljepa_fast.ops.rotary import (
+    LLAMA3_ROPE_SCALING,
+    apply_rotary,
+    check_rope_scaling,
+    rotary_cos_sin,
+)
 
 __all__ = ["EmbeddingIndex", "InfoNCELoss", "PredictorAttention"]
 
@@ -201,8 +206,11 @@ def _checked_state(name: str, state: object) -> tuple[int, str, torch.dtype, Ten
     if not bool(torch.isfinite(vectors).all()):
         raise bad("vectors", "holds NaN or inf")
     if metric == "cosine" and vectors.shape[0]:
-        norm = vectors.float().norm(dim=1).max().item()
-        if norm > 1 + _UNIT_NORM_TOL[dtype]:
+        # add() stores unit rows (a zero row stays zero): any other norm is not from save()
+        norms = vectors.float().norm(dim=1)
+        off = ((norms - 1).abs() > _UNIT_NORM_TOL[dtype]) & (norms != 0)
+        if bool(off.any()):
+            norm = norms[off][0].item()
             raise bad("vectors", f"metric 'cosine' stores unit rows, found a row of norm {norm}")
     return dim, metric, dtype, vectors, ids
 
@@ -592,39 +600,6 @@ class EmbeddingIndex:
         return index
 
 
-def _rope_scaling(v: object) -> dict | None:
-    """transformers' ``rope_scaling`` dict, checked; the legacy key "type" is read as
-    "rope_type"."""
-    if v is None:
-        return None
-    if not isinstance(v, Mapping):
-        raise ValueError(f"rope_scaling: expected a mapping or None, got {type(v).__name__}")
-    out = dict(v)
-    if "rope_type" not in out and "type" in out:
-        out["rope_type"] = out["type"]
-    rope_type = out.setdefault("rope_type", "default")
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(
-            f"rope_scaling: expected rope_type 'llama3' or 'default', got {rope_type!r}"
-        )
-    if rope_type == "llama3":
-        for key, above in (
-            ("factor", 0.0),
-            ("low_freq_factor", 0.0),
-            ("high_freq_factor", 0.0),
-            ("original_max_position_embeddings", 0.0),
-        ):
-            if key not in out:
-                raise ValueError(f"rope_scaling: rope_type 'llama3' needs {key!r}")
-            _number(f"rope_scaling[{key!r}]", out[key], above=above)
-        if not float(out["high_freq_factor"]) > float(out["low_freq_factor"]):
-            raise ValueError(
-                f"rope_scaling: expected high_freq_factor > low_freq_factor, got "
-                f"{out['high_freq_factor']} <= {out['low_freq_factor']}"
-            )
-    return out
-
-
 class PredictorAttention(torch.nn.Module):
     """Llama-compatible grouped-query attention with RoPE and key padding, bidirectional by default.
 
@@ -693,7 +668,7 @@ class PredictorAttention(torch.nn.Module):
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim = head_dim
         self.rope_theta = _number("rope_theta", rope_theta, above=1.0)
-        self.rope_scaling = _rope_scaling(rope_scaling)
+        self.rope_scaling = check_rope_scaling(rope_scaling)
         self.max_position_embeddings = max_position_embeddings
         self.causal = _flag("causal", causal)
         self.backend = _backend(backend, ("attention",))
@@ -788,7 +763,12 @@ class PredictorAttention(torch.nn.Module):
         else:
             position_ids = self._check_positions(position_ids, hidden)
         cos, sin = rotary_cos_sin(
-            position_ids, self.head_dim, theta=self.rope_theta, rope_scaling=self.rope_scaling
+            position_ids,
+            self.head_dim,
+            theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
+            # float64 modules keep float64 angles (fp32 tables cost them 1e-8 of accuracy)
+            dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32,
         )
         q = self.q_proj(hidden).view(B, L, self.num_heads, self.head_dim)
         k = self.k_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim)

@@ -139,11 +139,33 @@ _DIST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DIST_REDUCTIONS = ("mean", "sum", "none")
 
 
-def exchange_sizes(pred: Tensor, *, symmetric: bool, normalize: bool, reduction: str, group):
+def exchange_sizes(
+    pred: Tensor,
+    *,
+    symmetric: bool,
+    normalize: bool,
+    reduction: str,
+    group,
+    scale: float | Tensor | None = None,
+):
     """Every rank's local batch size (rank order), after checking on all ranks at once that each
-    has at least one row and that all agree on D, the dtype and the flags: the same ValueError is
-    raised on every rank (a mismatch left to the collectives would hang or abort them)."""
+    has at least one row and that all agree on D, the dtype, the flags and the temperature's
+    value (``scale`` = 1 / temperature): the same ValueError is raised on every rank (a mismatch
+    left to the collectives would hang or abort them; different temperatures would give each rank
+    another "global" loss)."""
     world = dist.get_world_size(group)
+    if scale is not None and not torch.compiler.is_compiling():
+        value = float(scale.detach()) if isinstance(scale, Tensor) else float(scale)
+        mine_t = torch.tensor([value], dtype=torch.float64, device=pred.device)
+        temps = [torch.empty_like(mine_t) for _ in range(world)]
+        dist.all_gather(temps, mine_t, group=group)
+        scales = [float(t) for t in temps]
+        if len(set(scales)) > 1:
+            temps = [1.0 / v for v in scales]
+            raise ValueError(
+                f"temperature: expected the same value on every rank of group, got {temps} "
+                f"(in rank order)"
+            )
     mine = torch.tensor(
         [
             pred.shape[0],
@@ -208,7 +230,8 @@ def distributed_loss(
     positive (column i + offset) of each row of a.
     """
     sizes = exchange_sizes(
-        pred, symmetric=symmetric, normalize=normalize, reduction=reduction, group=group
+        pred, symmetric=symmetric, normalize=normalize, reduction=reduction, group=group,
+        scale=scale,
     )
     world, rank = len(sizes), dist.get_rank(group)
     start, total_rows = sum(sizes[:rank]), sum(sizes)

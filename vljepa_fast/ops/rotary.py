@@ -21,6 +21,7 @@ op (tables that require a gradient go to the reference, which differentiates the
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -69,6 +70,48 @@ def _llama3_scale(inv_freq: Tensor, scaling: Mapping[str, float | str]) -> Tenso
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
+def _positive(name: str, v: object) -> float:
+    if isinstance(v, bool) or type(v).__name__ == "bool_" or not isinstance(v, numbers.Real):
+        raise ValueError(f"{name}: expected a number > 0, finite, got {v!r}")
+    f = float(v)
+    if not (math.isfinite(f) and f > 0):
+        raise ValueError(f"{name}: expected a number > 0, finite, got {f}")
+    return f
+
+
+def check_rope_scaling(v: object) -> dict | None:
+    """transformers' ``rope_scaling`` dict, checked and copied (None stays None).
+
+    The legacy key "type" is read as "rope_type"; rope_type "llama3" needs positive finite
+    factor, low_freq_factor, high_freq_factor (> low_freq_factor) and
+    original_max_position_embeddings.
+    """
+    if v is None:
+        return None
+    if not isinstance(v, Mapping):
+        raise ValueError(f"rope_scaling: expected a mapping or None, got {type(v).__name__}")
+    out = dict(v)
+    if "rope_type" not in out and "type" in out:
+        out["rope_type"] = out["type"]
+    rope_type = out.setdefault("rope_type", "default")
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(
+            f"rope_scaling: expected rope_type 'llama3' or 'default', got {rope_type!r}"
+        )
+    if rope_type == "llama3":
+        for key in ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings"):
+            if key not in out:
+                raise ValueError(f"rope_scaling: rope_type 'llama3' needs {key!r}")
+            out[key] = _positive(f"rope_scaling[{key!r}]", out[key])
+        if not out["high_freq_factor"] > out["low_freq_factor"]:
+            raise ValueError(
+                f"rope_scaling: expected high_freq_factor > low_freq_factor, got "
+                f"{out['high_freq_factor']} <= {out['low_freq_factor']}"
+            )
+    return out
+
+
 def rotary_cos_sin(
     positions: Tensor,
     head_dim: int,
@@ -111,6 +154,15 @@ def rotary_cos_sin(
         raise ValueError(f"head_dim: expected an even head dim, got {head_dim}")
     if not isinstance(positions, Tensor):
         raise ValueError(f"positions: expected a tensor, got {type(positions).__name__}")
+    if positions.dtype == torch.bool or positions.is_complex():
+        raise ValueError(f"positions: expected integer or real positions, got {positions.dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+    if theta is not None and (
+        isinstance(theta, bool) or type(theta).__name__ == "bool_"
+        or not isinstance(theta, numbers.Real)
+    ):
+        raise ValueError(f"theta: expected a finite base > 1, got {theta!r}")
     theta = _DEFAULT_THETA[layout] if theta is None else float(theta)
     if not math.isfinite(theta) or theta <= 1.0:
         raise ValueError(f"theta: expected a finite base > 1, got {theta}")
@@ -122,13 +174,9 @@ def rotary_cos_sin(
                 f"shape {tuple(positions.shape)}"
             )
         inv_freq = _inv_freq(head_dim, theta, positions.device)
-        rope_type = None if rope_scaling is None else rope_scaling.get("rope_type", "default")
-        if rope_type == "llama3":
-            inv_freq = _llama3_scale(inv_freq, rope_scaling)
-        elif rope_type not in (None, "default"):
-            raise ValueError(
-                f"rope_scaling: expected rope_type 'llama3' or 'default', got {rope_type!r}"
-            )
+        scaling = check_rope_scaling(rope_scaling)
+        if scaling is not None and scaling["rope_type"] == "llama3":
+            inv_freq = _llama3_scale(inv_freq, scaling)
         angles = pos[..., None] * inv_freq
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
