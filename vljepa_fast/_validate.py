@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from collections.abc import Sequence
@@ -56,10 +57,28 @@ def nonempty(name: str, x: Tensor, dim: int, what: str) -> None:
         raise ValueError(f"{name}: expected at least one {what}, got shape {tuple(x.shape)}")
 
 
+def is_bool(v: object) -> bool:
+    """A Python or numpy bool (numbers that checks of numbers must refuse)."""
+    t = type(v)
+    return isinstance(v, bool) or (t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"))
+
+
+def number(name: str, v: object, *, above: float, allow_inf: bool = False) -> float:
+    """A real number > ``above`` (numpy reals too, bools never): finite unless ``allow_inf``
+    (then +inf passes too)."""
+    what = f"a number > {above:g}" + (" (inf allowed)" if allow_inf else ", finite")
+    if is_bool(v) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{name}: expected {what}, got {v!r}")
+    f = float(v)
+    if math.isnan(f) or f <= above or (math.isinf(f) and not allow_inf):
+        raise ValueError(f"{name}: expected {what}, got {f}")
+    return f
+
+
 def plain_number(v: object) -> object:
     """A numpy (or other registered) integer as int and real as float; anything else, bools
     included, unchanged (for the checks that follow to accept or name it)."""
-    if isinstance(v, (bool, Tensor)) or type(v).__name__ == "bool_":
+    if isinstance(v, Tensor) or is_bool(v):
         return v
     if isinstance(v, numbers.Integral):
         return operator.index(v)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import math
 import numbers
 import os
 import re
@@ -38,39 +37,23 @@ __all__ = ["EmbeddingIndex", "InfoNCELoss", "PredictorAttention"]
 # refused where a number is expected (Python would silently read True as 1).
 
 
-def _is_bool(v: object) -> bool:
-    t = type(v)
-    return isinstance(v, bool) or (t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"))
-
-
 def _flag(name: str, v: object) -> bool:
-    if not _is_bool(v):
+    if not _validate.is_bool(v):
         raise ValueError(f"{name}: expected a bool, got {v!r}")
     return bool(v)
 
 
 def _integer(name: str, v: object, lo: int) -> int:
-    if _is_bool(v) or not isinstance(v, numbers.Integral):
+    if _validate.is_bool(v) or not isinstance(v, numbers.Integral):
         raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
     if int(v) < lo:
         raise ValueError(f"{name}: expected an int >= {lo}, got {int(v)}")
     return int(v)
 
 
-def _number(name: str, v: object, *, above: float, allow_inf: bool = False) -> float:
-    """A real number > ``above``: finite unless ``allow_inf`` (then +inf passes too)."""
-    what = f"a number > {above:g}" + (" (inf allowed)" if allow_inf else ", finite")
-    if _is_bool(v) or not isinstance(v, numbers.Real):
-        raise ValueError(f"{name}: expected {what}, got {v!r}")
-    f = float(v)
-    if math.isnan(f) or f <= above or (math.isinf(f) and not allow_inf):
-        raise ValueError(f"{name}: expected {what}, got {f}")
-    return f
-
-
 def _device(name: str, v: object, types: tuple[str, ...] | None = None) -> torch.device:
     """A device torch can parse; CUDA ones must exist here; ``types`` restricts the kind."""
-    if _is_bool(v) or not isinstance(v, (str, int, torch.device)):
+    if _validate.is_bool(v) or not isinstance(v, (str, int, torch.device)):
         raise ValueError(f"{name}: expected a torch.device or a string like 'cuda:0', got {v!r}")
     try:
         dev = torch.device(v)
@@ -475,7 +458,8 @@ class EmbeddingIndex:
             raise ValueError(f"q: expected a [Q, {self.dim}] or [{self.dim}] tensor, got {got}")
         if not q.is_floating_point():
             raise ValueError(f"q: expected a floating tensor, got {q.dtype}")
-        if _is_bool(k) or not isinstance(k, numbers.Integral) or not 1 <= int(k) <= len(self):
+        bad_k = _validate.is_bool(k) or not isinstance(k, numbers.Integral)
+        if bad_k or not 1 <= int(k) <= len(self):
             raise ValueError(f"k: expected in [1, {len(self)}] (k <= len(index)), got {k!r}")
         k = int(k)
         single = q.dim() == 1
@@ -667,7 +651,7 @@ class PredictorAttention(torch.nn.Module):
             device = _device("device", device)
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim = head_dim
-        self.rope_theta = _number("rope_theta", rope_theta, above=1.0)
+        self.rope_theta = _validate.number("rope_theta", rope_theta, above=1.0)
         self.rope_scaling = check_rope_scaling(rope_scaling)
         self.max_position_embeddings = max_position_embeddings
         self.causal = _flag("causal", causal)
@@ -814,14 +798,14 @@ class InfoNCELoss(torch.nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.temperature = _number("temperature", temperature, above=0.0)
+        self.temperature = _validate.number("temperature", temperature, above=0.0)
         if not self.temperature >= MIN_TEMPERATURE:  # the range vf.infonce_loss serves
             raise ValueError(
                 f"temperature: expected a value >= 2**-60 (about 8.7e-19, the smallest that "
                 f"vf.infonce_loss serves), got {self.temperature:g}"
             )
         learnable = _flag("learnable_temperature", learnable_temperature)
-        self.max_logit_scale = _number(
+        self.max_logit_scale = _validate.number(
             "max_logit_scale", max_logit_scale, above=0.0, allow_inf=True
         )
         self.symmetric = _flag("symmetric", symmetric)

@@ -25,9 +25,20 @@ import torch
 from torch import Tensor
 
 from vljepa_fast import _validate, functional
-from vljepa_fast.nn import _backend, _flag, _integer, _is_bool
+from vljepa_fast.nn import _backend, _flag, _integer
 
 __all__ = ["ClipLoss"]
+
+
+def _check_one_element(name: str, t: Tensor, like: Tensor, alternative: str) -> None:
+    """``t``: a floating one-element tensor on the features' device (``like``'s)."""
+    if t.numel() != 1 or not t.is_floating_point():
+        raise ValueError(
+            f"{name}: expected {alternative}a floating one-element tensor, got {t.dtype} of shape "
+            f"{tuple(t.shape)}"
+        )
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device} (the features'), got {t.device}")
 
 
 class ClipLoss(torch.nn.Module):
@@ -77,21 +88,12 @@ class ClipLoss(torch.nn.Module):
     def _temperature(self, logit_scale: object, like: Tensor) -> float | Tensor:
         """1 / logit_scale, with logit_scale checked (not 0, negative, NaN or inf)."""
         if isinstance(logit_scale, Tensor):
-            if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
-                raise ValueError(
-                    f"logit_scale: expected a floating one-element tensor, got "
-                    f"{logit_scale.dtype} of shape {tuple(logit_scale.shape)}"
-                )
-            if logit_scale.device != like.device:
-                raise ValueError(
-                    f"logit_scale: expected device {like.device} (the features'), got "
-                    f"{logit_scale.device}"
-                )
+            _check_one_element("logit_scale", logit_scale, like, "")
             temperature = 1.0 / logit_scale.reshape(())
             if torch.compiler.is_compiling():
                 return temperature
             value = float(logit_scale.detach().reshape(()))
-        elif isinstance(logit_scale, numbers.Real) and not _is_bool(logit_scale):
+        elif isinstance(logit_scale, numbers.Real) and not _validate.is_bool(logit_scale):
             value = float(logit_scale)
             temperature = None
         else:
@@ -125,18 +127,9 @@ class ClipLoss(torch.nn.Module):
         )
         temperature = self._temperature(logit_scale, image_features)
         if isinstance(logit_bias, Tensor):
-            if logit_bias.numel() != 1 or not logit_bias.is_floating_point():
-                raise ValueError(
-                    f"logit_bias: expected None or a floating one-element tensor, got "
-                    f"{logit_bias.dtype} of shape {tuple(logit_bias.shape)}"
-                )
-            if logit_bias.device != image_features.device:
-                raise ValueError(
-                    f"logit_bias: expected device {image_features.device} (the features'), got "
-                    f"{logit_bias.device}"
-                )
+            _check_one_element("logit_bias", logit_bias, image_features, "None or ")
         elif logit_bias is not None and (
-            _is_bool(logit_bias)
+            _validate.is_bool(logit_bias)
             or not isinstance(logit_bias, numbers.Real)
             or not math.isfinite(float(logit_bias))
         ):

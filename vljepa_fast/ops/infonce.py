@@ -154,18 +154,10 @@ def exchange_sizes(
     left to the collectives would hang or abort them; different temperatures would give each rank
     another "global" loss)."""
     world = dist.get_world_size(group)
-    if scale is not None and not torch.compiler.is_compiling():
-        value = float(scale.detach()) if isinstance(scale, Tensor) else float(scale)
-        mine_t = torch.tensor([value], dtype=torch.float64, device=pred.device)
-        temps = [torch.empty_like(mine_t) for _ in range(world)]
-        dist.all_gather(temps, mine_t, group=group)
-        scales = [float(t) for t in temps]
-        if len(set(scales)) > 1:
-            temps = [1.0 / v for v in scales]
-            raise ValueError(
-                f"temperature: expected the same value on every rank of group, got {temps} "
-                f"(in rank order)"
-            )
+    # one gather for everything (float64 holds the sizes exactly); the scale is 0 where it is
+    # not read (no scale given, or a tensor under torch.compile): a real one is > 0
+    known = scale is not None and not torch.compiler.is_compiling()
+    value = (float(scale.detach()) if isinstance(scale, Tensor) else float(scale)) if known else 0.0
     mine = torch.tensor(
         [
             pred.shape[0],
@@ -174,13 +166,21 @@ def exchange_sizes(
             int(symmetric),
             int(normalize),
             _DIST_REDUCTIONS.index(reduction),
+            value,
         ],
-        dtype=torch.int64,
+        dtype=torch.float64,
         device=pred.device,
     )
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)
     table = torch.stack(parts).tolist()
+    scales = [row[6] for row in table]
+    if len(set(scales)) > 1:
+        raise ValueError(
+            f"temperature: expected the same value on every rank of group, got "
+            f"{[1.0 / v if v else None for v in scales]} (in rank order)"
+        )
+    table = [[int(v) for v in row[:6]] for row in table]
     sizes = [row[0] for row in table]
     if min(sizes) < 1:
         raise ValueError(

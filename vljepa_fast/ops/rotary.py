@@ -70,15 +70,6 @@ def _llama3_scale(inv_freq: Tensor, scaling: Mapping[str, float | str]) -> Tenso
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def _positive(name: str, v: object) -> float:
-    if isinstance(v, bool) or type(v).__name__ == "bool_" or not isinstance(v, numbers.Real):
-        raise ValueError(f"{name}: expected a number > 0, finite, got {v!r}")
-    f = float(v)
-    if not (math.isfinite(f) and f > 0):
-        raise ValueError(f"{name}: expected a number > 0, finite, got {f}")
-    return f
-
-
 def check_rope_scaling(v: object) -> dict | None:
     """transformers' ``rope_scaling`` dict, checked and copied (None stays None).
 
@@ -103,7 +94,7 @@ def check_rope_scaling(v: object) -> dict | None:
                     "original_max_position_embeddings"):
             if key not in out:
                 raise ValueError(f"rope_scaling: rope_type 'llama3' needs {key!r}")
-            out[key] = _positive(f"rope_scaling[{key!r}]", out[key])
+            out[key] = _validate.number(f"rope_scaling[{key!r}]", out[key], above=0.0)
         if not out["high_freq_factor"] > out["low_freq_factor"]:
             raise ValueError(
                 f"rope_scaling: expected high_freq_factor > low_freq_factor, got "
@@ -158,10 +149,7 @@ def rotary_cos_sin(
         raise ValueError(f"positions: expected integer or real positions, got {positions.dtype}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
-    if theta is not None and (
-        isinstance(theta, bool) or type(theta).__name__ == "bool_"
-        or not isinstance(theta, numbers.Real)
-    ):
+    if theta is not None and (_validate.is_bool(theta) or not isinstance(theta, numbers.Real)):
         raise ValueError(f"theta: expected a finite base > 1, got {theta!r}")
     theta = _DEFAULT_THETA[layout] if theta is None else float(theta)
     if not math.isfinite(theta) or theta <= 1.0:
