@@ -1,7 +1,9 @@
-"""The shared bench harness: timing, warm-up, input rotation, peak memory, FLOPs and bytes,
-roofline fractions, device metadata, and the rows of the closing summary.
+"""The shared bench harness: timing, warm-up, input rotation, peak memory, TFLOP/s, GB/s and
+roofline fractions from a bench file's stated cost, device metadata, and the rows of the closing
+summary. Nothing here knows an op: each bench file (bench/bench_<op>.py) owns its shapes, its
+providers and its FLOP and byte formulas, and hands the harness a :class:`Cost`.
 
-How one (case, provider) is measured (:func:`run_case`):
+How one (case, provider) is measured (:meth:`Bench.run`):
 
 1. Input sets are built once per case and shared by its providers. Small cases get several sets
    (enough to cover twice the last-level cache) used in turn, so a round never finds its inputs
@@ -23,12 +25,13 @@ Modes: "fwd" runs under torch.no_grad(); "fwd+bwd" runs the forward and backward
 graphs; "bwd" times only the backward of a graph built before the round (retain_graph=True).
 
 A provider that cannot serve a case (a backend's reasons, a peer not installed, out of memory)
-is skipped with the reason; one that raises anything else fails its test. Both are listed in
-the closing summary.
+is skipped with the reason; one that raises anything else, while its calls are prepared, warmed
+up or timed, fails its test. Both are listed in the closing summary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
@@ -38,15 +41,16 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple, NoReturn
 
 import pytest
 import torch
 
 #: Rows of the closing summary and of bench/report.py, one per (case, provider), run or skipped.
 RESULTS: list[dict] = []
-#: Session settings written by bench/conftest.py: preset name, deadline (time.time() value).
+#: Session settings written by bench/conftest.py: preset name, timing, deadline (time.time()).
 STATE: dict = {"preset": None, "deadline": None}
 
 MAX_INPUT_SETS = 4
@@ -61,74 +65,28 @@ CEILINGS: tuple[tuple[str, dict[str, float], float], ...] = (
     ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}, 2039.0),
 )
 
-# ------------------------------------------------------------------------------------------
-# FLOP and byte formulas (docs/TARGETS.md conventions); every function states its formula
-# ------------------------------------------------------------------------------------------
 
-TOPK_FORMULA = "flops 2*Q*N*D; bytes N*D*itemsize (the bank, read once)"
-INFONCE_FORMULA = (
-    "flops fwd 2*N*N*D (one similarity GEMM serves both directions); bwd adds the recompute and "
-    "two gradient GEMMs: bwd 6*N*N*D, fwd+bwd 8*N*N*D; bytes fwd 2*N*D*s, bwd 4*N*D*s "
-    "(read pred, target; write both grads), fwd+bwd 6*N*D*s"
-)
-ATTENTION_FORMULA = (
-    "flops per sequence of L real tokens: fwd 4*L*L*D*Hq (halved when causal), bwd 2.5x fwd, "
-    "fwd+bwd 3.5x fwd; bytes per sequence: fwd (2*L*Hq + 2*L*Hkv)*D*s (read q, k, v; write o), "
-    "bwd (4*L*Hq + 4*L*Hkv)*D*s (read q, o, do, k, v; write dq, dk, dv)"
-)
-_BWD_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+class Cost(NamedTuple):
+    """The work of one call of a case, as its bench file counts it.
 
-
-def topk_flops(Q: int, N: int, D: int) -> int:
-    """2*Q*N*D: one multiply-add per query, bank row and feature."""
-    return 2 * Q * N * D
-
-
-def topk_bytes(N: int, D: int, itemsize: int) -> int:
-    """N*D*itemsize: the bank read once (queries and results are negligible beside it)."""
-    return N * D * itemsize
-
-
-def infonce_flops(N: int, D: int, mode: str) -> int:
-    """2*N*N*D per similarity GEMM: 1 forward, 3 backward (recompute + 2 gradients), 4 both."""
-    gemms = {"fwd": 1, "bwd": 3, "fwd+bwd": 4}[mode]
-    return gemms * 2 * N * N * D
-
-
-def infonce_bytes(N: int, D: int, itemsize: int, mode: str) -> int:
-    """Compulsory traffic in units of one [N, D] tensor: fwd 2, bwd 4, fwd+bwd 6."""
-    tensors = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode]
-    return tensors * N * D * itemsize
-
-
-def attention_flops(lengths: Sequence[int], Hq: int, D: int, causal: bool, mode: str) -> int:
-    """Sum over sequences of 4*L*L*D*Hq (real tokens only), halved when causal; bwd 2.5x fwd."""
-    fwd = sum(4 * L * L * D * Hq for L in lengths)
-    if causal:
-        fwd //= 2
-    return int(fwd * _BWD_FACTOR[mode])
-
-
-def attention_bytes(
-    lengths: Sequence[int], Hq: int, Hkv: int, D: int, itemsize: int, mode: str
-) -> int:
-    """Compulsory traffic of the real tokens: fwd (2*L*Hq + 2*L*Hkv)*D*s, bwd twice that."""
-    fwd = sum((2 * L * Hq + 2 * L * Hkv) * D * itemsize for L in lengths)
-    return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[mode]
-
-
-def padded_lengths(B: int, T: int, pad: float) -> list[int]:
-    """Real lengths of a batch with a fraction ``pad`` of padding on average.
-
-    Lengths spread evenly from 0.5x to 1.5x the mean (1 - pad) * T, so the batch has both short
-    and long sequences (as real batches do) and exactly the stated padding on average.
+    Attributes:
+        flops: floating-point operations of one call (a multiply-add counts 2).
+        nbytes: compulsory memory traffic of one call in bytes.
+        formula: how ``flops`` and ``nbytes`` follow from the shape, in words (it goes into every
+            row and the report, so a reader can check a rate).
     """
-    if pad <= 0:
-        return [T] * B
-    mean = (1.0 - pad) * T
-    if B == 1:
-        return [max(1, round(mean))]
-    return [min(T, max(1, round(mean * (0.5 + b / (B - 1))))) for b in range(B)]
+
+    flops: int
+    nbytes: int
+    formula: str
+
+
+def mode_total(fwd: int, bwd: int, mode: str) -> int:
+    """The count of ``mode`` from the forward and backward counts: fwd, bwd or their sum."""
+    totals = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
+    if mode not in totals:
+        raise ValueError(f"mode: expected one of {sorted(totals)}, got {mode!r}")
+    return totals[mode]
 
 
 # ------------------------------------------------------------------------------------------
@@ -409,28 +367,11 @@ class PeakMemory:
 
 
 # ------------------------------------------------------------------------------------------
-# inputs, devices, skips
+# inputs and dtypes
 # ------------------------------------------------------------------------------------------
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CACHE: dict = {"key": None, "sets": None}
-
-
-def device_for(op: str, case: dict, provider: str) -> torch.device:
-    """The device of a case.
-
-    Skips the case, before any input is built, when the session's time budget is spent or when
-    the preset runs on CUDA and there is none.
-    """
-    check_deadline(op, case, provider)
-    if case["device"] == "cuda" and not torch.cuda.is_available():
-        skip(
-            op,
-            case,
-            provider,
-            f"preset {STATE['preset']!r} runs on CUDA and torch.cuda.is_available() is False",
-        )
-    return torch.device(case["device"])
 
 
 def dtype_for(name: str, device: torch.device) -> torch.dtype:
@@ -478,48 +419,6 @@ def input_sets(key, build: Callable[[int], tuple], device: torch.device) -> list
     return _CACHE["sets"]
 
 
-def skip(op: str, case: dict, provider: str, reason: str) -> None:
-    """Record a provider that cannot run this case (shown in the summary), then skip."""
-    RESULTS.append({"op": op, "case": case["label"], "provider": provider, "skipped": reason})
-    pytest.skip(f"{provider}: {reason}")
-
-
-def _failed(op: str, case: dict, provider: str, e: Exception) -> None:
-    """Record a provider that raised (shown in the summary; the test then fails)."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    RESULTS.append(
-        {
-            "op": op,
-            "case": case["label"],
-            "provider": provider,
-            "failed": f"{type(e).__name__}: {first}"[:300],
-        }
-    )
-
-
-def _out_of_memory(op: str, case: dict, provider: str, e: Exception) -> None:
-    """Skip a provider that ran out of memory on this case (eager at large N does), saying so."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    skip(op, case, provider, f"out of memory: {first[:200]}")
-
-
-def _reasons(e: Exception) -> str:
-    """An unavailable-backend message as one line: its bulleted reasons joined by '; '."""
-    lines = [ln.strip() for ln in str(e).splitlines()]
-    bullets = [ln[2:] for ln in lines if ln.startswith("- ")]
-    return "; ".join(bullets) if bullets else " ".join(lines)
-
-
-def check_deadline(op: str, case: dict, provider: str) -> None:
-    """Skip when the session's time budget (--bench-deadline) is spent."""
-    deadline = STATE.get("deadline")
-    if deadline is not None and time.time() > deadline:
-        skip(op, case, provider, "time budget spent (--bench-deadline)")
-
-
 class PeerMissing(Exception):
     """An outside peer (faiss, open_clip, flash-attn, xformers) cannot run here; says why."""
 
@@ -534,199 +433,251 @@ def import_peer(module: str, pip_name: str):
         ) from e
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _reasons(e: Exception) -> str:
+    """An unavailable-backend message as one line: its bulleted reasons joined by '; '."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    bullets = [ln[2:] for ln in lines if ln.startswith("- ")]
+    return "; ".join(bullets) if bullets else " ".join(lines)
+
+
 # ------------------------------------------------------------------------------------------
-# one measured case
+# one measured (case, provider)
 # ------------------------------------------------------------------------------------------
 
 
-def run_case(
-    benchmark,
-    *,
-    op: str,
-    case: dict,
-    provider: str,
-    make: Callable[[tuple], Callable[[], object]],
-    sets: list[tuple],
-    flops: int,
-    nbytes: int,
-    formula: str,
-    compiled: bool = False,
-    notes: Sequence[str] = (),
-) -> dict:
-    """Measure one provider on one case and record it in ``benchmark.extra_info`` and RESULTS.
+class Bench:
+    """One (case, provider) of a bench test: where it runs, its skips, its measurement.
+
+    Constructing it skips the test, before any input is built, when the session's time budget
+    (--bench-deadline) is spent or when the preset runs on CUDA and there is none.
 
     Args:
-        benchmark: the pytest-benchmark fixture.
-        op: the op's stem ("topk_similarity", "infonce", "attention").
-        case: the preset case, with "label" (shape text), "mode" and "dtype" (the resolved name).
+        benchmark: the pytest-benchmark fixture (or bench/_benchmark_fallback.py's).
+        op: the op's stem ("topk_similarity", "infonce", "attention", "model").
+        case: the preset case, with "label" (shape text), "mode", "device" and "dtype" (the
+            resolved name).
         provider: the provider's name, as the summary shows it.
-        make: input set -> a callable that runs the op once on it and returns its output (a
-            tensor for "bwd" and "fwd+bwd"). Called for every set before any timing, so index
-            builds, packing and masks stay out of the numbers. May raise
-            BackendUnavailableError or PeerMissing: the case is then skipped with that reason.
-        sets: the input sets to rotate through (tensors that require grad are the leaves).
-        flops: FLOPs of one call, by ``formula``.
-        nbytes: compulsory bytes of one call, by ``formula``.
-        formula: the stated formula for flops and nbytes.
-        compiled: the provider compiles on its first call (with a single warm-up call, that
-            call's time does not size the rounds: they fill the budget at the fewest).
-        notes: anything a reader of the numbers must know (e.g. threads of a peer).
 
-    Returns:
-        The summary row (also appended to RESULTS).
+    Attributes:
+        device, dtype: the case's torch device and dtype.
     """
-    from vljepa_fast import BackendUnavailableError
 
-    check_deadline(op, case, provider)
-    mode = case["mode"]
-    device = next(t.device for t in sets[0] if isinstance(t, torch.Tensor))
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    try:
-        calls = [make(s) for s in sets]
-    except (BackendUnavailableError, PeerMissing) as e:
-        skip(op, case, provider, _reasons(e))
-    except torch.OutOfMemoryError as e:
-        _out_of_memory(op, case, provider, e)
-    except Exception as e:
-        _failed(op, case, provider, e)
-        raise
-    leaves = [[t for t in s if isinstance(t, torch.Tensor) and t.requires_grad] for s in sets]
-    outs: dict[int, object] = {}
-    grads: dict[int, object] = {}
+    def __init__(self, benchmark, op: str, case: dict, provider: str) -> None:
+        self.benchmark, self.op, self.case, self.provider = benchmark, op, case, provider
+        self.check_deadline()
+        if case["device"] == "cuda" and not torch.cuda.is_available():
+            self.skip(
+                f"preset {STATE['preset']!r} runs on CUDA and torch.cuda.is_available() is False"
+            )
+        self.device = torch.device(case["device"])
+        self.dtype = dtype_for(case["dtype"], self.device)
 
-    def grad_for(i: int, out: torch.Tensor):
-        if i not in grads:  # the first output (in warm-up) shapes the gradients of every set
-            for j in range(len(sets)):
-                grads[j] = None if out.numel() == 1 else torch.randn_like(out)
-        return grads[i]
+    def _record(self, **outcome: str) -> None:
+        RESULTS.append(
+            {"op": self.op, "case": self.case["label"], "provider": self.provider, **outcome}
+        )
 
-    if mode == "fwd":
+    def skip(self, reason: str) -> NoReturn:
+        """Record that the provider cannot run this case (shown in the summary), then skip."""
+        self._record(skipped=reason)
+        pytest.skip(f"{self.provider}: {reason}")
 
-        def target(i: int):
-            with torch.no_grad():
+    def check_deadline(self) -> None:
+        """Skip when the session's time budget (--bench-deadline) is spent."""
+        deadline = STATE.get("deadline")
+        if deadline is not None and time.time() > deadline:
+            self.skip("time budget spent (--bench-deadline)")
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Turn the provider's errors into the case's outcome.
+
+        BackendUnavailableError and PeerMissing skip with their reasons, out of memory skips
+        saying so (eager at large N does), anything else is recorded as a failure and re-raised.
+        """
+        from vljepa_fast import BackendUnavailableError
+
+        try:
+            yield
+        except (BackendUnavailableError, PeerMissing) as e:
+            self.skip(_reasons(e))
+        except torch.OutOfMemoryError as e:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.skip(f"out of memory: {_first_line(e)[:200]}")
+        except Exception as e:
+            self._record(failed=f"{type(e).__name__}: {_first_line(e)}"[:300])
+            raise
+
+    def run(
+        self,
+        make: Callable[[tuple], Callable[[], object]],
+        sets: list[tuple],
+        cost: Cost,
+        *,
+        compiled: bool = False,
+        notes: Sequence[str] = (),
+    ) -> dict:
+        """Measure the provider on the case; record it in ``benchmark.extra_info`` and RESULTS.
+
+        Args:
+            make: input set -> a callable that runs the op once on it and returns its output (a
+                tensor for "bwd" and "fwd+bwd"). Called for every set before any timing, so
+                index builds, packing and masks stay out of the numbers. May raise
+                BackendUnavailableError or PeerMissing: the case is then skipped with that
+                reason.
+            sets: the input sets to rotate through (tensors that require grad are the leaves).
+            cost: FLOPs and bytes of one call, by the bench file's formula.
+            compiled: the provider compiles on its first call (with a single warm-up call, that
+                call's time does not size the rounds: they fill the budget at the fewest).
+            notes: anything a reader of the numbers must know (e.g. threads of a peer).
+
+        Returns:
+            The summary row (also appended to RESULTS).
+        """
+        self.check_deadline()
+        mode, device, benchmark = self.case["mode"], self.device, self.benchmark
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        with self.guard():
+            calls = [make(s) for s in sets]
+        leaves = [[t for t in s if isinstance(t, torch.Tensor) and t.requires_grad] for s in sets]
+        outs: dict[int, object] = {}
+        grads: dict[int, object] = {}
+
+        def grad_for(i: int, out: torch.Tensor):
+            if i not in grads:  # the first output (in warm-up) shapes the gradients of every set
+                for j in range(len(sets)):
+                    grads[j] = None if out.numel() == 1 else torch.randn_like(out)
+            return grads[i]
+
+        if mode == "fwd":
+
+            def target(i: int):
+                with torch.no_grad():
+                    out = calls[i]()
+                sync()
+                return out
+        elif mode == "fwd+bwd":
+
+            def target(i: int):
                 out = calls[i]()
+                out.backward(grad_for(i, out))
+                sync()
+        elif mode == "bwd":
+
+            def target(i: int):
+                outs[i].backward(grads[i], retain_graph=True)
+                sync()
+        else:
+            raise ValueError(f"mode: expected fwd, bwd or fwd+bwd, got {mode!r}")
+
+        def prepare(i: int) -> None:
+            for t in leaves[i]:
+                t.grad = None
+            if mode == "bwd" and i not in outs:
+                outs[i] = out = calls[i]()
+                grad_for(i, out)
             sync()
-            return out
-    elif mode == "fwd+bwd":
 
-        def target(i: int):
-            out = calls[i]()
-            out.backward(grad_for(i, out))
-            sync()
-    elif mode == "bwd":
+        timing = STATE["timing"]
+        order = itertools.cycle(range(len(sets)))
+        n_warm = timing.warmup
+        with self.guard():
+            for _ in range(n_warm):
+                i = next(order)
+                prepare(i)
+                t0 = time.perf_counter()
+                target(i)
+                est = time.perf_counter() - t0
+        if compiled and n_warm == 1:  # the one warm-up call compiled too: its time says little
+            est = timing.budget_s
+        rounds = max(
+            timing.min_rounds, min(timing.max_rounds, math.ceil(timing.budget_s / max(est, 1e-9)))
+        )
 
-        def target(i: int):
-            outs[i].backward(grads[i], retain_graph=True)
-            sync()
-    else:
-        raise ValueError(f"mode: expected fwd, bwd or fwd+bwd, got {mode!r}")
+        meter = PeakMemory(device)
+        state = {"round": 0}
 
-    def prepare(i: int) -> None:
-        for t in leaves[i]:
-            t.grad = None
-        if mode == "bwd" and i not in outs:
-            outs[i] = out = calls[i]()
-            grad_for(i, out)
-        sync()
-
-    timing = STATE["timing"]
-    order = itertools.cycle(range(len(sets)))
-    n_warm = timing.warmup
-    try:
-        for _ in range(n_warm):
+        def setup():
             i = next(order)
             prepare(i)
-            t0 = time.perf_counter()
-            target(i)
-            est = time.perf_counter() - t0
-    except (BackendUnavailableError, PeerMissing) as e:
-        skip(op, case, provider, _reasons(e))
-    except torch.OutOfMemoryError as e:
-        _out_of_memory(op, case, provider, e)
-    except Exception as e:
-        _failed(op, case, provider, e)
-        raise
-    if compiled and n_warm == 1:  # the one warm-up call compiled too: its time says little
-        est = timing.budget_s
-    rounds = max(
-        timing.min_rounds, min(timing.max_rounds, math.ceil(timing.budget_s / max(est, 1e-9)))
-    )
+            if state["round"] == 0:
+                meter.start()
+            return (i,), {}
 
-    meter = PeakMemory(device)
-    state = {"round": 0}
+        def teardown(i):
+            if state["round"] == 0:
+                meter.stop()
+            state["round"] += 1
 
-    def setup():
-        i = next(order)
-        prepare(i)
-        if state["round"] == 0:
-            meter.start()
-        return (i,), {}
-
-    def teardown(i):
-        if state["round"] == 0:
+        benchmark.group = f"{self.op} | {self.case['label']}"
+        with self.guard():
+            benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds, iterations=1)
+        if meter.peak is None and meter.available:  # --benchmark-disable: one call, no teardown
             meter.stop()
-        state["round"] += 1
+        stats = getattr(benchmark.stats, "stats", None)
+        median = stats.median if stats is not None else est
+        for ls in leaves:
+            for t in ls:
+                t.grad = None
+        outs.clear()
 
-    benchmark.group = f"{op} | {case['label']}"
-    try:
-        benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=rounds, iterations=1)
-    except torch.OutOfMemoryError as e:
-        _out_of_memory(op, case, provider, e)
-    if meter.peak is None and meter.available:  # --benchmark-disable: one call, no teardown
-        meter.stop()
-    stats = getattr(benchmark.stats, "stats", None)
-    median = stats.median if stats is not None else est
-    for ls in leaves:
-        for t in ls:
-            t.grad = None
-    outs.clear()
-
-    tflops_ceil, gbs_ceil, ceil_note = ceiling(device.type, case["dtype"])
-    tflops = flops / median / 1e12
-    gbs = nbytes / median / 1e9
-    roofline = None
-    if tflops_ceil and gbs_ceil:
-        roofline = max(tflops / tflops_ceil, gbs / gbs_ceil)
-    row = {
-        "op": op,
-        "case": case["label"],
-        "mode": mode,
-        "provider": provider,
-        "median_s": median,
-        "rounds": rounds,
-        "warmup_calls": n_warm,
-        "input_sets": len(sets),
-        "peak_extra_bytes": meter.peak,
-        "peak_method": meter.method,
-        "input_bytes": tensor_bytes(sets[0]),
-        "flops": flops,
-        "bytes": nbytes,
-        "formula": formula,
-        "tflops": tflops,
-        "gbs": gbs,
-        "roofline": roofline,
-        "ceiling_tflops": tflops_ceil,
-        "ceiling_gbs": gbs_ceil,
-        "ceiling_note": ceil_note,
-    }
-    RESULTS.append(row)
-    benchmark.extra_info.update(row)
-    benchmark.extra_info.update(
-        {
-            "params": {k: v for k, v in case.items() if k != "label"},
-            "preset": STATE["preset"],
-            "notes": list(notes),
-            "device": device_info(device.type),
-            "versions": versions(),
+        tflops_ceil, gbs_ceil, ceil_note = ceiling(device.type, self.case["dtype"])
+        tflops = cost.flops / median / 1e12
+        gbs = cost.nbytes / median / 1e9
+        roofline = None
+        if tflops_ceil and gbs_ceil:
+            roofline = max(tflops / tflops_ceil, gbs / gbs_ceil)
+        row = {
+            "op": self.op,
+            "case": self.case["label"],
+            "mode": mode,
+            "provider": self.provider,
+            "median_s": median,
+            "rounds": rounds,
+            "warmup_calls": n_warm,
+            "input_sets": len(sets),
+            "peak_extra_bytes": meter.peak,
+            "peak_method": meter.method,
+            "input_bytes": tensor_bytes(sets[0]),
+            "flops": cost.flops,
+            "bytes": cost.nbytes,
+            "formula": cost.formula,
+            "tflops": tflops,
+            "gbs": gbs,
+            "roofline": roofline,
+            "ceiling_tflops": tflops_ceil,
+            "ceiling_gbs": gbs_ceil,
+            "ceiling_note": ceil_note,
         }
-    )
-    if device.type == "cuda":
-        benchmark.extra_info["measured_ceilings"] = measured_ceilings()
-    return row
+        RESULTS.append(row)
+        benchmark.extra_info.update(row)
+        benchmark.extra_info.update(
+            {
+                "params": {k: v for k, v in self.case.items() if k != "label"},
+                "preset": STATE["preset"],
+                "notes": list(notes),
+                "device": device_info(device.type),
+                "versions": versions(),
+            }
+        )
+        if device.type == "cuda":
+            benchmark.extra_info["measured_ceilings"] = measured_ceilings()
+        return row
 
 
 def parametrize(
-    metafunc, op: str, providers: Callable[[dict], list[str]], label: Callable[[dict], str]
+    metafunc,
+    op: str,
+    providers: Callable[[dict], list[str]],
+    label: Callable[[dict], str],
+    cases: Callable[[str], list[dict]] | None = None,
 ) -> None:
     """Parametrize a bench test over (case, provider) of the selected preset, providers innermost.
 
@@ -735,17 +686,19 @@ def parametrize(
         op: the preset table's key for this op.
         providers: case -> provider names, in the order the summary shows them.
         label: case -> its shape text (the benchmark group and the summary's case column).
+        cases: preset name -> the op's cases, for an op whose cases are not in bench/presets.py
+            (default: ``presets.cases(name, op)``). The device and dtype rules are the same.
     """
-    from presets import cases, get
+    import presets
 
     if not {"case", "provider"} <= set(metafunc.fixturenames):
         return
     pairs, ids = [], []
     name = metafunc.config.getoption("preset")
-    preset_device = get(name).device
+    preset_device = presets.get(name).device
     if preset_device == "auto":  # is_available() does not initialise CUDA at collection
         preset_device = "cuda" if torch.cuda.is_available() else "cpu"
-    for c in cases(name, op):
+    for c in (cases or (lambda n: presets.cases(n, op)))(name):
         c = dict(c, device=preset_device)
         c["dtype"] = dtype_name(dtype_for(c["dtype"], torch.device(preset_device)))
         c["label"] = label(c)

@@ -15,13 +15,14 @@ Providers, side by side in one benchmark group per shape and mode:
 * ``flash_attn`` and ``xformers``, when importable: their padded cases run on the packed real
   tokens (flash_attn_varlen_func, a block-diagonal mask), their dense cases directly.
 
-FLOPs count real tokens only (see _harness.ATTENTION_FORMULA), so a provider that computes on
-padding shows a lower rate for the same result.
+FLOPs and bytes: :func:`attention_cost`. They count real tokens only, so a provider that
+computes on padding shows a lower rate for the same result.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import _harness
 import torch
@@ -30,8 +31,77 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import vljepa_fast as vf
 from vljepa_fast import _backends, reference
+from vljepa_fast.ops import attention as attention_op
 
 OP = "attention"
+
+ATTENTION_FORMULA = (
+    "flops per sequence of L real tokens: fwd 4*L*L*D*Hq (q k^T and p v; halved when causal); "
+    "bwd 2.5x fwd for every provider (five GEMMs of L*L*D per head: s recomputed, dv, dp, dq, "
+    "dk, FlashAttention's count of a backward that stores no L x L matrix; the Triton backward "
+    "executes 3.5x, recomputing s and dp in both its dK/dV and dQ kernels, eager 2x from its "
+    "stored probabilities); fwd+bwd 3.5x fwd; bytes per sequence: fwd (2*L*Hq + 2*L*Hkv)*D*s "
+    "(read q, k, v; write o), bwd (4*L*Hq + 4*L*Hkv)*D*s (read q, o, do, k, v; write dq, dk, dv)"
+)
+
+
+def padded_lengths(B: int, T: int, pad: float) -> list[int]:
+    """Real lengths of a batch with a fraction ``pad`` of padding on average.
+
+    Lengths spread evenly from 0.5x to 1.5x the mean (1 - pad) * T, so the batch has both short
+    and long sequences (as real batches do) and exactly the stated padding on average.
+    """
+    if pad <= 0:
+        return [T] * B
+    mean = (1.0 - pad) * T
+    if B == 1:
+        return [max(1, round(mean))]
+    return [min(T, max(1, round(mean * (0.5 + b / (B - 1))))) for b in range(B)]
+
+
+def attention_flops(lengths: Sequence[int], Hq: int, D: int, causal: bool, mode: str) -> int:
+    """FLOPs of attention over sequences of the given real lengths, the same for every provider.
+
+    Forward: per sequence of L real tokens and query head, two GEMMs of L*L*D multiply-adds
+    (s = q k^T and o = p v), 4*L*L*D*Hq in all; halved when causal (the L*(L+1)/2 visible
+    pairs, rounded to half). Padding is not counted, whatever a provider computes on it.
+
+    Backward: 2.5x the forward, five GEMMs of L*L*D per head: s recomputed from q and k, then
+    dv = p^T do, dp = do v^T, dq = ds k, dk = ds^T q. This is FlashAttention's count, the
+    least a backward that stores no L x L matrix does. What the providers execute differs: the
+    Triton backward 3.5x (its dK/dV and dQ kernels each recompute s and dp, so that no atomics
+    are needed), the eager reference 2x (it keeps p from the forward, at L*L memory per head).
+    The softmax's exponentials are not counted.
+    """
+    fwd = sum(4 * L * L * D * Hq for L in lengths)
+    if causal:
+        fwd //= 2
+    return _harness.mode_total(fwd, fwd * 5 // 2, mode)
+
+
+def attention_bytes(
+    lengths: Sequence[int], Hq: int, Hkv: int, D: int, itemsize: int, mode: str
+) -> int:
+    """Compulsory traffic of the real tokens in bytes.
+
+    Forward (2*L*Hq + 2*L*Hkv)*D*s per sequence: read q [L, Hq, D], k and v [L, Hkv, D], write
+    o [L, Hq, D]. Backward twice that, (4*L*Hq + 4*L*Hkv)*D*s: read q, o, do, k, v, write dq,
+    dk, dv. The forward's log-sum-exp (4 bytes per query row and head) and the key padding mask
+    are not counted.
+    """
+    fwd = sum((2 * L * Hq + 2 * L * Hkv) * D * itemsize for L in lengths)
+    return _harness.mode_total(fwd, 2 * fwd, mode)
+
+
+def attention_cost(
+    lengths: Sequence[int], Hq: int, Hkv: int, D: int, itemsize: int, causal: bool, mode: str
+) -> _harness.Cost:
+    """:func:`attention_flops` and :func:`attention_bytes` of one call in ``mode``."""
+    return _harness.Cost(
+        attention_flops(lengths, Hq, D, causal, mode),
+        attention_bytes(lengths, Hq, Hkv, D, itemsize, mode),
+        ATTENTION_FORMULA,
+    )
 
 
 def _label(c: dict) -> str:
@@ -155,12 +225,12 @@ def _xformers(s: tuple, lengths: list[int], padded: bool, causal: bool):
 
 
 def test_attention(benchmark, case, provider):
-    device = _harness.device_for(OP, case, provider)
-    dtype = _harness.dtype_for(case["dtype"], device)
+    bench = _harness.Bench(benchmark, OP, case, provider)
+    device, dtype = bench.device, bench.dtype
     B, T, Hq, Hkv, D = case["B"], case["T"], case["Hq"], case["Hkv"], case["D"]
     mode, causal, padded = case["mode"], case["causal"], case["pad"] > 0
     grad = mode != "fwd"
-    lengths = _harness.padded_lengths(B, T, case["pad"])
+    lengths = padded_lengths(B, T, case["pad"])
 
     def build(seed: int) -> tuple:
         g = torch.Generator(device=device).manual_seed(seed)
@@ -204,28 +274,23 @@ def test_attention(benchmark, case, provider):
 
         def make(s):
             args = (s[0], s[1], s[2], s[3], s[3], L, L)
-            _backends.select("attention_varlen", name, args, {"causal": causal, "scale": None})
+            # raises BackendUnavailableError with the backend's reasons: the case is skipped
+            inputs = attention_op.varlen_inputs(*args, causal=causal)
+            _backends.select("attention_varlen", name, inputs)
             return lambda: vf.attention_varlen(*args, causal=causal, backend=name)
     else:
         name = "reference" if provider == "reference" else provider.removeprefix("vf.")
 
         def make(s):
-            kw = {"key_padding_mask": s[3], "causal": causal, "scale": None}
-            _backends.select("attention", name, s[:3], kw)
-            return lambda: vf.attention(
-                s[0], s[1], s[2], key_padding_mask=s[3], causal=causal, backend=name
-            )
+            q, k, v, mask = s
+            inputs = attention_op.attention_inputs(q, k, v, key_padding_mask=mask, causal=causal)
+            _backends.select("attention", name, inputs)
+            return lambda: vf.attention(q, k, v, key_padding_mask=mask, causal=causal, backend=name)
 
-    _harness.run_case(
-        benchmark,
-        op=OP,
-        case=case,
-        provider=provider,
-        make=make,
-        sets=sets,
-        flops=_harness.attention_flops(lengths, Hq, D, causal, mode),
-        nbytes=_harness.attention_bytes(lengths, Hq, Hkv, D, dtype.itemsize, mode),
-        formula=_harness.ATTENTION_FORMULA,
+    bench.run(
+        make,
+        sets,
+        attention_cost(lengths, Hq, Hkv, D, dtype.itemsize, causal, mode),
         compiled=provider == "reference+compile",
         notes=["padded providers run on the packed real tokens"] if packs else (),
     )

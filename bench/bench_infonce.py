@@ -10,8 +10,8 @@ Providers, side by side in one benchmark group per shape and mode:
 * ``open_clip.ClipLoss``: open_clip's CLIP loss on the normalised rows with logit scale
   1 / temperature (the same loss), when open_clip is importable.
 
-FLOPs and bytes: see _harness.INFONCE_FORMULA. The peak-memory column is the point of this
-file: eager grows with N^2 (the logits and their softmax), fused with N*D.
+FLOPs and bytes: :func:`infonce_cost`. The peak-memory column is the point of this file: eager
+grows with N^2 (the logits and their softmax), fused with N*D.
 """
 
 from __future__ import annotations
@@ -24,10 +24,53 @@ import torch.nn.functional as F
 
 import vljepa_fast as vf
 from vljepa_fast import _backends, reference
+from vljepa_fast.ops import infonce as infonce_op
 
 OP = "infonce"
 BACKEND_OP = "infonce_loss"
 TEMPERATURE = 0.07
+
+INFONCE_FORMULA = (
+    "flops fwd 2*N*N*D (the similarity GEMM S = pred target^T, shared by both directions); "
+    "bwd 6*N*N*D for every provider (S recomputed once, then dpred = dS target and dtarget = "
+    "dS^T pred: the least a backward that stores no N x N matrix does; the Triton and CUDA "
+    "backwards execute 8*N*N*D, recomputing S in each of their two launches, the cpu backward "
+    "6*N*N*D, eager 4*N*N*D from its stored logits); fwd+bwd 8*N*N*D; bytes fwd 2*N*D*s (read "
+    "pred, target), bwd 4*N*D*s (read both, write both gradients), fwd+bwd 6*N*D*s"
+)
+
+
+def infonce_flops(N: int, D: int, mode: str) -> int:
+    """FLOPs of the loss of N pairs of D-dim rows, counted the same for every provider.
+
+    Forward 2*N*N*D: the one similarity GEMM S = pred @ target^T (the row and column softmaxes
+    of the symmetric loss read the same S). Backward 6*N*N*D, three GEMMs of that size: S
+    recomputed, dpred = dS @ target, dtarget = dS^T @ pred; that is the least work of a
+    backward that keeps no N x N matrix, and the cpu backend executes exactly that. What the
+    others execute: the Triton and CUDA backwards 8*N*N*D (one kernel launched twice, by rows
+    for dpred and by columns for dtarget, each recomputing its S tiles: determinism without
+    atomics), the eager reference and open_clip 4*N*N*D (they keep the N x N probabilities
+    from the forward, the N^2 memory of the peak column). Exponentials, logarithms and the row
+    norms (O(N*N) and O(N*D)) are not counted.
+    """
+    gemm = 2 * N * N * D
+    return _harness.mode_total(gemm, 3 * gemm, mode)
+
+
+def infonce_bytes(N: int, D: int, itemsize: int, mode: str) -> int:
+    """Compulsory traffic in bytes: forward reads pred and target ([N, D] each, 2*N*D*s; the
+    loss is a scalar), backward reads both and writes both gradients (4*N*D*s). The fused
+    kernels' O(N) statistics (norms, log-sum-exps) and a second read of the inputs by the
+    second backward launch are not counted."""
+    tensor = N * D * itemsize
+    return _harness.mode_total(2 * tensor, 4 * tensor, mode)
+
+
+def infonce_cost(N: int, D: int, itemsize: int, mode: str) -> _harness.Cost:
+    """:func:`infonce_flops` and :func:`infonce_bytes` of one call in ``mode``."""
+    return _harness.Cost(
+        infonce_flops(N, D, mode), infonce_bytes(N, D, itemsize, mode), INFONCE_FORMULA
+    )
 
 
 def _label(c: dict) -> str:
@@ -65,22 +108,17 @@ def _make(provider: str):
     name = provider.removeprefix("vf.")
 
     def make(s):
-        kw = {
-            "temperature": TEMPERATURE,
-            "symmetric": True,
-            "normalize": True,
-            "reduction": "mean",
-            "group": None,
-        }
-        _backends.select(BACKEND_OP, name, (s[0], s[1]), kw)  # raises with its reasons
+        # raises BackendUnavailableError with the backend's reasons: the case is skipped
+        inputs = infonce_op.infonce_inputs(s[0], s[1], temperature=TEMPERATURE)
+        _backends.select(BACKEND_OP, name, inputs)
         return lambda: vf.infonce_loss(s[0], s[1], temperature=TEMPERATURE, backend=name)
 
     return make
 
 
 def test_infonce(benchmark, case, provider):
-    device = _harness.device_for(OP, case, provider)
-    dtype = _harness.dtype_for(case["dtype"], device)
+    bench = _harness.Bench(benchmark, OP, case, provider)
+    device, dtype = bench.device, bench.dtype
     N, D, mode = case["N"], case["D"], case["mode"]
     grad = mode != "fwd"
 
@@ -92,15 +130,9 @@ def test_infonce(benchmark, case, provider):
         )
 
     sets = _harness.input_sets((OP, N, D, case["dtype"], grad), build, device)
-    _harness.run_case(
-        benchmark,
-        op=OP,
-        case=case,
-        provider=provider,
-        make=_make(provider),
-        sets=sets,
-        flops=_harness.infonce_flops(N, D, mode),
-        nbytes=_harness.infonce_bytes(N, D, dtype.itemsize, mode),
-        formula=_harness.INFONCE_FORMULA,
+    bench.run(
+        _make(provider),
+        sets,
+        infonce_cost(N, D, dtype.itemsize, mode),
         compiled=provider == "reference+compile",
     )

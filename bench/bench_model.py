@@ -2,24 +2,36 @@
 
 Providers: ``reference`` (the model built with backend="reference": eager attention, loss and
 rotary) and ``vf.auto`` (backend="auto": the fused kernels that serve the inputs). Sizes: the
-tiny config on CPU (presets smoke and cpu), the paper's predictor and a paper-size training
-step on CUDA (presets gpu and paper: bfloat16 predictor, 1024 visual tokens from cached
-X-encoder features, 64-token queries, batch 16). The cases live here rather than in
-presets.py because they are model configurations, not op shapes.
+tiny config on CPU (presets smoke and cpu; smoke follows the preset's device, CUDA when there
+is one), the paper's predictor and a paper-size training step on CUDA (presets gpu and paper:
+bfloat16 predictor, 1024 visual tokens from cached X-encoder features, 64-token queries, batch
+16). The cases live here rather than in presets.py because they are model configurations, not
+op shapes.
 
-FLOPs: 6 * trainable parameters * tokens (training step) or 2 * predictor parameters *
-tokens (forward), attention not counted; bytes: the parameters, read once.
+FLOPs and bytes: :func:`model_cost`, counted on the case's own inputs by one untimed call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import _harness
 import torch
+from bench_attention import attention_flops
+from bench_infonce import infonce_flops
 
 import vljepa_fast.models as M
+from vljepa_fast.nn import PredictorAttention
 
 OP = "model"
-FORMULA = "train: 6*trainable_params*tokens, fwd: 2*predictor_params*tokens; bytes params once"
+MODEL_FORMULA = (
+    "flops counted on the case's inputs: every nn.Linear call 2*rows*in*out forward, and in a "
+    "training step the same again for the weight gradient of a trainable layer and again for "
+    "the input gradient where its input needs one; every attention layer by the attention "
+    "bench's count over its real lengths (bwd 2.5x fwd); the loss by the InfoNCE bench's "
+    "count over the batch; norms, activations and rotary not counted; bytes: the parameters of "
+    "the modules that run, read once"
+)
 
 _CASES = {
     "cpu": [
@@ -33,6 +45,81 @@ _CASES = {
 }
 _CASES["smoke"] = [dict(c, B=4) for c in _CASES["cpu"]]
 _CASES["paper"] = _CASES["gpu"]
+for _c in (c for cases in _CASES.values() for c in cases):
+    _c.setdefault("dtype", "auto")  # bfloat16 on CUDA, float32 on CPU
+
+
+def model_flops(model: torch.nn.Module, call: Callable[[], object], mode: str) -> int:
+    """The FLOPs of one call of ``model``, counted while ``call()`` runs once.
+
+    Counted: every ``nn.Linear`` call, 2*rows*in_features*out_features forward; in mode
+    "fwd+bwd" the same again for the weight gradient when the weight is trainable, and again
+    for the input gradient when the input requires one (the backward GEMMs autograd runs).
+    Every :class:`vljepa_fast.nn.PredictorAttention` by :func:`bench_attention.attention_flops`
+    over the real lengths of its key padding mask (its projections are nn.Linear, counted
+    above). Not counted: norms, activations, rotary, the masked mean (O(tokens * dim) each) and
+    the loss (:func:`model_cost` adds it). ``call`` runs with autograd as the mode needs it but
+    no backward; the count does not depend on the backend.
+    """
+    train = mode != "fwd"
+    total = 0
+
+    def on_linear(mod, args, out):
+        nonlocal total
+        x = args[0]
+        gemm = 2 * (x.numel() // mod.in_features) * mod.in_features * mod.out_features
+        total += gemm
+        if train:
+            total += gemm * (int(mod.weight.requires_grad) + int(x.requires_grad))
+
+    def on_attention(mod, args, kwargs, out):
+        nonlocal total
+        x = args[0]
+        mask = args[1] if len(args) > 1 else kwargs.get("key_padding_mask")
+        B, T = x.shape[:2]
+        lengths = [T] * B if mask is None else mask.sum(-1).tolist()
+        part = "fwd+bwd" if train and x.requires_grad else "fwd"
+        total += attention_flops(lengths, mod.num_heads, mod.head_dim, mod.causal, part)
+
+    hooks = []
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            hooks.append(mod.register_forward_hook(on_linear))
+        elif isinstance(mod, PredictorAttention):
+            hooks.append(mod.register_forward_hook(on_attention, with_kwargs=True))
+    try:
+        with torch.set_grad_enabled(train):
+            call()
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def model_cost(
+    model: M.VLJEPA, call: Callable[[], object], what: str, mode: str, itemsize: int
+) -> tuple[_harness.Cost, int]:
+    """(cost of one call, parameters it reads) for a training step or a predictor forward.
+
+    FLOPs: :func:`model_flops` of the modules that run, plus for a training step the InfoNCE
+    loss over its B pairs of embeddings (:func:`bench_infonce.infonce_flops`, B read from the
+    call's predicted embeddings). Bytes: the parameters of the modules that run (a training
+    step: the trainable ones, the frozen X-encoder is skipped through cached features; a
+    predictor forward: the predictor's), read once; activations are not counted.
+    """
+    if what == "train":
+        batch: list[int] = []
+        hook = model.predictor.register_forward_hook(lambda m, a, out: batch.append(out.shape[0]))
+        try:
+            flops = model_flops(model, call, mode)
+        finally:
+            hook.remove()
+        flops += infonce_flops(batch[0], model.config.embed_dim, mode)
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        flops = model_flops(model, call, mode)
+        params = sum(p.numel() for p in model.predictor.parameters())
+    return _harness.Cost(flops, params * itemsize, MODEL_FORMULA), params
 
 
 def _label(c: dict) -> str:
@@ -40,18 +127,9 @@ def _label(c: dict) -> str:
 
 
 def pytest_generate_tests(metafunc):
-    if not {"case", "provider"} <= set(metafunc.fixturenames):
-        return
-    name = metafunc.config.getoption("preset") or ("gpu" if torch.cuda.is_available() else "cpu")
-    device = "cuda" if name in ("gpu", "paper") else "cpu"
-    pairs, ids = [], []
-    for c in _CASES[name]:
-        c = dict(c, device=device, dtype="bfloat16" if device == "cuda" else "float32")
-        c["label"] = _label(c)
-        for p in ("reference", "vf.auto"):
-            pairs.append((c, p))
-            ids.append(f"{c['label']}-{p}".replace(" ", "_"))
-    metafunc.parametrize("case,provider", pairs, ids=ids)
+    _harness.parametrize(
+        metafunc, OP, lambda c: ["reference", "vf.auto"], _label, cases=lambda name: _CASES[name]
+    )
 
 
 def _config(case: dict) -> M.VLJEPAConfig:
@@ -61,8 +139,8 @@ def _config(case: dict) -> M.VLJEPAConfig:
 
 
 def test_model(benchmark, case, provider):
-    device = _harness.device_for(OP, case, provider)
-    dtype = _harness.dtype_for(case["dtype"], device)
+    bench = _harness.Bench(benchmark, OP, case, provider)
+    device, dtype = bench.device, bench.dtype
     backend = "reference" if provider == "reference" else "auto"
     cfg = _config(case)
     torch.manual_seed(0)
@@ -85,26 +163,11 @@ def test_model(benchmark, case, provider):
 
         def make(s):
             return lambda: model(None, (s[1], ones), (s[2], ones), x_features=s[0])
-
-        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        flops = 6 * params * B * (n_vis + 2 * L)
     else:
 
         def make(s):
             return lambda: model.predictor(s[0], s[1], ones)
 
-        params = sum(p.numel() for p in model.predictor.parameters())
-        flops = 2 * params * B * (n_vis + L)
-    nbytes = params * dtype.itemsize
-    _harness.run_case(
-        benchmark,
-        op=OP,
-        case=case,
-        provider=provider,
-        make=make,
-        sets=sets,
-        flops=flops,
-        nbytes=nbytes,
-        formula=FORMULA,
-        notes=[f"backend={backend!r}", f"trainable parameters {params}"],
-    )
+    with bench.guard():
+        cost, params = model_cost(model, make(sets[0]), case["what"], case["mode"], dtype.itemsize)
+    bench.run(make, sets, cost, notes=[f"backend={backend!r}", f"parameters read {params}"])

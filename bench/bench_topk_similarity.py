@@ -9,8 +9,8 @@ Providers, side by side in one benchmark group per shape:
   timing; faiss-cpu on CPU inputs with as many OpenMP threads as torch has, faiss's GPU index
   on CUDA inputs when this faiss has GPU support.
 
-FLOPs 2*Q*N*D; bytes N*D*itemsize (the bank, which a fused kernel reads once).
-No torch.compile provider: compiling mm + topk still writes the score matrix.
+FLOPs and bytes: :func:`topk_cost` (2*Q*N*D; the bank and queries read once, the results
+written once). No torch.compile provider: compiling mm + topk still writes the score matrix.
 """
 
 from __future__ import annotations
@@ -20,8 +20,42 @@ import torch
 
 import vljepa_fast as vf
 from vljepa_fast import _backends
+from vljepa_fast.ops import topk_similarity as topk_op
 
 OP = "topk_similarity"
+
+#: Bytes of one result entry: a float32 score and an int64 index (every backend, every bench
+#: dtype; only float64 inputs, which no preset runs, get float64 scores).
+RESULT_BYTES = 4 + 8
+
+TOPK_FORMULA = (
+    "flops 2*Q*N*D (one multiply-add per query, bank row and feature: the score GEMM; the "
+    "selection's compares and cosine's row norms are not counted); bytes (N + Q)*D*s + "
+    "Q*k*12 (bank and queries read once, k float32 scores and int64 indices per query written)"
+)
+
+
+def topk_cost(Q: int, N: int, D: int, k: int, itemsize: int) -> _harness.Cost:
+    """FLOPs and compulsory bytes of one search of Q queries [Q, D] in a bank [N, D].
+
+    FLOPs = 2*Q*N*D: every provider forms all Q*N scores (the fused kernels in tiles, faiss and
+    the reference as a matrix). Not counted: the top-k selection (compares, not FLOPs) and, for
+    metric "cosine", the row norms (2*(Q + N)*D, under 1/Q of the total).
+
+    Bytes = (N + Q)*D*itemsize + Q*k*12: the least traffic of any implementation, reading the
+    bank and the queries once and writing the results ([Q, k] float32 scores and int64
+    indices) once. A kernel that reads the bank once per block of queries moves more; the
+    reference also writes and reads the Q x N score matrix (4*Q*N bytes more), which this
+    count leaves out so that every provider is measured against the same work.
+
+    Args:
+        Q, N, D: queries, bank rows, feature dimension.
+        k: results per query.
+        itemsize: bytes of one element of the queries and the bank.
+    """
+    flops = 2 * Q * N * D
+    nbytes = (N + Q) * D * itemsize + Q * k * RESULT_BYTES
+    return _harness.Cost(flops, nbytes, TOPK_FORMULA)
 
 
 def _label(c: dict) -> str:
@@ -69,8 +103,8 @@ def _faiss(queries: torch.Tensor, bank: torch.Tensor, k: int, metric: str):
 
 
 def test_topk_similarity(benchmark, case, provider):
-    device = _harness.device_for(OP, case, provider)
-    dtype = _harness.dtype_for(case["dtype"], device)
+    bench = _harness.Bench(benchmark, OP, case, provider)
+    device, dtype = bench.device, bench.dtype
     Q, N, D, k, metric = case["Q"], case["N"], case["D"], case["k"], case["metric"]
 
     def build(seed: int) -> tuple:
@@ -91,18 +125,8 @@ def test_topk_similarity(benchmark, case, provider):
         name = "reference" if provider == "reference" else provider.removeprefix("vf.")
 
         def make(s):
-            _backends.select(OP, name, (s[0], s[1], k), {"metric": metric})  # raises its reasons
+            # raises BackendUnavailableError with the backend's reasons: the case is skipped
+            _backends.select(OP, name, topk_op.topk_inputs(s[0], s[1], k, metric=metric))
             return lambda: vf.topk_similarity(s[0], s[1], k, metric=metric, backend=name)
 
-    _harness.run_case(
-        benchmark,
-        op=OP,
-        case=case,
-        provider=provider,
-        make=make,
-        sets=sets,
-        flops=_harness.topk_flops(Q, N, D),
-        nbytes=_harness.topk_bytes(N, D, dtype.itemsize),
-        formula=_harness.TOPK_FORMULA,
-        notes=notes,
-    )
+    bench.run(make, sets, topk_cost(Q, N, D, k, dtype.itemsize), notes=notes)

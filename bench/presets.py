@@ -50,31 +50,80 @@ class Preset:
 _ATTN_HEADS = {"Hq": 32, "Hkv": 8, "D": 64}  # the VL-JEPA predictor: GQA 32:8, head dim 64
 
 
-def _attention_gpu(compile_: bool) -> list[dict]:
-    # 16k tokens per batch at every sequence length (B = 16384 / T, rounded)
+def _attention(
+    Ts: tuple[int, ...], dtype: str, compile_: bool, B: int | None = None, heads: dict = _ATTN_HEADS
+) -> list[dict]:
+    """Attention cases at each sequence length T, unpadded and with 50% padding, all modes.
+
+    B: sequences per batch; None keeps 16k tokens per batch at every T (B = 16384 / T, rounded).
+    """
     return [
         dict(
-            B=max(1, round(16384 / T)),
+            B=B or max(1, round(16384 / T)),
             T=T,
-            **_ATTN_HEADS,
+            **heads,
             pad=pad,
             causal=False,
-            dtype="bfloat16",
+            dtype=dtype,
             modes=("fwd", "bwd", "fwd+bwd"),
             compile=compile_,
         )
-        for T in (512, 1024, 4608)
+        for T in Ts
         for pad in (0.0, 0.5)
     ]
 
 
-def _topk_gpu() -> list[dict]:
+def _topk(Qs: tuple[int, ...], N: int, D: int, ks: tuple[int, ...], dtype: str) -> list[dict]:
+    """Top-k cases of every query batch Q and k on one bank [N, D], metric "ip"."""
+    return [dict(Q=Q, N=N, D=D, k=k, metric="ip", dtype=dtype) for Q in Qs for k in ks]
+
+
+def _infonce(
+    Ns: tuple[int, ...], D: int, dtype: str, compile_at: tuple[int, ...] = ()
+) -> list[dict]:
+    """InfoNCE cases of every batch N at dimension D, fwd and fwd+bwd; torch.compile at the
+    batches in ``compile_at`` (each compilation is slow, so it is chosen per batch)."""
     return [
-        dict(Q=Q, N=1_000_000, D=1536, k=k, metric="ip", dtype="bfloat16")
-        for Q in (16, 1024)
-        for k in (10, 100)
+        dict(N=N, D=D, dtype=dtype, modes=("fwd", "fwd+bwd"), compile=N in compile_at) for N in Ns
     ]
 
+
+_ROTARY_PREDICTOR_HEADS = _ATTN_HEADS  # Llama-3.2 layers: GQA 32:8, head dim 64
+_ROTARY_X_HEADS = {"Hq": 16, "Hkv": 16, "D": 64}  # the V-JEPA 2 ViT-L: 16 heads of 64
+
+
+def _rotary(
+    B: int,
+    grid: tuple[int, int, int],
+    query: int,
+    dtype: str,
+    compile_: tuple[str, ...] = (),
+    heads: tuple[dict, dict] = (_ROTARY_PREDICTOR_HEADS, _ROTARY_X_HEADS),
+) -> list[dict]:
+    """Rotary cases of the two models that call it, fwd and fwd+bwd, tables [T, D] float32.
+
+    The predictor ("llama" layout) rotates the visual tokens of a (t, h, w) token grid plus
+    ``query`` query tokens; the X-encoder ("vjepa2" layout) the grid's tokens alone, with their
+    (t, h, w) coordinates. torch.compile for the models named in ``compile_`` ("predictor",
+    "x_encoder").
+    """
+    visual = grid[0] * grid[1] * grid[2]
+    shapes = (
+        dict(what="predictor", T=visual + query, layout="llama", **heads[0]),
+        dict(what="x_encoder", T=visual, grid=grid, layout="vjepa2", **heads[1]),
+    )
+    return [
+        dict(B=B, **s, dtype=dtype, modes=("fwd", "fwd+bwd"), compile=s["what"] in compile_)
+        for s in shapes
+    ]
+
+
+_PAPER_TOPK = _topk((16, 1024), 1_000_000, 1536, (10, 100), "bfloat16")
+_PAPER_ATTENTION_T = (512, 1024, 4608)
+_PAPER_INFONCE_N = (4096, 32768, 65536)
+#: VL-JEPA paper sizes (models/config.py): batch 16 of 16-frame 256 px clips, tubelet 2 and
+#: 16 px patches (8 x 16 x 16 = 2048 visual tokens), 64 query tokens
+_PAPER_ROTARY = dict(B=16, grid=(8, 16, 16), query=64, dtype="bfloat16")
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
@@ -82,26 +131,12 @@ PRESETS: dict[str, Preset] = {
         "auto",
         Timing(warmup=1, min_rounds=2, max_rounds=5, budget_s=0.05),
         {
-            "topk_similarity": [dict(Q=8, N=4096, D=64, k=10, metric="ip", dtype="auto")],
-            "infonce": [
-                dict(N=N, D=64, dtype="auto", modes=("fwd", "fwd+bwd"), compile=False)
-                for N in (256, 512)
-            ],
-            "attention": [
-                dict(
-                    B=2,
-                    T=64,
-                    Hq=4,
-                    Hkv=2,
-                    D=32,
-                    pad=pad,
-                    causal=False,
-                    dtype="auto",
-                    modes=("fwd", "bwd", "fwd+bwd"),
-                    compile=False,
-                )
-                for pad in (0.0, 0.5)
-            ],
+            "topk_similarity": _topk((8,), 4096, 64, (10,), "auto"),
+            "infonce": _infonce((256, 512), 64, "auto"),
+            "attention": _attention((64,), "auto", False, B=2, heads=dict(Hq=4, Hkv=2, D=32)),
+            "rotary": _rotary(
+                2, (2, 4, 4), 8, "auto", heads=(dict(Hq=4, Hkv=2, D=32), dict(Hq=4, Hkv=4, D=32))
+            ),
         },
     ),
     "cpu": Preset(
@@ -109,26 +144,12 @@ PRESETS: dict[str, Preset] = {
         "cpu",
         Timing(warmup=1, min_rounds=2, max_rounds=10, budget_s=1.5),
         {
-            "topk_similarity": [dict(Q=256, N=200_000, D=768, k=10, metric="ip", dtype="float32")],
+            "topk_similarity": _topk((256,), 200_000, 768, (10,), "float32"),
             # N=2048 beside N=8192 shows the eager loss's memory growing with N^2
             # torch.compile at N=8192 only: each compilation costs about a minute on 2 cores
-            "infonce": [
-                dict(N=N, D=1536, dtype="float32", modes=("fwd", "fwd+bwd"), compile=N == 8192)
-                for N in (2048, 8192)
-            ],
-            "attention": [
-                dict(
-                    B=4,
-                    T=512,
-                    **_ATTN_HEADS,
-                    pad=pad,
-                    causal=False,
-                    dtype="float32",
-                    modes=("fwd", "bwd", "fwd+bwd"),
-                    compile=False,
-                )
-                for pad in (0.0, 0.5)
-            ],
+            "infonce": _infonce((2048, 8192), 1536, "float32", compile_at=(8192,)),
+            "attention": _attention((512,), "float32", False, B=4),
+            "rotary": _rotary(2, (8, 16, 16), 64, "float32"),  # the paper's, batch 2
         },
     ),
     "gpu": Preset(
@@ -136,12 +157,10 @@ PRESETS: dict[str, Preset] = {
         "cuda",
         Timing(warmup=2, min_rounds=5, max_rounds=50, budget_s=0.3),
         {
-            "topk_similarity": _topk_gpu(),
-            "infonce": [
-                dict(N=N, D=1536, dtype="bfloat16", modes=("fwd", "fwd+bwd"), compile=N == 32768)
-                for N in (4096, 32768, 65536)
-            ],
-            "attention": _attention_gpu(compile_=False),
+            "topk_similarity": _PAPER_TOPK,
+            "infonce": _infonce(_PAPER_INFONCE_N, 1536, "bfloat16", compile_at=(32768,)),
+            "attention": _attention(_PAPER_ATTENTION_T, "bfloat16", False),
+            "rotary": _rotary(**_PAPER_ROTARY, compile_=("predictor",)),
         },
     ),
     "paper": Preset(
@@ -149,12 +168,10 @@ PRESETS: dict[str, Preset] = {
         "cuda",
         Timing(warmup=3, min_rounds=10, max_rounds=200, budget_s=2.0),
         {
-            "topk_similarity": _topk_gpu(),
-            "infonce": [
-                dict(N=N, D=1536, dtype="bfloat16", modes=("fwd", "fwd+bwd"), compile=True)
-                for N in (4096, 32768, 65536)
-            ],
-            "attention": _attention_gpu(compile_=True),
+            "topk_similarity": _PAPER_TOPK,
+            "infonce": _infonce(_PAPER_INFONCE_N, 1536, "bfloat16", compile_at=_PAPER_INFONCE_N),
+            "attention": _attention(_PAPER_ATTENTION_T, "bfloat16", True),
+            "rotary": _rotary(**_PAPER_ROTARY, compile_=("predictor", "x_encoder")),
         },
     ),
 }

@@ -1,12 +1,16 @@
 """Markdown report and PNG charts from pytest-benchmark JSON files of bench/.
 
-    python bench/report.py RUN.json [OTHER.json] [--out DIR]
+    python bench/report.py RUN.json [OTHER.json] [--out DIR] [--no-charts]
 
 Writes DIR/report.md (default DIR: bench/out/) with, per op and shape, every provider's median
 time, speedup over the eager reference, peak extra memory, TFLOP/s, GB/s and fraction of the
 roofline, the skipped providers and the FLOP formulas; and per op DIR/<op>_speedup.png and
-DIR/<op>_memory.png. Given two files, it adds a comparison (OTHER's median over RUN's, per case
+DIR/<op>_memory.png (not with --no-charts, which needs no matplotlib: scripts/gpu_run.py uses it
+on a machine without). Given two files, it adds a comparison (OTHER's median over RUN's, per case
 and provider present in both).
+
+Only the standard library is imported at load (matplotlib when the charts are drawn), so that
+scripts/gpu_run.py, which must run on a bare Python, can import this module.
 
 The same table, as text, is the closing summary of ``pytest bench/`` (:func:`summary_lines`).
 """
@@ -280,17 +284,26 @@ def markdown(run: dict, images: list[Path], other: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python bench/report.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def command_line(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """A parser whose --help shows ``doc`` (a module docstring with a usage block) as written.
+
+    The command lines of this module and of scripts/gpu_run.py.
+    """
+    return argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = command_line("python bench/report.py", __doc__)
     ap.add_argument("runs", nargs="+", help="one --benchmark-json file, or two to compare")
     ap.add_argument(
         "--out",
         default=str(Path(__file__).resolve().parent / "out"),
         help="output folder (default: bench/out/)",
+    )
+    ap.add_argument(
+        "--no-charts", action="store_true", help="report.md only (matplotlib not needed)"
     )
     args = ap.parse_args(argv)
     if len(args.runs) > 2:
@@ -299,9 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     run = load(args.runs[0])
     other = load(args.runs[1]) if len(args.runs) == 2 else None
-    images = charts(run["rows"], out)
+    images = [] if args.no_charts else charts(run["rows"], out)
+    text = markdown(run, images, other)
+    if args.no_charts:
+        text += "\n(no charts: --no-charts)\n"
     path = out / "report.md"
-    path.write_text(markdown(run, images, other))
+    path.write_text(text)
     print(f"wrote {path} and {len(images)} charts in {out}")
     for line in summary_lines(run["rows"]):
         print(line)

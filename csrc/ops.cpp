@@ -4,9 +4,13 @@
 // TORCH_LIBRARY_IMPL(vljepa_fast, CPU|CUDA, m) in csrc/cpu/<op>.cpp or csrc/cuda/<op>.cu.
 // Schemas live here, once, so that the CPU library (which always builds) defines them and the
 // CUDA library (which may not) only adds kernels. Python wraps them in vljepa_fast/ops/<op>.py.
+// The argument checks of each op (csrc/include/<op>_check.h) are shared by its kernels and by
+// the Meta functions below; the normalisation epsilon eps is kNormEps (csrc/include/
+// vljepa_common.h, the copy of vljepa_fast.reference.NORM_EPS).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -15,27 +19,33 @@
 #include "topk_similarity_check.h"
 
 TORCH_LIBRARY(vljepa_fast, m) {
-  // topk_similarity: queries [Q, D], bank [N, D] (same floating dtype, contiguous), 1 <= k <= N.
-  // cosine: every row of queries and bank divided by max(its norm, 1e-12) (zero rows score 0).
-  // Returns scores [Q, k] float32 sorted descending and indices [Q, k] int64, in one order on
-  // every backend: NaN scores last (below -inf), equal scores (-0.0 == +0.0) lowest index first.
-  // No gradient: vljepa_fast.topk_similarity calls it on detached inputs and attaches one.
+  // topk_similarity: queries [Q, D], bank [N, D] (one dtype of float32, float16 or bfloat16,
+  // contiguous, D >= 1), 1 <= k <= N; Q = 0 gives empty results. cosine: every row of queries
+  // and bank divided by max(its norm, eps) (zero rows score 0). Returns scores [Q, k] float32
+  // sorted descending and indices [Q, k] int64, in one order on every backend: NaN scores last
+  // (below -inf), equal scores (-0.0 == +0.0) lowest index first. The CUDA kernel serves k <=
+  // 1024 and sizes below 2^30. No gradient: vljepa_fast/ops/topk_similarity.py calls it on
+  // detached inputs and attaches the scores' gradient itself.
   m.def("topk_similarity(Tensor queries, Tensor bank, int k, bool cosine) -> (Tensor, Tensor)");
 
   // infonce_fwd / infonce_bwd: the InfoNCE kernel contract (vljepa_fast/reference.py,
-  // infonce_terms). a [N, D], b [M, D] (same floating dtype, contiguous, N >= 1, D >= 1), scale a
-  // one-element floating tensor (1 / temperature, finite), S = scale * norm(a) @ norm(b)^T (norm =
-  // identity unless normalize), positive of row i = column i + offset with 0 <= offset <= M - N.
-  // The argument checks (csrc/include/infonce_check.h) are shared by every kernel and by the Meta
-  // functions below: no argument that passes them makes a kernel touch memory outside its
-  // tensors. Forward returns row_lse [N] and col_lse [M] (empty [0] when col_stats is false) in
-  // float64, pos_row [N] = S[i, i+offset] and pos_col [M] (empty likewise) in float32. The LSEs
+  // infonce_terms). a [N, D], b [M, D] (one dtype of float32, float16 or bfloat16, contiguous,
+  // N >= 1, D >= 1), scale a one-element floating tensor (1 / temperature; it must be finite:
+  // the CPU kernel checks, the CUDA kernel reads it on the device and relies on the Python
+  // layer), S = scale * norm(a) @ norm(b)^T with norm(x) = x / max(||x||, eps) row by row
+  // (identity unless normalize). The positive of row i is column i + offset, 0 <= offset <=
+  // M - N; the positive of column j is row clamp(j - offset, 0, N - 1). No argument that passes
+  // the checks makes a kernel touch memory outside its tensors. Forward returns row_lse [N] and
+  // col_lse [M] (empty [0] when col_stats is false) in float64, pos_row [N] = S[i, i + offset]
+  // and pos_col [M] = S[clamp(j - offset, 0, N - 1), j] (empty likewise) in float32. The LSEs
   // are float64 because the backward forms exp(S - lse): a float32 LSE is off by up to half an
   // ulp of |S| (5e-4 at |S| = 1e4), which would scale every probability of its row by up to
   // 1 +- 5e-4; kernels split it into float hi + lo, so the hot loops stay in float32. Backward
   // takes the weights of loss = sum_i g_row[i] (row_lse[i] - pos_row[i]) + sum_j g_col[j]
-  // (col_lse[j] - pos_col[j]) (row_lse, g_row [N]; col_lse, g_col [M], floating) and returns
-  // (da [N, D] in a's dtype, db [M, D], dscale 0-dim float32).
+  // (col_lse[j] - pos_col[j]) (row_lse, g_row [N]; col_lse, g_col [M], floating, on a's device;
+  // col_lse is required with g_col and ignored without) and returns (da [N, D] in a's dtype,
+  // db [M, D] in b's, dscale 0-dim float32 on scale's device). Rows whose norm is below eps (zero
+  // rows) get a zero gradient under normalize: the rule of reference.normalize_rows.
   m.def("infonce_fwd(Tensor a, Tensor b, Tensor scale, int offset, bool normalize, bool col_stats)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("infonce_bwd(Tensor a, Tensor b, Tensor scale, int offset, bool normalize, Tensor row_lse,"
@@ -45,20 +55,29 @@ TORCH_LIBRARY(vljepa_fast, m) {
 // Shape functions (Meta kernels) so that FakeTensor tracing and torch.compile(fullgraph=True)
 // see through the native ops without running them.
 namespace {
+using Arg = std::pair<const char*, const at::Tensor*>;
+
+const at::Tensor* optional_arg(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? &*t : nullptr;
+}
+
 // The dispatcher also picks a Meta kernel when real tensors are mixed with meta ones (a on the
 // cpu, b on meta): refuse that instead of handing back uninitialised real tensors. FakeTensor
-// tracing runs these functions on meta tensors only.
-void check_meta(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_meta(), op, ": ", name, " is on ", t.device(),
-              " while other arguments are on meta: all tensors must be on one device");
+// tracing runs these functions on meta tensors only. Absent optional arguments are skipped.
+void check_meta(const char* op, std::initializer_list<Arg> args) {
+  for (const auto& [name, t] : args) {
+    if (t != nullptr && t->defined()) {
+      TORCH_CHECK(t->is_meta(), op, ": ", name, " is on ", t->device(),
+                  " while other arguments are on meta: all tensors must be on one device");
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_similarity_meta(const at::Tensor& queries,
                                                         const at::Tensor& bank, int64_t k,
                                                         bool cosine) {
   (void)cosine;
-  check_meta("topk_similarity", "queries", queries);
-  check_meta("topk_similarity", "bank", bank);
+  check_meta("topk_similarity", {{"queries", &queries}, {"bank", &bank}});
   vljepa_fast::check_topk_similarity_inputs(queries, bank, k);
   auto scores = at::empty({queries.size(0), k}, queries.options().dtype(at::kFloat));
   auto indices = at::empty({queries.size(0), k}, queries.options().dtype(at::kLong));
@@ -69,10 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_meta(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
     bool normalize, bool col_stats) {
   (void)normalize;
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"a", &a}, {"b", &b},
-                                {"scale", &scale}}) {
-    check_meta("infonce_fwd", name, *t);
-  }
+  check_meta("infonce_fwd", {{"a", &a}, {"b", &b}, {"scale", &scale}});
   vljepa_fast::check_infonce_inputs(a, b, scale, offset);
   auto f32 = a.options().dtype(at::kFloat);
   auto f64 = a.options().dtype(at::kDouble);
@@ -86,16 +102,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_meta(
     bool normalize, const at::Tensor& row_lse, const std::optional<at::Tensor>& col_lse,
     const at::Tensor& g_row, const std::optional<at::Tensor>& g_col) {
   (void)normalize;
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"a", &a}, {"b", &b},
-                                {"scale", &scale}, {"row_lse", &row_lse}, {"g_row", &g_row}}) {
-    check_meta("infonce_bwd", name, *t);
-  }
-  if (g_col.has_value() && g_col->defined()) {
-    check_meta("infonce_bwd", "g_col", *g_col);
-  }
-  if (col_lse.has_value() && col_lse->defined()) {
-    check_meta("infonce_bwd", "col_lse", *col_lse);
-  }
+  check_meta("infonce_bwd", {{"a", &a}, {"b", &b}, {"scale", &scale}, {"row_lse", &row_lse},
+                             {"g_row", &g_row}, {"g_col", optional_arg(g_col)},
+                             {"col_lse", optional_arg(col_lse)}});
   vljepa_fast::check_infonce_inputs(a, b, scale, offset);
   vljepa_fast::check_infonce_bwd_vectors(a, b, row_lse, col_lse, g_row, g_col);
   return {at::empty_like(a), at::empty_like(b), at::empty({}, scale.options().dtype(at::kFloat))};

@@ -17,6 +17,11 @@ the package, no network) when installed, else the built-in text encoder.
     python examples/train_tiny.py            # full run: about 6 min on 2 shared CPU cores
     python examples/train_tiny.py --text-encoder builtin            # about 3 min
     python examples/train_tiny.py --reduced --text-encoder builtin  # CI size: ~15 s
+    python examples/train_tiny.py --backend reference                # eager ops everywhere
+    python examples/train_tiny.py --backend attention=sdpa,rotary=reference  # per op
+
+``--backend`` is the ops' vocabulary (vljepa_fast._backends.BackendSpec): "auto", one backend
+name for every op, or op=name pairs (the ops left out run "auto").
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 
 import vljepa_fast.models as M
+from vljepa_fast import _backends
 
 SHAPES = ("square", "circle", "triangle", "cross")
 COLORS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.1, 0.2, 1.0)}
@@ -83,7 +89,21 @@ def progress(i: int, n: int, start: float, note: str) -> None:
         sys.stderr.write("\n")
 
 
-def build_model(text_encoder: str, seed: int) -> tuple[M.VLJEPA, str]:
+def parse_backend(text: str) -> _backends.BackendSpec:
+    """'auto', a backend name, or 'op=name,op=name' -> a backend spec (checked)."""
+    spec = text
+    if "=" in text:
+        pairs = [part.split("=", 1) for part in text.split(",") if part]
+        spec = {op.strip(): name.strip() for op, name in pairs}
+    try:
+        return _backends.check_spec(spec, "--backend")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_model(
+    text_encoder: str, seed: int, backend: _backends.BackendSpec = "auto"
+) -> tuple[M.VLJEPA, str]:
     torch.manual_seed(seed)
     cfg = M.VLJEPAConfig.tiny()
     if text_encoder in ("auto", "minilm"):
@@ -93,7 +113,10 @@ def build_model(text_encoder: str, seed: int) -> tuple[M.VLJEPA, str]:
             y = M.HFTextEncoder.from_pretrained(
                 str(pkg.get_model_path()), cfg.embed_dim, max_len=64, lr_multiplier=0.05
             )
-            return M.VLJEPA(cfg, y_encoder=y), "all-MiniLM-L6-v2 (pretrained, LR x0.05)"
+            return (
+                M.VLJEPA(cfg, backend, y_encoder=y),
+                "all-MiniLM-L6-v2 (pretrained, LR x0.05)",
+            )
         except ImportError:
             if text_encoder == "minilm":
                 raise
@@ -101,7 +124,7 @@ def build_model(text_encoder: str, seed: int) -> tuple[M.VLJEPA, str]:
     cfg = cfg.replace(
         y_encoder=cfg.y_encoder.__class__(**{**cfg.y_encoder.__dict__, "lr_multiplier": 1.0})
     )
-    return M.VLJEPA(cfg), "built-in text encoder (random init, LR x1)"
+    return M.VLJEPA(cfg, backend), "built-in text encoder (random init, LR x1)"
 
 
 def train(
@@ -146,7 +169,7 @@ def evaluate(model: M.VLJEPA, n: int, rng: np.random.Generator) -> dict:
 def train_decoder(model: M.VLJEPA, steps: int, rng: np.random.Generator) -> M.YDecoder:
     """Fit the Y-decoder on (predicted embedding, caption) pairs of fresh clips."""
     cfg = model.config
-    dec = M.YDecoder(cfg.y_decoder, cfg.embed_dim)
+    dec = M.YDecoder(cfg.y_decoder, cfg.embed_dim, model.backend)
     tok = M.ByteTokenizer()
     rows = [[tok.bos_id, *tok.encode(c), tok.eos_id] for c in CAPTIONS]
     L = max(map(len, rows))
@@ -251,6 +274,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--backend",
+        type=parse_backend,
+        default="auto",
+        help="auto, a backend name for every op (e.g. reference), or op=name pairs such as "
+        "attention=sdpa,rotary=reference",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -261,13 +291,14 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
-    model, yname = build_model(args.text_encoder, args.seed)
+    model, yname = build_model(args.text_encoder, args.seed, args.backend)
     pretrained = isinstance(model.y_encoder, M.HFTextEncoder)
     # a MiniLM step costs ~5x a built-in one: half the steps keep the run in a few minutes
     steps = args.steps or (60 if args.reduced else 300 if pretrained else 600)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"tiny VL-JEPA, {n_params / 1e6:.2f}M parameters; Y-encoder: {yname}; "
+        f"backend {dict(args.backend) if not isinstance(args.backend, str) else args.backend}; "
         f"{steps} steps of {args.batch} clips; torch threads {torch.get_num_threads()}"
     )
     losses = train(model, steps, min(args.batch, len(CLASSES)), args.lr, rng)

@@ -142,6 +142,80 @@ def _head(i_h, stride, ROW64: tl.constexpr):
 
 
 @triton.jit
+def _at(x, i_b64, bos, i_h, stride_b, stride_t, stride_h, ROW64: tl.constexpr):
+    """Pointer to row ``bos`` of head ``i_h`` of batch entry ``i_b64`` of ``x``."""
+    return x + i_b64 * stride_b + bos * stride_t + _head(i_h, stride_h, ROW64)
+
+
+@triton.jit
+def _program(T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, H: tl.constexpr,
+             IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr):
+    """(block index, sequence, head, then :func:`_seq_bounds`) of this program: axis 0 walks
+    the blocks of a sequence, axis 1 the (sequence, head) pairs, H heads per sequence."""
+    i_blk, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos_q, bos_k, T, S, n_valid = _seq_bounds(
+        i_b, T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, IS_VARLEN, HAS_SEQLENS
+    )
+    return i_blk, i_b, i_h, bos_q, bos_k, T, S, n_valid
+
+
+@triton.jit
+def _load(p, mask, INTERPRET: tl.constexpr):
+    """A tile, zeros where masked (so that garbage past the rows, even NaN, never reaches a
+    dot); fp32 under the interpreter, whose bf16 dot is wrong."""
+    b = tl.load(p, mask=mask, other=0.0)
+    if INTERPRET:
+        b = b.to(tl.float32)
+    return b
+
+
+@triton.jit
+def _kv_block(p_k, p_v, start_n, r_n, stride_kt, stride_vt, n_valid, m_d, MASK: tl.constexpr,
+              INTERPRET: tl.constexpr, ROW64: tl.constexpr):
+    """Keys and values [BN, BD] of the block at start_n (``p_k``/``p_v`` point at the
+    sequence's first row, columns included); MASK: rows past n_valid load zeros."""
+    if MASK:
+        m_kv = (start_n + r_n < n_valid)[:, None] & m_d[None, :]
+    else:
+        m_kv = (start_n + r_n >= 0)[:, None] & m_d[None, :]
+    b_k = _load(p_k + _rows(start_n, r_n, stride_kt, ROW64), m_kv, INTERPRET)
+    b_v = _load(p_v + _rows(start_n, r_n, stride_vt, ROW64), m_kv, INTERPRET)
+    return b_k, b_v
+
+
+@triton.jit
+def _visible(o_q, o_k, n_valid, diag, CAUSAL: tl.constexpr):
+    """Which (query o_q, key o_k) pairs attend (o_q, o_k broadcast to the tile): real keys,
+    and with CAUSAL key <= query + diag (bottom-right aligned)."""
+    m = o_k < n_valid
+    if CAUSAL:
+        m = m & (o_k <= o_q + diag)
+    return m
+
+
+@triton.jit
+def _key_range(start_m, T, n_valid, diag, BM: tl.constexpr, BN: tl.constexpr,
+               CAUSAL: tl.constexpr):
+    """(n_full, hi): keys [0, hi) are visible to some query row of the block at start_m,
+    [0, n_full) to every row of it (whole blocks, no mask needed)."""
+    hi = n_valid
+    n_full = n_valid // BN * BN
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(hi, tl.minimum(start_m + BM, T) + diag), 0)
+        n_full = tl.minimum(n_full, tl.maximum(start_m + 1 + diag, 0) // BN * BN)
+    return n_full, hi
+
+
+@triton.jit
+def _lse_log2(p, mask):
+    """Log-sum-exp rows in log2 units; a row without keys (-inf) reads 0, so that its (masked)
+    p stays finite."""
+    b_lse = tl.load(p, mask=mask, other=0.0)
+    return tl.where(b_lse == float("-inf"), 0.0, b_lse * 1.4426950408889634)
+
+
+@triton.jit
 def _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, lo, hi,
                     n_valid, diag, qk_scale, D: tl.constexpr, BN: tl.constexpr,
                     MASK: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
@@ -150,23 +224,13 @@ def _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o
     r_n = tl.arange(0, BN)
     for start_n in range(lo, hi, BN):
         o_n = start_n + r_n
-        if MASK:
-            m_kv = (o_n < n_valid)[:, None] & m_d[None, :]
-        else:
-            m_kv = (o_n >= 0)[:, None] & m_d[None, :]
-        # [BN, BD]; masked rows load 0 so that garbage past the keys (even NaN) never reaches a
-        # dot
-        b_k = tl.load(p_k + _rows(start_n, r_n, stride_kt, ROW64), mask=m_kv, other=0.0)
-        b_v = tl.load(p_v + _rows(start_n, r_n, stride_vt, ROW64), mask=m_kv, other=0.0)
-        if INTERPRET:
-            b_k = b_k.to(tl.float32)
-            b_v = b_v.to(tl.float32)
+        # [BN, BD]
+        b_k, b_v = _kv_block(p_k, p_v, start_n, r_n, stride_kt, stride_vt, n_valid, m_d, MASK,
+                             INTERPRET, ROW64)
         # [BM, BN] scores in log2 units
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
         if MASK:
-            m_s = (o_n < n_valid)[None, :]
-            if CAUSAL:
-                m_s = m_s & (o_n[None, :] <= o_m[:, None] + diag)
+            m_s = _visible(o_m[:, None], o_n[None, :], n_valid, diag, CAUSAL)
             b_s = tl.where(m_s, b_s, float("-inf"))
         # The running max starts at the lowest finite fp32, below or at every finite score, so
         # the softmax is the plain one for scores of any size, and a row whose scores are all
@@ -195,10 +259,8 @@ def _attn_fwd_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, CAUSAL: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos_q, bos_k, T, S, n_valid = _seq_bounds(
-        i_b, T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, IS_VARLEN, HAS_SEQLENS
+    i_m, i_b, i_h, bos_q, bos_k, T, S, n_valid = _program(
+        T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, H, IS_VARLEN, HAS_SEQLENS
     )
     start_m = i_m * BM
     if start_m >= T:
@@ -211,27 +273,18 @@ def _attn_fwd_kernel(
 
     r_m = tl.arange(0, BM)
     i_b64 = i_b.to(tl.int64)
-    p_q = q + i_b64 * stride_qb + bos_q * stride_qt + _head(i_h, stride_qh, ROW64)
-    p_k = (k + i_b64 * stride_kb + bos_k * stride_kt + _head(i_h // G, stride_kh, ROW64)
-           + o_d[None, :])
-    p_v = (v + i_b64 * stride_vb + bos_k * stride_vt + _head(i_h // G, stride_vh, ROW64)
-           + o_d[None, :])
+    p_q = _at(q, i_b64, bos_q, i_h, stride_qb, stride_qt, stride_qh, ROW64)
+    p_k = _at(k, i_b64, bos_k, i_h // G, stride_kb, stride_kt, stride_kh, ROW64) + o_d[None, :]
+    p_v = _at(v, i_b64, bos_k, i_h // G, stride_vb, stride_vt, stride_vh, ROW64) + o_d[None, :]
     # [BM, BD]
-    b_q = tl.load(p_q + _rows(start_m, r_m, stride_qt, ROW64) + o_d[None, :],
-                  mask=m_m[:, None] & m_d[None, :], other=0.0)
-    if INTERPRET:
-        b_q = b_q.to(tl.float32)
+    b_q = _load(p_q + _rows(start_m, r_m, stride_qt, ROW64) + o_d[None, :],
+                m_m[:, None] & m_d[None, :], INTERPRET)
 
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_m = tl.full([BM], -3.4028234663852886e38, dtype=tl.float32)
 
-    # Keys [0, hi) are visible to some row of the block; [0, n_full) to every row of it.
-    hi = n_valid
-    n_full = n_valid // BN * BN
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(hi, tl.minimum(start_m + BM, T) + diag), 0)
-        n_full = tl.minimum(n_full, tl.maximum(start_m + 1 + diag, 0) // BN * BN)
+    n_full, hi = _key_range(start_m, T, n_valid, diag, BM, BN, CAUSAL)
     b_acc, b_l, b_m = _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m,
                                       o_d, 0, n_full, n_valid, diag, qk_scale, D, BN, False,
                                       CAUSAL, INTERPRET, DOT_PRECISION, ROW64)
@@ -252,11 +305,10 @@ def _attn_fwd_kernel(
                    tl.where(m_keys, float("nan"), 0.0)[:, None])
     b_lse = tl.where(m_seen, (b_m + tl.log2(b_l_safe)) * 0.6931471805599453, float("nan"))
     b_lse = tl.where(m_keys, b_lse, float("-inf"))
-    p_o = o + i_b64 * stride_ob + bos_q * stride_ot + _head(i_h, stride_oh, ROW64)
+    p_o = _at(o, i_b64, bos_q, i_h, stride_ob, stride_ot, stride_oh, ROW64)
     tl.store(p_o + _rows(start_m, r_m, stride_ot, ROW64) + o_d[None, :],
              b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
-    tl.store(lse + i_b64 * stride_lb + _head(i_h, stride_lh, ROW64) + bos_q + o_m, b_lse,
-             mask=m_m)
+    tl.store(_at(lse, i_b64, bos_q, i_h, stride_lb, 1, stride_lh, ROW64) + o_m, b_lse, mask=m_m)
 
 
 @triton.jit
@@ -267,10 +319,8 @@ def _attn_bwd_preprocess_kernel(
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos_q, bos_k, T, S, n_valid = _seq_bounds(
-        i_b, T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, IS_VARLEN, HAS_SEQLENS
+    i_m, i_b, i_h, bos_q, bos_k, T, S, n_valid = _program(
+        T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, H, IS_VARLEN, HAS_SEQLENS
     )
     start_m = i_m * BM
     if start_m >= T:
@@ -305,24 +355,18 @@ def _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, stride
         o_m = start_m + r_m
         m_m = o_m < T
         # [BM, BD]
-        b_q = tl.load(p_q + _rows(start_m, r_m, stride_qt, ROW64),
-                      mask=m_m[:, None] & m_d[None, :], other=0.0)
-        b_do = tl.load(p_do + _rows(start_m, r_m, stride_dot, ROW64),
-                       mask=m_m[:, None] & m_d[None, :], other=0.0)
-        if INTERPRET:
-            b_q = b_q.to(tl.float32)
-            b_do = b_do.to(tl.float32)
-        # [BM]; a row without keys has lse = -inf, replaced so that its (masked) p stays finite
-        b_lse = tl.load(p_lse + o_m, mask=m_m, other=0.0)
-        b_lse = tl.where(b_lse == float("-inf"), 0.0, b_lse * 1.4426950408889634)
+        b_q = _load(p_q + _rows(start_m, r_m, stride_qt, ROW64), m_m[:, None] & m_d[None, :],
+                    INTERPRET)
+        b_do = _load(p_do + _rows(start_m, r_m, stride_dot, ROW64), m_m[:, None] & m_d[None, :],
+                     INTERPRET)
+        # [BM]
+        b_lse = _lse_log2(p_lse + o_m, m_m)
         b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
         # [BN, BM]: the transposed scores, so dv and dk need no transpose of p
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale
         b_pt = tl.exp2(b_st - b_lse[None, :])
         if MASK:
-            m_s = (o_n < n_valid)[:, None] & m_m[None, :]
-            if CAUSAL:
-                m_s = m_s & (o_n[:, None] <= o_m[None, :] + diag)
+            m_s = _visible(o_m[None, :], o_n[:, None], n_valid, diag, CAUSAL) & m_m[None, :]
             b_pt = tl.where(m_s, b_pt, 0.0)
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
         # [BN, BM]
@@ -344,10 +388,8 @@ def _attn_bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, CAUSAL: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr,
 ):
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_hk = i_bh // HKV, i_bh % HKV
-    bos_q, bos_k, T, S, n_valid = _seq_bounds(
-        i_b, T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, IS_VARLEN, HAS_SEQLENS
+    i_n, i_b, i_hk, bos_q, bos_k, T, S, n_valid = _program(
+        T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, HKV, IS_VARLEN, HAS_SEQLENS
     )
     start_n = i_n * BN
     if start_n >= S:
@@ -356,19 +398,13 @@ def _attn_bwd_dkdv_kernel(
     r_n = tl.arange(0, BN)
     o_n = start_n + r_n
     o_d = tl.arange(0, BD)
-    m_n = o_n < n_valid
     m_d = o_d < D
     i_b64 = i_b.to(tl.int64)
-    p_k = k + i_b64 * stride_kb + bos_k * stride_kt + _head(i_hk, stride_kh, ROW64)
-    p_v = v + i_b64 * stride_vb + bos_k * stride_vt + _head(i_hk, stride_vh, ROW64)
+    p_k = _at(k, i_b64, bos_k, i_hk, stride_kb, stride_kt, stride_kh, ROW64) + o_d[None, :]
+    p_v = _at(v, i_b64, bos_k, i_hk, stride_vb, stride_vt, stride_vh, ROW64) + o_d[None, :]
     # [BN, BD]
-    b_k = tl.load(p_k + _rows(start_n, r_n, stride_kt, ROW64) + o_d[None, :],
-                  mask=m_n[:, None] & m_d[None, :], other=0.0)
-    b_v = tl.load(p_v + _rows(start_n, r_n, stride_vt, ROW64) + o_d[None, :],
-                  mask=m_n[:, None] & m_d[None, :], other=0.0)
-    if INTERPRET:
-        b_k = b_k.to(tl.float32)
-        b_v = b_v.to(tl.float32)
+    b_k, b_v = _kv_block(p_k, p_v, start_n, r_n, stride_kt, stride_vt, n_valid, m_d, True,
+                         INTERPRET, ROW64)
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
 
@@ -383,12 +419,11 @@ def _attn_bwd_dkdv_kernel(
     m_full = tl.minimum(tl.where(start_n + BN <= n_valid, m_full, hi), hi)
     for i_g in range(G):
         i_h = i_hk * G + i_g
-        p_q = (q + i_b64 * stride_qb + bos_q * stride_qt + _head(i_h, stride_qh, ROW64)
-               + o_d[None, :])
-        p_do = (do + i_b64 * stride_dob + bos_q * stride_dot + _head(i_h, stride_doh, ROW64)
+        p_q = _at(q, i_b64, bos_q, i_h, stride_qb, stride_qt, stride_qh, ROW64) + o_d[None, :]
+        p_do = (_at(do, i_b64, bos_q, i_h, stride_dob, stride_dot, stride_doh, ROW64)
                 + o_d[None, :])
-        p_lse = lse + i_b64 * stride_lb + _head(i_h, stride_lh, ROW64) + bos_q
-        p_delta = delta + i_b64 * stride_lb + _head(i_h, stride_lh, ROW64) + bos_q
+        p_lse = _at(lse, i_b64, bos_q, i_h, stride_lb, 1, stride_lh, ROW64)
+        p_delta = _at(delta, i_b64, bos_q, i_h, stride_lb, 1, stride_lh, ROW64)
         b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
                                           stride_qt, stride_dot, o_n, o_d, lo, m_full, n_valid,
                                           T, diag, qk_scale, D, BM, True, CAUSAL, INTERPRET,
@@ -399,8 +434,8 @@ def _attn_bwd_dkdv_kernel(
                                           DOT_PRECISION, ROW64)
 
     m_store = (o_n < S)[:, None] & m_d[None, :]
-    p_dk = dk + i_b64 * stride_dkb + bos_k * stride_dkt + _head(i_hk, stride_dkh, ROW64)
-    p_dv = dv + i_b64 * stride_dvb + bos_k * stride_dvt + _head(i_hk, stride_dvh, ROW64)
+    p_dk = _at(dk, i_b64, bos_k, i_hk, stride_dkb, stride_dkt, stride_dkh, ROW64)
+    p_dv = _at(dv, i_b64, bos_k, i_hk, stride_dvb, stride_dvt, stride_dvh, ROW64)
     tl.store(p_dk + _rows(start_n, r_n, stride_dkt, ROW64) + o_d[None, :],
              (b_dk * sm_scale).to(dk.dtype.element_ty), mask=m_store)
     tl.store(p_dv + _rows(start_n, r_n, stride_dvt, ROW64) + o_d[None, :],
@@ -416,23 +451,14 @@ def _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, str
     r_n = tl.arange(0, BN)
     for start_n in range(lo, hi, BN):
         o_n = start_n + r_n
-        if MASK:
-            m_kv = (o_n < n_valid)[:, None] & m_d[None, :]
-        else:
-            m_kv = (o_n >= 0)[:, None] & m_d[None, :]
         # [BN, BD]
-        b_k = tl.load(p_k + _rows(start_n, r_n, stride_kt, ROW64), mask=m_kv, other=0.0)
-        b_v = tl.load(p_v + _rows(start_n, r_n, stride_vt, ROW64), mask=m_kv, other=0.0)
-        if INTERPRET:
-            b_k = b_k.to(tl.float32)
-            b_v = b_v.to(tl.float32)
+        b_k, b_v = _kv_block(p_k, p_v, start_n, r_n, stride_kt, stride_vt, n_valid, m_d, MASK,
+                             INTERPRET, ROW64)
         # [BM, BN]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
         b_p = tl.exp2(b_s - b_lse[:, None])
         if MASK:
-            m_s = (o_n < n_valid)[None, :]
-            if CAUSAL:
-                m_s = m_s & (o_n[None, :] <= o_m[:, None] + diag)
+            m_s = _visible(o_m[:, None], o_n[None, :], n_valid, diag, CAUSAL)
             b_p = tl.where(m_s, b_p, 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -453,10 +479,8 @@ def _attn_bwd_dq_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, CAUSAL: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos_q, bos_k, T, S, n_valid = _seq_bounds(
-        i_b, T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, IS_VARLEN, HAS_SEQLENS
+    i_m, i_b, i_h, bos_q, bos_k, T, S, n_valid = _program(
+        T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, H, IS_VARLEN, HAS_SEQLENS
     )
     start_m = i_m * BM
     if start_m >= T:
@@ -468,33 +492,21 @@ def _attn_bwd_dq_kernel(
     m_m = o_m < T
     m_md = m_m[:, None] & (o_d < D)[None, :]
     i_b64 = i_b.to(tl.int64)
-    p_q = q + i_b64 * stride_qb + bos_q * stride_qt + _head(i_h, stride_qh, ROW64)
-    p_do = do + i_b64 * stride_dob + bos_q * stride_dot + _head(i_h, stride_doh, ROW64)
-    p_k = (k + i_b64 * stride_kb + bos_k * stride_kt + _head(i_h // G, stride_kh, ROW64)
-           + o_d[None, :])
-    p_v = (v + i_b64 * stride_vb + bos_k * stride_vt + _head(i_h // G, stride_vh, ROW64)
-           + o_d[None, :])
+    p_q = _at(q, i_b64, bos_q, i_h, stride_qb, stride_qt, stride_qh, ROW64)
+    p_do = _at(do, i_b64, bos_q, i_h, stride_dob, stride_dot, stride_doh, ROW64)
+    p_k = _at(k, i_b64, bos_k, i_h // G, stride_kb, stride_kt, stride_kh, ROW64) + o_d[None, :]
+    p_v = _at(v, i_b64, bos_k, i_h // G, stride_vb, stride_vt, stride_vh, ROW64) + o_d[None, :]
     # [BM, BD]
-    b_q = tl.load(p_q + _rows(start_m, r_m, stride_qt, ROW64) + o_d[None, :], mask=m_md,
-                  other=0.0)
-    b_do = tl.load(p_do + _rows(start_m, r_m, stride_dot, ROW64) + o_d[None, :], mask=m_md,
-                   other=0.0)
-    if INTERPRET:
-        b_q = b_q.to(tl.float32)
-        b_do = b_do.to(tl.float32)
-    # [BM]; rows without keys have lse = -inf, replaced so that their (masked) p stays finite
+    b_q = _load(p_q + _rows(start_m, r_m, stride_qt, ROW64) + o_d[None, :], m_md, INTERPRET)
+    b_do = _load(p_do + _rows(start_m, r_m, stride_dot, ROW64) + o_d[None, :], m_md, INTERPRET)
+    # [BM]
     p_l = i_b64 * stride_lb + _head(i_h, stride_lh, ROW64) + bos_q + o_m
-    b_lse = tl.load(lse + p_l, mask=m_m, other=0.0)
-    b_lse = tl.where(b_lse == float("-inf"), 0.0, b_lse * 1.4426950408889634)
+    b_lse = _lse_log2(lse + p_l, m_m)
     b_delta = tl.load(delta + p_l, mask=m_m, other=0.0)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
 
     # The same key ranges as the forward: [0, n_full) unmasked, [n_full, hi) masked.
-    hi = n_valid
-    n_full = n_valid // BN * BN
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(hi, tl.minimum(start_m + BM, T) + diag), 0)
-        n_full = tl.minimum(n_full, tl.maximum(start_m + 1 + diag, 0) // BN * BN)
+    n_full, hi = _key_range(start_m, T, n_valid, diag, BM, BN, CAUSAL)
     b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, stride_vt,
                               o_m, o_d, 0, n_full, n_valid, diag, qk_scale, D, BN, False, CAUSAL,
                               INTERPRET, DOT_PRECISION, ROW64)
@@ -502,7 +514,7 @@ def _attn_bwd_dq_kernel(
                               o_m, o_d, n_full, hi, n_valid, diag, qk_scale, D, BN, True, CAUSAL,
                               INTERPRET, DOT_PRECISION, ROW64)
 
-    p_dq = dq + i_b64 * stride_dqb + bos_q * stride_dqt + _head(i_h, stride_dqh, ROW64)
+    p_dq = _at(dq, i_b64, bos_q, i_h, stride_dqb, stride_dqt, stride_dqh, ROW64)
     tl.store(p_dq + _rows(start_m, r_m, stride_dqt, ROW64) + o_d[None, :],
              (b_dq * sm_scale).to(dq.dtype.element_ty), mask=m_md)
 # fmt: on
@@ -528,11 +540,13 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _strides(t: Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, row, head) strides; varlen tensors are one packed batch row (batch stride 0)."""
-    if varlen:
-        return 0, t.stride(0), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+def _strides(varlen: bool, *tensors: Tensor) -> tuple[int, ...]:
+    """(batch, row, head) strides of each tensor in turn; varlen tensors are one packed batch
+    row (batch stride 0)."""
+    out: tuple[int, ...] = ()
+    for t in tensors:
+        out += (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+    return out
 
 
 def _offsets(name: str, t: Tensor | None, numel: int, device: torch.device) -> Tensor | None:
@@ -712,8 +726,7 @@ def attention_forward(
     launch(
         _attn_fwd_kernel, grid,
         q, k, v, out, lse, seqlens_k, cu_seqlens_q, cu_seqlens_k,
-        *_strides(q, lay.varlen), *_strides(k, lay.varlen), *_strides(v, lay.varlen),
-        *_strides(out, lay.varlen), *_lse_strides(lse, lay.varlen),
+        *_strides(lay.varlen, q, k, v, out), *_lse_strides(lse, lay.varlen),
         lay.rows_q, lay.rows_k, scale * _LOG2E,
         H=lay.Hq, G=lay.Hq // lay.Hkv, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n,
         IS_VARLEN=lay.varlen, HAS_SEQLENS=seqlens_k is not None, CAUSAL=causal,
@@ -794,15 +807,14 @@ def attention_backward(
     launch(
         _attn_bwd_preprocess_kernel, (triton.cdiv(lay.T, cfg.block_m), lay.n_seq * lay.Hq),
         out, do, delta, seqlens_k, cu_seqlens_q, cu_seqlens_k,
-        *_strides(out, lay.varlen), *_strides(do, lay.varlen), *lse_strides,
+        *_strides(lay.varlen, out, do), *lse_strides,
         lay.rows_q, lay.rows_k,
         H=lay.Hq, D=lay.D, BD=bd, BM=cfg.block_m, **masking,
     )  # fmt: skip
     launch(
         _attn_bwd_dq_kernel, (triton.cdiv(lay.T, cfg.block_m), lay.n_seq * lay.Hq),
         q, k, v, do, lse, delta, dq, seqlens_k, cu_seqlens_q, cu_seqlens_k,
-        *_strides(q, lay.varlen), *_strides(k, lay.varlen), *_strides(v, lay.varlen),
-        *_strides(do, lay.varlen), *_strides(dq, lay.varlen), *lse_strides,
+        *_strides(lay.varlen, q, k, v, do, dq), *lse_strides,
         lay.rows_q, lay.rows_k, scale * _LOG2E, scale,
         H=lay.Hq, G=G, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n, **kernel_flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -811,8 +823,7 @@ def attention_backward(
     launch(
         _attn_bwd_dkdv_kernel, (triton.cdiv(lay.S, cfg.block_n), lay.n_seq * lay.Hkv),
         q, k, v, do, lse, delta, dk, dv, seqlens_k, cu_seqlens_q, cu_seqlens_k,
-        *_strides(q, lay.varlen), *_strides(k, lay.varlen), *_strides(v, lay.varlen),
-        *_strides(do, lay.varlen), *_strides(dk, lay.varlen), *_strides(dv, lay.varlen),
+        *_strides(lay.varlen, q, k, v, do, dk, dv),
         *lse_strides, lay.rows_q, lay.rows_k, scale * _LOG2E, scale,
         HKV=lay.Hkv, G=G, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n, **kernel_flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

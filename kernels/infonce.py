@@ -3,7 +3,9 @@
 Math. A [N, D], B [M, D]; Â = A / max(||A_i||, eps) row-wise (identity when ``normalize`` is
 off), likewise B̂; S_ij = scale * Â_i . B̂_j. The positive of row i is column i + offset (of column
 j, row j - offset); a row or column whose positive falls outside S has none (positive logit 0, no
-indicator term). With per-row and per-column upstream gradients g_row [N], g_col [M]:
+indicator term). ``eps`` is an argument of the launchers (a compile-time constant of the
+kernels); the package passes ``vljepa_fast.reference.NORM_EPS``, the one owner of its value.
+With per-row and per-column upstream gradients g_row [N], g_col [M]:
 
     loss    = sum_i g_row_i (row_lse_i - S_i,i+off) + sum_j g_col_j (col_lse_j - S_j-off,j)
     dS_ij   = g_row_i (exp(S_ij - row_lse_i) - [j = i+off])
@@ -85,7 +87,6 @@ from torch import Tensor
 from ._common import interpreting, launch
 
 __all__ = [
-    "NORM_EPS",
     "InfoNCEConfig",
     "backward_config",
     "forward_config",
@@ -93,11 +94,7 @@ __all__ = [
     "infonce_forward",
 ]
 
-#: Smallest norm a row is divided by when normalising (as ``F.normalize``'s ``eps``).
-NORM_EPS = 1e-12
-
 _LOG2E = tl.constexpr(1.4426950408889634)
-_EPS = tl.constexpr(NORM_EPS)
 # Rows x D-slice of the inverse-norm kernel, and rows or columns per program of the lse merge.
 _NORM_BLOCK = (64, 64)
 _MERGE_BLOCK = 256
@@ -154,7 +151,7 @@ def backward_config(dtype: torch.dtype) -> InfoNCEConfig:
 
 
 @triton.jit
-def _inv_norm_kernel(x_ptr, inv_ptr, R, D, BR: tl.constexpr, BD: tl.constexpr):
+def _inv_norm_kernel(x_ptr, inv_ptr, R, D, EPS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     """inv[r] = 1 / max(||x[r]||, eps) for a block of BR rows of x [R, D]."""
     i_r = tl.program_id(0)
     o_r = i_r * BR + tl.arange(0, BR)
@@ -166,7 +163,7 @@ def _inv_norm_kernel(x_ptr, inv_ptr, R, D, BR: tl.constexpr, BD: tl.constexpr):
         # [BR, BD]
         b_x = tl.load(p_x, mask=m_r[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
         b_ss += tl.sum(b_x * b_x, 1)
-    tl.store(inv_ptr + o_r, 1.0 / tl.maximum(tl.sqrt(b_ss), _EPS), mask=m_r)
+    tl.store(inv_ptr + o_r, 1.0 / tl.maximum(tl.sqrt(b_ss), EPS), mask=m_r)
 
 
 @triton.jit
@@ -340,10 +337,15 @@ def _infonce_merge_kernel(
 
 
 @triton.jit
-def _load_lse(hi_ptr, lo_ptr, o, m):
-    """lse[o] as float hi + lo (split on the host from the float64 lse): exp((s - hi) - lo) keeps
-    float accuracy at |s| ~ 1e4, where float(lse) alone is off by up to half an ulp (5e-4)."""
-    return tl.load(hi_ptr + o, mask=m, other=0.0), tl.load(lo_ptr + o, mask=m, other=0.0)
+def _load_terms(hi_ptr, lo_ptr, g_ptr, o, m):
+    """(hi, lo, g)[o]: lse[o] as float hi + lo (split on the host from the float64 lse) and the
+    upstream gradient g[o] of the same rows or columns. exp((s - hi) - lo) keeps float accuracy
+    at |s| ~ 1e4, where float(lse) alone is off by up to half an ulp (5e-4)."""
+    return (
+        tl.load(hi_ptr + o, mask=m, other=0.0),
+        tl.load(lo_ptr + o, mask=m, other=0.0),
+        tl.load(g_ptr + o, mask=m, other=0.0),
+    )
 
 
 @triton.jit
@@ -376,7 +378,7 @@ def _ds_tile(
     """Raw dot products, cos and dS of the S tile [rows o_m of A, rows o_n of B], all [BM, BN].
 
     b_ia/b_ib: inverse norms (NORMALIZE), b_lr + b_lrl / b_gr: row lse as float hi + lo (see
-    _load_lse) and g_row, b_lc + b_lcl / b_gc: the same for the columns (HAS_COL), each over the
+    _load_terms) and g_row, b_lc + b_lcl / b_gc: the same for the columns (HAS_COL), each over the
     tile's rows or columns.
     """
     m_s = m_m[:, None] & m_n[None, :]
@@ -433,15 +435,47 @@ def _acc_update(
 
 
 @triton.jit
-def _fold(b_iy, b_c, y_ptr):
+def _fold(b_iy, b_c, y_ptr, EPS: tl.constexpr):
     """b_c / ||y_q|| per row q of the other operand y, folded into dS before its cast to y's
     dtype. fp16 has no non-zero row below eps (its smallest subnormal is 6e-8), so a clamped
     row there is a zero row: it folds with 0 instead of 1 / eps, which would overflow fp16 to
     inf and put inf * 0 = NaN into every gradient row of the GEMM."""
     b_f = b_iy * b_c
     if y_ptr.dtype.element_ty == tl.float16:
-        b_f = tl.where(b_iy * _EPS < 1.0, b_f, 0.0)
+        b_f = tl.where(b_iy * EPS < 1.0, b_f, 0.0)
     return b_f
+
+
+@triton.jit
+def _grad_weights(
+    b_ds,
+    b_raw,
+    b_iy,
+    b_c,
+    y_ptr,
+    AXIS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    EPS: tl.constexpr,
+):
+    """The left operand of the gradient GEMM and its projection terms, from a dS tile [BM, BN].
+
+    AXIS is the axis of the tile the program reduces over (1: the dA pass, whose rows are A's;
+    0: the dB pass), y the other operand and b_iy its inverse norms (along the other axis).
+    Returns (b_w, b_rw): b_w = dS b_c / ||y_q|| (NORMALIZE; else dS b_c), rounded to y's dtype
+    in both modes (the interpreter sees the GPU's rounding; upcast to fp32 for its dot), and
+    b_rw = sum over AXIS of b_w * raw, this tile's share of the projection coefficient (0
+    without NORMALIZE, where the epilogue does not read it)."""
+    if NORMALIZE:
+        b_f = tl.expand_dims(_fold(b_iy, b_c, y_ptr, EPS), 1 - AXIS)
+        b_w = (b_ds * b_f).to(y_ptr.dtype.element_ty)
+        b_rw = tl.sum(b_w.to(tl.float32) * b_raw, AXIS)
+    else:
+        b_w = (b_ds * b_c).to(y_ptr.dtype.element_ty)
+        b_rw = 0.0
+    if INTERPRET:
+        b_w = b_w.to(tl.float32)
+    return b_w, b_rw
 
 
 @triton.jit
@@ -457,6 +491,7 @@ def _grad_epilogue(
     b_c,
     D,
     NORMALIZE: tl.constexpr,
+    EPS: tl.constexpr,
     BD: tl.constexpr,
 ):
     """dx_p = scale / ||x_p|| (G_p - x̂_p r_p) with G_p = acc_p / b_c, in x's dtype; 0 for rows
@@ -466,7 +501,7 @@ def _grad_epilogue(
         # r_p = b_rw / (||x_p|| b_c). A row clamped to the eps norm (a zero row) gets a zero
         # gradient, the rule of reference.normalize_rows: it has no direction, and its 1 / eps
         # slope would overflow fp16.
-        b_big = b_ix * _EPS < 1.0
+        b_big = b_ix * EPS < 1.0
         b_f = tl.where(b_big, b_f, 0.0)
         b_pr = tl.where(b_big, b_scale * b_ix * b_ix * b_ix * b_rw / b_c, 0.0)
     o_px = o_p * D
@@ -507,6 +542,7 @@ def _infonce_bwd_kernel(
     DB: tl.constexpr,
     INTERPRET: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    EPS: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -531,8 +567,7 @@ def _infonce_bwd_kernel(
         b_ia = tl.full([BM], 1.0, dtype=tl.float32)
         if NORMALIZE:
             b_ia = tl.load(inv_a_ptr + o_m, mask=m_m, other=0.0)
-        b_lr, b_lrl = _load_lse(row_hi_ptr, row_lo_ptr, o_m, m_m)
-        b_gr = tl.load(g_row_ptr + o_m, mask=m_m, other=0.0)
+        b_lr, b_lrl, b_gr = _load_terms(row_hi_ptr, row_lo_ptr, g_row_ptr, o_m, m_m)
         # dscale / scale share of these rows, from the fp32 dS.
         b_r = tl.zeros([BM], dtype=tl.float32)
         b_rw = tl.zeros([BM], dtype=tl.float32)
@@ -544,27 +579,22 @@ def _infonce_bwd_kernel(
             if NORMALIZE:
                 b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
             if HAS_COL:
-                b_lc, b_lcl = _load_lse(col_hi_ptr, col_lo_ptr, o_n, m_n)
-                b_gc = tl.load(g_col_ptr + o_n, mask=m_n, other=0.0)
+                b_lc, b_lcl, b_gc = _load_terms(col_hi_ptr, col_lo_ptr, g_col_ptr, o_n, m_n)
             b_raw, b_cos, b_ds = _ds_tile(
                 a_ptr, b_ptr, o_m, o_n, m_m, m_n, b_ia, b_ib, b_lr, b_lrl, b_gr, b_lc, b_lcl,
                 b_gc, b_scale, offset, D, NORMALIZE, HAS_COL, INTERPRET, DOT_PRECISION, BM, BN, BK,
             )  # fmt: skip
             b_r += tl.sum(b_ds * b_cos, 1)
-            # [BM, BN] left operand of sum_j dS_ij B̂_j = sum_j (dS_ij / ||B_j||) B_j, times b_c,
-            # rounded to the input dtype in both modes (the interpreter sees the GPU's rounding).
-            if NORMALIZE:
-                b_w = (b_ds * _fold(b_ib, b_c, b_ptr)[None, :]).to(b_ptr.dtype.element_ty)
-                b_rw += tl.sum(b_w.to(tl.float32) * b_raw, 1)
-            else:
-                b_w = (b_ds * b_c).to(b_ptr.dtype.element_ty)
-            if INTERPRET:
-                b_w = b_w.to(tl.float32)
+            # [BM, BN] left operand of sum_j dS_ij B̂_j = sum_j (dS_ij / ||B_j||) B_j, times b_c.
+            b_w, b_rwt = _grad_weights(b_ds, b_raw, b_ib, b_c, b_ptr, 1, NORMALIZE, INTERPRET, EPS)
+            b_rw += b_rwt
             _acc_update(
                 acc_ptr, b_ptr, o_m, m_m, o_n, m_n, b_w, j0 > 0, D, INTERPRET, DOT_PRECISION, BD
             )
         tl.store(dscale_part_ptr + i_p, tl.sum(b_r, 0))
-        _grad_epilogue(acc_ptr, a_ptr, d_ptr, o_m, m_m, b_ia, b_rw, b_scale, b_c, D, NORMALIZE, BD)
+        _grad_epilogue(
+            acc_ptr, a_ptr, d_ptr, o_m, m_m, b_ia, b_rw, b_scale, b_c, D, NORMALIZE, EPS, BD
+        )
     else:
         o_n = i_p * BN + tl.arange(0, BN)
         m_n = o_n < M
@@ -573,8 +603,7 @@ def _infonce_bwd_kernel(
             b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
         b_lc, b_lcl, b_gc = b_scale, b_scale, b_scale
         if HAS_COL:
-            b_lc, b_lcl = _load_lse(col_hi_ptr, col_lo_ptr, o_n, m_n)
-            b_gc = tl.load(g_col_ptr + o_n, mask=m_n, other=0.0)
+            b_lc, b_lcl, b_gc = _load_terms(col_hi_ptr, col_lo_ptr, g_col_ptr, o_n, m_n)
         b_rw = tl.zeros([BN], dtype=tl.float32)
         for i0 in range(0, N, BM):
             o_m = i0 + tl.arange(0, BM)
@@ -582,30 +611,40 @@ def _infonce_bwd_kernel(
             b_ia = b_scale
             if NORMALIZE:
                 b_ia = tl.load(inv_a_ptr + o_m, mask=m_m, other=0.0)
-            b_lr, b_lrl = _load_lse(row_hi_ptr, row_lo_ptr, o_m, m_m)
-            b_gr = tl.load(g_row_ptr + o_m, mask=m_m, other=0.0)
+            b_lr, b_lrl, b_gr = _load_terms(row_hi_ptr, row_lo_ptr, g_row_ptr, o_m, m_m)
             b_raw, b_cos, b_ds = _ds_tile(
                 a_ptr, b_ptr, o_m, o_n, m_m, m_n, b_ia, b_ib, b_lr, b_lrl, b_gr, b_lc, b_lcl,
                 b_gc, b_scale, offset, D, NORMALIZE, HAS_COL, INTERPRET, DOT_PRECISION, BM, BN, BK,
             )  # fmt: skip
             # [BM, BN] dS_ij / ||A_i|| times b_c; its transpose is the left operand of dB̂.
-            if NORMALIZE:
-                b_w = (b_ds * _fold(b_ia, b_c, a_ptr)[:, None]).to(a_ptr.dtype.element_ty)
-                b_rw += tl.sum(b_w.to(tl.float32) * b_raw, 0)
-            else:
-                b_w = (b_ds * b_c).to(a_ptr.dtype.element_ty)
-            if INTERPRET:
-                b_w = b_w.to(tl.float32)
+            b_w, b_rwt = _grad_weights(b_ds, b_raw, b_ia, b_c, a_ptr, 0, NORMALIZE, INTERPRET, EPS)
+            b_rw += b_rwt
             _acc_update(
                 acc_ptr, a_ptr, o_n, m_n, o_m, m_m, tl.trans(b_w), i0 > 0, D, INTERPRET,
                 DOT_PRECISION, BD,
             )  # fmt: skip
-        _grad_epilogue(acc_ptr, b_ptr, d_ptr, o_n, m_n, b_ib, b_rw, b_scale, b_c, D, NORMALIZE, BD)
+        _grad_epilogue(
+            acc_ptr, b_ptr, d_ptr, o_n, m_n, b_ib, b_rw, b_scale, b_c, D, NORMALIZE, EPS, BD
+        )
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # Plain TF32 would put ~1e-3 relative error on every logit; 3xTF32 is about fp32-exact.
     return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _options(a: Tensor, normalize: bool, cfg: InfoNCEConfig) -> dict:
+    """The launch options the forward and both backward passes share."""
+    return dict(
+        NORMALIZE=normalize,
+        INTERPRET=interpreting(a),
+        DOT_PRECISION=_dot_precision(a.dtype),
+        BM=cfg.block_m,
+        BN=cfg.block_n,
+        BK=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
 
 
 def _check_inputs(a: Tensor, b: Tensor, scale: Tensor, offset: int) -> None:
@@ -641,7 +680,7 @@ def _check_inputs(a: Tensor, b: Tensor, scale: Tensor, offset: int) -> None:
         raise ValueError(f"offset must be an int in [-N, M] = [{-n}, {m}], got {offset!r}")
 
 
-def _inv_norms(x: Tensor) -> Tensor:
+def _inv_norms(x: Tensor, eps: float) -> Tensor:
     inv = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
     block_r, block_d = _NORM_BLOCK
     launch(
@@ -651,6 +690,7 @@ def _inv_norms(x: Tensor) -> Tensor:
         inv,
         x.shape[0],
         x.shape[1],
+        EPS=eps,
         BR=block_r,
         BD=block_d,
     )
@@ -665,6 +705,7 @@ def infonce_forward(
     normalize: bool = True,
     col_stats: bool = True,
     *,
+    eps: float,
     config: InfoNCEConfig | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """Row and column log-sum-exp and positive logits of S = scale * Â B̂^T, without storing S.
@@ -675,8 +716,10 @@ def infonce_forward(
         scale: 0-dim fp32 tensor, the inverse temperature (read on device: may be learnable).
         offset: the positive of row i is column i + offset, an int in [-N, M]. A row or column
             whose positive is outside S has none: its positive logit is 0.
-        normalize: use L2-normalised rows Â = A / max(||A_i||, 1e-12) and likewise B̂.
+        normalize: use L2-normalised rows Â = A / max(||A_i||, eps) and likewise B̂.
         col_stats: also compute the column statistics (the target->pred direction).
+        eps: the smallest norm a row is divided by (a compile-time constant of the kernels;
+            the package passes ``vljepa_fast.reference.NORM_EPS``).
         config: tile sizes; default :func:`forward_config` of the dtype.
 
     Returns:
@@ -697,7 +740,7 @@ def infonce_forward(
         )
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
     dev = a.device
-    inv_a, inv_b = (_inv_norms(a), _inv_norms(b)) if normalize else (scale, scale)
+    inv_a, inv_b = (_inv_norms(a, eps), _inv_norms(b, eps)) if normalize else (scale, scale)
     blocks_per_group, groups = _split(triton.cdiv(n, cfg.block_m), cfg.max_splits)
     tiles_per_split, splits = _split(triton.cdiv(m, cfg.block_n), cfg.max_splits)
     row_lse = torch.empty(n, device=dev, dtype=torch.float64)
@@ -724,15 +767,8 @@ def infonce_forward(
         offset,
         blocks_per_group,
         tiles_per_split,
-        NORMALIZE=normalize,
         COL_STATS=col_stats,
-        INTERPRET=interpreting(a),
-        DOT_PRECISION=_dot_precision(a.dtype),
-        BM=cfg.block_m,
-        BN=cfg.block_n,
-        BK=cfg.block_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_options(a, normalize, cfg),
     )
     _merge(row_part, row_lse, pos_row, pos_row, n, m, offset, rows=True)
     if not col_stats:
@@ -789,6 +825,7 @@ def infonce_backward(
     g_row: Tensor,
     g_col: Tensor | None,
     *,
+    eps: float,
     config: InfoNCEConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i g_row_i (row_lse_i - pos_row_i) + sum_j g_col_j (col_lse_j - pos_col_j).
@@ -807,6 +844,8 @@ def infonce_backward(
         col_lse: [M] float64 from :func:`infonce_forward`; required when ``g_col`` is given.
         g_row: [N] fp32 gradient of the loss with respect to each row term.
         g_col: [M] fp32 gradient with respect to each column term, or None (no column term).
+        eps: the smallest norm a row is divided by, as in the forward; rows below it get a zero
+            gradient.
         config: tile sizes; default :func:`backward_config` of the dtype.
 
     Returns:
@@ -840,7 +879,7 @@ def infonce_backward(
             )
     cfg = config or backward_config(a.dtype)
     dev = a.device
-    inv_a, inv_b = (_inv_norms(a), _inv_norms(b)) if normalize else (scale, scale)
+    inv_a, inv_b = (_inv_norms(a, eps), _inv_norms(b, eps)) if normalize else (scale, scale)
     gmax = g_row.abs().amax()
     if g_col is not None:
         gmax = torch.maximum(gmax, g_col.abs().amax())
@@ -848,49 +887,29 @@ def infonce_backward(
     fp32 = a.dtype == torch.float32
     work = None if fp32 else torch.empty((max(n, m), d), device=dev, dtype=torch.float32)
     dscale_part = torch.empty(triton.cdiv(n, cfg.block_m), device=dev, dtype=torch.float32)
-    common = dict(
-        NORMALIZE=normalize,
-        HAS_COL=g_col is not None,
-        INTERPRET=interpreting(a),
-        DOT_PRECISION=_dot_precision(a.dtype),
-        BM=cfg.block_m,
-        BN=cfg.block_n,
-        BK=cfg.block_k,
-        BD=cfg.block_d,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
     # Unused pointers (no column term) alias the row ones; the kernel never reads them.
     row_hi, row_lo = _split_lse(row_lse)
     col_hi, col_lo = (row_hi, row_lo) if g_col is None else _split_lse(col_lse)
     g_col_arg = g_row if g_col is None else g_col
     args = (a, b, scale, gmax, inv_a, inv_b, row_hi, row_lo, col_hi, col_lo, g_row, g_col_arg)
-    launch(
-        _infonce_bwd_kernel,
-        (triton.cdiv(n, cfg.block_m),),
-        *args,
-        da if fp32 else work,
-        da,
-        dscale_part,
-        n,
-        m,
-        d,
-        offset,
-        DB=False,
-        **common,
-    )
-    launch(
-        _infonce_bwd_kernel,
-        (triton.cdiv(m, cfg.block_n),),
-        *args,
-        db if fp32 else work,
-        db,
-        dscale_part,
-        n,
-        m,
-        d,
-        offset,
-        DB=True,
-        **common,
-    )
+    # The dA pass (programs over row blocks of A), then the dB pass (over row blocks of B).
+    passes = ((False, triton.cdiv(n, cfg.block_m), da), (True, triton.cdiv(m, cfg.block_n), db))
+    for db_pass, programs, out in passes:
+        launch(
+            _infonce_bwd_kernel,
+            (programs,),
+            *args,
+            out if fp32 else work,
+            out,
+            dscale_part,
+            n,
+            m,
+            d,
+            offset,
+            HAS_COL=g_col is not None,
+            DB=db_pass,
+            EPS=eps,
+            BD=cfg.block_d,
+            **_options(a, normalize, cfg),
+        )
     return da, db, dscale_part.sum()

@@ -287,19 +287,20 @@ def topk_similarity(
     k: int,
     cosine: bool,
     *,
-    eps: float = 1e-12,
+    eps: float,
     config: TopkConfig | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-k bank rows by inner product or cosine similarity for every query.
 
-    Inputs are validated by the caller (:func:`vljepa_fast.functional.topk_similarity`).
+    Inputs are validated by the caller (``vljepa_fast.ops.topk_similarity.topk_inputs``).
 
     Args:
         queries: [Q, D] float32, float16 or bfloat16, contiguous; CUDA, or CPU (interpreter).
         bank: [N, D], same dtype and device, contiguous.
         k: 1 <= k <= N.
         cosine: divide each score by max(|query|, eps) * max(|bank row|, eps) (fp32 norms).
-        eps: smallest norm (``vljepa_fast.reference.NORM_EPS``); a zero row scores 0.
+        eps: smallest norm, no default here: the one owner of the value is
+            ``vljepa_fast.reference.NORM_EPS``, which callers pass; a zero row scores 0.
         config: block sizes; default :func:`topk_config`.
 
     Returns:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -136,3 +139,30 @@ def check_against_float64(
     for name, got, eager, exact in zip(["da", "db", "dscale"], got_grads, eager_grads, exact_grads):
         assert torch.isfinite(got).all(), f"{name}: non-finite"
         assert_close_2x(got, eager, exact, a.dtype if name != "dscale" else torch.float32, name)
+
+
+@contextlib.contextmanager
+def poisoned_allocations() -> Iterator[list[Tensor]]:
+    """NaN-fill every floating tensor made by torch.empty / torch.empty_like inside the block.
+
+    ``with poisoned_allocations() as made: ...``: ``made`` lists the poisoned tensors (assert it
+    is not empty where the code under test allocates through torch: poisoning that reached no
+    allocation proves nothing). The conftest fixture ``poisoned`` is this for a whole test.
+    Native code allocates in C++ and is not reached (tests/test_infonce_cuda.py poisons the CUDA
+    caching allocator for that).
+    """
+    made: list[Tensor] = []
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t: Tensor) -> Tensor:
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+            made.append(t)
+        return t
+
+    torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: poison(real_empty_like(*a, **kw))
+    try:
+        yield made
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_empty_like

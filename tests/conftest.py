@@ -1,32 +1,59 @@
-"""Test tiers (see docs/DESIGN.md): cpu, interpret, compile, gpu.
+"""Test tiers (docs/DESIGN.md, "Test tiers"): cpu, interpret, compile, gpu.
 
 * A test without a tier marker is a ``cpu`` test.
-* ``interpret`` tests run with TRITON_INTERPRET=1 in the environment while they run (the kernels
-  route CPU tensors through Triton's interpreter); the kernel modules are imported before any
-  test sets it, so they stay compiled-mode JITFunctions for the ``compile`` tier.
+* Triton's interpreter is a per-process choice (``@triton.jit`` reads TRITON_INTERPRET when a
+  kernel module is imported; nothing patches Triton to mix the two). A process started with
+  TRITON_INTERPRET=1 runs the ``interpret`` tier only; a process without it runs the other tiers
+  and leaves the interpret tests out, saying so in its header and summary. ``bash
+  scripts/test.sh`` (README's test command) runs both processes; by hand:
+  ``python -m pytest tests`` then ``TRITON_INTERPRET=1 python -m pytest tests``. The compile
+  tier (AOT compilation needs compiled JITFunctions) therefore never runs under the interpreter.
 * ``gpu`` tests are skipped, at run time and with a reason, when there is no CUDA device.
 * Under CI (CI=true) a skipped cpu, interpret or compile test is a failure: no tier may skip
-  silently. The run ends with a per-tier count.
+  silently; and a full run (``pytest tests``, no -m / -k) fails when a tier this process runs
+  (cpu and compile, or interpret) ran no test. The run ends with a per-tier count.
+
+Shared fixtures: ``poisoned`` (every floating tensor made by torch.empty / torch.empty_like
+during the test starts as NaN; the context-manager form is ``tests._util.poisoned_allocations``).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections import Counter
 
 import pytest
 import torch
 
+# the test modules import ``tests._util``: pyproject's ``pythonpath = ["."]`` puts the repository
+# root on sys.path also under a plain ``pytest``
+from tests._util import poisoned_allocations
+
 TIERS = ("cpu", "interpret", "compile", "gpu")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-_counts: Counter = Counter()
 
-for _mod in ("attention", "infonce", "rotary", "topk_similarity"):
-    try:  # compile-mode JITFunctions, before any interpret test sets TRITON_INTERPRET
-        importlib.import_module(f"vljepa_fast._kernels.{_mod}")
+
+def _interpreter_process() -> bool:
+    """Whether this process's ``@triton.jit`` kernels are interpreted (TRITON_INTERPRET, as
+    Triton itself reads it)."""
+    try:
+        from triton import knobs
     except ImportError:
-        pass
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
+
+
+INTERPRETER = _interpreter_process()
+#: the tiers this process runs
+PROCESS_TIERS = ("interpret",) if INTERPRETER else ("cpu", "compile", "gpu")
+#: how to run the tiers this process does not
+OTHER_PROCESS = (
+    "they run in a process without TRITON_INTERPRET: python -m pytest tests"
+    if INTERPRETER
+    else "it runs in its own process: TRITON_INTERPRET=1 python -m pytest tests"
+)
+_counts: Counter = Counter()
+_left_out: Counter = Counter()  # tests of tiers this process does not run, by tier
 
 
 def _tier(item: pytest.Item) -> str:
@@ -36,10 +63,42 @@ def _tier(item: pytest.Item) -> str:
     return "cpu"
 
 
+def pytest_report_header(config):
+    if INTERPRETER:
+        return [
+            "vljepa_fast tiers: interpret only (TRITON_INTERPRET=1: Triton's interpreter); "
+            f"cpu, compile and gpu are left out, {OTHER_PROCESS} (bash scripts/test.sh runs both)"
+        ]
+    return [
+        "vljepa_fast tiers: cpu, compile, gpu; the interpret tier is left out, "
+        f"{OTHER_PROCESS} (bash scripts/test.sh runs both)"
+    ]
+
+
 def pytest_collection_modifyitems(config, items):
+    # runs before -m / -k select (pytest's own hook runs after conftest ones), so `-m cpu` sees
+    # the default marker
     for item in items:
         if not any(item.get_closest_marker(t) for t in TIERS):
             item.add_marker(pytest.mark.cpu)
+
+
+class _ProcessTiers:
+    """Leaves out the tests of tiers this process does not run, after -m / -k selected."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        keep, out = [], []
+        for item in items:
+            (keep if _tier(item) in PROCESS_TIERS else out).append(item)
+        if out:
+            _left_out.update(_tier(item) for item in out)
+            config.hook.pytest_deselected(items=out)
+            items[:] = keep
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_ProcessTiers(), "vljepa_fast_process_tiers")
 
 
 def pytest_runtest_setup(item):
@@ -47,11 +106,15 @@ def pytest_runtest_setup(item):
         pytest.skip("gpu tier: no CUDA device (torch.cuda.is_available() is False)")
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_env(request, monkeypatch):
-    if request.node.get_closest_marker("interpret") is not None:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    yield
+@pytest.fixture
+def poisoned():
+    """NaN-fill every floating tensor made by torch.empty / torch.empty_like during the test.
+
+    Yields the list of poisoned tensors (a test can assert it is not empty: poisoning that
+    reached no allocation proves nothing).
+    """
+    with poisoned_allocations() as made:
+        yield made
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -75,6 +138,12 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section("vljepa_fast test tiers")
     for tier in TIERS:
+        if tier not in PROCESS_TIERS:
+            # under pytest-xdist the workers collect, so the count is not known here
+            n = _left_out[tier]
+            n = f" ({n} test{'s' * (n != 1)} left out)" if n else ""
+            tr.write_line(f"{tier:<10} not run in this process{n}: {OTHER_PROCESS}")
+            continue
         got = {o: _counts[(tier, o)] for o in ("passed", "failed", "skipped")}
         note = ""
         if tier == "gpu" and got["skipped"] and not got["passed"]:
@@ -86,7 +155,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Under CI a full run (no -m / -k / path selection) fails when a required tier ran nothing."""
+    """Under CI a full run (no -m / -k / path selection) fails when a tier it runs ran nothing."""
     cfg = session.config
     full_run = (
         not cfg.getoption("markexpr") and not cfg.getoption("keyword") and cfg.args == ["tests"]
@@ -94,7 +163,8 @@ def pytest_sessionfinish(session, exitstatus):
     is_worker = hasattr(cfg, "workerinput")  # pytest-xdist workers see only their share
     if not (IN_CI and full_run) or is_worker or exitstatus not in (0,):
         return
-    empty = [t for t in ("cpu", "interpret", "compile") if _counts[(t, "passed")] == 0]
+    required = [t for t in ("cpu", "interpret", "compile") if t in PROCESS_TIERS]
+    empty = [t for t in required if _counts[(t, "passed")] == 0]
     if empty:
         session.config.pluginmanager.get_plugin("terminalreporter").write_line(
             f"[CI] tiers that ran no test: {', '.join(empty)}", red=True

@@ -12,6 +12,7 @@ import torch
 import vljepa_fast as vf
 from tests._util import assert_close_2x
 from vljepa_fast import _backends, reference
+from vljepa_fast.ops.attention import attention_inputs, varlen_inputs
 
 
 def _qkv(B, T, S, hq, hkv, D, dtype=torch.float32, device="cpu", seed=0):
@@ -89,20 +90,43 @@ def test_attention_varlen_backends_vs_float64(backend, causal):
 
 def test_auto_uses_sdpa_on_cpu():
     q, k, v = _qkv(1, 4, 4, 2, 1, 8)
-    assert _backends.select("attention", "auto", (q, k, v), {}).name == "sdpa"
+    rec, plan = _backends.select("attention", "auto", attention_inputs(q, k, v))
+    assert rec.name == "sdpa" and plan is None
 
 
 def test_env_override_and_deterministic_refusal(monkeypatch):
     q, k, v = _qkv(1, 4, 4, 2, 1, 8)
+    inputs = attention_inputs(q, k, v)
     monkeypatch.setenv("VLJEPA_FAST_BACKEND_ATTENTION", "reference")
-    assert _backends.select("attention", "auto", (q, k, v), {}).name == "reference"
+    assert _backends.select("attention", "auto", inputs)[0].name == "reference"
     monkeypatch.setenv("VLJEPA_FAST_BACKEND_ATTENTION", "bogus")
     with pytest.raises(ValueError, match="backend: expected 'auto' or one of"):
         vf.attention(q, k, v)
     monkeypatch.delenv("VLJEPA_FAST_BACKEND_ATTENTION")
     monkeypatch.setenv("VLJEPA_FAST_BACKEND", "reference")
-    assert _backends.select("attention", "auto", (q, k, v), {}).name == "reference"
-    assert _backends.select("attention", "sdpa", (q, k, v), {}).name == "sdpa"
+    assert _backends.select("attention", "auto", inputs)[0].name == "reference"
+    assert _backends.select("attention", "sdpa", inputs)[0].name == "sdpa"
+
+
+def test_inputs_objects_carry_the_validated_arguments():
+    """The builders return what vf.attention / vf.attention_varlen hand every backend: the
+    arguments as given (numpy scalars as Python numbers) and, for varlen, the sequence lengths
+    read by the validation."""
+    q, k, v = _qkv(2, 3, 5, 4, 2, 8)
+    mask = _padding(2, 5, 0)
+    x = attention_inputs(q, k, v, key_padding_mask=mask, causal=True, scale=np.float32(0.5))
+    assert (x.q, x.k, x.v, x.key_padding_mask) == (q, k, v, mask)
+    assert x.causal is True and type(x.scale) is float and x.scale == 0.5
+    assert x.device == q.device
+    qv, kv = q.detach().reshape(6, 4, 8), k.detach().reshape(10, 2, 8)
+    cu_q = torch.tensor([0, 1, 6], dtype=torch.int32)
+    cu_k = torch.tensor([0, 0, 10], dtype=torch.int32)
+    y = varlen_inputs(qv, kv, kv, cu_q, cu_k, np.int64(5), 10)
+    assert y.lengths_q == (1, 5) and y.lengths_k == (0, 10)
+    assert type(y.max_seqlen_q) is int and y.max_seqlen_q == 5
+    assert y.cu_seqlens_q is cu_q and y.cu_seqlens_k is cu_k and y.scale is None
+    with pytest.raises(ValueError, match="max_seqlen_q: expected >= 5 \\(the longest"):
+        varlen_inputs(qv, kv, kv, cu_q, cu_k, 4, 10)
 
 
 @pytest.mark.parametrize(

@@ -16,14 +16,12 @@ element or a read past a sequence's keys cannot pass.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch import Tensor
 
 import vljepa_fast as vf
-from tests._util import assert_close_2x
+from tests._util import assert_close_2x, poisoned_allocations
 from vljepa_fast import reference
 
 pytestmark = pytest.mark.gpu
@@ -31,26 +29,6 @@ pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-
-@contextlib.contextmanager
-def poisoned():
-    """NaN-fill every floating tensor made by torch.empty / torch.empty_like inside the block."""
-    made: list[Tensor] = []
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t: Tensor) -> Tensor:
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-            made.append(t)
-        return t
-
-    torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: poison(real_empty_like(*a, **kw))
-    try:
-        yield made
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_empty_like
 
 
 def randn(*shape: int, dtype: torch.dtype, seed: int) -> Tensor:
@@ -70,7 +48,7 @@ def reference_run(fn, inputs: tuple[Tensor, ...], do: Tensor, dtype: torch.dtype
 def kernel_run(fn, inputs: tuple[Tensor, ...], do: Tensor):
     """(out, grads) of the Triton op ``fn``, with its forward and backward buffers poisoned."""
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-    with poisoned() as made:
+    with poisoned_allocations() as made:
         out = fn(*leaves)
         grads = torch.autograd.grad(out, leaves, do)
     if DEVICE == "cuda":

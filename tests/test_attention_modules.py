@@ -9,6 +9,9 @@ LlamaAttention plus a floor. torch.compile(fullgraph=True) traces a forward and 
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 
@@ -16,6 +19,7 @@ import vljepa_fast as vf
 from tests._util import assert_close_2x
 from vljepa_fast import _backends
 from vljepa_fast.ops import attention_peers, rotary
+from vljepa_fast.ops.attention import attention_inputs, varlen_inputs
 
 transformers = pytest.importorskip("transformers")
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask  # noqa: E402
@@ -175,8 +179,9 @@ NAN, INF = float("nan"), float("inf")
         ({"causal": 1}, "causal"),
         ({"causal": None}, "causal"),
         ({"backend": "nope"}, "backend"),
-        ({"backend": "cpu"}, "backend"),  # an InfoNCE / top-k backend, not an attention one
         ({"backend": None}, "backend"),
+        ({"backend": {"attn": "sdpa"}}, "backend"),
+        ({"backend": {"attention": "nope"}}, "backend"),
         ({"dtype": torch.int64}, "dtype"),
         ({"dtype": "float32"}, "dtype"),
         ({"device": "bogus"}, "device"),
@@ -283,20 +288,34 @@ def test_predictor_attention_position_ids_any_integer_dtype_and_the_last_positio
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_predictor_attention_backend_reaches_rotary(monkeypatch):
-    """backend="reference" runs the eager rotary too (the model layers' convention)."""
-    seen = []
-    real = vf.nn.apply_rotary
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("backend", "auto"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(vf.nn, "apply_rotary", spy)
+@pytest.mark.parametrize(
+    "backend, want",
+    [
+        ("reference", [("rotary", "reference"), ("attention", "reference")]),
+        ({"attention": "sdpa"}, [("rotary", "reference"), ("attention", "sdpa")]),
+        ({"rotary": "reference"}, [("rotary", "reference"), ("attention", "sdpa")]),
+    ],
+    ids=["reference", "attention-mapping", "rotary-mapping"],
+)
+def test_predictor_attention_backend_reaches_rotary(backend, want):
+    """The spec goes unchanged to both ops (the dispatch trace shows which backend ran)."""
     x = torch.randn(1, 3, 64)
-    vf.nn.PredictorAttention(64, 4, 2, 16, backend="reference")(x)
-    vf.nn.PredictorAttention(64, 4, 2, 16, backend="sdpa")(x)
-    assert seen == ["reference", "auto"]
+    m = vf.nn.PredictorAttention(64, 4, 2, 16, backend=backend)
+    with _backends.trace() as events:
+        m(x)
+    assert [(e.op, e.backend) for e in events] == want
+
+
+@pytest.mark.parametrize("name", ["cpu", "sdpa"])
+def test_predictor_attention_a_name_an_op_lacks_raises_at_forward(name):
+    """A single name is accepted (a model passes one to every module) and the op that lacks
+    it raises when it runs, naming itself: no silent substitution."""
+    m = vf.nn.PredictorAttention(64, 4, 2, 16, backend=name)
+    with pytest.raises(_backends.BackendUnavailableError, match=f"^rotary: no backend '{name}'"):
+        m(torch.randn(1, 3, 64))
+    m = vf.nn.PredictorAttention(64, 4, 2, 16, backend={"rotary": "reference", "attention": "cpu"})
+    with pytest.raises(_backends.BackendUnavailableError, match="^attention: no backend 'cpu'"):
+        m(torch.randn(1, 3, 64))
 
 
 # ------------------------------------------------------------------------ peer backends
@@ -324,36 +343,99 @@ def test_peer_reasons_when_not_importable():
                 vf.attention(q, q, q, backend=module)
 
 
+def _reasons(supports, *args, **kwargs) -> list[str]:
+    """What a peer's supports says of these vf.attention (3 tensors) or vf.attention_varlen
+    (7 arguments) inputs: its reasons, [] when it accepts."""
+    build = attention_inputs if len(args) == 3 else varlen_inputs
+    answer = supports(build(*args, **kwargs))
+    return list(answer.reasons) if isinstance(answer, _backends.Refusal) else []
+
+
 def test_flash_attn_supports_refuses_what_it_cannot_do():
     sup = attention_peers.flash_attn_supports
     q = torch.randn(2, 5, 4, 64, dtype=torch.float16)
     k = torch.randn(2, 7, 2, 64, dtype=torch.float16)
-    assert sup(q, k, k) == []
-    assert any("float32" in r for r in sup(q.float(), k.float(), k.float()))
+    assert _reasons(sup, q, k, k) == []
+    assert any("float32" in r for r in _reasons(sup, q.float(), k.float(), k.float()))
     big = torch.randn(1, 3, 1, 320, dtype=torch.bfloat16)
-    assert any("head dim 320" in r for r in sup(big, big, big))
+    assert any("head dim 320" in r for r in _reasons(sup, big, big, big))
     mask = padded(2, 7, [7, 3])
-    assert sup(q, k, k, key_padding_mask=mask) == []
-    assert any("causal" in r for r in sup(q, k, k, key_padding_mask=mask, causal=True))
+    assert _reasons(sup, q, k, k, key_padding_mask=mask) == []
+    assert any("causal" in r for r in _reasons(sup, q, k, k, key_padding_mask=mask, causal=True))
     empty = padded(2, 7, [7, 0])
-    assert any("no key" in r for r in sup(q, k, k, key_padding_mask=empty))
+    assert any("no key" in r for r in _reasons(sup, q, k, k, key_padding_mask=empty))
 
 
 def test_xformers_supports_refuses_what_it_cannot_do():
     sup = attention_peers.xformers_supports
     q = torch.randn(2, 5, 4, 64, dtype=torch.bfloat16)
     k = torch.randn(2, 7, 2, 64, dtype=torch.bfloat16)
-    assert sup(q, k, k) == [] and sup(q.float(), k.float(), k.float()) == []
-    assert any("float64" in r for r in sup(q.double(), k.double(), k.double()))
+    assert _reasons(sup, q, k, k) == [] and _reasons(sup, q.float(), k.float(), k.float()) == []
+    assert any("float64" in r for r in _reasons(sup, q.double(), k.double(), k.double()))
     mask = padded(2, 7, [7, 3])
-    assert any("causal" in r for r in sup(q, k, k, key_padding_mask=mask, causal=True))
+    assert any("causal" in r for r in _reasons(sup, q, k, k, key_padding_mask=mask, causal=True))
     cu_q = torch.tensor([0, 3, 5], dtype=torch.int32)
     cu_k = torch.tensor([0, 4, 4], dtype=torch.int32)
     vq, vk = q.reshape(-1, 4, 64)[:5], k.reshape(-1, 2, 64)[:4]
     assert any(
         "no key" in r
-        for r in attention_peers.xformers_varlen_supports(vq, vk, vk, cu_q, cu_k, 3, 4)
+        for r in _reasons(attention_peers.xformers_varlen_supports, vq, vk, vk, cu_q, cu_k, 3, 4)
     )
+    cu_k = torch.tensor([0, 2, 4], dtype=torch.int32)
+    assert _reasons(attention_peers.xformers_varlen_supports, vq, vk, vk, cu_q, cu_k, 3, 2) == []
+    cu_q = torch.tensor([0, 5, 5], dtype=torch.int32)
+    assert any(
+        "no query" in r
+        for r in _reasons(attention_peers.xformers_varlen_supports, vq, vk, vk, cu_q, cu_k, 5, 2)
+    )
+    assert _reasons(attention_peers.flash_attn_varlen_supports, vq.half(), vk.half(), vk.half(),
+                    cu_q, cu_k, 5, 2) == []
+
+
+def _no_host_reads(monkeypatch):
+    """Make every way of reading a tensor on the host raise (a device sync on GPU)."""
+
+    def read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    for name in ("tolist", "item", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+
+def test_peer_plans_read_the_host_once_and_runs_consume_them(monkeypatch):
+    """A key_padding_mask is read on the host once, by supports (its plan: the key counts);
+    the run unpads with the plan and reads nothing more; varlen inputs carry their lengths from
+    validation, so the varlen supports read nothing (regression: the counts were read again
+    by the run, cu_seqlens again by supports and by the xformers run)."""
+    q = torch.randn(2, 5, 4, 64, dtype=torch.float16)
+    k = torch.randn(2, 7, 2, 64, dtype=torch.float16)
+    mask = padded(2, 7, [7, 3])
+    x = attention_inputs(q, k, k, key_padding_mask=mask)
+    plan = attention_peers.flash_attn_supports(x)
+    assert isinstance(plan, attention_peers.KeyCounts) and plan.host == (7, 3)
+    assert torch.equal(plan.lengths, torch.tensor([7, 3], dtype=torch.int32))
+    assert attention_peers.flash_attn_supports(attention_inputs(q, k, k)) is None
+    cu_q = torch.tensor([0, 3, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 2, 4], dtype=torch.int32)
+    y = varlen_inputs(q.reshape(-1, 4, 64)[:5], k.reshape(-1, 2, 64)[:4], k.reshape(-1, 2, 64)[:4],
+                      cu_q, cu_k, 3, 2)
+    seen = {}
+
+    def varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        seen.update(k=k, cu_k=cu_k, max_k=max_k)
+        return torch.zeros_like(q)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(
+        flash_attn_varlen_func=varlen_func))
+    with monkeypatch.context() as m:
+        _no_host_reads(m)
+        for sup in (attention_peers.flash_attn_varlen_supports,
+                    attention_peers.xformers_varlen_supports):
+            assert sup(y) is None
+        out = attention_peers._flash(x, plan)
+    assert out.shape == q.shape
+    assert seen["max_k"] == 7 and torch.equal(seen["cu_k"], torch.tensor([0, 7, 10]).int())
+    torch.testing.assert_close(seen["k"], torch.cat([k[0], k[1, :3]]), rtol=0, atol=0)
 
 
 @pytest.mark.gpu

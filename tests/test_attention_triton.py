@@ -19,8 +19,9 @@ import pytest
 import torch
 from torch import Tensor
 from vljepa_fast._kernels import attention as attn
-from vljepa_fast._kernels._common import aot_compile, pointer_type
 
+import vljepa_fast as vf
+from tests._aot import aot_compile, pointer_type
 from tests.test_attention import check_strided_dense, check_strided_varlen, nan_margins
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -116,23 +117,6 @@ def check(run_kernel, run_eager, inputs: tuple[Tensor, ...], do: Tensor, dtype: 
         ("out", "dq", "dk", "dv"), (out, dq, dk, dv), (0, 2, 3, 4), strict=True
     ):
         assert_matches(name, got, exact[i], eager[i], dtype)
-
-
-@pytest.fixture
-def poisoned(monkeypatch) -> list[Tensor]:
-    """NaN-fill every floating tensor made by torch.empty / torch.empty_like during the test."""
-    made: list[Tensor] = []
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t: Tensor) -> Tensor:
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-            made.append(t)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
-    return made
 
 
 def randn(*shape: int, dtype: torch.dtype, transposed: bool = False) -> Tensor:
@@ -373,6 +357,45 @@ def test_launchers_check_offset_tensors():
     out, lse = attn.attention_forward(q, k, k, scale=1.0)
     with pytest.raises(ValueError, match="lse: expected float32"):
         attn.attention_backward(out, q, k, k, out, lse[:, :, :4], scale=1.0)
+
+
+@pytest.mark.interpret
+def test_backend_reads_the_padding_mask_on_the_host_once(monkeypatch):
+    """vf.attention(backend="triton") with a key_padding_mask: supports reads the mask's right
+    padding on the host once per call (one device sync on GPU) and its plan, the key lengths,
+    is what the launch gets (regression: the lengths were computed and synchronised twice)."""
+    from vljepa_fast import _backends
+    from vljepa_fast.ops import attention as ops
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, n, 2, 32, generator=g) for n in (5, 9, 9))
+    mask = torch.arange(9)[None] < torch.tensor([9, 4])[:, None]
+    x = ops.attention_inputs(q, k, v, key_padding_mask=mask)
+    rec, plan = _backends.select("attention", "triton", x)
+    assert rec.name == "triton" and torch.equal(plan, torch.tensor([9, 4], dtype=torch.int32))
+    found, launched = [], []
+    real_lengths, real_fwd = ops._right_padded_lengths, ops._tri_fwd
+
+    def lengths(m):
+        found.append(real_lengths(m))
+        return found[-1]
+
+    def fwd(q, k, v, seqlens_k, *rest):
+        launched.append(seqlens_k)
+        return real_fwd(q, k, v, seqlens_k, *rest)
+
+    monkeypatch.setattr(ops, "_right_padded_lengths", lengths)
+    monkeypatch.setattr(ops, "_tri_fwd", fwd)
+    for _ in range(2):
+        out = vf.attention(q, k, v, key_padding_mask=mask, backend="triton")
+    assert len(found) == 2, f"{len(found)} host reads of the mask in 2 calls"
+    assert launched[0] is found[0] and launched[1] is found[1]
+    want = vf.attention(q, k, v, key_padding_mask=mask, backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # no mask: nothing to read, plan None, no lengths given to the launch
+    assert _backends.select("attention", "triton", ops.attention_inputs(q, k, v))[1] is None
+    vf.attention(q, k, v, backend="triton")
+    assert len(found) == 2 and launched[-1] is None
 
 
 def test_row64_only_for_huge_offsets():

@@ -527,8 +527,10 @@ def test_distributed_mismatch_raises_on_every_rank(backend, sizes, dims, match):
 # ------------------------------------------------------------------------------ compile
 
 
-@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("backend", ALL_CPU)
 def test_compile_fullgraph_training_step(backend):
+    """One graph for the forward (the fused backends' custom op is opaque to dynamo; the
+    triton one under the interpreter here), AOTAutograd's backward, the eager gradients."""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(2)
     lin = torch.nn.Linear(12, 8)

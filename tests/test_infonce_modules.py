@@ -126,8 +126,9 @@ NAN, INF = float("nan"), float("inf")
         ({"reduction": "avg"}, "reduction"),
         ({"reduction": None}, "reduction"),
         ({"backend": "nope"}, "backend"),
-        ({"backend": "sdpa"}, "backend"),  # an attention backend, not an InfoNCE one
         ({"backend": None}, "backend"),
+        ({"backend": {"infonce": "cpu"}}, "backend"),  # not an op name
+        ({"backend": {"infonce_loss": "nope"}}, r"backend\['infonce_loss'\]"),
         # a learnable start below 1 / max_logit_scale would be clamped to another value at once
         ({"temperature": 0.001, "learnable_temperature": True}, "temperature"),
         # below the range vf.infonce_loss serves: refused at construction, not at forward
@@ -181,12 +182,27 @@ def test_infonce_module_forward_names_a_non_tensor_pred():
         ({"world_size": "2"}, "world_size"),
         ({"backend": "nope"}, "backend"),
         ({"backend": None}, "backend"),
+        ({"backend": {"attn": "sdpa"}}, "backend"),
     ],
     ids=lambda v: repr(v) if isinstance(v, dict) else v.split(":")[0],
 )
 def test_clip_loss_constructor_refuses_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=f"^{name}"):
         ClipLoss(**kwargs)
+
+
+@pytest.mark.parametrize("make", [vf.nn.InfoNCELoss, ClipLoss], ids=["InfoNCELoss", "ClipLoss"])
+def test_loss_modules_pass_the_backend_spec_unchanged(make):
+    """A name, or a per-op mapping, reaches vf.infonce_loss (the dispatch trace shows it); a
+    name the op lacks is accepted at construction and raises at forward, naming the op."""
+    p, t = _feats(8, 4)
+    args = (p, t) if make is vf.nn.InfoNCELoss else (p, t, 10.0)
+    for spec in ("reference", {"infonce_loss": "reference", "attention": "sdpa"}):
+        with vf._backends.trace() as events:
+            make(backend=spec)(*args)
+        assert [(e.op, e.backend) for e in events] == [("infonce_loss", "reference")]
+    with pytest.raises(vf.BackendUnavailableError, match="^infonce_loss: no backend 'sdpa'"):
+        make(backend="sdpa")(*args)
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import Tensor
 from vljepa_fast._kernels import infonce as K
-from vljepa_fast._kernels._common import aot_compile, pointer_type
 
+from tests._aot import aot_compile, pointer_type
 from tests._util import assert_close_2x
 from vljepa_fast import reference
 
@@ -30,6 +30,8 @@ from vljepa_fast import reference
 # the defaults cover single-block launches.
 SMALL = K.InfoNCEConfig(32, 32, 32, 32, num_warps=4, num_stages=2, max_splits=3)
 NAMES = ("row_lse", "col_lse", "pos_row", "pos_col", "dA", "dB", "dscale")
+# The kernels take the normalisation epsilon as an argument; the package passes this one.
+EPS = reference.NORM_EPS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,7 +42,6 @@ NAMES = ("row_lse", "col_lse", "pos_row", "pos_col", "dA", "dB", "dscale")
 def _normalize_rows(x: Tensor) -> Tensor:
     """reference.normalize_rows (eps-clamped values, zero gradient below eps), in fp32 for
     16-bit x: eps = 1e-12 underflows fp16, which would make a zero row 0 / 0."""
-    assert K.NORM_EPS == reference.NORM_EPS
     if x.dtype in (torch.float16, torch.bfloat16):
         return reference.normalize_rows(x.float()).to(x.dtype)
     return reference.normalize_rows(x)
@@ -86,13 +87,15 @@ def eager(
     return out
 
 
-def run_kernels(a, b, scale, offset, normalize, g_row, g_col, config) -> dict[str, Tensor | None]:
+def run_kernels(
+    a, b, scale, offset, normalize, g_row, g_col, config, eps=EPS
+) -> dict[str, Tensor | None]:
     col_stats = g_col is not None
     row_lse, col_lse, pos_row, pos_col = K.infonce_forward(
-        a, b, scale, offset, normalize, col_stats, config=config
+        a, b, scale, offset, normalize, col_stats, eps=eps, config=config
     )
     da, db, dscale = K.infonce_backward(
-        a, b, scale, offset, normalize, row_lse, col_lse, g_row, g_col, config=config
+        a, b, scale, offset, normalize, row_lse, col_lse, g_row, g_col, eps=eps, config=config
     )
     return dict(zip(NAMES, (row_lse, col_lse, pos_row, pos_col, da, db, dscale)))
 
@@ -119,23 +122,6 @@ def check(got: dict, a, b, scale, offset, normalize, g_row, g_col) -> None:
             else eager(a, b, scale, offset, normalize, g_row, g_col, torch.float32)
         )
         assert_close_2x(got[name], base[name], exact[name], dtype, name)
-
-
-@pytest.fixture
-def poisoned(monkeypatch) -> list[Tensor]:
-    """NaN-fill every floating tensor made by torch.empty / torch.empty_like during the test."""
-    made: list[Tensor] = []
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t: Tensor) -> Tensor:
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-            made.append(t)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
-    return made
 
 
 def inputs(n, m, d, dtype, *, temperature=0.07, magnitude=1.0, g_col=True, g_size=1.0):
@@ -238,6 +224,25 @@ def test_zero_rows_get_zero_gradients(poisoned, dtype, small):
         assert got[name][rows].abs().max() == 0, f"{name}: zero rows got {got[name][rows]}"
 
 
+@pytest.mark.interpret
+def test_eps_is_the_launchers_argument(poisoned, monkeypatch):
+    """eps reaches every kernel that clamps (it used to be a constant of kernels/infonce.py): at
+    eps = 1e-2, rows of norm 1e-3 are divided by eps in the forward and get a zero gradient in
+    the backward, as the float64 oracle run with that eps says; at EPS they are regular rows."""
+    a, b, scale, g_row, g_col = inputs(37, 41, 72, F32)
+    a[2] *= 1e-3 / a[2].norm()
+    b[5] *= 1e-3 / b[5].norm()
+    b[7] *= 1e-3 / b[7].norm()
+    for eps in (1e-2, EPS):
+        got = run_kernels(a, b, scale, 0, True, g_row, g_col, SMALL, eps=eps)
+        with monkeypatch.context() as m:
+            m.setattr(reference, "NORM_EPS", eps)  # the oracle's clamp, read at call time
+            check(got, a, b, scale, 0, True, g_row, g_col)
+        for name, rows in (("dA", [2]), ("dB", [5, 7])):
+            clamped = got[name][rows].abs().amax(1)
+            assert (clamped == 0).all() if eps > 1e-3 else (clamped > 0).all(), (name, eps)
+
+
 @pytest.mark.parametrize(
     "shape_a, shape_b, dtype_b, match",
     [
@@ -249,7 +254,7 @@ def test_zero_rows_get_zero_gradients(poisoned, dtype, small):
 def test_rejects_bad_inputs(shape_a, shape_b, dtype_b, match):
     a, b = torch.randn(*shape_a), torch.randn(*shape_b).to(dtype_b)
     with pytest.raises(ValueError, match=match):
-        K.infonce_forward(a, b, torch.tensor(1.0))
+        K.infonce_forward(a, b, torch.tensor(1.0), eps=EPS)
 
 
 @pytest.mark.parametrize("offset", [2**63 - 3, 2**31, -(2**63), -6, 8, True, 1.0], ids=repr)
@@ -258,13 +263,17 @@ def test_rejects_offsets_outside_minus_n_to_m(offset):
     used to reach the launch unchecked); outside it no row would have a positive anyway."""
     a, b = torch.randn(5, 8), torch.randn(7, 8)
     with pytest.raises(ValueError, match=r"offset must be an int in \[-N, M\] = \[-5, 7\]"):
-        K.infonce_forward(a, b, torch.tensor(1.0), offset)
+        K.infonce_forward(a, b, torch.tensor(1.0), offset, eps=EPS)
     g = torch.randn(5)
     with pytest.raises(ValueError, match="offset must be an int in"):
-        K.infonce_backward(a, b, torch.tensor(1.0), offset, True, g.double(), None, g, None)
+        K.infonce_backward(
+            a, b, torch.tensor(1.0), offset, True, g.double(), None, g, None, eps=EPS
+        )
     if type(offset) is int:  # the registered op's schema refuses other types itself
         with pytest.raises(ValueError, match="offset must be an int in"):
-            torch.ops.vljepa_fast.infonce_fwd_triton(a, b, torch.tensor(1.0), offset, True, True)
+            torch.ops.vljepa_fast.infonce_fused(
+                a, b, torch.tensor(1.0), offset, True, True, "triton"
+            )
 
 
 @pytest.mark.parametrize("name", ["row_lse", "col_lse", "g_row", "g_col"])
@@ -275,7 +284,9 @@ def test_backward_rejects_vectors_on_another_device(name):
              g_row=torch.randn(5), g_col=torch.randn(5))  # fmt: skip
     v[name] = v[name].to("meta")
     with pytest.raises(ValueError, match=f"{name} must be a tensor on A's device cpu, got meta"):
-        K.infonce_backward(a, b, scale, 0, True, v["row_lse"], v["col_lse"], v["g_row"], v["g_col"])
+        K.infonce_backward(
+            a, b, scale, 0, True, v["row_lse"], v["col_lse"], v["g_row"], v["g_col"], eps=EPS
+        )
 
 
 @pytest.mark.interpret
@@ -333,7 +344,8 @@ def test_gemm_kernels_compile(which, dtype, arch):
         kernel, flags = K._infonce_fwd_kernel, dict(COL_STATS=True)
     else:
         cfg = K.backward_config(dtype)
-        kernel, flags = K._infonce_bwd_kernel, dict(HAS_COL=True, DB=which == "dB", BD=cfg.block_d)
+        flags = dict(HAS_COL=True, DB=which == "dB", BD=cfg.block_d, EPS=EPS)
+        kernel = K._infonce_bwd_kernel
     constexprs = dict(
         NORMALIZE=True, INTERPRET=False, DOT_PRECISION=precision,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, **flags,
@@ -347,6 +359,7 @@ def test_gemm_kernels_compile(which, dtype, arch):
 @pytest.mark.parametrize("arch", [80, 90])
 def test_small_kernels_compile(arch):
     for dtype in (F32, F16, BF16):
-        _compile(K._inv_norm_kernel, dtype, arch, dict(zip(("BR", "BD"), K._NORM_BLOCK)))
+        block = dict(zip(("BR", "BD"), K._NORM_BLOCK))
+        _compile(K._inv_norm_kernel, dtype, arch, dict(EPS=EPS, **block))
     for rows in (True, False):
         _compile(K._infonce_merge_kernel, F32, arch, dict(ROWS=rows, BC=K._MERGE_BLOCK))

@@ -10,6 +10,7 @@ a causal flag (never a dense mask), and undoing a switch must restore the previo
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -330,3 +331,41 @@ def test_switch_leaves_a_model_sharing_the_config_alone(calls):
         assert calls
     assert a.config is config and b.config is config
     assert config._attn_implementation == "sdpa"
+
+
+def test_the_backend_option_takes_the_ops_vocabulary(monkeypatch):
+    """use_vljepa_fast(model, backend=...) takes a name or a per-op mapping, checks it before
+    switching anything, hands it to every vf.attention call (the dispatch trace shows the
+    backend each layer used) and undo removes it; the environment applies under "auto"."""
+    from vljepa_fast import _backends
+
+    for name in [n for n in os.environ if n.startswith("VLJEPA_FAST_BACKEND")]:
+        monkeypatch.delenv(name)
+    model = small_llama()
+    ids = torch.randint(1, 97, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    layers = model.config.num_hidden_layers
+
+    def used(backend) -> list[tuple[str, str]]:
+        with vft.use_vljepa_fast(model, backend=backend), _backends.trace() as events:
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+        return [(e.op, e.backend) for e in events]
+
+    assert used("auto") == [("attention", "sdpa")] * layers
+    assert used("reference") == [("attention", "reference")] * layers
+    assert used({"attention": "reference", "topk_similarity": "cpu"}) == [
+        ("attention", "reference")
+    ] * layers
+    assert used({"infonce_loss": "reference"}) == [("attention", "sdpa")] * layers
+    assert not any(vft.BACKEND_ATTRIBUTE in vars(m) for m in model.modules()), "undo left it"
+    with pytest.raises(_backends.BackendUnavailableError, match="^attention: no backend 'cpu'"):
+        used("cpu")
+    before = model.config._attn_implementation
+    for bad in ("nope", {"attn": "sdpa"}, None):
+        with pytest.raises(ValueError, match="^backend"):
+            vft.use_vljepa_fast(model, backend=bad)
+        assert model.config._attn_implementation == before, "a refused spec switched the model"
+    monkeypatch.setenv("VLJEPA_FAST_BACKEND_ATTENTION", "reference")
+    assert used("auto") == [("attention", "reference")] * layers

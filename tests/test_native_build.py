@@ -69,7 +69,7 @@ def test_cuda_home_follows_wrapper_script(tmp_path, monkeypatch):
 def test_backends_table_covers_every_op():
     rows = backends()
     ops = {r.op for r in rows}
-    assert ops == {"attention", "attention_varlen", "infonce_loss", "topk_similarity"}
+    assert ops == {"attention", "attention_varlen", "infonce_loss", "topk_similarity", "rotary"}
     for r in rows:
         assert r.available or r.reasons, f"{r.op}/{r.backend}: unavailable without a reason"
     assert any(r.backend == "reference" and r.available for r in rows)

@@ -1,26 +1,36 @@
-"""Rotary embedding (vljepa_fast/ops/rotary.py, kernels/rotary.py).
+"""Rotary embedding (vljepa_fast/ops/rotary.py, kernels/rotary.py, reference.apply_rotary).
 
 cpu: the tables against independent float64 formulas (Llama 3 scaling written branch by branch
 as its definition, V-JEPA 2's per-axis procedure), the eager reference against a dense per-token
-rotation matrix, argument errors. interpret: the Triton kernel (forward and the backward through
-autograd) on CPU tensors through the interpreter against float64, with NaN-poisoned outputs;
-a low-precision result passes at 2x the error of eager math in that dtype plus a floor.
+rotation matrix, argument errors, the op's place in the registry (vf.backends(), every
+BackendSpec and environment override, the triton record's refusals). interpret: the Triton
+kernel (forward and the backward through autograd) on CPU tensors through the interpreter
+against float64, with NaN-poisoned outputs; a low-precision result passes at 2x the error of
+eager math in that dtype plus a floor.
 compile: the kernel compiled ahead of time for sm_80 and sm_90 without spills.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch import Tensor
 from vljepa_fast._kernels import rotary as kernel
-from vljepa_fast._kernels._common import aot_compile, pointer_type
 
+import vljepa_fast as vf
+from tests._aot import aot_compile, pointer_type
 from tests._util import assert_close_2x
-from vljepa_fast import BackendUnavailableError
-from vljepa_fast.ops.rotary import LLAMA3_ROPE_SCALING, apply_rotary, rotary_cos_sin
+from vljepa_fast import BackendUnavailableError, _backends, reference
+from vljepa_fast.ops import _common
+from vljepa_fast.ops.rotary import (
+    LLAMA3_ROPE_SCALING,
+    apply_rotary,
+    rotary_cos_sin,
+    rotary_inputs,
+)
 
 
 def pairs(D: int, layout: str) -> list[tuple[int, int]]:
@@ -168,11 +178,16 @@ def test_bad_arguments_name_the_argument():
         ((q[0], k[0], cos, sin), {}, "q:"),
         ((torch.randn(2, 5, 4, 16)[..., ::2], k, cos, sin), {}, "q:"),
         ((q, k, cos, sin), {"layout": "gptj"}, "layout"),
-        ((q, k, cos, sin), {"backend": "cuda"}, "backend"),
+        ((q, k, cos, sin), {"backend": "nope"}, "backend"),
+        ((q, k, cos, sin), {"backend": {"rotary": "nope"}}, "backend"),
+        ((q, k, cos, sin), {"backend": {"rotaryy": "reference"}}, "backend"),
     ]
     for args, kwargs, name in cases:
         with pytest.raises(ValueError, match=name):
             apply_rotary(*args, **kwargs)
+    # a backend name of other ops that rotary does not have: named, so refused with reasons
+    with pytest.raises(BackendUnavailableError, match="rotary: no backend 'cuda'"):
+        apply_rotary(q, k, cos, sin, backend="cuda")
     with pytest.raises(ValueError, match="positions"):
         rotary_cos_sin(torch.arange(5)[:, None].expand(5, 2), 64, layout="vjepa2")
     with pytest.raises(ValueError, match="head_dim"):
@@ -237,24 +252,125 @@ def test_named_triton_backend_explains_itself(monkeypatch):
     torch.testing.assert_close(auto_q, apply_rotary(q, k, cos, sin, backend="reference")[0])
 
 
+def _small(dtype=torch.float32, tables_grad=False):
+    q, k = torch.randn(1, 3, 2, 8).to(dtype), torch.randn(1, 3, 1, 8).to(dtype)
+    cos, sin = rotary_cos_sin(torch.arange(3), 8)
+    return q, k, cos.requires_grad_(tables_grad), sin.requires_grad_(tables_grad)
+
+
+def test_rotary_is_an_op_of_the_registry(monkeypatch):
+    """vf.backends() lists rotary's two backends with their machine-level reasons (regression:
+    rotary had its own dispatch and was missing from the table)."""
+    rows = [r for r in vf.backends() if r.op == "rotary"]
+    assert [r.backend for r in rows] == ["triton", "reference"]
+    for r in rows:
+        assert isinstance(r.reasons, tuple) and r.available == (not r.reasons), r
+    ref = next(r for r in rows if r.backend == "reference")
+    assert ref.available and ref.reasons == ()
+    monkeypatch.setattr(_common, "_TRITON_REASONS", ["triton is not importable: simulated"])
+    tri = next(r for r in vf.backends() if (r.op, r.backend) == ("rotary", "triton"))
+    assert not tri.available and tri.reasons == ("triton is not importable: simulated",)
+
+
+@pytest.mark.parametrize(
+    "env, backend",
+    [
+        ({"VLJEPA_FAST_BACKEND_ROTARY": "triton"}, "auto"),
+        ({"VLJEPA_FAST_BACKEND": "triton"}, "auto"),
+        ({}, "triton"),
+        ({}, {"rotary": "triton"}),
+        ({"VLJEPA_FAST_BACKEND_ROTARY": "reference"}, "triton"),  # an explicit name wins
+    ],
+    ids=["env-op", "env-all", "name", "mapping", "name-over-env"],
+)
+def test_every_backend_spec_reaches_rotary(monkeypatch, env, backend):
+    """The environment overrides, a name and a per-op mapping all reach apply_rotary: each
+    asks for the Triton backend here (CPU tensors, no interpreter), which refuses by name."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for var in ("VLJEPA_FAST_BACKEND", "VLJEPA_FAST_BACKEND_ROTARY"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(BackendUnavailableError, match="(?s)rotary: backend 'triton'.*"
+                                                      "TRITON_INTERPRET"):
+        apply_rotary(*_small(), backend=backend)
+
+
+@pytest.mark.parametrize(
+    "env, backend, want",
+    [
+        ({}, "auto", "reference"),
+        ({"VLJEPA_FAST_BACKEND_ROTARY": "reference"}, "auto", "reference"),
+        ({}, {"attention": "triton"}, "reference"),  # ops a mapping leaves out run auto
+        ({}, {"rotary": "reference"}, "reference"),
+    ],
+)
+def test_dispatch_trace_names_the_rotary_backend(monkeypatch, env, backend, want):
+    for var in ("VLJEPA_FAST_BACKEND", "VLJEPA_FAST_BACKEND_ROTARY"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    q, k, cos, sin = _small()
+    with _backends.trace() as events:
+        got = apply_rotary(q, k, cos, sin, backend=backend)
+    assert events == [_backends.TraceEvent("rotary", want, "cpu")]
+    exact = rotate_exact(q, cos, sin, "llama")
+    assert_close_2x(got[0], rotate_exact(q, cos, sin, "llama", torch.float32), exact,
+                    torch.float32, "q")
+
+
+def test_triton_refuses_tables_with_a_gradient_and_auto_takes_the_reference(monkeypatch):
+    """The rule "tables that require a gradient go to the reference" is a refusal of the
+    triton record with a readable reason (asked here as if the interpreter were on, so the
+    device check passes; nothing is launched). The reference differentiates the tables."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, cos, sin = _small(tables_grad=True)
+    inputs = rotary_inputs(q, k, cos, sin, layout="llama")
+    triton = next(b for b in _backends.records("rotary") if b.name == "triton")
+    assert _backends.reasons_for(triton, inputs) == [
+        "cos/sin require a gradient (the fused op treats the tables as constants)"
+    ]
+    with pytest.raises(BackendUnavailableError, match="cos/sin require a gradient"):
+        apply_rotary(q, k, cos, sin, backend="triton")
+    f64 = rotary_inputs(*_small(torch.float64), layout="llama")
+    assert _backends.reasons_for(triton, f64) == [
+        "q dtype float64 not supported (serves float32, float16, bfloat16)"
+    ]
+    rec, plan = _backends.select("rotary", "auto", inputs)
+    assert rec.name == "reference" and plan is None
+    rq, _ = apply_rotary(q, k, cos, sin)
+    gc, gs = torch.autograd.grad(rq.sum(), (cos, sin))
+    c64, s64 = cos.detach().double().requires_grad_(), sin.detach().double().requires_grad_()
+    wc, ws = torch.autograd.grad(rotate_exact(q, c64, s64, "llama").sum(), (c64, s64))
+    torch.testing.assert_close(gc.double(), wc, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gs.double(), ws, rtol=0, atol=1e-5)
+
+
+def test_rotary_inputs_pack_the_tables_as_batched():
+    q, k, cos, sin = _small()
+    inputs = rotary_inputs(q, k, cos, sin, layout="vjepa2")
+    assert inputs.device == q.device and inputs.layout == "vjepa2"
+    assert inputs.cos.shape == (1, 3, 8) and inputs.sin.shape == (1, 3, 8)
+    assert inputs.q is q and inputs.k is k
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        inputs.layout = "llama"
+    with pytest.raises(ValueError, match="^layout: "):
+        rotary_inputs(q, k, cos, sin, layout="gptj")
+
+
+@pytest.mark.parametrize("layout", ["llama", "vjepa2"])
+def test_reference_takes_unbatched_tables(layout):
+    """reference.apply_rotary (the spec) reads [T, D] tables as [1, T, D]."""
+    cos, sin = tables(2, 13, 64, layout, per_batch=False)
+    q, k = torch.randn(2, 13, 4, 64, dtype=torch.float64), torch.randn(2, 13, 2, 64,
+                                                                     dtype=torch.float64)
+    got = reference.apply_rotary(q, k, cos, sin, layout=layout)
+    want = reference.apply_rotary(q, k, cos[None], sin[None], layout=layout)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], rotate_exact(q, cos, sin, layout), rtol=0, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------- interpret
-
-
-@pytest.fixture
-def poisoned(monkeypatch) -> list[Tensor]:
-    """NaN-fill every floating tensor made by torch.empty during the test."""
-    made: list[Tensor] = []
-    real_empty = torch.empty
-
-    def empty(*a, **kw):
-        t = real_empty(*a, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-            made.append(t)
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
-    return made
 
 
 # (B, T, Hq, Hkv, D, layout, dtype, per-batch tables, q a strided head slice)

@@ -12,39 +12,19 @@ backward) are NaN-poisoned before it writes them.
 
 from __future__ import annotations
 
-import contextlib
+import warnings
 
 import pytest
 import torch
 from torch import Tensor
 
 import vljepa_fast as vf
-from tests._util import assert_close_2x
+from tests._util import assert_close_2x, poisoned_allocations
 
 pytestmark = pytest.mark.gpu
 #: where the cases run (a module constant: the checks can be tried through the interpreter too)
 DEVICE = "cuda"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-
-@contextlib.contextmanager
-def poisoned():
-    """NaN-fill every floating tensor made by torch.empty inside the block."""
-    made: list[Tensor] = []
-    real_empty = torch.empty
-
-    def empty(*a, **kw):
-        t = real_empty(*a, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-            made.append(t)
-        return t
-
-    torch.empty = empty
-    try:
-        yield made
-    finally:
-        torch.empty = real_empty
 
 
 def pair_index(D: int, layout: str) -> tuple[Tensor, Tensor]:
@@ -110,7 +90,7 @@ def test_gpu_triton_rotary_matches_float64(B, T, Hq, Hkv, D, layout, dtype, per_
     cos3, sin3 = (cos[None], sin[None]) if cos.dim() == 2 else (cos, sin)
 
     xq, xk = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
-    with poisoned() as made:
+    with poisoned_allocations() as made:
         got_q, got_k = vf.apply_rotary(xq, xk, cos, sin, layout=layout, backend="triton")
         got_dq, got_dk = torch.autograd.grad((got_q, got_k), (xq, xk), (gq, gk))
     assert made, "the launcher allocated nothing through torch.empty: poisoning is inert"
@@ -136,3 +116,35 @@ def test_gpu_triton_rotary_matches_float64(B, T, Hq, Hkv, D, layout, dtype, per_
     # auto picks the same kernel for CUDA tensors: bitwise the same rotation
     auto_q, auto_k = vf.apply_rotary(q, k, cos, sin, layout=layout)
     assert torch.equal(auto_q, got_q) and torch.equal(auto_k, got_k)
+
+
+def test_gpu_auto_rotary_dispatch():
+    """auto on CUDA: the Triton kernel for low-precision tables without a gradient (dispatch
+    trace); tables that require a gradient and float64 inputs go to the reference (the triton
+    record refuses them with reasons), whose table gradients match float64."""
+    from vljepa_fast import _backends
+
+    B, T, D = 1, 33, 64
+    cos, sin = make_tables(B, T, D, "llama", False, seed=5)
+    g = torch.Generator(device=DEVICE).manual_seed(6)
+    q = torch.randn(B, T, 4, D, generator=g, device=DEVICE)
+    k = torch.randn(B, T, 2, D, generator=g, device=DEVICE)
+    c, s = cos.clone().requires_grad_(True), sin.clone().requires_grad_(True)
+    with _backends.trace() as events:
+        vf.apply_rotary(q, k, cos, sin)
+        with warnings.catch_warnings():  # the once-per-op note that auto ran the reference
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rq, rk = vf.apply_rotary(q, k, c, s)
+            vf.apply_rotary(q.double(), k.double(), cos, sin)
+    assert [e.backend for e in events] == ["triton", "reference", "reference"]
+    assert all(e.op == "rotary" and e.device == "cuda" for e in events)
+    with pytest.raises(vf.BackendUnavailableError, match="cos/sin require a gradient"):
+        vf.apply_rotary(q, k, c, s, backend="triton")
+    gc, gs = torch.autograd.grad((rq.sum() + rk.sum()), (c, s))
+    c64, s64 = (t.detach().double().requires_grad_(True) for t in (cos, sin))
+    exact = rotate64(q, c64[None], s64[None], "llama").sum() + rotate64(
+        k, c64[None], s64[None], "llama"
+    ).sum()
+    wc, ws = torch.autograd.grad(exact, (c64, s64))
+    torch.testing.assert_close(gc.double(), wc, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gs.double(), ws, rtol=1e-5, atol=1e-4)

@@ -104,8 +104,50 @@ def test_cpu_backend_matches_float64(dtype, metric, Q, N, D, k):
 def test_auto_on_cpu_uses_the_native_backend():
     q, b = _inputs(4, 50, 8, torch.float32)
     from vljepa_fast import _backends
+    from vljepa_fast.ops.topk_similarity import topk_inputs
 
-    assert _backends.select("topk_similarity", "auto", (q, b, 3), {"metric": "ip"}).name == "cpu"
+    rec, plan = _backends.select("topk_similarity", "auto", topk_inputs(q, b, 3))
+    assert rec.name == "cpu" and plan is None
+
+
+def test_topk_inputs_are_one_checked_object():
+    """The builder checks and packs the arguments once (numpy k as int); every backend gets
+    that object; the refusals are the records' readable reasons."""
+    import dataclasses
+
+    from vljepa_fast import _backends
+    from vljepa_fast.ops.topk_similarity import topk_inputs
+
+    q, b = _inputs(4, 50, 8, torch.float64)
+    inputs = topk_inputs(q, b, np.int64(3), metric="cosine")
+    assert type(inputs.k) is int and inputs.k == 3 and inputs.metric == "cosine"
+    assert inputs.queries is q and inputs.bank is b and inputs.device == q.device
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        inputs.k = 4
+    with pytest.raises(ValueError, match="metric: expected one of"):
+        topk_inputs(q, b, 3, metric="l2")
+    rec, plan = _backends.select("topk_similarity", "auto", inputs)
+    assert rec.name == "reference" and plan is None  # float64: the native kernels refuse
+    cpu = next(r for r in _backends.records("topk_similarity") if r.name == "cpu")
+    assert _backends.reasons_for(cpu, inputs) == [
+        "queries dtype float64 not supported (serves float32, float16, bfloat16)"
+    ]
+
+
+def test_scores_grad_custom_op_registration():
+    """The gradient of the kernels' scores is a torch.library custom op (one autograd style):
+    schema, autograd registration and fake kernel pass opcheck, and the scores it returns are
+    the kernel's, unchanged."""
+    q = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    scores, idx = vf.topk_similarity(q.detach(), b.detach(), 4, backend="reference")
+    for cosine in (False, True):
+        torch.library.opcheck(
+            torch.ops.vljepa_fast.topk_scores_grad.default, (q, b, scores, idx, cosine),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        )
+    got, _ = vf.topk_similarity(q, b, 4, backend="reference")
+    assert torch.equal(got, scores) and "topk_scores_grad" in type(got.grad_fn).__name__.lower()
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from vljepa_fast._kernels import topk_similarity as topk_mod
-from vljepa_fast._kernels._common import aot_compile
 from vljepa_fast._kernels.topk_similarity import (
     TopkConfig,
     kernel_spec,
@@ -16,6 +17,7 @@ from vljepa_fast._kernels.topk_similarity import (
 )
 
 import vljepa_fast as vf
+from tests._aot import aot_compile
 from tests._util import topk_tie_inputs
 from tests.test_topk_similarity import _check_order, _oracle_grads, _special_inputs
 from vljepa_fast.reference import NORM_EPS
@@ -140,7 +142,7 @@ def test_nan_keys_are_real_keys() -> None:
     rows come back (lowest indices), never the padding index."""
     queries, bank = torch.randn(3, 16), torch.full((70, 16), float("nan"))
     for k in (5, 70):
-        scores, idx = topk_similarity(queries, bank, k, False)
+        scores, idx = topk_similarity(queries, bank, k, False, eps=NORM_EPS)
         assert scores.isnan().all()
         assert torch.equal(idx, torch.arange(k).expand(3, k))
 
@@ -200,9 +202,33 @@ def test_unwritten_candidates_fail() -> None:
     mp = pytest.MonkeyPatch()
     with mp.context() as patch:
         patch.setattr(topk_mod, "launch", lambda *args, **kwargs: None)
-        scores, indices = topk_similarity(queries, bank, 5, False)
+        scores, indices = topk_similarity(queries, bank, 5, False, eps=NORM_EPS)
     with pytest.raises(AssertionError):
         _check(queries, bank, 5, "ip", scores, indices)
+
+
+def test_kernel_eps_has_no_default_of_its_own() -> None:
+    """The epsilon has one owner (reference.NORM_EPS): the kernel wrapper takes it from the
+    caller, so a copy of the value cannot drift (regression: it defaulted to 1e-12)."""
+    eps = inspect.signature(topk_similarity).parameters["eps"]
+    assert eps.kind is inspect.Parameter.KEYWORD_ONLY and eps.default is inspect.Parameter.empty
+    with pytest.raises(TypeError, match="eps"):
+        topk_similarity(torch.randn(2, 4), torch.randn(5, 4), 2, False)
+
+
+def test_auto_never_picks_triton_for_cpu_tensors(monkeypatch) -> None:
+    """Under auto, Triton serves CUDA tensors only, the interpreter notwithstanding; by name it
+    serves CPU tensors through the interpreter and says so otherwise."""
+    from vljepa_fast import _backends
+    from vljepa_fast.ops.topk_similarity import topk_inputs
+
+    inputs = topk_inputs(torch.randn(3, 8), torch.randn(20, 8), 4)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backends.select("topk_similarity", "auto", inputs)[0].name != "triton"
+    assert _backends.select("topk_similarity", "triton", inputs)[0].name == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(vf.BackendUnavailableError, match="TRITON_INTERPRET"):
+        _backends.select("topk_similarity", "triton", inputs)
 
 
 # Every dtype x metric x arch with a short running list and D a multiple of 16 (the common

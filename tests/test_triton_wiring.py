@@ -91,11 +91,13 @@ def test_topk_triton_through_public_api(metric):
 
 def test_auto_never_picks_triton_on_cpu():
     from vljepa_fast import _backends
+    from vljepa_fast.ops.attention import attention_inputs
+    from vljepa_fast.ops.infonce import infonce_inputs
 
     q = torch.randn(1, 4, 2, 32)
-    assert _backends.select("attention", "auto", (q, q, q), {}).name == "sdpa"
+    assert _backends.select("attention", "auto", attention_inputs(q, q, q))[0].name == "sdpa"
     p = torch.randn(4, 8)
-    assert _backends.select("infonce_loss", "auto", (p, p), {}).name != "triton"
+    assert _backends.select("infonce_loss", "auto", infonce_inputs(p, p))[0].name != "triton"
 
 
 @pytest.mark.parametrize(

@@ -1,33 +1,70 @@
-"""Backend registry and dispatch, in the manner of xformers' operator dispatch.
+"""The one dispatch contract of every op, in the manner of xformers' operator dispatch.
 
-Every op has a list of backend records. A record says, cheaply and without running anything,
-whether it can serve the given inputs, and if not, why (a list of readable reasons). Dispatch
-with ``backend="auto"`` walks the op's priority list for the inputs' device and takes the first
-record with no reasons; the list always ends in ``reference`` (eager PyTorch), so ``auto`` never
-fails. A named backend that cannot serve raises :class:`BackendUnavailableError` with its reasons:
-nothing is substituted silently.
+Contract (docs/DESIGN.md, "Dispatch contract"):
 
-Overrides: ``VLJEPA_FAST_BACKEND=<name>`` replaces ``auto`` for every op,
-``VLJEPA_FAST_BACKEND_<OP>=<name>`` (e.g. ``VLJEPA_FAST_BACKEND_TOPK_SIMILARITY=reference``) for
-one op; an explicit ``backend=`` argument wins over both.
+* An op's public function (``vljepa_fast.functional``, ``vljepa_fast.ops.rotary``) validates its
+  arguments once and packs them into the op's typed inputs object (a frozen dataclass defined
+  next to the op's backends in ``vljepa_fast/ops/<op>.py``, with a ``device`` attribute). Every
+  backend receives that one object: no backend restates the op's signature.
+* A backend record (:class:`Backend`) says what it serves: ``available()`` gives the reasons it
+  cannot run at all on this machine (missing package, failed build), ``supports(inputs)`` gives
+  either a :class:`Refusal` (readable reasons) or a *plan*: whatever the backend worked out while
+  checking (lengths read from a mask, a kernel variant) that ``run(inputs, plan)`` then consumes,
+  so nothing is validated or synchronised twice.
+* ``backend="auto"`` walks the op's priority list for the inputs' device and takes the first
+  record that accepts; every list ends in ``reference`` (eager PyTorch), so ``auto`` never fails
+  on cpu or cuda inputs. A named backend that refuses raises :class:`BackendUnavailableError`
+  with its reasons: nothing is substituted silently.
+
+One vocabulary end to end (:data:`BackendSpec`): every op, module, model and integration takes
+``backend`` as "auto", a backend name (for every op it calls), or a mapping from op names to
+names (ops it does not list run "auto"; a mapping entry for "attention" also covers
+"attention_varlen" unless that has its own). Overrides: ``VLJEPA_FAST_BACKEND=<name>`` replaces
+``auto`` for every op, ``VLJEPA_FAST_BACKEND_<OP>=<name>`` (e.g.
+``VLJEPA_FAST_BACKEND_TOPK_SIMILARITY=reference``) for one op; an explicit name wins over both.
+
+:func:`trace` records which backend each dispatch used (a test and debugging aid).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
-OPS = ("attention", "attention_varlen", "infonce_loss", "topk_similarity")
+OPS = ("attention", "attention_varlen", "infonce_loss", "topk_similarity", "rotary")
 BACKENDS = ("cuda", "triton", "flash_attn", "xformers", "sdpa", "cpu", "reference")
+
+#: An op whose mapping entry and environment variable fall back to another op's.
+FAMILY = {"attention_varlen": "attention"}
+
+#: What ``backend=`` accepts everywhere: "auto", a name, or {op name: "auto" or a name}.
+BackendSpec = str | Mapping[str, str]
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot serve the inputs; the message lists why."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """What ``supports`` returns when a backend cannot serve the inputs: readable reasons."""
+
+    reasons: tuple[str, ...]
+
+
+def plan_or_refusal(reasons: list[str], plan: Any = None) -> Any:
+    """``Refusal(reasons)`` when there are any, else ``plan`` (the common end of ``supports``)."""
+    return Refusal(tuple(reasons)) if reasons else plan
+
+
+def _accept(inputs: Any) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -37,12 +74,13 @@ class Backend:
     Attributes:
         name: one of BACKENDS.
         op: one of OPS.
-        run: callable taking the op's validated arguments.
+        run: (inputs, plan) -> the op's result; ``plan`` is what ``supports`` returned.
         available: () -> reasons this backend cannot run at all on this machine (missing
-            package, failed build); cached by the caller's cost, so keep it cheap after the
-            first call.
-        supports: (*args, **kwargs) -> reasons it cannot serve these particular inputs.
-        devices: device types it serves, in ``auto`` order by priority.
+            package, failed build); success is remembered, so it may be slow the first time.
+        supports: (inputs) -> a :class:`Refusal`, or the plan ``run`` consumes (None when there
+            is nothing to hand over). Called only when ``available()`` gave no reasons, on
+            inputs the op's validation accepted. It must not run the op.
+        devices: device types it serves.
         priority: lower runs first under ``auto``.
         deterministic: False when results may vary run to run (refused under
             torch.use_deterministic_algorithms(True)).
@@ -53,9 +91,9 @@ class Backend:
 
     name: str
     op: str
-    run: Callable[..., Any]
+    run: Callable[[Any, Any], Any]
     available: Callable[[], list[str]]
-    supports: Callable[..., list[str]] = field(default=lambda *a, **k: [])
+    supports: Callable[[Any], Any] = _accept
     devices: tuple[str, ...] = ("cpu", "cuda")
     priority: int = 50
     deterministic: bool = True
@@ -71,9 +109,18 @@ class BackendStatus(NamedTuple):
     reasons: tuple[str, ...]
 
 
+class TraceEvent(NamedTuple):
+    """One dispatch seen by :func:`trace`: the op, the backend that ran it, the device type."""
+
+    op: str
+    backend: str
+    device: str
+
+
 _REGISTRY: dict[str, list[Backend]] = {op: [] for op in OPS}
 _warned_reference: set[str] = set()
 _available_ok: set[tuple[str, str]] = set()
+_traces: list[list[TraceEvent]] = []
 
 
 def register(backend: Backend) -> Backend:
@@ -92,94 +139,151 @@ def records(op: str) -> list[Backend]:
     return list(_REGISTRY[op])
 
 
-def _device_type(args: Sequence[Any], kwargs: dict) -> str:
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            return a.device.type
-    return "cpu"
+def _names() -> tuple[str, ...]:
+    return ("auto",) + BACKENDS
 
 
-def reasons_for(b: Backend, args: Sequence[Any], kwargs: dict) -> list[str]:
-    """Every reason ``b`` cannot serve these inputs (empty: it can)."""
-    dev = _device_type(args, kwargs)
-    if dev not in b.devices:
-        return [f"does not run on {dev} tensors (serves {', '.join(b.devices)})"]
-    if (b.op, b.name) not in _available_ok:
-        reasons = list(b.available())
-        if reasons:
-            return reasons
-        # success never reverts; remembering it keeps locks and native-library probes out of
-        # torch.compile's trace (a dict lookup is all it sees once the op has run eagerly)
-        _available_ok.add((b.op, b.name))
-    if not b.deterministic and torch.are_deterministic_algorithms_enabled():
-        return ["not deterministic, and torch.use_deterministic_algorithms(True) is set"]
-    return list(b.supports(*args, **kwargs))
+def check_spec(backend: object, name: str = "backend") -> BackendSpec:
+    """``backend`` checked as a :data:`BackendSpec`; a mapping comes back as a plain dict copy
+    (so a module holding it can be deep-copied and pickled: an EMA copy, torch.save).
 
-
-def _requested(op: str, backend: str) -> str:
-    if backend != "auto":
+    Raises:
+        ValueError: not "auto", a backend name, or a mapping of op names to those.
+    """
+    if isinstance(backend, str):
+        if backend not in _names():
+            raise ValueError(f"{name}: expected 'auto' or one of {BACKENDS}, got {backend!r}")
         return backend
-    return os.environ.get(f"VLJEPA_FAST_BACKEND_{op.upper()}") or os.environ.get(
-        "VLJEPA_FAST_BACKEND", "auto"
+    if isinstance(backend, Mapping):
+        out = {}
+        for op, value in backend.items():
+            if op not in OPS:
+                raise ValueError(f"{name}: mapping key {op!r} is not an op (expected one of {OPS})")
+            if not isinstance(value, str) or value not in _names():
+                raise ValueError(
+                    f"{name}[{op!r}]: expected 'auto' or one of {BACKENDS}, got {value!r}"
+                )
+            out[op] = value
+        return out
+    raise ValueError(
+        f"{name}: expected 'auto', a backend name or a mapping of op names to backend names, "
+        f"got {type(backend).__name__}"
     )
 
 
-def select(op: str, backend: str, args: Sequence[Any], kwargs: dict) -> Backend:
-    """The backend record that will run ``op`` on these inputs.
+def requested(op: str, backend: BackendSpec) -> str:
+    """The name ``op`` runs under ``backend`` and the environment ("auto" or a backend name)."""
+    if isinstance(backend, Mapping):
+        name = backend.get(op, backend.get(FAMILY.get(op, op), "auto"))
+    else:
+        name = backend
+    if name != "auto":
+        return name
+    env = os.environ
+    return (
+        env.get(f"VLJEPA_FAST_BACKEND_{op.upper()}")
+        or (op in FAMILY and env.get(f"VLJEPA_FAST_BACKEND_{FAMILY[op].upper()}"))
+        or env.get("VLJEPA_FAST_BACKEND", "auto")
+    )
+
+
+def _answer(b: Backend, inputs: Any) -> Any:
+    """``b``'s plan for these inputs, or a :class:`Refusal`."""
+    dev = inputs.device.type
+    if dev not in b.devices:
+        return Refusal((f"does not run on {dev} tensors (serves {', '.join(b.devices)})",))
+    if (b.op, b.name) not in _available_ok:
+        reasons = list(b.available())
+        if reasons:
+            return Refusal(tuple(reasons))
+        # success never reverts; remembering it keeps locks and native-library probes out of
+        # torch.compile's trace (a set lookup is all it sees once the op has run eagerly)
+        _available_ok.add((b.op, b.name))
+    if not b.deterministic and torch.are_deterministic_algorithms_enabled():
+        return Refusal(("not deterministic, and torch.use_deterministic_algorithms(True) is set",))
+    return b.supports(inputs)
+
+
+def reasons_for(b: Backend, inputs: Any) -> list[str]:
+    """Every reason ``b`` cannot serve these inputs (empty: it can)."""
+    answer = _answer(b, inputs)
+    return list(answer.reasons) if isinstance(answer, Refusal) else []
+
+
+def select(op: str, backend: BackendSpec, inputs: Any) -> tuple[Backend, Any]:
+    """The backend record that will run ``op`` on these inputs, and its plan.
 
     Raises:
-        ValueError: ``backend`` is not a known name.
+        ValueError: ``backend`` is not a :data:`BackendSpec`.
         BackendUnavailableError: a named backend cannot serve the inputs.
     """
-    name = _requested(op, backend)
-    if name != "auto" and name not in BACKENDS:
+    name = requested(op, check_spec(backend) if not isinstance(backend, str) else backend)
+    if name not in _names():
         raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {name!r}")
-    recs = records(op)
+    recs = _REGISTRY[op]
     if name != "auto":
         rec = next((b for b in recs if b.name == name), None)
         if rec is None:
             offered = ", ".join(b.name for b in recs)
             raise BackendUnavailableError(f"{op}: no backend {name!r} (this op has: {offered})")
-        why = reasons_for(rec, args, kwargs)
-        if why:
-            lines = "\n".join(f"  - {r}" for r in why)
+        answer = _answer(rec, inputs)
+        if isinstance(answer, Refusal):
+            lines = "\n".join(f"  - {r}" for r in answer.reasons)
             raise BackendUnavailableError(
                 f"{op}: backend {name!r} cannot run these inputs:\n{lines}"
             )
-        return rec
-    dev = _device_type(args, kwargs)
+        return rec, answer
+    dev = inputs.device.type
     for rec in recs:
         if dev not in (rec.auto_devices or rec.devices):
             continue
-        if not reasons_for(rec, args, kwargs):
-            if rec.name == "reference" and dev != "cpu" and op not in _warned_reference:
-                _warned_reference.add(op)
-                skipped = explain(op, args, kwargs)
-                warnings.warn(
-                    f"vljepa_fast.{op}: no fused backend serves these {dev} inputs, running the "
-                    f"eager reference (warned once).\n{skipped}",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            return rec
+        answer = _answer(rec, inputs)
+        if isinstance(answer, Refusal):
+            continue
+        if rec.name == "reference" and dev != "cpu" and op not in _warned_reference:
+            _warned_reference.add(op)
+            warnings.warn(
+                f"vljepa_fast.{op}: no fused backend serves these {dev} inputs, running the "
+                f"eager reference (warned once).\n{explain(op, inputs)}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return rec, answer
     # only inputs on a device no backend serves (e.g. meta tensors) get here: the reference
     # serves every input that passed validation on cpu and cuda
     raise BackendUnavailableError(
-        f"{op}: no backend serves these {dev} inputs:\n{explain(op, args, kwargs)}"
+        f"{op}: no backend serves these {dev} inputs:\n{explain(op, inputs)}"
     )
 
 
-def dispatch(op: str, backend: str, *args: Any, **kwargs: Any) -> Any:
-    """Run ``op`` on the selected backend (see :func:`select`)."""
-    return select(op, backend, args, kwargs).run(*args, **kwargs)
+def dispatch(op: str, backend: BackendSpec, inputs: Any) -> Any:
+    """Run ``op`` on the selected backend with its plan (see :func:`select`)."""
+    rec, plan = select(op, backend, inputs)
+    for events in _traces:
+        events.append(TraceEvent(op, rec.name, inputs.device.type))
+    return rec.run(inputs, plan)
 
 
-def explain(op: str, args: Sequence[Any] = (), kwargs: dict | None = None) -> str:
-    """One line per backend of ``op``: 'ok' or its reasons for these inputs."""
-    kwargs = kwargs or {}
+@contextlib.contextmanager
+def trace() -> Iterator[list[TraceEvent]]:
+    """Record every dispatch made inside the block: ``with trace() as events: ...``.
+
+    ``events`` is a list of :class:`TraceEvent` in call order. Under torch.compile a dispatch is
+    recorded when it is traced, not on every run of the compiled graph.
+    """
+    events: list[TraceEvent] = []
+    _traces.append(events)
+    try:
+        yield events
+    finally:
+        _traces.remove(events)
+
+
+def explain(op: str, inputs: Any = None) -> str:
+    """One line per backend of ``op``: 'ok' or its reasons (for ``inputs``, else the machine)."""
     lines = []
     for rec in records(op):
-        why = reasons_for(rec, args, kwargs) if args or kwargs else list(rec.available())
+        why = reasons_for(rec, inputs) if inputs is not None else list(rec.available())
         lines.append(f"  {rec.name:<10} " + ("ok" if not why else "; ".join(why)))
     return "\n".join(lines)
 

@@ -11,6 +11,16 @@ import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: integer dtypes accepted for ids and positions (uint64 is refused: it exceeds int64)
+INT_DTYPES = (
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+)
 
 
 def tensor(name: str, x: object, *, ndim: int | Sequence[int], layout: str = "") -> Tensor:
@@ -34,6 +44,17 @@ def same(names: Sequence[str], xs: Sequence[Tensor], what: str = "dtype") -> Non
     if bad is not None:
         got = ", ".join(f"{n}={v}" for n, v in zip(names, vals))
         raise ValueError(f"{bad}: expected the same {what} as {names[0]}, got {got}")
+
+
+def matching(
+    names: Sequence[str], xs: Sequence[object], *, ndim: int, layouts: Sequence[str]
+) -> None:
+    """Each of ``xs`` a floating tensor with ``ndim`` dimensions (``layouts`` name them), in
+    order, then all of the first one's dtype and device (:func:`tensor`, :func:`same`)."""
+    for name, x, layout in zip(names, xs, layouts):
+        tensor(name, x, ndim=ndim, layout=layout)
+    same(names, xs, "dtype")
+    same(names, xs, "device")
 
 
 def contiguous(name: str, x: Tensor) -> None:
@@ -100,3 +121,33 @@ def choice(name: str, v: object, options: Sequence[str]) -> str:
     if v not in options:
         raise ValueError(f"{name}: expected one of {tuple(options)}, got {v!r}")
     return v  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------ module and index arguments
+# (vljepa_fast.nn, vljepa_fast.embedding_index, vljepa_fast.integrations)
+
+
+def integer(name: str, v: object, lo: int) -> int:
+    """An int >= ``lo`` (numpy integers too, bools never), as a Python int."""
+    if is_bool(v) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    if int(v) < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {int(v)}")
+    return int(v)
+
+
+def device(name: str, v: object, types: tuple[str, ...] | None = None) -> torch.device:
+    """A device torch can parse; CUDA ones must exist here; ``types`` restricts the kind."""
+    if is_bool(v) or not isinstance(v, (str, int, torch.device)):
+        raise ValueError(f"{name}: expected a torch.device or a string like 'cuda:0', got {v!r}")
+    try:
+        dev = torch.device(v)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{name}: not a device: {v!r} ({e})") from None
+    if types is not None and dev.type not in types:
+        raise ValueError(f"{name}: expected a {' or '.join(types)} device, got {dev}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ValueError(f"{name}: {dev} is not available ({count} CUDA devices)")
+    return dev

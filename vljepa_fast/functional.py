@@ -8,48 +8,15 @@ backend that cannot serve raises :class:`vljepa_fast.BackendUnavailableError` wi
 
 from __future__ import annotations
 
-import math
-import numbers
-import operator
-
-import torch
 from torch import Tensor
 
-from vljepa_fast import _backends, _validate
-from vljepa_fast.ops import attention as _attention_ops  # noqa: F401  (registers backends)
-from vljepa_fast.ops import attention_peers as _attention_peers  # noqa: F401
+from vljepa_fast import _backends
+from vljepa_fast.ops import attention as _attention_ops
+from vljepa_fast.ops import attention_peers as _attention_peers  # noqa: F401  (registers)
 from vljepa_fast.ops import infonce as _infonce_ops
 from vljepa_fast.ops import topk_similarity as _topk_ops
 
 __all__ = ["attention", "attention_varlen", "infonce_loss", "topk_similarity"]
-
-
-def _check_scale(scale: float | None) -> None:
-    if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
-    ):
-        raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
-
-
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, ndim: int, layout_q: str, layout_kv: str) -> None:
-    _validate.tensor("q", q, ndim=ndim, layout=layout_q)
-    _validate.tensor("k", k, ndim=ndim, layout=layout_kv)
-    _validate.tensor("v", v, ndim=ndim, layout=layout_kv)
-    _validate.same(("q", "k", "v"), (q, k, v), "dtype")
-    _validate.same(("q", "k", "v"), (q, k, v), "device")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _validate.last_dim_contiguous(name, x)
-    if k.shape != v.shape:
-        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    hq, hkv = q.shape[-2], k.shape[-2]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"k: the number of KV heads ({hkv}) must divide the number of query heads ({hq})"
-        )
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"k: expected head dim {q.shape[-1]} (q's), got {k.shape[-1]}")
-    if q.shape[-1] == 0:
-        raise ValueError("q: expected a head dim of at least 1, got 0")
 
 
 def attention(
@@ -60,7 +27,7 @@ def attention(
     key_padding_mask: Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
-    backend: str = "auto",
+    backend: _backends.BackendSpec = "auto",
 ) -> Tensor:
     """Multi-head attention with grouped KV heads (GQA), key padding and optional causal mask.
 
@@ -80,7 +47,8 @@ def attention(
         causal: mask key j for query i when j > i + S - T (bottom-right aligned, as flash-attn;
             the usual lower-triangular mask when T == S). The VL-JEPA predictor uses False.
         scale: multiplier of q.k; None means 1 / sqrt(D).
-        backend: "auto" or a name from :func:`vljepa_fast.backends`.
+        backend: "auto", a name from :func:`vljepa_fast.backends`, or a mapping
+            {op name: name} (:data:`vljepa_fast._backends.BackendSpec`).
 
     Returns:
         [B, T, Hq, D] tensor in q's dtype.
@@ -99,41 +67,10 @@ def attention(
         ValueError: a malformed argument (named in the message).
         BackendUnavailableError: a named backend cannot serve these inputs.
     """
-    _check_qkv(q, k, v, 4, "[B, T, Hq, D]", "[B, S, Hkv, D]")
-    scale = _validate.plain_number(scale)  # numpy scalars
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"k: expected batch size {q.shape[0]} (q's), got {k.shape[0]}")
-    for name, x, dim, what in (
-        ("q", q, 0, "batch entry"),
-        ("q", q, 1, "query"),
-        ("k", k, 1, "key"),
-    ):
-        _validate.nonempty(name, x, dim, what)
-    if key_padding_mask is not None:
-        m = key_padding_mask
-        if not isinstance(m, Tensor) or m.dtype != torch.bool:
-            got = m.dtype if isinstance(m, Tensor) else type(m).__name__
-            raise ValueError(f"key_padding_mask: expected a bool tensor, got {got}")
-        if tuple(m.shape) != (k.shape[0], k.shape[1]):
-            raise ValueError(
-                f"key_padding_mask: expected shape [B, S] = {(k.shape[0], k.shape[1])}, got "
-                f"{tuple(m.shape)}"
-            )
-        if m.device != q.device:
-            raise ValueError(f"key_padding_mask: expected device {q.device}, got {m.device}")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal: expected a bool, got {causal!r}")
-    _check_scale(scale)
-    return _backends.dispatch(
-        "attention",
-        backend,
-        q,
-        k,
-        v,
-        key_padding_mask=key_padding_mask,
-        causal=causal,
-        scale=scale,
+    inputs = _attention_ops.attention_inputs(
+        q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale
     )
+    return _backends.dispatch("attention", backend, inputs)
 
 
 def attention_varlen(
@@ -147,7 +84,7 @@ def attention_varlen(
     *,
     causal: bool = False,
     scale: float | None = None,
-    backend: str = "auto",
+    backend: _backends.BackendSpec = "auto",
 ) -> Tensor:
     """Attention over packed sequences of different lengths (flash-attn's varlen API).
 
@@ -166,7 +103,8 @@ def attention_varlen(
         max_seqlen_k: the longest key sequence.
         causal: bottom-right aligned causal mask inside each sequence.
         scale: multiplier of q.k; None means 1 / sqrt(D).
-        backend: "auto" or a name from :func:`vljepa_fast.backends`.
+        backend: "auto", a name from :func:`vljepa_fast.backends`, or a mapping
+            {op name: name} (:data:`vljepa_fast._backends.BackendSpec`).
 
     Returns:
         [total_q, Hq, D] in q's dtype; queries of a sequence with no keys get zeros.
@@ -177,40 +115,7 @@ def attention_varlen(
     Note:
         Checking cu_seqlens reads them on the host (one device sync on GPU).
     """
-    _check_qkv(q, k, v, 3, "[total_q, Hq, D]", "[total_k, Hkv, D]")
-    max_seqlen_q, max_seqlen_k = map(_validate.plain_number, (max_seqlen_q, max_seqlen_k))
-    scale = _validate.plain_number(scale)
-    for name, cu, total, mx in (
-        ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-        ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
-    ):
-        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
-            got = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
-            raise ValueError(f"{name}: expected a 1-D int32 tensor, got {got}")
-        if cu.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device}, got {cu.device}")
-        if cu.numel() < 2:
-            raise ValueError(f"{name}: expected at least 2 entries (B + 1), got {cu.numel()}")
-        vals = cu.tolist()
-        if vals[0] != 0 or any(b < a for a, b in zip(vals, vals[1:])) or vals[-1] != total:
-            raise ValueError(
-                f"{name}: expected 0, non-decreasing, ending at {total}, got {vals[:8]}"
-                + ("..." if len(vals) > 8 else "")
-            )
-        longest = max(b - a for a, b in zip(vals, vals[1:]))
-        mname = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
-        _validate.int_in(mname, mx, longest, hint=f" (the longest sequence in {name})")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(
-            f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (as cu_seqlens_q), got "
-            f"{cu_seqlens_k.numel()}"
-        )
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal: expected a bool, got {causal!r}")
-    _check_scale(scale)
-    return _backends.dispatch(
-        "attention_varlen",
-        backend,
+    inputs = _attention_ops.varlen_inputs(
         q,
         k,
         v,
@@ -221,6 +126,7 @@ def attention_varlen(
         causal=causal,
         scale=scale,
     )
+    return _backends.dispatch("attention_varlen", backend, inputs)
 
 
 def infonce_loss(
@@ -232,7 +138,7 @@ def infonce_loss(
     normalize: bool = True,
     reduction: str = "mean",
     group: object | None = None,
-    backend: str = "auto",
+    backend: _backends.BackendSpec = "auto",
 ) -> Tensor:
     """Bidirectional InfoNCE between predicted and target embeddings, without N x N logits.
 
@@ -258,7 +164,8 @@ def infonce_loss(
         group: a torch.distributed process group (or ``torch.distributed.group.WORLD``): each
             rank passes its local rows (at least one; the number may differ by rank); negatives
             are the whole global batch.
-        backend: "auto" or a name from :func:`vljepa_fast.backends`.
+        backend: "auto", a name from :func:`vljepa_fast.backends`, or a mapping
+            {op name: name} (:data:`vljepa_fast._backends.BackendSpec`).
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [N] for reduction="none".
@@ -278,29 +185,7 @@ def infonce_loss(
         ValueError: a malformed argument (named in the message).
         BackendUnavailableError: a named backend cannot serve these inputs.
     """
-    _validate.tensor("pred", pred, ndim=2, layout="[N, D]")
-    _validate.tensor("target", target, ndim=2, layout="[N, D]")
-    _validate.same(("pred", "target"), (pred, target), "dtype")
-    _validate.same(("pred", "target"), (pred, target), "device")
-    if pred.shape != target.shape:
-        raise ValueError(
-            f"target: expected the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}"
-        )
-    if group is None:
-        # distributed: checked on every rank at once, after the sizes are exchanged (a rank that
-        # raised alone would leave the others waiting in a collective)
-        _validate.nonempty("pred", pred, 0, "row (N >= 1)")
-        _validate.nonempty("pred", pred, 1, "column (D >= 1)")
-    temperature = _validate.plain_number(temperature)  # numpy scalars
-    _infonce_ops.check_temperature(temperature, pred)
-    for name, flag in (("symmetric", symmetric), ("normalize", normalize)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name}: expected a bool, got {flag!r}")
-    _validate.choice("reduction", reduction, ("mean", "sum", "none"))
-    _infonce_ops.check_group(group)
-    return _backends.dispatch(
-        "infonce_loss",
-        backend,
+    inputs = _infonce_ops.infonce_inputs(
         pred,
         target,
         temperature=temperature,
@@ -309,10 +194,12 @@ def infonce_loss(
         reduction=reduction,
         group=group,
     )
+    return _backends.dispatch("infonce_loss", backend, inputs)
 
 
 def topk_similarity(
-    queries: Tensor, bank: Tensor, k: int, *, metric: str = "ip", backend: str = "auto"
+    queries: Tensor, bank: Tensor, k: int, *, metric: str = "ip",
+    backend: _backends.BackendSpec = "auto",
 ) -> tuple[Tensor, Tensor]:
     """The k most similar bank rows of every query, without writing the Q x N score matrix.
 
@@ -324,7 +211,8 @@ def topk_similarity(
             k <= 1024, the others any k).
         metric: "ip" (inner product) or "cosine" (each row divided by max(norm, 1e-12): a
             zero row scores exactly 0, never NaN).
-        backend: "auto" or a name from :func:`vljepa_fast.backends`.
+        backend: "auto", a name from :func:`vljepa_fast.backends`, or a mapping
+            {op name: name} (:data:`vljepa_fast._backends.BackendSpec`).
 
     Returns:
         (scores, indices): scores [Q, k] float32 (float64 for float64 inputs), accumulated in
@@ -350,24 +238,6 @@ def topk_similarity(
         ValueError: a malformed argument (named in the message).
         BackendUnavailableError: a named backend cannot serve these inputs.
     """
-    _validate.tensor("queries", queries, ndim=2, layout="[Q, D]")
-    _validate.tensor("bank", bank, ndim=2, layout="[N, D]")
-    _validate.same(("queries", "bank"), (queries, bank), "dtype")
-    _validate.same(("queries", "bank"), (queries, bank), "device")
-    if bank.shape[1] != queries.shape[1]:
-        raise ValueError(
-            f"bank: expected dimension D = {queries.shape[1]} (queries'), got {bank.shape[1]}"
-        )
-    _validate.nonempty("queries", queries, 0, "query row")
-    _validate.nonempty("bank", bank, 0, "bank row (the bank is empty)")
-    _validate.nonempty("queries", queries, 1, "column (D >= 1)")
-    if isinstance(k, numbers.Integral) and not isinstance(k, bool):
-        k = operator.index(k)  # numpy integers
-    _validate.int_in("k", k, 1, bank.shape[0], hint=f" (k <= N, the {bank.shape[0]} bank rows)")
-    _validate.choice("metric", metric, ("ip", "cosine"))
-    # Kernels see detached, contiguous inputs; the gradient is attached below.
-    q, b = queries.detach().contiguous(), bank.detach().contiguous()
-    scores, indices = _backends.dispatch("topk_similarity", backend, q, b, k, metric=metric)
-    if torch.is_grad_enabled() and (queries.requires_grad or bank.requires_grad):
-        scores = _topk_ops.attach_grad(queries, bank, scores, indices, metric)
-    return scores, indices
+    return _backends.dispatch(
+        "topk_similarity", backend, _topk_ops.topk_inputs(queries, bank, k, metric=metric)
+    )

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "apply_rotary",
     "attention",
     "attention_varlen",
     "infonce_loss",
@@ -309,3 +310,46 @@ def topk_similarity(
     full = q @ b.T
     indices = topk_order(full.detach(), k)
     return full.gather(1, indices), indices
+
+
+# --------------------------------------------------------------------------------------------
+# rotary
+# --------------------------------------------------------------------------------------------
+
+
+def _partner(x: Tensor, interleaved: bool) -> Tensor:
+    """x[p(c)] * s(c): (-x1, x0, -x3, x2, ..) interleaved, (-x_hi, x_lo) rotate-half."""
+    if interleaved:
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, layout: str = "llama"
+) -> tuple[Tensor, Tensor]:
+    """Rotary position embedding of queries and keys: x * cos + partner(x) * sin per head.
+
+    out[.., c] = x[.., c] * cos[t, c] + s(c) * x[.., p(c)] * sin[t, c], with pair partner p(c)
+    and sign s(c) = -1 on the first channel of a pair, +1 on the second: ``"llama"`` pairs c
+    with c + D/2 (rotate-half), ``"vjepa2"`` pairs 2i with 2i + 1.
+
+    Args:
+        q: [B, T, Hq, D] queries; k: [B, T, Hkv, D] keys, same dtype.
+        cos, sin: [T, D] or [B or 1, T, D] tables (any float dtype).
+        layout: "llama" or "vjepa2".
+
+    Returns:
+        (q_rot, k_rot) in q's dtype; math in fp32 (float64 for float64 inputs), differentiable
+        in every argument (the tables included).
+    """
+    cdt = _compute_dtype(q)
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    c, s = cos.to(cdt)[:, :, None, :], sin.to(cdt)[:, :, None, :]
+    interleaved = layout == "vjepa2"
+    out = []
+    for x in (q, k):
+        x32 = x.to(cdt)
+        out.append((x32 * c + _partner(x32, interleaved) * s).to(x.dtype))
+    return out[0], out[1]

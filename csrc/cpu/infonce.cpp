@@ -57,14 +57,11 @@
 #include <vector>
 
 #include "infonce_check.h"
-#include "vljepa_check.h"
+#include "vljepa_common.h"
 
 namespace vljepa_fast {
 namespace {
 
-constexpr float kNormEps = 1e-12f;
-// A row whose inverse norm reaches this had its norm clamped to eps: zero gradient in backward.
-constexpr float kInvNormEps = 1.0f / kNormEps;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // The [C, M] fp32 block: small enough for L3 and for the 10%-of-inputs memory budget at N = 16k.
 constexpr int64_t kBlockBytes = int64_t{8} << 20;
@@ -136,6 +133,28 @@ inline double lane_sum(const float* lanes) {
   return s;
 }
 
+// sum of term(j) over j in [j0, j1): kLanes float accumulators per run of kFlush columns, each run
+// flushed into a double. The order is fixed by the code, and the lanes let the loop vectorise.
+template <typename Term>
+inline double flushed_sum(int64_t j0, int64_t j1, const Term& term) {
+  double total = 0.0;
+  for (int64_t c0 = j0; c0 < j1; c0 += kFlush) {
+    const int64_t c1 = std::min(j1, c0 + kFlush);
+    float acc[kLanes] = {};
+    int64_t j = c0;
+    for (; j + kLanes <= c1; j += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        acc[l] += term(j + l);
+      }
+    }
+    for (; j < c1; ++j) {
+      acc[0] += term(j);
+    }
+    total += lane_sum(acc);
+  }
+  return total;
+}
+
 // inv[r] = 1 / max(||x_r||, eps) for rows [begin, end) of a [rows, dim] fp32 matrix (squares
 // summed in double).
 void inverse_norms_range(const float* x, int64_t dim, float* inv, int64_t begin, int64_t end) {
@@ -179,9 +198,7 @@ struct Plan {
 
 Plan make_plan(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
                bool normalize) {
-  VF_CHECK_DEVICE(a, at::kCPU);
-  VF_CHECK_DEVICE(b, at::kCPU);
-  VF_CHECK_DEVICE(scale, at::kCPU);
+  check_infonce_devices(a, b, scale, at::kCPU);
   check_infonce_inputs(a, b, scale, offset);
   Plan p;
   p.n = a.size(0);
@@ -303,23 +320,8 @@ void row_stats_slice(float* s, int64_t first_row, int64_t rows, int64_t j0, int6
       mx[0] = si[j] > mx[0] ? si[j] : mx[0];
     }
     const float row_max = lane_max(mx);
-    double total = 0.0;
-    for (int64_t c0 = j0; c0 < j1; c0 += kFlush) {
-      const int64_t c1 = std::min(j1, c0 + kFlush);
-      float acc[kLanes] = {};
-      int64_t jj = c0;
-      for (; jj + kLanes <= c1; jj += kLanes) {
-        for (int64_t l = 0; l < kLanes; ++l) {
-          acc[l] += fast_exp(si[jj + l] - row_max);
-        }
-      }
-      for (; jj < c1; ++jj) {
-        acc[0] += fast_exp(si[jj] - row_max);
-      }
-      total += lane_sum(acc);
-    }
     part_max[i] = row_max;
-    part_sum[i] = total;
+    part_sum[i] = flushed_sum(j0, j1, [&](int64_t jj) { return fast_exp(si[jj] - row_max); });
     const int64_t pos = first_row + i + p.offset;
     if (pos >= j0 && pos < j1) {
       pos_row[first_row + i] = si[pos];
@@ -449,22 +451,7 @@ double grad_segment(float* gi, int64_t j0, int64_t j1, const Plan& p, RowGrad ro
     gi[j] = e;
     return e * g;
   };
-  double total = 0.0;
-  for (int64_t c0 = j0; c0 < j1; c0 += kFlush) {
-    const int64_t c1 = std::min(j1, c0 + kFlush);
-    float acc[kLanes] = {};
-    int64_t j = c0;
-    for (; j + kLanes <= c1; j += kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) {
-        acc[l] += one(j + l);
-      }
-    }
-    for (; j < c1; ++j) {
-      acc[0] += one(j);
-    }
-    total += lane_sum(acc);
-  }
-  return total;
+  return flushed_sum(j0, j1, one);
 }
 
 // Backward epilogue of one slice: G[:, j0:j1) -> dS' in place; returns sum(dS' * G) over it.
@@ -549,10 +536,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
     const at::Tensor& g_row, const std::optional<at::Tensor>& g_col) {
   Plan p = make_plan(a, b, scale, offset, normalize);
   const bool with_col = check_infonce_bwd_vectors(a, b, row_lse, col_lse, g_row, g_col);
-  const auto vec = [](const at::Tensor& t, at::ScalarType as) {
-    VF_CHECK_DEVICE(t, at::kCPU);
-    return t.to(as).contiguous();
-  };
+  check_infonce_bwd_devices(a, row_lse, col_lse, g_row, g_col, with_col);
+  const auto vec = [](const at::Tensor& t, at::ScalarType as) { return t.to(as).contiguous(); };
   const Lse row_lse_split(vec(row_lse, at::kDouble));
   const at::Tensor g_row32 = vec(g_row, at::kFloat);
   const std::optional<Lse> col_lse_split =

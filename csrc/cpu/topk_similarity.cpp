@@ -48,6 +48,7 @@
 #include <vector>
 
 #include "topk_similarity_check.h"
+#include "vljepa_common.h"
 
 #if defined(__SSE2__) || defined(_M_X64)
 #include <emmintrin.h>
@@ -63,7 +64,6 @@ constexpr int64_t kBankBlock = 512;
 // Keys compared per "any at or above threshold" test: four SSE vectors.
 constexpr int64_t kChunk = 16;
 constexpr int64_t kMinParallelWork = int64_t{1} << 20;
-constexpr float kNormEps = 1e-12f;
 // The key of every NaN score, below -inf's (INT32_MIN + 2^23 - 1).
 constexpr int32_t kKeyNaN = std::numeric_limits<int32_t>::min();
 
@@ -366,11 +366,10 @@ std::tuple<at::Tensor, at::Tensor> topk_similarity_cpu(const at::Tensor& queries
                                                        const at::Tensor& bank, int64_t k,
                                                        bool cosine) {
   // The ATen calls below (mm_out into a buffer) must not record autograd history even when an
-  // input requires grad: gradients come from vljepa_fast.ops.topk_similarity.attach_grad.
+  // input requires grad: vljepa_fast/ops/topk_similarity.py attaches the scores' gradient.
   const at::NoGradGuard no_grad;
-  VF_CHECK_DEVICE(queries, at::kCPU);
-  VF_CHECK_DEVICE(bank, at::kCPU);
-  vljepa_fast::check_topk_similarity_inputs(queries, bank, k);
+  check_pair_device(queries, "queries", bank, "bank", at::kCPU);
+  check_topk_similarity_inputs(queries, bank, k);
   const int64_t num_bank = bank.size(0);
 
   at::Tensor out_scores = at::empty({queries.size(0), k}, at::kFloat);

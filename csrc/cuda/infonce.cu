@@ -71,7 +71,8 @@
 #include <type_traits>
 
 #include "infonce_check.h"
-#include "vljepa_check.h"
+#include "vljepa_common.h"
+#include "vljepa_cuda.h"
 
 namespace vljepa_fast {
 namespace {
@@ -83,66 +84,17 @@ constexpr int kTile = 64;
 constexpr int kRowsPerWarp = kTile / kWarps;
 // fp32 tile row pitch: a multiple of 4 floats (WMMA store) whose column walks hit distinct banks.
 constexpr int kLdTile = kTile + 4;
-// One k-step loads 64 bytes of each of the 128 operand rows as four 16-byte packs; rows are 80
-// bytes apart in shared memory (16-byte accesses of 8 consecutive rows on distinct banks, WMMA
-// pointers 32-byte aligned).
-constexpr int kPackBytes = 16;
-constexpr int kPacksPerRow = 4;
-constexpr int kOperandPitch = 80;
+// The 128 operand rows (64 of own, 64 of other) are staged as in vljepa_cuda.h (kPackBytes,
+// kPacksPerRow, kOperandPitch).
 constexpr int kOperandBytes = 2 * kTile * kOperandPitch;
 constexpr int kTileBytes = kTile * kLdTile * 4;
 // The operand staging area doubles as the [64, 64] fp32 slice of `other` in the backward.
 constexpr int kUnionBytes = kOperandBytes > kTileBytes ? kOperandBytes : kTileBytes;
-constexpr float kNormEps = 1e-12f;
-// A row whose inverse norm reaches this had its norm clamped to eps: zero gradient in backward.
-constexpr float kInvNormEps = 1.0f / kNormEps;
-constexpr unsigned kFullMask = 0xffffffffu;
 // Forward grid: at most kMaxSplits row groups x kMaxSplits column splits (576 programs, several
 // waves on any current GPU); the lse partials take 8 * kMaxSplits * (N + M) bytes.
 constexpr int kMaxSplits = 24;
 static_assert(kTile == 2 * 32, "row passes give each lane two columns");
 static_assert(kTile * kTile == 16 * kThreads, "16 tile elements per thread");
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-// Butterfly reductions: every lane ends with the same value (a + b == b + a in IEEE).
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) {
-    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
-  }
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) {
-    v += __shfl_xor_sync(kFullMask, v, o);
-  }
-  return v;
-}
-
-__device__ __forceinline__ double warp_sum(double v) {
-  for (int o = 16; o > 0; o >>= 1) {
-    v += __shfl_xor_sync(kFullMask, v, o);
-  }
-  return v;
-}
 
 template <typename T>
 struct Operand {
@@ -151,34 +103,9 @@ struct Operand {
   static constexpr int kLd = kOperandPitch / int(sizeof(T));  // staging row pitch (elements)
 };
 
-// Elements [d, d + kPack) of one row as a 16-byte pack, zero past `dim`. vec: dim is a multiple
-// of kPack and the tensor 16-byte aligned, so a pack lies wholly inside or outside the row.
-template <typename T>
-__device__ __forceinline__ uint4 load_pack(const T* row, int d, int dim, bool vec) {
-  using Bits = typename std::conditional<sizeof(T) == 2, uint16_t, uint32_t>::type;
-  constexpr int kPack = Operand<T>::kPack;
-  uint4 out = make_uint4(0u, 0u, 0u, 0u);
-  if (vec) {
-    if (d < dim) {
-      out = __ldg(reinterpret_cast<const uint4*>(row + d));
-    }
-  } else {
-    // Assembled in 32-bit words with shifts (no local array whose address is taken).
-    constexpr int kPerWord = 4 / int(sizeof(T));
-    const Bits* src = reinterpret_cast<const Bits*>(row);
-    uint32_t w[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-    for (int e = 0; e < kPack; ++e) {
-      const uint32_t bits = d + e < dim ? uint32_t(src[d + e]) : 0u;
-      w[e / kPerWord] |= bits << (16 * (e % kPerWord));
-    }
-    out = make_uint4(w[0], w[1], w[2], w[3]);
-  }
-  return out;
-}
-
 // s_tile[r][c] = <own[r], other[c]> (fp32) for r < own_rows, c < other_rows; rows past those
-// are zero-filled, so their entries are 0 (callers mask them). s_ops: [128, kLd] staging.
+// are zero-filled, so their entries are 0 (callers mask them). s_ops: [128, kLd] staging; the
+// products of each k-step are fma_step (fp32) or wmma_step (fp16 / bf16) of vljepa_cuda.h.
 // Ends without a barrier: callers sync before reading s_tile.
 template <typename T>
 __device__ void tile_gemm(const T* __restrict__ own, int own_rows, const T* __restrict__ other,
@@ -216,89 +143,37 @@ __device__ void tile_gemm(const T* __restrict__ own, int own_rows, const T* __re
     }
   };
 
+  // Makes k-step `step` visible in shared memory, then starts loading the next one into
+  // registers: those loads are in flight during this step's products.
+  const auto next_step = [&](int step) {
+    __syncthreads();  // readers of the previous step are done
+    store_step();
+    __syncthreads();
+    if (step + 1 < k_steps) {
+      load_step(step + 1);
+    }
+  };
+
   load_step(0);
   if constexpr (std::is_same<T, float>::value) {
-    // Thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j; sums run over d in order.
     const int ty = threadIdx.x / 16;
     const int tx = threadIdx.x % 16;
-    float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        acc[i][j] = 0.0f;
-      }
-    }
+    float acc[4][4] = {};
     for (int step = 0; step < k_steps; ++step) {
-      __syncthreads();  // readers of the previous step are done
-      store_step();
-      __syncthreads();
-      if (step + 1 < k_steps) {
-        load_step(step + 1);  // in flight during this step's FMAs
-      }
-#pragma unroll
-      for (int kk = 0; kk < O::BK; kk += 4) {
-        float4 x[4];
-        float4 y[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          x[i] = *reinterpret_cast<const float4*>(s_ops + (ty + 16 * i) * O::kLd + kk);
-          y[i] = *reinterpret_cast<const float4*>(s_ops + (kTile + tx + 16 * i) * O::kLd + kk);
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            acc[i][j] = fmaf(x[i].x, y[j].x, acc[i][j]);
-            acc[i][j] = fmaf(x[i].y, y[j].y, acc[i][j]);
-            acc[i][j] = fmaf(x[i].z, y[j].z, acc[i][j]);
-            acc[i][j] = fmaf(x[i].w, y[j].w, acc[i][j]);
-          }
-        }
-      }
+      next_step(step);
+      fma_step<kTile, O::kLd, O::BK>(s_ops, ty, tx, acc);
     }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        s_tile[(ty + 16 * i) * kLdTile + tx + 16 * j] = acc[i][j];
-      }
-    }
+    fma_store<kLdTile>(s_tile, ty, tx, acc);
   } else {
-    using namespace nvcuda;
-    constexpr int kFragsN = kTile / 16;
     const int warp = threadIdx.x / 32;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
-    wmma::fill_fragment(acc[0], 0.0f);
-    wmma::fill_fragment(acc[1], 0.0f);
+    AccFragment acc[2];
+    nvcuda::wmma::fill_fragment(acc[0], 0.0f);
+    nvcuda::wmma::fill_fragment(acc[1], 0.0f);
     for (int step = 0; step < k_steps; ++step) {
-      __syncthreads();  // readers of the previous step are done
-      store_step();
-      __syncthreads();
-      if (step + 1 < k_steps) {
-        load_step(step + 1);
-      }
-#pragma unroll
-      for (int f = 0; f < 2; ++f) {
-        const int frag = warp + f * kWarps;
-        const T* p_x = s_ops + (frag / kFragsN) * 16 * O::kLd;
-        const T* p_y = s_ops + (kTile + (frag % kFragsN) * 16) * O::kLd;
-#pragma unroll
-        for (int kk = 0; kk < O::BK; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> b_x;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b_y;
-          wmma::load_matrix_sync(b_x, p_x + kk, O::kLd);
-          wmma::load_matrix_sync(b_y, p_y + kk, O::kLd);  // other rows = columns of B
-          wmma::mma_sync(acc[f], b_x, b_y, acc[f]);
-        }
-      }
+      next_step(step);
+      wmma_step<kTile, kTile, O::kLd, O::BK, kWarps>(s_ops, warp, acc);
     }
-#pragma unroll
-    for (int f = 0; f < 2; ++f) {
-      const int frag = warp + f * kWarps;
-      wmma::store_matrix_sync(s_tile + (frag / kFragsN) * 16 * kLdTile + (frag % kFragsN) * 16,
-                              acc[f], kLdTile, wmma::mem_row_major);
-    }
+    wmma_store<kTile, kLdTile, kWarps>(s_tile, warp, acc);
   }
 }
 
@@ -505,16 +380,23 @@ __global__ void __launch_bounds__(kThreads, 2)
                                        : 0.0f;
       }
       __syncthreads();
-      float sum[4][4];
+      // This thread's 4 x 4 entries of acc: (own row ty + 16 i, feature dc + tx + 16 j) as
+      // fn(i, j, inside the matrix, element offset in acc).
+      const auto for_entries = [&](auto&& fn) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < 4; ++i) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int r = ty + 16 * i;
-          const int d = dc + tx + 16 * j;
-          sum[i][j] = r < own_rows && d < dim ? acc[int64_t(own0 + r) * dim + d] : 0.0f;
+          for (int j = 0; j < 4; ++j) {
+            const int r = ty + 16 * i;
+            const int d = dc + tx + 16 * j;
+            fn(i, j, r < own_rows && d < dim, int64_t(own0 + r) * dim + d);
+          }
         }
-      }
+      };
+      float sum[4][4];
+      for_entries([&](int i, int j, bool inside, int64_t at) {
+        sum[i][j] = inside ? acc[at] : 0.0f;
+      });
 #pragma unroll 4
       for (int c = 0; c < kTile; ++c) {
         float w[4];
@@ -532,17 +414,11 @@ __global__ void __launch_bounds__(kThreads, 2)
           }
         }
       }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int r = ty + 16 * i;
-          const int d = dc + tx + 16 * j;
-          if (r < own_rows && d < dim) {
-            acc[int64_t(own0 + r) * dim + d] = sum[i][j];
-          }
+      for_entries([&](int i, int j, bool inside, int64_t at) {
+        if (inside) {
+          acc[at] = sum[i][j];
         }
-      }
+      });
     }
   }
 
@@ -566,27 +442,6 @@ __global__ void sum_kernel(const double* __restrict__ parts, int count, float* _
     total += parts[p];
   }
   *out = float(total);
-}
-
-// inv[r] = 1 / max(||x[r]||, eps) in fp32, one warp per row.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    inv_norm_kernel(const T* __restrict__ x, int rows, int dim, float* __restrict__ inv) {
-  const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (r >= rows) {
-    return;
-  }
-  const T* row = x + r * dim;
-  float ss = 0.0f;
-  for (int d = lane; d < dim; d += 32) {
-    const float v = to_float(row[d]);
-    ss = fmaf(v, v, ss);
-  }
-  ss = warp_sum(ss);
-  if (lane == 0) {
-    inv[r] = 1.0f / fmaxf(sqrtf(ss), kNormEps);
-  }
 }
 
 // out[r] = inv[r] * (g - x (x . g) / ||x||^2), g = scale * acc[r]: the backward of
@@ -639,33 +494,19 @@ struct Problem {
   at::Tensor inv_b;  // [M] fp32
 };
 
-template <typename T>
-at::Tensor inverse_norms(const at::Tensor& x, bool normalize, cudaStream_t stream) {
-  const int rows = int(x.size(0));
-  if (!normalize) {
-    return at::ones({rows}, x.options().dtype(at::kFloat));
-  }
-  at::Tensor out = at::empty({rows}, x.options().dtype(at::kFloat));
-  inv_norm_kernel<T><<<(rows + kWarps - 1) / kWarps, kThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), rows, int(x.size(1)), out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
 void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                   int64_t offset) {
-  VF_CHECK_DEVICE(a, at::kCUDA);
-  VF_CHECK_DEVICE(b, at::kCUDA);
-  TORCH_CHECK(a.device() == b.device(), "a and b must be on the same device, got ", a.device(),
-              " and ", b.device());
-  TORCH_CHECK(scale.is_cpu() || scale.device() == a.device(), "scale must be on the cpu or on ",
-              a.device(), ", got ", scale.device());
+  check_infonce_devices(a, b, scale, at::kCUDA);
   check_infonce_inputs(a, b, scale, offset);
-  // Row and feature indices are int in the kernels, with headroom for a tile end past the last
-  // row (N <= M, and the positive column i + offset < M); element offsets are int64.
-  constexpr int64_t kMax = int64_t(1) << 30;
-  TORCH_CHECK(b.size(0) < kMax && a.size(1) < kMax,
-              "infonce (cuda): sizes must be below 2^30, got a ", a.sizes(), " and b ", b.sizes());
+  // N <= M once the offset is checked, and the positive column i + offset < M.
+  check_kernel_sizes("infonce (cuda)", a, "a", b, "b");
+}
+
+// [rows] fp32 inverse row norms of x, or ones without normalize.
+template <typename T>
+at::Tensor row_scales(const at::Tensor& x, bool normalize, cudaStream_t stream) {
+  return normalize ? inverse_norms<T>(x, stream)
+                   : at::ones({x.size(0)}, x.options().dtype(at::kFloat));
 }
 
 template <typename T>
@@ -680,8 +521,8 @@ Problem make_problem(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   p.vec = p.dim % kPack == 0 && reinterpret_cast<uintptr_t>(a.data_ptr()) % kPackBytes == 0 &&
           reinterpret_cast<uintptr_t>(b.data_ptr()) % kPackBytes == 0;
   p.scale = scale.reshape({1}).to(a.device(), at::kFloat).contiguous();
-  p.inv_a = inverse_norms<T>(a, normalize, stream);
-  p.inv_b = inverse_norms<T>(b, normalize, stream);
+  p.inv_a = row_scales<T>(a, normalize, stream);
+  p.inv_b = row_scales<T>(b, normalize, stream);
   return p;
 }
 
@@ -813,10 +654,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cuda(
     const at::Tensor& g_row, const std::optional<at::Tensor>& g_col) {
   check_inputs(a, b, scale, offset);
   const bool with_col = check_infonce_bwd_vectors(a, b, row_lse, col_lse, g_row, g_col);
-  const auto vec = [&](const at::Tensor& t, const char* name, at::ScalarType as) {
-    TORCH_CHECK(t.device() == a.device(), name, " must be on ", a.device(), ", got ", t.device());
-    return t.to(as).contiguous();
-  };
+  check_infonce_bwd_devices(a, row_lse, col_lse, g_row, g_col, with_col);
+  const auto vec = [](const at::Tensor& t, at::ScalarType as) { return t.to(as).contiguous(); };
   // LSE [len] (float64) -> [2, len] float (hi, lo), hi + lo = lse to about 2^-48: the kernel
   // forms exp((s - hi) - lo) in float (see the LSE note in the header).
   const auto split = [](const at::Tensor& lse) {
@@ -825,11 +664,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cuda(
   };
   const c10::cuda::CUDAGuard guard(a.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor row_lse32 = split(vec(row_lse, "row_lse", at::kDouble));
-  const at::Tensor g_row32 = vec(g_row, "g_row", at::kFloat);
-  const at::Tensor col_lse32 =
-      with_col ? split(vec(*col_lse, "col_lse", at::kDouble)) : at::Tensor();
-  const at::Tensor g_col32 = with_col ? vec(*g_col, "g_col", at::kFloat) : at::Tensor();
+  const at::Tensor row_lse32 = split(vec(row_lse, at::kDouble));
+  const at::Tensor g_row32 = vec(g_row, at::kFloat);
+  const at::Tensor col_lse32 = with_col ? split(vec(*col_lse, at::kDouble)) : at::Tensor();
+  const at::Tensor g_col32 = with_col ? vec(*g_col, at::kFloat) : at::Tensor();
   at::Tensor da = at::empty_like(a);
   at::Tensor db = at::empty_like(b);
   // dscale lives where scale does (the Meta kernel's contract).

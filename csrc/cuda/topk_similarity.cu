@@ -2,14 +2,14 @@
 // product (or cosine similarity), without ever writing the [Q, N] score matrix to global memory.
 //
 // scores[q, n] = <queries[q], bank[n]>                                        (ip)
-//              = <queries[q], bank[n]> * rq[q] * rb[n],  r = 1 / max(||row||, 1e-12)   (cosine)
+//              = <queries[q], bank[n]> * rq[q] * rb[n],  r = 1 / max(||row||, kNormEps)  (cosine)
 //
 // Stage 1, topk_chunk_kernel<T, BQ>: block (i_q, i_c) owns BQ queries and chunk i_c of the bank
 // (whole BN-row tiles). For each [BQ, BN] tile it
 //   1. computes the scores with fp32 accumulation: WMMA tensor cores (16x16x16, fp32 accumulators)
 //      for fp16/bf16; for fp32 inputs plain fp32 FMA in a fixed sequential order over D (no TF32,
 //      so fp32 results carry the same rounding as a BLAS sgemm and match a float64 reference to
-//      about 1e-6 relative);
+//      about 1e-6 relative; wmma_step and fma_step of vljepa_cuda.h);
 //   2. stores them into shared memory (aliasing the operand tiles, which are dead by then);
 //   3. lets every warp fold the scores of its queries into their running top-k lists ("warp select",
 //      below).
@@ -49,11 +49,11 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <tuple>
 #include <type_traits>
 
 #include "topk_similarity_check.h"
+#include "vljepa_cuda.h"
 
 namespace vljepa_fast {
 namespace {
@@ -66,16 +66,10 @@ constexpr int kMinList = 32;
 constexpr int kMaxBuffer = 64;
 // BQ * BN: every configuration keeps a 16 KiB fp32 score tile and two 16x16 fragments per warp.
 constexpr int kTileScores = 4096;
-// One k-step loads 64 bytes of every operand row (BK = 32 halves or 16 floats) as four 16-byte
-// packs; rows are 80 bytes apart in shared memory, which keeps 16-byte accesses of 8 consecutive
-// rows on distinct banks and WMMA pointers 32-byte aligned.
-constexpr int kPackBytes = 16;
-constexpr int kPacksPerRow = 4;
-constexpr int kOperandPitch = 80;
+// Operand rows are staged as in vljepa_cuda.h (kPackBytes, kPacksPerRow, kOperandPitch): one
+// k-step is BK = 32 halves or 16 floats of every row.
 // Candidate keys written by stage 1 at most (256 MiB); more would rather use fewer chunks.
 constexpr int64_t kMaxCandidates = int64_t(1) << 25;
-constexpr float kNormEps = 1e-12f;
-constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename T, int BQ>
 struct Config {
@@ -118,10 +112,6 @@ __device__ __forceinline__ float key_score(uint64_t key) {
 __device__ __forceinline__ int64_t key_index(uint64_t key) {
   return int64_t(~uint32_t(key & 0xffffffffu));
 }
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Sorts v[0, n) ascending; n is a power of two. Every stage ends with __syncwarp so that the next
 // one (and the caller) sees all lanes' writes.
@@ -208,29 +198,6 @@ struct WarpSelect {
   }
 };
 
-// Loads elements [d, d + kPack) of one row as a 16-byte pack, zero past `dim`. vec: dim is a
-// multiple of kPack and the tensor is 16-byte aligned, so a pack is wholly inside or outside.
-template <typename T>
-__device__ __forceinline__ uint4 load_pack(const T* row, int d, int dim, bool vec) {
-  using Bits = typename std::conditional<sizeof(T) == 2, uint16_t, uint32_t>::type;
-  constexpr int kPack = kPackBytes / int(sizeof(T));
-  uint4 out = make_uint4(0u, 0u, 0u, 0u);
-  if (vec) {
-    if (d < dim) {
-      out = __ldg(reinterpret_cast<const uint4*>(row + d));
-    }
-  } else {
-    const Bits* src = reinterpret_cast<const Bits*>(row);
-    Bits b[kPack];
-#pragma unroll
-    for (int e = 0; e < kPack; ++e) {
-      b[e] = d + e < dim ? src[d + e] : Bits(0);
-    }
-    memcpy(&out, b, sizeof(out));
-  }
-  return out;
-}
-
 template <typename T, int BQ>
 __global__ void __launch_bounds__(kThreads)
     topk_chunk_kernel(const T* __restrict__ queries, const T* __restrict__ bank,
@@ -301,103 +268,44 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
 
+  // Makes k-step `step` of the tile at bank row n0 visible in shared memory, then starts loading
+  // the next one (of this tile, or the first of the next tile) into registers: those loads are in
+  // flight during this step's products.
+  const auto next_step = [&](int n0, int step) {
+    __syncthreads();  // the previous step's (or tile's) readers of the union are done
+    store_step();
+    __syncthreads();
+    if (step + 1 < k_steps) {
+      load_step(n0, step + 1);
+    } else if (n0 + BN < n_end) {
+      load_step(n0 + BN, 0);
+    }
+  };
+
   if (k_steps > 0) {
     load_step(n_begin, 0);
   }
   for (int n0 = n_begin; n0 < n_end; n0 += BN) {
     if constexpr (std::is_same<T, float>::value) {
-      // Thread (ty, tx) computes rows ty + 16 i and columns tx + 16 j of the tile.
-      constexpr int kRows = BQ / 16;
-      constexpr int kCols = BN / 16;
       const int ty = threadIdx.x / 16;
       const int tx = threadIdx.x % 16;
-      float acc[kRows][kCols];
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-        for (int j = 0; j < kCols; ++j) {
-          acc[i][j] = 0.0f;
-        }
-      }
+      float acc[BQ / 16][BN / 16] = {};
       for (int step = 0; step < k_steps; ++step) {
-        __syncthreads();  // the previous step's (or tile's) readers of the union are done
-        store_step();
-        __syncthreads();
-        if (step + 1 < k_steps) {
-          load_step(n0, step + 1);
-        } else if (n0 + BN < n_end) {
-          load_step(n0 + BN, 0);
-        }
-#pragma unroll
-        for (int kk = 0; kk < C::BK; kk += 4) {
-          float4 a[kRows];
-          float4 b[kCols];
-#pragma unroll
-          for (int i = 0; i < kRows; ++i) {
-            a[i] = *reinterpret_cast<const float4*>(s_ops + (ty + 16 * i) * C::kLd + kk);
-          }
-#pragma unroll
-          for (int j = 0; j < kCols; ++j) {
-            b[j] = *reinterpret_cast<const float4*>(s_ops + (BQ + tx + 16 * j) * C::kLd + kk);
-          }
-#pragma unroll
-          for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-            for (int j = 0; j < kCols; ++j) {
-              acc[i][j] = fmaf(a[i].x, b[j].x, acc[i][j]);
-              acc[i][j] = fmaf(a[i].y, b[j].y, acc[i][j]);
-              acc[i][j] = fmaf(a[i].z, b[j].z, acc[i][j]);
-              acc[i][j] = fmaf(a[i].w, b[j].w, acc[i][j]);
-            }
-          }
-        }
+        next_step(n0, step);
+        fma_step<BQ, C::kLd, C::BK>(s_ops, ty, tx, acc);
       }
       __syncthreads();  // operands are dead before the scores overwrite them
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-        for (int j = 0; j < kCols; ++j) {
-          s_scores[(ty + 16 * i) * C::kLdScores + tx + 16 * j] = acc[i][j];
-        }
-      }
+      fma_store<C::kLdScores>(s_scores, ty, tx, acc);
     } else {
-      using namespace nvcuda;
-      constexpr int kFragsN = BN / 16;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
-      wmma::fill_fragment(acc[0], 0.0f);
-      wmma::fill_fragment(acc[1], 0.0f);
+      AccFragment acc[2];
+      nvcuda::wmma::fill_fragment(acc[0], 0.0f);
+      nvcuda::wmma::fill_fragment(acc[1], 0.0f);
       for (int step = 0; step < k_steps; ++step) {
-        __syncthreads();  // the previous step's (or tile's) readers of the union are done
-        store_step();
-        __syncthreads();
-        if (step + 1 < k_steps) {
-          load_step(n0, step + 1);
-        } else if (n0 + BN < n_end) {
-          load_step(n0 + BN, 0);
-        }
-#pragma unroll
-        for (int f = 0; f < 2; ++f) {
-          const int frag = warp + f * kWarps;
-          const T* p_q = s_ops + (frag / kFragsN) * 16 * C::kLd;
-          const T* p_b = s_ops + (BQ + (frag % kFragsN) * 16) * C::kLd;
-#pragma unroll
-          for (int kk = 0; kk < C::BK; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> b_q;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b_b;
-            wmma::load_matrix_sync(b_q, p_q + kk, C::kLd);
-            wmma::load_matrix_sync(b_b, p_b + kk, C::kLd);  // bank rows = columns of B
-            wmma::mma_sync(acc[f], b_q, b_b, acc[f]);
-          }
-        }
+        next_step(n0, step);
+        wmma_step<BQ, BN, C::kLd, C::BK, kWarps>(s_ops, warp, acc);
       }
       __syncthreads();  // operands are dead before the scores overwrite them
-#pragma unroll
-      for (int f = 0; f < 2; ++f) {
-        const int frag = warp + f * kWarps;
-        wmma::store_matrix_sync(
-            s_scores + (frag / kFragsN) * 16 * C::kLdScores + (frag % kFragsN) * 16, acc[f],
-            C::kLdScores, wmma::mem_row_major);
-      }
+      wmma_store<BN, C::kLdScores, kWarps>(s_scores, warp, acc);
     }
     __syncthreads();
 
@@ -482,40 +390,6 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
   }
 }
 
-// rnorm[r] = 1 / max(||x[r]||, eps) in fp32, one warp per row.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    inv_norm_kernel(const T* __restrict__ x, int rows, int dim, float* __restrict__ rnorm) {
-  const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (r >= rows) {
-    return;
-  }
-  const T* row = x + r * dim;
-  float ss = 0.0f;
-  for (int d = lane; d < dim; d += 32) {
-    const float v = to_float(row[d]);
-    ss = fmaf(v, v, ss);
-  }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    ss += __shfl_xor_sync(kFullMask, ss, offset);
-  }
-  if (lane == 0) {
-    rnorm[r] = 1.0f / fmaxf(sqrtf(ss), kNormEps);
-  }
-}
-
-template <typename T>
-at::Tensor inv_norms(const at::Tensor& x, cudaStream_t stream) {
-  const int rows = int(x.size(0));
-  at::Tensor out = at::empty({rows}, x.options().dtype(at::kFloat));
-  const int blocks = (rows + kWarps - 1) / kWarps;
-  inv_norm_kernel<T><<<blocks, kThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), rows, int(x.size(1)), out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
 template <typename T, int BQ>
 void launch_topk(const at::Tensor& queries, const at::Tensor& bank, int k, int kp, int cap,
                  bool cosine, at::Tensor& out_scores, at::Tensor& out_index, cudaStream_t stream) {
@@ -559,8 +433,8 @@ void launch_topk(const at::Tensor& queries, const at::Tensor& bank, int k, int k
   at::Tensor q_rnorm;
   at::Tensor b_rnorm;
   if (cosine) {
-    q_rnorm = inv_norms<T>(queries, stream);
-    b_rnorm = inv_norms<T>(bank, stream);
+    q_rnorm = inverse_norms<T>(queries, stream);
+    b_rnorm = inverse_norms<T>(bank, stream);
   }
   const float* p_rq = cosine ? q_rnorm.data_ptr<float>() : nullptr;
   const float* p_rb = cosine ? b_rnorm.data_ptr<float>() : nullptr;
@@ -613,21 +487,13 @@ void dispatch_tile(const at::Tensor& queries, const at::Tensor& bank, int k, boo
 std::tuple<at::Tensor, at::Tensor> topk_similarity_cuda(const at::Tensor& queries,
                                                         const at::Tensor& bank, int64_t k,
                                                         bool cosine) {
-  VF_CHECK_DEVICE(queries, at::kCUDA);
-  VF_CHECK_DEVICE(bank, at::kCUDA);
-  TORCH_CHECK(queries.device() == bank.device(), "queries and bank must be on the same device, got ",
-              queries.device(), " and ", bank.device());
-  vljepa_fast::check_topk_similarity_inputs(queries, bank, k);
+  check_pair_device(queries, "queries", bank, "bank", at::kCUDA);
+  check_topk_similarity_inputs(queries, bank, k);
   const int64_t num_queries = queries.size(0);
-  const int64_t num_bank = bank.size(0);
   TORCH_CHECK(k <= kMaxK, "topk_similarity (cuda) supports k <= ", kMaxK, ", got k=", k,
               "; use the triton or reference backend for larger k");
-  // Indices travel as 32-bit ~index in the keys; row counts and offsets inside the kernels are
-  // int, with headroom for a chunk end past the last row.
-  TORCH_CHECK(num_bank < (int64_t(1) << 30) && num_queries < (int64_t(1) << 30) &&
-                  queries.size(1) < (int64_t(1) << 30),
-              "topk_similarity (cuda): sizes must be below 2^30, got queries ", queries.sizes(),
-              " and bank ", bank.sizes());
+  // Indices also travel as 32-bit ~index in the keys.
+  check_kernel_sizes("topk_similarity (cuda)", queries, "queries", bank, "bank");
 
   const c10::cuda::CUDAGuard guard(queries.device());
   at::Tensor out_scores = at::empty({num_queries, k}, queries.options().dtype(at::kFloat));

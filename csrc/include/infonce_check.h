@@ -1,7 +1,8 @@
-// Argument checks of infonce_fwd / infonce_bwd that do not depend on the device: shared by the
-// CPU and CUDA kernels and by the Meta (shape) functions in ops.cpp, so that a call traced with
-// fake tensors is refused exactly where the eager call would be. Each kernel adds its own device
-// checks. Every index a kernel derives from these arguments (row i, its positive column
+// Argument checks of infonce_fwd / infonce_bwd, shared by the CPU and CUDA kernels and by the Meta
+// (shape) functions in ops.cpp, so that a call traced with fake tensors is refused exactly where
+// the eager call would be. The device-independent checks come first; each kernel then adds its
+// device rules through check_infonce_devices and check_infonce_bwd_devices (and the CUDA one its
+// size limits). Every index a kernel derives from these arguments (row i, its positive column
 // i + offset, the clamped positive row of a column) then lies inside its tensor.
 #pragma once
 #include <torch/types.h>
@@ -16,16 +17,7 @@ namespace vljepa_fast {
 // element; offset in [0, M - N], so that every row i has its positive column i + offset < M.
 inline void check_infonce_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                                  int64_t offset) {
-  VF_CHECK_DIM(a, 2);
-  VF_CHECK_DIM(b, 2);
-  VF_CHECK_FLOATING(a);
-  TORCH_CHECK(b.scalar_type() == a.scalar_type(), "b dtype ", b.scalar_type(),
-              " must match a dtype ", a.scalar_type());
-  VF_CHECK_CONTIGUOUS(a);
-  VF_CHECK_CONTIGUOUS(b);
-  TORCH_CHECK(a.size(1) == b.size(1), "a and b must have the same feature size, got ", a.sizes(),
-              " and ", b.sizes());
-  TORCH_CHECK(a.size(1) >= 1, "a and b need at least one feature column, got ", a.sizes());
+  check_row_matrices(a, "a", b, "b");
   TORCH_CHECK(scale.numel() == 1 && scale.is_floating_point(),
               "scale must be a one-element floating tensor, got ", scale.scalar_type(),
               " of shape ", scale.sizes());
@@ -36,6 +28,19 @@ inline void check_infonce_inputs(const at::Tensor& a, const at::Tensor& b, const
   // wrap around for an offset near 2^63 and pass.
   TORCH_CHECK(offset >= 0 && offset <= m - n, "offset must be in [0, M - N] = [0, ", m - n,
               "] so that every row has its positive column, got ", offset);
+}
+
+// a and b on one device of this type; scale on the cpu, or (CUDA kernels, which read it on the
+// device) on a's device too.
+inline void check_infonce_devices(const at::Tensor& a, const at::Tensor& b,
+                                  const at::Tensor& scale, c10::DeviceType type) {
+  check_pair_device(a, "a", b, "b", type);
+  if (type == c10::DeviceType::CPU) {
+    check_device_type(scale, "scale", type);
+  } else {
+    TORCH_CHECK(scale.is_cpu() || scale.device() == a.device(), "scale must be on the cpu or on ",
+                a.device(), ", got ", scale.device());
+  }
 }
 
 // One [len] floating vector argument of infonce_bwd (row_lse, g_row, col_lse, g_col).
@@ -62,6 +67,20 @@ inline bool check_infonce_bwd_vectors(const at::Tensor& a, const at::Tensor& b,
     check_infonce_vector(*g_col, b.size(0), "g_col");
   }
   return with_col;
+}
+
+// The vectors of infonce_bwd that the kernel reads (with_col from check_infonce_bwd_vectors)
+// live on a's device.
+inline void check_infonce_bwd_devices(const at::Tensor& a, const at::Tensor& row_lse,
+                                      const std::optional<at::Tensor>& col_lse,
+                                      const at::Tensor& g_row,
+                                      const std::optional<at::Tensor>& g_col, bool with_col) {
+  check_on_device(row_lse, "row_lse", a.device());
+  check_on_device(g_row, "g_row", a.device());
+  if (with_col) {
+    check_on_device(*col_lse, "col_lse", a.device());
+    check_on_device(*g_col, "g_col", a.device());
+  }
 }
 
 }  // namespace vljepa_fast

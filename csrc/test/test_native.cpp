@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <tuple>
 
+#include "vljepa_common.h"
+
 namespace {
 
 int failures = 0;
@@ -28,8 +30,8 @@ void test_topk_similarity(int64_t Q, int64_t N, int64_t D, int64_t k, bool cosin
   auto [scores, idx] = op.call(q, b, k, cosine);
   auto qd = q.to(at::kDouble), bd = b.to(at::kDouble);
   if (cosine) {
-    qd = qd / qd.norm(2, {1}, true).clamp_min(1e-12);
-    bd = bd / bd.norm(2, {1}, true).clamp_min(1e-12);
+    qd = qd / qd.norm(2, {1}, true).clamp_min(vljepa_fast::kNormEps);
+    bd = bd / bd.norm(2, {1}, true).clamp_min(vljepa_fast::kNormEps);
   }
   auto full = at::matmul(qd, bd.t());
   auto want = std::get<0>(at::topk(full, k, 1));

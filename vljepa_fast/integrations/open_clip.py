@@ -24,8 +24,9 @@ import numbers
 import torch
 from torch import Tensor
 
-from vljepa_fast import _validate, functional
-from vljepa_fast.nn import _backend, _flag, _integer
+from vljepa_fast import _backends, _validate, functional
+from vljepa_fast._backends import BackendSpec
+from vljepa_fast.nn import _flag, _integer
 
 __all__ = ["ClipLoss"]
 
@@ -49,7 +50,9 @@ class ClipLoss(torch.nn.Module):
         rank, world_size: this process in the default process group, 0 <= rank < world_size
             (world_size > 1 needs torch.distributed initialised with that rank and size).
         use_horovod: must be False.
-        backend: "auto" or a :func:`vljepa_fast.infonce_loss` backend name.
+        backend: a :data:`~vljepa_fast._backends.BackendSpec` ("auto", a backend name, or
+            {op name: name}) passed unchanged to :func:`vljepa_fast.infonce_loss`; a name that
+            op does not have raises BackendUnavailableError at forward.
 
     Shapes:
         forward(image_features [N, D], text_features [N, D] (same dtype and device),
@@ -71,7 +74,7 @@ class ClipLoss(torch.nn.Module):
         world_size: int = 1,
         use_horovod: bool = False,
         *,
-        backend: str = "auto",
+        backend: BackendSpec = "auto",
     ) -> None:
         super().__init__()
         if _flag("use_horovod", use_horovod):
@@ -83,7 +86,7 @@ class ClipLoss(torch.nn.Module):
         self.rank = _integer("rank", rank, 0)
         if self.rank >= self.world_size:
             raise ValueError(f"rank: expected in [0, {self.world_size}) (world_size), got {rank}")
-        self.backend = _backend(backend, ("infonce_loss",))
+        self.backend = _backends.check_spec(backend)
 
     def _temperature(self, logit_scale: object, like: Tensor) -> float | Tensor:
         """1 / logit_scale, with logit_scale checked (not 0, negative, NaN or inf)."""

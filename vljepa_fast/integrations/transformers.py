@@ -31,6 +31,15 @@ dtype (or None where nothing is masked), causality included.
 Switching. :func:`use_vljepa_fast` switches one model instance: the model gets private copies of
 its configs for the duration of the switch, so another model built from the same config object
 keeps its implementation; ``undo`` puts the original configs back.
+
+Backends. ``use_vljepa_fast(model, backend=...)`` takes the ops' vocabulary
+(:data:`vljepa_fast._backends.BackendSpec`): "auto" (the default; ``VLJEPA_FAST_BACKEND`` and
+``VLJEPA_FAST_BACKEND_ATTENTION`` apply), a backend name, or a per-op mapping such as
+``{"attention": "sdpa"}``, checked at the call (ValueError naming ``backend``) and passed
+unchanged to every vf.attention call of the model's layers while switched (a name attention does
+not have raises BackendUnavailableError at forward). A model loaded with
+``attn_implementation="vljepa_fast"`` runs "auto" until switched with a backend. The fallbacks
+above run transformers' functions whatever the backend.
 """
 
 from __future__ import annotations
@@ -53,11 +62,23 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-from vljepa_fast import functional
+from vljepa_fast import _backends, functional
+from vljepa_fast._backends import BackendSpec
 
-__all__ = ["NAME", "VLJEPAFastSwitch", "attention_forward", "mask", "register", "use_vljepa_fast"]
+__all__ = [
+    "BACKEND_ATTRIBUTE",
+    "NAME",
+    "VLJEPAFastSwitch",
+    "attention_forward",
+    "mask",
+    "register",
+    "use_vljepa_fast",
+]
 
 NAME = "vljepa_fast"
+#: the module attribute :func:`use_vljepa_fast` sets to the model's backend spec
+BACKEND_ATTRIBUTE = "vljepa_fast_backend"
+_MISSING = object()
 
 # keyword arguments of the attention interface that vf.attention has no equivalent for: those
 # transformers' SDPA function serves, and those only the model's eager function does (SDPA
@@ -231,7 +252,8 @@ def attention_forward(
 
     Args:
         module: the calling attention layer (its ``is_causal`` decides causality unless the
-            ``is_causal`` argument is given).
+            ``is_causal`` argument is given; its ``vljepa_fast_backend`` attribute, set by
+            :func:`use_vljepa_fast`, is the backend spec of vf.attention, "auto" when unset).
         query: [B, Hq, T, D] (transformers' layout).
         key: [B, Hkv, S, D].
         value: [B, Hkv, S, D].
@@ -286,6 +308,7 @@ def attention_forward(
     out = functional.attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
         key_padding_mask=key_padding_mask, causal=bool(causal), scale=scaling,
+        backend=getattr(module, BACKEND_ATTRIBUTE, "auto"),
     )
     return out, None
 
@@ -335,16 +358,28 @@ def _private_configs(model: PreTrainedModel) -> list[tuple[Any, str, Any]]:
 class VLJEPAFastSwitch:
     """What :func:`use_vljepa_fast` returns: undoes the switch (``undo()`` or a ``with`` block)."""
 
-    def __init__(self, model: PreTrainedModel, rebound: list[tuple[Any, str, Any]]) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        rebound: list[tuple[Any, str, Any]],
+        backends: list[tuple[torch.nn.Module, Any]] = (),
+    ) -> None:
         self.model = model
         self._rebound = rebound
+        self._backends = list(backends)
 
     def undo(self) -> None:
         """Give the model back its original configs, with the implementations they had before
-        the switch (idempotent). Changes made to ``model.config`` during the switch are lost."""
+        the switch, and its modules the backends they had (idempotent). Changes made to
+        ``model.config`` during the switch are lost."""
         for module, name, original in self._rebound:
             object.__setattr__(module, name, original)
-        self._rebound = []
+        for module, previous in self._backends:
+            if previous is _MISSING:
+                module.__dict__.pop(BACKEND_ATTRIBUTE, None)
+            else:
+                module.__dict__[BACKEND_ATTRIBUTE] = previous
+        self._rebound, self._backends = [], []
 
     def __enter__(self) -> PreTrainedModel:
         return self.model
@@ -353,7 +388,16 @@ class VLJEPAFastSwitch:
         self.undo()
 
 
-def use_vljepa_fast(model: PreTrainedModel) -> VLJEPAFastSwitch:
+def _set_backend(model: PreTrainedModel, spec: BackendSpec) -> list[tuple[torch.nn.Module, Any]]:
+    """Give every module of ``model`` the backend spec; returns (module, previous value)."""
+    previous = []
+    for module in model.modules():
+        previous.append((module, module.__dict__.get(BACKEND_ATTRIBUTE, _MISSING)))
+        module.__dict__[BACKEND_ATTRIBUTE] = spec
+    return previous
+
+
+def use_vljepa_fast(model: PreTrainedModel, backend: BackendSpec = "auto") -> VLJEPAFastSwitch:
     """Switch an existing model (this instance only) to "vljepa_fast" attention.
 
     The model runs on private copies of its configs while switched: other models sharing a
@@ -362,19 +406,23 @@ def use_vljepa_fast(model: PreTrainedModel) -> VLJEPAFastSwitch:
     Args:
         model: a transformers ``PreTrainedModel`` whose attention goes through
             ``AttentionInterface`` (Llama, BERT and most current architectures).
+        backend: the :data:`~vljepa_fast._backends.BackendSpec` of every vf.attention call
+            while switched ("auto", a backend name, or {op name: name}); see the module doc.
 
     Returns:
         a :class:`VLJEPAFastSwitch`: call ``undo()`` or use it as a context manager to restore
         the configs (and so the implementations) the model had, per sub-model.
 
     Raises:
-        ValueError: the model cannot switch its attention implementation at run time.
+        ValueError: the model cannot switch its attention implementation at run time, or
+            ``backend`` is not a backend spec.
     """
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"model: expected a transformers PreTrainedModel, got "
                          f"{type(model).__name__}")
+    spec = _backends.check_spec(backend)
     register()
-    switch = VLJEPAFastSwitch(model, _private_configs(model))
+    switch = VLJEPAFastSwitch(model, _private_configs(model), _set_backend(model, spec))
     model.set_attn_implementation(NAME)
     if model.config._attn_implementation != NAME:
         switch.undo()

@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_BACKENDS = ("auto", "reference")
+from vljepa_fast._backends import BackendSpec
+from vljepa_fast.nn import PredictorAttention
 
 
-def check_backend(backend: str) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend: expected 'auto' or 'reference', got {backend!r}")
-    return backend
+def gqa_attention(cfg, backend: BackendSpec, **kwargs) -> PredictorAttention:
+    """The :class:`~vljepa_fast.nn.PredictorAttention` sized by a config with ``dim``,
+    ``heads``, ``kv_heads``, ``head_dim`` and ``rope_theta`` (predictor, Y-encoder);
+    ``kwargs`` (rope_scaling, causal, max_position_embeddings) go to the module."""
+    return PredictorAttention(
+        cfg.dim,
+        cfg.heads,
+        cfg.kv_heads,
+        cfg.head_dim,
+        rope_theta=cfg.rope_theta,
+        backend=backend,
+        **kwargs,
+    )
+
+
+class PreNormBlock(nn.Module):
+    """A pre-norm transformer block: ``x + attn(norm1(x), ...)``, then ``+ mlp(norm2(x))``.
+
+    Submodules are named ``norm1``, ``attn``, ``norm2``, ``mlp`` (V-JEPA 2's block names),
+    registered in that order; the norms are ``norm(dim, eps=eps)`` (LayerNorm, RMSNorm).
+    Subclasses call the attention in ``forward`` (their arguments differ) and finish with
+    :meth:`residual`.
+    """
+
+    def __init__(
+        self, norm: Callable[..., nn.Module], dim: int, eps: float, attn: nn.Module, mlp: nn.Module
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm(dim, eps=eps)
+        self.attn = attn
+        self.norm2 = norm(dim, eps=eps)
+        self.mlp = mlp
+
+    def residual(self, x: Tensor, attn_out: Tensor) -> Tensor:
+        """[B, L, dim] input and attention output -> the block's output."""
+        x = x + attn_out
+        return x + self.mlp(self.norm2(x))
 
 
 class SwiGLU(nn.Module):

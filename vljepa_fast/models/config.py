@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 from vljepa_fast.ops.rotary import LLAMA3_ROPE_SCALING
 
@@ -15,14 +16,42 @@ __all__ = [
 ]
 
 
-def _positive(owner: str, **values: int) -> None:
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{owner}.{name}: expected an int >= 1, got {v!r}")
+class _Checked:
+    """Base of the configs: ``__post_init__`` checks that every field named in ``_POSITIVE`` is
+    an int >= 1 (in that order), then runs the config's own :meth:`_check`."""
+
+    _POSITIVE: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for name in self._POSITIVE:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{owner}.{name}: expected an int >= 1, got {v!r}")
+        self._check()
+
+    def _check(self) -> None:
+        pass
+
+    def _check_kv_heads(self) -> None:
+        """GQA: kv_heads divides heads."""
+        if self.heads % self.kv_heads:
+            raise ValueError(
+                f"{type(self).__name__}.kv_heads: must divide heads ({self.heads}), got "
+                f"{self.kv_heads}"
+            )
+
+    def _check_even_head_dim(self) -> None:
+        """dim / heads is an integer and even (RoPE pairs)."""
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise ValueError(
+                f"{type(self).__name__}.heads: dim {self.dim} / heads {self.heads} must be "
+                "an even integer head dim"
+            )
 
 
 @dataclass(frozen=True)
-class XEncoderConfig:
+class XEncoderConfig(_Checked):
     """Video ViT (V-JEPA 2 layout): 3D patches of tubelet x patch x patch, three-axis RoPE."""
 
     dim: int = 1024
@@ -37,24 +66,13 @@ class XEncoderConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
 
-    def __post_init__(self) -> None:
-        _positive(
-            "XEncoderConfig",
-            dim=self.dim,
-            depth=self.depth,
-            heads=self.heads,
-            mlp_dim=self.mlp_dim,
-            patch=self.patch,
-            tubelet=self.tubelet,
-            in_chans=self.in_chans,
-            image_size=self.image_size,
-            max_frames=self.max_frames,
-        )
-        if self.dim % self.heads or (self.dim // self.heads) % 2:
-            raise ValueError(
-                f"XEncoderConfig.heads: dim {self.dim} / heads {self.heads} must be "
-                "an even integer head dim"
-            )
+    _POSITIVE = (
+        "dim", "depth", "heads", "mlp_dim", "patch", "tubelet", "in_chans", "image_size",
+        "max_frames",
+    )  # fmt: skip
+
+    def _check(self) -> None:
+        self._check_even_head_dim()
         if (self.dim // self.heads) < 6:
             raise ValueError("XEncoderConfig: head dim must be >= 6 (three RoPE axes)")
 
@@ -64,7 +82,7 @@ class XEncoderConfig:
 
 
 @dataclass(frozen=True)
-class PredictorConfig:
+class PredictorConfig(_Checked):
     """Llama-3.2 decoder layers used bidirectionally (the last 8 layers of Llama-3.2-1B)."""
 
     dim: int = 2048
@@ -82,22 +100,13 @@ class PredictorConfig:
     #: index of the first Llama layer taken by the loader (16 layers - 8 = 8)
     first_llama_layer: int = 8
 
-    def __post_init__(self) -> None:
-        _positive(
-            "PredictorConfig",
-            dim=self.dim,
-            layers=self.layers,
-            heads=self.heads,
-            kv_heads=self.kv_heads,
-            head_dim=self.head_dim,
-            mlp_dim=self.mlp_dim,
-            vocab_size=self.vocab_size,
-            max_query_len=self.max_query_len,
-        )
-        if self.heads % self.kv_heads:
-            raise ValueError(
-                f"PredictorConfig.kv_heads: must divide heads ({self.heads}), got {self.kv_heads}"
-            )
+    _POSITIVE = (
+        "dim", "layers", "heads", "kv_heads", "head_dim", "mlp_dim", "vocab_size",
+        "max_query_len",
+    )  # fmt: skip
+
+    def _check(self) -> None:
+        self._check_kv_heads()
         if not 0 <= self.pad_id < self.vocab_size:
             raise ValueError(
                 f"PredictorConfig.pad_id: expected 0 <= pad_id < vocab_size "
@@ -106,7 +115,7 @@ class PredictorConfig:
 
 
 @dataclass(frozen=True)
-class YEncoderConfig:
+class YEncoderConfig(_Checked):
     """Built-in bidirectional text encoder (EmbeddingGemma-300M sizes in the paper preset)."""
 
     dim: int = 768
@@ -123,26 +132,14 @@ class YEncoderConfig:
     #: learning-rate multiplier of the Y-encoder's parameters (paper: 0.05)
     lr_multiplier: float = 0.05
 
-    def __post_init__(self) -> None:
-        _positive(
-            "YEncoderConfig",
-            dim=self.dim,
-            layers=self.layers,
-            heads=self.heads,
-            kv_heads=self.kv_heads,
-            head_dim=self.head_dim,
-            mlp_dim=self.mlp_dim,
-            vocab_size=self.vocab_size,
-            max_len=self.max_len,
-        )
-        if self.heads % self.kv_heads:
-            raise ValueError(
-                f"YEncoderConfig.kv_heads: must divide heads ({self.heads}), got {self.kv_heads}"
-            )
+    _POSITIVE = (
+        "dim", "layers", "heads", "kv_heads", "head_dim", "mlp_dim", "vocab_size", "max_len",
+    )  # fmt: skip
+    _check = _Checked._check_kv_heads
 
 
 @dataclass(frozen=True)
-class YDecoderConfig:
+class YDecoderConfig(_Checked):
     """Small causal text decoder conditioned on an embedding through prefix tokens."""
 
     dim: int = 512
@@ -156,26 +153,14 @@ class YDecoderConfig:
     max_len: int = 128
     norm_eps: float = 1e-5
 
-    def __post_init__(self) -> None:
-        _positive(
-            "YDecoderConfig",
-            dim=self.dim,
-            layers=self.layers,
-            heads=self.heads,
-            mlp_dim=self.mlp_dim,
-            prefix_tokens=self.prefix_tokens,
-            vocab_size=self.vocab_size,
-            max_len=self.max_len,
-        )
-        if self.dim % self.heads or (self.dim // self.heads) % 2:
-            raise ValueError(
-                f"YDecoderConfig.heads: dim {self.dim} / heads {self.heads} must be "
-                "an even integer head dim"
-            )
+    _POSITIVE = (
+        "dim", "layers", "heads", "mlp_dim", "prefix_tokens", "vocab_size", "max_len",
+    )  # fmt: skip
+    _check = _Checked._check_even_head_dim
 
 
 @dataclass(frozen=True)
-class VLJEPAConfig:
+class VLJEPAConfig(_Checked):
     """The whole model.
 
     Attributes:
@@ -198,8 +183,9 @@ class VLJEPAConfig:
     max_logit_scale: float = 100.0
     freeze_x_encoder: bool = True
 
-    def __post_init__(self) -> None:
-        _positive("VLJEPAConfig", embed_dim=self.embed_dim)
+    _POSITIVE = ("embed_dim",)
+
+    def _check(self) -> None:
         if not self.temperature > 0:
             raise ValueError(f"VLJEPAConfig.temperature: expected > 0, got {self.temperature}")
 
@@ -217,6 +203,17 @@ class VLJEPAConfig:
         The defaults match :class:`vljepa_fast.models.ByteTokenizer`; 32x32 frames in 8x8
         patches, tubelet 2.
         """
+        # the predictor and the text encoder share their sizes
+        text = dict(
+            dim=64,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            head_dim=16,
+            mlp_dim=128,
+            vocab_size=vocab_size,
+            pad_id=pad_id,
+        )
         return cls(
             x_encoder=XEncoderConfig(
                 dim=64,
@@ -228,29 +225,8 @@ class VLJEPAConfig:
                 image_size=32,
                 max_frames=16,
             ),
-            predictor=PredictorConfig(
-                dim=64,
-                layers=2,
-                heads=4,
-                kv_heads=2,
-                head_dim=16,
-                mlp_dim=128,
-                vocab_size=vocab_size,
-                pad_id=pad_id,
-                max_query_len=48,
-                first_llama_layer=2,
-            ),
-            y_encoder=YEncoderConfig(
-                dim=64,
-                layers=2,
-                heads=4,
-                kv_heads=2,
-                head_dim=16,
-                mlp_dim=128,
-                vocab_size=vocab_size,
-                pad_id=pad_id,
-                max_len=48,
-            ),
+            predictor=PredictorConfig(**text, max_query_len=48, first_llama_layer=2),
+            y_encoder=YEncoderConfig(**text, max_len=48),
             y_decoder=YDecoderConfig(
                 dim=64,
                 layers=2,

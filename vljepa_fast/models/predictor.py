@@ -14,15 +14,16 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from vljepa_fast import _backends
+from vljepa_fast._backends import BackendSpec
 from vljepa_fast.models._layers import (
     SwiGLU,
-    check_backend,
     check_tokens,
+    gqa_attention,
     load_checked,
     masked_mean,
 )
 from vljepa_fast.models.config import PredictorConfig
-from vljepa_fast.nn import PredictorAttention
 
 __all__ = ["Predictor", "load_llama_layers"]
 
@@ -30,19 +31,10 @@ __all__ = ["Predictor", "load_llama_layers"]
 class LlamaLayer(nn.Module):
     """One pre-norm Llama decoder layer (RMSNorm, GQA attention with RoPE, SwiGLU)."""
 
-    def __init__(self, cfg: PredictorConfig, backend: str, causal: bool = False) -> None:
+    def __init__(self, cfg: PredictorConfig, backend: BackendSpec, causal: bool = False) -> None:
         super().__init__()
         self.input_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.rms_eps)
-        self.self_attn = PredictorAttention(
-            cfg.dim,
-            cfg.heads,
-            cfg.kv_heads,
-            cfg.head_dim,
-            rope_theta=cfg.rope_theta,
-            rope_scaling=cfg.rope_scaling,
-            causal=causal,
-            backend=backend,
-        )
+        self.self_attn = gqa_attention(cfg, backend, rope_scaling=cfg.rope_scaling, causal=causal)
         self.post_attention_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.rms_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim)
 
@@ -58,17 +50,23 @@ class Predictor(nn.Module):
         cfg: sizes.
         visual_dim: width of the X-encoder tokens (1024).
         embed_dim: the shared embedding space (1536).
-        backend: "auto" (fused attention) or "reference" (eager).
+        backend: a :data:`~vljepa_fast._backends.BackendSpec` ("auto", a backend name, or
+            {op name: name}) for every op the layers call (attention, rotary); a name an op
+            does not have raises BackendUnavailableError when that op runs.
     """
 
     def __init__(
-        self, cfg: PredictorConfig, visual_dim: int, embed_dim: int, backend: str = "auto"
+        self,
+        cfg: PredictorConfig,
+        visual_dim: int,
+        embed_dim: int,
+        backend: BackendSpec = "auto",
     ) -> None:
         super().__init__()
-        self.cfg, self.backend = cfg, check_backend(backend)
+        self.cfg, self.backend = cfg, _backends.check_spec(backend)
         self.visual_proj = nn.Linear(visual_dim, cfg.dim)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(LlamaLayer(cfg, backend) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(LlamaLayer(cfg, self.backend) for _ in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.rms_eps)
         self.head = nn.Linear(cfg.dim, embed_dim)
 

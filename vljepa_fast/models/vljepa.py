@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vljepa_fast import functional
-from vljepa_fast.models._layers import check_backend
+from vljepa_fast import _backends, functional
+from vljepa_fast._backends import BackendSpec
 from vljepa_fast.models.config import VLJEPAConfig
 from vljepa_fast.models.predictor import Predictor
 from vljepa_fast.models.tokenizer import ByteTokenizer
@@ -30,8 +30,15 @@ class VLJEPA(nn.Module):
 
     Args:
         config: sizes (:meth:`VLJEPAConfig.paper` or :meth:`VLJEPAConfig.tiny`).
-        backend: "auto" (fused attention, loss and search where they exist) or "reference"
-            (eager everywhere), passed to every module.
+        backend: a :data:`~vljepa_fast._backends.BackendSpec`, validated here and passed
+            unchanged to every module and to every op the model calls (attention, rotary,
+            infonce_loss, topk_similarity): "auto" (the fastest backend that serves each call;
+            ``VLJEPA_FAST_BACKEND`` and ``VLJEPA_FAST_BACKEND_<OP>`` apply), a backend name for
+            every op ("reference": eager everywhere), or a per-op mapping such as
+            ``{"attention": "sdpa", "rotary": "reference"}`` (ops it leaves out run "auto").
+            A single name that one of those ops does not have (e.g. "sdpa", which infonce_loss
+            lacks) is accepted here and raises BackendUnavailableError naming the op when that
+            op runs, never a silent substitution: pick per op with a mapping.
         y_encoder: replaces the built-in text encoder, e.g. an
             :class:`~vljepa_fast.models.HFTextEncoder`; it maps (ids, mask) -> [B, embed_dim].
         query_tokenizer: texts -> (ids, mask) for the predictor's queries (default: a
@@ -43,20 +50,20 @@ class VLJEPA(nn.Module):
     def __init__(
         self,
         config: VLJEPAConfig,
-        backend: str = "auto",
+        backend: BackendSpec = "auto",
         *,
         y_encoder: nn.Module | None = None,
         query_tokenizer: Callable[[Sequence[str]], tuple[Tensor, Tensor]] | None = None,
         text_tokenizer: Callable[[Sequence[str]], tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         super().__init__()
-        self.config, self.backend = config, check_backend(backend)
-        self.x_encoder = XEncoder(config.x_encoder, backend)
+        self.config, self.backend = config, _backends.check_spec(backend)
+        self.x_encoder = XEncoder(config.x_encoder, self.backend)
         self.predictor = Predictor(
-            config.predictor, config.x_encoder.dim, config.embed_dim, backend
+            config.predictor, config.x_encoder.dim, config.embed_dim, self.backend
         )
         self.y_encoder = (
-            TextEncoder(config.y_encoder, config.embed_dim, backend)
+            TextEncoder(config.y_encoder, config.embed_dim, self.backend)
             if y_encoder is None
             else y_encoder
         )

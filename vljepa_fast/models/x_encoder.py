@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vljepa_fast import functional
-from vljepa_fast.models._layers import check_backend, load_checked
+from vljepa_fast import _backends, functional
+from vljepa_fast._backends import BackendSpec
+from vljepa_fast.models._layers import PreNormBlock, load_checked
 from vljepa_fast.models.config import XEncoderConfig
 from vljepa_fast.ops.rotary import apply_rotary, rotary_cos_sin
 
@@ -26,7 +27,7 @@ _VJEPA2_PREFIXES = ("module.", "backbone.", "encoder.", "target_encoder.")
 
 
 class _Attention(nn.Module):
-    def __init__(self, cfg: XEncoderConfig, backend: str) -> None:
+    def __init__(self, cfg: XEncoderConfig, backend: BackendSpec) -> None:
         super().__init__()
         self.heads, self.head_dim, self.backend = cfg.heads, cfg.head_dim, backend
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
@@ -36,8 +37,7 @@ class _Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim)
         q, k, v = qkv.unbind(dim=2)
-        rot = "reference" if self.backend == "reference" else "auto"
-        q, k = apply_rotary(q, k, cos, sin, layout="vjepa2", backend=rot)
+        q, k = apply_rotary(q, k, cos, sin, layout="vjepa2", backend=self.backend)
         out = functional.attention(q, k, v.contiguous(), backend=self.backend)
         return self.proj(out.reshape(B, N, C))
 
@@ -52,17 +52,13 @@ class _Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class _Block(nn.Module):
-    def __init__(self, cfg: XEncoderConfig, backend: str) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = _Attention(cfg, backend)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.mlp = _Mlp(cfg.dim, cfg.mlp_dim)
+class _Block(PreNormBlock):
+    def __init__(self, cfg: XEncoderConfig, backend: BackendSpec) -> None:
+        attn, mlp = _Attention(cfg, backend), _Mlp(cfg.dim, cfg.mlp_dim)
+        super().__init__(nn.LayerNorm, cfg.dim, cfg.norm_eps, attn, mlp)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin)
-        return x + self.mlp(self.norm2(x))
+        return self.residual(x, self.attn(self.norm1(x), cos, sin))
 
 
 class _PatchEmbed(nn.Module):
@@ -80,14 +76,16 @@ class XEncoder(nn.Module):
 
     Args:
         cfg: sizes.
-        backend: "auto" (fused attention and rotary where they exist) or "reference" (eager).
+        backend: a :data:`~vljepa_fast._backends.BackendSpec` ("auto", a backend name, or
+            {op name: name}) for every op the blocks call (attention, rotary); a name an op
+            does not have raises BackendUnavailableError when that op runs.
     """
 
-    def __init__(self, cfg: XEncoderConfig, backend: str = "auto") -> None:
+    def __init__(self, cfg: XEncoderConfig, backend: BackendSpec = "auto") -> None:
         super().__init__()
-        self.cfg, self.backend = cfg, check_backend(backend)
+        self.cfg, self.backend = cfg, _backends.check_spec(backend)
         self.patch_embed = _PatchEmbed(cfg)
-        self.blocks = nn.ModuleList(_Block(cfg, backend) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(_Block(cfg, self.backend) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
     def check_video(self, video: Tensor) -> Tensor:

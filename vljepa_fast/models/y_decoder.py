@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vljepa_fast import functional
-from vljepa_fast.models._layers import SwiGLU, check_backend, check_tokens
+from vljepa_fast import _backends, functional
+from vljepa_fast._backends import BackendSpec
+from vljepa_fast.models._layers import PreNormBlock, SwiGLU, check_tokens
 from vljepa_fast.models.config import YDecoderConfig
 from vljepa_fast.ops.rotary import apply_rotary, rotary_cos_sin
 
@@ -23,7 +24,7 @@ KVCache = list[tuple[Tensor, Tensor]]
 
 
 class _Attention(nn.Module):
-    def __init__(self, cfg: YDecoderConfig, backend: str) -> None:
+    def __init__(self, cfg: YDecoderConfig, backend: BackendSpec) -> None:
         super().__init__()
         self.heads, self.head_dim, self.backend = cfg.heads, cfg.dim // cfg.heads, backend
         self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
@@ -43,8 +44,7 @@ class _Attention(nn.Module):
         q = self.q_proj(x).view(B, L, self.heads, self.head_dim)
         k = self.k_proj(x).view(B, L, self.heads, self.head_dim)
         v = self.v_proj(x).view(B, L, self.heads, self.head_dim)
-        rot = "reference" if self.backend == "reference" else "auto"
-        q, k = apply_rotary(q, k, cos, sin, layout="llama", backend=rot)
+        q, k = apply_rotary(q, k, cos, sin, layout="llama", backend=self.backend)
         if cache is not None:
             k, v = torch.cat((cache[0], k), dim=1), torch.cat((cache[1], v), dim=1)
         out = functional.attention(
@@ -53,18 +53,14 @@ class _Attention(nn.Module):
         return self.o_proj(out.reshape(B, L, C)), (k, v)
 
 
-class _Block(nn.Module):
-    def __init__(self, cfg: YDecoderConfig, backend: str) -> None:
-        super().__init__()
-        self.norm1 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = _Attention(cfg, backend)
-        self.norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim)
+class _Block(PreNormBlock):
+    def __init__(self, cfg: YDecoderConfig, backend: BackendSpec) -> None:
+        attn, mlp = _Attention(cfg, backend), SwiGLU(cfg.dim, cfg.mlp_dim)
+        super().__init__(nn.RMSNorm, cfg.dim, cfg.norm_eps, attn, mlp)
 
     def forward(self, x, cos, sin, mask, cache):
         h, kv = self.attn(self.norm1(x), cos, sin, mask, cache)
-        x = x + h
-        return x + self.mlp(self.norm2(x)), kv
+        return self.residual(x, h), kv
 
 
 class YDecoder(nn.Module):
@@ -73,16 +69,17 @@ class YDecoder(nn.Module):
     Args:
         cfg: sizes and special token ids (BOS starts every text, EOS ends it).
         embed_dim: width of the embeddings it decodes.
-        backend: "auto" or "reference".
+        backend: a :data:`~vljepa_fast._backends.BackendSpec` for every op the blocks call
+            (attention, rotary), as :class:`~vljepa_fast.models.XEncoder`'s.
     """
 
-    def __init__(self, cfg: YDecoderConfig, embed_dim: int, backend: str = "auto") -> None:
+    def __init__(self, cfg: YDecoderConfig, embed_dim: int, backend: BackendSpec = "auto") -> None:
         super().__init__()
-        self.cfg, self.backend = cfg, check_backend(backend)
+        self.cfg, self.backend = cfg, _backends.check_spec(backend)
         self.embed_dim = embed_dim
         self.prefix = nn.Linear(embed_dim, cfg.prefix_tokens * cfg.dim)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(_Block(cfg, backend) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(_Block(cfg, self.backend) for _ in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 

@@ -12,27 +12,20 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vljepa_fast.models._layers import check_backend, check_tokens, masked_mean
+from vljepa_fast import _backends
+from vljepa_fast._backends import BackendSpec
+from vljepa_fast.models._layers import check_tokens, gqa_attention, masked_mean
 from vljepa_fast.models.config import YEncoderConfig
-from vljepa_fast.nn import PredictorAttention
 
 __all__ = ["HFTextEncoder", "TextEncoder"]
 
 
 class _Block(nn.Module):
-    def __init__(self, cfg: YEncoderConfig, backend: str) -> None:
+    def __init__(self, cfg: YEncoderConfig, backend: BackendSpec) -> None:
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = PredictorAttention(
-            cfg.dim,
-            cfg.heads,
-            cfg.kv_heads,
-            cfg.head_dim,
-            rope_theta=cfg.rope_theta,
-            rope_scaling=None,
-            max_position_embeddings=cfg.max_len,
-            causal=False,
-            backend=backend,
+        self.attn = gqa_attention(
+            cfg, backend, rope_scaling=None, max_position_embeddings=cfg.max_len, causal=False
         )
         self.norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)
@@ -49,15 +42,16 @@ class TextEncoder(nn.Module):
     Args:
         cfg: sizes.
         embed_dim: the shared embedding space.
-        backend: "auto" or "reference".
+        backend: a :data:`~vljepa_fast._backends.BackendSpec` for every op the blocks call
+            (attention, rotary), as :class:`~vljepa_fast.models.Predictor`'s.
     """
 
-    def __init__(self, cfg: YEncoderConfig, embed_dim: int, backend: str = "auto") -> None:
+    def __init__(self, cfg: YEncoderConfig, embed_dim: int, backend: BackendSpec = "auto") -> None:
         super().__init__()
-        self.cfg, self.backend = cfg, check_backend(backend)
+        self.cfg, self.backend = cfg, _backends.check_spec(backend)
         self.lr_multiplier = cfg.lr_multiplier
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(_Block(cfg, backend) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(_Block(cfg, self.backend) for _ in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, embed_dim)
 

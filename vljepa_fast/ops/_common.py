@@ -1,13 +1,20 @@
-"""Availability checks shared by the backend records of every op."""
+"""Availability checks and record constructors shared by the backend records of every op.
+
+The constructors (:func:`triton_record`, :func:`native_records`, :func:`reference_record`) hold
+what every op's records of one kind share (devices, priorities of the device checks, the
+availability probe), so an op module states only its run and supports functions.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from vljepa_fast import _ext
+from vljepa_fast import _backends, _ext
 
 LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -47,18 +54,18 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_device(x: Tensor) -> list[str]:
-    """Reasons the Triton kernels cannot take tensors on x's device."""
-    if x.device.type == "cpu":
+def triton_device(device: torch.device) -> list[str]:
+    """Reasons the Triton kernels cannot take tensors on ``device``."""
+    if device.type == "cpu":
         if not interpreter_on():
             return [
                 "CPU tensors run through Triton only in its interpreter "
                 "(TRITON_INTERPRET=1; slow, for tests)"
             ]
         return []
-    if x.device.type != "cuda":
-        return [f"does not run on {x.device.type} tensors"]
-    major, minor = torch.cuda.get_device_capability(x.device)
+    if device.type != "cuda":
+        return [f"does not run on {device.type} tensors"]
+    major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         return [f"needs compute capability >= 8.0, got {major}.{minor}"]
     return []
@@ -82,3 +89,64 @@ def native_kernel(op: str, device: str) -> list[str]:
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"vljepa_fast::{op}", key):
         return [f"the native {device} library has no {key} kernel for {op}"]
     return []
+
+
+def _no_plan(inputs: Any) -> Any:
+    return None
+
+
+def triton_record(
+    op: str,
+    run: Callable[[Any, Any], Any],
+    supports: Callable[[Any], Any] = _no_plan,
+    *,
+    priority: int,
+) -> _backends.Backend:
+    """The ``triton`` record of ``op``: CUDA (compute capability >= 8.0) under ``auto``, CPU
+    tensors through Triton's interpreter when asked by name; ``supports`` is asked only after
+    the device check passed."""
+
+    def checked(inputs: Any) -> Any:
+        why = triton_device(inputs.device)
+        return _backends.Refusal(tuple(why)) if why else supports(inputs)
+
+    return _backends.register(
+        _backends.Backend(
+            "triton",
+            op,
+            run,
+            available=triton_import,
+            supports=checked,
+            devices=("cuda", "cpu"),
+            auto_devices=("cuda",),
+            priority=priority,
+        )
+    )
+
+
+def native_records(
+    op: str,
+    kernel: str,
+    run: Callable[[Any, Any], Any],
+    supports: dict[str, Callable[[Any], Any]],
+    priority: dict[str, int],
+) -> None:
+    """Register the ``cuda`` and ``cpu`` records of ``op`` on the native library's ``kernel``
+    (``vljepa_fast::<kernel>``); ``supports`` and ``priority`` are keyed by "cuda" and "cpu"."""
+    for device in ("cuda", "cpu"):
+        _backends.register(
+            _backends.Backend(
+                device,
+                op,
+                run,
+                available=lambda device=device: native_kernel(kernel, device),
+                supports=supports[device],
+                devices=(device,),
+                priority=priority[device],
+            )
+        )
+
+
+def reference_record(op: str, run: Callable[[Any, Any], Any]) -> _backends.Backend:
+    """The ``reference`` record of ``op``: eager PyTorch, every device, last under ``auto``."""
+    return _backends.register(_backends.Backend("reference", op, run, available=list, priority=100))

@@ -1,5 +1,11 @@
-"""attention and attention_varlen: backend records (Triton flash attention, torch SDPA, eager
-reference; flash_attn and xformers register in ops/attention_peers.py).
+"""attention and attention_varlen: typed inputs, their validation, and the backend records
+(Triton flash attention, torch SDPA, eager reference; flash_attn and xformers register in
+ops/attention_peers.py).
+
+Every backend takes the validated inputs (:class:`AttentionInputs`, :class:`VarlenInputs`, built
+by :func:`attention_inputs` / :func:`varlen_inputs`) and the plan its ``supports`` returned:
+Triton's plan is the key lengths it read from a right-padded ``key_padding_mask`` (one host read
+per call).
 
 SDPA is the CPU default: torch's fused CPU kernel with GQA (enable_gqa) and a boolean mask
 broadcast over heads, never a dense additive [B, 1, T, S] float mask per head.
@@ -13,36 +19,210 @@ as "no key") are set to NaN afterwards (:func:`nan_rows`, a few elementwise pass
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vljepa_fast import _backends, reference
+from vljepa_fast import _backends, _validate, reference
 from vljepa_fast.ops import _common
 
+__all__ = [
+    "AttentionInputs",
+    "VarlenInputs",
+    "attention_inputs",
+    "dense_nan_rows",
+    "nan_rows",
+    "varlen_inputs",
+    "varlen_nan_rows",
+]
 
-def _allowed(
-    B: int,
-    T: int,
-    S: int,
-    device: torch.device,
-    key_padding_mask: Tensor | None,
-    causal: bool,
-    lengths_q: Tensor | None = None,
-    lengths_k: Tensor | None = None,
-) -> Tensor | None:
-    """The boolean [B or 1, 1, T or 1, S] mask of allowed (query, key) pairs, or None for all."""
-    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    if causal:
-        i = torch.arange(T, device=device)[:, None]
-        j = torch.arange(S, device=device)[None, :]
-        if lengths_q is None:
-            tri = (j <= i + (S - T))[None, None]
-        else:  # per-sequence bottom-right alignment for packed sequences
-            shift = (lengths_k - lengths_q).to(torch.long)[:, None, None, None]
-            tri = j[None, None] <= i[None, None] + shift
-        mask = tri if mask is None else mask & tri
-    return mask
+# ----------------------------------------------------------------------- inputs, validation
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionInputs:
+    """vf.attention's arguments, validated (:func:`attention_inputs`); shapes as documented
+    there: q [B, T, Hq, D], k and v [B, S, Hkv, D], key_padding_mask [B, S] bool or None."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    key_padding_mask: Tensor | None
+    causal: bool
+    scale: float | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+
+@dataclass(frozen=True, eq=False)
+class VarlenInputs:
+    """vf.attention_varlen's arguments, validated (:func:`varlen_inputs`): q [total_q, Hq, D],
+    k and v [total_k, Hkv, D], int32 cu_seqlens [B + 1]. ``lengths_q`` and ``lengths_k`` are the
+    B sequence lengths, read on the host once by the validation (backends that need them on the
+    host take them from here instead of reading cu_seqlens again)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    cu_seqlens_q: Tensor
+    cu_seqlens_k: Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    causal: bool
+    scale: float | None
+    lengths_q: tuple[int, ...]
+    lengths_k: tuple[int, ...]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+
+def _check_flags(causal: object, scale: object) -> float | None:
+    """``scale`` as a plain float or None (numpy scalars too), after checking both flags."""
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal: expected a bool, got {causal!r}")
+    scale = _validate.plain_number(scale)
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
+    return scale
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, ndim: int, layout_q: str, layout_kv: str) -> None:
+    _validate.tensor("q", q, ndim=ndim, layout=layout_q)
+    _validate.tensor("k", k, ndim=ndim, layout=layout_kv)
+    _validate.tensor("v", v, ndim=ndim, layout=layout_kv)
+    _validate.same(("q", "k", "v"), (q, k, v), "dtype")
+    _validate.same(("q", "k", "v"), (q, k, v), "device")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _validate.last_dim_contiguous(name, x)
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"k: the number of KV heads ({hkv}) must divide the number of query heads ({hq})"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"k: expected head dim {q.shape[-1]} (q's), got {k.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError("q: expected a head dim of at least 1, got 0")
+
+
+def attention_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> AttentionInputs:
+    """vf.attention's arguments checked (its docstring states the contract) and packed.
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
+    """
+    _check_qkv(q, k, v, 4, "[B, T, Hq, D]", "[B, S, Hkv, D]")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k: expected batch size {q.shape[0]} (q's), got {k.shape[0]}")
+    for name, x, dim, what in (
+        ("q", q, 0, "batch entry"),
+        ("q", q, 1, "query"),
+        ("k", k, 1, "key"),
+    ):
+        _validate.nonempty(name, x, dim, what)
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        if not isinstance(m, Tensor) or m.dtype != torch.bool:
+            got = m.dtype if isinstance(m, Tensor) else type(m).__name__
+            raise ValueError(f"key_padding_mask: expected a bool tensor, got {got}")
+        if tuple(m.shape) != (k.shape[0], k.shape[1]):
+            raise ValueError(
+                f"key_padding_mask: expected shape [B, S] = {(k.shape[0], k.shape[1])}, got "
+                f"{tuple(m.shape)}"
+            )
+        if m.device != q.device:
+            raise ValueError(f"key_padding_mask: expected device {q.device}, got {m.device}")
+    scale = _check_flags(causal, scale)
+    return AttentionInputs(q, k, v, key_padding_mask, causal, scale)
+
+
+def _check_offsets(
+    name: str, cu: object, total: int, mx: object, device: torch.device
+) -> tuple[int, ...]:
+    """The sequence lengths of ``cu`` (read on the host), after checking it and its max."""
+    if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
+        got = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+        raise ValueError(f"{name}: expected a 1-D int32 tensor, got {got}")
+    if cu.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {cu.device}")
+    if cu.numel() < 2:
+        raise ValueError(f"{name}: expected at least 2 entries (B + 1), got {cu.numel()}")
+    vals = cu.tolist()
+    if vals[0] != 0 or any(b < a for a, b in zip(vals, vals[1:])) or vals[-1] != total:
+        raise ValueError(
+            f"{name}: expected 0, non-decreasing, ending at {total}, got {vals[:8]}"
+            + ("..." if len(vals) > 8 else "")
+        )
+    lengths = tuple(b - a for a, b in zip(vals, vals[1:]))
+    mname = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
+    _validate.int_in(mname, mx, max(lengths), hint=f" (the longest sequence in {name})")
+    return lengths
+
+
+def varlen_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> VarlenInputs:
+    """vf.attention_varlen's arguments checked (its docstring states the contract) and packed.
+    Reads cu_seqlens on the host (one device sync each on GPU).
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
+    """
+    _check_qkv(q, k, v, 3, "[total_q, Hq, D]", "[total_k, Hkv, D]")
+    max_seqlen_q, max_seqlen_k = map(_validate.plain_number, (max_seqlen_q, max_seqlen_k))
+    lengths_q = _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device)
+    lengths_k = _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (as cu_seqlens_q), got "
+            f"{cu_seqlens_k.numel()}"
+        )
+    scale = _check_flags(causal, scale)
+    return VarlenInputs(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        lengths_q,
+        lengths_k,
+    )
+
+
+# -------------------------------------------------------------------------------- NaN rule
 
 
 def nan_rows(
@@ -92,30 +272,79 @@ def _nonfinite_rows(t: Tensor) -> Tensor:
     return ~torch.isfinite(t).all(dim=-1)
 
 
-def dense_nan_rows(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+def dense_nan_rows(x: AttentionInputs) -> Tensor:
     """:func:`nan_rows` of vf.attention's inputs: [B, T, Hq] bool."""
-    k_finite = _nonfinite_rows(k).logical_not_()
-    if key_padding_mask is not None:
-        k_finite = k_finite & key_padding_mask[:, :, None]
-    shift = k.shape[1] - q.shape[1] if causal else None
-    return nan_rows(_nonfinite_rows(q), k_finite, key_padding_mask, shift)
+    k_finite = _nonfinite_rows(x.k).logical_not_()
+    if x.key_padding_mask is not None:
+        k_finite = k_finite & x.key_padding_mask[:, :, None]
+    shift = x.k.shape[1] - x.q.shape[1] if x.causal else None
+    return nan_rows(_nonfinite_rows(x.q), k_finite, x.key_padding_mask, shift)
 
 
-def varlen_nan_rows(
-    q: Tensor,
-    k: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool,
-) -> Tensor:
+class _Padded(NamedTuple):
+    """Packed varlen rows laid out as [B, max_len] slots: gather index, validity, lengths."""
+
+    index_q: Tensor
+    valid_q: Tensor
+    lengths_q: Tensor
+    index_k: Tensor
+    valid_k: Tensor
+    lengths_k: Tensor
+
+
+def _pad_index(cu: Tensor, max_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gather index [B, max_len] into the packed rows, its validity mask, and the lengths."""
+    lengths = cu[1:] - cu[:-1]
+    pos = torch.arange(max_len, device=cu.device)[None, :]
+    valid = pos < lengths[:, None]
+    index = (cu[:-1, None].long() + pos).masked_fill(~valid, 0)
+    return index, valid, lengths
+
+
+def _padded(x: VarlenInputs) -> _Padded:
+    return _Padded(
+        *_pad_index(x.cu_seqlens_q, x.max_seqlen_q), *_pad_index(x.cu_seqlens_k, x.max_seqlen_k)
+    )
+
+
+def _padded_nan_rows(x: VarlenInputs, p: _Padded) -> Tensor:
+    """:func:`nan_rows` of vf.attention_varlen's inputs in the padded layout: [B, max_q, Hq]."""
+    k_finite = _nonfinite_rows(x.k).logical_not_()[p.index_k] & p.valid_k[:, :, None]
+    shift = (p.lengths_k - p.lengths_q) if x.causal else None
+    return nan_rows(_nonfinite_rows(x.q)[p.index_q], k_finite, p.valid_k, shift)
+
+
+def varlen_nan_rows(x: VarlenInputs) -> Tensor:
     """:func:`nan_rows` of vf.attention_varlen's inputs: [total_q, Hq] bool."""
-    iq, vq, lq = _pad_index(cu_seqlens_q, max_seqlen_q)
-    ik, vk, lk = _pad_index(cu_seqlens_k, max_seqlen_k)
-    k_finite = _nonfinite_rows(k).logical_not_()[ik] & vk[:, :, None]
-    nan = nan_rows(_nonfinite_rows(q)[iq], k_finite, vk, (lk - lq) if causal else None)
-    return nan[vq]
+    p = _padded(x)
+    return _padded_nan_rows(x, p)[p.valid_q]
+
+
+# ---------------------------------------------------------------------------------- sdpa
+
+
+def _allowed(
+    B: int,
+    T: int,
+    S: int,
+    device: torch.device,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    lengths_q: Tensor | None = None,
+    lengths_k: Tensor | None = None,
+) -> Tensor | None:
+    """The boolean [B or 1, 1, T or 1, S] mask of allowed (query, key) pairs, or None for all."""
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    if causal:
+        i = torch.arange(T, device=device)[:, None]
+        j = torch.arange(S, device=device)[None, :]
+        if lengths_q is None:
+            tri = (j <= i + (S - T))[None, None]
+        else:  # per-sequence bottom-right alignment for packed sequences
+            shift = (lengths_k - lengths_q).to(torch.long)[:, None, None, None]
+            tri = j[None, None] <= i[None, None] + shift
+        mask = tri if mask is None else mask & tri
+    return mask
 
 
 def _zero_padded(k: Tensor, v: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,75 +386,64 @@ def _sdpa_masked(
     return out
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask=None, causal=False, scale=None):
+def _sdpa(x: AttentionInputs, plan: None) -> Tensor:
+    q, k, v, key_padding_mask = x.q, x.k, x.v, x.key_padding_mask
     B, T, _, _ = q.shape
     S = k.shape[1]
-    nan = dense_nan_rows(q, k, key_padding_mask, causal)
+    nan = dense_nan_rows(x)
     if key_padding_mask is not None:
         k, v = _zero_padded(k, v, key_padding_mask)
-    if causal and key_padding_mask is None and T == S:
-        return _sdpa_masked(q, k, v, None, scale, nan, is_causal=True)
-    mask = _allowed(B, T, S, q.device, key_padding_mask, causal)
-    return _sdpa_masked(q, k, v, mask, scale, nan)
+    if x.causal and key_padding_mask is None and T == S:
+        return _sdpa_masked(q, k, v, None, x.scale, nan, is_causal=True)
+    mask = _allowed(B, T, S, q.device, key_padding_mask, x.causal)
+    return _sdpa_masked(q, k, v, mask, x.scale, nan)
 
 
-def _pad_index(cu: Tensor, max_len: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Gather index [B, max_len] into the packed rows, its validity mask, and the lengths."""
-    lengths = cu[1:] - cu[:-1]
-    pos = torch.arange(max_len, device=cu.device)[None, :]
-    valid = pos < lengths[:, None]
-    index = (cu[:-1, None].long() + pos).masked_fill(~valid, 0)
-    return index, valid, lengths
-
-
-def _sdpa_varlen(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None
-):
-    iq, vq, lq = _pad_index(cu_seqlens_q, max_seqlen_q)
-    ik, vk, lk = _pad_index(cu_seqlens_k, max_seqlen_k)
-    mask = vk[:, None, None, :]
-    if causal:
+def _sdpa_varlen(x: VarlenInputs, plan: None) -> Tensor:
+    q = x.q
+    p = _padded(x)
+    mask = p.valid_k[:, None, None, :]
+    if x.causal:
         mask = mask & _allowed(
-            iq.shape[0], max_seqlen_q, max_seqlen_k, q.device, None, True, lq, lk
+            p.index_q.shape[0],
+            x.max_seqlen_q,
+            x.max_seqlen_k,
+            q.device,
+            None,
+            True,
+            p.lengths_q,
+            p.lengths_k,
         )
     # The padding slots gather row 0 of the pack (a real row of another sequence, maybe NaN):
     # zeroed, key and query slots alike, so that nothing of it reaches this sequence and no
     # gradient of a padding query (which may meet this sequence's NaN) flows back into row 0.
-    kp, vp = _zero_padded(k[ik], v[ik], vk)
-    qp = torch.where(vq[:, :, None, None], q[iq], torch.zeros((), dtype=q.dtype, device=q.device))
-    k_finite = _nonfinite_rows(k).logical_not_()[ik] & vk[:, :, None]
-    nan = nan_rows(_nonfinite_rows(q)[iq], k_finite, vk, (lk - lq) if causal else None)
-    out = _sdpa_masked(qp, kp, vp, mask, scale, nan)  # [B, max_q, Hq, D]
-    return out[vq]
+    kp, vp = _zero_padded(x.k[p.index_k], x.v[p.index_k], p.valid_k)
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    qp = torch.where(p.valid_q[:, :, None, None], q[p.index_q], zero)
+    out = _sdpa_masked(qp, kp, vp, mask, x.scale, _padded_nan_rows(x, p))  # [B, max_q, Hq, D]
+    return out[p.valid_q]
+
+
+def _sdpa_supports(x: AttentionInputs | VarlenInputs) -> None | _backends.Refusal:
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    return _backends.plan_or_refusal(_common.dtype_in("q", x.q, dtypes))
 
 
 # ------------------------------------------------------------------------- triton backend
 # Custom ops (with fake functions) so torch.compile traces through the Triton launches; the
-# autograd formula saves q, k, v, out and the fp32 log-sum-exp only.
+# autograd formula saves q, k, v, out and the fp32 log-sum-exp only. Both ops end in the same
+# masking arguments (_MASKING), which the kernel launchers take as keywords (_masking).
 
-_Opt = Tensor | None
+_MASKING = (
+    "Tensor? seqlens_k, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
+    "SymInt max_seqlen_k, bool causal, float scale"
+)
 
 
-@torch.library.custom_op("vljepa_fast::attention_fwd_triton", mutates_args=())
-def _tri_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    seqlens_k: _Opt,
-    cu_seqlens_q: _Opt,
-    cu_seqlens_k: _Opt,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool,
-    scale: float,
-) -> tuple[Tensor, Tensor]:
-    from vljepa_fast._kernels import attention as kernel
-
+def _masking(seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    """The custom ops' masking arguments as the launchers' keywords (max_seqlen: varlen only)."""
     varlen = cu_seqlens_q is not None
-    return kernel.attention_forward(
-        q,
-        k,
-        v,
+    return dict(
         seqlens_k=seqlens_k,
         cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k,
@@ -236,8 +454,19 @@ def _tri_fwd(
     )
 
 
+@torch.library.custom_op(
+    "vljepa_fast::attention_fwd_triton",
+    mutates_args=(),
+    schema=f"(Tensor q, Tensor k, Tensor v, {_MASKING}) -> (Tensor, Tensor)",
+)
+def _tri_fwd(q: Tensor, k: Tensor, v: Tensor, *masking) -> tuple[Tensor, Tensor]:
+    from vljepa_fast._kernels import attention as kernel
+
+    return kernel.attention_forward(q, k, v, **_masking(*masking))
+
+
 @_tri_fwd.register_fake
-def _(q, k, v, seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+def _(q, k, v, seqlens_k, cu_seqlens_q, *rest):
     if cu_seqlens_q is not None:
         lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     else:
@@ -245,40 +474,19 @@ def _(q, k, v, seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
-@torch.library.custom_op("vljepa_fast::attention_bwd_triton", mutates_args=())
-def _tri_bwd(
-    do: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    seqlens_k: _Opt,
-    cu_seqlens_q: _Opt,
-    cu_seqlens_k: _Opt,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+@torch.library.custom_op(
+    "vljepa_fast::attention_bwd_triton",
+    mutates_args=(),
+    schema=(
+        f"(Tensor do, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_MASKING}) -> "
+        "(Tensor, Tensor, Tensor)"
+    ),
+)
+def _tri_bwd(do: Tensor, *tensors_and_masking) -> tuple[Tensor, Tensor, Tensor]:
     from vljepa_fast._kernels import attention as kernel
 
-    varlen = cu_seqlens_q is not None
-    return kernel.attention_backward(
-        do,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        seqlens_k=seqlens_k,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q if varlen else None,
-        max_seqlen_k=max_seqlen_k if varlen else None,
-        causal=causal,
-        scale=scale,
-    )
+    tensors, masking = tensors_and_masking[:5], tensors_and_masking[5:]
+    return kernel.attention_backward(do, *tensors, **_masking(*masking))
 
 
 @_tri_bwd.register_fake
@@ -319,86 +527,86 @@ def _scale(q: Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def _triton(q, k, v, *, key_padding_mask=None, causal=False, scale=None):
-    lengths = None if key_padding_mask is None else _right_padded_lengths(key_padding_mask)
-    out, _ = _tri_fwd(q, k, v, lengths, None, None, 0, 0, causal, _scale(q, scale))
+def _triton(x: AttentionInputs, lengths: Tensor | None) -> Tensor:
+    """``lengths``: the plan, int32 [B] key counts of the right-padded mask (None: no mask)."""
+    out, _ = _tri_fwd(x.q, x.k, x.v, lengths, None, None, 0, 0, x.causal, _scale(x.q, x.scale))
     return out
 
 
-def _triton_varlen(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None
-):
+def _triton_varlen(x: VarlenInputs, plan: None) -> Tensor:
     out, _ = _tri_fwd(
-        q,
-        k,
-        v,
+        x.q,
+        x.k,
+        x.v,
         None,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        causal,
-        _scale(q, scale),
+        x.cu_seqlens_q,
+        x.cu_seqlens_k,
+        x.max_seqlen_q,
+        x.max_seqlen_k,
+        x.causal,
+        _scale(x.q, x.scale),
     )
     return out
 
 
-def _triton_supports(
-    q: Tensor, k: Tensor, v: Tensor, *args, key_padding_mask=None, **kw
-) -> list[str]:
+def _triton_reasons(q: Tensor) -> list[str]:
     from vljepa_fast._kernels.attention import HEAD_DIMS
 
-    why = _common.triton_device(q) + _common.dtype_in("q", q)
+    why = _common.dtype_in("q", q)
     if q.shape[-1] not in HEAD_DIMS:
         why.append(f"head dim {q.shape[-1]} not in {HEAD_DIMS}")
     elif q.dtype == torch.float32 and q.shape[-1] > 128:
         why.append("float32 at head dim > 128 (its backward spills registers; use bf16/fp16)")
-    if key_padding_mask is not None:
+    return why
+
+
+def _triton_supports(x: AttentionInputs) -> Tensor | None | _backends.Refusal:
+    """The plan: the key lengths of a right-padded key_padding_mask (None without a mask), read
+    here once per call (one host sync on GPU) and handed to :func:`_triton`."""
+    why = _triton_reasons(x.q)
+    lengths = None
+    if x.key_padding_mask is not None:
         if torch.compiler.is_compiling():
             why.append(
                 "a key_padding_mask under torch.compile (its right padding cannot be checked)"
             )
-        elif _right_padded_lengths(key_padding_mask) is None:
-            why.append("key_padding_mask is not right padding (True... then False... per row)")
-    return why
+        else:
+            lengths = _right_padded_lengths(x.key_padding_mask)
+            if lengths is None:
+                why.append("key_padding_mask is not right padding (True... then False... per row)")
+    return _backends.plan_or_refusal(why, lengths)
 
 
-def _sdpa_supports(q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> list[str]:
-    return _common.dtype_in("q", q, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+def _triton_varlen_supports(x: VarlenInputs) -> None | _backends.Refusal:
+    return _backends.plan_or_refusal(_triton_reasons(x.q))
 
 
-def _reference(q, k, v, **kwargs):
-    return reference.attention(q, k, v, **kwargs)
+def _reference(x: AttentionInputs, plan: None) -> Tensor:
+    return reference.attention(
+        x.q, x.k, x.v, key_padding_mask=x.key_padding_mask, causal=x.causal, scale=x.scale
+    )
 
 
-def _reference_varlen(*args, **kwargs):
-    return reference.attention_varlen(*args, **kwargs)
+def _reference_varlen(x: VarlenInputs, plan: None) -> Tensor:
+    return reference.attention_varlen(
+        x.q,
+        x.k,
+        x.v,
+        x.cu_seqlens_q,
+        x.cu_seqlens_k,
+        x.max_seqlen_q,
+        x.max_seqlen_k,
+        causal=x.causal,
+        scale=x.scale,
+    )
 
 
-for _op, _sd, _tri, _ref in (
-    ("attention", _sdpa, _triton, _reference),
-    ("attention_varlen", _sdpa_varlen, _triton_varlen, _reference_varlen),
+for _op, _tri, _tri_sup, _sd, _ref in (
+    ("attention", _triton, _triton_supports, _sdpa, _reference),
+    ("attention_varlen", _triton_varlen, _triton_varlen_supports, _sdpa_varlen, _reference_varlen),
 ):
+    _common.triton_record(_op, _tri, _tri_sup, priority=20)
     _backends.register(
-        _backends.Backend(
-            "triton",
-            _op,
-            _tri,
-            available=_common.triton_import,
-            supports=_triton_supports,
-            devices=("cuda", "cpu"),
-            auto_devices=("cuda",),
-            priority=20,
-        )
+        _backends.Backend("sdpa", _op, _sd, available=list, supports=_sdpa_supports, priority=40)
     )
-    _backends.register(
-        _backends.Backend(
-            "sdpa",
-            _op,
-            _sd,
-            available=list,
-            supports=_sdpa_supports,
-            priority=40,
-        )
-    )
-    _backends.register(_backends.Backend("reference", _op, _ref, available=list, priority=100))
+    _common.reference_record(_op, _ref)

@@ -11,6 +11,11 @@ refused with that reason. GQA: flash-attn takes Hq % Hkv == 0 natively; xformers
 [B, M, G, H, D] layout with K/V broadcast over the query heads of a group (a stride-0 view, no
 copy).
 
+Plans: with a key_padding_mask, ``supports`` counts the real keys of every batch entry and reads
+the counts on the host once (:class:`KeyCounts`); the run unpads with them (no second read).
+Varlen inputs carry their sequence lengths from validation (VarlenInputs.lengths_q/_k), so the
+varlen records read nothing on the host.
+
 NaN rule (vf.attention's docstring): unpadding keeps padded keys out of the kernels entirely;
 the rows the rule makes NaN that a fused softmax may leave finite (a non-finite query, no
 finite key: see ops.attention.nan_rows) are set to NaN afterwards. cu_seqlens are passed
@@ -22,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +35,15 @@ from torch import Tensor
 
 from vljepa_fast import _backends
 from vljepa_fast.ops import _common
-from vljepa_fast.ops.attention import dense_nan_rows, varlen_nan_rows
+from vljepa_fast.ops.attention import (
+    AttentionInputs,
+    VarlenInputs,
+    dense_nan_rows,
+    varlen_nan_rows,
+)
 
 __all__ = [
+    "KeyCounts",
     "flash_attn_supports",
     "flash_attn_varlen_supports",
     "xformers_supports",
@@ -46,6 +58,29 @@ _CAUSAL_PADDING = (
     "causal with key_padding_mask: the library aligns its causal mask to each sequence's own key "
     "count, not to the padded key positions"
 )
+
+
+class _Peer(NamedTuple):
+    """What one peer library serves."""
+
+    module: str
+    dtypes: tuple[torch.dtype, ...]
+    min_major: int  # compute capability
+    empty_queries: bool  # whether a varlen sequence may have no query
+    priority: int
+    deterministic: bool
+
+
+_FLASH = _Peer("flash_attn", FLASH_DTYPES, 8, True, priority=25, deterministic=True)
+# xformers' backward may accumulate with atomics
+_XFORMERS = _Peer("xformers", XFORMERS_DTYPES, 5, False, priority=35, deterministic=False)
+
+
+class KeyCounts(NamedTuple):
+    """A dense plan with a key_padding_mask: the real keys per batch entry."""
+
+    lengths: Tensor  # [B] int32 on the inputs' device
+    host: tuple[int, ...]  # the same, read on the host once (by supports)
 
 
 @functools.cache
@@ -67,128 +102,79 @@ def _import_reasons(module: str) -> list[str]:
     return list(_probe(module))
 
 
-def _common_reasons(q: Tensor, dtypes: tuple[torch.dtype, ...], min_major: int) -> list[str]:
-    why = _common.dtype_in("q", q, dtypes)
+def _common_reasons(peer: _Peer, q: Tensor) -> list[str]:
+    why = _common.dtype_in("q", q, peer.dtypes)
     if q.shape[-1] > MAX_HEAD_DIM:
         why.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
     if q.is_cuda:
         major, minor = torch.cuda.get_device_capability(q.device)
-        if major < min_major:
-            why.append(f"needs compute capability >= {min_major}.0, got {major}.{minor}")
+        if major < peer.min_major:
+            why.append(f"needs compute capability >= {peer.min_major}.0, got {major}.{minor}")
     return why
 
 
-def _padding_reasons(key_padding_mask: Tensor | None, causal: bool) -> list[str]:
-    if key_padding_mask is None:
-        return []
-    if causal:
-        return [_CAUSAL_PADDING]
-    # reads the mask on the host; the run needs the lengths there anyway
-    if not bool(key_padding_mask.any(dim=1).all()):
-        return ["a batch entry has no key (every key padded); its output is not defined there"]
-    return []
+def _dense_supports(peer: _Peer, x: AttentionInputs) -> KeyCounts | None | _backends.Refusal:
+    """Reasons ``peer`` cannot serve these vf.attention inputs, or its plan (:class:`KeyCounts`
+    with a key_padding_mask, else None)."""
+    why = _common_reasons(peer, x.q)
+    plan = None
+    if x.key_padding_mask is not None:
+        if x.causal:
+            why.append(_CAUSAL_PADDING)
+        else:
+            # reads the mask on the host once; the run needs the counts there anyway
+            lengths = x.key_padding_mask.sum(dim=1, dtype=torch.int32)
+            plan = KeyCounts(lengths, tuple(lengths.tolist()))
+            if min(plan.host) == 0:
+                why.append(
+                    "a batch entry has no key (every key padded); its output is not defined there"
+                )
+    return _backends.plan_or_refusal(why, plan)
 
 
-def _varlen_reasons(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *, empty_ok: bool) -> list[str]:
-    lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-    lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-    if any(a > 0 and b == 0 for a, b in zip(lq, lk)):
-        return ["a sequence has queries but no key; its output is not defined there"]
-    if not empty_ok and any(a == 0 for a in lq):
-        return ["a sequence has no query (BlockDiagonalMask takes no empty block)"]
-    return []
+def _varlen_supports(peer: _Peer, x: VarlenInputs) -> None | _backends.Refusal:
+    """Reasons ``peer`` cannot serve these vf.attention_varlen inputs (None: it can)."""
+    why = _common_reasons(peer, x.q)
+    if any(a > 0 and b == 0 for a, b in zip(x.lengths_q, x.lengths_k)):
+        why.append("a sequence has queries but no key; its output is not defined there")
+    elif not peer.empty_queries and any(a == 0 for a in x.lengths_q):
+        why.append("a sequence has no query (BlockDiagonalMask takes no empty block)")
+    return _backends.plan_or_refusal(why)
 
 
-def flash_attn_supports(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    key_padding_mask: Tensor | None = None,
-    causal: bool = False,
-    scale: float | None = None,
-) -> list[str]:
-    """Reasons flash-attn 2 cannot serve these vf.attention inputs (empty: it can)."""
-    return _common_reasons(q, FLASH_DTYPES, 8) + _padding_reasons(key_padding_mask, causal)
+flash_attn_supports = functools.partial(_dense_supports, _FLASH)
+flash_attn_varlen_supports = functools.partial(_varlen_supports, _FLASH)
+xformers_supports = functools.partial(_dense_supports, _XFORMERS)
+xformers_varlen_supports = functools.partial(_varlen_supports, _XFORMERS)
 
 
-def flash_attn_varlen_supports(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-) -> list[str]:
-    """Reasons flash-attn 2 cannot serve these vf.attention_varlen inputs."""
-    return _common_reasons(q, FLASH_DTYPES, 8) + _varlen_reasons(
-        cu_seqlens_q, cu_seqlens_k, empty_ok=True
-    )
-
-
-def xformers_supports(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    key_padding_mask: Tensor | None = None,
-    causal: bool = False,
-    scale: float | None = None,
-) -> list[str]:
-    """Reasons xformers' memory_efficient_attention cannot serve these vf.attention inputs."""
-    return _common_reasons(q, XFORMERS_DTYPES, 5) + _padding_reasons(key_padding_mask, causal)
-
-
-def xformers_varlen_supports(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-) -> list[str]:
-    """Reasons xformers cannot serve these vf.attention_varlen inputs."""
-    return _common_reasons(q, XFORMERS_DTYPES, 5) + _varlen_reasons(
-        cu_seqlens_q, cu_seqlens_k, empty_ok=False
-    )
-
-
-def _unpad_keys(k: Tensor, v: Tensor, key_padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Real keys and values packed [N, Hkv, D], and the [B] int32 key counts."""
-    B, S, Hkv, D = k.shape
-    index = key_padding_mask.reshape(-1).nonzero().squeeze(1)
-    lengths = key_padding_mask.sum(dim=1, dtype=torch.int32)
+def _unpad_keys(x: AttentionInputs) -> tuple[Tensor, Tensor]:
+    """The real keys and values packed [N, Hkv, D]."""
+    B, S, Hkv, D = x.k.shape
+    index = x.key_padding_mask.reshape(-1).nonzero().squeeze(1)
     return (
-        k.reshape(B * S, Hkv, D).index_select(0, index),
-        v.reshape(B * S, Hkv, D).index_select(0, index),
-        lengths,
+        x.k.reshape(B * S, Hkv, D).index_select(0, index),
+        x.v.reshape(B * S, Hkv, D).index_select(0, index),
     )
 
 
 # ------------------------------------------------------------------------------- flash-attn
 
 
-def _flash(q, k, v, *, key_padding_mask=None, causal=False, scale=None):
+def _flash(x: AttentionInputs, plan: KeyCounts | None) -> Tensor:
     import flash_attn
 
+    q = x.q
     deterministic = torch.are_deterministic_algorithms_enabled()
-    nan = dense_nan_rows(q, k, key_padding_mask, causal)[..., None]
-    if key_padding_mask is None:
+    nan = dense_nan_rows(x)[..., None]
+    if plan is None:
         out = flash_attn.flash_attn_func(
-            q, k, v, softmax_scale=scale, causal=causal, deterministic=deterministic
+            q, x.k, x.v, softmax_scale=x.scale, causal=x.causal, deterministic=deterministic
         )
         return out.masked_fill(nan, float("nan"))
     B, T, Hq, D = q.shape
-    k_real, v_real, lengths = _unpad_keys(k, v, key_padding_mask)
-    cu_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    k_real, v_real = _unpad_keys(x)
+    cu_k = F.pad(plan.lengths.cumsum(0, dtype=torch.int32), (1, 0))
     cu_q = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
     out = flash_attn.flash_attn_varlen_func(
         q.reshape(B * T, Hq, D),
@@ -197,34 +183,30 @@ def _flash(q, k, v, *, key_padding_mask=None, causal=False, scale=None):
         cu_q,
         cu_k,
         T,
-        int(lengths.max()),
-        softmax_scale=scale,
+        max(plan.host),
+        softmax_scale=x.scale,
         causal=False,
         deterministic=deterministic,
     )
     return out.view(B, T, Hq, D).masked_fill(nan, float("nan"))
 
 
-def _flash_varlen(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None
-):
+def _flash_varlen(x: VarlenInputs, plan: None) -> Tensor:
     import flash_attn
 
-    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     out = flash_attn.flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        softmax_scale=scale,
-        causal=causal,
+        x.q,
+        x.k,
+        x.v,
+        x.cu_seqlens_q.contiguous(),
+        x.cu_seqlens_k.contiguous(),
+        x.max_seqlen_q,
+        x.max_seqlen_k,
+        softmax_scale=x.scale,
+        causal=x.causal,
         deterministic=torch.are_deterministic_algorithms_enabled(),
     )
-    nan = varlen_nan_rows(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    return out.masked_fill(nan[..., None], float("nan"))
+    return out.masked_fill(varlen_nan_rows(x)[..., None], float("nan"))
 
 
 # --------------------------------------------------------------------------------- xformers
@@ -240,86 +222,60 @@ def _grouped(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q5, k5, v5
 
 
-def _xformers(q, k, v, *, key_padding_mask=None, causal=False, scale=None):
+def _xformers(x: AttentionInputs, plan: KeyCounts | None) -> Tensor:
     from xformers.ops import fmha
 
-    B, T, Hq, D = q.shape
-    nan = dense_nan_rows(q, k, key_padding_mask, causal)[..., None]
-    if key_padding_mask is None:
-        bias = fmha.attn_bias.LowerTriangularFromBottomRightMask() if causal else None
-        out = fmha.memory_efficient_attention(*_grouped(q, k, v), attn_bias=bias, scale=scale)
+    B, T, Hq, D = x.q.shape
+    nan = dense_nan_rows(x)[..., None]
+    if plan is None:
+        bias = fmha.attn_bias.LowerTriangularFromBottomRightMask() if x.causal else None
+        q5, k5, v5 = _grouped(x.q, x.k, x.v)
+        out = fmha.memory_efficient_attention(q5, k5, v5, attn_bias=bias, scale=x.scale)
         return out.reshape(B, T, Hq, D).masked_fill(nan, float("nan"))
-    k_real, v_real, lengths = _unpad_keys(k, v, key_padding_mask)
+    k_real, v_real = _unpad_keys(x)
     bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(
-        q_seqlen=[T] * B, kv_seqlen=lengths.tolist()
+        q_seqlen=[T] * B, kv_seqlen=list(plan.host)
     )
-    q5, k5, v5 = _grouped(q.reshape(1, B * T, Hq, D), k_real[None], v_real[None])
-    out = fmha.memory_efficient_attention(q5, k5, v5, attn_bias=bias, scale=scale)
+    q5, k5, v5 = _grouped(x.q.reshape(1, B * T, Hq, D), k_real[None], v_real[None])
+    out = fmha.memory_efficient_attention(q5, k5, v5, attn_bias=bias, scale=x.scale)
     return out.reshape(B, T, Hq, D).masked_fill(nan, float("nan"))
 
 
-def _xformers_varlen(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None
-):
+def _xformers_varlen(x: VarlenInputs, plan: None) -> Tensor:
     from xformers.ops import fmha
 
-    lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-    lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
     mask = (
         fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask
-        if causal
+        if x.causal
         else fmha.attn_bias.BlockDiagonalMask
     )
-    bias = mask.from_seqlens(q_seqlen=lq, kv_seqlen=lk)
-    q5, k5, v5 = _grouped(q[None], k[None], v[None])
-    out = fmha.memory_efficient_attention(q5, k5, v5, attn_bias=bias, scale=scale)
-    nan = varlen_nan_rows(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    return out.reshape(q.shape).masked_fill(nan[..., None], float("nan"))
+    bias = mask.from_seqlens(q_seqlen=list(x.lengths_q), kv_seqlen=list(x.lengths_k))
+    q5, k5, v5 = _grouped(x.q[None], x.k[None], x.v[None])
+    out = fmha.memory_efficient_attention(q5, k5, v5, attn_bias=bias, scale=x.scale)
+    return out.reshape(x.q.shape).masked_fill(varlen_nan_rows(x)[..., None], float("nan"))
 
 
 def _records() -> list[_backends.Backend]:
     """The four records (flash_attn and xformers, for attention and attention_varlen)."""
-    B = _backends.Backend
     return [
-        B(
-            "flash_attn",
-            "attention",
-            _flash,
-            available=lambda: _import_reasons("flash_attn"),
-            supports=flash_attn_supports,
+        _backends.Backend(
+            peer.module,
+            op,
+            run,
+            available=lambda m=peer.module: _import_reasons(m),
+            supports=functools.partial(supports, peer),
             devices=("cuda",),
-            priority=25,
-        ),
-        B(
-            "flash_attn",
-            "attention_varlen",
-            _flash_varlen,
-            available=lambda: _import_reasons("flash_attn"),
-            supports=flash_attn_varlen_supports,
-            devices=("cuda",),
-            priority=25,
-        ),
-        # its backward may accumulate with atomics
-        B(
-            "xformers",
-            "attention",
-            _xformers,
-            available=lambda: _import_reasons("xformers"),
-            supports=xformers_supports,
-            devices=("cuda",),
-            priority=35,
-            deterministic=False,
-        ),
-        B(
-            "xformers",
-            "attention_varlen",
-            _xformers_varlen,
-            available=lambda: _import_reasons("xformers"),
-            supports=xformers_varlen_supports,
-            devices=("cuda",),
-            priority=35,
-            deterministic=False,
-        ),
+            priority=peer.priority,
+            deterministic=peer.deterministic,
+        )
+        for peer, dense, varlen in (
+            (_FLASH, _flash, _flash_varlen),
+            (_XFORMERS, _xformers, _xformers_varlen),
+        )
+        for op, run, supports in (
+            ("attention", dense, _dense_supports),
+            ("attention_varlen", varlen, _varlen_supports),
+        )
     ]
 
 

@@ -1,4 +1,5 @@
-"""infonce_loss: argument checks, the distributed composition, and backend records.
+"""infonce_loss: the op's validated inputs, the distributed composition, the fused autograd op
+over the kernels, and the backend records.
 
 Zero-row rule (``normalize=True``, every backend). Rows are divided by max(norm, NORM_EPS)
 (``reference.NORM_EPS`` = 1e-12), so the values are ``F.normalize(x, eps=NORM_EPS)``'s and a zero
@@ -7,7 +8,8 @@ zero on rows below it (``reference.normalize_rows``, as topk_similarity's cosine
 no direction, and the clamp's 1 / NORM_EPS slope would reach 1e12 and overflow fp16. Such a row
 keeps its clamped value x / NORM_EPS in the other rows' logits, so their gradients are exact.
 The reference backend computes it with ``normalize_rows``; the cpu, triton and cuda backward
-kernels give the rows whose norm was clamped a zero gradient in their normalisation backward.
+kernels give the rows whose norm was clamped a zero gradient in their normalisation backward
+(the Triton kernels receive ``reference.NORM_EPS`` from here as their ``eps``).
 
 Distributed convention (``group`` given). Rank r holds N_r >= 1 local rows of pred and target;
 the sizes may differ by rank (they are all-gathered first, with the feature size, dtype and the
@@ -15,8 +17,9 @@ flags, and a mismatch raises the same ValueError on every rank). The negatives a
 batch of N = sum_r N_r rows, in rank order: rank r's rows are global rows
 s_r = N_0 + ... + N_(r-1) onwards. Rank r computes the terms of its own rows (its pred rows
 against all targets, its target rows against all preds); the other ranks' embeddings reach it
-through an all-gather whose backward returns every rank's gradient contribution to the owner
-(all-reduce on gloo, reduce-scatter on NCCL).
+through an all-gather (torch's functional collective, rows padded to the largest N_r) whose
+backward returns every rank's gradient contribution to the owner (a sum over ranks:
+reduce-scatter).
 
 * reduction "mean" / "sum": every rank returns the global loss L (the same value everywhere).
   Write L = sum_r L_r, where L_r holds the terms of rank r's own rows (with "mean", each term
@@ -37,17 +40,19 @@ through an all-gather whose backward returns every rank's gradient contribution 
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vljepa_fast import _backends, reference
+from vljepa_fast import _backends, _validate, reference
 from vljepa_fast.ops import _common
 
 OP = "infonce_loss"
-
+REDUCTIONS = ("mean", "sum", "none")
 
 #: Smallest temperature served: 1/temperature <= 2**60. The logits then stay within 2**60 in
 #: magnitude (|S| <= 1/temperature with normalize), every loss term within 2**61 + log(N), and
@@ -58,7 +63,75 @@ OP = "infonce_loss"
 MIN_TEMPERATURE = 2.0**-60
 
 
-def check_temperature(temperature: object, like: Tensor) -> None:
+# ------------------------------------------------------------------------------ inputs
+
+
+# eq=False: the fields hold tensors (identity, not elementwise, comparison)
+@dataclass(frozen=True, eq=False)
+class InfoNCEInputs:
+    """Validated arguments of :func:`vljepa_fast.infonce_loss` (built by :func:`infonce_inputs`).
+
+    Attributes:
+        pred: [N, D] floating tensor as given (any strides; may require a gradient); N, D >= 1
+            unless ``group`` is given (then every rank's N is checked once the sizes are
+            exchanged, see :func:`exchange_sizes`).
+        target: [N, D], same shape, dtype and device.
+        temperature: a Python float >= MIN_TEMPERATURE, or a 0-dim floating tensor on pred's
+            device (its value in that range, checked eagerly outside torch.compile).
+        symmetric, normalize: bools.
+        reduction: "mean", "sum" or "none".
+        group: None, or a process group of an initialised torch.distributed.
+    """
+
+    pred: Tensor
+    target: Tensor
+    temperature: float | Tensor
+    symmetric: bool
+    normalize: bool
+    reduction: str
+    group: object | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.pred.device
+
+
+def infonce_inputs(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    temperature: float | Tensor = 0.07,
+    symmetric: bool = True,
+    normalize: bool = True,
+    reduction: str = "mean",
+    group: object | None = None,
+) -> InfoNCEInputs:
+    """The arguments of :func:`vljepa_fast.infonce_loss`, checked (see its docstring).
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
+    """
+    _validate.matching(("pred", "target"), (pred, target), ndim=2, layouts=("[N, D]", "[N, D]"))
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"target: expected the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}"
+        )
+    if group is None:
+        # distributed: checked on every rank at once, after the sizes are exchanged (a rank that
+        # raised alone would leave the others waiting in a collective)
+        _validate.nonempty("pred", pred, 0, "row (N >= 1)")
+        _validate.nonempty("pred", pred, 1, "column (D >= 1)")
+    temperature = _validate.plain_number(temperature)  # numpy scalars
+    _check_temperature(temperature, pred)
+    for name, flag in (("symmetric", symmetric), ("normalize", normalize)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name}: expected a bool, got {flag!r}")
+    _validate.choice("reduction", reduction, REDUCTIONS)
+    _check_group(group)
+    return InfoNCEInputs(pred, target, temperature, symmetric, normalize, reduction, group)
+
+
+def _check_temperature(temperature: object, like: Tensor) -> None:
     """``temperature``: a finite float >= MIN_TEMPERATURE, or a 0-dim floating tensor on
     ``like``'s device whose value (read eagerly, outside torch.compile) is in that range."""
     if isinstance(temperature, Tensor):
@@ -85,7 +158,7 @@ def check_temperature(temperature: object, like: Tensor) -> None:
         )
 
 
-def check_group(group: object) -> None:
+def _check_group(group: object) -> None:
     if group is None:
         return
     if not dist.is_available() or not dist.is_initialized():
@@ -95,64 +168,18 @@ def check_group(group: object) -> None:
         )
 
 
-class _GatherRows(torch.autograd.Function):
-    """all_gather along dim 0 of ``sizes[r]`` rows from each rank r (the sizes may differ: rows
-    are padded to the largest), whose backward sums every rank's gradient into the owner's rows.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group, sizes: list[int]) -> Tensor:
-        ctx.group, ctx.sizes = group, sizes
-        width = max(sizes)
-        x = x.contiguous()
-        if x.shape[0] != width:
-            padded = x.new_zeros((width,) + tuple(x.shape[1:]))
-            padded[: x.shape[0]] = x
-            x = padded
-        parts = [torch.empty_like(x) for _ in sizes]
-        dist.all_gather(parts, x, group=group)
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        group, sizes = ctx.group, ctx.sizes
-        rank = dist.get_rank(group)
-        starts = [sum(sizes[:r]) for r in range(len(sizes))]
-        n = sizes[rank]
-        # a private copy: the collectives below work in place
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        if dist.get_backend(group) == dist.Backend.NCCL:
-            width = max(sizes)
-            full = grad
-            if any(size != width for size in sizes):
-                full = grad.new_zeros((len(sizes) * width,) + tuple(grad.shape[1:]))
-                for r, (start, size) in enumerate(zip(starts, sizes)):
-                    full[r * width : r * width + size] = grad[start : start + size]
-            out = grad.new_empty((width,) + tuple(grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, full, group=group)
-            return out[:n], None, None
-        dist.all_reduce(grad, group=group)  # gloo has no reduce_scatter
-        return grad[starts[rank] : starts[rank] + n], None, None
-
+# ------------------------------------------------------------------------------ distributed
 
 _DIST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_DIST_REDUCTIONS = ("mean", "sum", "none")
 
 
-def exchange_sizes(
-    pred: Tensor,
-    *,
-    symmetric: bool,
-    normalize: bool,
-    reduction: str,
-    group,
-    scale: float | Tensor | None = None,
-):
+def exchange_sizes(x: InfoNCEInputs, scale: float | Tensor | None = None) -> list[int]:
     """Every rank's local batch size (rank order), after checking on all ranks at once that each
     has at least one row and that all agree on D, the dtype, the flags and the temperature's
     value (``scale`` = 1 / temperature): the same ValueError is raised on every rank (a mismatch
     left to the collectives would hang or abort them; different temperatures would give each rank
     another "global" loss)."""
+    pred, group = x.pred, x.group
     world = dist.get_world_size(group)
     # one gather for everything (float64 holds the sizes exactly); the scale is 0 where it is
     # not read (no scale given, or a tensor under torch.compile): a real one is > 0
@@ -163,9 +190,9 @@ def exchange_sizes(
             pred.shape[0],
             pred.shape[1],
             _DIST_DTYPES.index(pred.dtype),
-            int(symmetric),
-            int(normalize),
-            _DIST_REDUCTIONS.index(reduction),
+            int(x.symmetric),
+            int(x.normalize),
+            REDUCTIONS.index(x.reduction),
             value,
         ],
         dtype=torch.float64,
@@ -194,7 +221,7 @@ def exchange_sizes(
         2: ("pred", "dtype", lambda v: str(_DIST_DTYPES[v]).removeprefix("torch.")),
         3: ("symmetric", "value", bool),
         4: ("normalize", "value", bool),
-        5: ("reduction", "value", lambda v: _DIST_REDUCTIONS[v]),
+        5: ("reduction", "value", lambda v: REDUCTIONS[v]),
     }
     for col, (name, what, show) in decode.items():
         vals = [row[col] for row in table]
@@ -206,46 +233,44 @@ def exchange_sizes(
     return sizes
 
 
-def scale_tensor(temperature: float | Tensor, like: Tensor) -> Tensor:
-    """1 / temperature as a 0-dim float32 tensor on like's device (differentiable if a tensor)."""
-    if isinstance(temperature, Tensor):
-        return (1.0 / temperature).to(torch.float32)
-    return torch.tensor(1.0 / temperature, dtype=torch.float32, device=like.device)
+def _gather_rows(x: Tensor, group, sizes: list[int]) -> Tensor:
+    """The rows of every rank (``sizes[r]`` from rank r, in rank order), differentiable: the
+    backward sums every rank's gradient into the owner's rows. The local rows are padded to the
+    largest size (the collective moves equal shapes) and the padding is sliced off again."""
+    from torch.distributed import _functional_collectives as collectives
+
+    # torch's differentiable functional all-gather (backward: a reduce-scatter sum), traceable
+    # by torch.compile; renamed all_gather_single_autograd after torch 2.11
+    gather = getattr(collectives, "all_gather_single_autograd", None)
+    if gather is None:
+        gather = collectives.all_gather_tensor_autograd
+    width = max(sizes)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[0]))
+    full = gather(padded.contiguous(), 0, group)
+    return torch.cat([full[r * width : r * width + size] for r, size in enumerate(sizes)])
 
 
-def distributed_loss(
-    row_loss,
-    pred: Tensor,
-    target: Tensor,
-    scale,
-    *,
-    symmetric: bool,
-    normalize: bool,
-    reduction: str,
-    group,
-) -> Tensor:
+def distributed_loss(row_loss, x: InfoNCEInputs, scale: float | Tensor) -> Tensor:
     """Compose a differentiable one-direction loss into the distributed loss (module doc).
 
     ``row_loss(a, b, scale, offset, normalize) -> [n]``: logsumexp over all rows of b minus the
     positive (column i + offset) of each row of a.
     """
-    sizes = exchange_sizes(
-        pred, symmetric=symmetric, normalize=normalize, reduction=reduction, group=group,
-        scale=scale,
-    )
+    group = x.group
+    sizes = exchange_sizes(x, scale)
     world, rank = len(sizes), dist.get_rank(group)
     start, total_rows = sum(sizes[:rank]), sum(sizes)
-    per_row = row_loss(pred, _GatherRows.apply(target, group, sizes), scale, start, normalize)
-    if symmetric:
-        back = row_loss(target, _GatherRows.apply(pred, group, sizes), scale, start, normalize)
+    per_row = row_loss(x.pred, _gather_rows(x.target, group, sizes), scale, start, x.normalize)
+    if x.symmetric:
+        back = row_loss(x.target, _gather_rows(x.pred, group, sizes), scale, start, x.normalize)
         per_row = 0.5 * (per_row + back)
-    if reduction == "none":
+    if x.reduction == "none":
         return per_row
     own = per_row.sum()  # L_r x total_rows ("mean") or L_r ("sum"): this rank's rows' terms
-    local = own * (world if reduction == "sum" else world / total_rows)
+    local = own * (world if x.reduction == "sum" else world / total_rows)
     total = own.detach().clone()
     dist.all_reduce(total, group=group)
-    if reduction == "mean":
+    if x.reduction == "mean":
         total = total / total_rows
     # value: the global loss L; gradient: world_size x L_r's (see module doc).
     return local + (total - local).detach()
@@ -257,7 +282,7 @@ def _reduce(per_row: Tensor, reduction: str) -> Tensor:
     return per_row.sum() if reduction == "sum" else per_row.mean()
 
 
-# ------------------------------------------------------------------------- reference backend
+# ------------------------------------------------------------------------------ reference
 
 
 def _reference_row_loss(a: Tensor, b: Tensor, scale, offset: int, normalize: bool) -> Tensor:
@@ -267,200 +292,146 @@ def _reference_row_loss(a: Tensor, b: Tensor, scale, offset: int, normalize: boo
     return row_lse - pos_row
 
 
-def _reference(pred, target, *, temperature, symmetric, normalize, reduction, group):
-    if group is not None:
-        return distributed_loss(
-            _reference_row_loss,
-            pred,
-            target,
-            1.0 / temperature,
-            symmetric=symmetric,
-            normalize=normalize,
-            reduction=reduction,
-            group=group,
-        )
+def _reference(x: InfoNCEInputs, plan: None) -> Tensor:
+    if x.group is not None:
+        return distributed_loss(_reference_row_loss, x, 1.0 / x.temperature)
     return reference.infonce_loss(
-        pred,
-        target,
-        temperature=temperature,
-        symmetric=symmetric,
-        normalize=normalize,
-        reduction=reduction,
+        x.pred,
+        x.target,
+        temperature=x.temperature,
+        symmetric=x.symmetric,
+        normalize=x.normalize,
+        reduction=x.reduction,
     )
 
 
-# ------------------------------------------------------------------------- fused backends
+# ------------------------------------------------------------------------------ fused op
 
 
-def _native_fwd(a, b, scale, offset, normalize, col_stats):
-    return torch.ops.vljepa_fast.infonce_fwd(a, b, scale, offset, normalize, col_stats)
+def scale_tensor(temperature: float | Tensor, like: Tensor) -> Tensor:
+    """1 / temperature as a 0-dim float32 tensor on like's device (differentiable if a tensor)."""
+    if isinstance(temperature, Tensor):
+        return (1.0 / temperature).to(torch.float32)
+    return torch.tensor(1.0 / temperature, dtype=torch.float32, device=like.device)
 
 
-def _native_bwd(a, b, scale, offset, normalize, row_lse, col_lse, g_row, g_col):
-    return torch.ops.vljepa_fast.infonce_bwd(
-        a, b, scale, offset, normalize, row_lse, col_lse, g_row, g_col
-    )
-
-
-@torch.library.custom_op("vljepa_fast::infonce_fwd_triton", mutates_args=())
-def _triton_fwd(
-    a: Tensor, b: Tensor, scale: Tensor, offset: int, normalize: bool, col_stats: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _kernels(impl: str):
+    """(forward, backward) of the kernel contract (csrc/ops.cpp, ``infonce_fwd`` /
+    ``infonce_bwd``) for ``impl``: "native" (the C++/CUDA library) or "triton"."""
+    if impl == "native":
+        return torch.ops.vljepa_fast.infonce_fwd, torch.ops.vljepa_fast.infonce_bwd
     from vljepa_fast._kernels import infonce as kernel
 
-    row_lse, col_lse, pos_row, pos_col = kernel.infonce_forward(
-        a, b, scale, offset, normalize, col_stats
+    eps = reference.NORM_EPS
+    return (
+        functools.partial(kernel.infonce_forward, eps=eps),
+        functools.partial(kernel.infonce_backward, eps=eps),
+    )
+
+
+@torch.library.custom_op("vljepa_fast::infonce_fused", mutates_args=())
+def _fused_terms(
+    a: Tensor, b: Tensor, scale: Tensor, offset: int, normalize: bool, col_stats: bool, impl: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row_loss [N], col_loss [M] or [0], row_lse [N], col_lse [M] or [0]) by ``impl``'s
+    kernels: the loss terms lse - positive in float32 and the float64 LSEs the backward reads
+    (the kernel contract, csrc/ops.cpp). Differentiable in a, b and scale (register_autograd
+    below); the backward saves only the inputs, the scale and the two LSEs: never the N x M
+    logits. a [N, D] and b [M, D] are contiguous rows (the callers copy other strides)."""
+    forward, _ = _kernels(impl)
+    # detached views: native kernels run ATen ops (out= GEMMs) on worker threads where the
+    # grad mode of this thread does not apply
+    row_lse, col_lse, pos_row, pos_col = forward(
+        a.detach(), b.detach(), scale.detach(), offset, normalize, col_stats
     )
     if col_lse is None:  # the native contract: empty column outputs without col_stats
         col_lse, pos_col = row_lse.new_empty(0), pos_row.new_empty(0)
-    return row_lse, col_lse, pos_row, pos_col
+    return (row_lse - pos_row).float(), (col_lse - pos_col).float(), row_lse, col_lse
 
 
-@_triton_fwd.register_fake
-def _(a, b, scale, offset, normalize, col_stats):
-    m = b.shape[0] if col_stats else 0
+@_fused_terms.register_fake
+def _(a, b, scale, offset, normalize, col_stats, impl):
+    n, m = a.shape[0], (b.shape[0] if col_stats else 0)
     f32, f64 = dict(dtype=torch.float32), dict(dtype=torch.float64)
     return (
-        a.new_empty(a.shape[0], **f64),
-        a.new_empty(m, **f64),
-        a.new_empty(a.shape[0], **f32),
+        a.new_empty(n, **f32),
         a.new_empty(m, **f32),
+        a.new_empty(n, **f64),
+        a.new_empty(m, **f64),
     )
 
 
-@torch.library.custom_op("vljepa_fast::infonce_bwd_triton", mutates_args=())
-def _triton_bwd(
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    offset: int,
-    normalize: bool,
-    row_lse: Tensor,
-    col_lse: Tensor | None,
-    g_row: Tensor,
-    g_col: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    from vljepa_fast._kernels import infonce as kernel
-
-    return kernel.infonce_backward(a, b, scale, offset, normalize, row_lse, col_lse, g_row, g_col)
+# The backward's tensors first, then _fused_terms' options (offset, normalize, col_stats, impl).
+_BWD_SCHEMA = (
+    "(Tensor a, Tensor b, Tensor scale, Tensor row_lse, Tensor col_lse, Tensor g_row, "
+    "Tensor g_col, int offset, bool normalize, bool col_stats, str impl) "
+    "-> (Tensor, Tensor, Tensor)"
+)
 
 
-@_triton_bwd.register_fake
+@torch.library.custom_op("vljepa_fast::infonce_fused_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def _fused_terms_bwd(
+    a, b, scale, row_lse, col_lse, g_row, g_col, offset, normalize, col_stats, impl
+):
+    """(da, db, dscale) of sum g_row * row_loss + sum g_col * col_loss by ``impl``'s backward
+    kernel; without ``col_stats`` the column vectors are empty and not passed on."""
+    _, backward = _kernels(impl)
+    col_lse, g_col = (col_lse, g_col) if col_stats else (None, None)
+    return backward(
+        a.detach(), b.detach(), scale.detach(), offset, normalize, row_lse, col_lse, g_row, g_col
+    )
+
+
+@_fused_terms_bwd.register_fake
 def _(a, b, scale, *args):
     return torch.empty_like(a), torch.empty_like(b), scale.new_empty((), dtype=torch.float32)
 
 
-_IMPLS = {"native": (_native_fwd, _native_bwd), "triton": (_triton_fwd, _triton_bwd)}
+def _fused_setup(ctx, inputs, output):
+    a, b, scale, *options = inputs
+    ctx.save_for_backward(a, b, scale, output[2], output[3])
+    ctx.options = options
 
 
-class _FusedInfoNCE(torch.autograd.Function):
-    """(row_loss [N], col_loss [M] or [0]) of the kernel contract, with the fused backward.
+def _fused_backward(ctx, g_row, g_col, g_row_lse, g_col_lse):
+    a, b, scale, row_lse, col_lse = ctx.saved_tensors
+    g_row, g_col = g_row.float().contiguous(), g_col.float().contiguous()
+    da, db, dscale = _fused_terms_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, *ctx.options)
+    return da, db, dscale if ctx.needs_input_grad[2] else None, None, None, None, None
 
-    Saves only the inputs, the scale and the two LSE vectors: never the N x M logits.
-    """
 
-    @staticmethod
-    def forward(ctx, a, b, scale, offset: int, normalize: bool, col_stats: bool, impl: str):
-        fwd, _ = _IMPLS[impl]
-        # detached views: native kernels run ATen ops (out= GEMMs) on worker threads where the
-        # grad mode of this thread does not apply
-        row_lse, col_lse, pos_row, pos_col = fwd(
-            a.detach(), b.detach(), scale.detach(), offset, normalize, col_stats
-        )
-        ctx.save_for_backward(a, b, scale, row_lse, col_lse)
-        ctx.args = (offset, normalize, col_stats, impl)
-        # The LSEs are float64 (the kernel contract, csrc/ops.cpp); the loss terms are float32.
-        return (row_lse - pos_row).float(), (col_lse - pos_col).float()
-
-    @staticmethod
-    def backward(ctx, g_row, g_col):
-        a, b, scale, row_lse, col_lse = ctx.saved_tensors
-        offset, normalize, col_stats, impl = ctx.args
-        _, bwd = _IMPLS[impl]
-        g_row = g_row.float().contiguous()
-        g_col = g_col.float().contiguous() if col_stats else None
-        da, db, dscale = bwd(
-            a.detach(),
-            b.detach(),
-            scale.detach(),
-            offset,
-            normalize,
-            row_lse,
-            col_lse if col_stats else None,
-            g_row,
-            g_col,
-        )
-        return da, db, dscale if ctx.needs_input_grad[2] else None, None, None, None, None
+_fused_terms.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
 def _fused(impl: str):
     # The kernels read rows densely: inputs of any strides (transposed, sliced with a step,
     # expanded, offset) are copied first; .contiguous() is differentiable and a no-op otherwise.
     def row_loss(a, b, scale, offset, normalize):
-        return _FusedInfoNCE.apply(
-            a.contiguous(), b.contiguous(), scale, offset, normalize, False, impl
-        )[0]
+        a, b = a.contiguous(), b.contiguous()
+        return _fused_terms(a, b, scale, offset, normalize, False, impl)[0]
 
-    def run(pred, target, *, temperature, symmetric, normalize, reduction, group):
-        scale = scale_tensor(temperature, pred)
-        if group is not None:
-            return distributed_loss(
-                row_loss,
-                pred,
-                target,
-                scale,
-                symmetric=symmetric,
-                normalize=normalize,
-                reduction=reduction,
-                group=group,
-            )
-        rows, cols = _FusedInfoNCE.apply(
-            pred.contiguous(), target.contiguous(), scale, 0, normalize, symmetric, impl
-        )
-        per_row = 0.5 * (rows + cols) if symmetric else rows
-        return _reduce(per_row, reduction)
+    def run(x: InfoNCEInputs, plan: None) -> Tensor:
+        scale = scale_tensor(x.temperature, x.pred)
+        if x.group is not None:
+            return distributed_loss(row_loss, x, scale)
+        pred, target = x.pred.contiguous(), x.target.contiguous()
+        rows, cols, _, _ = _fused_terms(pred, target, scale, 0, x.normalize, x.symmetric, impl)
+        per_row = 0.5 * (rows + cols) if x.symmetric else rows
+        return _reduce(per_row, x.reduction)
 
     return run
 
 
-def _fused_supports(pred, target, **kwargs) -> list[str]:
-    return _common.dtype_in("pred", pred)
+def _fused_supports(x: InfoNCEInputs) -> object:
+    return _backends.plan_or_refusal(_common.dtype_in("pred", x.pred))
 
 
-_backends.register(
-    _backends.Backend(
-        "cuda",
-        OP,
-        _fused("native"),
-        available=lambda: _common.native_kernel("infonce_fwd", "cuda"),
-        supports=_fused_supports,
-        devices=("cuda",),
-        priority=15,
-    )
+_common.native_records(
+    OP,
+    "infonce_fwd",
+    _fused("native"),
+    supports={"cuda": _fused_supports, "cpu": _fused_supports},
+    priority={"cuda": 15, "cpu": 20},
 )
-_backends.register(
-    _backends.Backend(
-        "cpu",
-        OP,
-        _fused("native"),
-        available=lambda: _common.native_kernel("infonce_fwd", "cpu"),
-        supports=_fused_supports,
-        devices=("cpu",),
-        priority=20,
-    )
-)
-_backends.register(
-    _backends.Backend(
-        "triton",
-        OP,
-        _fused("triton"),
-        available=_common.triton_import,
-        supports=lambda pred, target, **kw: (
-            _common.triton_device(pred) + _fused_supports(pred, target)
-        ),
-        devices=("cuda", "cpu"),
-        auto_devices=("cuda",),
-        priority=10,
-    )
-)
-_backends.register(_backends.Backend("reference", OP, _reference, available=list, priority=100))
+_common.triton_record(OP, _fused("triton"), _fused_supports, priority=10)
+_common.reference_record(OP, _reference)

@@ -12,10 +12,14 @@ without a transpose. Two layouts:
   angles. :func:`rotary_cos_sin` builds exactly those tables; the fused backward is the exact
   transpose of that (not quite orthogonal) map.
 
-Backends: ``triton`` (one launch for q and k, forward and backward; CUDA, or CPU tensors through
-Triton's interpreter when TRITON_INTERPRET=1) and ``reference`` (eager, fp32 math, float64 kept),
-which ``auto`` falls back to. Gradients flow to q and k; the tables are constants to the fused
-op (tables that require a gradient go to the reference, which differentiates them too).
+The op ``"rotary"`` of :mod:`vljepa_fast._backends` (``backend=`` is a BackendSpec; the
+``VLJEPA_FAST_BACKEND`` and ``VLJEPA_FAST_BACKEND_ROTARY`` overrides reach it). Backends:
+``triton`` (one launch for q and k, forward and backward; CUDA under ``auto``, CPU tensors
+through Triton's interpreter when named and TRITON_INTERPRET=1) and ``reference``
+(:func:`vljepa_fast.reference.apply_rotary`: eager, fp32 math, float64 kept), which ``auto``
+falls back to. Gradients flow to q and k; the tables are constants to the fused op: the
+``triton`` backend refuses tables that require a gradient (so ``auto`` takes the reference,
+which differentiates them too).
 """
 
 from __future__ import annotations
@@ -23,19 +27,25 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
 from torch import Tensor
 
-from vljepa_fast import _validate
-from vljepa_fast._backends import BackendUnavailableError
+from vljepa_fast import _backends, _validate, reference
 from vljepa_fast.ops import _common
 
-__all__ = ["LLAMA3_ROPE_SCALING", "apply_rotary", "rotary_cos_sin", "rotary_reference"]
+__all__ = [
+    "LLAMA3_ROPE_SCALING",
+    "RotaryInputs",
+    "apply_rotary",
+    "rotary_cos_sin",
+    "rotary_inputs",
+]
 
+OP = "rotary"
 LAYOUTS = ("llama", "vjepa2")
-ROTARY_BACKENDS = ("auto", "triton", "reference")
 
 #: Llama 3.1/3.2 frequency scaling, in transformers' ``rope_scaling`` format.
 LLAMA3_ROPE_SCALING: Mapping[str, float | str] = MappingProxyType(
@@ -184,33 +194,111 @@ def rotary_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+# ---------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class RotaryInputs:
+    """Validated arguments of :func:`apply_rotary`.
+
+    Attributes:
+        q: [B, T, Hq, D] queries as given (last dimension contiguous).
+        k: [B, T, Hkv, D] keys, same dtype, device, B, T and D.
+        cos: [B or 1, T, D] cosines (a [T, D] table gets a leading 1), on q's device.
+        sin: sines, same shape as ``cos``.
+        layout: "llama" or "vjepa2".
+    """
+
+    q: Tensor
+    k: Tensor
+    cos: Tensor
+    sin: Tensor
+    layout: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+
+def rotary_inputs(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, layout: str) -> RotaryInputs:
+    """The arguments of :func:`apply_rotary`, checked (see its docstring).
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
+    """
+    _validate.choice("layout", layout, LAYOUTS)
+    _validate.matching(("q", "k"), (q, k), ndim=4, layouts=("[B, T, Hq, D]", "[B, T, Hkv, D]"))
+    B, T, _, D = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise ValueError(
+            f"k: expected [B, T, Hkv, D] with B, T, D = {B}, {T}, {D} (q's), got {tuple(k.shape)}"
+        )
+    if D % 2:
+        raise ValueError(f"q: expected an even head dim, got {D}")
+    _validate.last_dim_contiguous("q", q)
+    _validate.last_dim_contiguous("k", k)
+    tables = []
+    for name, t in (("cos", cos), ("sin", sin)):
+        _validate.tensor(name, t, ndim=(2, 3), layout="[T, D] or [B, T, D]")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device}, got {t.device}")
+        t3 = t[None] if t.dim() == 2 else t
+        if t3.shape[0] not in (1, B) or tuple(t3.shape[1:]) != (T, D):
+            raise ValueError(
+                f"{name}: expected [T, D] or [B, T, D] with B, T, D = {B}, {T}, "
+                f"{D}, got {tuple(t.shape)}"
+            )
+        tables.append(t3)
+    if tables[0].shape != tables[1].shape:
+        raise ValueError(
+            f"sin: expected the shape of cos {tuple(cos.shape)}, got {tuple(sin.shape)}"
+        )
+    return RotaryInputs(q, k, tables[0], tables[1], layout)
+
+
 # ---------------------------------------------------------------------------------- the op
 
 
-def _partner(x: Tensor, interleaved: bool) -> Tensor:
-    """x[p(c)] * s(c): (-x1, x0, -x3, x2, ..) interleaved, (-x_hi, x_lo) rotate-half."""
-    if interleaved:
-        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rotary_reference(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, layout: str = "llama"
+def apply_rotary(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    *,
+    layout: str = "llama",
+    backend: _backends.BackendSpec = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """Eager rotary embedding (the spec): x * cos + partner(x) * sin per head.
+    """Rotary position embedding of queries and keys, fused: one kernel for both, fwd and bwd.
 
-    Same contract as :func:`apply_rotary` (tables [B or 1, T, D]); math in fp32 (float64 for
-    float64 inputs), differentiable in every argument.
+    out[.., c] = x[.., c] * cos[t, c] + s(c) * x[.., p(c)] * sin[t, c] for every head, where
+    the pair partner p(c) and sign s(c) (-1 on the first channel of a pair, +1 on the second)
+    follow ``layout``. Differentiable with respect to q and k (and, on the reference backend,
+    the tables).
+
+    Args:
+        q: [B, T, Hq, D] queries (flash-attn layout, as :func:`vljepa_fast.attention`),
+            float32/float16/bfloat16 (float64: reference only); last dimension contiguous,
+            D even.
+        k: [B, T, Hkv, D] keys, same dtype, device, B, T and D.
+        cos: [T, D] or [B, T, D] cosines of each token's angles (any float dtype; the math is
+            fp32), from :func:`rotary_cos_sin` or transformers' rotary embedding.
+        sin: sines, same shape as ``cos``.
+        layout: ``"llama"`` pairs channel c with c + D/2 (transformers' ``rotate_half``);
+            ``"vjepa2"`` pairs 2i with 2i + 1 (V-JEPA 2; its tables are tiled per axis group,
+            see :func:`rotary_cos_sin`).
+        backend: ``"auto"`` (Triton when it can serve: CUDA inputs, tables without a
+            gradient; else the eager reference), ``"triton"``, ``"reference"``, or a mapping
+            {op name: name} whose ``"rotary"`` entry applies (a BackendSpec, as every op).
+
+    Returns:
+        (q_rot [B, T, Hq, D], k_rot [B, T, Hkv, D]), new contiguous tensors in q's dtype.
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
+        BackendUnavailableError: a named backend cannot serve these inputs (the reasons
+            are listed).
     """
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    c, s = cos.to(cdt)[:, :, None, :], sin.to(cdt)[:, :, None, :]
-    interleaved = layout == "vjepa2"
-    out = []
-    for x in (q, k):
-        x32 = x.to(cdt)
-        out.append((x32 * c + _partner(x32, interleaved) * s).to(x.dtype))
-    return out[0], out[1]
+    return _backends.dispatch(OP, backend, rotary_inputs(q, k, cos, sin, layout=layout))
 
 
 @torch.library.custom_op("vljepa_fast::rotary_triton", mutates_args=())
@@ -249,96 +337,30 @@ def _backward(ctx, dq: Tensor, dk: Tensor):
 _rotary_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_reasons(q: Tensor, cos: Tensor, sin: Tensor) -> list[str]:
-    why = _common.triton_import() + _common.triton_device(q) + _common.dtype_in("q", q)
-    if cos.requires_grad or sin.requires_grad:
+def _triton_supports(inputs: RotaryInputs) -> object:
+    why = _common.dtype_in("q", inputs.q)
+    if inputs.cos.requires_grad or inputs.sin.requires_grad:
         why.append("cos/sin require a gradient (the fused op treats the tables as constants)")
-    return why
+    return _backends.plan_or_refusal(why)
 
 
-def _check(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Validate the arguments; return the tables as [B or 1, T, D]."""
-    _validate.tensor("q", q, ndim=4, layout="[B, T, Hq, D]")
-    _validate.tensor("k", k, ndim=4, layout="[B, T, Hkv, D]")
-    _validate.same(("q", "k"), (q, k), "dtype")
-    _validate.same(("q", "k"), (q, k), "device")
-    B, T, _, D = q.shape
-    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
-        raise ValueError(
-            f"k: expected [B, T, Hkv, D] with B, T, D = {B}, {T}, {D} (q's), got {tuple(k.shape)}"
-        )
-    if D % 2:
-        raise ValueError(f"q: expected an even head dim, got {D}")
-    _validate.last_dim_contiguous("q", q)
-    _validate.last_dim_contiguous("k", k)
-    tables = []
-    for name, t in (("cos", cos), ("sin", sin)):
-        _validate.tensor(name, t, ndim=(2, 3), layout="[T, D] or [B, T, D]")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device}, got {t.device}")
-        t3 = t[None] if t.dim() == 2 else t
-        if t3.shape[0] not in (1, B) or tuple(t3.shape[1:]) != (T, D):
-            raise ValueError(
-                f"{name}: expected [T, D] or [B, T, D] with B, T, D = {B}, {T}, "
-                f"{D}, got {tuple(t.shape)}"
-            )
-        tables.append(t3)
-    if tables[0].shape != tables[1].shape:
-        raise ValueError(
-            f"sin: expected the shape of cos {tuple(cos.shape)}, got {tuple(sin.shape)}"
-        )
-    return tables[0], tables[1]
+def _triton(inputs: RotaryInputs, plan: object) -> tuple[Tensor, Tensor]:
+    return _rotary_op(
+        inputs.q,
+        inputs.k,
+        inputs.cos.contiguous(),
+        inputs.sin.contiguous(),
+        inputs.layout == "vjepa2",
+        False,
+    )
 
 
-def apply_rotary(
-    q: Tensor,
-    k: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    *,
-    layout: str = "llama",
-    backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    """Rotary position embedding of queries and keys, fused: one kernel for both, fwd and bwd.
-
-    out[.., c] = x[.., c] * cos[t, c] + s(c) * x[.., p(c)] * sin[t, c] for every head, where
-    the pair partner p(c) and sign s(c) (-1 on the first channel of a pair, +1 on the second)
-    follow ``layout``. Differentiable with respect to q and k (and, on the reference backend,
-    the tables).
-
-    Args:
-        q: [B, T, Hq, D] queries (flash-attn layout, as :func:`vljepa_fast.attention`),
-            float32/float16/bfloat16 (float64: reference only); last dimension contiguous,
-            D even.
-        k: [B, T, Hkv, D] keys, same dtype, device, B, T and D.
-        cos: [T, D] or [B, T, D] cosines of each token's angles (any float dtype; the math is
-            fp32), from :func:`rotary_cos_sin` or transformers' rotary embedding.
-        sin: sines, same shape as ``cos``.
-        layout: ``"llama"`` pairs channel c with c + D/2 (transformers' ``rotate_half``);
-            ``"vjepa2"`` pairs 2i with 2i + 1 (V-JEPA 2; its tables are tiled per axis group,
-            see :func:`rotary_cos_sin`).
-        backend: ``"auto"`` (Triton when it can serve, else the eager reference),
-            ``"triton"`` or ``"reference"``.
-
-    Returns:
-        (q_rot [B, T, Hq, D], k_rot [B, T, Hkv, D]), new contiguous tensors in q's dtype.
-
-    Raises:
-        ValueError: a malformed argument (named in the message).
-        BackendUnavailableError: ``backend="triton"`` cannot serve these inputs (the reasons
-            are listed).
-    """
-    _validate.choice("layout", layout, LAYOUTS)
-    _validate.choice("backend", backend, ROTARY_BACKENDS)
-    cos3, sin3 = _check(q, k, cos, sin)
-    if backend != "reference":
-        why = _triton_reasons(q, cos, sin)
-        if not why:
-            return _rotary_op(q, k, cos3.contiguous(), sin3.contiguous(), layout == "vjepa2", False)
-        if backend == "triton":
-            lines = "\n".join(f"  - {r}" for r in why)
-            raise BackendUnavailableError(
-                f"apply_rotary: backend 'triton' cannot run these inputs:\n{lines}"
-            )
-    q_rot, k_rot = rotary_reference(q, k, cos3, sin3, layout=layout)
+def _reference(inputs: RotaryInputs, plan: object) -> tuple[Tensor, Tensor]:
+    q_rot, k_rot = reference.apply_rotary(
+        inputs.q, inputs.k, inputs.cos, inputs.sin, layout=inputs.layout
+    )
     return q_rot.contiguous(), k_rot.contiguous()  # as documented, whatever q's strides
+
+
+_common.triton_record(OP, _triton, _triton_supports, priority=30)
+_common.reference_record(OP, _reference)

@@ -1,26 +1,86 @@
-"""topk_similarity: backend records over the Triton kernel, the native CPU/CUDA kernels and the
-eager reference, plus the autograd function that gives the kernels' scores a gradient.
+"""topk_similarity: the op's validated inputs, backend records over the Triton kernel, the
+native CPU/CUDA kernels and the eager reference, and the custom op that gives the kernels'
+scores a gradient.
 
 Every backend returns (scores float32 [Q, k], indices int64 [Q, k]) in one order: descending,
 NaN scores last (below -inf), equal scores lowest bank index first (see
 :func:`vljepa_fast.reference.topk_order`); the reference returns float64 scores for float64
-inputs. Backends run on detached inputs; :func:`attach_grad` adds the gradient.
+inputs. Every kernel runs on detached, contiguous copies of the inputs; :func:`_run` then
+attaches the gradient of the chosen products (``vljepa_fast::topk_scores_grad``), so the
+gradient is the same whichever backend chose the rows.
 """
 
 from __future__ import annotations
 
+import numbers
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from vljepa_fast import _backends, reference
+from vljepa_fast import _backends, _validate, reference
 from vljepa_fast.ops import _common
 
 OP = "topk_similarity"
 CUDA_MAX_K = 1024
-
+METRICS = ("ip", "cosine")
 
 #: Elements of the [rows, k, D] gathered block that one backward step holds at once.
 GRAD_CHUNK_ELEMENTS = 1 << 24
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+@dataclass(frozen=True)
+class TopkInputs:
+    """Validated arguments of :func:`vljepa_fast.topk_similarity`.
+
+    Attributes:
+        queries: [Q, D] floating tensor as given (any strides; may require a gradient).
+        bank: [N, D], same dtype and device, any strides.
+        k: a Python int, 1 <= k <= N.
+        metric: "ip" or "cosine".
+    """
+
+    queries: Tensor
+    bank: Tensor
+    k: int
+    metric: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.queries.device
+
+    @property
+    def cosine(self) -> bool:
+        return self.metric == "cosine"
+
+
+def topk_inputs(queries: Tensor, bank: Tensor, k: int, *, metric: str = "ip") -> TopkInputs:
+    """The arguments of :func:`vljepa_fast.topk_similarity`, checked (see its docstring).
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
+    """
+    _validate.matching(("queries", "bank"), (queries, bank), ndim=2, layouts=("[Q, D]", "[N, D]"))
+    if bank.shape[1] != queries.shape[1]:
+        raise ValueError(
+            f"bank: expected dimension D = {queries.shape[1]} (queries'), got {bank.shape[1]}"
+        )
+    _validate.nonempty("queries", queries, 0, "query row")
+    _validate.nonempty("bank", bank, 0, "bank row (the bank is empty)")
+    _validate.nonempty("queries", queries, 1, "column (D >= 1)")
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool):
+        k = operator.index(k)  # numpy integers
+    _validate.int_in("k", k, 1, bank.shape[0], hint=f" (k <= N, the {bank.shape[0]} bank rows)")
+    _validate.choice("metric", metric, METRICS)
+    return TopkInputs(queries, bank, k, metric)
+
+
+# ---------------------------------------------------------------------------------- gradient
 
 
 def _unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,41 +156,65 @@ def scores_backward(
     return grad_queries, grad_bank
 
 
-class _AttachScoreGrad(torch.autograd.Function):
-    """Returns the kernel's scores unchanged (values and order exactly the kernel's) and gives
-    them the gradient of the chosen products, recomputed from the winning rows."""
-
-    @staticmethod
-    def forward(queries, bank, scores, indices, cosine):
-        return scores.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        queries, bank, _, indices, cosine = inputs
-        ctx.save_for_backward(queries, bank, indices)
-        ctx.cosine = cosine
-
-    @staticmethod
-    def backward(ctx, grad):
-        queries, bank, indices = ctx.saved_tensors
-        grad_queries, grad_bank = scores_backward(
-            grad,
-            queries,
-            bank,
-            indices,
-            ctx.cosine,
-            need_queries=ctx.needs_input_grad[0],
-            need_bank=ctx.needs_input_grad[1],
-        )
-        return grad_queries, grad_bank, None, None, None
-
-
-def attach_grad(
-    queries: Tensor, bank: Tensor, scores: Tensor, indices: Tensor, metric: str
+@torch.library.custom_op("vljepa_fast::topk_scores_grad", mutates_args=())
+def _scores_grad(
+    queries: Tensor, bank: Tensor, scores: Tensor, indices: Tensor, cosine: bool
 ) -> Tensor:
-    """``scores`` (the kernel's output, unchanged) carrying the gradient of
-    scores[q, j] = sim(queries[q], bank[indices[q, j]]) to ``queries`` and ``bank``."""
-    return _AttachScoreGrad.apply(queries, bank, scores, indices, metric == "cosine")
+    """The kernel's ``scores``, unchanged (values and order exactly the kernel's), carrying the
+    gradient of scores[q, j] = sim(queries[q], bank[indices[q, j]]) to ``queries`` and ``bank``
+    (recomputed from the chosen rows by :func:`scores_backward`)."""
+    return scores.clone()
+
+
+@_scores_grad.register_fake
+def _(queries, bank, scores, indices, cosine):
+    return torch.empty_like(scores)
+
+
+def _scores_grad_setup(ctx, inputs, output) -> None:
+    queries, bank, _, indices, cosine = inputs
+    ctx.save_for_backward(queries, bank, indices)
+    ctx.cosine = cosine
+
+
+def _scores_grad_backward(ctx, grad: Tensor):
+    queries, bank, indices = ctx.saved_tensors
+    grad_queries, grad_bank = scores_backward(
+        grad,
+        queries,
+        bank,
+        indices,
+        ctx.cosine,
+        need_queries=ctx.needs_input_grad[0],
+        need_bank=ctx.needs_input_grad[1],
+    )
+    return grad_queries, grad_bank, None, None, None
+
+
+_scores_grad.register_autograd(_scores_grad_backward, setup_context=_scores_grad_setup)
+
+
+#: A backend's kernel: (queries, bank, k, metric) on detached contiguous tensors -> (scores,
+#: indices) without a gradient.
+Kernel = Callable[[Tensor, Tensor, int, str], tuple[Tensor, Tensor]]
+
+
+def _run(kernel: Kernel) -> Callable[[TopkInputs, object], tuple[Tensor, Tensor]]:
+    """A record's run: ``kernel`` on detached contiguous inputs, then the scores' gradient."""
+
+    def run(inputs: TopkInputs, plan: object) -> tuple[Tensor, Tensor]:
+        queries, bank = inputs.queries, inputs.bank
+        scores, indices = kernel(
+            queries.detach().contiguous(), bank.detach().contiguous(), inputs.k, inputs.metric
+        )
+        if torch.is_grad_enabled() and (queries.requires_grad or bank.requires_grad):
+            scores = _scores_grad(queries, bank, scores, indices, inputs.cosine)
+        return scores, indices
+
+    return run
+
+
+# ---------------------------------------------------------------------------------- backends
 
 
 @torch.library.custom_op("vljepa_fast::topk_similarity_triton", mutates_args=())
@@ -146,66 +230,38 @@ def _(queries: Tensor, bank: Tensor, k: int, cosine: bool) -> tuple[Tensor, Tens
     return queries.new_empty(q, k, dtype=torch.float32), queries.new_empty(q, k, dtype=torch.long)
 
 
-def _no_float64(queries: Tensor, bank: Tensor, k: int, metric: str = "ip") -> list[str]:
-    return _common.dtype_in("queries", queries)
+def _low_precision(inputs: TopkInputs) -> object:
+    return _backends.plan_or_refusal(_common.dtype_in("queries", inputs.queries))
 
 
-def _native(queries: Tensor, bank: Tensor, k: int, metric: str = "ip") -> tuple[Tensor, Tensor]:
+def _cuda_supports(inputs: TopkInputs) -> object:
+    why = _common.dtype_in("queries", inputs.queries)
+    if inputs.k > CUDA_MAX_K:
+        why.append(
+            f"k = {inputs.k} > {CUDA_MAX_K} (warp-select limit; the triton backend serves any k)"
+        )
+    return _backends.plan_or_refusal(why)
+
+
+def _native(queries: Tensor, bank: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
     return torch.ops.vljepa_fast.topk_similarity(queries, bank, k, metric == "cosine")
 
 
-def _cuda_supports(queries: Tensor, bank: Tensor, k: int, metric: str = "ip") -> list[str]:
-    why = _no_float64(queries, bank, k)
-    if k > CUDA_MAX_K:
-        why.append(f"k = {k} > {CUDA_MAX_K} (warp-select limit; the triton backend serves any k)")
-    return why
-
-
-def _triton_supports(queries: Tensor, bank: Tensor, k: int, metric: str = "ip") -> list[str]:
-    return _common.triton_device(queries) + _no_float64(queries, bank, k)
-
-
-def _triton(queries: Tensor, bank: Tensor, k: int, metric: str = "ip") -> tuple[Tensor, Tensor]:
+def _triton(queries: Tensor, bank: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
     return _triton_op(queries, bank, k, metric == "cosine")
 
 
-def _reference(queries: Tensor, bank: Tensor, k: int, metric: str = "ip") -> tuple[Tensor, Tensor]:
+def _reference(queries: Tensor, bank: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         return reference.topk_similarity(queries, bank, k, metric=metric)
 
 
-_backends.register(
-    _backends.Backend(
-        "cuda",
-        OP,
-        _native,
-        available=lambda: _common.native_kernel(OP, "cuda"),
-        supports=_cuda_supports,
-        devices=("cuda",),
-        priority=10,
-    )
+_common.native_records(
+    OP,
+    "topk_similarity",
+    _run(_native),
+    supports={"cuda": _cuda_supports, "cpu": _low_precision},
+    priority={"cuda": 10, "cpu": 20},
 )
-_backends.register(
-    _backends.Backend(
-        "triton",
-        OP,
-        _triton,
-        available=_common.triton_import,
-        supports=_triton_supports,
-        devices=("cuda", "cpu"),
-        auto_devices=("cuda",),
-        priority=30,
-    )
-)
-_backends.register(
-    _backends.Backend(
-        "cpu",
-        OP,
-        _native,
-        available=lambda: _common.native_kernel(OP, "cpu"),
-        supports=_no_float64,
-        devices=("cpu",),
-        priority=20,
-    )
-)
-_backends.register(_backends.Backend("reference", OP, _reference, available=list, priority=100))
+_common.triton_record(OP, _run(_triton), _low_precision, priority=30)
+_common.reference_record(OP, _run(_reference))

@@ -1,0 +1,199 @@
+"""One backend vocabulary from the ops to the models, proved by the dispatch trace.
+
+For the tiny VL-JEPA on CPU, a training forward (the InfoNCE loss) and a retrieval run inside
+``vljepa_fast._backends.trace()``; the test asserts which backend every op call used, in call
+order, under ``backend="auto"``, ``"reference"``, per-op mappings and the
+``VLJEPA_FAST_BACKEND`` / ``VLJEPA_FAST_BACKEND_<OP>`` overrides. Call order of one pass:
+X-encoder 2 blocks, predictor 2 layers (each rotary then attention), then the loss; retrieval
+embeds the texts (Y-encoder 2 blocks) and the videos, then searches (topk_similarity).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+
+import pytest
+import torch
+
+import vljepa_fast.models as M
+from vljepa_fast import _backends
+from vljepa_fast._backends import BackendUnavailableError
+
+pytestmark = pytest.mark.cpu
+
+CAPTIONS = ["a red square moves left", "a blue circle"]
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    """The overrides are set by the tests that use them, never inherited."""
+    for name in list(os.environ):
+        if name.startswith("VLJEPA_FAST_BACKEND"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _native_cpu(op: str) -> str:
+    """What ``auto`` picks for ``op`` on CPU tensors: the native library when it is built."""
+    rec = next(b for b in _backends.records(op) if b.name == "cpu")
+    return "cpu" if not rec.available() else "reference"
+
+
+def _run(model: M.VLJEPA) -> list[tuple[str, str]]:
+    """(op, backend) of every dispatch of one loss forward and one retrieval."""
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(2, 3, 4, 32, 32, generator=g)
+    with _backends.trace() as events:
+        loss = model(video, "what happens?", CAPTIONS)
+        model.retrieve(CAPTIONS, video, "describe", k=2)
+    assert torch.isfinite(loss)
+    assert {e.device for e in events} == {"cpu"}
+    return [(e.op, e.backend) for e in events]
+
+
+def _expected(attention: str, rotary: str, infonce: str, topk: str) -> list[tuple[str, str]]:
+    layers = [("rotary", rotary), ("attention", attention)] * 6  # 2 X-enc, 2 predictor, 2 Y-enc
+    return layers + [("infonce_loss", infonce)] + layers + [("topk_similarity", topk)]
+
+
+def _model(backend) -> M.VLJEPA:
+    torch.manual_seed(0)
+    return M.VLJEPA(M.VLJEPAConfig.tiny(), backend=backend)
+
+
+def test_auto_on_cpu():
+    """sdpa attention, the native loss and search when built, the eager rotary (Triton serves
+    CPU tensors only when named)."""
+    native = _native_cpu("infonce_loss"), _native_cpu("topk_similarity")
+    assert _run(_model("auto")) == _expected("sdpa", "reference", *native)
+
+
+def test_reference_reaches_every_op_rotary_included():
+    assert _run(_model("reference")) == _expected(
+        "reference", "reference", "reference", "reference"
+    )
+
+
+@pytest.mark.parametrize(
+    "spec, ops",
+    [
+        (
+            {"attention": "reference", "infonce_loss": "reference"},
+            {"attention": "reference", "infonce_loss": "reference"},
+        ),
+        ({"topk_similarity": "reference"}, {"topk_similarity": "reference"}),
+        ({"attention": "sdpa", "rotary": "reference"}, {}),
+    ],
+    ids=["attention+infonce", "topk", "attention+rotary"],
+)
+def test_a_mapping_picks_per_op_and_leaves_the_rest_at_auto(spec, ops):
+    auto = {
+        "attention": "sdpa",
+        "rotary": "reference",
+        "infonce_loss": _native_cpu("infonce_loss"),
+        "topk_similarity": _native_cpu("topk_similarity"),
+    }
+    want = {**auto, **ops}
+    model = _model(spec)
+    assert model.backend == spec and model.predictor.layers[0].self_attn.backend == spec
+    assert _run(model) == _expected(
+        want["attention"], want["rotary"], want["infonce_loss"], want["topk_similarity"]
+    )
+
+
+def test_the_environment_reaches_every_op(monkeypatch):
+    monkeypatch.setenv("VLJEPA_FAST_BACKEND", "reference")
+    assert _run(_model("auto")) == _expected("reference", "reference", "reference", "reference")
+
+
+def test_the_per_op_environment_reaches_its_op(monkeypatch):
+    monkeypatch.setenv("VLJEPA_FAST_BACKEND_ROTARY", "reference")
+    monkeypatch.setenv("VLJEPA_FAST_BACKEND_ATTENTION", "reference")
+    native = _native_cpu("infonce_loss"), _native_cpu("topk_similarity")
+    assert _run(_model("auto")) == _expected("reference", "reference", *native)
+    # on CPU "auto" rotary is the reference anyway: a name rotary lacks proves the variable
+    # reaches it through the model
+    monkeypatch.setenv("VLJEPA_FAST_BACKEND_ROTARY", "cpu")
+    with pytest.raises(BackendUnavailableError, match="^rotary: no backend 'cpu'"):
+        _run(_model("auto"))
+
+
+def test_an_explicit_name_beats_the_environment(monkeypatch):
+    monkeypatch.setenv("VLJEPA_FAST_BACKEND", "cpu")  # attention and rotary have no cpu
+    model = _model(
+        {
+            "attention": "reference",
+            "rotary": "reference",
+            "infonce_loss": "reference",
+            "topk_similarity": "reference",
+        }
+    )
+    assert _run(model) == _expected("reference", "reference", "reference", "reference")
+
+
+def test_a_name_an_op_lacks_raises_when_that_op_runs():
+    """Accepted at construction (another op may have it), never silently substituted."""
+    model = _model("sdpa")
+    video = torch.randn(1, 3, 2, 32, 32)
+    with pytest.raises(BackendUnavailableError, match="^rotary: no backend 'sdpa'"):
+        model.predict(video, "q")
+    model = _model({"infonce_loss": "sdpa"})
+    with pytest.raises(BackendUnavailableError, match="^infonce_loss: no backend 'sdpa'"):
+        model(torch.randn(2, 3, 2, 32, 32), "q", CAPTIONS)
+
+
+@pytest.mark.parametrize(
+    "backend, message",
+    [
+        ("nope", r"^backend: expected 'auto' or one of"),
+        (None, r"^backend: expected 'auto', a backend name or a mapping"),
+        ({"attn": "sdpa"}, r"^backend: mapping key 'attn' is not an op"),
+        ({"attention": "nope"}, r"^backend\['attention'\]: expected 'auto' or one of"),
+    ],
+)
+def test_every_module_refuses_a_bad_spec_at_construction(backend, message):
+    cfg = M.VLJEPAConfig.tiny()
+    builds = [
+        lambda: M.VLJEPA(cfg, backend=backend),
+        lambda: M.XEncoder(cfg.x_encoder, backend),
+        lambda: M.Predictor(cfg.predictor, 64, 32, backend),
+        lambda: M.TextEncoder(cfg.y_encoder, 32, backend),
+        lambda: M.YDecoder(cfg.y_decoder, 32, backend),
+    ]
+    for build in builds:
+        with pytest.raises(ValueError, match=message):
+            build()
+
+
+def test_a_mapping_model_deep_copies_and_pickles():
+    """The stored spec is a plain dict (check_spec's read-only mappingproxy cannot be copied:
+    an EMA target encoder or torch.save of the model would fail)."""
+    spec = {"attention": "reference", "rotary": "reference"}
+    model = _model(spec)
+    spec["attention"] = "sdpa"  # the model keeps its own copy
+    assert model.backend == {"attention": "reference", "rotary": "reference"}
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other.backend == model.backend
+        assert other.x_encoder.blocks[0].attn.backend == model.backend
+
+
+def test_the_y_decoder_honours_its_backend():
+    cfg = M.VLJEPAConfig.tiny()
+    torch.manual_seed(0)
+    dec = M.YDecoder(cfg.y_decoder, cfg.embed_dim, backend={"attention": "reference"})
+    ids = torch.tensor([[257, 65, 66, 258]])
+    with _backends.trace() as events:
+        dec.loss(torch.randn(1, cfg.embed_dim), ids)
+    assert [(e.op, e.backend) for e in events] == [
+        ("rotary", "reference"),
+        ("attention", "reference"),
+    ] * cfg.y_decoder.layers
