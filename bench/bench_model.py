@@ -4,9 +4,9 @@ Providers: ``reference`` (the model built with backend="reference": eager attent
 rotary) and ``vf.auto`` (backend="auto": the fused kernels that serve the inputs). Sizes: the
 tiny config on CPU (presets smoke and cpu; smoke follows the preset's device, CUDA when there
 is one), the paper's predictor and a paper-size training step on CUDA (presets gpu and paper:
-bfloat16 predictor, 1024 visual tokens from cached X-encoder features, 64-token queries, batch
-16). The cases live here rather than in presets.py because they are model configurations, not
-op shapes.
+bfloat16 predictor, 2048 visual tokens (16 frames, tubelet 2, 16 x 16 patches) from cached
+X-encoder features, 64-token queries, batch 16). The cases live here rather than in presets.py
+because they are model configurations, not op shapes.
 
 FLOPs and bytes: :func:`model_cost`, counted on the case's own inputs by one untimed call.
 """

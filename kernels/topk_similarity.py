@@ -237,7 +237,7 @@ def topk_config(dtype: torch.dtype, num_queries: int, dim: int, k: int) -> TopkC
 def kernel_spec(
     dtype: torch.dtype, cosine: bool, cfg: TopkConfig, interpret: bool
 ) -> tuple[dict, dict]:
-    """Signature (for :func:`~._common.aot_compile`) and constexprs of one stage-1 variant.
+    """Signature (for ``tests/_aot.aot_compile``) and constexprs of one stage-1 variant.
 
     fp32 dots use three tf32 MMAs (``tf32x3``): fp32 accuracy on tensor cores, where ``ieee``
     falls back to FMAs and spills.

@@ -1,4 +1,4 @@
-"""Test tiers (docs/DESIGN.md, "Test tiers"): cpu, interpret, compile, gpu.
+"""Test tiers (docs/DESIGN.md, "Tests"): cpu, interpret, compile, gpu.
 
 * A test without a tier marker is a ``cpu`` test.
 * Triton's interpreter is a per-process choice (``@triton.jit`` reads TRITON_INTERPRET when a
@@ -20,6 +20,7 @@ during the test starts as NaN; the context-manager form is ``tests._util.poisone
 from __future__ import annotations
 
 import os
+import shlex
 from collections import Counter
 
 import pytest
@@ -46,12 +47,17 @@ def _interpreter_process() -> bool:
 INTERPRETER = _interpreter_process()
 #: the tiers this process runs
 PROCESS_TIERS = ("interpret",) if INTERPRETER else ("cpu", "compile", "gpu")
-#: how to run the tiers this process does not
-OTHER_PROCESS = (
-    "they run in a process without TRITON_INTERPRET: python -m pytest tests"
-    if INTERPRETER
-    else "it runs in its own process: TRITON_INTERPRET=1 python -m pytest tests"
-)
+
+
+def _other_process(config) -> str:
+    """How to run the tiers this process does not: the same command line in the other kind of
+    process (so ``pytest tests/test_x.py`` is told about ``tests/test_x.py``, not the suite)."""
+    args = " ".join(shlex.quote(a) for a in config.invocation_params.args) or "tests"
+    if INTERPRETER:
+        return f"they run in a process without TRITON_INTERPRET: python -m pytest {args}"
+    return f"it runs in its own process: TRITON_INTERPRET=1 python -m pytest {args}"
+
+
 _counts: Counter = Counter()
 _left_out: Counter = Counter()  # tests of tiers this process does not run, by tier
 
@@ -67,11 +73,12 @@ def pytest_report_header(config):
     if INTERPRETER:
         return [
             "vljepa_fast tiers: interpret only (TRITON_INTERPRET=1: Triton's interpreter); "
-            f"cpu, compile and gpu are left out, {OTHER_PROCESS} (bash scripts/test.sh runs both)"
+            f"cpu, compile and gpu are left out, {_other_process(config)} "
+            "(bash scripts/test.sh runs both)"
         ]
     return [
         "vljepa_fast tiers: cpu, compile, gpu; the interpret tier is left out, "
-        f"{OTHER_PROCESS} (bash scripts/test.sh runs both)"
+        f"{_other_process(config)} (bash scripts/test.sh runs both)"
     ]
 
 
@@ -142,7 +149,7 @@ def pytest_terminal_summary(terminalreporter):
             # under pytest-xdist the workers collect, so the count is not known here
             n = _left_out[tier]
             n = f" ({n} test{'s' * (n != 1)} left out)" if n else ""
-            tr.write_line(f"{tier:<10} not run in this process{n}: {OTHER_PROCESS}")
+            tr.write_line(f"{tier:<10} not run in this process{n}: {_other_process(tr.config)}")
             continue
         got = {o: _counts[(tier, o)] for o in ("passed", "failed", "skipped")}
         note = ""

@@ -100,8 +100,18 @@ def test_env_override_and_deterministic_refusal(monkeypatch):
     monkeypatch.setenv("VLJEPA_FAST_BACKEND_ATTENTION", "reference")
     assert _backends.select("attention", "auto", inputs)[0].name == "reference"
     monkeypatch.setenv("VLJEPA_FAST_BACKEND_ATTENTION", "bogus")
-    with pytest.raises(ValueError, match="backend: expected 'auto' or one of"):
+    # the error names the variable, not the backend argument the caller left at "auto"
+    with pytest.raises(
+        ValueError, match="^environment variable VLJEPA_FAST_BACKEND_ATTENTION: expected 'auto'"
+    ):
         vf.attention(q, k, v)
+    monkeypatch.setenv("VLJEPA_FAST_BACKEND_ATTENTION", "")  # empty: unset, for every variable
+    monkeypatch.setenv("VLJEPA_FAST_BACKEND", "")
+    assert _backends.select("attention", "auto", inputs)[0].name == "sdpa"
+    monkeypatch.setenv("VLJEPA_FAST_BACKEND_ATTENTION", "auto")  # the most specific one wins
+    monkeypatch.setenv("VLJEPA_FAST_BACKEND", "reference")
+    assert _backends.select("attention", "auto", inputs)[0].name == "sdpa"
+    monkeypatch.delenv("VLJEPA_FAST_BACKEND")
     monkeypatch.delenv("VLJEPA_FAST_BACKEND_ATTENTION")
     monkeypatch.setenv("VLJEPA_FAST_BACKEND", "reference")
     assert _backends.select("attention", "auto", inputs)[0].name == "reference"
@@ -549,3 +559,25 @@ def test_numpy_scalars_are_plain_numbers():
                                            backend="reference"))
     with pytest.raises(ValueError, match="max_seqlen_q: expected an int"):
         vf.attention_varlen(q, q, q, cu, cu, np.bool_(True), 3)
+
+
+def test_the_mask_is_read_on_the_host_once_per_call(monkeypatch):
+    """Every record auto asks (triton, flash_attn, xformers) takes the key counts from one
+    host read cached on the inputs object, and a record that refuses for another reason
+    (dtype, head dim) reads nothing (regression: up to three syncs per call under auto)."""
+    from vljepa_fast.ops import attention as ops
+
+    reads = []
+    real = ops._key_counts
+    monkeypatch.setattr(ops, "_key_counts", lambda m: reads.append(1) or real(m))
+    q, k = torch.randn(2, 3, 4, 32, dtype=torch.float64), torch.randn(2, 5, 2, 32)
+    mask = torch.arange(5)[None] < torch.tensor([5, 2])[:, None]
+    tri = next(b for b in _backends.records("attention") if b.name == "triton")
+    refused = tri.supports(ops.attention_inputs(q, q, q, key_padding_mask=mask[:, :3]))
+    assert isinstance(refused, _backends.Refusal) and not reads
+    x = ops.attention_inputs(k.new_empty(2, 3, 4, 32).normal_(), k, k, key_padding_mask=mask)
+    first, again = x.key_counts(), x.key_counts()
+    assert first is again and len(reads) == 1
+    assert first.host == (5, 2) and first.right and first.lengths.tolist() == [5, 2]
+    holes = ops.attention_inputs(q, q, q, key_padding_mask=torch.tensor([[1, 0, 1]] * 2).bool())
+    assert not holes.key_counts().right and holes.key_counts().host == (2, 2)

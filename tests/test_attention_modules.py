@@ -306,16 +306,19 @@ def test_predictor_attention_backend_reaches_rotary(backend, want):
     assert [(e.op, e.backend) for e in events] == want
 
 
-@pytest.mark.parametrize("name", ["cpu", "sdpa"])
-def test_predictor_attention_a_name_an_op_lacks_raises_at_forward(name):
-    """A single name is accepted (a model passes one to every module) and the op that lacks
-    it raises when it runs, naming itself: no silent substitution."""
-    m = vf.nn.PredictorAttention(64, 4, 2, 16, backend=name)
-    with pytest.raises(_backends.BackendUnavailableError, match=f"^rotary: no backend '{name}'"):
+@pytest.mark.parametrize("name, op", [("cpu", "attention"), ("sdpa", "rotary")])
+def test_predictor_attention_a_name_an_op_lacks_is_refused_at_construction(name, op):
+    """The module runs attention and rotary: a single name one of them lacks would fail at the
+    first forward, so construction refuses it, naming the op and the way out (a mapping)."""
+    refused = f"^backend: {op} has no backend '{name}'.*all of them have"
+    with pytest.raises(ValueError, match=refused):
+        vf.nn.PredictorAttention(64, 4, 2, 16, backend=name)
+    with pytest.raises(ValueError, match=r"^backend\['attention'\]: expected 'auto' or one of"):
+        vf.nn.PredictorAttention(64, 4, 2, 16, backend={"rotary": "reference", "attention": "cpu"})
+    m = vf.nn.PredictorAttention(64, 4, 2, 16, backend={"attention": "sdpa"})
+    with _backends.trace() as events:
         m(torch.randn(1, 3, 64))
-    m = vf.nn.PredictorAttention(64, 4, 2, 16, backend={"rotary": "reference", "attention": "cpu"})
-    with pytest.raises(_backends.BackendUnavailableError, match="^attention: no backend 'cpu'"):
-        m(torch.randn(1, 3, 64))
+    assert [(e.op, e.backend) for e in events] == [("rotary", "reference"), ("attention", "sdpa")]
 
 
 # ------------------------------------------------------------------------ peer backends

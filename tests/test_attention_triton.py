@@ -374,17 +374,18 @@ def test_backend_reads_the_padding_mask_on_the_host_once(monkeypatch):
     rec, plan = _backends.select("attention", "triton", x)
     assert rec.name == "triton" and torch.equal(plan, torch.tensor([9, 4], dtype=torch.int32))
     found, launched = [], []
-    real_lengths, real_fwd = ops._right_padded_lengths, ops._tri_fwd
+    real_counts, real_fwd = ops._key_counts, ops._tri_fwd
 
-    def lengths(m):
-        found.append(real_lengths(m))
-        return found[-1]
+    def counts(m):
+        c = real_counts(m)
+        found.append(c.lengths)
+        return c
 
     def fwd(q, k, v, seqlens_k, *rest):
         launched.append(seqlens_k)
         return real_fwd(q, k, v, seqlens_k, *rest)
 
-    monkeypatch.setattr(ops, "_right_padded_lengths", lengths)
+    monkeypatch.setattr(ops, "_key_counts", counts)
     monkeypatch.setattr(ops, "_tri_fwd", fwd)
     for _ in range(2):
         out = vf.attention(q, k, v, key_padding_mask=mask, backend="triton")

@@ -17,6 +17,7 @@ import pickle
 import pytest
 import torch
 
+import vljepa_fast as vf
 import vljepa_fast.models as M
 from vljepa_fast import _backends
 from vljepa_fast._backends import BackendUnavailableError
@@ -140,15 +141,15 @@ def test_an_explicit_name_beats_the_environment(monkeypatch):
     assert _run(model) == _expected("reference", "reference", "reference", "reference")
 
 
-def test_a_name_an_op_lacks_raises_when_that_op_runs():
-    """Accepted at construction (another op may have it), never silently substituted."""
-    model = _model("sdpa")
-    video = torch.randn(1, 3, 2, 32, 32)
-    with pytest.raises(BackendUnavailableError, match="^rotary: no backend 'sdpa'"):
-        model.predict(video, "q")
-    model = _model({"infonce_loss": "sdpa"})
-    with pytest.raises(BackendUnavailableError, match="^infonce_loss: no backend 'sdpa'"):
-        model(torch.randn(2, 3, 2, 32, 32), "q", CAPTIONS)
+def test_a_name_an_op_lacks_is_refused_at_construction():
+    """A single name every op of the model must have (else its first forward would fail), a
+    mapping entry a name its op has: both refused when the model is built, never substituted."""
+    with pytest.raises(ValueError, match="^backend: rotary has no backend 'sdpa'"):
+        _model("sdpa")
+    with pytest.raises(ValueError, match=r"^backend\['infonce_loss'\]: expected 'auto' or one"):
+        _model({"infonce_loss": "sdpa"})
+    for name in ("reference", "triton"):  # every op of the model has these two
+        assert _model(name).backend == name
 
 
 @pytest.mark.parametrize(
@@ -197,3 +198,67 @@ def test_the_y_decoder_honours_its_backend():
         ("rotary", "reference"),
         ("attention", "reference"),
     ] * cfg.y_decoder.layers
+
+
+def test_the_backend_is_fixed_at_construction():
+    """Assigning another spec later would reach some op calls and not others (the submodules
+    hold their own): refused, for the model and for the modules."""
+    model = _model({"attention": "reference"})
+    with pytest.raises(AttributeError, match="VLJEPA.backend is fixed at construction"):
+        model.backend = "reference"
+    for module in (vf.nn.InfoNCELoss(), vf.nn.PredictorAttention(64, 4, 2, 16), model.predictor):
+        with pytest.raises(AttributeError, match="backend is fixed at construction"):
+            module.backend = "reference"
+    assert model.backend == {"attention": "reference"}
+
+
+def test_a_misspelled_override_variable_is_reported(monkeypatch):
+    """VLJEPA_FAST_BACKEND_INFONCE (the stem, not the op name infonce_loss) would be ignored
+    silently: a warning at import names it and the real variables."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VLJEPA_FAST_BACKEND_INFONCE="reference")
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-c", "import vljepa_fast"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "VLJEPA_FAST_BACKEND_INFONCE names no op" in proc.stderr
+    assert "VLJEPA_FAST_BACKEND_INFONCE_LOSS" in proc.stderr
+
+
+def test_fullgraph_compile_before_any_eager_call(tmp_path):
+    """In a fresh process the first call of every op may be a torch.compile(fullgraph=True)
+    trace: the backends' availability probes (locks, the native library load) run outside the
+    graph (regression: 'Unsupported context manager' until an op had run eagerly once)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "first_call.py"
+    script.write_text(
+        "import torch, vljepa_fast as vf\n"
+        "def f(q, k, v, m, p, t, temp, cos, sin):\n"
+        "    o = vf.attention(q, k, v, key_padding_mask=m)\n"
+        "    l = vf.infonce_loss(p, t, temperature=temp)\n"
+        "    s, _ = vf.topk_similarity(p, t, 3)\n"
+        "    r, _ = vf.apply_rotary(q, k, cos, sin, layout='llama')\n"
+        "    return o.sum() + l + s.sum() + r.sum()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q = torch.randn(2, 5, 4, 16, generator=g, requires_grad=True)\n"
+        "k, v = torch.randn(2, 5, 2, 16, generator=g), torch.randn(2, 5, 2, 16, generator=g)\n"
+        "m = torch.ones(2, 5, dtype=torch.bool); m[1, 3:] = False\n"
+        "p, t = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)\n"
+        "cos, sin = vf.rotary_cos_sin(torch.arange(5), 16)\n"
+        "args = (q, k, v, m, p, t, torch.tensor(0.07), cos, sin)\n"
+        "got = torch.compile(f, fullgraph=True)(*args)\n"
+        "torch.testing.assert_close(got, f(*args))\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -1036,13 +1036,11 @@ def test_the_backend_spec_reaches_topk_similarity(backend, ran, tmp_path):
     assert [(e.op, e.backend) for e in events] == [("topk_similarity", ran)]
 
 
-def test_a_backend_name_topk_does_not_have_fails_at_search():
-    """ "sdpa" is a backend name (of attention): accepted as a BackendSpec, and the search says
-    that topk_similarity has no such backend (it never runs another one silently)."""
-    index = EmbeddingIndex(8, backend="sdpa")
-    index.add(torch.randn(5, 8))
-    with pytest.raises(_backends.BackendUnavailableError, match="topk_similarity.*'sdpa'"):
-        index.search(torch.randn(2, 8), 3)
+def test_a_backend_name_topk_does_not_have_is_refused_at_construction():
+    """ "sdpa" is a backend name (of attention), not one of topk_similarity, the only op the
+    index runs: refused when the index is built or loaded, not at the first search."""
+    with pytest.raises(ValueError, match="^backend: topk_similarity has no backend 'sdpa'"):
+        EmbeddingIndex(8, backend="sdpa")
 
 
 def test_numpy_ints_are_accepted():

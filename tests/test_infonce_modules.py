@@ -194,15 +194,15 @@ def test_clip_loss_constructor_refuses_bad_arguments(kwargs, name):
 @pytest.mark.parametrize("make", [vf.nn.InfoNCELoss, ClipLoss], ids=["InfoNCELoss", "ClipLoss"])
 def test_loss_modules_pass_the_backend_spec_unchanged(make):
     """A name, or a per-op mapping, reaches vf.infonce_loss (the dispatch trace shows it); a
-    name the op lacks is accepted at construction and raises at forward, naming the op."""
+    name the op lacks is refused at construction, naming the op."""
     p, t = _feats(8, 4)
     args = (p, t) if make is vf.nn.InfoNCELoss else (p, t, 10.0)
     for spec in ("reference", {"infonce_loss": "reference", "attention": "sdpa"}):
         with vf._backends.trace() as events:
             make(backend=spec)(*args)
         assert [(e.op, e.backend) for e in events] == [("infonce_loss", "reference")]
-    with pytest.raises(vf.BackendUnavailableError, match="^infonce_loss: no backend 'sdpa'"):
-        make(backend="sdpa")(*args)
+    with pytest.raises(ValueError, match="^backend: infonce_loss has no backend 'sdpa'"):
+        make(backend="sdpa")
 
 
 @pytest.mark.parametrize(

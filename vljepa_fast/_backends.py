@@ -40,6 +40,9 @@ import torch
 OPS = ("attention", "attention_varlen", "infonce_loss", "topk_similarity", "rotary")
 BACKENDS = ("cuda", "triton", "flash_attn", "xformers", "sdpa", "cpu", "reference")
 
+#: The ops the VL-JEPA model runs (what its ``backend`` is checked against).
+MODEL_OPS = ("attention", "rotary", "infonce_loss", "topk_similarity")
+
 #: An op whose mapping entry and environment variable fall back to another op's.
 FAMILY = {"attention_varlen": "attention"}
 
@@ -139,29 +142,79 @@ def records(op: str) -> list[Backend]:
     return list(_REGISTRY[op])
 
 
+class FixedBackend:
+    """The ``backend`` attribute of a module or model: set once, by its constructor.
+
+    A module hands its spec to its submodules when it is built, so assigning another later
+    would change some op calls and not others; it raises instead. (Deep copies and pickles
+    keep the value.)
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else obj.__dict__[self.slot]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if self.slot in obj.__dict__:
+            raise AttributeError(
+                f"{type(obj).__name__}.backend is fixed at construction (its submodules hold "
+                f"it too): build it again with the backend you want, or, for one built with "
+                f"'auto', set VLJEPA_FAST_BACKEND or VLJEPA_FAST_BACKEND_<OP>"
+            )
+        obj.__dict__[self.slot] = value
+
+
 def _names() -> tuple[str, ...]:
     return ("auto",) + BACKENDS
 
 
-def check_spec(backend: object, name: str = "backend") -> BackendSpec:
+def _offered(op: str) -> tuple[str, ...]:
+    return tuple(b.name for b in _REGISTRY[op])
+
+
+def check_spec(
+    backend: object, name: str = "backend", ops: tuple[str, ...] | None = None
+) -> BackendSpec:
     """``backend`` checked as a :data:`BackendSpec`; a mapping comes back as a plain dict copy
     (so a module holding it can be deep-copied and pickled: an EMA copy, torch.save).
 
+    Args:
+        backend: "auto", a backend name, or {op name: "auto" or a name}.
+        name: the argument's name in messages.
+        ops: the ops the caller will run with it (a module's or model's); a single name must
+            then be a backend of every one of them, so that a module refuses at construction
+            what would fail at its first forward. Mapping entries are always checked against
+            their op's backends.
+
     Raises:
-        ValueError: not "auto", a backend name, or a mapping of op names to those.
+        ValueError: none of the above, an unknown name, or a name the ops do not all have.
     """
     if isinstance(backend, str):
         if backend not in _names():
             raise ValueError(f"{name}: expected 'auto' or one of {BACKENDS}, got {backend!r}")
+        lacking = [op for op in ops or () if backend != "auto" and backend not in _offered(op)]
+        if lacking:
+            op = lacking[0]
+            msg = f"{name}: {op} has no backend {backend!r} (it has {', '.join(_offered(op))})"
+            if len(ops) > 1:
+                common = sorted(set.intersection(*(set(_offered(o)) for o in ops)))
+                msg += f"; this module runs {', '.join(ops)}: name one all of them have "
+                msg += f"({', '.join(common)})"
+                having = [o for o in ops if o not in lacking]
+                if having:
+                    msg += f", or map ops to names, e.g. {{{having[0]!r}: {backend!r}}}"
+            raise ValueError(msg)
         return backend
     if isinstance(backend, Mapping):
         out = {}
         for op, value in backend.items():
             if op not in OPS:
                 raise ValueError(f"{name}: mapping key {op!r} is not an op (expected one of {OPS})")
-            if not isinstance(value, str) or value not in _names():
+            if not isinstance(value, str) or value not in ("auto",) + _offered(op):
                 raise ValueError(
-                    f"{name}[{op!r}]: expected 'auto' or one of {BACKENDS}, got {value!r}"
+                    f"{name}[{op!r}]: expected 'auto' or one of {_offered(op)}, got {value!r}"
                 )
             out[op] = value
         return out
@@ -169,6 +222,23 @@ def check_spec(backend: object, name: str = "backend") -> BackendSpec:
         f"{name}: expected 'auto', a backend name or a mapping of op names to backend names, "
         f"got {type(backend).__name__}"
     )
+
+
+def _env_name(op: str) -> str | None:
+    """The value of the most specific override variable set for ``op``, checked (None: none
+    set; an empty value counts as unset)."""
+    for var in (f"VLJEPA_FAST_BACKEND_{op.upper()}",) + (
+        (f"VLJEPA_FAST_BACKEND_{FAMILY[op].upper()}",) if op in FAMILY else ()
+    ) + ("VLJEPA_FAST_BACKEND",):
+        value = os.environ.get(var)
+        if value:  # unset or empty: not an override
+            if value not in _names():
+                raise ValueError(
+                    f"environment variable {var}: expected 'auto' or one of {BACKENDS}, got "
+                    f"{value!r}"
+                )
+            return value  # the most specific variable set wins, "auto" included
+    return None
 
 
 def requested(op: str, backend: BackendSpec) -> str:
@@ -179,12 +249,34 @@ def requested(op: str, backend: BackendSpec) -> str:
         name = backend
     if name != "auto":
         return name
-    env = os.environ
-    return (
-        env.get(f"VLJEPA_FAST_BACKEND_{op.upper()}")
-        or (op in FAMILY and env.get(f"VLJEPA_FAST_BACKEND_{FAMILY[op].upper()}"))
-        or env.get("VLJEPA_FAST_BACKEND", "auto")
-    )
+    return _env_name(op) or "auto"
+
+
+def _warn_unknown_variables() -> None:
+    """A VLJEPA_FAST_BACKEND_<X> whose X names no op (a typo such as ..._INFONCE) would be
+    ignored silently: say so once, at import."""
+    known = {f"VLJEPA_FAST_BACKEND_{op.upper()}" for op in OPS}
+    for var in sorted(os.environ):
+        if var.startswith("VLJEPA_FAST_BACKEND_") and var not in known:
+            warnings.warn(
+                f"environment variable {var} names no op and is ignored (the per-op overrides "
+                f"are {', '.join(sorted(known))})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
+_warn_unknown_variables()
+
+
+@torch._dynamo.assume_constant_result
+def _probe(op: str, name: str) -> tuple[str, ...]:
+    """The record's ``available()`` reasons. Under torch.compile it runs eagerly while the graph
+    is traced and its answer is a constant of the graph: the probe (locks, the native library's
+    fingerprint and load) never enters a trace, so fullgraph compiles even before any eager
+    call."""
+    rec = next(b for b in _REGISTRY[op] if b.name == name)
+    return tuple(rec.available())
 
 
 def _answer(b: Backend, inputs: Any) -> Any:
@@ -193,11 +285,10 @@ def _answer(b: Backend, inputs: Any) -> Any:
     if dev not in b.devices:
         return Refusal((f"does not run on {dev} tensors (serves {', '.join(b.devices)})",))
     if (b.op, b.name) not in _available_ok:
-        reasons = list(b.available())
+        reasons = _probe(b.op, b.name)
         if reasons:
-            return Refusal(tuple(reasons))
-        # success never reverts; remembering it keeps locks and native-library probes out of
-        # torch.compile's trace (a set lookup is all it sees once the op has run eagerly)
+            return Refusal(reasons)
+        # success never reverts; remembering it makes later calls a set lookup
         _available_ok.add((b.op, b.name))
     if not b.deterministic and torch.are_deterministic_algorithms_enabled():
         return Refusal(("not deterministic, and torch.use_deterministic_algorithms(True) is set",))

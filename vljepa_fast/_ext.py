@@ -111,13 +111,12 @@ def find_cuda_home() -> Path | None:
 
 def _fingerprint(lib: str) -> dict:
     h = hashlib.sha256()
-    for src in sources(lib) + sorted((source_root() / "include").glob("*.h")):
-        h.update(src.name.encode())
+    # every header anywhere under csrc/ (whatever its suffix), so an edit to one a source
+    # includes always invalidates the cached build
+    headers = sorted(p for p in source_root().rglob("*") if p.suffix in {".h", ".cuh", ".hpp"})
+    for src in sources(lib) + headers:
+        h.update(str(src.relative_to(source_root())).encode())
         h.update(src.read_bytes())
-    for extra in sorted((source_root() / "cpu").glob("*.h")) + sorted(
-        (source_root() / "cuda").glob("*.cuh")
-    ):
-        h.update(extra.read_bytes())
     info = {
         "lib": lib,
         "torch": torch.__version__,

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from vljepa_fast import _backends, _validate, functional, reference
 
-__all__ = ["EmbeddingIndex"]
+__all__ = ["EmbeddingIndex", "IndexFileNotFoundError"]
 
 _METRICS = ("ip", "cosine")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -109,7 +109,7 @@ _TMP_LOCK = threading.Lock()
 _CLOCK_SLACK_S = 60.0  # mtime vs process start: tolerate this much clock error
 
 
-class _IndexFileNotFoundError(ValueError, FileNotFoundError):
+class IndexFileNotFoundError(ValueError, FileNotFoundError):
     """No file at the path given to :meth:`EmbeddingIndex.load` (a ValueError, as every unusable
     index path is, and a FileNotFoundError)."""
 
@@ -552,7 +552,7 @@ def _read_file(path: Path, name: str) -> bytes:
     try:
         fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise _IndexFileNotFoundError(f"{name}: no such index file") from None
+        raise IndexFileNotFoundError(f"{name}: no such index file") from None
     except IsADirectoryError:
         raise ValueError(f"{name}: not an index file (a directory)") from None
     except OSError as e:
@@ -715,6 +715,8 @@ class EmbeddingIndex:
         ValueError: a malformed argument (named in the message).
     """
 
+    backend = _backends.FixedBackend()
+
     def __init__(
         self,
         dim: int,
@@ -730,7 +732,7 @@ class EmbeddingIndex:
         if not isinstance(dtype, torch.dtype) or dtype not in _DTYPES.values():
             raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype!r}")
         self.dim, self.metric, self.dtype = dim, metric, dtype
-        self.backend = _backends.check_spec(backend)
+        self.backend = _backends.check_spec(backend, ops=("topk_similarity",))
         self.device = _validate.device(
             "device", "cpu" if device is None else device, ("cpu", "cuda")
         )
@@ -932,7 +934,7 @@ class EmbeddingIndex:
         """
         p = _path(path)
         dev = _validate.device("device", "cpu" if device is None else device, ("cpu", "cuda"))
-        backend = _backends.check_spec(backend)
+        backend = _backends.check_spec(backend, ops=("topk_similarity",))
         _remove_stale_temps(Path(os.path.realpath(p)))
         name = str(p)
         data = _read_file(p, name)

@@ -78,6 +78,8 @@ class PredictorAttention(torch.nn.Module):
         ValueError: a malformed argument (named in the message).
     """
 
+    backend = _backends.FixedBackend()
+
     def __init__(
         self,
         hidden_size: int = 2048,
@@ -117,7 +119,7 @@ class PredictorAttention(torch.nn.Module):
         self.rope_scaling = check_rope_scaling(rope_scaling)
         self.max_position_embeddings = max_position_embeddings
         self.causal = _flag("causal", causal)
-        self.backend = _backends.check_spec(backend)
+        self.backend = _backends.check_spec(backend, ops=("attention", "rotary"))
         kw = {"device": device, "dtype": dtype, "bias": False}
         self.q_proj = torch.nn.Linear(hidden_size, num_heads * head_dim, **kw)
         self.k_proj = torch.nn.Linear(hidden_size, num_kv_heads * head_dim, **kw)
@@ -250,6 +252,8 @@ class InfoNCELoss(torch.nn.Module):
         ValueError: a malformed argument (named in the message).
     """
 
+    backend = _backends.FixedBackend()
+
     def __init__(
         self,
         temperature: float = 0.07,
@@ -274,7 +278,7 @@ class InfoNCELoss(torch.nn.Module):
         self.symmetric = _flag("symmetric", symmetric)
         self.reduction = _choice("reduction", reduction, ("mean", "sum", "none"))
         self.group = group
-        self.backend = _backends.check_spec(backend)
+        self.backend = _backends.check_spec(backend, ops=("infonce_loss",))
         if learnable:
             scale = 1.0 / self.temperature
             if not scale <= self.max_logit_scale:
@@ -308,4 +312,7 @@ class InfoNCELoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         learn = self.logit_scale is not None
-        return f"temperature={self.temperature}, learnable={learn}, symmetric={self.symmetric}"
+        return (
+            f"temperature={self.temperature}, learnable={learn}, symmetric={self.symmetric}, "
+            f"backend={self.backend!r}"
+        )

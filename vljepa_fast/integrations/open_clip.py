@@ -65,6 +65,8 @@ class ClipLoss(torch.nn.Module):
         ValueError: a malformed argument (named in the message).
     """
 
+    backend = _backends.FixedBackend()
+
     def __init__(
         self,
         local_loss: bool = False,
@@ -86,7 +88,7 @@ class ClipLoss(torch.nn.Module):
         self.rank = _integer("rank", rank, 0)
         if self.rank >= self.world_size:
             raise ValueError(f"rank: expected in [0, {self.world_size}) (world_size), got {rank}")
-        self.backend = _backends.check_spec(backend)
+        self.backend = _backends.check_spec(backend, ops=("infonce_loss",))
 
     def _temperature(self, logit_scale: object, like: Tensor) -> float | Tensor:
         """1 / logit_scale, with logit_scale checked (not 0, negative, NaN or inf)."""

@@ -420,7 +420,7 @@ def use_vljepa_fast(model: PreTrainedModel, backend: BackendSpec = "auto") -> VL
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"model: expected a transformers PreTrainedModel, got "
                          f"{type(model).__name__}")
-    spec = _backends.check_spec(backend)
+    spec = _backends.check_spec(backend, ops=("attention",))
     register()
     switch = VLJEPAFastSwitch(model, _private_configs(model), _set_backend(model, spec))
     model.set_attn_implementation(NAME)

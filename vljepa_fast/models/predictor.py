@@ -55,6 +55,8 @@ class Predictor(nn.Module):
             does not have raises BackendUnavailableError when that op runs.
     """
 
+    backend = _backends.FixedBackend()
+
     def __init__(
         self,
         cfg: PredictorConfig,
@@ -63,7 +65,7 @@ class Predictor(nn.Module):
         backend: BackendSpec = "auto",
     ) -> None:
         super().__init__()
-        self.cfg, self.backend = cfg, _backends.check_spec(backend)
+        self.cfg, self.backend = cfg, _backends.check_spec(backend, ops=("attention", "rotary"))
         self.visual_proj = nn.Linear(visual_dim, cfg.dim)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(LlamaLayer(cfg, self.backend) for _ in range(cfg.layers))

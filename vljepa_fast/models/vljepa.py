@@ -47,6 +47,8 @@ class VLJEPA(nn.Module):
             when it has one, else a ByteTokenizer).
     """
 
+    backend = _backends.FixedBackend()
+
     def __init__(
         self,
         config: VLJEPAConfig,
@@ -57,7 +59,7 @@ class VLJEPA(nn.Module):
         text_tokenizer: Callable[[Sequence[str]], tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         super().__init__()
-        self.config, self.backend = config, _backends.check_spec(backend)
+        self.config, self.backend = config, _backends.check_spec(backend, ops=_backends.MODEL_OPS)
         self.x_encoder = XEncoder(config.x_encoder, self.backend)
         self.predictor = Predictor(
             config.predictor, config.x_encoder.dim, config.embed_dim, self.backend

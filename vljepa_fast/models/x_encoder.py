@@ -27,6 +27,8 @@ _VJEPA2_PREFIXES = ("module.", "backbone.", "encoder.", "target_encoder.")
 
 
 class _Attention(nn.Module):
+    backend = _backends.FixedBackend()
+
     def __init__(self, cfg: XEncoderConfig, backend: BackendSpec) -> None:
         super().__init__()
         self.heads, self.head_dim, self.backend = cfg.heads, cfg.head_dim, backend
@@ -81,9 +83,11 @@ class XEncoder(nn.Module):
             does not have raises BackendUnavailableError when that op runs.
     """
 
+    backend = _backends.FixedBackend()
+
     def __init__(self, cfg: XEncoderConfig, backend: BackendSpec = "auto") -> None:
         super().__init__()
-        self.cfg, self.backend = cfg, _backends.check_spec(backend)
+        self.cfg, self.backend = cfg, _backends.check_spec(backend, ops=("attention", "rotary"))
         self.patch_embed = _PatchEmbed(cfg)
         self.blocks = nn.ModuleList(_Block(cfg, self.backend) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)

@@ -24,6 +24,8 @@ KVCache = list[tuple[Tensor, Tensor]]
 
 
 class _Attention(nn.Module):
+    backend = _backends.FixedBackend()
+
     def __init__(self, cfg: YDecoderConfig, backend: BackendSpec) -> None:
         super().__init__()
         self.heads, self.head_dim, self.backend = cfg.heads, cfg.dim // cfg.heads, backend
@@ -73,9 +75,11 @@ class YDecoder(nn.Module):
             (attention, rotary), as :class:`~vljepa_fast.models.XEncoder`'s.
     """
 
+    backend = _backends.FixedBackend()
+
     def __init__(self, cfg: YDecoderConfig, embed_dim: int, backend: BackendSpec = "auto") -> None:
         super().__init__()
-        self.cfg, self.backend = cfg, _backends.check_spec(backend)
+        self.cfg, self.backend = cfg, _backends.check_spec(backend, ops=("attention", "rotary"))
         self.embed_dim = embed_dim
         self.prefix = nn.Linear(embed_dim, cfg.prefix_tokens * cfg.dim)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)

@@ -46,9 +46,11 @@ class TextEncoder(nn.Module):
             (attention, rotary), as :class:`~vljepa_fast.models.Predictor`'s.
     """
 
+    backend = _backends.FixedBackend()
+
     def __init__(self, cfg: YEncoderConfig, embed_dim: int, backend: BackendSpec = "auto") -> None:
         super().__init__()
-        self.cfg, self.backend = cfg, _backends.check_spec(backend)
+        self.cfg, self.backend = cfg, _backends.check_spec(backend, ops=("attention", "rotary"))
         self.lr_multiplier = cfg.lr_multiplier
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(_Block(cfg, self.backend) for _ in range(cfg.layers))

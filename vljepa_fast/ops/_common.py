@@ -50,8 +50,11 @@ def triton_import() -> list[str]:
 
 
 def interpreter_on() -> bool:
-    """Triton runs CPU tensors only through its interpreter, opted into with TRITON_INTERPRET=1."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether this process runs Triton's interpreter, the only way Triton takes CPU tensors:
+    TRITON_INTERPRET read as Triton 3.8 reads its boolean knobs (getenv_bool: "1", "true",
+    "on", "yes" or "y", any case). Plain Python, so that torch.compile traces it (Triton's knob
+    is a C call Dynamo cannot)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 def triton_device(device: torch.device) -> list[str]:
@@ -108,14 +111,31 @@ def triton_record(
 
     def checked(inputs: Any) -> Any:
         why = triton_device(inputs.device)
-        return _backends.Refusal(tuple(why)) if why else supports(inputs)
+        if not why:
+            return supports(inputs)
+        # every reason, not only the device's (the op's own checks are cheap and read no
+        # device memory when the device is refused: CPU tensors only get here)
+        answer = supports(inputs)
+        more = answer.reasons if isinstance(answer, _backends.Refusal) else ()
+        return _backends.Refusal(tuple(why) + tuple(more))
+
+    def available() -> list[str]:
+        why = triton_import()
+        if not why and not torch.cuda.is_available() and not interpreter_on():
+            # CPU tensors run only through the interpreter, which this process does not run:
+            # the record can serve nothing here (not remembered: the variable may be set later)
+            why = [
+                "no CUDA device, and CPU tensors run through Triton only in its interpreter "
+                "(a process started with TRITON_INTERPRET=1; slow, for tests)"
+            ]
+        return why
 
     return _backends.register(
         _backends.Backend(
             "triton",
             op,
             run,
-            available=triton_import,
+            available=available,
             supports=checked,
             devices=("cuda", "cpu"),
             auto_devices=("cuda",),

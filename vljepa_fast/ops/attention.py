@@ -59,6 +59,24 @@ class AttentionInputs:
     def device(self) -> torch.device:
         return self.q.device
 
+    def key_counts(self) -> KeyCounts:
+        """The mask's real keys per batch entry, read on the host once per inputs object (one
+        device sync on GPU, however many backends ask under ``auto``). Needs a mask."""
+        counts = self.__dict__.get("_key_counts")
+        if counts is None:
+            counts = _key_counts(self.key_padding_mask)
+            object.__setattr__(self, "_key_counts", counts)  # a cache, not a field
+        return counts
+
+
+class KeyCounts(NamedTuple):
+    """:meth:`AttentionInputs.key_counts`: int32 [B] ``lengths`` on the inputs' device, the same
+    on the host (``host``), and whether every mask row is True... then False... (``right``)."""
+
+    lengths: Tensor
+    host: tuple[int, ...]
+    right: bool
+
 
 @dataclass(frozen=True, eq=False)
 class VarlenInputs:
@@ -513,14 +531,12 @@ def _tri_backward(ctx, d_out, d_lse):
 _tri_fwd.register_autograd(_tri_backward, setup_context=_tri_setup)
 
 
-def _right_padded_lengths(mask: Tensor) -> Tensor | None:
-    """int32 [B] lengths when every row of ``mask`` is True then False (right padding), else None.
-
-    Reads one bool on the host (a device sync on GPU).
-    """
+def _key_counts(mask: Tensor) -> KeyCounts:
+    """:class:`KeyCounts` of a [B, S] bool mask: one host read (a device sync on GPU)."""
     lengths = mask.sum(dim=1, dtype=torch.int32)
-    ok = torch.equal(mask, torch.arange(mask.shape[1], device=mask.device)[None] < lengths[:, None])
-    return lengths if ok else None
+    right = mask == (torch.arange(mask.shape[1], device=mask.device)[None] < lengths[:, None])
+    host = torch.cat([lengths, right.all().to(torch.int32)[None]]).tolist()
+    return KeyCounts(lengths, tuple(host[:-1]), bool(host[-1]))
 
 
 def _scale(q: Tensor, scale: float | None) -> float:
@@ -570,8 +586,9 @@ def _triton_supports(x: AttentionInputs) -> Tensor | None | _backends.Refusal:
             why.append(
                 "a key_padding_mask under torch.compile (its right padding cannot be checked)"
             )
-        else:
-            lengths = _right_padded_lengths(x.key_padding_mask)
+        elif not why:  # read the mask only when nothing else refuses
+            counts = x.key_counts()
+            lengths = counts.lengths if counts.right else None
             if lengths is None:
                 why.append("key_padding_mask is not right padding (True... then False... per row)")
     return _backends.plan_or_refusal(why, lengths)

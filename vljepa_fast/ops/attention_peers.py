@@ -11,8 +11,9 @@ refused with that reason. GQA: flash-attn takes Hq % Hkv == 0 natively; xformers
 [B, M, G, H, D] layout with K/V broadcast over the query heads of a group (a stride-0 view, no
 copy).
 
-Plans: with a key_padding_mask, ``supports`` counts the real keys of every batch entry and reads
-the counts on the host once (:class:`KeyCounts`); the run unpads with them (no second read).
+Plans: with a key_padding_mask, ``supports`` takes the real keys of every batch entry from
+``AttentionInputs.key_counts`` (read on the host once per call, shared with the Triton record
+that ``auto`` asks first); the run unpads with them (no second read).
 Varlen inputs carry their sequence lengths from validation (VarlenInputs.lengths_q/_k), so the
 varlen records read nothing on the host.
 
@@ -37,6 +38,7 @@ from vljepa_fast import _backends
 from vljepa_fast.ops import _common
 from vljepa_fast.ops.attention import (
     AttentionInputs,
+    KeyCounts,
     VarlenInputs,
     dense_nan_rows,
     varlen_nan_rows,
@@ -74,13 +76,6 @@ class _Peer(NamedTuple):
 _FLASH = _Peer("flash_attn", FLASH_DTYPES, 8, True, priority=25, deterministic=True)
 # xformers' backward may accumulate with atomics
 _XFORMERS = _Peer("xformers", XFORMERS_DTYPES, 5, False, priority=35, deterministic=False)
-
-
-class KeyCounts(NamedTuple):
-    """A dense plan with a key_padding_mask: the real keys per batch entry."""
-
-    lengths: Tensor  # [B] int32 on the inputs' device
-    host: tuple[int, ...]  # the same, read on the host once (by supports)
 
 
 @functools.cache
@@ -121,10 +116,9 @@ def _dense_supports(peer: _Peer, x: AttentionInputs) -> KeyCounts | None | _back
     if x.key_padding_mask is not None:
         if x.causal:
             why.append(_CAUSAL_PADDING)
-        else:
-            # reads the mask on the host once; the run needs the counts there anyway
-            lengths = x.key_padding_mask.sum(dim=1, dtype=torch.int32)
-            plan = KeyCounts(lengths, tuple(lengths.tolist()))
+        elif not why:  # read the mask only when nothing else refuses
+            # one host read per inputs object, shared with every record auto asks
+            plan = x.key_counts()
             if min(plan.host) == 0:
                 why.append(
                     "a batch entry has no key (every key padded); its output is not defined there"
