@@ -262,3 +262,48 @@ def test_fullgraph_compile_before_any_eager_call(tmp_path):
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_compiled_calls_do_not_recompile_and_trace_once(monkeypatch):
+    """The dispatch bookkeeping (availability probes, trace events, the fallback warning) is
+    kept out of compiled graphs: identical calls never recompile (regression: the second call
+    recompiled, and every call inside trace() did, failing fullgraph after the cache limit),
+    and a dispatch is recorded when its graph is traced."""
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    q, b = torch.randn(4, 8), torch.randn(20, 8)
+
+    def search(q, b):
+        return vf.topk_similarity(q, b, 3)[0]
+
+    torch._dynamo.reset()
+    f = torch.compile(search, fullgraph=True, backend="eager")
+    with _backends.trace() as events:
+        for _ in range(8):
+            f(q, b)
+    assert [(e.op, e.device) for e in events] == [("topk_similarity", "cpu")]
+    for _ in range(3):
+        torch.testing.assert_close(f(q, b), search(q, b))
+
+
+def test_a_mapping_backend_cannot_change_in_place():
+    """check_spec's mapping is read-only: the model and the submodules it handed it to cannot
+    disagree later; it still deep-copies and pickles."""
+    model = _model({"attention": "sdpa"})
+    with pytest.raises(TypeError, match="fixed once checked"):
+        model.backend["attention"] = "reference"
+    with pytest.raises(TypeError):
+        model.predictor.backend.update(rotary="reference")
+    assert copy.deepcopy(model).backend == pickle.loads(pickle.dumps(model.backend))
+    assert model.predictor.backend == {"attention": "sdpa"}
+
+
+def test_a_module_pickled_before_the_attribute_was_fixed_still_works():
+    """Whole-module pickles of earlier versions stored ``backend`` under its own name."""
+    loss = vf.nn.InfoNCELoss(backend="reference")
+    state = dict(loss.__dict__)
+    state["backend"] = state.pop("_backend")
+    old = vf.nn.InfoNCELoss.__new__(vf.nn.InfoNCELoss)
+    old.__dict__.update(state)
+    assert old.backend == "reference"
+    p, t = torch.randn(4, 8), torch.randn(4, 8)
+    torch.testing.assert_close(old(p, t), loss(p, t))

@@ -1023,9 +1023,10 @@ def test_the_backend_spec_reaches_topk_similarity(backend, ran, tmp_path):
     on it (the dispatch trace), and load passes it on."""
     index = EmbeddingIndex(8, backend=backend)
     index.add(torch.randn(5, 8))
-    assert index.backend == backend and type(index.backend) in (str, dict)
-    copy.deepcopy(index)  # a plain dict, not a mappingproxy: copyable and picklable
-    pickle.dumps(index)
+    assert index.backend == backend and isinstance(index.backend, (str, dict))
+    # a read-only dict (FrozenSpec), not a mappingproxy: copyable and picklable
+    assert copy.deepcopy(index).backend == backend
+    assert pickle.loads(pickle.dumps(index)).backend == backend
     with _backends.trace() as events:
         index.search(torch.randn(2, 8), 3)
     assert [(e.op, e.backend) for e in events] == [("topk_similarity", ran)]

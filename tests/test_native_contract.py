@@ -343,3 +343,36 @@ def test_meta_shapes_follow_the_contract(cpu_lib):
     assert [(tuple(t.shape), t.dtype) for t in (da, db, dscale)] == [
         ((_N, _D), torch.float32), ((_M, _D), torch.float32), ((), torch.float32),
     ]  # fmt: skip
+
+
+# ------------------------------------------------------------------ build environment variables
+
+
+def test_empty_build_variables_count_as_unset(monkeypatch, tmp_path):
+    """An empty VLJEPA_FAST_BUILD_DIR / VLJEPA_FAST_CUDA_ARCHS / CUDA_HOME is unset, never the
+    working directory (regression: Path("") built into the current folder)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VLJEPA_FAST_BUILD_DIR", "")
+    assert _ext.build_dir("cpu").is_absolute()
+    monkeypatch.setenv("VLJEPA_FAST_CUDA_ARCHS", "")
+    assert _ext.cuda_archs() == _ext.DEFAULT_CUDA_ARCHS
+    monkeypatch.setenv("CUDA_HOME", "")
+    home = _ext.find_cuda_home()
+    assert home is None or home.resolve() != tmp_path.resolve()
+
+
+@pytest.mark.parametrize(
+    "value, on",
+    [
+        ("0", False),
+        ("false", False),
+        ("OFF", False),
+        ("no", False),
+        ("1", True),
+        ("yes", True),
+        ("", True),
+    ],
+)
+def test_auto_build_switch_reads_booleans(monkeypatch, value, on):
+    monkeypatch.setenv("VLJEPA_FAST_BUILD", value)
+    assert _ext.auto_build_enabled() is on

@@ -151,23 +151,49 @@ class FixedBackend:
     """
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self.slot = "_" + name
+        self.name, self.slot = name, "_" + name
 
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        return self if obj is None else obj.__dict__[self.slot]
+        if obj is None:
+            return self
+        d = obj.__dict__
+        if self.slot in d:
+            return d[self.slot]
+        if self.name in d:  # pickled before the attribute was fixed (stored under its name)
+            return d[self.name]
+        raise AttributeError(f"{type(obj).__name__} has no {self.name} yet")
 
     def __set__(self, obj: Any, value: Any) -> None:
         if self.slot in obj.__dict__:
             raise AttributeError(
-                f"{type(obj).__name__}.backend is fixed at construction (its submodules hold "
-                f"it too): build it again with the backend you want, or, for one built with "
-                f"'auto', set VLJEPA_FAST_BACKEND or VLJEPA_FAST_BACKEND_<OP>"
+                f"{type(obj).__name__}.{self.name} is fixed at construction (what it built "
+                f"holds it too): build it again with the backend you want (for one built with "
+                f"'auto', VLJEPA_FAST_BACKEND[_<OP>] are read at each eager call, but a "
+                f"torch.compile graph keeps the choice it was traced with)"
             )
         obj.__dict__[self.slot] = value
 
 
 def _names() -> tuple[str, ...]:
     return ("auto",) + BACKENDS
+
+
+class FrozenSpec(dict):
+    """A checked per-op mapping (what :func:`check_spec` returns for one): a dict that refuses
+    changes, so a module and the submodules it handed its spec to cannot disagree later;
+    deep-copies and pickles as a plain value."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a backend spec is fixed once checked: build a new mapping instead")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple:
+        return (FrozenSpec, (dict(self),))
+
+    def __deepcopy__(self, memo: dict) -> FrozenSpec:
+        return self
 
 
 def _offered(op: str) -> tuple[str, ...]:
@@ -177,8 +203,8 @@ def _offered(op: str) -> tuple[str, ...]:
 def check_spec(
     backend: object, name: str = "backend", ops: tuple[str, ...] | None = None
 ) -> BackendSpec:
-    """``backend`` checked as a :data:`BackendSpec`; a mapping comes back as a plain dict copy
-    (so a module holding it can be deep-copied and pickled: an EMA copy, torch.save).
+    """``backend`` checked as a :data:`BackendSpec`; a mapping comes back as a
+    :class:`FrozenSpec` copy (read-only; deep-copies and pickles: an EMA copy, torch.save).
 
     Args:
         backend: "auto", a backend name, or {op name: "auto" or a name}.
@@ -217,16 +243,16 @@ def check_spec(
                     f"{name}[{op!r}]: expected 'auto' or one of {_offered(op)}, got {value!r}"
                 )
             out[op] = value
-        return out
+        return FrozenSpec(out)
     raise ValueError(
         f"{name}: expected 'auto', a backend name or a mapping of op names to backend names, "
         f"got {type(backend).__name__}"
     )
 
 
-def _env_name(op: str) -> str | None:
-    """The value of the most specific override variable set for ``op``, checked (None: none
-    set; an empty value counts as unset)."""
+def _env_name(op: str) -> tuple[str, str] | None:
+    """(value, variable) of the most specific override variable set for ``op``, checked (None:
+    none set; an empty value counts as unset)."""
     for var in (f"VLJEPA_FAST_BACKEND_{op.upper()}",) + (
         (f"VLJEPA_FAST_BACKEND_{FAMILY[op].upper()}",) if op in FAMILY else ()
     ) + ("VLJEPA_FAST_BACKEND",):
@@ -237,19 +263,24 @@ def _env_name(op: str) -> str | None:
                     f"environment variable {var}: expected 'auto' or one of {BACKENDS}, got "
                     f"{value!r}"
                 )
-            return value  # the most specific variable set wins, "auto" included
+            return value, var  # the most specific variable set wins, "auto" included
     return None
 
 
-def requested(op: str, backend: BackendSpec) -> str:
-    """The name ``op`` runs under ``backend`` and the environment ("auto" or a backend name)."""
+def _requested(op: str, backend: BackendSpec) -> tuple[str, str]:
+    """(name, where it came from: "" for the argument, else the environment variable)."""
     if isinstance(backend, Mapping):
         name = backend.get(op, backend.get(FAMILY.get(op, op), "auto"))
     else:
         name = backend
     if name != "auto":
-        return name
-    return _env_name(op) or "auto"
+        return name, ""
+    return _env_name(op) or ("auto", "")
+
+
+def requested(op: str, backend: BackendSpec) -> str:
+    """The name ``op`` runs under ``backend`` and the environment ("auto" or a backend name)."""
+    return _requested(op, backend)[0]
 
 
 def _warn_unknown_variables() -> None:
@@ -269,14 +300,46 @@ def _warn_unknown_variables() -> None:
 _warn_unknown_variables()
 
 
+# The bookkeeping below (availability probes, the once-only warning, trace events) runs through
+# torch._dynamo.assume_constant_result: under torch.compile Dynamo calls such a function eagerly
+# while it traces and bakes its answer into the graph, so no lock, file probe, warning or
+# mutation of module state enters a graph and no guard on that state makes a compiled function
+# recompile (or fail with fullgraph=True). Eagerly they are plain calls. The price, documented
+# in docs/DESIGN.md: a compiled graph keeps the backend choice (and the environment variables
+# read) of the moment it was traced.
+
+
 @torch._dynamo.assume_constant_result
 def _probe(op: str, name: str) -> tuple[str, ...]:
-    """The record's ``available()`` reasons. Under torch.compile it runs eagerly while the graph
-    is traced and its answer is a constant of the graph: the probe (locks, the native library's
-    fingerprint and load) never enters a trace, so fullgraph compiles even before any eager
-    call."""
+    """The record's ``available()`` reasons; success is remembered (it never reverts), so later
+    calls are a set lookup."""
+    if (op, name) in _available_ok:
+        return ()
     rec = next(b for b in _REGISTRY[op] if b.name == name)
-    return tuple(rec.available())
+    reasons = tuple(rec.available())
+    if not reasons:
+        _available_ok.add((op, name))
+    return reasons
+
+
+@torch._dynamo.assume_constant_result
+def _first_fallback(op: str) -> bool:
+    """True the first time ``op`` falls back to the reference on a non-CPU device."""
+    first = op not in _warned_reference
+    _warned_reference.add(op)
+    return first
+
+
+@torch._dynamo.assume_constant_result
+def _warn(message: str) -> None:
+    # 1 here, 2 select, 3 dispatch, 4 the public op, 5 its caller
+    warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
+@torch._dynamo.assume_constant_result
+def _record(op: str, name: str, device: str) -> None:
+    for events in _traces:
+        events.append(TraceEvent(op, name, device))
 
 
 def _answer(b: Backend, inputs: Any) -> Any:
@@ -284,12 +347,9 @@ def _answer(b: Backend, inputs: Any) -> Any:
     dev = inputs.device.type
     if dev not in b.devices:
         return Refusal((f"does not run on {dev} tensors (serves {', '.join(b.devices)})",))
-    if (b.op, b.name) not in _available_ok:
-        reasons = _probe(b.op, b.name)
-        if reasons:
-            return Refusal(reasons)
-        # success never reverts; remembering it makes later calls a set lookup
-        _available_ok.add((b.op, b.name))
+    reasons = _probe(b.op, b.name)
+    if reasons:
+        return Refusal(reasons)
     if not b.deterministic and torch.are_deterministic_algorithms_enabled():
         return Refusal(("not deterministic, and torch.use_deterministic_algorithms(True) is set",))
     return b.supports(inputs)
@@ -308,21 +368,21 @@ def select(op: str, backend: BackendSpec, inputs: Any) -> tuple[Backend, Any]:
         ValueError: ``backend`` is not a :data:`BackendSpec`.
         BackendUnavailableError: a named backend cannot serve the inputs.
     """
-    name = requested(op, check_spec(backend) if not isinstance(backend, str) else backend)
+    spec = check_spec(backend) if not isinstance(backend, str) else backend
+    name, source = _requested(op, spec)
     if name not in _names():
         raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {name!r}")
     recs = _REGISTRY[op]
     if name != "auto":
+        named = f"backend {name!r}" + (f" (from environment variable {source})" if source else "")
         rec = next((b for b in recs if b.name == name), None)
         if rec is None:
             offered = ", ".join(b.name for b in recs)
-            raise BackendUnavailableError(f"{op}: no backend {name!r} (this op has: {offered})")
+            raise BackendUnavailableError(f"{op}: no {named} (this op has: {offered})")
         answer = _answer(rec, inputs)
         if isinstance(answer, Refusal):
             lines = "\n".join(f"  - {r}" for r in answer.reasons)
-            raise BackendUnavailableError(
-                f"{op}: backend {name!r} cannot run these inputs:\n{lines}"
-            )
+            raise BackendUnavailableError(f"{op}: {named} cannot run these inputs:\n{lines}")
         return rec, answer
     dev = inputs.device.type
     for rec in recs:
@@ -331,13 +391,10 @@ def select(op: str, backend: BackendSpec, inputs: Any) -> tuple[Backend, Any]:
         answer = _answer(rec, inputs)
         if isinstance(answer, Refusal):
             continue
-        if rec.name == "reference" and dev != "cpu" and op not in _warned_reference:
-            _warned_reference.add(op)
-            warnings.warn(
+        if rec.name == "reference" and dev != "cpu" and _first_fallback(op):
+            _warn(
                 f"vljepa_fast.{op}: no fused backend serves these {dev} inputs, running the "
-                f"eager reference (warned once).\n{explain(op, inputs)}",
-                RuntimeWarning,
-                stacklevel=4,
+                f"eager reference (warned once).\n{explain(op, inputs)}"
             )
         return rec, answer
     # only inputs on a device no backend serves (e.g. meta tensors) get here: the reference
@@ -350,8 +407,7 @@ def select(op: str, backend: BackendSpec, inputs: Any) -> tuple[Backend, Any]:
 def dispatch(op: str, backend: BackendSpec, inputs: Any) -> Any:
     """Run ``op`` on the selected backend with its plan (see :func:`select`)."""
     rec, plan = select(op, backend, inputs)
-    for events in _traces:
-        events.append(TraceEvent(op, rec.name, inputs.device.type))
+    _record(op, rec.name, inputs.device.type)  # no trace open: a loop over nothing
     return rec.run(inputs, plan)
 
 
@@ -360,7 +416,8 @@ def trace() -> Iterator[list[TraceEvent]]:
     """Record every dispatch made inside the block: ``with trace() as events: ...``.
 
     ``events`` is a list of :class:`TraceEvent` in call order. Under torch.compile a dispatch is
-    recorded when it is traced, not on every run of the compiled graph.
+    recorded when its graph is traced, not on every run of the compiled graph (a graph traced
+    outside the block records nothing).
     """
     events: list[TraceEvent] = []
     _traces.append(events)

@@ -78,7 +78,7 @@ def sources(lib: str) -> list[Path]:
 
 def cuda_archs() -> str:
     """The TORCH_CUDA_ARCH_LIST used for the cuda library."""
-    return os.environ.get("VLJEPA_FAST_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+    return os.environ.get("VLJEPA_FAST_CUDA_ARCHS") or DEFAULT_CUDA_ARCHS  # empty: unset
 
 
 def find_cuda_home() -> Path | None:
@@ -93,7 +93,8 @@ def find_cuda_home() -> Path | None:
     def ok(p: Path) -> bool:
         return (p / "bin" / "nvcc").exists() and (p / "include" / "cuda_runtime.h").exists()
 
-    cands: list[Path] = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if v in os.environ]
+    # an empty variable is unset (Path("") would be the working directory)
+    cands = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
     nvcc = shutil.which("nvcc")
     if nvcc:
         real = Path(nvcc).resolve()
@@ -132,7 +133,8 @@ def _fingerprint(lib: str) -> dict:
 
 def build_dir(lib: str) -> Path:
     """Where ``lib`` is built and cached for this source tree and torch."""
-    base = Path(os.environ.get("VLJEPA_FAST_BUILD_DIR", Path.home() / ".cache" / "vljepa_fast"))
+    # an empty variable is unset (Path("") would build into the working directory)
+    base = Path(os.environ.get("VLJEPA_FAST_BUILD_DIR") or Path.home() / ".cache" / "vljepa_fast")
     fp = _fingerprint(lib)
     tag = f"{lib}-torch{fp['torch'].replace('+', '_')}-{fp['source_hash']}"
     return base / tag
@@ -197,7 +199,9 @@ def _check_record(lib: str, so: Path) -> list[str]:
 
 
 def auto_build_enabled() -> bool:
-    return os.environ.get("VLJEPA_FAST_BUILD", "1") != "0"
+    # "0", "false", "off", "no" (any case) disable it, as the other boolean variables read
+    off = ("0", "false", "off", "no")
+    return os.environ.get("VLJEPA_FAST_BUILD", "1").strip().lower() not in off
 
 
 def load(lib: str, *, allow_build: bool | None = None) -> LibState:

@@ -708,8 +708,7 @@ class EmbeddingIndex:
         device: storage device, CPU or an available CUDA device; default CPU.
         backend: a :data:`~vljepa_fast._backends.BackendSpec` ("auto", a backend name, or
             {op name: name}) passed unchanged to :func:`vljepa_fast.topk_similarity` (op
-            "topk_similarity"); a name that op does not have raises BackendUnavailableError at
-            search.
+            "topk_similarity"); a name that op does not have is refused here (ValueError).
 
     Raises:
         ValueError: a malformed argument (named in the message).

@@ -66,9 +66,9 @@ class PredictorAttention(torch.nn.Module):
         backend: a :data:`~vljepa_fast._backends.BackendSpec` ("auto", a backend name, or
             {op name: name}) passed unchanged to both ops the module calls,
             :func:`vljepa_fast.apply_rotary` (op "rotary") and :func:`vljepa_fast.attention`. A
-            name one of them does not have (e.g. "sdpa", which rotary lacks) raises
-            BackendUnavailableError naming the op at forward; pick per op with a mapping such
-            as ``{"attention": "sdpa"}`` (rotary then runs "auto").
+            name one of them does not have (e.g. "sdpa", which rotary lacks) is refused here
+            (ValueError naming the op); pick per op with a mapping such as
+            ``{"attention": "sdpa"}`` (rotary then runs "auto").
         device: parameter device.
         dtype: parameter dtype (float32, float16, bfloat16 or float64).
 
@@ -243,7 +243,7 @@ class InfoNCELoss(torch.nn.Module):
         group: as :func:`vljepa_fast.infonce_loss`.
         backend: a :data:`~vljepa_fast._backends.BackendSpec` ("auto", a backend name, or
             {op name: name}) passed unchanged to :func:`vljepa_fast.infonce_loss`; a name that
-            op does not have raises BackendUnavailableError at forward.
+            op does not have is refused here (ValueError).
 
     Shapes:
         forward(pred [N, D], target [N, D]) -> scalar float32 (or [N] with reduction "none").

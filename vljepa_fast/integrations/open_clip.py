@@ -52,7 +52,7 @@ class ClipLoss(torch.nn.Module):
         use_horovod: must be False.
         backend: a :data:`~vljepa_fast._backends.BackendSpec` ("auto", a backend name, or
             {op name: name}) passed unchanged to :func:`vljepa_fast.infonce_loss`; a name that
-            op does not have raises BackendUnavailableError at forward.
+            op does not have is refused here (ValueError).
 
     Shapes:
         forward(image_features [N, D], text_features [N, D] (same dtype and device),

@@ -37,7 +37,7 @@ Backends. ``use_vljepa_fast(model, backend=...)`` takes the ops' vocabulary
 ``VLJEPA_FAST_BACKEND_ATTENTION`` apply), a backend name, or a per-op mapping such as
 ``{"attention": "sdpa"}``, checked at the call (ValueError naming ``backend``) and passed
 unchanged to every vf.attention call of the model's layers while switched (a name attention does
-not have raises BackendUnavailableError at forward). A model loaded with
+not have is refused at the call too). A model loaded with
 ``attn_implementation="vljepa_fast"`` runs "auto" until switched with a backend. The fallbacks
 above run transformers' functions whatever the backend.
 """

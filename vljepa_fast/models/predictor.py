@@ -51,8 +51,8 @@ class Predictor(nn.Module):
         visual_dim: width of the X-encoder tokens (1024).
         embed_dim: the shared embedding space (1536).
         backend: a :data:`~vljepa_fast._backends.BackendSpec` ("auto", a backend name, or
-            {op name: name}) for every op the layers call (attention, rotary); a name an op
-            does not have raises BackendUnavailableError when that op runs.
+            {op name: name}) for every op the layers call (attention, rotary); a name one of
+            them does not have is refused here (ValueError naming the op).
     """
 
     backend = _backends.FixedBackend()

@@ -37,8 +37,8 @@ class VLJEPA(nn.Module):
             every op ("reference": eager everywhere), or a per-op mapping such as
             ``{"attention": "sdpa", "rotary": "reference"}`` (ops it leaves out run "auto").
             A single name that one of those ops does not have (e.g. "sdpa", which infonce_loss
-            lacks) is accepted here and raises BackendUnavailableError naming the op when that
-            op runs, never a silent substitution: pick per op with a mapping.
+            lacks) is refused here (ValueError naming the op), never substituted: pick per op
+            with a mapping. Fixed at construction (the submodules hold it too).
         y_encoder: replaces the built-in text encoder, e.g. an
             :class:`~vljepa_fast.models.HFTextEncoder`; it maps (ids, mask) -> [B, embed_dim].
         query_tokenizer: texts -> (ids, mask) for the predictor's queries (default: a

@@ -79,8 +79,8 @@ class XEncoder(nn.Module):
     Args:
         cfg: sizes.
         backend: a :data:`~vljepa_fast._backends.BackendSpec` ("auto", a backend name, or
-            {op name: name}) for every op the blocks call (attention, rotary); a name an op
-            does not have raises BackendUnavailableError when that op runs.
+            {op name: name}) for every op the blocks call (attention, rotary); a name one of
+            them does not have is refused here (ValueError naming the op).
     """
 
     backend = _backends.FixedBackend()

@@ -123,7 +123,8 @@ def triton_record(
         why = triton_import()
         if not why and not torch.cuda.is_available() and not interpreter_on():
             # CPU tensors run only through the interpreter, which this process does not run:
-            # the record can serve nothing here (not remembered: the variable may be set later)
+            # the record can serve nothing here (not remembered: the variable can still take
+            # effect while the kernel modules are not imported yet)
             why = [
                 "no CUDA device, and CPU tensors run through Triton only in its interpreter "
                 "(a process started with TRITON_INTERPRET=1; slow, for tests)"

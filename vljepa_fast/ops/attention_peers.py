@@ -116,6 +116,10 @@ def _dense_supports(peer: _Peer, x: AttentionInputs) -> KeyCounts | None | _back
     if x.key_padding_mask is not None:
         if x.causal:
             why.append(_CAUSAL_PADDING)
+        elif torch.compiler.is_compiling():
+            why.append(
+                "a key_padding_mask under torch.compile (its key counts are read on the host)"
+            )
         elif not why:  # read the mask only when nothing else refuses
             # one host read per inputs object, shared with every record auto asks
             plan = x.key_counts()
