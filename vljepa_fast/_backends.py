@@ -174,6 +174,13 @@ class FixedBackend:
         obj.__dict__[self.slot] = value
 
 
+class HoldsBackend:
+    """Base of every module, model and index with a ``backend``: the attribute is a
+    :class:`FixedBackend` (set by the constructor, read-only after)."""
+
+    backend = FixedBackend()
+
+
 def _names() -> tuple[str, ...]:
     return ("auto",) + BACKENDS
 

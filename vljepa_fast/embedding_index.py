@@ -693,7 +693,7 @@ def _write_atomically(path: Path, target: Path, data: bytes) -> None:
 # ------------------------------------------------------------------------------------ index
 
 
-class EmbeddingIndex:
+class EmbeddingIndex(_backends.HoldsBackend):
     """An exact (flat) embedding index searched with the fused top-k kernel (like faiss IndexFlat).
 
     Vectors live in one growing [capacity, dim] buffer on ``device`` (capacity doubles, so ``add``
@@ -713,8 +713,6 @@ class EmbeddingIndex:
     Raises:
         ValueError: a malformed argument (named in the message).
     """
-
-    backend = _backends.FixedBackend()
 
     def __init__(
         self,

@@ -42,7 +42,7 @@ def _choice(name: str, v: object, options: tuple[str, ...]) -> str:
     return v
 
 
-class PredictorAttention(torch.nn.Module):
+class PredictorAttention(_backends.HoldsBackend, torch.nn.Module):
     """Llama-compatible grouped-query attention with RoPE and key padding, bidirectional by default.
 
     The VL-JEPA predictor's attention: a Llama-3.2 layer with the causal mask turned off. The
@@ -77,8 +77,6 @@ class PredictorAttention(torch.nn.Module):
     Raises:
         ValueError: a malformed argument (named in the message).
     """
-
-    backend = _backends.FixedBackend()
 
     def __init__(
         self,
@@ -228,7 +226,7 @@ class PredictorAttention(torch.nn.Module):
         return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))
 
 
-class InfoNCELoss(torch.nn.Module):
+class InfoNCELoss(_backends.HoldsBackend, torch.nn.Module):
     """Bidirectional InfoNCE on the fused kernels (:func:`vljepa_fast.infonce_loss`) as a module.
 
     Args:
@@ -251,8 +249,6 @@ class InfoNCELoss(torch.nn.Module):
     Raises:
         ValueError: a malformed argument (named in the message).
     """
-
-    backend = _backends.FixedBackend()
 
     def __init__(
         self,

@@ -42,7 +42,7 @@ def _check_one_element(name: str, t: Tensor, like: Tensor, alternative: str) -> 
         raise ValueError(f"{name}: expected device {like.device} (the features'), got {t.device}")
 
 
-class ClipLoss(torch.nn.Module):
+class ClipLoss(_backends.HoldsBackend, torch.nn.Module):
     """open_clip.loss.ClipLoss with the same constructor and call signature.
 
     Args:
@@ -64,8 +64,6 @@ class ClipLoss(torch.nn.Module):
     Raises:
         ValueError: a malformed argument (named in the message).
     """
-
-    backend = _backends.FixedBackend()
 
     def __init__(
         self,

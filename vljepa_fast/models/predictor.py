@@ -43,7 +43,7 @@ class LlamaLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Predictor(nn.Module):
+class Predictor(_backends.HoldsBackend, nn.Module):
     """(visual tokens, query tokens) -> one predicted embedding per sample.
 
     Args:
@@ -54,8 +54,6 @@ class Predictor(nn.Module):
             {op name: name}) for every op the layers call (attention, rotary); a name one of
             them does not have is refused here (ValueError naming the op).
     """
-
-    backend = _backends.FixedBackend()
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ __all__ = ["VLJEPA"]
 Text = str | Sequence[str] | tuple[Tensor, Tensor | None]
 
 
-class VLJEPA(nn.Module):
+class VLJEPA(_backends.HoldsBackend, nn.Module):
     """The VL-JEPA model.
 
     Args:
@@ -46,8 +46,6 @@ class VLJEPA(nn.Module):
         text_tokenizer: texts -> (ids, mask) for the Y-encoder (default: ``y_encoder.tokenize``
             when it has one, else a ByteTokenizer).
     """
-
-    backend = _backends.FixedBackend()
 
     def __init__(
         self,

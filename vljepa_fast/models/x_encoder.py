@@ -26,9 +26,7 @@ __all__ = ["XEncoder", "load_vjepa2_state_dict"]
 _VJEPA2_PREFIXES = ("module.", "backbone.", "encoder.", "target_encoder.")
 
 
-class _Attention(nn.Module):
-    backend = _backends.FixedBackend()
-
+class _Attention(_backends.HoldsBackend, nn.Module):
     def __init__(self, cfg: XEncoderConfig, backend: BackendSpec) -> None:
         super().__init__()
         self.heads, self.head_dim, self.backend = cfg.heads, cfg.head_dim, backend
@@ -73,7 +71,7 @@ class _PatchEmbed(nn.Module):
         return self.proj(video).flatten(2).transpose(1, 2)  # [B, T' * H' * W', dim], (t, h, w)
 
 
-class XEncoder(nn.Module):
+class XEncoder(_backends.HoldsBackend, nn.Module):
     """Video ViT: [B, C, T, H, W] video (or [B, C, H, W] image) -> [B, N, dim] visual tokens.
 
     Args:
@@ -82,8 +80,6 @@ class XEncoder(nn.Module):
             {op name: name}) for every op the blocks call (attention, rotary); a name one of
             them does not have is refused here (ValueError naming the op).
     """
-
-    backend = _backends.FixedBackend()
 
     def __init__(self, cfg: XEncoderConfig, backend: BackendSpec = "auto") -> None:
         super().__init__()

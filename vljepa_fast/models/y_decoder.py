@@ -23,9 +23,7 @@ __all__ = ["YDecoder"]
 KVCache = list[tuple[Tensor, Tensor]]
 
 
-class _Attention(nn.Module):
-    backend = _backends.FixedBackend()
-
+class _Attention(_backends.HoldsBackend, nn.Module):
     def __init__(self, cfg: YDecoderConfig, backend: BackendSpec) -> None:
         super().__init__()
         self.heads, self.head_dim, self.backend = cfg.heads, cfg.dim // cfg.heads, backend
@@ -65,7 +63,7 @@ class _Block(PreNormBlock):
         return self.residual(x, h), kv
 
 
-class YDecoder(nn.Module):
+class YDecoder(_backends.HoldsBackend, nn.Module):
     """Embedding -> text decoder.
 
     Args:
@@ -74,8 +72,6 @@ class YDecoder(nn.Module):
         backend: a :data:`~vljepa_fast._backends.BackendSpec` for every op the blocks call
             (attention, rotary), as :class:`~vljepa_fast.models.XEncoder`'s.
     """
-
-    backend = _backends.FixedBackend()
 
     def __init__(self, cfg: YDecoderConfig, embed_dim: int, backend: BackendSpec = "auto") -> None:
         super().__init__()

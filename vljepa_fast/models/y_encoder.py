@@ -36,7 +36,7 @@ class _Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(_backends.HoldsBackend, nn.Module):
     """Built-in bidirectional text encoder on vf.attention (GQA, RoPE, RMSNorm, GELU MLP).
 
     Args:
@@ -45,8 +45,6 @@ class TextEncoder(nn.Module):
         backend: a :data:`~vljepa_fast._backends.BackendSpec` for every op the blocks call
             (attention, rotary), as :class:`~vljepa_fast.models.Predictor`'s.
     """
-
-    backend = _backends.FixedBackend()
 
     def __init__(self, cfg: YEncoderConfig, embed_dim: int, backend: BackendSpec = "auto") -> None:
         super().__init__()
