@@ -307,6 +307,14 @@ def _warn_unknown_variables() -> None:
 _warn_unknown_variables()
 
 
+def _constant_result(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch._dynamo.assume_constant_result`` without importing Dynamo at import time (about
+    3 s): that decorator only sets this marker, which Dynamo reads when it traces a call.
+    tests/test_dispatch_trace.py pins the behaviour (fullgraph first call, no recompiles)."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
 # The bookkeeping below (availability probes, the once-only warning, trace events) runs through
 # torch._dynamo.assume_constant_result: under torch.compile Dynamo calls such a function eagerly
 # while it traces and bakes its answer into the graph, so no lock, file probe, warning or
@@ -316,7 +324,7 @@ _warn_unknown_variables()
 # read) of the moment it was traced.
 
 
-@torch._dynamo.assume_constant_result
+@_constant_result
 def _probe(op: str, name: str) -> tuple[str, ...]:
     """The record's ``available()`` reasons; success is remembered (it never reverts), so later
     calls are a set lookup."""
@@ -329,7 +337,7 @@ def _probe(op: str, name: str) -> tuple[str, ...]:
     return reasons
 
 
-@torch._dynamo.assume_constant_result
+@_constant_result
 def _first_fallback(op: str) -> bool:
     """True the first time ``op`` falls back to the reference on a non-CPU device."""
     first = op not in _warned_reference
@@ -337,13 +345,13 @@ def _first_fallback(op: str) -> bool:
     return first
 
 
-@torch._dynamo.assume_constant_result
+@_constant_result
 def _warn(message: str) -> None:
     # 1 here, 2 select, 3 dispatch, 4 the public op, 5 its caller
     warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
-@torch._dynamo.assume_constant_result
+@_constant_result
 def _record(op: str, name: str, device: str) -> None:
     for events in _traces:
         events.append(TraceEvent(op, name, device))
