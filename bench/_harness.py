@@ -66,6 +66,14 @@ CEILINGS: tuple[tuple[str, dict[str, float], float], ...] = (
 )
 
 
+def model_seconds(flops: float, nbytes: float, dtype: torch.dtype = torch.bfloat16) -> float:
+    """H200 design-model seconds of ``flops`` GEMM FLOPs plus ``nbytes`` of HBM traffic, added
+    (nothing overlapped), at the rates of kernels/_common.py."""
+    from vljepa_fast._kernels import _common
+
+    return flops / _common.PEAK_FLOPS[dtype] + nbytes / _common.PEAK_BANDWIDTH
+
+
 class Cost(NamedTuple):
     """The work of one call of a case, as its bench file counts it.
 
@@ -74,11 +82,16 @@ class Cost(NamedTuple):
         nbytes: compulsory memory traffic of one call in bytes.
         formula: how ``flops`` and ``nbytes`` follow from the shape, in words (it goes into every
             row and the report, so a reader can check a rate).
+        predicted_s: the design model's H200 time of this provider on this case (the kernel
+            file's own ``predicted_seconds``, whose rates live in kernels/_common.py), or None
+            where no model is stated (eager, peers, the cpu backend). Printed beside the measured
+            time on a GPU run, so a kernel that misses its design shows.
     """
 
     flops: int
     nbytes: int
     formula: str
+    predicted_s: float | None = None
 
 
 def mode_total(fwd: int, bwd: int, mode: str) -> int:
@@ -655,6 +668,7 @@ class Bench:
             "ceiling_tflops": tflops_ceil,
             "ceiling_gbs": gbs_ceil,
             "ceiling_note": ceil_note,
+            "predicted_s": cost.predicted_s,
         }
         RESULTS.append(row)
         benchmark.extra_info.update(row)
@@ -706,3 +720,36 @@ def parametrize(
             pairs.append((c, p))
             ids.append(f"{c['label']}-{p}".replace(" ", "_"))
     metafunc.parametrize("case,provider", pairs, ids=ids)
+
+
+# ------------------------------------------------------------------------------------------
+# what the pairwise-loss bench files (bench_infonce.py, bench_sigmoid_loss.py) share
+# ------------------------------------------------------------------------------------------
+
+
+def pair_label(c: dict) -> str:
+    """The shape text of a pairwise-loss case: mode, batch N, width D and dtype."""
+    return f"{c['mode']} N{c['N']} D{c['D']} {c['dtype']}"
+
+
+def loss_providers(backend_op: str, peer: str) -> Callable[[dict], list[str]]:
+    """case -> providers of a pairwise loss: the eager reference, its torch.compile (cases
+    marked ``compile``), every non-reference backend registered for ``backend_op`` and the
+    ``peer`` (e.g. open_clip's loss)."""
+    from vljepa_fast import _backends
+
+    def providers(c: dict) -> list[str]:
+        fused = [f"vf.{r.name}" for r in _backends.records(backend_op) if r.name != "reference"]
+        compiled = ["reference+compile"] if c.get("compile") else []
+        return ["reference", *compiled, *fused, peer]
+
+    return providers
+
+
+def pair_rows(N: int, D: int, device, dtype, grad: bool, seed: int) -> tuple:
+    """The two [N, D] inputs (pred, target) of a pairwise-loss case, leaves when ``grad``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return tuple(
+        torch.randn(N, D, generator=g, device=device, dtype=dtype).requires_grad_(grad)
+        for _ in range(2)
+    )

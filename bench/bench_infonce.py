@@ -32,11 +32,12 @@ TEMPERATURE = 0.07
 
 INFONCE_FORMULA = (
     "flops fwd 2*N*N*D (the similarity GEMM S = pred target^T, shared by both directions); "
-    "bwd 6*N*N*D for every provider (S recomputed once, then dpred = dS target and dtarget = "
-    "dS^T pred: the least a backward that stores no N x N matrix does; the Triton and CUDA "
-    "backwards execute 8*N*N*D, recomputing S in each of their two launches, the cpu backward "
-    "6*N*N*D, eager 4*N*N*D from its stored logits); fwd+bwd 8*N*N*D; bytes fwd 2*N*D*s (read "
-    "pred, target), bwd 4*N*D*s (read both, write both gradients), fwd+bwd 6*N*D*s"
+    "bwd 6*N*N*D (S recomputed, dpred = dS target, dtarget = dS^T pred: the least a backward "
+    "that stores no N x N matrix does, and what the chunked triton and cuda backends and the cpu "
+    "backend execute; eager executes 4*N*N*D from its stored logits); fwd+bwd 8*N*N*D; bytes "
+    "fwd 2*N*D*s (read pred, target), bwd 4*N*D*s (read both, write both gradients), fwd+bwd "
+    "6*N*D*s; H200 model (vf.triton, vf.cuda): kernels/infonce.py predicted_seconds, per GEMM "
+    "max(flops at 790 TFLOP/s, bytes at 4.3 TB/s) plus the epilogues' bytes at 4.3 TB/s"
 )
 
 
@@ -46,12 +47,10 @@ def infonce_flops(N: int, D: int, mode: str) -> int:
     Forward 2*N*N*D: the one similarity GEMM S = pred @ target^T (the row and column softmaxes
     of the symmetric loss read the same S). Backward 6*N*N*D, three GEMMs of that size: S
     recomputed, dpred = dS @ target, dtarget = dS^T @ pred; that is the least work of a
-    backward that keeps no N x N matrix, and the cpu backend executes exactly that. What the
-    others execute: the Triton and CUDA backwards 8*N*N*D (one kernel launched twice, by rows
-    for dpred and by columns for dtarget, each recomputing its S tiles: determinism without
-    atomics), the eager reference and open_clip 4*N*N*D (they keep the N x N probabilities
-    from the forward, the N^2 memory of the peak column). Exponentials, logarithms and the row
-    norms (O(N*N) and O(N*D)) are not counted.
+    backward that keeps no N x N matrix, and the chunked triton and cuda backends and the cpu
+    backend execute exactly that. The eager reference and open_clip execute 4*N*N*D (they keep
+    the N x N probabilities from the forward, the N^2 memory of the peak column).
+    Exponentials, logarithms and the row norms (O(N*N) and O(N*D)) are not counted.
     """
     gemm = 2 * N * N * D
     return _harness.mode_total(gemm, 3 * gemm, mode)
@@ -60,31 +59,42 @@ def infonce_flops(N: int, D: int, mode: str) -> int:
 def infonce_bytes(N: int, D: int, itemsize: int, mode: str) -> int:
     """Compulsory traffic in bytes: forward reads pred and target ([N, D] each, 2*N*D*s; the
     loss is a scalar), backward reads both and writes both gradients (4*N*D*s). The fused
-    kernels' O(N) statistics (norms, log-sum-exps) and a second read of the inputs by the
-    second backward launch are not counted."""
+    kernels' O(N) statistics (norms, log-sum-exps) are not counted."""
     tensor = N * D * itemsize
     return _harness.mode_total(2 * tensor, 4 * tensor, mode)
 
 
-def infonce_cost(N: int, D: int, itemsize: int, mode: str) -> _harness.Cost:
-    """:func:`infonce_flops` and :func:`infonce_bytes` of one call in ``mode``."""
+def infonce_predicted(N: int, D: int, dtype: torch.dtype, mode: str) -> float:
+    """The H200 time the chunked design implies (``vljepa_fast._kernels.infonce.
+    predicted_seconds``, the kernel file's own model: per GEMM max(FLOPs at 790 TFLOP/s, its
+    bytes at 4.3 TB/s), per epilogue its bytes at 4.3 TB/s) with the chunk the op layer would
+    pass (``ops.infonce.chunk_rows``). The cuda backend runs the same algorithm on the same
+    chunks (csrc/cuda/infonce.cu header), so both providers are held to this one number."""
+    from vljepa_fast._kernels import infonce as kernel
+
+    like = torch.empty(N, D, dtype=dtype, device="meta")
+    chunk = infonce_op.chunk_rows(like, like)
+    return kernel.predicted_seconds(N, N, D, dtype, mode, chunk=chunk)
+
+
+def infonce_cost(
+    N: int, D: int, dtype: torch.dtype, mode: str, provider: str = ""
+) -> _harness.Cost:
+    """:func:`infonce_flops` and :func:`infonce_bytes` of one call in ``mode``; for the chunked
+    ``vf.triton`` and ``vf.cuda`` providers also the design's H200 time
+    (:func:`infonce_predicted`)."""
+    s = dtype.itemsize
+    predicted = (
+        infonce_predicted(N, D, dtype, mode) if provider in ("vf.triton", "vf.cuda") else None
+    )
     return _harness.Cost(
-        infonce_flops(N, D, mode), infonce_bytes(N, D, itemsize, mode), INFONCE_FORMULA
+        infonce_flops(N, D, mode), infonce_bytes(N, D, s, mode), INFONCE_FORMULA, predicted
     )
 
 
-def _label(c: dict) -> str:
-    return f"{c['mode']} N{c['N']} D{c['D']} {c['dtype']}"
-
-
-def _providers(c: dict) -> list[str]:
-    fused = [f"vf.{r.name}" for r in _backends.records(BACKEND_OP) if r.name != "reference"]
-    compiled = ["reference+compile"] if c.get("compile") else []
-    return ["reference", *compiled, *fused, "open_clip.ClipLoss"]
-
-
 def pytest_generate_tests(metafunc):
-    _harness.parametrize(metafunc, OP, _providers, _label)
+    providers = _harness.loss_providers(BACKEND_OP, "open_clip.ClipLoss")
+    _harness.parametrize(metafunc, OP, providers, _harness.pair_label)
 
 
 @functools.cache
@@ -123,16 +133,12 @@ def test_infonce(benchmark, case, provider):
     grad = mode != "fwd"
 
     def build(seed: int) -> tuple:
-        g = torch.Generator(device=device).manual_seed(seed)
-        return tuple(
-            torch.randn(N, D, generator=g, device=device, dtype=dtype).requires_grad_(grad)
-            for _ in range(2)
-        )
+        return _harness.pair_rows(N, D, device, dtype, grad, seed)
 
     sets = _harness.input_sets((OP, N, D, case["dtype"], grad), build, device)
     bench.run(
         _make(provider),
         sets,
-        infonce_cost(N, D, dtype.itemsize, mode),
+        infonce_cost(N, D, dtype, mode, provider),
         compiled=provider == "reference+compile",
     )

@@ -55,7 +55,7 @@ def topk_cost(Q: int, N: int, D: int, k: int, itemsize: int) -> _harness.Cost:
     """
     flops = 2 * Q * N * D
     nbytes = (N + Q) * D * itemsize + Q * k * RESULT_BYTES
-    return _harness.Cost(flops, nbytes, TOPK_FORMULA)
+    return _harness.Cost(flops, nbytes, TOPK_FORMULA)  # predicted_s: topk_predicted
 
 
 def _label(c: dict) -> str:
@@ -129,4 +129,22 @@ def test_topk_similarity(benchmark, case, provider):
             _backends.select(OP, name, topk_op.topk_inputs(s[0], s[1], k, metric=metric))
             return lambda: vf.topk_similarity(s[0], s[1], k, metric=metric, backend=name)
 
-    bench.run(make, sets, topk_cost(Q, N, D, k, dtype.itemsize), notes=notes)
+    cost = topk_cost(Q, N, D, k, dtype.itemsize)
+    if provider == "vf.triton":
+        cost = cost._replace(predicted_s=topk_predicted(sets[0], k, metric))
+    bench.run(make, sets, cost, notes=notes)
+
+
+def topk_predicted(inputs: tuple, k: int, metric: str) -> float | None:
+    """The H200 time the Triton design implies for this case under the plan the backend would
+    run (``vljepa_fast._kernels.topk_similarity.predicted_seconds``, the kernel file's model);
+    None where the backend cannot serve the case (it is then skipped with its reasons)."""
+    from vljepa_fast._kernels import topk_similarity as kernel
+
+    x = topk_op.topk_inputs(inputs[0], inputs[1], k, metric=metric)
+    try:
+        _, plan = _backends.select(OP, "triton", x)
+    except _backends.BackendUnavailableError:
+        return None
+    Q, D = x.queries.shape
+    return kernel.predicted_seconds(Q, x.bank.shape[0], D, k, x.queries.dtype, x.cosine, plan)

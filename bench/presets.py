@@ -88,6 +88,16 @@ def _infonce(
     ]
 
 
+def _sigmoid(
+    Ns: tuple[int, ...], D: int, dtype: str, compile_at: tuple[int, ...] = ()
+) -> list[dict]:
+    """Sigmoid (SigLIP) loss cases of every batch N at dimension D, fwd and fwd+bwd;
+    torch.compile at the batches in ``compile_at``."""
+    return [
+        dict(N=N, D=D, dtype=dtype, modes=("fwd", "fwd+bwd"), compile=N in compile_at) for N in Ns
+    ]
+
+
 _ROTARY_PREDICTOR_HEADS = _ATTN_HEADS  # Llama-3.2 layers: GQA 32:8, head dim 64
 _ROTARY_X_HEADS = {"Hq": 16, "Hkv": 16, "D": 64}  # the V-JEPA 2 ViT-L: 16 heads of 64
 
@@ -121,6 +131,9 @@ def _rotary(
 _PAPER_TOPK = _topk((16, 1024), 1_000_000, 1536, (10, 100), "bfloat16")
 _PAPER_ATTENTION_T = (512, 1024, 4608)
 _PAPER_INFONCE_N = (4096, 32768, 65536)
+#: siglip-kernel's reference shape (docs/TARGETS.md: B = 65,536 bf16 fwd+bwd, 48.8 ms on an
+#: H100): B = 65,536 pairs of D = 768 (the width of its published usage example)
+_PAPER_SIGMOID = dict(Ns=(65536,), D=768, dtype="bfloat16")
 #: VL-JEPA paper sizes (models/config.py): batch 16 of 16-frame 256 px clips, tubelet 2 and
 #: 16 px patches (8 x 16 x 16 = 2048 visual tokens), 64 query tokens
 _PAPER_ROTARY = dict(B=16, grid=(8, 16, 16), query=64, dtype="bfloat16")
@@ -133,6 +146,7 @@ PRESETS: dict[str, Preset] = {
         {
             "topk_similarity": _topk((8,), 4096, 64, (10,), "auto"),
             "infonce": _infonce((256, 512), 64, "auto"),
+            "sigmoid_loss": _sigmoid((256,), 64, "auto"),
             "attention": _attention((64,), "auto", False, B=2, heads=dict(Hq=4, Hkv=2, D=32)),
             "rotary": _rotary(
                 2, (2, 4, 4), 8, "auto", heads=(dict(Hq=4, Hkv=2, D=32), dict(Hq=4, Hkv=4, D=32))
@@ -148,6 +162,7 @@ PRESETS: dict[str, Preset] = {
             # N=2048 beside N=8192 shows the eager loss's memory growing with N^2
             # torch.compile at N=8192 only: each compilation costs about a minute on 2 cores
             "infonce": _infonce((2048, 8192), 1536, "float32", compile_at=(8192,)),
+            "sigmoid_loss": _sigmoid((4096,), 1152, "float32"),
             "attention": _attention((512,), "float32", False, B=4),
             "rotary": _rotary(2, (8, 16, 16), 64, "float32"),  # the paper's, batch 2
         },
@@ -159,6 +174,7 @@ PRESETS: dict[str, Preset] = {
         {
             "topk_similarity": _PAPER_TOPK,
             "infonce": _infonce(_PAPER_INFONCE_N, 1536, "bfloat16", compile_at=(32768,)),
+            "sigmoid_loss": _sigmoid(**_PAPER_SIGMOID, compile_at=(65536,)),
             "attention": _attention(_PAPER_ATTENTION_T, "bfloat16", False),
             "rotary": _rotary(**_PAPER_ROTARY, compile_=("predictor",)),
         },
@@ -170,6 +186,7 @@ PRESETS: dict[str, Preset] = {
         {
             "topk_similarity": _PAPER_TOPK,
             "infonce": _infonce(_PAPER_INFONCE_N, 1536, "bfloat16", compile_at=_PAPER_INFONCE_N),
+            "sigmoid_loss": _sigmoid(**_PAPER_SIGMOID, compile_at=(65536,)),
             "attention": _attention(_PAPER_ATTENTION_T, "bfloat16", True),
             "rotary": _rotary(**_PAPER_ROTARY, compile_=("predictor", "x_encoder")),
         },

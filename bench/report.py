@@ -70,6 +70,7 @@ def table(rows: Iterable[dict]) -> list[list[str]]:
             "TFLOP/s",
             "GB/s",
             "roofline",
+            "H200 model",
         ]
     ]
     for (op, case), group in _groups(rows).items():
@@ -77,6 +78,11 @@ def table(rows: Iterable[dict]) -> list[list[str]]:
         for r in group:
             speed = f"{ref / r['median_s']:.2f}x" if ref and r["median_s"] else "-"
             roof = "n/a" if r.get("roofline") is None else f"{100 * r['roofline']:.1f}%"
+            # the design's predicted H200 time, and measured / predicted on a CUDA run
+            pred = r.get("predicted_s")
+            model = "-" if pred is None else fmt_time(pred)
+            if pred and r.get("ceiling_note", "").startswith("published ceiling of H200"):
+                model += f" ({r['median_s'] / pred:.2f}x)"
             out.append(
                 [
                     op,
@@ -88,6 +94,7 @@ def table(rows: Iterable[dict]) -> list[list[str]]:
                     _num(r.get("tflops"), ".3g"),
                     _num(r.get("gbs"), ".3g"),
                     roof,
+                    model,
                 ]
             )
     return out
@@ -107,7 +114,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
     """The closing summary of a bench run: the aligned table, then the skips."""
     cells = table(rows)
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    right = {3, 4, 5, 6, 7, 8}
+    right = {3, 4, 5, 6, 7, 8, 9}
     lines = []
     prev = None
     for n, line in enumerate(cells):

@@ -24,9 +24,14 @@ TORCH_LIBRARY(vljepa_fast, m) {
   // and bank divided by max(its norm, eps) (zero rows score 0). Returns scores [Q, k] float32
   // sorted descending and indices [Q, k] int64, in one order on every backend: NaN scores last
   // (below -inf), equal scores (-0.0 == +0.0) lowest index first. The CUDA kernel serves k <=
-  // 1024 and sizes below 2^30. No gradient: vljepa_fast/ops/topk_similarity.py calls it on
-  // detached inputs and attaches the scores' gradient itself.
-  m.def("topk_similarity(Tensor queries, Tensor bank, int k, bool cosine) -> (Tensor, Tensor)");
+  // 2048 and sizes below 2^30. path / chunk: the plan of the Python op layer (csrc/include/
+  // topk_similarity_check.h: 0 = the kernel's rule, 1 = stream, 2 = GEMM + k-select on chunks
+  // of `chunk` bank rows, 0 = all); the CPU kernel ignores them. No gradient:
+  // vljepa_fast/ops/topk_similarity.py calls it on detached inputs and attaches the scores'
+  // gradient itself.
+  m.def(
+      "topk_similarity(Tensor queries, Tensor bank, int k, bool cosine, int path=0, int chunk=0)"
+      " -> (Tensor, Tensor)");
 
   // infonce_fwd / infonce_bwd: the InfoNCE kernel contract (vljepa_fast/reference.py,
   // infonce_terms). a [N, D], b [M, D] (one dtype of float32, float16 or bfloat16, contiguous,
@@ -46,10 +51,17 @@ TORCH_LIBRARY(vljepa_fast, m) {
   // col_lse is required with g_col and ignored without) and returns (da [N, D] in a's dtype,
   // db [M, D] in b's, dscale 0-dim float32 on scale's device). Rows whose norm is below eps (zero
   // rows) get a zero gradient under normalize: the rule of reference.normalize_rows.
-  m.def("infonce_fwd(Tensor a, Tensor b, Tensor scale, int offset, bool normalize, bool col_stats)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
+  //
+  // chunk: rows of a per chunk for the chunked CUDA kernels (vendor GEMM + fused epilogues;
+  // vljepa_fast/ops/_chunks.py owns the rule, the Python layer passes its result); 0 takes the
+  // rule's 1 GiB floor; more than N rows means N. The CUDA kernels run the products as cuBLAS
+  // GEMMs on chunks of that many rows and merge column statistics and db over chunks in row order
+  // (no atomics): the chunk changes results only through rounding, and repeats with one chunk
+  // are bit-identical. The CPU kernels tile for the cache and ignore it. Negative is refused.
+  m.def("infonce_fwd(Tensor a, Tensor b, Tensor scale, int offset, bool normalize, bool col_stats,"
+        " int chunk=0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("infonce_bwd(Tensor a, Tensor b, Tensor scale, int offset, bool normalize, Tensor row_lse,"
-        " Tensor? col_lse, Tensor g_row, Tensor? g_col) -> (Tensor, Tensor, Tensor)");
+        " Tensor? col_lse, Tensor g_row, Tensor? g_col, int chunk=0) -> (Tensor, Tensor, Tensor)");
 }
 
 // Shape functions (Meta kernels) so that FakeTensor tracing and torch.compile(fullgraph=True)
@@ -75,10 +87,11 @@ void check_meta(const char* op, std::initializer_list<Arg> args) {
 
 std::tuple<at::Tensor, at::Tensor> topk_similarity_meta(const at::Tensor& queries,
                                                         const at::Tensor& bank, int64_t k,
-                                                        bool cosine) {
+                                                        bool cosine, int64_t path, int64_t chunk) {
   (void)cosine;
   check_meta("topk_similarity", {{"queries", &queries}, {"bank", &bank}});
   vljepa_fast::check_topk_similarity_inputs(queries, bank, k);
+  vljepa_fast::check_topk_similarity_plan(path, chunk);
   auto scores = at::empty({queries.size(0), k}, queries.options().dtype(at::kFloat));
   auto indices = at::empty({queries.size(0), k}, queries.options().dtype(at::kLong));
   return {scores, indices};
@@ -86,8 +99,9 @@ std::tuple<at::Tensor, at::Tensor> topk_similarity_meta(const at::Tensor& querie
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_meta(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
-    bool normalize, bool col_stats) {
+    bool normalize, bool col_stats, int64_t chunk) {
   (void)normalize;
+  vljepa_fast::check_infonce_chunk(chunk);
   check_meta("infonce_fwd", {{"a", &a}, {"b", &b}, {"scale", &scale}});
   vljepa_fast::check_infonce_inputs(a, b, scale, offset);
   auto f32 = a.options().dtype(at::kFloat);
@@ -100,8 +114,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_meta(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_meta(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
     bool normalize, const at::Tensor& row_lse, const std::optional<at::Tensor>& col_lse,
-    const at::Tensor& g_row, const std::optional<at::Tensor>& g_col) {
+    const at::Tensor& g_row, const std::optional<at::Tensor>& g_col, int64_t chunk) {
   (void)normalize;
+  vljepa_fast::check_infonce_chunk(chunk);
   check_meta("infonce_bwd", {{"a", &a}, {"b", &b}, {"scale", &scale}, {"row_lse", &row_lse},
                              {"g_row", &g_row}, {"g_col", optional_arg(g_col)},
                              {"col_lse", optional_arg(col_lse)}});

@@ -25,7 +25,16 @@ from torch import Tensor
 from triton import knobs
 from triton.runtime.jit import JITFunction
 
-__all__ = ["interpreting", "launch", "pointer_type"]
+__all__ = ["PEAK_BANDWIDTH", "PEAK_FLOPS", "interpreting", "launch", "pointer_type"]
+
+# The H200 design model of every kernel file's cost functions (issue 12; docs/DESIGN.md "GPU
+# design rules"): one owner of the two rates, read by kernels/infonce.py, sigmoid_loss.py and
+# topk_similarity.py and through them by the benchmarks' "H200 model" column.
+#: Dense GEMM rate: 790 TFLOP/s for bf16 / fp16 (what a large cuBLAS GEMM reaches on an H200),
+#: 67 TFLOP/s for fp32 (the FP32 non-tensor peak; fp32 GEMMs run without TF32).
+PEAK_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 67e12}
+#: HBM bandwidth, bytes/s.
+PEAK_BANDWIDTH = 4.3e12
 
 Grid = tuple[int, ...] | Callable[[dict[str, Any]], tuple[int, ...]]
 

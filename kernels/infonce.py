@@ -1,78 +1,111 @@
-"""Fused InfoNCE: row and column log-sum-exp of S = scale * Â B̂^T and its gradients, in Triton.
+"""Fused InfoNCE, chunked: vendor GEMMs for the products, Triton epilogues for everything else.
 
-Math. A [N, D], B [M, D]; Â = A / max(||A_i||, eps) row-wise (identity when ``normalize`` is
-off), likewise B̂; S_ij = scale * Â_i . B̂_j. The positive of row i is column i + offset (of column
-j, row j - offset); a row or column whose positive falls outside S has none (positive logit 0, no
-indicator term). ``eps`` is an argument of the launchers (a compile-time constant of the
-kernels); the package passes ``vljepa_fast.reference.NORM_EPS``, the one owner of its value.
+Math. A [N, D], B [M, D]; ia_i = 1 / max(||A_i||, eps), ib_j likewise (both 1 when ``normalize``
+is off); raw = A B^T, cos_ij = raw_ij ia_i ib_j, S_ij = scale cos_ij. The positive of row i is
+column i + offset (of column j, row j - offset); a row or column whose positive falls outside S
+has none (positive logit 0, no indicator term). ``eps`` is an argument of the launchers (a
+compile-time constant of the kernels); the package passes ``vljepa_fast.reference.NORM_EPS``.
 With per-row and per-column upstream gradients g_row [N], g_col [M]:
 
     loss    = sum_i g_row_i (row_lse_i - S_i,i+off) + sum_j g_col_j (col_lse_j - S_j-off,j)
     dS_ij   = g_row_i (exp(S_ij - row_lse_i) - [j = i+off])
             + g_col_j (exp(S_ij - col_lse_j) - [j = i+off])
-    dÂ_i    = scale sum_j dS_ij B̂_j                  dB̂_j = scale sum_i dS_ij Â_i
-    dscale  = sum_ij dS_ij S_ij / scale = sum_ij dS_ij cos_ij
-    dA_i    = (dÂ_i - Â_i (Â_i . dÂ_i)) / ||A_i||,   Â_i . dÂ_i = sum_j dS_ij S_ij
+    dscale  = sum_ij dS_ij cos_ij
+    H_ij    = 2^k dS_ij ia_i ib_j                        (stored in the GEMM dtype)
+    dA_i    = scale 2^-k ((H B)_i   - ia_i^2 r_i A_i),   r_i = sum_j H_ij raw_ij
+    dB_j    = scale 2^-k ((H^T A)_j - ib_j^2 c_j B_j),   c_j = sum_i H_ij raw_ij
     dA_i    = 0 where ||A_i|| < eps (zero rows: the rule of reference.normalize_rows), likewise dB
 
-The last identity is why the normalisation backward costs no extra pass: the row reduction
-r_i = sum_j dS_ij cos_ij that dscale needs is also the projection coefficient, so it is
-accumulated beside the gradient and applied in an O(BM * D) epilogue.
+(Derivation: dA_i = scale sum_j dS_ij (ia_i ib_j B_j + raw_ij ib_j d ia_i / dA_i) with
+d ia_i / dA_i = -ia_i^3 A_i; without normalize ia = ib = 1 and the r, c terms are absent.)
+Both inverse norms are folded into H, so both gradient GEMMs take the raw inputs (no normalised
+copy of A or B exists), and the projection coefficients r and c come from the rounded H, so that
+A_i . dA_i = 0 up to fp32 rounding (the gradient of a normalised row is orthogonal to it).
 
-Memory. S is never stored. Only the inverse norms [N] and [M] are materialised (no normalised
-copy: 1/||A_i|| and 1/||B_j|| scale the fp32 dot products, so Â and B̂ never exist in memory).
-Forward: the S tiles are cut into at most max_splits (16) row groups of consecutive row blocks
-and as many column splits of consecutive column tiles; the program of (group g, split s) sweeps
-its block of tiles with the online max / sum-exp (flash-attention style) for its rows, and for
-its columns a (max, sum-exp) pair over the group's rows, merged tile by tile into
-col_max/col_sum[g] (only that program touches those entries: no races, no atomics). The rows'
-pairs of each split go to row_max/row_sum[s]; a small kernel merges the partials in a fixed
-order and rounds each lse once, to float64 (see Numerics). The partials are 2 max_splits x (N +
-M) fp32 whatever the batch: 4 MB at N = M = 16k, 4% of the bf16 inputs, versus 1 GB for S in
-fp32, and the grid has up to 256 programs for any N >= 16 * BM.
-Backward: one kernel launched twice, each program owning a block of rows of the gradient it
-writes (DB=False: BM rows of A, sweeping the column tiles; DB=True: BN rows of B, i.e. columns
-of S, sweeping the row tiles), so no atomics are needed and the result is deterministic. Each
-launch recomputes its S tiles, always as [A rows, B rows] like the forward (four GEMMs of N*M*D
-in all instead of three: the price of determinism). dscale comes from per-program partial sums
-of the dA launch, added in a fixed order.
+Algorithm (per call; rows of A in chunks of ``chunk`` rows, the last one shorter when chunk does
+not divide N; the op layer computes chunk from the budget rule of vljepa_fast/ops/_chunks.py):
 
-Why the gradient accumulator lives in global memory. A program owns BM rows of dA, a [BM, D]
-fp32 accumulator: at D = 1536 that is 768 KB for BM = 128, far more than a block's registers or
-shared memory, and splitting D across programs would recompute the full-D S tile once per split.
-So for each S tile the program sweeps D in chunks of BD, loading its own [BM, BD] fp32
-accumulator chunk, adding dS @ B̂[:, chunk] and storing it back; the accumulator is private to
-the program (no races) and mostly served from L2. The traffic is 8 * BM * D bytes per S tile
-against 4 * BM * BN * D flops, so BN / 2 flops per byte: BN is the lever if it limits speed. The
-accumulator is the dA output itself for fp32 inputs and an fp32 workspace of max(N, M) x D
-otherwise (shared by the dA and dB launches), the only O(N*D) extra memory of the backward. A
-final epilogue turns it into dA in A's dtype.
+    inverse norms ia [N], ib [M]                               (Triton, once)
+    forward, per chunk A_c (c rows):
+        raw_c = A_c B^T                 -> fp32 [c, M] buffer  (vendor GEMM, fp32 output)
+        fwd epilogue: reads raw_c once; program (p, q) sweeps BN = 64 columns of the q-th of Q
+            row groups of the chunk (P = M / BN column blocks, Q chosen so that P Q ~ 4096
+            programs): row (max, sum-exp) partials [P, c], the positives, and the group's
+            column (max, sum-exp) merged into running column stats [Q, M] (chunk order)
+        row merge: the partials in fixed order -> row_lse (float64)
+    col finalize: the Q column stats in order -> col_lse (float64), column positives
+    backward, per chunk:
+        raw_c = A_c B^T                 (the forward's GEMM, same shapes: the same S to the bit)
+        bwd epilogue (same grid): raw_c -> H_c (GEMM dtype), r partials [P, c], running c
+            [Q, M] (chunk order), dscale partials [Q, P] (from the fp32 dS)
+        G_c = H_c B                     -> fp32 [c, D]         (vendor GEMM)
+        dA finalize: dA_c from G_c, r, A_c                      (A's dtype; complete per chunk)
+        E += H_c^T A_c                  -> fp32 [M, D]         (vendor GEMM, beta = 1 after the
+                                                                first chunk: fixed order)
+    dB finalize: dB from E, c, B                                (B's dtype)
+
+GEMMs: CUDA tensors run ``torch.mm(x, y, out_dtype=torch.float32, out=...)`` for fp16/bf16
+(fp32 accumulation and output; ``torch.addmm(..., out_dtype=torch.float32)`` with the
+accumulator as input and output for E) and plain ``torch.mm`` / ``addmm_`` for fp32 (full fp32
+unless the process enabled TF32 through torch.backends.cuda.matmul.allow_tf32 /
+torch.set_float32_matmul_precision; TF32 would put ~1e-3 relative error on every logit). CPU
+tensors (the Triton interpreter, tests) have no fp32-output 16-bit GEMM: there the 16-bit
+operands are upcast to fp32 and the GEMMs run in fp32, which gives the same products (a 16-bit
+product is exact in fp32) summed in fp32. No GEMM loop is written in Triton: the kernels here
+are epilogues (elementwise + reductions), so the wgmma question does not arise for them.
+
+Memory beyond inputs and outputs, with c = min(chunk, N), P = ceil(M / 64), Q <= ceil(4096 / P)
+row groups, s = itemsize: forward: the [c, M] fp32 score buffer (4 c M bytes), row partials
+8 P c, running column stats 8 Q M (with col_stats), inverse norms 4 (N + M). Backward: the score
+buffer and the H buffer ((4 + s) c M bytes: the ``bytes_per_pair`` the op layer budgets), r
+partials 4 P c, running c 4 Q M, dscale partials 4 P Q ceil(N / c), the LSEs split into fp32
+hi + lo 8 (N + M), inverse norms,
+and for fp16/bf16 the fp32 G_c [c, D] (4 c D) and the fp32 accumulator E [M, D] (4 M D bytes:
+at N = M = 32768, D = 1536 that is 201 MB, as much as both bf16 inputs; fp32 inputs accumulate
+in dA / dB themselves). Under the interpreter also the fp32 copies of the upcast operands.
+E lies outside the chunk budget (it is O(M D), not O(c M)). The alternative that needs no
+accumulator, a second sweep over chunks of B computing S^T chunk by chunk (dB complete per
+chunk), costs 10 instead of 8 N^2 D, and its S^T comes from GEMMs of other shapes than the
+forward's, so it is not the forward's S to the bit (the float64-LSE exactness above depends on
+that); it is not implemented.
+
+Cost at N = M = 32768, D = 1536, bf16, chunk 5440 (what the chunk rule's default 1 GiB budget
+gives at this shape: 7 chunks; :func:`cost` and :func:`predicted_seconds` compute it for any
+shape and chunk). FLOPs: 2 N^2 D = 3.30 TFLOP forward, 6 N^2 D = 9.90 TFLOP backward, 8 N^2 D =
+13.2 TFLOP in all (the minimum without an N x N buffer: S once, S again, two gradient GEMMs).
+HBM bytes: forward 9.9 GB (the GEMM writes S in fp32, 4.3 GB, and reads A once and B once per
+chunk, 0.8 GB; the epilogue reads S once, 4.3 GB, plus its partials); backward 20.6 GB (the
+recompute GEMM 5.1 GB; the epilogue reads S and writes H, 6.5 GB; G = H B reads H and B, 3.1 GB;
+E += H^T A reads H and A and reads and writes E per chunk, 4.9 GB; the finalize kernels and
+norms 1.1 GB). H200 time at 790 TFLOP/s and 4.3 TB/s: 16.7 ms of GEMM math; with each GEMM at
+max(math, its traffic) and each epilogue at its traffic (the roofline): forward 5.3 ms, backward
+14.3 ms, forward + backward 19.6 ms (670 TFLOP/s counting 8 N^2 D); with nothing overlapped (an
+upper bound) 6.5 + 17.3 = 23.8 ms. The epilogues' 12.4 GB (2.9 ms) is the price of keeping the
+GEMMs vendor ones (S and H go through HBM). Extra memory there: S + H buffers 5440 x 32768 x 6
+bytes = 1.07 GB (the budget), E 201 MB, G 33 MB, partials 22 MB.
 
 Numerics. Accumulation is fp32 and maxima are subtracted before every exponential, so logits of
 any size (temperature 0.01 with |S| up to 1e4) give no overflow. The lse outputs are float64:
 the forward keeps (max, sum-exp) pairs and rounds max + log(sum) once, to double, and the
 backward splits each lse into float hi + lo and forms exp((S - hi) - lo), exact near the maximum
 (Sterbenz). A float lse would be off by up to half an ulp of |S| (5e-4 at 1e4) and scale every
-probability of its row by that factor (dscale errors up to 10x eager's were seen at temperature
-0.01 with |S| ~ 1e4). Exponentials are exp2 with log2(e) applied after the subtraction, exp2((S
-- m) * log2(e)), rather than folded into the scale: at |S| ~ 1e4 an fp32 logit has an ulp of
-1e-3, and keeping S, the lse outputs and their round trip through the backward in natural units
-makes a dominant logit's probability exactly exp2(0) = 1 instead of 1 +- 1e-3 (the cost is one
-multiply per exponential). For the same reason every kernel forms S with one expression, raw *
-(1/||A_i|| * 1/||B_j||) * scale, symmetric in A and B, and the forward and backward default
-configs share BK: the backward's recomputed S (either orientation) repeats the forward's
-arithmetic. tl.dot runs on bf16/fp16 tensor cores on the GPU (fp32 inputs use 3xTF32, about
-fp32-accurate; plain TF32 would put a 1e-3 relative error on every logit); under the interpreter
-its operands are upcast to fp32 (the interpreter's bf16 dot is wrong), selected by the
-``INTERPRET`` constexpr. dS is multiplied by a power of two 2^-ceil(log2(max |g|)) before it is
-cast to the 16-bit dot type, so that the small probabilities of a large batch (g ~ 1/N) do not
-underflow fp16; the epilogue divides it out. The normalisation backward's projection coefficient
-is taken from that rounded dS, so dA stays orthogonal to Â up to fp32 rounding.
+probability of its row by that factor. That exactness needs the backward's S to be the
+forward's to the bit: both come from the same GEMM call on the same chunk (same shapes, same
+operands; cuBLAS and MKL are deterministic for a fixed shape and alignment on one device) and
+the epilogues form S with one expression, (raw * (ia_i * ib_j)) * scale. Exponentials are exp2
+with log2(e) applied after the subtraction, so a dominant logit's probability is exactly 1.
+2^k (an exact power of two built from its exponent bits) brings the largest possible |H|,
+2 max|g| max(ia) max(ib), to at most 2^15: fp16 keeps the most headroom above its subnormals
+for the small probabilities of a large batch (g ~ 1/N), and nothing overflows. In fp16 a row
+clamped to eps is a zero row (fp16 has no non-zero row of norm below 6e-8): its 1 / eps fold is
+replaced by 0 (it multiplies a zero row; 1e12 would overflow fp16 to inf and inf * 0 = NaN).
 
-Limits. Offsets are int32: N * D, M * D, 64 * N and 64 * M must stay below 2^31, and the
-positive offset must lie in [-N, M] (beyond it no row or column would have a positive). Loads are
-vectorised when D is a multiple of 16 (the JIT specialises on it); other D run correctly but
-with scalar loads.
+Determinism. Fixed chunk order, fixed partial order, no atomics: repeats are bit-identical
+(given the vendor GEMMs' run-to-run determinism on one stream).
+
+Limits. N * D, M * D < 2^31 (element offsets of the row kernels are int32; the [c, M] buffers
+use int64); the positive offset must lie in [-N, M] (beyond it no row or column would have a
+positive); chunk >= 1.
 """
 
 from __future__ import annotations
@@ -84,70 +117,40 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import interpreting, launch
+from ._common import PEAK_BANDWIDTH, PEAK_FLOPS, launch
 
 __all__ = [
-    "InfoNCEConfig",
-    "backward_config",
-    "forward_config",
+    "PEAK_BANDWIDTH",
+    "PEAK_FLOPS",
+    "Step",
+    "cost",
     "infonce_backward",
     "infonce_forward",
+    "predicted_seconds",
 ]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
-# Rows x D-slice of the inverse-norm kernel, and rows or columns per program of the lse merge.
+# Rows x D-slice of the inverse-norm kernel.
 _NORM_BLOCK = (64, 64)
+# Rows x columns per step of the forward / backward epilogues; a program owns BN columns of one
+# group of the chunk's rows.
+_EPI_BLOCK = (32, 64)
+_EPI_WARPS = 4
+# Programs the epilogue grids aim at (column blocks x row groups): several waves of resident
+# programs on 132 SMs (3 to 6 per SM by registers), so that the last wave's tail is small and
+# HBM stays busy; the row groups only split the work (their column partials are O(Q M)).
+_EPI_PROGRAMS = 4096
+# Partials x rows per load of the reductions over partials (row merge, finalize coefficients).
+_PART_BLOCK = (32, 64)
+# Columns per program of the column finalize kernel.
 _MERGE_BLOCK = 256
-# Largest InfoNCEConfig.max_splits: bounds the partials' int32 offsets (see _check_inputs).
-_MAX_SPLITS_LIMIT = 64
+# Rows x D-slice of the gradient finalize kernel.
+_FINAL_BLOCK = (16, 128)
+# The largest |H| is at most 2 * _H_TOP (module doc, Numerics): 2^15, half of fp16's range.
+_H_TOP = 16384.0
 
 
-@dataclass(frozen=True)
-class InfoNCEConfig:
-    """Tile sizes and launch options of the InfoNCE kernels.
-
-    Attributes:
-        block_m: rows of S per tile; a forward or dA program owns that many rows of A.
-        block_n: columns of S per tile; a dB program owns that many rows of B.
-        block_k: slice of D per step of the S GEMM.
-        block_d: slice of D per step of the gradient GEMM and epilogue (backward only).
-        num_warps: warps per program.
-        num_stages: software pipelining depth of the GEMM loops.
-        max_splits: forward only: at most this many row groups and as many column splits
-            (a grid of up to max_splits^2 programs); the lse partials take
-            2 * max_splits * (N + M) fp32, whatever N and M.
-    """
-
-    block_m: int
-    block_n: int
-    block_k: int
-    block_d: int
-    num_warps: int
-    num_stages: int
-    max_splits: int = 16
-
-
-def forward_config(dtype: torch.dtype) -> InfoNCEConfig:
-    """Default forward tiles for inputs of ``dtype``.
-
-    Chosen so that ptxas spills nothing on sm_80 and sm_90; fp32 inputs use 3xTF32 dots (three
-    MMAs on split operands), which need smaller tiles.
-    """
-    if dtype == torch.float32:
-        return InfoNCEConfig(128, 64, 16, 32, num_warps=8, num_stages=3)
-    # BK 32 (shared with the backward): at BK 64 the 128 x 128 tile plus the column-partial
-    # merge spills on sm_80 with three stages, and the backward's dA pass spills at BK 64.
-    return InfoNCEConfig(128, 128, 32, 32, num_warps=8, num_stages=3)
-
-
-def backward_config(dtype: torch.dtype) -> InfoNCEConfig:
-    """Default backward tiles for inputs of ``dtype`` (no spills on sm_80 and sm_90).
-
-    BK equals the forward's, so the recomputed S tiles sum their products in the same order.
-    """
-    if dtype == torch.float32:
-        return InfoNCEConfig(64, 32, 16, 16, num_warps=8, num_stages=2)
-    return InfoNCEConfig(128, 64, 32, 32, num_warps=8, num_stages=2)
+# ------------------------------------------------------------------------------ kernels
 
 
 @triton.jit
@@ -167,487 +170,365 @@ def _inv_norm_kernel(x_ptr, inv_ptr, R, D, EPS: tl.constexpr, BR: tl.constexpr, 
 
 
 @triton.jit
-def _s_tile(
-    x_ptr,
-    y_ptr,
-    o_m,
-    o_n,
-    m_m,
-    m_n,
-    D,
-    INTERPRET: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
-    """Raw dot products x[o_m] . y[o_n] as a [BM, BN] fp32 tile (zero outside the masks)."""
-    b_acc = tl.zeros([BM, BN], dtype=tl.float32)
-    o_mx = o_m * D
-    o_ny = o_n * D
-    for k0 in range(0, D, BK):
-        o_k = k0 + tl.arange(0, BK)
-        m_k = o_k < D
-        # [BM, BK]
-        b_x = tl.load(
-            x_ptr + o_mx[:, None] + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0
-        )
-        # [BN, BK]
-        b_y = tl.load(
-            y_ptr + o_ny[:, None] + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0
-        )
-        if INTERPRET:
-            b_x = b_x.to(tl.float32)
-            b_y = b_y.to(tl.float32)
-        # [BM, BN]
-        b_acc = tl.dot(b_x, tl.trans(b_y), acc=b_acc, input_precision=DOT_PRECISION)
-    return b_acc
+def _safe_max(b_m):
+    """The reference point of exp(x - m): m, or 0 where m = -inf (every x is -inf there, and
+    exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN)."""
+    return tl.where(b_m > float("-inf"), b_m, 0.0)
 
 
 @triton.jit
-def _infonce_fwd_kernel(
-    a_ptr,
-    b_ptr,
-    scale_ptr,
+def _pow2(bound_ptr, TOP: tl.constexpr):
+    """(2^k, 2^-k) with k = floor(log2(TOP / bound)) clamped to [-126, 126], both exact (built
+    from the exponent bits). A NaN bound (NaN inputs: their gradients are NaN anyway) gives k
+    of bound 1."""
+    b_x = tl.load(bound_ptr)
+    b_x = tl.where(b_x == b_x, b_x, 1.0)
+    b_x = tl.minimum(tl.maximum(b_x, 1e-30), 1e30)
+    b_k = tl.floor(tl.log2(TOP / b_x))
+    b_k = tl.minimum(tl.maximum(b_k, -126.0), 126.0).to(tl.int32)
+    c2 = ((b_k + 127) << 23).to(tl.float32, bitcast=True)
+    c2_inv = ((127 - b_k) << 23).to(tl.float32, bitcast=True)
+    return c2, c2_inv
+
+
+@triton.jit
+def _fold(b_inv, h_ptr, EPS: tl.constexpr):
+    """The inverse norms as folded into H: in fp16 a clamped row (a zero row there) folds with 0
+    instead of 1 / eps (module doc, Numerics)."""
+    if h_ptr.dtype.element_ty == tl.float16:
+        b_inv = tl.where(b_inv * EPS < 1.0, b_inv, 0.0)
+    return b_inv
+
+
+@triton.jit
+def _fwd_epilogue_kernel(
+    s_ptr,
     inv_a_ptr,
     inv_b_ptr,
+    scale_ptr,
     row_max_ptr,
     row_sum_ptr,
     col_max_ptr,
     col_sum_ptr,
     pos_row_ptr,
-    N,
+    r0,
+    C,
     M,
-    D,
     offset,
-    blocks_per_group,
-    tiles_per_split,
+    group_rows,
+    has_prev,
     NORMALIZE: tl.constexpr,
     COL_STATS: tl.constexpr,
-    INTERPRET: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
-    BK: tl.constexpr,
 ):
-    """Program (split s, group g): the S block [rows of group g, columns of split s].
+    """Program (p, q): columns [p BN, p BN + BN) of rows [q group_rows, (q + 1) group_rows) of
+    the chunk's raw products s [C, M] (fp32; rows r0 .. r0 + C of S), swept BM rows at a time,
+    each element read once (a group past C has no rows).
 
-    Writes (max, sum of exp(x - max)) of each of its rows over the split's columns to
-    row_max/row_sum[s], the same of each of its columns over the group's rows to
-    col_max/col_sum[g], and the positives its block holds. Pairs rather than an lse: a float
-    lse rounds to half an ulp of |S| (the merge rounds once, to float64).
-    """
-    i_s = tl.program_id(0)
-    i_g = tl.program_id(1)
-    b_scale = tl.load(scale_ptr)
-    i_lo = i_g * blocks_per_group * BM
-    i_hi = tl.minimum(i_lo + blocks_per_group * BM, N)
-    j_lo = i_s * tiles_per_split * BN
-    j_hi = tl.minimum(j_lo + tiles_per_split * BN, M)
-    for i0 in range(i_lo, i_hi, BM):
-        o_m = i0 + tl.arange(0, BM)
-        m_m = o_m < N
-        o_p = o_m + offset
-        if NORMALIZE:
-            b_ia = tl.load(inv_a_ptr + o_m, mask=m_m, other=0.0)
-        b_mx = tl.full([BM], float("-inf"), dtype=tl.float32)
-        b_l = tl.zeros([BM], dtype=tl.float32)
-        for j0 in range(j_lo, j_hi, BN):
-            o_n = j0 + tl.arange(0, BN)
-            m_n = o_n < M
-            # [BM, BN] logits; rows/columns outside S are 0 here (zero-filled loads). The same
-            # expression as in the backward, symmetric in the two inverse norms, so that the
-            # backward's recomputed S (of either orientation) is this S to the bit.
-            b_s = _s_tile(a_ptr, b_ptr, o_m, o_n, m_m, m_n, D, INTERPRET, DOT_PRECISION, BM, BN, BK)
-            if NORMALIZE:
-                b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
-                b_s = b_s * (b_ia[:, None] * b_ib[None, :])
-            b_s = b_s * b_scale
-            # The positive (i, i + offset) lies in exactly one tile of one program: written there.
-            b_pos = tl.sum(tl.where(o_n[None, :] == o_p[:, None], b_s, 0.0), 1)
-            m_pos = m_m & (o_p >= j0) & (o_p < j0 + BN) & (o_p < M)
-            tl.store(pos_row_ptr + o_m, b_pos, mask=m_pos)
-            # Only columns outside S are excluded from the row statistics: a row outside S stays
-            # finite (all zeros) and is never stored, and no NaN is ever formed.
-            b_sr = tl.where(m_n[None, :], b_s, float("-inf"))
-            b_mn = tl.maximum(b_mx, tl.max(b_sr, 1))
-            b_l = b_l * tl.exp2((b_mx - b_mn) * _LOG2E)
-            b_l += tl.sum(tl.exp2((b_sr - b_mn[:, None]) * _LOG2E), 1)
-            b_mx = b_mn
-            if COL_STATS:
-                b_sc = tl.where(m_m[:, None], b_s, float("-inf"))
-                # [BN] column max and sum-exp over this row block; every column has a row in
-                # S, so the max is finite.
-                b_cm = tl.max(b_sc, 0)
-                b_cl = tl.sum(tl.exp2((b_sc - b_cm[None, :]) * _LOG2E), 0)
-                # Merged with the group's earlier row blocks (-inf and 0 before the first): only
-                # this program touches col_*[g, split s], so the read-modify-write is race-free.
-                o_c = i_g * M + o_n
-                m_old = m_n & (i0 > i_lo)
-                b_om = tl.load(col_max_ptr + o_c, mask=m_old, other=float("-inf"))
-                b_ol = tl.load(col_sum_ptr + o_c, mask=m_old, other=0.0)
-                b_nm = tl.maximum(b_om, b_cm)
-                b_nl = b_ol * tl.exp2((b_om - b_nm) * _LOG2E)
-                b_nl += b_cl * tl.exp2((b_cm - b_nm) * _LOG2E)
-                tl.store(col_max_ptr + o_c, b_nm, mask=m_n)
-                tl.store(col_sum_ptr + o_c, b_nl, mask=m_n)
-        tl.store(row_max_ptr + i_s * N + o_m, b_mx, mask=m_m)
-        tl.store(row_sum_ptr + i_s * N + o_m, b_l, mask=m_m)
-
-
-@triton.jit
-def _infonce_merge_kernel(
-    max_ptr,
-    sum_ptr,
-    lse_ptr,
-    pos_row_ptr,
-    pos_ptr,
-    L,
-    R,
-    N,
-    M,
-    offset,
-    ROWS: tl.constexpr,
-    BC: tl.constexpr,
-):
-    """float64 lse from the R partials (max, sum-exp) [R, L] of each of BC rows (ROWS) or columns
-    of S, in partial order, and the positives the forward did not write: 0 for a row without a
-    positive column; for a column, the row positive S[j - offset, j] (0 without one)."""
-    i_c = tl.program_id(0)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_c = o_c < L
-    b_mx = tl.full([BC], float("-inf"), dtype=tl.float32)
-    for r in range(0, R):
-        b_mx = tl.maximum(b_mx, tl.load(max_ptr + r * L + o_c, mask=m_c, other=0.0))
-    b_l = tl.zeros([BC], dtype=tl.float32)
-    for r in range(0, R):
-        b_pm = tl.load(max_ptr + r * L + o_c, mask=m_c, other=0.0)
-        # other=1: lanes past L stay finite (no log(0) below, even in the interpreter).
-        b_l += tl.load(sum_ptr + r * L + o_c, mask=m_c, other=1.0) * tl.exp2((b_pm - b_mx) * _LOG2E)
-    # The one rounding of the lse, to float64 (see "Numerics" in the module docstring).
-    tl.store(lse_ptr + o_c, b_mx.to(tl.float64) + tl.log(b_l.to(tl.float64)), mask=m_c)
-    if ROWS:
-        o_p = o_c + offset
-        b_zero = tl.zeros([BC], dtype=tl.float32)
-        tl.store(pos_ptr + o_c, b_zero, mask=m_c & ((o_p < 0) | (o_p >= M)))
-    else:
-        o_p = o_c - offset
-        m_p = m_c & (o_p >= 0) & (o_p < N)
-        tl.store(pos_ptr + o_c, tl.load(pos_row_ptr + o_p, mask=m_p, other=0.0), mask=m_c)
-
-
-@triton.jit
-def _load_terms(hi_ptr, lo_ptr, g_ptr, o, m):
-    """(hi, lo, g)[o]: lse[o] as float hi + lo (split on the host from the float64 lse) and the
-    upstream gradient g[o] of the same rows or columns. exp((s - hi) - lo) keeps float accuracy
-    at |s| ~ 1e4, where float(lse) alone is off by up to half an ulp (5e-4)."""
-    return (
-        tl.load(hi_ptr + o, mask=m, other=0.0),
-        tl.load(lo_ptr + o, mask=m, other=0.0),
-        tl.load(g_ptr + o, mask=m, other=0.0),
-    )
-
-
-@triton.jit
-def _ds_tile(
-    a_ptr,
-    b_ptr,
-    o_m,
-    o_n,
-    m_m,
-    m_n,
-    b_ia,
-    b_ib,
-    b_lr,
-    b_lrl,
-    b_gr,
-    b_lc,
-    b_lcl,
-    b_gc,
-    b_scale,
-    offset,
-    D,
-    NORMALIZE: tl.constexpr,
-    HAS_COL: tl.constexpr,
-    INTERPRET: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
-    """Raw dot products, cos and dS of the S tile [rows o_m of A, rows o_n of B], all [BM, BN].
-
-    b_ia/b_ib: inverse norms (NORMALIZE), b_lr + b_lrl / b_gr: row lse as float hi + lo (see
-    _load_terms) and g_row, b_lc + b_lcl / b_gc: the same for the columns (HAS_COL), each over the
-    tile's rows or columns.
-    """
-    m_s = m_m[:, None] & m_n[None, :]
-    b_raw = _s_tile(a_ptr, b_ptr, o_m, o_n, m_m, m_n, D, INTERPRET, DOT_PRECISION, BM, BN, BK)
-    if NORMALIZE:
-        b_cos = b_raw * (b_ia[:, None] * b_ib[None, :])
-    else:
-        b_cos = b_raw
-    # The forward's logits to the bit (same expression); -inf outside S so that every
-    # exponential below is 0 there.
-    b_s = tl.where(m_s, b_cos * b_scale, float("-inf"))
-    # [BM, BN] indicator of the positives
-    b_pos = (m_s & (o_n[None, :] == (o_m + offset)[:, None])).to(tl.float32)
-    b_ds = b_gr[:, None] * (tl.exp2(((b_s - b_lr[:, None]) - b_lrl[:, None]) * _LOG2E) - b_pos)
-    if HAS_COL:
-        b_pc = tl.exp2(((b_s - b_lc[None, :]) - b_lcl[None, :]) * _LOG2E)
-        b_ds += b_gc[None, :] * (b_pc - b_pos)
-    return b_raw, b_cos, b_ds
-
-
-@triton.jit
-def _acc_update(
-    acc_ptr,
-    y_ptr,
-    o_p,
-    m_p,
-    o_q,
-    m_q,
-    b_w,
-    has_prev,
-    D,
-    INTERPRET: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BD: tl.constexpr,
-):
-    """acc[o_p] += b_w @ y[o_q], D-slice by D-slice: the program's private fp32 accumulator rows."""
-    o_pa = o_p * D
-    o_qy = o_q * D
-    for d0 in range(0, D, BD):
-        o_d = d0 + tl.arange(0, BD)
-        m_d = o_d < D
-        p_acc = acc_ptr + o_pa[:, None] + o_d[None, :]
-        m_acc = m_p[:, None] & m_d[None, :]
-        # [BP, BD]; nothing to read before the first tile (the buffer is uninitialised).
-        b_acc = tl.load(p_acc, mask=m_acc & has_prev, other=0.0)
-        # [BQ, BD]
-        b_y = tl.load(
-            y_ptr + o_qy[:, None] + o_d[None, :], mask=m_q[:, None] & m_d[None, :], other=0.0
-        )
-        if INTERPRET:
-            b_y = b_y.to(tl.float32)
-        b_acc = tl.dot(b_w, b_y, acc=b_acc, input_precision=DOT_PRECISION)
-        tl.store(p_acc, b_acc, mask=m_acc)
-
-
-@triton.jit
-def _fold(b_iy, b_c, y_ptr, EPS: tl.constexpr):
-    """b_c / ||y_q|| per row q of the other operand y, folded into dS before its cast to y's
-    dtype. fp16 has no non-zero row below eps (its smallest subnormal is 6e-8), so a clamped
-    row there is a zero row: it folds with 0 instead of 1 / eps, which would overflow fp16 to
-    inf and put inf * 0 = NaN into every gradient row of the GEMM."""
-    b_f = b_iy * b_c
-    if y_ptr.dtype.element_ty == tl.float16:
-        b_f = tl.where(b_iy * EPS < 1.0, b_f, 0.0)
-    return b_f
-
-
-@triton.jit
-def _grad_weights(
-    b_ds,
-    b_raw,
-    b_iy,
-    b_c,
-    y_ptr,
-    AXIS: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    INTERPRET: tl.constexpr,
-    EPS: tl.constexpr,
-):
-    """The left operand of the gradient GEMM and its projection terms, from a dS tile [BM, BN].
-
-    AXIS is the axis of the tile the program reduces over (1: the dA pass, whose rows are A's;
-    0: the dB pass), y the other operand and b_iy its inverse norms (along the other axis).
-    Returns (b_w, b_rw): b_w = dS b_c / ||y_q|| (NORMALIZE; else dS b_c), rounded to y's dtype
-    in both modes (the interpreter sees the GPU's rounding; upcast to fp32 for its dot), and
-    b_rw = sum over AXIS of b_w * raw, this tile's share of the projection coefficient (0
-    without NORMALIZE, where the epilogue does not read it)."""
-    if NORMALIZE:
-        b_f = tl.expand_dims(_fold(b_iy, b_c, y_ptr, EPS), 1 - AXIS)
-        b_w = (b_ds * b_f).to(y_ptr.dtype.element_ty)
-        b_rw = tl.sum(b_w.to(tl.float32) * b_raw, AXIS)
-    else:
-        b_w = (b_ds * b_c).to(y_ptr.dtype.element_ty)
-        b_rw = 0.0
-    if INTERPRET:
-        b_w = b_w.to(tl.float32)
-    return b_w, b_rw
-
-
-@triton.jit
-def _grad_epilogue(
-    acc_ptr,
-    x_ptr,
-    dx_ptr,
-    o_p,
-    m_p,
-    b_ix,
-    b_rw,
-    b_scale,
-    b_c,
-    D,
-    NORMALIZE: tl.constexpr,
-    EPS: tl.constexpr,
-    BD: tl.constexpr,
-):
-    """dx_p = scale / ||x_p|| (G_p - x̂_p r_p) with G_p = acc_p / b_c, in x's dtype; 0 for rows
-    whose norm is below eps (NORMALIZE)."""
-    b_f = b_scale * b_ix / b_c
-    if NORMALIZE:
-        # r_p = b_rw / (||x_p|| b_c). A row clamped to the eps norm (a zero row) gets a zero
-        # gradient, the rule of reference.normalize_rows: it has no direction, and its 1 / eps
-        # slope would overflow fp16.
-        b_big = b_ix * EPS < 1.0
-        b_f = tl.where(b_big, b_f, 0.0)
-        b_pr = tl.where(b_big, b_scale * b_ix * b_ix * b_ix * b_rw / b_c, 0.0)
-    o_px = o_p * D
-    for d0 in range(0, D, BD):
-        o_d = d0 + tl.arange(0, BD)
-        m_x = m_p[:, None] & (o_d < D)[None, :]
-        # [BP, BD]
-        b_dx = tl.load(acc_ptr + o_px[:, None] + o_d[None, :], mask=m_x, other=0.0) * b_f[:, None]
-        if NORMALIZE:
-            b_x = tl.load(x_ptr + o_px[:, None] + o_d[None, :], mask=m_x, other=0.0)
-            b_dx -= b_pr[:, None] * b_x.to(tl.float32)
-        tl.store(dx_ptr + o_px[:, None] + o_d[None, :], b_dx.to(dx_ptr.dtype.element_ty), mask=m_x)
-
-
-@triton.jit
-def _infonce_bwd_kernel(
-    a_ptr,
-    b_ptr,
-    scale_ptr,
-    gmax_ptr,
-    inv_a_ptr,
-    inv_b_ptr,
-    row_hi_ptr,
-    row_lo_ptr,
-    col_hi_ptr,
-    col_lo_ptr,
-    g_row_ptr,
-    g_col_ptr,
-    acc_ptr,
-    d_ptr,
-    dscale_part_ptr,
-    N,
-    M,
-    D,
-    offset,
-    NORMALIZE: tl.constexpr,
-    HAS_COL: tl.constexpr,
-    DB: tl.constexpr,
-    INTERPRET: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    EPS: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    BD: tl.constexpr,
-):
-    """dA (DB False: a program owns BM rows of A, sweeps the column tiles, writes dA and its
-    dscale partial) or dB (DB True: a program owns BN rows of B, i.e. columns of S, sweeps the
-    row tiles). Both compute their S tiles as [A rows, B rows] like the forward, so the
-    recomputed logits are the forward's.
+    Writes each row's (max, sum of exp(x - max)) over its BN columns to row_max/row_sum[p, i]
+    (merged by _row_merge_kernel), the positives S[i, i + offset] its block holds, and merges
+    the group's column (max, sum-exp) into the running col_max/col_sum[q] [Q, M] (read when
+    has_prev: the chunks before, in order; only this program touches these entries:
+    race-free; _col_final_kernel merges the Q rows).
     """
     i_p = tl.program_id(0)
+    i_q = tl.program_id(1)
+    o_n = i_p * BN + tl.arange(0, BN)
+    m_n = o_n < M
     b_scale = tl.load(scale_ptr)
-    # Power of two that brings max |g| to [0.5, 1]: dS fits the 16-bit dot type without
-    # underflow, and multiplying by it is exact.
-    b_c = tl.exp2(-tl.ceil(tl.log2(tl.maximum(tl.load(gmax_ptr), 1e-30))))
-    # r_p = sum_q dS_pq cos_pq, the projection coefficient of the normalisation backward
-    # (Â_p . dÂ_p = scale r_p), accumulated as b_rw = sum_q dS'_pq raw_pq from the dS' = dS b_c /
-    # ||y_q|| rounded for the gradient GEMM, so that dx stays orthogonal to x̂.
-    if not DB:
-        o_m = i_p * BM + tl.arange(0, BM)
-        m_m = o_m < N
-        b_ia = tl.full([BM], 1.0, dtype=tl.float32)
+    if NORMALIZE:
+        b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
+    b_cm = tl.full([BN], float("-inf"), dtype=tl.float32)
+    b_cl = tl.zeros([BN], dtype=tl.float32)
+    i_lo = i_q * group_rows
+    i_hi = tl.minimum(i_lo + group_rows, C)
+    for i0 in range(i_lo, i_hi, BM):
+        o_i = i0 + tl.arange(0, BM)
+        m_i = o_i < i_hi
+        o_m = r0 + o_i
+        # [BM, BN]
+        p_s = s_ptr + o_i.to(tl.int64)[:, None] * M + o_n[None, :]
+        b_raw = tl.load(p_s, mask=m_i[:, None] & m_n[None, :], other=0.0)
+        # The backward's expression to the bit (see Numerics).
         if NORMALIZE:
-            b_ia = tl.load(inv_a_ptr + o_m, mask=m_m, other=0.0)
-        b_lr, b_lrl, b_gr = _load_terms(row_hi_ptr, row_lo_ptr, g_row_ptr, o_m, m_m)
-        # dscale / scale share of these rows, from the fp32 dS.
-        b_r = tl.zeros([BM], dtype=tl.float32)
-        b_rw = tl.zeros([BM], dtype=tl.float32)
-        for j0 in range(0, M, BN):
-            o_n = j0 + tl.arange(0, BN)
-            m_n = o_n < M
-            # Unused operands (no normalisation, no column term) get the scalar scale.
-            b_ib, b_lc, b_lcl, b_gc = b_scale, b_scale, b_scale, b_scale
-            if NORMALIZE:
-                b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
-            if HAS_COL:
-                b_lc, b_lcl, b_gc = _load_terms(col_hi_ptr, col_lo_ptr, g_col_ptr, o_n, m_n)
-            b_raw, b_cos, b_ds = _ds_tile(
-                a_ptr, b_ptr, o_m, o_n, m_m, m_n, b_ia, b_ib, b_lr, b_lrl, b_gr, b_lc, b_lcl,
-                b_gc, b_scale, offset, D, NORMALIZE, HAS_COL, INTERPRET, DOT_PRECISION, BM, BN, BK,
-            )  # fmt: skip
-            b_r += tl.sum(b_ds * b_cos, 1)
-            # [BM, BN] left operand of sum_j dS_ij B̂_j = sum_j (dS_ij / ||B_j||) B_j, times b_c.
-            b_w, b_rwt = _grad_weights(b_ds, b_raw, b_ib, b_c, b_ptr, 1, NORMALIZE, INTERPRET, EPS)
-            b_rw += b_rwt
-            _acc_update(
-                acc_ptr, b_ptr, o_m, m_m, o_n, m_n, b_w, j0 > 0, D, INTERPRET, DOT_PRECISION, BD
-            )
-        tl.store(dscale_part_ptr + i_p, tl.sum(b_r, 0))
-        _grad_epilogue(
-            acc_ptr, a_ptr, d_ptr, o_m, m_m, b_ia, b_rw, b_scale, b_c, D, NORMALIZE, EPS, BD
+            b_ia = tl.load(inv_a_ptr + o_m, mask=m_i, other=0.0)
+            b_cos = b_raw * (b_ia[:, None] * b_ib[None, :])
+        else:
+            b_cos = b_raw
+        b_s = b_cos * b_scale
+        # The positive (i, i + offset) lies in exactly one column block: written there.
+        o_pc = o_m + offset
+        b_pos = tl.sum(tl.where(o_n[None, :] == o_pc[:, None], b_s, 0.0), 1)
+        m_pos = m_i & (o_pc >= i_p * BN) & (o_pc < i_p * BN + BN) & (o_pc < M)
+        tl.store(pos_row_ptr + o_m, b_pos, mask=m_pos)
+        # Row partials over this program's columns; rows past C stay finite and are not stored.
+        b_sr = tl.where(m_n[None, :], b_s, float("-inf"))
+        b_rm = tl.max(b_sr, 1)
+        b_rl = tl.sum(tl.exp2((b_sr - _safe_max(b_rm)[:, None]) * _LOG2E), 1)
+        tl.store(row_max_ptr + i_p * C + o_i, b_rm, mask=m_i)
+        tl.store(row_sum_ptr + i_p * C + o_i, b_rl, mask=m_i)
+        if COL_STATS:
+            b_sc = tl.where(m_i[:, None], b_s, float("-inf"))
+            b_nm = tl.maximum(b_cm, tl.max(b_sc, 0))
+            b_ref = _safe_max(b_nm)
+            b_cl = b_cl * tl.exp2((b_cm - b_ref) * _LOG2E)
+            b_cl += tl.sum(tl.exp2((b_sc - b_ref[None, :]) * _LOG2E), 0)
+            b_cm = b_nm
+    if COL_STATS:
+        o_c = i_q * M + o_n
+        m_old = m_n & (has_prev != 0)
+        b_om = tl.load(col_max_ptr + o_c, mask=m_old, other=float("-inf"))
+        b_ol = tl.load(col_sum_ptr + o_c, mask=m_old, other=0.0)
+        b_nm = tl.maximum(b_om, b_cm)
+        b_ref = _safe_max(b_nm)
+        b_nl = b_ol * tl.exp2((b_om - b_ref) * _LOG2E) + b_cl * tl.exp2((b_cm - b_ref) * _LOG2E)
+        tl.store(col_max_ptr + o_c, b_nm, mask=m_n)
+        tl.store(col_sum_ptr + o_c, b_nl, mask=m_n)
+
+
+@triton.jit
+def _row_merge_kernel(
+    row_max_ptr,
+    row_sum_ptr,
+    row_lse_ptr,
+    pos_row_ptr,
+    r0,
+    C,
+    P,
+    M,
+    offset,
+    BP: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """row_lse[r0 + i] in float64 from the P partials (max, sum-exp) [P, C] of the chunk's row
+    i (one rounding, see Numerics), read BP partials at a time (a fixed reduction order);
+    pos_row = 0 for rows without a positive."""
+    o_i = tl.program_id(0) * BC + tl.arange(0, BC)
+    m_i = o_i < C
+    b_mx = tl.full([BC], float("-inf"), dtype=tl.float32)
+    for q0 in range(0, P, BP):
+        o_q = q0 + tl.arange(0, BP)
+        m_t = (o_q < P)[:, None] & m_i[None, :]
+        # [BP, BC]
+        b_t = tl.load(row_max_ptr + o_q[:, None] * C + o_i[None, :], mask=m_t, other=float("-inf"))
+        b_mx = tl.maximum(b_mx, tl.max(b_t, 0))
+    b_ref = _safe_max(b_mx)
+    b_l = tl.zeros([BC], dtype=tl.float32)
+    for q0 in range(0, P, BP):
+        o_q = q0 + tl.arange(0, BP)
+        m_t = (o_q < P)[:, None] & m_i[None, :]
+        o_t = o_q[:, None] * C + o_i[None, :]
+        b_tm = tl.load(row_max_ptr + o_t, mask=m_t, other=float("-inf"))
+        b_ts = tl.load(row_sum_ptr + o_t, mask=m_t, other=0.0)
+        b_l += tl.sum(b_ts * tl.exp2((b_tm - b_ref[None, :]) * _LOG2E), 0)
+    # Lanes past C get log(1) (no log(0), even in the interpreter); they are not stored.
+    b_l = tl.where(m_i, b_l, 1.0)
+    o_m = r0 + o_i
+    tl.store(row_lse_ptr + o_m, b_mx.to(tl.float64) + tl.log(b_l.to(tl.float64)), mask=m_i)
+    o_pc = o_m + offset
+    m_none = m_i & ((o_pc < 0) | (o_pc >= M))
+    tl.store(pos_row_ptr + o_m, tl.zeros([BC], dtype=tl.float32), mask=m_none)
+
+
+@triton.jit
+def _col_final_kernel(
+    col_max_ptr,
+    col_sum_ptr,
+    col_lse_ptr,
+    pos_row_ptr,
+    pos_col_ptr,
+    N,
+    M,
+    Q,
+    offset,
+    BC: tl.constexpr,
+):
+    """col_lse (float64) from the Q running column stats [Q, M] (merged in order q = 0 .. Q - 1),
+    and pos_col[j] = S[j - offset, j] (the row positive pos_row[j - offset]; 0 without one)."""
+    o_j = tl.program_id(0) * BC + tl.arange(0, BC)
+    m_j = o_j < M
+    b_mx = tl.full([BC], float("-inf"), dtype=tl.float32)
+    for q in range(0, Q):
+        b_mx = tl.maximum(b_mx, tl.load(col_max_ptr + q * M + o_j, mask=m_j, other=0.0))
+    b_ref = _safe_max(b_mx)
+    b_l = tl.zeros([BC], dtype=tl.float32)
+    for q in range(0, Q):
+        b_qm = tl.load(col_max_ptr + q * M + o_j, mask=m_j, other=0.0)
+        b_l += tl.load(col_sum_ptr + q * M + o_j, mask=m_j, other=0.0) * tl.exp2(
+            (b_qm - b_ref) * _LOG2E
         )
-    else:
-        o_n = i_p * BN + tl.arange(0, BN)
-        m_n = o_n < M
-        b_ib = tl.full([BN], 1.0, dtype=tl.float32)
+    b_l = tl.where(m_j, b_l, 1.0)
+    tl.store(col_lse_ptr + o_j, b_mx.to(tl.float64) + tl.log(b_l.to(tl.float64)), mask=m_j)
+    o_p = o_j - offset
+    m_p = m_j & (o_p >= 0) & (o_p < N)
+    tl.store(pos_col_ptr + o_j, tl.load(pos_row_ptr + o_p, mask=m_p, other=0.0), mask=m_j)
+
+
+@triton.jit
+def _bwd_epilogue_kernel(
+    s_ptr,
+    h_ptr,
+    inv_a_ptr,
+    inv_b_ptr,
+    scale_ptr,
+    bound_ptr,
+    row_hi_ptr,
+    row_lo_ptr,
+    g_row_ptr,
+    col_hi_ptr,
+    col_lo_ptr,
+    g_col_ptr,
+    rw_part_ptr,
+    cw_ptr,
+    dscale_part_ptr,
+    r0,
+    C,
+    M,
+    offset,
+    group_rows,
+    has_prev,
+    NORMALIZE: tl.constexpr,
+    HAS_COL: tl.constexpr,
+    EPS: tl.constexpr,
+    TOP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """Program (p, q): columns [p BN, p BN + BN) of rows [q group_rows, (q + 1) group_rows) of
+    the chunk's raw products s [C, M] (rows r0 .. r0 + C of S), each element read once, turned
+    into H = 2^k dS ia_i ib_j in h's dtype.
+
+    dS from the float64 LSEs split into hi + lo (the row terms always, the column terms with
+    HAS_COL). Writes H [C, M], the row coefficient partials rw_part[p, i] = sum over these
+    columns of H_ij raw_ij, adds the group's column coefficients sum_i H_ij raw_ij to the
+    running cw[q] [Q, M] (read when has_prev; chunk order, race-free: only this program
+    touches these entries) and stores this program's share of dscale, sum dS_ij cos_ij from
+    the fp32 dS, to dscale_part[q, p]. Without NORMALIZE the coefficients are neither needed
+    nor written.
+    """
+    i_p = tl.program_id(0)
+    i_q = tl.program_id(1)
+    o_n = i_p * BN + tl.arange(0, BN)
+    m_n = o_n < M
+    b_scale = tl.load(scale_ptr)
+    c2, _ = _pow2(bound_ptr, TOP)
+    if NORMALIZE:
+        b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
+        b_fb = _fold(b_ib, h_ptr, EPS)
+    if HAS_COL:
+        b_lc = tl.load(col_hi_ptr + o_n, mask=m_n, other=0.0)
+        b_lcl = tl.load(col_lo_ptr + o_n, mask=m_n, other=0.0)
+        b_gc = tl.load(g_col_ptr + o_n, mask=m_n, other=0.0)
+    b_r = tl.zeros([BN], dtype=tl.float32)
+    b_cw = tl.zeros([BN], dtype=tl.float32)
+    i_lo = i_q * group_rows
+    i_hi = tl.minimum(i_lo + group_rows, C)
+    for i0 in range(i_lo, i_hi, BM):
+        o_i = i0 + tl.arange(0, BM)
+        m_i = o_i < i_hi
+        o_m = r0 + o_i
+        m_s = m_i[:, None] & m_n[None, :]
+        o_s = o_i.to(tl.int64)[:, None] * M + o_n[None, :]
+        # [BM, BN]
+        b_raw = tl.load(s_ptr + o_s, mask=m_s, other=0.0)
+        b_lr = tl.load(row_hi_ptr + o_m, mask=m_i, other=0.0)
+        b_lrl = tl.load(row_lo_ptr + o_m, mask=m_i, other=0.0)
+        b_gr = tl.load(g_row_ptr + o_m, mask=m_i, other=0.0)
         if NORMALIZE:
-            b_ib = tl.load(inv_b_ptr + o_n, mask=m_n, other=0.0)
-        b_lc, b_lcl, b_gc = b_scale, b_scale, b_scale
+            b_ia = tl.load(inv_a_ptr + o_m, mask=m_i, other=0.0)
+            b_cos = b_raw * (b_ia[:, None] * b_ib[None, :])
+        else:
+            b_cos = b_raw
+        # The forward's logits to the bit; -inf outside S so that every exponential is 0 there.
+        b_s = tl.where(m_s, b_cos * b_scale, float("-inf"))
+        b_pos = (m_s & (o_n[None, :] == (o_m + offset)[:, None])).to(tl.float32)
+        b_ds = b_gr[:, None] * (tl.exp2(((b_s - b_lr[:, None]) - b_lrl[:, None]) * _LOG2E) - b_pos)
         if HAS_COL:
-            b_lc, b_lcl, b_gc = _load_terms(col_hi_ptr, col_lo_ptr, g_col_ptr, o_n, m_n)
-        b_rw = tl.zeros([BN], dtype=tl.float32)
-        for i0 in range(0, N, BM):
-            o_m = i0 + tl.arange(0, BM)
-            m_m = o_m < N
-            b_ia = b_scale
-            if NORMALIZE:
-                b_ia = tl.load(inv_a_ptr + o_m, mask=m_m, other=0.0)
-            b_lr, b_lrl, b_gr = _load_terms(row_hi_ptr, row_lo_ptr, g_row_ptr, o_m, m_m)
-            b_raw, b_cos, b_ds = _ds_tile(
-                a_ptr, b_ptr, o_m, o_n, m_m, m_n, b_ia, b_ib, b_lr, b_lrl, b_gr, b_lc, b_lcl,
-                b_gc, b_scale, offset, D, NORMALIZE, HAS_COL, INTERPRET, DOT_PRECISION, BM, BN, BK,
-            )  # fmt: skip
-            # [BM, BN] dS_ij / ||A_i|| times b_c; its transpose is the left operand of dB̂.
-            b_w, b_rwt = _grad_weights(b_ds, b_raw, b_ia, b_c, a_ptr, 0, NORMALIZE, INTERPRET, EPS)
-            b_rw += b_rwt
-            _acc_update(
-                acc_ptr, a_ptr, o_n, m_n, o_m, m_m, tl.trans(b_w), i0 > 0, D, INTERPRET,
-                DOT_PRECISION, BD,
-            )  # fmt: skip
-        _grad_epilogue(
-            acc_ptr, b_ptr, d_ptr, o_n, m_n, b_ib, b_rw, b_scale, b_c, D, NORMALIZE, EPS, BD
-        )
+            b_pc = tl.exp2(((b_s - b_lc[None, :]) - b_lcl[None, :]) * _LOG2E)
+            b_ds += b_gc[None, :] * (b_pc - b_pos)
+        b_r += tl.sum(b_ds * b_cos, 0)
+        if NORMALIZE:
+            b_fa = _fold(b_ia, h_ptr, EPS)
+            b_h = ((b_ds * c2) * (b_fa[:, None] * b_fb[None, :])).to(h_ptr.dtype.element_ty)
+        else:
+            b_h = (b_ds * c2).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + o_s, b_h, mask=m_s)
+        if NORMALIZE:
+            # Coefficients from the rounded H, so that the gradients stay orthogonal to the rows.
+            b_hr = b_h.to(tl.float32) * b_raw
+            tl.store(rw_part_ptr + i_p * C + o_i, tl.sum(b_hr, 1), mask=m_i)
+            b_cw += tl.sum(b_hr, 0)
+    tl.store(dscale_part_ptr + i_q * tl.num_programs(0) + i_p, tl.sum(b_r, 0))
+    if NORMALIZE:
+        o_c = i_q * M + o_n
+        b_old = tl.load(cw_ptr + o_c, mask=m_n & (has_prev != 0), other=0.0)
+        tl.store(cw_ptr + o_c, b_old + b_cw, mask=m_n)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # Plain TF32 would put ~1e-3 relative error on every logit; 3xTF32 is about fp32-exact.
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+@triton.jit
+def _grad_final_kernel(
+    g_ptr,
+    x_ptr,
+    dx_ptr,
+    inv_ptr,
+    coef_ptr,
+    scale_ptr,
+    bound_ptr,
+    R,
+    D,
+    parts,
+    NORMALIZE: tl.constexpr,
+    EPS: tl.constexpr,
+    TOP: tl.constexpr,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
+    BQ: tl.constexpr,
+):
+    """dx_r = scale 2^-k (G_r - inv_r^2 coef_r x_r) in x's dtype for a block of BR rows of
+    G [R, D] (fp32; may be dx itself for fp32 inputs: each element is read before it is
+    written by the same program), coef_r = the sum of coef[q, r] over q < parts, read BQ parts
+    at a time (a fixed order); 0 for rows whose norm is below eps (NORMALIZE). Without
+    NORMALIZE dx = scale 2^-k G."""
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    b_scale = tl.load(scale_ptr)
+    _, c2_inv = _pow2(bound_ptr, TOP)
+    b_f = tl.full([BR], 1.0, dtype=tl.float32) * (b_scale * c2_inv)
+    if NORMALIZE:
+        b_ix = tl.load(inv_ptr + o_r, mask=m_r, other=0.0)
+        b_c = tl.zeros([BR], dtype=tl.float32)
+        for q0 in range(0, parts, BQ):
+            o_q = q0 + tl.arange(0, BQ)
+            m_t = (o_q < parts)[:, None] & m_r[None, :]
+            # [BQ, BR]
+            b_c += tl.sum(
+                tl.load(coef_ptr + o_q[:, None] * R + o_r[None, :], mask=m_t, other=0.0), 0
+            )
+        b_pr = b_c * (b_ix * b_ix)
+        # A row clamped to eps (a zero row) gets a zero gradient: the rule of
+        # reference.normalize_rows. A NaN norm compares false and propagates.
+        b_small = b_ix * EPS >= 1.0
+    o_rx = o_r * D
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_x = m_r[:, None] & (o_d < D)[None, :]
+        p_x = o_rx[:, None] + o_d[None, :]
+        # [BR, BD]
+        b_g = tl.load(g_ptr + p_x, mask=m_x, other=0.0)
+        if NORMALIZE:
+            b_x = tl.load(x_ptr + p_x, mask=m_x, other=0.0).to(tl.float32)
+            b_g = b_g - b_pr[:, None] * b_x
+        b_dx = b_g * b_f[:, None]
+        if NORMALIZE:
+            b_dx = tl.where(b_small[:, None], 0.0, b_dx)
+        tl.store(dx_ptr + p_x, b_dx.to(dx_ptr.dtype.element_ty), mask=m_x)
 
 
-def _options(a: Tensor, normalize: bool, cfg: InfoNCEConfig) -> dict:
-    """The launch options the forward and both backward passes share."""
-    return dict(
-        NORMALIZE=normalize,
-        INTERPRET=interpreting(a),
-        DOT_PRECISION=_dot_precision(a.dtype),
-        BM=cfg.block_m,
-        BN=cfg.block_n,
-        BK=cfg.block_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+# ------------------------------------------------------------------------------ launchers
 
 
-def _check_inputs(a: Tensor, b: Tensor, scale: Tensor, offset: int) -> None:
+def _check_inputs(a: Tensor, b: Tensor, scale: Tensor, offset: int, chunk: int) -> None:
     if not isinstance(a, Tensor) or not isinstance(b, Tensor) or not isinstance(scale, Tensor):
         raise ValueError("A, B and scale must be tensors")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
@@ -671,13 +552,17 @@ def _check_inputs(a: Tensor, b: Tensor, scale: Tensor, offset: int) -> None:
     if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"empty input: A {tuple(a.shape)}, B {tuple(b.shape)}")
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
-    # Element offsets are int32: rows x D of each input and the lse partials (max_splits rows).
-    if max(n, m) * max(d, _MAX_SPLITS_LIMIT) >= 2**31:
+    # Element offsets of the row kernels are int32.
+    if max(n, m) * d >= 2**31:
         raise ValueError(f"A {tuple(a.shape)}, B {tuple(b.shape)}: offsets overflow int32")
     # Outside [-N, M] no row or column has a positive; bounding it keeps i + offset and
     # j - offset inside int32 in the kernels (every positive index is masked against S).
     if isinstance(offset, bool) or not isinstance(offset, int) or not -n <= offset <= m:
         raise ValueError(f"offset must be an int in [-N, M] = [{-n}, {m}], got {offset!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1 (rows of A per chunk), got {chunk!r}")
+    if triton.cdiv(m, _EPI_BLOCK[1]) * min(chunk, n) >= 2**31:
+        raise ValueError(f"chunk {chunk}: the row partials' offsets overflow int32 at M = {m}")
 
 
 def _inv_norms(x: Tensor, eps: float) -> Tensor:
@@ -697,6 +582,51 @@ def _inv_norms(x: Tensor, eps: float) -> Tensor:
     return inv
 
 
+def _gemm_operands(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The operands the GEMMs read: the inputs themselves, except 16-bit CPU tensors (the
+    interpreter), upcast to fp32 there (CPU has no fp32-output 16-bit GEMM; module doc)."""
+    if a.device.type == "cpu" and a.dtype != torch.float32:
+        return a.float(), b.float()
+    return a, b
+
+
+def _mm(x: Tensor, y: Tensor, out: Tensor, accumulate: bool = False) -> None:
+    """out = x @ y (+ out when ``accumulate``), out fp32; x, y one dtype (fp32, or fp16/bf16 on
+    CUDA: fp32 accumulation and output through ``out_dtype``)."""
+    if x.dtype != torch.float32:
+        if x.device.type == "cpu":  # the callers upcast first: never reached by them
+            raise ValueError("16-bit GEMM operands on CPU must be upcast to fp32 first")
+        if accumulate:
+            torch.addmm(out, x, y, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(x, y, out_dtype=torch.float32, out=out)
+    elif accumulate:
+        out.addmm_(x, y)
+    else:
+        torch.mm(x, y, out=out)
+
+
+def _chunks(n: int, rows: int):
+    """(index, first row, rows) of each chunk of ``rows`` rows (the last may be shorter)."""
+    for index, r0 in enumerate(range(0, n, rows)):
+        yield index, r0, min(rows, n - r0)
+
+
+def _epilogue_grid(rows: int, m: int) -> tuple[int, int]:
+    """(P, Q) of the epilogues for chunks of up to ``rows`` rows against M = ``m`` columns:
+    P column blocks of BN, and Q row groups so that P Q reaches about _EPI_PROGRAMS (never
+    more groups than BM-row steps). Q is fixed for a call: the running column statistics are
+    kept per group."""
+    block_m, block_n = _EPI_BLOCK
+    parts = triton.cdiv(m, block_n)
+    return parts, max(1, min(triton.cdiv(rows, block_m), triton.cdiv(_EPI_PROGRAMS, parts)))
+
+
+def _group_rows(c: int, groups: int) -> int:
+    """Rows per group of a chunk of ``c`` rows: a multiple of BM (groups past c are empty)."""
+    return triton.cdiv(triton.cdiv(c, groups), _EPI_BLOCK[0]) * _EPI_BLOCK[0]
+
+
 def infonce_forward(
     a: Tensor,
     b: Tensor,
@@ -706,9 +636,9 @@ def infonce_forward(
     col_stats: bool = True,
     *,
     eps: float,
-    config: InfoNCEConfig | None = None,
+    chunk: int,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-    """Row and column log-sum-exp and positive logits of S = scale * Â B̂^T, without storing S.
+    """Row and column log-sum-exp and positive logits of S = scale * Â B̂^T, by row chunks.
 
     Args:
         a: [N, D] fp32, fp16 or bf16, contiguous.
@@ -720,98 +650,103 @@ def infonce_forward(
         col_stats: also compute the column statistics (the target->pred direction).
         eps: the smallest norm a row is divided by (a compile-time constant of the kernels;
             the package passes ``vljepa_fast.reference.NORM_EPS``).
-        config: tile sizes; default :func:`forward_config` of the dtype.
+        chunk: rows of A per GEMM + epilogue step, an int >= 1 (clamped to N; need not divide
+            it). The op layer computes it (vljepa_fast/ops/_chunks.py); pass the backward the
+            same value, so that it recomputes the forward's S to the bit.
 
     Returns:
         (row_lse [N], col_lse [M] or None, pos_row [N], pos_col [M] or None):
         logsumexp_j S_ij and logsumexp_i S_ij in float64 (one rounding, so that the backward's
         exp(S - lse) keeps fp32 accuracy at any |S|), S[i, i + offset] and S[j - offset, j] in
-        fp32.
-        Extra memory beyond the outputs: the inverse norms [N] and [M] when ``normalize``, and
-        the lse partials: (max, sum-exp) pairs, at most 2 max_splits x N fp32 for the rows and,
-        with ``col_stats``, 2 max_splits x M for the columns (the config's max_splits, 16 by
-        default): linear in N and M, never N x M.
+        fp32. Extra memory: module doc, Memory (forward).
     """
-    _check_inputs(a, b, scale, offset)
-    cfg = config or forward_config(a.dtype)
-    if not 1 <= cfg.max_splits <= _MAX_SPLITS_LIMIT:
-        raise ValueError(
-            f"config.max_splits must be in [1, {_MAX_SPLITS_LIMIT}], got {cfg.max_splits}"
-        )
-    n, m, d = a.shape[0], b.shape[0], a.shape[1]
-    dev = a.device
+    _check_inputs(a, b, scale, offset, chunk)
+    n, m = a.shape[0], b.shape[0]
+    dev, f32 = a.device, torch.float32
+    rows = min(chunk, n)
     inv_a, inv_b = (_inv_norms(a, eps), _inv_norms(b, eps)) if normalize else (scale, scale)
-    blocks_per_group, groups = _split(triton.cdiv(n, cfg.block_m), cfg.max_splits)
-    tiles_per_split, splits = _split(triton.cdiv(m, cfg.block_n), cfg.max_splits)
+    op_a, op_b = _gemm_operands(a, b)
+    block_m, block_n = _EPI_BLOCK
+    parts, groups = _epilogue_grid(rows, m)
+    s_buf = torch.empty((rows, m), device=dev, dtype=f32)
+    row_part = torch.empty((2, parts, rows), device=dev, dtype=f32)
+    col_run = torch.empty((2, groups, m) if col_stats else (2, 1), device=dev, dtype=f32)
     row_lse = torch.empty(n, device=dev, dtype=torch.float64)
-    pos_row = torch.empty(n, device=dev, dtype=torch.float32)
-    # (max, sum-exp) partials: [2, splits, N] for the rows, [2, groups, M] for the columns.
-    row_part = torch.empty((2, splits, n), device=dev, dtype=torch.float32)
-    col_part = torch.empty((2, groups, m) if col_stats else (2, 1), device=dev, dtype=torch.float32)
-    launch(
-        _infonce_fwd_kernel,
-        (splits, groups),
-        a,
-        b,
-        scale,
-        inv_a,
-        inv_b,
-        row_part[0],
-        row_part[1],
-        col_part[0],
-        col_part[1],
-        pos_row,
-        n,
-        m,
-        d,
-        offset,
-        blocks_per_group,
-        tiles_per_split,
-        COL_STATS=col_stats,
-        **_options(a, normalize, cfg),
-    )
-    _merge(row_part, row_lse, pos_row, pos_row, n, m, offset, rows=True)
+    pos_row = torch.empty(n, device=dev, dtype=f32)
+    for _, r0, c in _chunks(n, rows):
+        s = s_buf[:c]
+        _mm(op_a[r0 : r0 + c], op_b.t(), s)
+        launch(
+            _fwd_epilogue_kernel,
+            (parts, groups),
+            s,
+            inv_a,
+            inv_b,
+            scale,
+            row_part[0],
+            row_part[1],
+            col_run[0],
+            col_run[1],
+            pos_row,
+            r0,
+            c,
+            m,
+            offset,
+            _group_rows(c, groups),
+            int(r0 > 0),
+            NORMALIZE=normalize,
+            COL_STATS=col_stats,
+            BM=block_m,
+            BN=block_n,
+            num_warps=_EPI_WARPS,
+        )
+        launch(
+            _row_merge_kernel,
+            (triton.cdiv(c, _PART_BLOCK[1]),),
+            row_part[0],
+            row_part[1],
+            row_lse,
+            pos_row,
+            r0,
+            c,
+            parts,
+            m,
+            offset,
+            BP=_PART_BLOCK[0],
+            BC=_PART_BLOCK[1],
+        )
     if not col_stats:
         return row_lse, None, pos_row, None
     col_lse = torch.empty(m, device=dev, dtype=torch.float64)
-    pos_col = torch.empty(m, device=dev, dtype=torch.float32)
-    _merge(col_part, col_lse, pos_row, pos_col, n, m, offset, rows=False)
-    return row_lse, col_lse, pos_row, pos_col
-
-
-def _split(blocks: int, max_parts: int) -> tuple[int, int]:
-    """(blocks per part, parts): ``blocks`` cut into at most ``max_parts`` consecutive runs."""
-    per = triton.cdiv(blocks, min(blocks, max_parts))
-    return per, triton.cdiv(blocks, per)
-
-
-def _merge(
-    part: Tensor, lse: Tensor, pos_row: Tensor, pos: Tensor, n: int, m: int, offset: int, rows: bool
-) -> None:
-    """lse [L] float64 from the (max, sum-exp) partials part [2, R, L]; see the merge kernel."""
-    length = lse.shape[0]
+    pos_col = torch.empty(m, device=dev, dtype=f32)
     launch(
-        _infonce_merge_kernel,
-        (triton.cdiv(length, _MERGE_BLOCK),),
-        part[0],
-        part[1],
-        lse,
+        _col_final_kernel,
+        (triton.cdiv(m, _MERGE_BLOCK),),
+        col_run[0],
+        col_run[1],
+        col_lse,
         pos_row,
-        pos,
-        length,
-        part.shape[1],
+        pos_col,
         n,
         m,
+        groups,
         offset,
-        ROWS=rows,
         BC=_MERGE_BLOCK,
     )
+    return row_lse, col_lse, pos_row, pos_col
 
 
 def _split_lse(lse: Tensor) -> tuple[Tensor, Tensor]:
     """float64 [L] -> float32 (hi, lo), hi = float(lse), hi + lo = lse to about 2^-48 relative."""
     hi = lse.float()
     return hi, (lse - hi.double()).float()
+
+
+def _fold_max(inv: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
+    """The largest inverse norm folded into H (_fold: fp16 folds clamped rows with 0)."""
+    if dtype == torch.float16:
+        inv = torch.where(inv * eps < 1.0, inv, torch.zeros_like(inv))
+    return inv.amax()
 
 
 def infonce_backward(
@@ -826,13 +761,12 @@ def infonce_backward(
     g_col: Tensor | None,
     *,
     eps: float,
-    config: InfoNCEConfig | None = None,
+    chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i g_row_i (row_lse_i - pos_row_i) + sum_j g_col_j (col_lse_j - pos_col_j).
 
-    S is recomputed tile by tile (never stored). Deterministic: dA is written by programs over
-    row blocks, dB by programs over column blocks, dscale is a fixed-order sum of per-program
-    partials; no atomics.
+    S is recomputed chunk by chunk (never stored whole). Deterministic: chunks in order, partial
+    sums in a fixed order, dB accumulated by GEMMs in chunk order; no atomics.
 
     Args:
         a: [N, D] fp32, fp16 or bf16, contiguous (as given to :func:`infonce_forward`).
@@ -846,15 +780,14 @@ def infonce_backward(
         g_col: [M] fp32 gradient with respect to each column term, or None (no column term).
         eps: the smallest norm a row is divided by, as in the forward; rows below it get a zero
             gradient.
-        config: tile sizes; default :func:`backward_config` of the dtype.
+        chunk: rows of A per chunk, the forward's value (an int >= 1).
 
     Returns:
         (dA [N, D] in A's dtype, dB [M, D] in B's dtype, dscale 0-dim fp32).
-        Extra memory beyond the outputs: the inverse norms when ``normalize``, the lse split
-        into fp32 hi + lo ([N] and [M] each) and, for fp16/bf16 inputs, one fp32 accumulator
-        of max(N, M) x D shared by the dA and dB passes.
+        Extra memory: module doc, Memory (backward); for fp16/bf16 it includes the fp32 dB
+        accumulator [M, D].
     """
-    _check_inputs(a, b, scale, offset)
+    _check_inputs(a, b, scale, offset, chunk)
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
     for name, t in (("row_lse", row_lse), ("col_lse", col_lse), ("g_row", g_row), ("g_col", g_col)):
         if t is not None and (not isinstance(t, Tensor) or t.device != a.device):
@@ -877,39 +810,217 @@ def infonce_backward(
                 "row_lse and col_lse must be contiguous float64, g_row and g_col contiguous "
                 f"float32; got {t.dtype}"
             )
-    cfg = config or backward_config(a.dtype)
-    dev = a.device
-    inv_a, inv_b = (_inv_norms(a, eps), _inv_norms(b, eps)) if normalize else (scale, scale)
+    dev, f32 = a.device, torch.float32
+    rows = min(chunk, n)
+    fp32 = a.dtype == f32
     gmax = g_row.abs().amax()
     if g_col is not None:
         gmax = torch.maximum(gmax, g_col.abs().amax())
+    if normalize:
+        inv_a, inv_b = _inv_norms(a, eps), _inv_norms(b, eps)
+        bound = gmax * _fold_max(inv_a, a.dtype, eps) * _fold_max(inv_b, a.dtype, eps)
+    else:
+        inv_a = inv_b = scale  # unused pointers
+        bound = gmax
+    bound = bound.reshape(1).to(f32)
+    op_a, op_b = _gemm_operands(a, b)
+    block_m, block_n = _EPI_BLOCK
+    parts, groups = _epilogue_grid(rows, m)
+    s_buf = torch.empty((rows, m), device=dev, dtype=f32)
+    h_buf = torch.empty((rows, m), device=dev, dtype=a.dtype)
+    g_buf = None if fp32 else torch.empty((rows, d), device=dev, dtype=f32)
+    acc = None if fp32 else torch.empty((m, d), device=dev, dtype=f32)
+    rw_part = torch.empty((parts, rows), device=dev, dtype=f32)
+    cw = torch.empty((groups, m) if normalize else (1,), device=dev, dtype=f32)
+    dscale_part = torch.empty((triton.cdiv(n, rows), groups, parts), device=dev, dtype=f32)
     da, db = torch.empty_like(a), torch.empty_like(b)
-    fp32 = a.dtype == torch.float32
-    work = None if fp32 else torch.empty((max(n, m), d), device=dev, dtype=torch.float32)
-    dscale_part = torch.empty(triton.cdiv(n, cfg.block_m), device=dev, dtype=torch.float32)
+    e = db if fp32 else acc
     # Unused pointers (no column term) alias the row ones; the kernel never reads them.
     row_hi, row_lo = _split_lse(row_lse)
     col_hi, col_lo = (row_hi, row_lo) if g_col is None else _split_lse(col_lse)
     g_col_arg = g_row if g_col is None else g_col
-    args = (a, b, scale, gmax, inv_a, inv_b, row_hi, row_lo, col_hi, col_lo, g_row, g_col_arg)
-    # The dA pass (programs over row blocks of A), then the dB pass (over row blocks of B).
-    passes = ((False, triton.cdiv(n, cfg.block_m), da), (True, triton.cdiv(m, cfg.block_n), db))
-    for db_pass, programs, out in passes:
+    final = dict(
+        NORMALIZE=normalize,
+        EPS=eps,
+        TOP=_H_TOP,
+        BR=_FINAL_BLOCK[0],
+        BD=_FINAL_BLOCK[1],
+        BQ=_PART_BLOCK[0],
+    )
+    for index, r0, c in _chunks(n, rows):
+        s, h = s_buf[:c], h_buf[:c]
+        _mm(op_a[r0 : r0 + c], op_b.t(), s)
         launch(
-            _infonce_bwd_kernel,
-            (programs,),
-            *args,
-            out if fp32 else work,
-            out,
-            dscale_part,
-            n,
+            _bwd_epilogue_kernel,
+            (parts, groups),
+            s,
+            h,
+            inv_a,
+            inv_b,
+            scale,
+            bound,
+            row_hi,
+            row_lo,
+            g_row,
+            col_hi,
+            col_lo,
+            g_col_arg,
+            rw_part,
+            cw,
+            dscale_part[index],
+            r0,
+            c,
             m,
-            d,
             offset,
+            _group_rows(c, groups),
+            int(r0 > 0),
+            NORMALIZE=normalize,
             HAS_COL=g_col is not None,
-            DB=db_pass,
             EPS=eps,
-            BD=cfg.block_d,
-            **_options(a, normalize, cfg),
+            TOP=_H_TOP,
+            BM=block_m,
+            BN=block_n,
+            num_warps=_EPI_WARPS,
         )
+        h_op = h if h.device.type != "cpu" or fp32 else h.float()
+        g = da[r0 : r0 + c] if fp32 else g_buf[:c]
+        _mm(h_op, op_b, g)
+        launch(
+            _grad_final_kernel,
+            (triton.cdiv(c, _FINAL_BLOCK[0]),),
+            g,
+            a[r0 : r0 + c],
+            da[r0 : r0 + c],
+            inv_a[r0 : r0 + c] if normalize else scale,
+            rw_part,
+            scale,
+            bound,
+            c,
+            d,
+            parts,
+            **final,
+        )
+        _mm(h_op.t(), op_a[r0 : r0 + c], e, accumulate=index > 0)
+    launch(
+        _grad_final_kernel,
+        (triton.cdiv(m, _FINAL_BLOCK[0]),),
+        e,
+        b,
+        db,
+        inv_b,
+        cw,
+        scale,
+        bound,
+        m,
+        d,
+        groups,
+        **final,
+    )
     return da, db, dscale_part.sum()
+
+
+# ------------------------------------------------------------------------------ cost model
+
+# PEAK_FLOPS / PEAK_BANDWIDTH: the H200 design model's rates (kernels/_common.py, one owner)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One launch kind of the chunked design, summed over the chunks of a call.
+
+    Attributes:
+        name: what it is ("fwd GEMM S", "bwd epilogue", ...).
+        phase: "fwd" or "bwd".
+        flops: floating-point operations (GEMMs only; 0 for epilogues).
+        bytes: HBM bytes read and written.
+        gemm: a vendor GEMM (time max(flops / peak, bytes / bandwidth)) or an epilogue (bytes /
+            bandwidth).
+    """
+
+    name: str
+    phase: str
+    flops: int
+    bytes: int
+    gemm: bool
+
+
+def cost(n: int, m: int, d: int, dtype: torch.dtype, *, chunk: int, col_stats=True) -> list[Step]:
+    """FLOPs and HBM bytes of every step of one forward and one backward (module doc) with
+    ``chunk`` rows per chunk (the op layer's value: ``vljepa_fast.ops.infonce.chunk_rows``).
+
+    Counted: every GEMM's operand reads (B and the H chunk once per chunk: at the paper shape
+    they are larger than L2), its output writes and, for the accumulating E GEMM, the
+    accumulator's read; every epilogue's reads and writes, O(N + M) vectors included. Not
+    counted: launch gaps.
+    """
+    s = torch.empty((), dtype=dtype).element_size()
+    c = min(chunk, n)
+    k = -(-n // c)  # chunks
+    parts, groups = _epilogue_grid(c, m)
+    nm, nd, md = n * m, n * d, m * d
+    steps = [
+        Step("fwd norms", "fwd", 0, (nd + md) * s + 4 * (n + m), False),
+        Step("fwd GEMM S = A_c B^T", "fwd", 2 * nm * d, nd * s + k * md * s + 4 * nm, True),
+        Step(
+            "fwd epilogue",
+            "fwd",
+            0,
+            4 * nm + 8 * parts * n + (16 * m * k * groups if col_stats else 0) + 8 * n,
+            False,
+        ),
+        Step("fwd row merge", "fwd", 0, 8 * parts * n + 12 * n, False),
+        Step("bwd norms", "bwd", 0, (nd + md) * s + 4 * (n + m), False),
+        Step("bwd GEMM S = A_c B^T", "bwd", 2 * nm * d, nd * s + k * md * s + 4 * nm, True),
+        Step(
+            "bwd epilogue",
+            "bwd",
+            0,
+            (4 + s) * nm + 4 * parts * n + 8 * m * k * groups + 24 * n,
+            False,
+        ),
+        Step("bwd GEMM G = H_c B", "bwd", 2 * nm * d, s * nm + k * md * s + 4 * nd, True),
+        Step("bwd dA finalize", "bwd", 0, 4 * nd + 2 * nd * s + 4 * parts * n, False),
+        Step(
+            "bwd GEMM E += H_c^T A_c",
+            "bwd",
+            2 * nm * d,
+            # E (fp32; dB itself for fp32 inputs) written by the first chunk, read and written
+            # by the others
+            s * nm + nd * s + (2 * k - 1) * md * 4,
+            True,
+        ),
+        Step("bwd dB finalize", "bwd", 0, 4 * md + 2 * md * s + 4 * m * groups, False),
+    ]
+    return steps
+
+
+def predicted_seconds(
+    n: int,
+    m: int,
+    d: int,
+    dtype: torch.dtype,
+    mode: str = "fwd+bwd",
+    *,
+    chunk: int,
+    overlap: bool = True,
+    peak_flops: float | None = None,
+    bandwidth: float = PEAK_BANDWIDTH,
+) -> float:
+    """The H200 time the design implies for ``mode`` ("fwd", "bwd" or "fwd+bwd") with ``chunk``
+    rows per chunk: the sum over :func:`cost`'s steps of, for a GEMM, max(flops / peak, bytes /
+    bandwidth) (``overlap``: a GEMM's own operand and output traffic hides under its math, the
+    roofline) or flops / peak + bytes / bandwidth (``overlap=False``: nothing overlaps, an upper
+    bound), and for an epilogue bytes / bandwidth. Launch gaps are ignored. ``peak_flops``
+    defaults to :data:`PEAK_FLOPS` of the dtype."""
+    if mode not in ("fwd", "bwd", "fwd+bwd"):
+        raise ValueError(f"mode must be 'fwd', 'bwd' or 'fwd+bwd', got {mode!r}")
+    peak = PEAK_FLOPS[dtype] if peak_flops is None else peak_flops
+    total = 0.0
+    for step in cost(n, m, d, dtype, chunk=chunk):
+        if step.phase in mode.split("+"):
+            math_s, memory_s = step.flops / peak, step.bytes / bandwidth
+            if not step.gemm:
+                total += memory_s
+            else:
+                total += max(math_s, memory_s) if overlap else math_s + memory_s
+    return total

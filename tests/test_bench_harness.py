@@ -81,8 +81,24 @@ def test_infonce_cost_matches_an_independent_count():
     assert nbytes(N, D, 4, "fwd") == _nbytes(pred, target)
     assert nbytes(N, D, 4, "bwd") == _nbytes(pred, target, pred.grad, target.grad)
     assert nbytes(N, D, 4, "fwd+bwd") == nbytes(N, D, 4, "fwd") + nbytes(N, D, 4, "bwd")
-    cost = bench_infonce.infonce_cost(N, D, 2, "fwd+bwd")
-    assert cost == (flops(N, D, "fwd+bwd"), nbytes(N, D, 2, "fwd+bwd"), cost.formula)
+    cost = bench_infonce.infonce_cost(N, D, torch.bfloat16, "fwd+bwd")
+    assert cost == (flops(N, D, "fwd+bwd"), nbytes(N, D, 2, "fwd+bwd"), cost.formula, None)
+
+
+def test_infonce_prediction_is_the_kernels_model_at_the_ops_chunk(monkeypatch):
+    """The bench's H200 column for the chunked backends is kernels/infonce.py's own model at the
+    chunk the op layer passes (here forced to 128 rows of a 320-row bf16 batch, 6 bytes per
+    pair of the [c, N] buffers: the budget of 128 rows), and absent for other providers."""
+    from vljepa_fast._kernels import infonce as kernel
+
+    N, D, dtype = 320, 64, torch.bfloat16
+    monkeypatch.setenv("VLJEPA_FAST_CHUNK_BUDGET_MIB", str(128 * N * 6 / 2**20))
+    for provider in ("vf.triton", "vf.cuda"):
+        cost = bench_infonce.infonce_cost(N, D, dtype, "fwd+bwd", provider)
+        assert cost.predicted_s == kernel.predicted_seconds(N, N, D, dtype, "fwd+bwd", chunk=128)
+        # the GEMM math alone (8 N^2 D at 790 TFLOP/s) is a floor of the model
+        assert cost.predicted_s > 8 * N * N * D / 790e12
+    assert bench_infonce.infonce_cost(N, D, dtype, "fwd+bwd", "reference").predicted_s is None
 
 
 def _packed(lengths, H, D, g):
@@ -124,6 +140,7 @@ def test_attention_cost_counts_real_tokens_like_an_independent_count():
         flops(lengths, Hq, D, False, "bwd"),
         nbytes(lengths, Hq, Hkv, D, 2, "bwd"),
         bench_attention.ATTENTION_FORMULA,
+        None,  # attention's design model: issue 15
     )
 
 
@@ -358,7 +375,8 @@ def test_preset_selection():
     with pytest.raises(ValueError, match="--preset"):
         presets.get("huge")
     for name, preset in presets.PRESETS.items():
-        assert set(preset.cases) == {"topk_similarity", "infonce", "attention", "rotary"}, name
+        ops = {"topk_similarity", "infonce", "sigmoid_loss", "attention", "rotary"}
+        assert set(preset.cases) == ops, name
 
 
 def test_cpu_and_gpu_presets_hold_the_issue_shapes():

@@ -62,6 +62,51 @@ def test_backends_vs_float64(backend, dtype, symmetric, normalize, reduction, N,
         assert_close_2x(got, ea, ex, dtype, name)
 
 
+FUSED_CPU = [b for b in _cpu_backends() if b != "reference"] + [
+    pytest.param("triton", marks=pytest.mark.interpret)
+]
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_op_passes_the_chunk_rule_to_the_kernels(monkeypatch, backend, symmetric):
+    """The op layer computes chunk = ops.infonce.chunk_rows (the rule of ops/_chunks.py: here
+    VLJEPA_FAST_CHUNK_BUDGET_MIB forces 37 rows of N = 127, 4 + 4 bytes per fp32 pair) and hands
+    the same value to the forward and the backward kernels of every fused backend (the native
+    ops' trailing ``chunk``, the Triton launchers' ``chunk=``); values and gradients stay exact."""
+    from vljepa_fast.ops import infonce as ops
+
+    N, D = 127, 16
+    monkeypatch.setenv("VLJEPA_FAST_CHUNK_BUDGET_MIB", repr((37 * N * 8 + 1) / 2**20))
+    p, t = _inputs(N, D, seed=3)
+    assert ops.chunk_rows(p, t) == 37
+    seen = []
+    kernels = ops._kernels
+
+    def spy(impl):
+        fwd, bwd = kernels(impl)
+
+        def record(fn, name):
+            def wrapped(*args, chunk):
+                seen.append((name, chunk))
+                return fn(*args, chunk=chunk)
+
+            return wrapped
+
+        return record(fwd, "fwd"), record(bwd, "bwd")
+
+    monkeypatch.setattr(ops, "_kernels", spy)
+    tau = torch.tensor(0.07, requires_grad=True)
+    loss, grads = _run(backend, p, t, tau, symmetric=symmetric)
+    assert seen == [("fwd", 37), ("bwd", 37)], seen
+    eager, egrads = _run("reference", p, t, tau, symmetric=symmetric)
+    x64 = [x.detach().double().requires_grad_(True) for x in (p, t, tau)]
+    exact, xgrads = _run("reference", *x64, symmetric=symmetric)
+    assert_close_2x(loss, eager, exact, torch.float32, "loss")
+    for got, ea, ex, name in zip(grads, egrads, xgrads, ("dpred", "dtarget", "dtemperature")):
+        assert_close_2x(got, ea, ex, torch.float32, name)
+
+
 @pytest.mark.parametrize("backend", _cpu_backends())
 def test_large_logits_and_duplicates_stay_finite(backend):
     p, t = _inputs(33, 16, scale=1e3, seed=4)
@@ -84,7 +129,7 @@ def test_large_logits_and_duplicates_stay_finite(backend):
         ({"temperature": float("inf")}, "temperature: expected a positive finite value"),
         ({"temperature": torch.tensor(-1.0)}, "temperature: expected a positive finite value"),
         ({"temperature": torch.ones(2)}, "temperature: expected a 0-dim floating tensor"),
-        ({"temperature": "hot"}, "temperature: expected a float or a 0-dim tensor"),
+        ({"temperature": "hot"}, "temperature: expected a float or a 0-dim floating tensor"),
         ({"reduction": "max"}, "reduction: expected one of"),
         ({"symmetric": 1}, "symmetric: expected a bool"),
         ({"group": object()}, "group: a process group was given but torch.distributed is not init"),
@@ -577,17 +622,25 @@ def test_gpu_backends_vs_float64(backend, dtype, N, D):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_no_n_squared_memory(backend):
-    """Peak extra memory of the bf16 loss forward + backward at D = 1536 is linear in N.
+def test_gpu_no_n_squared_memory(monkeypatch, backend):
+    """Peak extra memory of the bf16 loss forward + backward at D = 1536 is linear in N plus
+    the chunk budget (64 MiB here, through VLJEPA_FAST_CHUNK_BUDGET_MIB).
 
-    Within the documented budget: the two gradients, the one fp32 [N, D] accumulator the 16-bit
-    backward keeps (kernels/infonce.py, csrc/cuda/infonce.cu) and O(N) vectors; and doubling N
-    at most doubles it (an N x N buffer, or partials [N / block, N], would grow 4x).
+    Within the documented memory (kernels/infonce.py, csrc/cuda/infonce.cu): the two gradients,
+    the one fp32 [N, D] dB accumulator of the 16-bit backward, the [c, N] score and dS buffers
+    (at most the budget, c = ops.infonce.chunk_rows), the fp32 [c, D] dA product and O(N)
+    vectors; and doubling N at most doubles it (an N x N buffer, or partials [N / block, N],
+    would grow 4x).
     """
-    D = 1536
+    from vljepa_fast.ops import infonce as ops
+
+    D, budget_mib = 1536, 64
+    monkeypatch.setenv("VLJEPA_FAST_CHUNK_BUDGET_MIB", str(budget_mib))
     extras = {}
     for N in (8192, 16384):
         p, t = _inputs(N, D, torch.bfloat16, device="cuda")
+        rows = ops.chunk_rows(p, t)
+        assert rows * N * 6 <= budget_mib * 2**20 < N * N * 6, rows
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -595,7 +648,7 @@ def test_gpu_no_n_squared_memory(backend):
         loss.backward()
         torch.cuda.synchronize()
         extras[N] = torch.cuda.max_memory_allocated() - base
-        budget = 2 * N * D * 2 + N * D * 4 + 512 * N
+        budget = 2 * N * D * 2 + N * D * 4 + budget_mib * 2**20 + rows * D * 4 + 512 * N
         assert extras[N] < budget, f"N={N}: {extras[N] / 2**20:.1f} MiB > budget"
         del p, t, loss
     assert extras[16384] < 2.05 * extras[8192], f"extra memory grew {extras}"

@@ -1,14 +1,24 @@
-"""Triton InfoNCE kernels (kernels/infonce.py) against float64 eager formulas of the same contract.
+"""Triton InfoNCE kernels (kernels/infonce.py: vendor GEMMs on row chunks + Triton epilogues)
+against float64 eager formulas of the same contract.
 
-interpret: CPU tensors through Triton's interpreter on small shapes (N, M in {1, 5, 127}, D in
-{1, 72}: never multiples of a block), positives at offset 0 and past the diagonal (M > N), rows
-without a positive, normalize on/off, fp32/fp16/bf16, random upstream gradients, temperature 0.01
-with logits up to 1e4. Every output and all three gradients (dA, dB, dscale) are checked against
-torch.autograd on the float64 eager loss; a low-precision result passes when its error is at most
-2x that of the same eager loss run in its dtype, plus a floor. Every buffer the launchers allocate
-is NaN-poisoned, so an unwritten or read-before-written element cannot pass.
-compile: every kernel compiled ahead of time for sm_80 and sm_90 in each dtype: no spills,
-shared memory within the arch's limit, and the GEMM kernels use wgmma on sm_90.
+interpret: CPU tensors through Triton's interpreter (the GEMMs run as fp32 torch.mm on upcast
+operands there) on small shapes (N, M in {1, 5, 37, 41, 127}, D in {1, 8, 72}: never multiples of
+a block), chunk sizes that do not divide N (1, 2, 10, 37, 50) and larger than N, so that several
+chunks, a short last chunk and several column blocks (M = 127: two 64-column programs) are
+merged; positives at offset 0 and past the diagonal (M > N), rows without a positive, normalize
+on/off, fp32/fp16/bf16, random upstream gradients, temperature 0.01 with logits up to 1e4. Every
+output and all three gradients (dA, dB, dscale) are checked against torch.autograd on the float64
+eager loss; a low-precision result passes when its error is at most 2x that of the same eager
+loss run in its dtype, plus a floor. Every buffer the launchers allocate is NaN-poisoned, so an
+unwritten or read-before-written element cannot pass. Repeats are bit-identical. Through the op
+(``vf.infonce_loss(backend="triton")``) with VLJEPA_FAST_CHUNK_BUDGET_MIB forcing a chunk that
+does not divide N: the loss and the gradients of pred, target and a tensor temperature, both
+reductions, symmetric on/off, every dtype, and the chunk reaching forward and backward.
+compile: every Triton kernel (all epilogues: no GEMM loop is left in Triton) compiled ahead of
+time for sm_80 and sm_90 in each dtype: no spills, shared memory within the arch's limit, and no
+MMA instruction at all (the products are vendor GEMMs).
+gpu: the launchers on CUDA tensors (the cuBLAS GEMM calls) against float64 with chunks that do
+not divide N, and bit-identical repeats.
 """
 
 from __future__ import annotations
@@ -24,11 +34,11 @@ from tests._aot import aot_compile, pointer_type
 from tests._util import assert_close_2x
 from vljepa_fast import reference
 
-# Small tiles so that shapes of 127 span several row and column blocks: with max_splits=3 the
-# forward's 4 x 4 tiles form 2 row groups x 2 column splits of 2 blocks each (partials merged
-# within a program and across programs), and the backward makes several accumulator passes;
-# the defaults cover single-block launches.
-SMALL = K.InfoNCEConfig(32, 32, 32, 32, num_warps=4, num_stages=2, max_splits=3)
+# Chunk sizes: 50 splits 127 rows into 50 + 50 + 27 (the epilogues' 32-row steps then end
+# inside a chunk, and the running column statistics and the dB accumulator merge three chunks);
+# BIG exceeds every N here (one chunk).
+SMALL = 50
+BIG = 1000
 NAMES = ("row_lse", "col_lse", "pos_row", "pos_col", "dA", "dB", "dscale")
 # The kernels take the normalisation epsilon as an argument; the package passes this one.
 EPS = reference.NORM_EPS
@@ -88,14 +98,14 @@ def eager(
 
 
 def run_kernels(
-    a, b, scale, offset, normalize, g_row, g_col, config, eps=EPS
+    a, b, scale, offset, normalize, g_row, g_col, chunk, eps=EPS
 ) -> dict[str, Tensor | None]:
     col_stats = g_col is not None
     row_lse, col_lse, pos_row, pos_col = K.infonce_forward(
-        a, b, scale, offset, normalize, col_stats, eps=eps, config=config
+        a, b, scale, offset, normalize, col_stats, eps=eps, chunk=chunk
     )
     da, db, dscale = K.infonce_backward(
-        a, b, scale, offset, normalize, row_lse, col_lse, g_row, g_col, eps=eps, config=config
+        a, b, scale, offset, normalize, row_lse, col_lse, g_row, g_col, eps=eps, chunk=chunk
     )
     return dict(zip(NAMES, (row_lse, col_lse, pos_row, pos_col, da, db, dscale)))
 
@@ -146,23 +156,26 @@ F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float6
 
 @pytest.mark.interpret
 @pytest.mark.parametrize(
-    "n, m, d, offset, normalize, dtype, small",
+    "n, m, d, offset, normalize, dtype, chunk",
     [
-        (127, 127, 72, 0, True, F32, False),
-        (127, 127, 72, 0, True, BF16, True),
-        (127, 127, 72, 0, False, F16, False),
-        (5, 127, 72, 60, True, F32, True),
-        (5, 127, 1, 122, False, BF16, False),
-        (127, 5, 72, 0, True, F16, True),  # rows 5.. have no positive
-        (5, 5, 72, 0, True, BF16, False),
-        (1, 5, 72, 3, True, F32, False),
-        (1, 1, 1, 0, True, F16, False),
-        (127, 127, 1, 0, False, F32, True),
+        (127, 127, 72, 0, True, F32, BIG),
+        (127, 127, 72, 0, True, BF16, SMALL),
+        (127, 127, 72, 0, False, F16, BIG),
+        (127, 127, 72, 0, True, F16, SMALL),
+        (127, 127, 72, 0, False, F32, 10),
+        (5, 127, 72, 60, True, F32, 2),
+        (5, 127, 1, 122, False, BF16, BIG),
+        (127, 5, 72, 0, True, F16, SMALL),  # rows 5.. have no positive
+        (5, 5, 72, 0, True, BF16, BIG),
+        (1, 5, 72, 3, True, F32, BIG),
+        (1, 1, 1, 0, True, F16, 1),
+        (127, 127, 1, 0, False, F32, SMALL),
+        (37, 41, 8, 0, True, BF16, 1),  # one row per chunk: 37 chunks
     ],
 )
-def test_matches_reference(poisoned, n, m, d, offset, normalize, dtype, small):
+def test_matches_reference(poisoned, n, m, d, offset, normalize, dtype, chunk):
     a, b, scale, g_row, g_col = inputs(n, m, d, dtype)
-    got = run_kernels(a, b, scale, offset, normalize, g_row, g_col, SMALL if small else None)
+    got = run_kernels(a, b, scale, offset, normalize, g_row, g_col, chunk)
     assert poisoned, "the launchers allocated nothing through torch.empty: poisoning is inert"
     check(got, a, b, scale, offset, normalize, g_row, g_col)
 
@@ -198,12 +211,26 @@ def test_tiny_upstream_gradients_fp16(poisoned):
     """g ~ 1e-6 (a mean over a large batch): dS would underflow fp16 without the power-of-two
     rescaling before the gradient GEMM."""
     a, b, scale, g_row, g_col = inputs(127, 127, 72, F16, g_size=1e-6)
-    got = run_kernels(a, b, scale, 0, True, g_row, g_col, None)
+    got = run_kernels(a, b, scale, 0, True, g_row, g_col, SMALL)
     exact = eager(a, b, scale, 0, True, g_row, g_col, torch.float64)
     for name in ("dA", "dB"):
         torch.testing.assert_close(
             got[name].double(), exact[name], rtol=0, atol=2e-2 * exact[name].abs().max().item()
         )
+
+
+@pytest.mark.interpret
+def test_tiny_norm_rows_fp16(poisoned):
+    """fp16 rows of norm ~8e-6 (subnormal entries) have inverse norms ~1.2e5 > 65504: folded
+    into dS they would overflow fp16 to inf and make every other row's gradient NaN; the power
+    of two is chosen from the largest fold, so all gradients stay finite and match float64
+    (temperature 1 and g ~ 0.1 keep the tiny rows' own gradients, ~1e4, inside fp16)."""
+    a, b, scale, g_row, g_col = inputs(37, 41, 72, F16, temperature=1.0, g_size=0.1)
+    for x, row in ((a, 3), (b, 3), (b, 8)):
+        x[row] = (x[row].float() * 1e-6).half()
+    assert 1.0 / b[3].float().norm() > 65504, "the case no longer has folds beyond fp16's max"
+    got = run_kernels(a, b, scale, 0, True, g_row, g_col, 10)
+    check(got, a, b, scale, 0, True, g_row, g_col)
 
 
 @pytest.mark.interpret
@@ -218,7 +245,7 @@ def test_zero_rows_get_zero_gradients(poisoned, dtype, small):
     a[5] = 0.0
     b[5] = 0.0  # a positive pair of two zero rows
     b[33] = 0.0
-    got = run_kernels(a, b, scale, 0, True, g_row, g_col, SMALL if small else None)
+    got = run_kernels(a, b, scale, 0, True, g_row, g_col, 10 if small else BIG)
     check(got, a, b, scale, 0, True, g_row, g_col)
     for name, rows in (("dA", [2, 5]), ("dB", [5, 33])):
         assert got[name][rows].abs().max() == 0, f"{name}: zero rows got {got[name][rows]}"
@@ -234,7 +261,7 @@ def test_eps_is_the_launchers_argument(poisoned, monkeypatch):
     b[5] *= 1e-3 / b[5].norm()
     b[7] *= 1e-3 / b[7].norm()
     for eps in (1e-2, EPS):
-        got = run_kernels(a, b, scale, 0, True, g_row, g_col, SMALL, eps=eps)
+        got = run_kernels(a, b, scale, 0, True, g_row, g_col, 10, eps=eps)
         with monkeypatch.context() as m:
             m.setattr(reference, "NORM_EPS", eps)  # the oracle's clamp, read at call time
             check(got, a, b, scale, 0, True, g_row, g_col)
@@ -254,7 +281,19 @@ def test_eps_is_the_launchers_argument(poisoned, monkeypatch):
 def test_rejects_bad_inputs(shape_a, shape_b, dtype_b, match):
     a, b = torch.randn(*shape_a), torch.randn(*shape_b).to(dtype_b)
     with pytest.raises(ValueError, match=match):
-        K.infonce_forward(a, b, torch.tensor(1.0), eps=EPS)
+        K.infonce_forward(a, b, torch.tensor(1.0), eps=EPS, chunk=4)
+
+
+@pytest.mark.parametrize("chunk", [0, -3, True, 2.0, None], ids=repr)
+def test_rejects_bad_chunks(chunk):
+    """chunk (rows of A per GEMM + epilogue step) is an int >= 1, in forward and backward."""
+    a, b, g = torch.randn(5, 8), torch.randn(7, 8), torch.randn(5)
+    with pytest.raises(ValueError, match=r"chunk must be an int >= 1"):
+        K.infonce_forward(a, b, torch.tensor(1.0), eps=EPS, chunk=chunk)
+    with pytest.raises(ValueError, match=r"chunk must be an int >= 1"):
+        K.infonce_backward(
+            a, b, torch.tensor(1.0), 0, True, g.double(), None, g, None, eps=EPS, chunk=chunk
+        )
 
 
 @pytest.mark.parametrize("offset", [2**63 - 3, 2**31, -(2**63), -6, 8, True, 1.0], ids=repr)
@@ -263,16 +302,16 @@ def test_rejects_offsets_outside_minus_n_to_m(offset):
     used to reach the launch unchecked); outside it no row would have a positive anyway."""
     a, b = torch.randn(5, 8), torch.randn(7, 8)
     with pytest.raises(ValueError, match=r"offset must be an int in \[-N, M\] = \[-5, 7\]"):
-        K.infonce_forward(a, b, torch.tensor(1.0), offset, eps=EPS)
+        K.infonce_forward(a, b, torch.tensor(1.0), offset, eps=EPS, chunk=4)
     g = torch.randn(5)
     with pytest.raises(ValueError, match="offset must be an int in"):
         K.infonce_backward(
-            a, b, torch.tensor(1.0), offset, True, g.double(), None, g, None, eps=EPS
+            a, b, torch.tensor(1.0), offset, True, g.double(), None, g, None, eps=EPS, chunk=4
         )
     if type(offset) is int:  # the registered op's schema refuses other types itself
         with pytest.raises(ValueError, match="offset must be an int in"):
             torch.ops.vljepa_fast.infonce_fused(
-                a, b, torch.tensor(1.0), offset, True, True, "triton"
+                a, b, torch.tensor(1.0), offset, True, True, 4, "triton"
             )
 
 
@@ -285,8 +324,9 @@ def test_backward_rejects_vectors_on_another_device(name):
     v[name] = v[name].to("meta")
     with pytest.raises(ValueError, match=f"{name} must be a tensor on A's device cpu, got meta"):
         K.infonce_backward(
-            a, b, scale, 0, True, v["row_lse"], v["col_lse"], v["g_row"], v["g_col"], eps=EPS
-        )
+            a, b, scale, 0, True, v["row_lse"], v["col_lse"], v["g_row"], v["g_col"], eps=EPS,
+            chunk=4,
+        )  # fmt: skip
 
 
 @pytest.mark.interpret
@@ -294,8 +334,102 @@ def test_extreme_offsets_inside_range(poisoned):
     """offset = M (no row has a positive) and offset = -N run and match the float64 formulas."""
     for offset in (-5, 127):
         a, b, scale, g_row, g_col = inputs(5, 127, 8, F32)
-        got = run_kernels(a, b, scale, offset, True, g_row, g_col, SMALL)
+        got = run_kernels(a, b, scale, offset, True, g_row, g_col, 2)
         check(got, a, b, scale, offset, True, g_row, g_col)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_repeats_are_bit_identical(poisoned, dtype):
+    """Fixed chunk order, fixed partial order, no atomics: two runs give the same bits (on fresh,
+    NaN-poisoned buffers each time)."""
+    a, b, scale, g_row, g_col = inputs(127, 41, 72, dtype)
+    first = run_kernels(a, b, scale, 3, True, g_row, g_col, 10)
+    second = run_kernels(a, b, scale, 3, True, g_row, g_col, 10)
+    for name in NAMES:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.interpret
+def test_chunk_sizes_agree(poisoned):
+    """Every chunk size, dividing N or not, computes the same function (to fp32 rounding: the
+    GEMM shapes differ): one row per chunk, 10, 50 and one chunk for all 127 rows."""
+    a, b, scale, g_row, g_col = inputs(127, 127, 72, F32)
+    runs = {c: run_kernels(a, b, scale, 0, True, g_row, g_col, c) for c in (1, 10, SMALL, BIG)}
+    for got in runs.values():
+        check(got, a, b, scale, 0, True, g_row, g_col)
+        for name in NAMES:
+            torch.testing.assert_close(got[name], runs[BIG][name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gpu_chunks_match_reference_and_repeat(poisoned, dtype, normalize):
+    """On CUDA (the cuBLAS path: fp32-output GEMMs through out_dtype for fp16/bf16, the
+    accumulating addmm for dB): 300 rows in chunks of 128 (128 + 128 + 44) against 257
+    columns (five 64-column blocks), positives past the diagonal, NaN-poisoned buffers; every
+    output and gradient against float64, and a repeat gives the same bits."""
+    a, b, scale, g_row, g_col = inputs(300, 257, 72, dtype)
+    cuda = [x.cuda() for x in (a, b, scale, g_row, g_col)]
+    got = run_kernels(cuda[0], cuda[1], cuda[2], 5, normalize, cuda[3], cuda[4], 128)
+    again = run_kernels(cuda[0], cuda[1], cuda[2], 5, normalize, cuda[3], cuda[4], 128)
+    for name in NAMES:
+        assert torch.equal(got[name], again[name]), name
+    check({k: v.cpu() for k, v in got.items()}, a, b, scale, 5, normalize, g_row, g_col)
+
+
+def _budget_mib(rows: int, n: int, dtype: torch.dtype) -> str:
+    """VLJEPA_FAST_CHUNK_BUDGET_MIB that makes ops.infonce.chunk_rows give ``rows`` (< 64) rows
+    for an [n, D] pair of that dtype: rows * n * (4 + itemsize) bytes, plus one."""
+    per_pair = 4 + torch.empty((), dtype=dtype).element_size()
+    return repr((rows * n * per_pair + 1) / 2**20)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_op_with_forced_chunks_matches_float64(poisoned, monkeypatch, dtype, symmetric, reduction):
+    """vf.infonce_loss(backend="triton") with the chunk budget forced (env) to 37 rows of
+    N = 127 (37 + 37 + 37 + 16): the loss and the gradients of pred, target and a tensor
+    temperature match float64 within 2x eager's error; the op computed that chunk and passed it
+    to both kernels."""
+    import vljepa_fast as vf
+
+    n, d = 127, 72
+    monkeypatch.setenv("VLJEPA_FAST_CHUNK_BUDGET_MIB", _budget_mib(37, n, dtype))
+    seen = []
+
+    def spy(fn):
+        def wrapped(*args, chunk, **kw):
+            seen.append((fn.__name__, chunk))
+            return fn(*args, chunk=chunk, **kw)
+
+        wrapped.__name__ = fn.__name__
+        return wrapped
+
+    monkeypatch.setattr(K, "infonce_forward", spy(K.infonce_forward))
+    monkeypatch.setattr(K, "infonce_backward", spy(K.infonce_backward))
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, symmetric, reduction)).encode()))
+    p = torch.randn(n, d, generator=gen).to(dtype).requires_grad_(True)
+    t = torch.randn(n, d, generator=gen).to(dtype).requires_grad_(True)
+    tau = torch.tensor(0.07, requires_grad=True)
+
+    def run(p, t, tau, backend):
+        loss = vf.infonce_loss(
+            p, t, temperature=tau, symmetric=symmetric, reduction=reduction, backend=backend
+        )
+        return loss, torch.autograd.grad(loss, (p, t, tau))
+
+    loss, grads = run(p, t, tau, "triton")
+    assert seen == [("infonce_forward", 37), ("infonce_backward", 37)], seen
+    eager, egrads = run(p, t, tau, "reference")
+    x64 = [x.detach().double().requires_grad_(True) for x in (p, t, tau)]
+    exact, xgrads = run(*x64, "reference")
+    assert_close_2x(loss, eager, exact, F32 if dtype == F32 else dtype, "loss")
+    for got, ea, ex, name in zip(grads, egrads, xgrads, ("dpred", "dtarget", "dtemperature")):
+        assert_close_2x(got, ea, ex, dtype, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,14 +437,19 @@ def test_extreme_offsets_inside_range(poisoned):
 # ---------------------------------------------------------------------------------------------
 
 
+#: pointer arguments in the inputs' dtype (the rest are fp32, the LSE outputs fp64)
+_DTYPE_PTRS = ("x_ptr", "dx_ptr", "h_ptr")
+_F64_PTRS = ("row_lse_ptr", "col_lse_ptr")
+
+
 def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("a_ptr", "b_ptr", "x_ptr", "d_ptr"):
+        elif name in _DTYPE_PTRS:
             sig[name] = pointer_type(dtype)
-        elif name == "lse_ptr":
+        elif name in _F64_PTRS:
             sig[name] = "*fp64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
@@ -319,47 +458,69 @@ def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
     return sig
 
 
-def _compile(kernel, dtype, arch, constexprs, cfg=None):
+def _compile(kernel, dtype, arch, constexprs, num_warps=4):
     """Compile as the GPU JIT specialises production launches: every pointer 16-byte aligned
-    and D a multiple of 16 (D = 1536). Without the hint on D the row starts have unknown
-    alignment, loads are scalar and the per-element pointers spill."""
-    opts = {} if cfg is None else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    and D and M multiples of 16 (D = 1536, M = 32768). Asserts no spills, shared memory within
+    the arch's limit, and no MMA instruction: the products are vendor GEMMs, no GEMM loop is
+    left in Triton (issue 12)."""
     sig = _signature(kernel, dtype, constexprs)
-    aligned = [n for n, ty in sig.items() if ty.startswith("*") or n == "D"]
-    report = aot_compile(kernel, sig, constexprs, arch=arch, divisible_by_16=aligned, **opts)
+    aligned = [n for n, ty in sig.items() if ty.startswith("*") or n in ("D", "M")]
+    report = aot_compile(
+        kernel, sig, constexprs, arch=arch, num_warps=num_warps, divisible_by_16=aligned
+    )
     assert report.n_spills == 0, f"{report.name} sm_{arch}: {report.n_spills} bytes spilled"
     assert report.shared <= report.shared_limit, f"{report.name}: {report.shared} B shared"
+    assert "mma" not in report.ptx, f"{report.name} sm_{arch}: an MMA (GEMM loop) in the PTX"
     return report
+
+
+_EPI = dict(BM=K._EPI_BLOCK[0], BN=K._EPI_BLOCK[1])
+_FINAL = dict(
+    BR=K._FINAL_BLOCK[0], BD=K._FINAL_BLOCK[1], BQ=K._PART_BLOCK[0], EPS=EPS, TOP=K._H_TOP
+)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_forward_epilogue_compiles(arch, normalize):
+    """Its pointers are all fp32 (raw products, norms, statistics): one variant per flag set."""
+    flags = dict(NORMALIZE=normalize, COL_STATS=normalize, **_EPI)
+    _compile(K._fwd_epilogue_kernel, F32, arch, flags, num_warps=K._EPI_WARPS)
 
 
 @pytest.mark.compile
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
-@pytest.mark.parametrize("which", ["fwd", "dA", "dB"])
-def test_gemm_kernels_compile(which, dtype, arch):
-    """The production variant (normalize, both directions) of each GEMM kernel."""
-    precision = "tf32x3" if dtype == F32 else "tf32"
-    if which == "fwd":
-        cfg = K.forward_config(dtype)
-        kernel, flags = K._infonce_fwd_kernel, dict(COL_STATS=True)
-    else:
-        cfg = K.backward_config(dtype)
-        flags = dict(HAS_COL=True, DB=which == "dB", BD=cfg.block_d, EPS=EPS)
-        kernel = K._infonce_bwd_kernel
-    constexprs = dict(
-        NORMALIZE=True, INTERPRET=False, DOT_PRECISION=precision,
-        BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, **flags,
-    )  # fmt: skip
-    report = _compile(kernel, dtype, arch, constexprs, cfg)
-    if arch == 90:
-        assert report.uses_wgmma, f"{report.name}: no wgmma on sm_90"
+@pytest.mark.parametrize("normalize, has_col", [(True, True), (False, False)])
+def test_backward_epilogue_compiles(arch, dtype, normalize, has_col):
+    """H is written in the GEMM dtype: one variant per dtype."""
+    flags = dict(NORMALIZE=normalize, HAS_COL=has_col, EPS=EPS, TOP=K._H_TOP, **_EPI)
+    _compile(K._bwd_epilogue_kernel, dtype, arch, flags, num_warps=K._EPI_WARPS)
 
 
 @pytest.mark.compile
 @pytest.mark.parametrize("arch", [80, 90])
-def test_small_kernels_compile(arch):
-    for dtype in (F32, F16, BF16):
-        block = dict(zip(("BR", "BD"), K._NORM_BLOCK))
-        _compile(K._inv_norm_kernel, dtype, arch, dict(EPS=EPS, **block))
-    for rows in (True, False):
-        _compile(K._infonce_merge_kernel, F32, arch, dict(ROWS=rows, BC=K._MERGE_BLOCK))
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_finalize_and_norm_kernels_compile(arch, dtype):
+    for normalize in (True, False):
+        _compile(K._grad_final_kernel, dtype, arch, dict(NORMALIZE=normalize, **_FINAL))
+    block = dict(zip(("BR", "BD"), K._NORM_BLOCK))
+    _compile(K._inv_norm_kernel, dtype, arch, dict(EPS=EPS, **block))
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("arch", [80, 90])
+def test_merge_kernels_compile(arch):
+    _compile(K._row_merge_kernel, F32, arch, dict(BP=K._PART_BLOCK[0], BC=K._PART_BLOCK[1]))
+    _compile(K._col_final_kernel, F32, arch, dict(BC=K._MERGE_BLOCK))
+
+
+def test_every_kernel_is_compile_tested():
+    """A kernel added to kernels/infonce.py without a compile test fails here."""
+    tested = {
+        "_fwd_epilogue_kernel", "_bwd_epilogue_kernel", "_grad_final_kernel", "_inv_norm_kernel",
+        "_row_merge_kernel", "_col_final_kernel",
+    }  # fmt: skip
+    kernels = {n for n in dir(K) if n.endswith("_kernel")}
+    assert kernels == tested, kernels ^ tested

@@ -69,7 +69,10 @@ def test_cuda_home_follows_wrapper_script(tmp_path, monkeypatch):
 def test_backends_table_covers_every_op():
     rows = backends()
     ops = {r.op for r in rows}
-    assert ops == {"attention", "attention_varlen", "infonce_loss", "topk_similarity", "rotary"}
+    assert ops == {
+        "attention", "attention_varlen", "infonce_loss", "topk_similarity", "rotary",
+        "sigmoid_loss",
+    }  # fmt: skip
     for r in rows:
         assert r.available or r.reasons, f"{r.op}/{r.backend}: unavailable without a reason"
     assert any(r.backend == "reference" and r.available for r in rows)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 import vljepa_fast as vf
 from tests._util import (
@@ -17,6 +18,7 @@ from tests._util import (
     topk_expected,
     topk_tie_inputs,
 )
+from vljepa_fast import _backends
 
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1, torch.float64: 1e-10}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -567,7 +569,154 @@ def test_gpu_backends_match_float64(backend, dtype, metric, Q, N, D, k):
 @pytest.mark.gpu
 def test_gpu_triton_large_k_and_auto():
     q, b = _inputs(4, 5000, 64, torch.bfloat16, device="cuda")
-    scores, idx = vf.topk_similarity(q, b, 3000, backend="triton")
-    check_topk(scores.cpu(), idx.cpu(), q.cpu(), b.cpu(), 3000, "ip", _tol(torch.bfloat16, 64))
+    scores, idx = vf.topk_similarity(q, b, 2048, backend="triton")
+    check_topk(scores.cpu(), idx.cpu(), q.cpu(), b.cpu(), 2048, "ip", _tol(torch.bfloat16, 64))
     s2, _ = vf.topk_similarity(q, b, 10)
     torch.testing.assert_close(s2, scores[:, :10], atol=_tol(torch.bfloat16, 64), rtol=0)
+    with pytest.raises(vf.BackendUnavailableError, match="k = 3000 > 2048"):
+        vf.topk_similarity(q, b, 3000, backend="triton")
+
+
+# ------------------------------------------------------------------------------ plans, faiss
+
+
+def faiss_inputs(num_queries: int, num_bank: int, dtype: torch.dtype, seed: int, device="cpu"):
+    """Tie-free inputs with exact scores in every dtype: bank rows are distinct 4-digit base-32
+    numbers (digits 0..31), each query a signed permutation of the weights 32^j, so every score
+    is an integer below 2^20 (exact in fp32 sums, 16-bit inputs exact) and, per query, distinct
+    between bank rows: any correct kernel returns exactly faiss's ids and scores."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randperm(32**4, generator=g)[:num_bank]
+    digits = torch.stack([(codes // 32**j) % 32 for j in range(4)], dim=1).float()
+    weights = torch.tensor([32.0**j for j in range(4)])
+    queries = torch.stack([weights[torch.randperm(4, generator=g)] for _ in range(num_queries)])
+    queries *= torch.where(torch.rand(num_queries, 1, generator=g) < 0.5, -1.0, 1.0)
+    return queries.to(device, dtype), digits.to(device, dtype)
+
+
+def faiss_search(queries: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """faiss's exact inner-product search (IndexFlatIP) of the same values, in float32."""
+    faiss = pytest.importorskip("faiss")
+    index = faiss.IndexFlatIP(bank.shape[1])
+    index.add(bank.float().cpu().numpy())
+    scores, ids = index.search(queries.float().cpu().numpy(), k)
+    return torch.from_numpy(scores), torch.from_numpy(ids).long()
+
+
+def test_native_plan_arguments():
+    """The native schema's plan arguments (path, chunk) are checked on every device (eager and
+    Meta); the cpu kernel ignores a valid plan (same results)."""
+    from vljepa_fast.ops import _common
+
+    assert _common.native_kernel("topk_similarity", "cpu") == []
+    q, b = torch.randn(3, 8), torch.randn(40, 8)
+    want = torch.ops.vljepa_fast.topk_similarity(q, b, 5, False)
+    for path, chunk in ((1, 0), (2, 7), (0, 100)):
+        got = torch.ops.vljepa_fast.topk_similarity(q, b, 5, False, path, chunk)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for device in ("cpu", "meta"):
+        qd, bd = q.to(device), b.to(device)
+        with pytest.raises(RuntimeError, match="path must be 0 \\(the rule\\), 1"):
+            torch.ops.vljepa_fast.topk_similarity(qd, bd, 5, False, 3, 0)
+        with pytest.raises(RuntimeError, match="chunk must be >= 0"):
+            torch.ops.vljepa_fast.topk_similarity(qd, bd, 5, False, 2, -1)
+
+
+def test_cuda_plan_rule(monkeypatch):
+    """The cuda record's plan: stream for Q <= 64 and k <= 64, else GEMM + k-select, with the
+    chunk rule (ops/_chunks); k > 2048 is a reason (CPU stand-ins: the plan reads shapes only)."""
+    from vljepa_fast.ops import topk_similarity as topk_op
+
+    def plan(Q, N, k):
+        return topk_op.cuda_plan(topk_op.topk_inputs(torch.empty(Q, 8), torch.empty(N, 8), k))
+
+    assert plan(64, 1000, 64).path == "stream" and plan(1, 10, 1).path == "stream"
+    assert plan(65, 1000, 10).path == "gemm" and plan(16, 1000, 65).path == "gemm"
+    assert plan(100, 5000, 10) == topk_op.NativePlan("gemm", 5000)  # the 1 GiB floor: one chunk
+    monkeypatch.setenv("VLJEPA_FAST_CHUNK_BUDGET_MIB", str(100 * 4 * 640 / 2**20))
+    assert plan(100, 5000, 10).chunk == 640
+    inputs = topk_op.topk_inputs(torch.empty(2, 8), torch.empty(3000, 8), 2049)
+    refusal = topk_op._cuda_supports(inputs)
+    assert isinstance(refusal, _backends.Refusal) and "k = 2049 > 2048" in refusal.reasons[0]
+
+
+GPU_FAISS = [
+    pytest.param(backend, path, k, marks=pytest.mark.gpu, id=f"{backend}-{path}-k{k}")
+    for backend, stream_max in (("cuda", 64), ("triton", 32))
+    for path in ("stream", "gemm")
+    for k in (1, 10, 100, 1024, 2048)
+    if path == "gemm" or k <= stream_max
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend, path, k", GPU_FAISS)
+def test_gpu_ids_equal_faiss(backend, path, k, dtype, monkeypatch):
+    """ids (and scores) equal faiss's IndexFlatIP on tie-free exact data, for every k of the
+    issue and both paths (forced through the record's plan), with chunks that do not divide N."""
+    from vljepa_fast.ops import topk_similarity as topk_op
+
+    Q = 40 if path == "stream" else 300
+    queries, bank = faiss_inputs(Q, 20_001, dtype, seed=k, device="cuda")
+    want_s, want_i = faiss_search(queries, bank, k)
+    monkeypatch.setenv("VLJEPA_FAST_CHUNK_BUDGET_MIB", str(Q * 4 * 6400 / 2**20))
+    inputs = topk_op.topk_inputs(queries, bank, k)
+    record, _ = _backends.select("topk_similarity", backend, inputs)
+    plan = (topk_op.cuda_plan if backend == "cuda" else topk_op.triton_plan)(inputs, path=path)
+    assert plan.path == path and (path == "stream" or plan.chunk == 6400)
+    scores, ids = record.run(inputs, plan)
+    torch.cuda.synchronize()
+    assert torch.equal(ids.cpu(), want_i), "ids differ from faiss"
+    assert torch.equal(scores.cpu(), want_s)
+
+
+# ------------------------------------------------------------------------------ compile (CUDA)
+# The kernels of csrc/cuda/topk_similarity.cu: nvcc names the anonymous namespace of a
+# translation unit after its file, so every function of that file carries this tag.
+TOPK_TAG = "_topk_similarity_cu_"
+TOPK_KERNELS = ("topk_chunk_kernel", "topk_select_kernel", "topk_merge_kernel", "inv_norm_kernel")
+
+
+def _topk_sections(header: str, *args: str) -> dict[str, str]:
+    """{mangled name: section} of the topk_similarity.cu functions in a cuobjdump listing of the
+    built CUDA library (the toolkit's cuobjdump, else Triton's)."""
+    import re
+    import subprocess
+
+    from vljepa_fast import _ext
+
+    st = _ext.load("cuda")
+    assert st.path is not None and st.path.is_file(), (
+        "the CUDA library is not built (python -m vljepa_fast.build): " + "; ".join(st.reasons)
+    )
+    home = _ext.find_cuda_home()
+    tool = home / "bin" / "cuobjdump" if home is not None else None
+    if tool is None or not tool.is_file():
+        from triton import knobs
+
+        tool = knobs.nvidia.cuobjdump.path
+    proc = subprocess.run([str(tool), *args, str(st.path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    parts = re.split(rf"{header}\s*(\S+?):?\s*\n", proc.stdout)
+    sections = {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+    found = {name: body for name, body in sections.items() if TOPK_TAG in name}
+    for kernel in TOPK_KERNELS:
+        assert any(kernel in name for name in found), f"{kernel} missing from the sm_90a code"
+    return found
+
+
+@pytest.mark.compile
+def test_sm90a_topk_kernels_have_no_spills():
+    """Regression (the 16- and 32-query stream tiles spilled on sm_90a): ptxas's resources of
+    every topk_similarity.cu kernel for sm_90a show no stack frame and no local memory, and the
+    stream kernel exists only as its 64-query tile."""
+    import re
+
+    sections = _topk_sections("Function", "--dump-resource-usage", "-arch", "sm_90a")
+    for name, body in sections.items():
+        res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", body)
+        assert res is not None, f"{name}: no resource line in {body[:200]!r}"
+        stack, local = int(res.group(2)), int(res.group(4))
+        assert stack == 0 and local == 0, f"{name}: STACK {stack}, LOCAL {local} bytes (spills)"
+        if "topk_chunk_kernel" in name:
+            assert "Li64E" in name, f"{name}: only the 64-query tile is built"

@@ -1,20 +1,19 @@
-"""The 64-query tile of the top-k kernels (gpu tier; runs in scripts/gpu_run.sh): ids and
-scores of the Triton and CUDA backends against a float64 reference whose ties go to the lowest
-bank index.
+"""The 64-query tile of the top-k streaming kernels and the GEMM path beside it (gpu tier; runs
+in scripts/gpu_run.sh): ids and scores of the Triton and CUDA backends against a float64
+reference whose ties go to the lowest bank index.
 
-Which tile a shape takes:
-* Triton (kernels/topk_similarity.py, topk_config): BQ = 64 when k_pad = next_pow2(k) <= 32, D is
-  a multiple of 16 and Q > 32 (BQ = min(64, 2048 // k_pad, next_pow2(Q))); checked here on the
-  CPU by test_shapes_take_the_64_query_tile, so the gpu cases cannot drift off that path.
-* CUDA (csrc/cuda/topk_similarity.cu, dispatch_tile): BQ = 64 when kp <= 64 (kp = max(32,
-  next_pow2(k))) and Q > 32.
-The older gpu test (tests/test_topk_similarity.py) has no such shape: its cases take BQ 16/32,
-or the large-k path.
+Which path a shape takes (the documented rules, decided by the records' ``supports``):
+* Triton (kernels/topk_similarity.py, choose_path): "stream" (one 64-query block, wgmma N = 64)
+  when Q <= 64 and k <= 32, else "gemm"; checked here on the CPU by test_shapes_take_their_path,
+  so the gpu cases cannot drift off their path.
+* CUDA (ops/topk_similarity.cuda_plan, csrc/cuda/topk_similarity.cu): "stream" (the 64-query
+  tile) when Q <= 64 and k <= 64, else "gemm".
 
-Shapes: Q = 256 (whole tiles), Q = 100 (a partial last tile) with N odd, and for CUDA k = 64 (the
-longest list of that tile); D = 1536 (VL-JEPA's embedding). Every case plants exact duplicates of
-bank rows (two and three copies, the lower index before or after the source) and queries equal to
-those rows, so that the top two or three scores are exact ties far above the rest.
+Shapes: Q = 64 (one whole tile), Q = 40 (a partial tile) with N odd, for CUDA k = 64 (the
+longest list of that tile), and Q = 256 / 100 (the GEMM path); D = 1536 (VL-JEPA's embedding).
+Every case plants exact duplicates of bank rows (two and three copies, the lower index before or
+after the source) and queries equal to those rows, so that the top two or three scores are exact
+ties far above the rest.
 
 Checks: scores within an fp32-accumulation bound of the float64 top-k; every returned id carries
 its returned score; ids equal the reference's at every position whose score is separated from
@@ -28,20 +27,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from vljepa_fast._kernels.topk_similarity import topk_config
 
 import vljepa_fast as vf
+from vljepa_fast.ops import topk_similarity as topk_op
 from vljepa_fast.reference import NORM_EPS
 
 #: where the gpu cases run (a module constant: the checks can be tried on CPU backends too)
 DEVICE = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 D = 1536
-# (Q, N, k, backend)
+# (Q, N, k, backend, path)
 SHAPES = [
-    *(pytest.param(256, 50_000, 10, b, id=f"Q256-N50000-k10-{b}") for b in ("triton", "cuda")),
-    *(pytest.param(100, 50_001, 10, b, id=f"Q100-N50001-k10-{b}") for b in ("triton", "cuda")),
-    pytest.param(100, 50_000, 64, "cuda", id="Q100-N50000-k64-cuda"),
+    *(
+        pytest.param(64, 50_000, 10, b, "stream", id=f"Q64-N50000-k10-{b}")
+        for b in ("triton", "cuda")
+    ),
+    *(
+        pytest.param(40, 50_001, 10, b, "stream", id=f"Q40-N50001-k10-{b}")
+        for b in ("triton", "cuda")
+    ),
+    pytest.param(40, 50_000, 64, "cuda", "stream", id="Q40-N50000-k64-cuda"),
+    *(
+        pytest.param(256, 50_000, 10, b, "gemm", id=f"Q256-N50000-k10-{b}")
+        for b in ("triton", "cuda")
+    ),
+    *(
+        pytest.param(100, 50_001, 100, b, "gemm", id=f"Q100-N50001-k100-{b}")
+        for b in ("triton", "cuda")
+    ),
 ]
 # (source row, its copies): a copy below the source, above it, and a source with two copies
 DUPLICATES = [(3, (49_990,)), (40_000, (5,)), (12_345, (12_346, 777)), (20_000, (19_999,))]
@@ -49,10 +62,17 @@ DUPLICATES = [(3, (49_990,)), (40_000, (5,)), (12_345, (12_346, 777)), (20_000, 
 
 @pytest.mark.cpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_shapes_take_the_64_query_tile(dtype):
-    for Q, k in ((256, 10), (100, 10)):
-        cfg = topk_config(dtype, Q, D, k)
-        assert cfg.select and cfg.bq == 64, cfg
+def test_shapes_take_their_path(dtype):
+    """The gpu cases below run on the path their id names (the records' plans, computed on CPU
+    stand-ins of the same shapes)."""
+    for param in SHAPES:
+        Q, N, k, backend, path = param.values
+        q, b = torch.empty(Q, D, dtype=dtype), torch.empty(N, D, dtype=dtype)
+        inputs = topk_op.topk_inputs(q, b, k)
+        plan = topk_op.triton_plan(inputs) if backend == "triton" else topk_op.cuda_plan(inputs)
+        assert plan.path == path, (param.id, plan)
+        if backend == "triton" and path == "stream":
+            assert plan.bq == 64
 
 
 def inputs(Q: int, N: int, dtype: torch.dtype, seed: int) -> tuple[Tensor, Tensor]:
@@ -80,8 +100,8 @@ def scores64(queries: Tensor, bank: Tensor, metric: str) -> Tensor:
 @pytest.mark.gpu
 @pytest.mark.parametrize("metric", ["ip", "cosine"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("Q, N, k, backend", SHAPES)
-def test_gpu_64_query_tile_matches_float64(Q, N, k, backend, dtype, metric):
+@pytest.mark.parametrize("Q, N, k, backend, path", SHAPES)
+def test_gpu_64_query_tile_matches_float64(Q, N, k, backend, path, dtype, metric):
     queries, bank = inputs(Q, N, dtype, seed=Q + N + k + DTYPES.index(dtype))
     scores, ids = vf.topk_similarity(queries, bank, k, metric=metric, backend=backend)
     if DEVICE == "cuda":

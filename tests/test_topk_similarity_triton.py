@@ -1,8 +1,10 @@
-"""Triton top-k similarity: interpreted runs on CPU tensors against float64, and AOT compiles."""
+"""Triton top-k similarity: both paths (streaming kernel, GEMM + k-select) interpreted on CPU
+tensors against float64 and faiss, the path rule and the plan, and AOT compiles."""
 
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -10,20 +12,33 @@ import torch.nn.functional as F
 from torch import Tensor
 from vljepa_fast._kernels import topk_similarity as topk_mod
 from vljepa_fast._kernels.topk_similarity import (
-    TopkConfig,
-    kernel_spec,
-    topk_config,
+    MAX_K,
+    STREAM_MAX_K,
+    STREAM_MAX_QUERIES,
+    TopkPlan,
+    choose_path,
+    kernel_specs,
+    make_plan,
     topk_similarity,
 )
 
 import vljepa_fast as vf
 from tests._aot import aot_compile
 from tests._util import topk_tie_inputs
-from tests.test_topk_similarity import _check_order, _oracle_grads, _special_inputs
+from tests.test_topk_similarity import (
+    _check_order,
+    _oracle_grads,
+    _special_inputs,
+    faiss_inputs,
+    faiss_search,
+)
+from vljepa_fast import _backends
+from vljepa_fast.ops import topk_similarity as topk_op
 from vljepa_fast.reference import NORM_EPS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METRICS = ["ip", "cosine"]
+PATHS = ["stream", "gemm"]
 
 
 def _scores64(queries: Tensor, bank: Tensor, metric: str) -> Tensor:
@@ -58,19 +73,41 @@ def _check(
     torch.testing.assert_close(full.gather(1, indices), scores.double(), rtol=0, atol=atol)
 
 
-def _run_and_check(
-    queries: Tensor, bank: Tensor, k: int, metric: str, config: TopkConfig | None = None
-) -> None:
-    cosine = metric == "cosine"
-    scores, indices = topk_similarity(queries, bank, k, cosine, eps=NORM_EPS, config=config)
+def _plan(queries, bank, k, metric, path=None, chunk=None, programs=4) -> TopkPlan:
+    return make_plan(
+        queries.dtype,
+        queries.shape[0],
+        bank.shape[0],
+        queries.shape[1],
+        k,
+        cosine=metric == "cosine",
+        chunk=bank.shape[0] if chunk is None else chunk,
+        programs=programs,
+        path=path,
+    )
+
+
+def _run_and_check(queries, bank, k, metric, path=None, chunk=None, programs=4):
+    plan = _plan(queries, bank, k, metric, path, chunk, programs)
+    scores, indices = topk_similarity(queries, bank, k, metric == "cosine", eps=NORM_EPS, plan=plan)
     _check(queries, bank, k, metric, scores, indices)
+    return plan
 
 
-# (Q, N, D, k): N and D off every block size, k == N, k past MAX_K_PAD (the write-all path), D = 1.
+def _forced(queries, bank, k, metric, path):
+    """The public op's triton record run with the plan ``supports`` would make, its path forced:
+    the dispatch contract (supports -> plan -> run) with a chosen path."""
+    inputs = topk_op.topk_inputs(queries, bank, k, metric=metric)
+    record, _ = _backends.select("topk_similarity", "triton", inputs)
+    return record.run(inputs, topk_op.triton_plan(inputs, path=path))
+
+
+# (Q, N, D, k): N and D off every block size, k == N, D = 1, k above the stream limit, a
+# query count above one stream block.
 SHAPES = [
     (1, 1, 1, 1),
     (5, 127, 72, 10),
-    (33, 300, 64, 10),
+    (70, 300, 64, 10),
     (5, 127, 72, 127),
     (33, 300, 72, 1),
     (1, 300, 64, 300),
@@ -83,43 +120,198 @@ SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "Q{}-N{}-D{}-k{}".format(*s))
 def test_matches_float64(shape: tuple[int, int, int, int], dtype: torch.dtype, metric: str) -> None:
+    """The rule's path, and the other path too where the stream serves k."""
     num_queries, num_bank, dim, k = shape
     queries = torch.randn(num_queries, dim).to(dtype)
     bank = torch.randn(num_bank, dim).to(dtype)
-    _run_and_check(queries, bank, k, metric)
+    plan = _run_and_check(queries, bank, k, metric, chunk=100)
+    assert plan.path == choose_path(num_queries, k)
+    if k <= STREAM_MAX_K:
+        other = "gemm" if plan.path == "stream" else "stream"
+        _run_and_check(queries, bank, k, metric, path=other, chunk=100)
+
+
+def test_path_rule() -> None:
+    """The documented rule: stream for Q <= 64 and k <= 32, GEMM otherwise; the plan carries
+    it (and the stream's fixed 64-query block: wgmma N = 64)."""
+    assert (STREAM_MAX_QUERIES, STREAM_MAX_K, MAX_K) == (64, 32, 2048)
+    assert choose_path(64, 32) == "stream" and choose_path(1, 1) == "stream"
+    assert choose_path(65, 10) == "gemm" and choose_path(16, 33) == "gemm"
+    assert choose_path(1024, 10) == "gemm"
+    assert choose_path(16, 10, dtype=torch.float32, dim=72, cosine=True, arch=80) == "gemm"
+    assert choose_path(16, 10, dtype=torch.float32, dim=72, cosine=True, arch=90) == "stream"
+    q, b = torch.randn(16, 64), torch.randn(1000, 64)
+    stream = _plan(q, b, 10, "ip")
+    assert stream.path == "stream" and stream.bq == 64 and stream.k_pad == 16
+    gemm = _plan(q, b, 100, "ip", chunk=300)
+    assert gemm.path == "gemm" and gemm.chunk == 300 and gemm.k_pad == 128
+    with pytest.raises(ValueError, match="path 'stream': expected k <= 32"):
+        _plan(q, b, 33, "ip", path="stream")
+    with pytest.raises(ValueError, match="path: expected 'stream' or 'gemm'"):
+        _plan(q, b, 3, "ip", path="fused")
+
+
+def test_supports_hands_the_plan_to_run(monkeypatch) -> None:
+    """``supports`` decides path and chunk (the chunk rule of ops/_chunks with its budget
+    variable); k past the select's limit is a reason."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, b = torch.randn(100, 16), torch.randn(5000, 16)
+    inputs = topk_op.topk_inputs(q, b, 10)
+    _, plan = _backends.select("topk_similarity", "triton", inputs)
+    assert plan.path == "gemm" and plan.chunk == 5000  # the 1 GiB floor: one chunk
+    monkeypatch.setenv("VLJEPA_FAST_CHUNK_BUDGET_MIB", str(100 * 4 * 640 / 2**20))
+    _, plan = _backends.select("topk_similarity", "triton", inputs)
+    assert plan.chunk == 640  # budget / (Q * 4 bytes), a multiple of 64
+    _, plan = _backends.select("topk_similarity", "triton", topk_op.topk_inputs(q[:64], b, 32))
+    assert plan.path == "stream"
+    big = topk_op.topk_inputs(q, torch.randn(MAX_K + 1, 16), MAX_K + 1)
+    with pytest.raises(vf.BackendUnavailableError, match="k = 2049 > 2048"):
+        _backends.select("topk_similarity", "triton", big)
+
+
+FAISS_CASES = [
+    *((torch.float32, k, path) for k in (1, 10) for path in PATHS),
+    (torch.float32, 100, "gemm"),
+    (torch.float32, 1024, "gemm"),
+    (torch.float32, 2048, "gemm"),
+    (torch.bfloat16, 10, "stream"),
+    (torch.bfloat16, 100, "gemm"),
+    (torch.float16, 32, "gemm"),
+]
+
+
+def test_cost_model_at_the_paper_shapes() -> None:
+    """The header's predictions (H200 model of kernels/_common.py) follow from cost() with the
+    plans the rule and the chunk rule give at the paper shapes (D = 1536, bf16, N = 2^20)."""
+    from vljepa_fast.ops import _chunks
+
+    n, d, dt = 1 << 20, 1536, torch.bfloat16
+
+    def predicted(q, k):
+        chunk = _chunks.chunk_rows(n, q, 4, (q + n) * d * 2)
+        plan = make_plan(dt, q, n, d, k, cosine=False, chunk=chunk, programs=528)
+        steps = topk_mod.cost(q, n, d, k, dt, False, plan)
+        return plan, topk_mod.predicted_seconds(q, n, d, k, dt, False, plan), steps
+
+    plan, seconds, steps = predicted(1024, 10)
+    assert plan.path == "gemm" and plan.chunk == 262_144
+    assert steps[0].flops == 2 * 1024 * n * d and abs(seconds - 5.17e-3) < 0.02e-3
+    assert abs(predicted(1024, 100)[1] - 5.18e-3) < 0.02e-3
+    plan, seconds, _ = predicted(16, 10)
+    assert plan.path == "stream" and abs(seconds - 0.756e-3) < 0.005e-3
+    plan, seconds, _ = predicted(16, 100)
+    assert plan.path == "gemm" and abs(seconds - 0.781e-3) < 0.005e-3
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype, k, path", FAISS_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_ids_equal_faiss(dtype: torch.dtype, k: int, path: str, monkeypatch) -> None:
+    """ids equal faiss's IndexFlatIP (tie-free exact data), through the triton record with the
+    path forced; the bank is cut into chunks that do not divide N (GEMM path)."""
+    num_bank = max(700, k + 300)
+    num_queries = 3 if k >= 1024 else 5
+    queries, bank = faiss_inputs(num_queries, num_bank, dtype, seed=k)
+    want_s, want_i = faiss_search(queries, bank, k)
+    # chunks of 64 rows x 4 bytes x Q scores: several chunks, the last one partial
+    monkeypatch.setenv("VLJEPA_FAST_CHUNK_BUDGET_MIB", str(num_queries * 4 * 640 / 2**20))
+    scores, ids = _forced(queries, bank, k, "ip", path)
+    assert torch.equal(ids, want_i)
+    assert torch.equal(scores, want_s)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gemm_chunks_and_splits(splits: int) -> None:
+    """Chunks that do not divide N and several select programs per query row (each keeps its
+    own list across chunks)."""
+    queries, bank = torch.randn(4, 24), torch.randn(1500, 24)
+    plan = _plan(queries, bank, 40, "cosine", path="gemm", chunk=448)
+    plan = plan._replace(splits=splits, blk=64)
+    scores, indices = topk_similarity(queries, bank, 40, True, eps=NORM_EPS, plan=plan)
+    _check(queries, bank, 40, "cosine", scores, indices)
+
+
+@pytest.mark.interpret
+def test_stream_merges_only_survivors(monkeypatch) -> None:
+    """Regression (a tile was merged, K_PAD selection rounds for all BQ queries, whenever ANY
+    query of the block improved): the streaming kernel filters per query and spends one round
+    per best survivor. Query 0 improves by one row in every tile, the other queries never after
+    the first tile: the kernel runs k rounds for the first tile, then one per tile."""
+    rounds = []
+    pack = topk_mod._pack
+
+    def counting_pack(b_ord, b_idx):
+        rounds.append(1)
+        return pack(b_ord, b_idx)
+
+    monkeypatch.setattr(topk_mod, "_pack", counting_pack)
+    k, tiles = 8, 6
+    bank = torch.zeros(64 * tiles, 16)
+    bank[:, 1] = -torch.arange(64 * tiles, dtype=torch.float32)  # queries 1..: best early
+    bank[torch.arange(tiles) * 64 + 5, 0] = 1.0 + torch.arange(tiles, dtype=torch.float32)
+    queries = torch.zeros(10, 16)
+    queries[0, 0] = 1.0
+    queries[1:, 1] = 1.0
+    plan = _plan(queries, bank, k, "ip", path="stream", programs=1)
+    scores, indices = topk_similarity(queries, bank, k, False, eps=NORM_EPS, plan=plan)
+    assert len(rounds) == k + (tiles - 1), len(rounds)
+    assert indices[0, :tiles].tolist() == [64 * t + 5 for t in reversed(range(tiles))]
+    assert indices[1].tolist() == list(range(k))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "num_queries, path, bank_calls", [(10, "stream", 0), (70, "stream", 1), (10, "gemm", 1)]
+)
+def test_inverse_norms_once_per_call(num_queries, path, bank_calls, monkeypatch) -> None:
+    """Regression (cosine recomputed the bank norms in every query block): the bank's inverse
+    norms are computed once per call, or by the single query block's own tiles."""
+    calls = []
+    norms = topk_mod.inverse_norms
+
+    def counting(x, eps):
+        calls.append(x.shape[0])
+        return norms(x, eps)
+
+    monkeypatch.setattr(topk_mod, "inverse_norms", counting)
+    queries, bank = torch.randn(num_queries, 32), torch.randn(200, 32)
+    _run_and_check(queries, bank, 10, "cosine", path=path)
+    assert calls.count(200) == bank_calls and calls.count(num_queries) == 1, calls
 
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("k", [10, 16])
 def test_many_tiles_per_chunk(k: int) -> None:
-    """Small tiles: many merges per chunk, with tiles as wide as the running list and wider."""
-    queries, bank = torch.randn(20, 40), torch.randn(300, 40)
-    bn = 16 if k == 16 else 32
-    _run_and_check(queries, bank, k, "ip", TopkConfig(True, 16, 16, bn, 16, 4, 3))
+    """One chunk of many tiles: rounds across tiles, lists as long as k and longer."""
+    queries, bank = torch.randn(20, 40), torch.randn(700, 40)
+    _run_and_check(queries, bank, k, "ip", path="stream", programs=1)
 
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_ties(dtype: torch.dtype, metric: str) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_ties(dtype: torch.dtype, metric: str, path: str) -> None:
     """Bank rows repeated many times: more exact ties than k, across tiles and chunks."""
     base = torch.randn(6, 48)
     bank = base[torch.randint(0, 6, (250,))].to(dtype)
     queries = torch.randn(7, 48).to(dtype)
-    _run_and_check(queries, bank, 40, metric)
+    _run_and_check(queries, bank, 30, metric, path=path, chunk=100)
 
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("k", [40, 300], ids=["running-list", "write-all"])
-def test_ties_lowest_index_first(dtype: torch.dtype, metric: str, k: int) -> None:
+@pytest.mark.parametrize(
+    "k, path", [(20, "stream"), (20, "gemm"), (300, "gemm")], ids=["stream", "gemm", "gemm-300"]
+)
+def test_ties_lowest_index_first(dtype: torch.dtype, metric: str, k: int, path: str) -> None:
     """Exact ties (scores exact in fp32, see topk_tie_inputs), k spanning tie groups, through
-    the public API: the stable float64 order, lowest index first; two runs identical."""
+    the triton record: the stable float64 order, lowest index first; two runs identical."""
     queries, bank = topk_tie_inputs(9, 600, 16, dtype, metric, seed=k)
-    first = vf.topk_similarity(queries, bank, k, metric=metric, backend="triton")
+    first = _forced(queries, bank, k, metric, path)
     _check_order(*first, queries, bank, k, metric, False, 1e-6)
-    again = vf.topk_similarity(queries, bank, k, metric=metric, backend="triton")
+    again = _forced(queries, bank, k, metric, path)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
@@ -128,21 +320,23 @@ def test_ties_lowest_index_first(dtype: torch.dtype, metric: str, k: int) -> Non
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_and_inf_rank_rule(dtype: torch.dtype, metric: str) -> None:
     """NaN scores rank last (below -inf), +-inf are ordinary scores, ties lowest index; a NaN
-    query row returns indices 0..k-1 (the rule of tests/test_topk_similarity.py)."""
+    query row returns indices 0..k-1 (the rule of tests/test_topk_similarity.py), both paths."""
     queries, bank, overflow = _special_inputs(dtype, metric, seed=3)
-    for k in (40, 13):
-        scores, idx = vf.topk_similarity(queries, bank, k, metric=metric, backend="triton")
+    for k, path in ((40, "gemm"), (13, "gemm"), (13, "stream")):
+        scores, idx = _forced(queries, bank, k, metric, path)
         _check_order(scores, idx, queries, bank, k, metric, overflow, 2e-6)
-    assert torch.equal(idx[1], torch.arange(13))
+        assert torch.equal(idx[1], torch.arange(k))
 
 
 @pytest.mark.interpret
-def test_nan_keys_are_real_keys() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_nan_keys_are_real_keys(path: str) -> None:
     """A bank of NaN rows only: every key is a NaN key, still above the padding key, so k real
     rows come back (lowest indices), never the padding index."""
     queries, bank = torch.randn(3, 16), torch.full((70, 16), float("nan"))
-    for k in (5, 70):
-        scores, idx = topk_similarity(queries, bank, k, False, eps=NORM_EPS)
+    for k in (5, 32) if path == "stream" else (5, 70):
+        plan = _plan(queries, bank, k, "ip", path=path, chunk=50)
+        scores, idx = topk_similarity(queries, bank, k, False, eps=NORM_EPS, plan=plan)
         assert scores.isnan().all()
         assert torch.equal(idx, torch.arange(k).expand(3, k))
 
@@ -186,23 +380,27 @@ def test_non_contiguous_inputs() -> None:
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cosine_zero_rows(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("k, path", [(130, "gemm"), (20, "stream")])
+def test_cosine_zero_rows(dtype: torch.dtype, k: int, path: str) -> None:
     queries, bank = torch.randn(6, 72).to(dtype), torch.randn(130, 72).to(dtype)
     queries[2] = 0
     bank[[0, 64, 129]] = 0
-    scores, indices = topk_similarity(queries, bank, 130, True, eps=NORM_EPS)
-    _check(queries, bank, 130, "cosine", scores, indices)
+    plan = _plan(queries, bank, k, "cosine", path=path)
+    scores, indices = topk_similarity(queries, bank, k, True, eps=NORM_EPS, plan=plan)
+    _check(queries, bank, k, "cosine", scores, indices)
     assert (scores[2] == 0).all()
 
 
 @pytest.mark.interpret
-def test_unwritten_candidates_fail() -> None:
-    """A stage 1 that writes nothing must not pass the checks above."""
+@pytest.mark.parametrize("path", PATHS)
+def test_unwritten_candidates_fail(path: str) -> None:
+    """A kernel that writes nothing must not pass the checks above."""
     queries, bank = torch.randn(3, 64), torch.randn(100, 64)
+    plan = _plan(queries, bank, 5, "ip", path=path)
     mp = pytest.MonkeyPatch()
     with mp.context() as patch:
         patch.setattr(topk_mod, "launch", lambda *args, **kwargs: None)
-        scores, indices = topk_similarity(queries, bank, 5, False, eps=NORM_EPS)
+        scores, indices = topk_similarity(queries, bank, 5, False, eps=NORM_EPS, plan=plan)
     with pytest.raises(AssertionError):
         _check(queries, bank, 5, "ip", scores, indices)
 
@@ -219,10 +417,7 @@ def test_kernel_eps_has_no_default_of_its_own() -> None:
 def test_auto_never_picks_triton_for_cpu_tensors(monkeypatch) -> None:
     """Under auto, Triton serves CUDA tensors only, the interpreter notwithstanding; by name it
     serves CPU tensors through the interpreter and says so otherwise."""
-    from vljepa_fast import _backends
-    from vljepa_fast.ops.topk_similarity import topk_inputs
-
-    inputs = topk_inputs(torch.randn(3, 8), torch.randn(20, 8), 4)
+    inputs = topk_op.topk_inputs(torch.randn(3, 8), torch.randn(20, 8), 4)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _backends.select("topk_similarity", "auto", inputs)[0].name != "triton"
     assert _backends.select("topk_similarity", "triton", inputs)[0].name == "triton"
@@ -231,37 +426,75 @@ def test_auto_never_picks_triton_for_cpu_tensors(monkeypatch) -> None:
         _backends.select("topk_similarity", "triton", inputs)
 
 
-# Every dtype x metric x arch with a short running list and D a multiple of 16 (the common
-# case); the other k buckets (the longest running list, the write-all path) and D = 72 (unaligned
-# rows, scalar loads) with cosine, the variant with the most live registers, for fp32 and bf16
-# (fp16 compiles to the same code as bf16).
-COMPILE_CASES = [(dtype, metric, 10, 768) for dtype in DTYPES for metric in METRICS] + [
-    (dtype, "cosine", k, dim)
-    for dtype in (torch.float32, torch.bfloat16)
-    for k, dim in [(128, 768), (1000, 768), (10, 72), (128, 72), (1000, 72)]
+# Stream: every dtype x metric at D = 1536 (aligned rows) with the longest list (k = 32), one
+# query block (bank norms from the tiles) and several (precomputed norms); D = 72 (scalar
+# loads). Select: k from 10 to 2048. sm_80: the stream cases the rule sends to the stream there
+# (fp16 compiles like bf16; the select has no MMA, its sm_90 compile covers it).
+_CASES = [
+    *(("stream", dtype, metric, 32, 1536, 16) for dtype in DTYPES for metric in METRICS),
+    *(
+        ("stream", dtype, "cosine", 32, dim, q)
+        for dtype in (torch.float32, torch.bfloat16)
+        for dim, q in ((1536, 100), (72, 16))
+    ),
+    ("stream", torch.bfloat16, "ip", 32, 72, 16),
+    ("stream", torch.float32, "ip", 10, 72, 16),
+    *(("gemm", torch.bfloat16, "cosine", k, 1536, 1024) for k in (10, 100, 1024, 2048)),
+    ("gemm", torch.float32, "ip", 100, 1536, 1024),
+]
+COMPILE_CASES = [(*case, 90) for case in _CASES] + [
+    (*case, 80)
+    for case in _CASES
+    if case[0] == "stream"
+    and case[1] != torch.float16
+    and choose_path(
+        case[5], case[3], dtype=case[1], dim=case[4], cosine=case[2] == "cosine", arch=80
+    )
+    == "stream"
 ]
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("arch", [90, 80])
 @pytest.mark.parametrize(
-    "dtype, metric, k, dim", COMPILE_CASES, ids=lambda v: str(v).replace("torch.", "")
+    "path, dtype, metric, k, dim, num_queries, arch",
+    COMPILE_CASES,
+    ids=lambda v: str(v).replace("torch.", ""),
 )
-def test_aot_compile(dtype: torch.dtype, metric: str, k: int, dim: int, arch: int) -> None:
-    cfg = topk_config(dtype, 4096, dim, k)
-    signature, constexprs = kernel_spec(dtype, metric == "cosine", cfg, interpret=False)
-    # As the JIT specialises at launch: aligned pointers, and D when it is a multiple of 16.
-    aligned = ["q", "b", "keys"] + (["D"] if dim % 16 == 0 else [])
-    report = aot_compile(
-        topk_mod.topk_similarity_kernel,
-        signature,
-        constexprs,
+def test_aot_compile(path, dtype, metric, k, dim, num_queries, arch) -> None:
+    """No spills in any kernel a plan launches; on sm_90 the stream's score product is wgmma
+    with instruction N >= 64 (never mma.sync), the select has no product at all."""
+    plan = make_plan(
+        dtype,
+        num_queries,
+        1 << 20,
+        dim,
+        k,
+        cosine=metric == "cosine",
+        chunk=70_000,
+        programs=528,
+        path=path,
         arch=arch,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        divisible_by_16=aligned,
     )
-    assert report.n_spills == 0, f"{report.n_spills} bytes spilled ({report.n_regs} registers)"
-    assert report.shared <= report.shared_limit
-    if arch == 90 and cfg.bq >= 64 and dim % 16 == 0:
-        assert report.uses_wgmma
+    for name, (kernel, signature, constexprs) in kernel_specs(
+        dtype, metric == "cosine", plan, k, interpret=False
+    ).items():
+        # As the JIT specialises at launch: aligned pointers, and D when it is a multiple of 16.
+        aligned = [n for n, t in signature.items() if t.startswith("*")]
+        aligned += ["D"] if dim % 16 == 0 and "D" in signature else []
+        report = aot_compile(
+            kernel,
+            signature,
+            constexprs,
+            arch=arch,
+            num_warps=plan.num_warps if name != "norms" else 4,
+            num_stages=plan.num_stages if name != "norms" else 3,
+            divisible_by_16=aligned,
+        )
+        assert report.n_spills == 0, f"{name}: {report.n_spills} bytes spilled"
+        assert report.shared <= report.shared_limit
+        if arch == 90 and name == "stream":
+            widths = {int(n) for n in re.findall(r"wgmma\.mma_async\S*\.m64n(\d+)k", report.ptx)}
+            assert widths and min(widths) >= 64, widths
+            assert "mma.sync" not in report.ptx
+        if name != "stream":
+            assert "mma" not in report.ptx

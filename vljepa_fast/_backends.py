@@ -37,7 +37,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-OPS = ("attention", "attention_varlen", "infonce_loss", "topk_similarity", "rotary")
+OPS = (
+    "attention", "attention_varlen", "infonce_loss", "topk_similarity", "rotary", "sigmoid_loss"
+)
 BACKENDS = ("cuda", "triton", "flash_attn", "xformers", "sdpa", "cpu", "reference")
 
 #: The ops the VL-JEPA model runs (what its ``backend`` is checked against).

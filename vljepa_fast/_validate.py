@@ -151,3 +151,36 @@ def device(name: str, v: object, types: tuple[str, ...] | None = None) -> torch.
         if count == 0 or (dev.index is not None and dev.index >= count):
             raise ValueError(f"{name}: {dev} is not available ({count} CUDA devices)")
     return dev
+
+
+def embedding_pairs(pred, target, grouped: bool) -> None:
+    """pred and target of a pairwise loss: [N, D] floating tensors of one shape, dtype and
+    device; N, D >= 1 checked here unless ``grouped`` (distributed: every rank's sizes are
+    checked on all ranks at once after they are exchanged, since a rank that raised alone would
+    leave the others waiting in a collective)."""
+    matching(("pred", "target"), (pred, target), ndim=2, layouts=("[N, D]", "[N, D]"))
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"target: expected the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}"
+        )
+    if not grouped:
+        nonempty("pred", pred, 0, "row (N >= 1)")
+        nonempty("pred", pred, 1, "column (D >= 1)")
+
+
+def scalar_value(name: str, v: object, like: Tensor) -> float | None:
+    """The value of a scalar loss argument ``v`` (temperature, logit scale or bias): a real
+    number (not a bool), or a 0-dim floating tensor on ``like``'s device, whose value is read
+    eagerly; None for a tensor under torch.compile (not read while tracing). The caller checks
+    the range. Raises ValueError naming ``name`` for anything else."""
+    if isinstance(v, Tensor):
+        if v.dim() != 0 or not v.is_floating_point():
+            raise ValueError(
+                f"{name}: expected a 0-dim floating tensor, got {v.dtype} of shape {tuple(v.shape)}"
+            )
+        if v.device != like.device:
+            raise ValueError(f"{name}: expected device {like.device}, got {v.device}")
+        return None if torch.compiler.is_compiling() else float(v.detach())
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    raise ValueError(f"{name}: expected a float or a 0-dim floating tensor, got {v!r}")

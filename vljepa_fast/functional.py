@@ -14,9 +14,10 @@ from vljepa_fast import _backends
 from vljepa_fast.ops import attention as _attention_ops
 from vljepa_fast.ops import attention_peers as _attention_peers  # noqa: F401  (registers)
 from vljepa_fast.ops import infonce as _infonce_ops
+from vljepa_fast.ops import sigmoid_loss as _sigmoid_ops
 from vljepa_fast.ops import topk_similarity as _topk_ops
 
-__all__ = ["attention", "attention_varlen", "infonce_loss", "topk_similarity"]
+__all__ = ["attention", "attention_varlen", "infonce_loss", "sigmoid_loss", "topk_similarity"]
 
 
 def attention(
@@ -197,6 +198,76 @@ def infonce_loss(
     return _backends.dispatch("infonce_loss", backend, inputs)
 
 
+def sigmoid_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    logit_scale: float | Tensor,
+    logit_bias: float | Tensor,
+    normalize: bool = True,
+    reduction: str = "mean",
+    group: object | None = None,
+    backend: _backends.BackendSpec = "auto",
+) -> Tensor:
+    """The sigmoid (SigLIP) loss between predicted and target embeddings, without N x N logits.
+
+    logits x_ij = logit_scale * cos(pred_i, target_j) + logit_bias; labels z_ij = +1 when
+    j == i (row i of pred matches row i of target), else -1; loss = -sum_ij log sigmoid(z_ij
+    x_ij). Differentiable with respect to pred, target and tensor logit_scale / logit_bias.
+    The same values and gradients as open_clip's ``SigLipLoss`` (which takes already
+    normalised features: use ``normalize=False``, or the drop-in
+    :class:`vljepa_fast.integrations.open_clip.SigLipLoss`).
+
+    Args:
+        pred: [N, D] predicted (image) embeddings, float32/float16/bfloat16 (float64:
+            reference only), any strides (the fused backend copies them to contiguous rows).
+        target: [N, D] target (text) embeddings, same shape, dtype and device.
+        logit_scale: the multiplier of the cosines itself, not its log (SigLIP learns
+            t' and passes exp(t'), as open_clip's ``logit_scale.exp()``): a finite float with
+            |logit_scale| <= 2**60, or a 0-dim floating tensor on pred's device (learnable;
+            value checked eagerly against the same range, outside torch.compile).
+        logit_bias: the bias added to every logit (SigLIP: b, initialised to -10), same rules.
+        normalize: L2-normalise rows first, dividing by max(norm, 1e-12) (the values of
+            ``F.normalize(eps=1e-12)``); rows with norm < 1e-12 get a zero gradient, the others
+            that of x / |x| (:func:`vljepa_fast.reference.normalize_rows`). False: raw dot
+            products (open_clip's convention: its features are normalised by the model).
+        reduction: "mean": the sum over all N x N pairs divided by N (open_clip's SigLipLoss:
+            the batch size, not N^2); "sum": that sum; "none": [N] per-row sums
+            sum_j -log sigmoid(z_ij x_ij).
+        group: a torch.distributed process group (or ``torch.distributed.group.WORLD``): each
+            rank passes its local rows (at least one; the number may differ by rank); the
+            negatives are the whole global batch, each of the global N x N pairs counted once
+            (on the rank holding its pred row), "mean" divides by the global N and every rank
+            returns the global loss. See :mod:`vljepa_fast.ops.sigmoid_loss` for which gradient
+            each rank receives (DDP's average is the exact single-process gradient).
+        backend: "auto", a name from :func:`vljepa_fast.backends`, or a mapping
+            {op name: name} (:data:`vljepa_fast._backends.BackendSpec`).
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or [N] for reduction="none".
+
+    NaN rule:
+        NaN and Inf in the inputs are not filtered: they propagate through the logits as IEEE
+        arithmetic does (with ``normalize`` a row holding a NaN or an Inf normalises to NaNs,
+        so every term of its row, or of its column for a target row, is NaN); "mean" and
+        "sum" are then NaN.
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
+        BackendUnavailableError: a named backend cannot serve these inputs.
+    """
+    inputs = _sigmoid_ops.sigmoid_inputs(
+        pred,
+        target,
+        logit_scale=logit_scale,
+        logit_bias=logit_bias,
+        normalize=normalize,
+        reduction=reduction,
+        group=group,
+    )
+    return _backends.dispatch("sigmoid_loss", backend, inputs)
+
+
 def topk_similarity(
     queries: Tensor, bank: Tensor, k: int, *, metric: str = "ip",
     backend: _backends.BackendSpec = "auto",
@@ -207,8 +278,8 @@ def topk_similarity(
         queries: [Q, D], float32/float16/bfloat16 (float64: reference only), Q >= 1, D >= 1.
             Any strides (a non-contiguous tensor is copied once for the kernels).
         bank: [N, D], same dtype and device, N >= 1, any strides.
-        k: an int (Python or numpy integer, not bool), 1 <= k <= N (the CUDA backend serves
-            k <= 1024, the others any k).
+        k: an int (Python or numpy integer, not bool), 1 <= k <= N (the cuda and triton
+            backends serve k <= 2048, the cpu and reference backends any k).
         metric: "ip" (inner product) or "cosine" (each row divided by max(norm, 1e-12): a
             zero row scores exactly 0, never NaN).
         backend: "auto", a name from :func:`vljepa_fast.backends`, or a mapping

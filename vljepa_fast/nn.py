@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -17,7 +18,7 @@ from vljepa_fast.ops.rotary import (
     rotary_cos_sin,
 )
 
-__all__ = ["EmbeddingIndex", "InfoNCELoss", "PredictorAttention"]
+__all__ = ["EmbeddingIndex", "InfoNCELoss", "PredictorAttention", "SigmoidLoss"]
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -310,5 +311,82 @@ class InfoNCELoss(_backends.HoldsBackend, torch.nn.Module):
         learn = self.logit_scale is not None
         return (
             f"temperature={self.temperature}, learnable={learn}, symmetric={self.symmetric}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class SigmoidLoss(_backends.HoldsBackend, torch.nn.Module):
+    """The sigmoid (SigLIP) loss on the fused kernels (:func:`vljepa_fast.sigmoid_loss`) as a
+    module, with SigLIP's learnable temperature and bias.
+
+    Args:
+        init_logit_scale: t', the log of the multiplier (SigLIP: log 10); the loss uses
+            ``logit_scale = exp(t')``. A finite number with exp(t') <= 2**60.
+        init_logit_bias: b (SigLIP: -10), a finite number with |b| <= 2**60.
+        learnable: learn t' and b (parameters ``logit_scale`` and ``logit_bias``, 0-dim
+            float32); False keeps them fixed (buffers of the same names, in the state dict).
+        normalize: L2-normalise rows first (bool; as :func:`vljepa_fast.sigmoid_loss`).
+        reduction: "mean" (the N x N sum divided by N), "sum" or "none".
+        group: as :func:`vljepa_fast.sigmoid_loss`.
+        backend: a :data:`~vljepa_fast._backends.BackendSpec` passed unchanged to
+            :func:`vljepa_fast.sigmoid_loss`; a name that op does not have is refused here.
+
+    Shapes:
+        forward(pred [N, D], target [N, D]) -> scalar float32 (or [N] with reduction "none").
+
+    Raises:
+        ValueError: a malformed argument (named in the message).
+    """
+
+    def __init__(
+        self,
+        init_logit_scale: float = math.log(10.0),
+        init_logit_bias: float = -10.0,
+        learnable: bool = True,
+        normalize: bool = True,
+        reduction: str = "mean",
+        group: object | None = None,
+        backend: _backends.BackendSpec = "auto",
+    ) -> None:
+        super().__init__()
+        t = _validate.number("init_logit_scale", init_logit_scale, above=-math.inf)
+        if not t <= 60 * math.log(2.0):
+            raise ValueError(
+                f"init_logit_scale: expected exp(init_logit_scale) <= 2**60, got {t:g}"
+            )
+        bias = _validate.number("init_logit_bias", init_logit_bias, above=-math.inf)
+        if not abs(bias) <= 2.0**60:
+            raise ValueError(f"init_logit_bias: expected |init_logit_bias| <= 2**60, got {bias:g}")
+        learn = _flag("learnable", learnable)
+        self.normalize = _flag("normalize", normalize)
+        self.reduction = _choice("reduction", reduction, ("mean", "sum", "none"))
+        self.group = group
+        self.backend = _backends.check_spec(backend, ops=("sigmoid_loss",))
+        values = torch.tensor(t), torch.tensor(bias)
+        for name, v in zip(("logit_scale", "logit_bias"), values):
+            if learn:
+                self.register_parameter(name, torch.nn.Parameter(v))
+            else:
+                self.register_buffer(name, v)
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        scale, bias = self.logit_scale.exp(), self.logit_bias
+        if isinstance(pred, Tensor):
+            scale, bias = scale.to(pred.device), bias.to(pred.device)
+        return functional.sigmoid_loss(
+            pred,
+            target,
+            logit_scale=scale,
+            logit_bias=bias,
+            normalize=self.normalize,
+            reduction=self.reduction,
+            group=self.group,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        learn = isinstance(self.logit_scale, torch.nn.Parameter)
+        return (
+            f"learnable={learn}, normalize={self.normalize}, reduction={self.reduction!r}, "
             f"backend={self.backend!r}"
         )

@@ -20,6 +20,8 @@ __all__ = [
     "attention_varlen",
     "infonce_loss",
     "infonce_terms",
+    "sigmoid_loss",
+    "sigmoid_terms",
     "topk_similarity",
     "topk_order",
     "normalize_rows",
@@ -223,6 +225,64 @@ def infonce_loss(
     if reduction == "none":
         return per_row
     return per_row.sum() if reduction == "sum" else per_row.mean()
+
+
+# --------------------------------------------------------------------------------------------
+# sigmoid_loss
+# --------------------------------------------------------------------------------------------
+
+
+def sigmoid_terms(
+    pred: Tensor,
+    target: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float,
+    *,
+    offset: int = 0,
+    normalize: bool = True,
+) -> Tensor:
+    """Per-row sums of the sigmoid (SigLIP) loss terms (what every sigmoid_loss backend computes).
+
+    x = logit_scale * norm(pred) @ norm(target)^T + logit_bias ([N, M]; norm is
+    :func:`normalize_rows` with ``normalize``, the identity without); z_ij = +1 when
+    j == i + offset (row i's positive), else -1. Returns [N]: sum_j -log sigmoid(z_ij x_ij), in
+    float32 (float64 for float64 inputs; a tensor scale or bias is cast to that dtype).
+    """
+    cdt = _compute_dtype(pred, target)
+    a, b = pred.to(cdt), target.to(cdt)
+    if normalize:
+        a, b = normalize_rows(a), normalize_rows(b)
+    scale = logit_scale.to(cdt) if isinstance(logit_scale, Tensor) else logit_scale
+    bias = logit_bias.to(cdt) if isinstance(logit_bias, Tensor) else logit_bias
+    x = (a @ b.T) * scale + bias
+    n, m = x.shape
+    rows = torch.arange(n, device=x.device)[:, None]
+    cols = torch.arange(m, device=x.device)[None, :]
+    z = torch.where(cols == rows + offset, 1.0, -1.0).to(cdt)
+    return -torch.nn.functional.logsigmoid(z * x).sum(dim=1)
+
+
+def sigmoid_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float,
+    normalize: bool = True,
+    reduction: str = "mean",
+) -> Tensor:
+    """The sigmoid (SigLIP) loss of matching rows: -sum_ij log sigmoid(z_ij x_ij).
+
+    x = logit_scale * norm(pred) @ norm(target)^T + logit_bias, z_ij = +1 on the diagonal and -1
+    elsewhere (:func:`sigmoid_terms`). ``logit_scale`` is the multiplier itself (open_clip's
+    ``SigLipLoss`` receives ``logit_scale.exp()``). reduction: "mean" divides the sum over all
+    N x N pairs by N (open_clip's convention), "sum" keeps it, "none" returns the [N] per-row
+    sums. float32 (float64 for float64 inputs).
+    """
+    per_row = sigmoid_terms(pred, target, logit_scale, logit_bias, normalize=normalize)
+    if reduction == "none":
+        return per_row
+    return per_row.sum() if reduction == "sum" else per_row.sum() / per_row.shape[0]
 
 
 # --------------------------------------------------------------------------------------------

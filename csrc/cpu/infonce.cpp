@@ -365,7 +365,8 @@ void col_stats_slice(const float* s, int64_t first_row, int64_t rows, int64_t j0
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
-    bool normalize, bool col_stats) {
+    bool normalize, bool col_stats, int64_t chunk) {
+  check_infonce_chunk(chunk);  // the CPU kernels tile for the cache: chunk is not used
   Plan p = make_plan(a, b, scale, offset, normalize);
   const int64_t mc = col_stats ? p.m : 0;
   at::Tensor row_lse = at::empty({p.n}, at::kDouble);
@@ -533,7 +534,8 @@ void normalize_backward(float* grad, const float* x, const float* inv_norm, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
     bool normalize, const at::Tensor& row_lse, const std::optional<at::Tensor>& col_lse,
-    const at::Tensor& g_row, const std::optional<at::Tensor>& g_col) {
+    const at::Tensor& g_row, const std::optional<at::Tensor>& g_col, int64_t chunk) {
+  check_infonce_chunk(chunk);  // the CPU kernels tile for the cache: chunk is not used
   Plan p = make_plan(a, b, scale, offset, normalize);
   const bool with_col = check_infonce_bwd_vectors(a, b, row_lse, col_lse, g_row, g_col);
   check_infonce_bwd_devices(a, row_lse, col_lse, g_row, g_col, with_col);

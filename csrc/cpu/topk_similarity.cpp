@@ -362,14 +362,14 @@ void search(const at::Tensor& queries, const at::Tensor& bank, int64_t k, bool c
   }
 }
 
+// path and chunk (the GPU kernels' plan) are checked and ignored: this kernel tiles for the cache.
 std::tuple<at::Tensor, at::Tensor> topk_similarity_cpu(const at::Tensor& queries,
                                                        const at::Tensor& bank, int64_t k,
-                                                       bool cosine) {
+                                                       bool cosine, int64_t path, int64_t chunk) {
   // The ATen calls below (mm_out into a buffer) must not record autograd history even when an
   // input requires grad: vljepa_fast/ops/topk_similarity.py attaches the scores' gradient.
   const at::NoGradGuard no_grad;
-  check_pair_device(queries, "queries", bank, "bank", at::kCPU);
-  check_topk_similarity_inputs(queries, bank, k);
+  check_topk_similarity_call(queries, bank, k, path, chunk, at::kCPU);
   const int64_t num_bank = bank.size(0);
 
   at::Tensor out_scores = at::empty({queries.size(0), k}, at::kFloat);

@@ -1,5 +1,8 @@
-// Fused InfoNCE terms on CUDA: the row and column log-sum-exp of S = scale * norm(a) @ norm(b)^T
-// and their gradients, without ever writing the [N, M] logits to global memory.
+// InfoNCE terms on CUDA, chunked: the row and column log-sum-exp of S = scale * norm(a) @
+// norm(b)^T and their gradients. The O(N M D) products are vendor GEMMs (cuBLAS through ATen's
+// at::mm_out / at::addmm_out, issued from C++ on the current stream); our kernels do everything
+// around them (epilogues, merges, the normalisation backward). The [N, M] logits never exist: at
+// most `chunk` rows of them do, in a reused [chunk, M] fp32 buffer.
 //
 // Contract (csrc/ops.cpp, vljepa_fast/reference.py::infonce_terms, csrc/cpu/infonce.cpp): the
 // positive of row i is column i + offset; the positive of column j is row clamp(j - offset, 0,
@@ -7,49 +10,81 @@
 // sum_j g_col[j] (col_lse[j] - pos_col[j]), whose logit gradient is
 //   dS = g_row (softmax_row(S) - onehot_row) + g_col (softmax_col(S) - onehot_col).
 //
-// Tiles. Every kernel walks 64 x 64 tiles G[r][c] = <own[r], other[c]> of raw (unnormalised)
-// rows, computed by tile_gemm into a shared fp32 tile: WMMA tensor cores (16x16x16, fp32
-// accumulators) for fp16/bf16, plain fp32 FMA in a fixed order over D for fp32 (no TF32, so fp32
-// keeps sgemm rounding). Normalisation never touches memory: inv_a [N] and inv_b [M] (1 / max(
-// ||row||, eps), ones without normalize) scale the tile, S = scale * G * inv_a[i] * inv_b[j].
+// Notation: raw = A B^T, ia_i = 1 / max(||A_i||, eps), ib_j likewise (ones without normalize),
+// cos_ij = raw_ij * (ia_i * ib_j), S_ij = scale * cos_ij (one expression, `logit`, everywhere, so
+// every kernel that forms S from the same raw gets the same bits). Â = diag(ia) A.
 //
-// Forward, infonce_fwd_kernel: the row blocks are cut into at most kMaxSplits groups of
-// consecutive blocks and the column tiles into as many splits; program (split s, group g) walks
-// its block of tiles, row block by row block. Row statistics are online over the split's tiles
-// (running max and rescaled sum-exp per row, one warp per row, butterfly shuffles: the same order
-// on every run) and land in row_part_max / row_part_sum [splits, N]. Column statistics are exact
-// per tile and merged over the group's row blocks in col_part_max / col_part_sum [groups, M]
-// (only program (s, g) touches its entries). lse_merge_kernel merges both kinds of partials in
-// part order: deterministic, no atomics, and 8 * kMaxSplits * (N + M) bytes whatever the batch
-// (6% of the bf16 inputs at D = 1536; nothing grows with N * M). Positives are read off the tile
-// that holds them. Every exponent is relative to a maximum, so |S| of 1e4 and more stays finite.
+// Chunks. Rows of A are cut into chunks of c = `chunk` rows (the last one ragged; 0 = the default
+// of vljepa_fast/ops/_chunks.py without its 10% term: 1 GiB / (M * bytes per pair), bytes per
+// pair 4 forward and 4 + the input's element size backward, rounded down to a multiple of 64; the
+// Python layer passes the real value). Chunks run in row order on one
+// stream; every reduction over chunks happens in that order, every reduction inside a chunk in a
+// fixed order (no atomics): repeats are bit-identical.
 //
-// Backward, infonce_bwd_kernel (launched twice, by_rows then by columns): program p owns 64 rows
-// of one input ("own": a by rows, b by columns) and walks tiles of the other. It recomputes the
-// tile, turns it in place into W = dS * inv_other (W[r][c] for own row r), and adds W @ other
-// (raw rows, fp32 FMA) into acc [own rows, D] fp32. Only program p ever touches its 64 rows of
-// acc, so plain read-modify-write is race-free and deterministic. dÂ = scale * acc (by rows) and
-// dB̂ = scale * acc (by columns); normalize_bwd_kernel then applies the normalisation backward
-// inv * (dX̂ - x (x . dX̂) / ||x||^2) with the dot and norm in double (0 for rows whose norm is
-// below eps, the zero-row rule of reference.normalize_rows). dscale = sum(dS * S) / scale
-// = sum(dS * G * inv_a * inv_b): per-thread double sums, one partial per row program reduced in
-// thread order, then summed in program order by sum_kernel.
+// Forward, per chunk A_c = rows [i0, i0 + c):
+//  1. raw_c = A_c B^T: GEMM in the input dtype, fp32 output (fp16/bf16: mm.dtype_out, fp32
+//     accumulate; fp32: sgemm, TF32 only if the user enabled it for torch.mm) into the [c, M]
+//     buffer.
+//  2. infonce_fwd_epilogue_kernel reads that block once. Block (split x, row block y) owns 64 rows
+//     x 1024 columns; each warp 8 rows, each lane 4 consecutive columns of a 128-column strip
+//     (one float4 load per row). Per row: (max, sum-exp) over the block's columns (warp
+//     butterflies), written as a row partial [splits, c]. Per column: (max, sum-exp) over the
+//     block's 64 rows (registers, then the 8 warps merged in warp order through shared memory),
+//     written as a column partial [row blocks, M]. Two exponentials per logit.
+//  3. infonce_fwd_merge_kernel: one thread per row of the chunk merges its splits in split order
+//     (float64) into row_lse = max + log(sum), rounded once to double, and reads pos_row; one
+//     thread per column merges the chunk's row blocks in order into the running column stats
+//     (float max, float64 sum: chunk order), reads pos_col where its positive row lies in the
+//     chunk, and after the last chunk writes col_lse.
+// Backward, with 2^k = infonce_pow2_kernel's power of two (below), per chunk:
+//  1. raw_c again (the same GEMM).
+//  2. infonce_bwd_epilogue_kernel (same tiling) turns raw_c into dS (from the float64 LSEs split
+//     into float hi + lo: exp((S - hi) - lo), exact near the maximum) and writes
+//     H_ij = dS_ij * (2^k * scale * ib_j) in the GEMM dtype (fp32 inputs: in place over raw_c),
+//     and sums dS_ij * cos_ij (float per lane and row, float64 per thread, a fixed tree per
+//     block; infonce_sum_kernel adds the block partials in order to a float64 running dscale).
+//  3. G_c = H_c B (GEMM, fp32 out; fp32 inputs write it into da's rows). G_i = 2^k dL/dÂ_i.
+//  4. infonce_finalize_kernel: dA_i = ia_i 2^-k (G_i - A_i (A_i . G_i) / ||A_i||^2), the
+//     projection in float64 from G itself (so dA is orthogonal to A to double precision, whatever
+//     the GEMM rounding), 0 for rows whose norm was clamped (norm < eps: the zero-row rule of
+//     reference.normalize_rows); without normalize dA_i = 2^-k G_i. Written in a's dtype.
+//  5. E += H_c^T Â_c (GEMM, fp32 accumulate in cuBLAS, beta = 0 for the first chunk; Â_c = A_c
+//     scaled by ia in the GEMM dtype by infonce_scale_rows_kernel, A_c itself without normalize).
+//     E_j = 2^k ib_j dL/dB̂_j.
+// After the last chunk: dB_j = 2^-k (E_j - B_j (B_j . E_j) / ||B_j||^2) (the ib_j in H cancels
+// the one of the normalisation backward), 0 for clamped rows; 2^-k E_j without normalize; dscale
+// = sum_ij dS_ij cos_ij.
 //
-// Why a global fp32 accumulator rather than registers: a program's [64, D] accumulator is 384 KiB
-// at D = 1536, beyond registers and shared memory; chunking D instead would recompute every S tile
-// once per chunk (D / chunk times the GEMM work). The accumulator is read and written once per
-// 64-column tile (L2-resident: 384 KiB per program): N * M * D / 8 bytes against the 2 * N * M * D
-// FLOPs of that GEMM, 16 FLOP per byte. For fp32 inputs da and db themselves are the
-// accumulators (no extra memory); fp16/bf16 inputs need one fp32 [max(N, M), D] buffer, reused
-// by both passes (as large as both inputs together when N = M). The gradient
-// GEMMs run on fp32 FMA for every dtype: dS keeps fp32 precision (g_row = 1 / N makes dS too
-// small for fp16), at the price of speed (an open item: WMMA on a rescaled bf16 dS).
+// The power of two. |dS| <= |g_row| + |g_col|, so with bound = scale * (max |g_row| + max |g_col|)
+// * max ib_j (rows whose norm was not clamped), 2^k = 2^(12 - ceil(log2 bound)) keeps |H| <=
+// 2^12: no fp16 overflow (65504), and the small probabilities of a large batch (g ~ 1/N, p ~ 1/M)
+// stay fp16 normals. Multiplying and dividing by it is exact. fp16 rows whose norm is below eps
+// are exactly zero (fp16 has no magnitude below 6e-8), so their H columns are 0 (exact, and no
+// 1/eps overflow); bf16 and fp32 keep them (their range holds ib = 1e12).
 //
-// LSEs. row_lse and col_lse leave the forward in float64 (max + log(sum) rounded once, to
-// double): the backward forms exp(S - lse), and a float LSE would be off by up to half an ulp of
-// |S| (5e-4 at |S| = 1e4), scaling every probability of its row by up to 1 +- 5e-4. The host
-// splits each into float hi + lo and the kernel computes exp((s - hi) - lo): float arithmetic,
-// exact near the maximum (Sterbenz), so gradients keep float accuracy at any logit size.
+// Cost at the paper shape, N = M = 32768, D = 1536, bf16, with the chunk the public op passes to
+// both passes (vljepa_fast/ops/infonce.py: the 1 GiB rule at 6 bytes per pair, 5440 rows, 7
+// chunks, the last of 128 rows; chunk = 0 would give the forward 8192 rows, 4 chunks):
+//  - FLOPs: forward 2NMD = 3.30 TFLOP (4.2 ms at 790 TFLOP/s); backward 3 x 2NMD = 9.90 TFLOP
+//    (12.5 ms); total 8 N M D = 13.2 TFLOP, 16.7 ms. Epilogue arithmetic: 2 exponentials per logit
+//    and pass (2.1e9 per pass), about 0.5 ms of MUFU throughput, under its memory time.
+//  - HBM bytes, forward: S written by the GEMM and read by the epilogue, 4NM + 4NM = 8.6 GB; B
+//    re-read per chunk 0.7 GB; column partials 0.3 GB; A, vectors 0.1 GB: 9.7 GB, 2.3 ms at 4.3
+//    TB/s. Only the epilogue's read (4.3 GB, 1.0 ms) is outside a compute-bound GEMM.
+//  - HBM bytes, backward: S write + read 8.6 GB, H write 2.1 GB and two GEMM reads 4.3 GB; E read
+//    and written by each chunk's dB GEMM (cuBLAS beta = 1; the first chunk only writes) 2.6 GB; B
+//    re-read by two GEMMs per chunk 1.4 GB; G, Â, A, B, dA, dB 1.2 GB: 20.3 GB, 4.7 ms, of which
+//    the epilogue's 6.4 GB (1.5 ms) and the finalize passes (~0.2 ms) are outside the GEMMs.
+//  - Implied H200 time: forward 4.2 + 1.0 = 5.2 ms, backward 12.5 + 1.7 = 14.2 ms, fwd+bwd 19.4 ms
+//    (680 TFLOP/s counting 8 N M D) when the GEMMs hide their own traffic; 16.7 + 7.0 = 23.7 ms if
+//    no byte overlapped any FLOP (the bound of vljepa_fast/ops/_chunks.py).
+//  - Extra memory at that shape: forward 680 MiB S + 23 MiB partials; backward 1020 MiB (S and H)
+//    + 192 MiB E + 32 MiB G + 16 MiB Â.
+// Extra memory: forward [c, M] fp32 S + [ceil(M / 1024), c] and [ceil(c / 64), M] (max, sum)
+// float partials + [M] running column stats (12 B each) + [N], [M] fp32 inverse norms. Backward
+// [c, M] fp32 S + [c, M] H in the GEMM dtype (fp32 inputs: none, H overwrites S) + [c, D] fp32 G
+// (16-bit only) + [c, D] Â (normalize only) + E [M, D] fp32 (16-bit only; fp32 inputs accumulate
+// in db) + LSE hi/lo and the converted g vectors (8 (N + M) B + 4 (N + M) B) + inverse norms.
 //
 // scale is read on the device (no host sync); the Python layer validates that it is finite.
 #include <ATen/ATen.h>
@@ -59,15 +94,14 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math_constants.h>
-#include <mma.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
 #include <tuple>
-#include <utility>
 #include <type_traits>
 
 #include "infonce_check.h"
@@ -77,418 +111,485 @@
 namespace vljepa_fast {
 namespace {
 
+// Epilogue tiling: 256 threads = 8 warps; a warp owns 8 rows, a lane 4 consecutive columns (one
+// 16-byte load per row) of a 128-column strip; a block 64 rows x 8 strips = 1024 columns. Two
+// blocks per SM (at most 128 registers, no spills): one block's loads overlap the other's
+// arithmetic.
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Tile edge for both operands: 64 x 64 scores, 16 per thread, two WMMA fragments per warp.
-constexpr int kTile = 64;
-constexpr int kRowsPerWarp = kTile / kWarps;
-// fp32 tile row pitch: a multiple of 4 floats (WMMA store) whose column walks hit distinct banks.
-constexpr int kLdTile = kTile + 4;
-// The 128 operand rows (64 of own, 64 of other) are staged as in vljepa_cuda.h (kPackBytes,
-// kPacksPerRow, kOperandPitch).
-constexpr int kOperandBytes = 2 * kTile * kOperandPitch;
-constexpr int kTileBytes = kTile * kLdTile * 4;
-// The operand staging area doubles as the [64, 64] fp32 slice of `other` in the backward.
-constexpr int kUnionBytes = kOperandBytes > kTileBytes ? kOperandBytes : kTileBytes;
-// Forward grid: at most kMaxSplits row groups x kMaxSplits column splits (576 programs, several
-// waves on any current GPU); the lse partials take 8 * kMaxSplits * (N + M) bytes.
-constexpr int kMaxSplits = 24;
-static_assert(kTile == 2 * 32, "row passes give each lane two columns");
-static_assert(kTile * kTile == 16 * kThreads, "16 tile elements per thread");
+constexpr int kLaneCols = 4;
+constexpr int kStripCols = 32 * kLaneCols;
+constexpr int kStrips = 8;
+constexpr int64_t kSplitCols = int64_t(kStrips) * kStripCols;
+constexpr int kWarpRows = 8;
+constexpr int64_t kBlockRows = int64_t(kWarps) * kWarpRows;
+static_assert(kStripCols <= kThreads, "one merging thread per strip column");
+// Default chunk budget (chunk = 0): the floor of vljepa_fast/ops/_chunks.py (1 GiB).
+constexpr int64_t kDefaultBudgetBytes = int64_t(1) << 30;
+constexpr int64_t kChunkMultiple = 64;
+// |H| <= 2^kHTopExp (see the header).
+constexpr int kHTopExp = 12;
 
-template <typename T>
-struct Operand {
-  static constexpr int kPack = kPackBytes / int(sizeof(T));  // elements per 16-byte pack
-  static constexpr int BK = kPack * kPacksPerRow;             // elements per k-step
-  static constexpr int kLd = kOperandPitch / int(sizeof(T));  // staging row pitch (elements)
-};
+__device__ __forceinline__ float logit(float raw, float ia, float ib, float scale) {
+  return scale * (raw * (ia * ib));
+}
 
-// s_tile[r][c] = <own[r], other[c]> (fp32) for r < own_rows, c < other_rows; rows past those
-// are zero-filled, so their entries are 0 (callers mask them). s_ops: [128, kLd] staging; the
-// products of each k-step are fma_step (fp32) or wmma_step (fp16 / bf16) of vljepa_cuda.h.
-// Ends without a barrier: callers sync before reading s_tile.
-template <typename T>
-__device__ void tile_gemm(const T* __restrict__ own, int own_rows, const T* __restrict__ other,
-                          int other_rows, int dim, bool vec, T* s_ops, float* s_tile) {
-  using O = Operand<T>;
-  constexpr int kPacks = 2 * kTile * kPacksPerRow;
-  constexpr int kPacksPerThread = kPacks / kThreads;
-  static_assert(kPacks % kThreads == 0, "whole packs per thread");
-  const int k_steps = (dim + O::BK - 1) / O::BK;
-  uint4 regs[kPacksPerThread];
-  const auto load_step = [&](int step) {
-    const int d0 = step * O::BK;
-#pragma unroll
-    for (int p = 0; p < kPacksPerThread; ++p) {
-      const int v = threadIdx.x + p * kThreads;
-      const int row = v / kPacksPerRow;
-      const int d = d0 + (v % kPacksPerRow) * O::kPack;
-      uint4 r = make_uint4(0u, 0u, 0u, 0u);
-      if (row < kTile) {
-        if (row < own_rows) {
-          r = load_pack(own + int64_t(row) * dim, d, dim, vec);
-        }
-      } else if (row - kTile < other_rows) {
-        r = load_pack(other + int64_t(row - kTile) * dim, d, dim, vec);
-      }
-      regs[p] = r;
-    }
-  };
-  const auto store_step = [&]() {
-#pragma unroll
-    for (int p = 0; p < kPacksPerThread; ++p) {
-      const int v = threadIdx.x + p * kThreads;
-      *reinterpret_cast<uint4*>(s_ops + (v / kPacksPerRow) * O::kLd +
-                                (v % kPacksPerRow) * O::kPack) = regs[p];
-    }
-  };
-
-  // Makes k-step `step` visible in shared memory, then starts loading the next one into
-  // registers: those loads are in flight during this step's products.
-  const auto next_step = [&](int step) {
-    __syncthreads();  // readers of the previous step are done
-    store_step();
-    __syncthreads();
-    if (step + 1 < k_steps) {
-      load_step(step + 1);
-    }
-  };
-
-  load_step(0);
-  if constexpr (std::is_same<T, float>::value) {
-    const int ty = threadIdx.x / 16;
-    const int tx = threadIdx.x % 16;
-    float acc[4][4] = {};
-    for (int step = 0; step < k_steps; ++step) {
-      next_step(step);
-      fma_step<kTile, O::kLd, O::BK>(s_ops, ty, tx, acc);
-    }
-    fma_store<kLdTile>(s_tile, ty, tx, acc);
+// v[e] = p[j + e] for j + e < m (0 beyond). vec: m % 4 == 0 (16-byte aligned rows).
+__device__ __forceinline__ void load_lane(const float* p, int64_t j, int64_t m, bool vec,
+                                          float (&v)[kLaneCols]) {
+  static_assert(kLaneCols == 4, "one float4 per lane and row");
+  if (vec && j + kLaneCols <= m) {
+    const float4 x = *reinterpret_cast<const float4*>(p + j);
+    v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
   } else {
-    const int warp = threadIdx.x / 32;
-    AccFragment acc[2];
-    nvcuda::wmma::fill_fragment(acc[0], 0.0f);
-    nvcuda::wmma::fill_fragment(acc[1], 0.0f);
-    for (int step = 0; step < k_steps; ++step) {
-      next_step(step);
-      wmma_step<kTile, kTile, O::kLd, O::BK, kWarps>(s_ops, warp, acc);
+#pragma unroll
+    for (int e = 0; e < kLaneCols; ++e) {
+      v[e] = j + e < m ? p[j + e] : 0.0f;
     }
-    wmma_store<kTile, kLdTile, kWarps>(s_tile, warp, acc);
   }
 }
 
-// Program (s, g) = (blockIdx.x, blockIdx.y): the S block [row blocks of group g, column tiles of
-// split s] (see the header). Row partials go to row_part_* [splits, N], column partials to
-// col_part_* [groups, M], both as (max, sum of exp(x - max)).
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    infonce_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b,
-                       const float* __restrict__ inv_a, const float* __restrict__ inv_b,
-                       const float* __restrict__ scale_ptr, int n, int m, int dim, int offset,
-                       bool vec, bool col_stats, int blocks_per_group, int tiles_per_split,
-                       float* __restrict__ row_part_max, float* __restrict__ row_part_sum,
-                       float* __restrict__ pos_row, float* __restrict__ col_part_max,
-                       float* __restrict__ col_part_sum, float* __restrict__ pos_col) {
-  __shared__ __align__(128) unsigned char s_ops_raw[kOperandBytes];
-  __shared__ __align__(128) float s_tile[kTile * kLdTile];
-  T* s_ops = reinterpret_cast<T*>(s_ops_raw);
-  const int split = blockIdx.x;
-  const int group = blockIdx.y;
-  const int i_lo = group * blocks_per_group * kTile;
-  const int i_hi = min(n, i_lo + blocks_per_group * kTile);
-  const int j_lo = split * tiles_per_split * kTile;
-  const int j_hi = min(m, j_lo + tiles_per_split * kTile);
+__device__ __forceinline__ uint32_t bits16(__half x) { return __half_as_ushort(x); }
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+
+// p[j + e] = v[e] in H for j + e < m. vec: m % 4 == 0 (rows 16-byte aligned for fp32, 8-byte
+// for 16-bit H). 16-bit values are packed into words with shifts (no local array).
+template <typename H>
+__device__ __forceinline__ void store_lane(H* p, int64_t j, int64_t m, bool vec,
+                                           const float (&v)[kLaneCols]) {
+  if (vec && j + kLaneCols <= m) {
+    if constexpr (std::is_same<H, float>::value) {
+      *reinterpret_cast<float4*>(p + j) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+      const uint32_t w0 = bits16(from_float<H>(v[0])) | (bits16(from_float<H>(v[1])) << 16);
+      const uint32_t w1 = bits16(from_float<H>(v[2])) | (bits16(from_float<H>(v[3])) << 16);
+      *reinterpret_cast<uint2*>(p + j) = make_uint2(w0, w1);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < kLaneCols; ++e) {
+      if (j + e < m) {
+        p[j + e] = from_float<H>(v[e]);
+      }
+    }
+  }
+}
+
+// Block (split, row block) = (blockIdx.x % splits, blockIdx.x / splits) of the chunk's [rows, m]
+// raw block s (see the header). ia: the chunk's inverse norms (ia[0] is row i0). Row partials go
+// to row_pm / row_pl [splits, rows], column partials (col_stats) to col_pm / col_pl
+// [row blocks, m], both as (max, sum of exp(x - max)).
+__global__ void __launch_bounds__(kThreads, 2)
+    infonce_fwd_epilogue_kernel(const float* __restrict__ s, int64_t rows, int64_t m,
+                                int64_t splits, const float* __restrict__ ia,
+                                const float* __restrict__ ib, const float* __restrict__ scale_ptr,
+                                bool vec, bool col_stats, float* __restrict__ row_pm,
+                                float* __restrict__ row_pl, float* __restrict__ col_pm,
+                                float* __restrict__ col_pl) {
+  __shared__ float s_cm[kWarps][kStripCols];
+  __shared__ float s_cl[kWarps][kStripCols];
+  const int64_t split = int64_t(blockIdx.x) % splits;
+  const int64_t rb = int64_t(blockIdx.x) / splits;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  const int64_t r0 = rb * kBlockRows + warp * kWarpRows;
   const float scale = __ldg(scale_ptr);
   const float neg_inf = -CUDART_INF_F;
 
-  // Running max and sum-exp of the row block's rows, in shared memory rather than registers:
-  // with the loop over row blocks, register arrays push ptxas past 128 registers into spills.
-  // Row r belongs to warp r % kWarps, which alone reads and writes its two entries.
-  __shared__ float s_m_run[kTile];
-  __shared__ float s_l_run[kTile];
-
-  for (int i0 = i_lo; i0 < i_hi; i0 += kTile) {
-    const int rows = min(kTile, n - i0);
-    if (threadIdx.x < kTile) {
-      s_m_run[threadIdx.x] = neg_inf;
-      s_l_run[threadIdx.x] = 0.0f;
-    }
-
-    for (int j0 = j_lo; j0 < j_hi; j0 += kTile) {
-      const int cols = min(kTile, m - j0);
-      __syncthreads();  // the previous tile's readers of s_tile are done
-      tile_gemm<T>(a + int64_t(i0) * dim, rows, b + int64_t(j0) * dim, cols, dim, vec, s_ops,
-                   s_tile);
-      __syncthreads();
-      // G -> S; entries outside the matrix become -inf, which every reduction below ignores.
-      for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-        const int r = e / kTile;
-        const int c = e % kTile;
-        float* p = s_tile + r * kLdTile + c;
-        *p = r < rows && c < cols ? scale * (*p * inv_a[i0 + r] * inv_b[j0 + c]) : neg_inf;
-      }
-      __syncthreads();
-
+  float rm[kWarpRows];
+  float rl[kWarpRows];
+  float ia_r[kWarpRows];
 #pragma unroll
-      for (int k = 0; k < kRowsPerWarp; ++k) {
-        const int r = warp + k * kWarps;
-        if (r < rows) {  // warp-uniform
-          const float* s_row = s_tile + r * kLdTile;
-          const float v0 = s_row[lane];
-          const float v1 = s_row[lane + 32];
-          // Column j0 (lane 0) is always inside the matrix, so m_new is finite.
-          const float m_old = s_m_run[r];
-          const float m_new = fmaxf(m_old, warp_max(fmaxf(v0, v1)));
-          const float sum = warp_sum(expf(v0 - m_new) + expf(v1 - m_new));
-          const float l_new = s_l_run[r] * expf(m_old - m_new) + sum;
-          __syncwarp();  // every lane has read the old values
-          if (lane == 0) {
-            s_m_run[r] = m_new;
-            s_l_run[r] = l_new;
-          }
-          const int jp = i0 + r + offset;
-          if (lane == 0 && jp >= j0 && jp < j0 + cols) {
-            pos_row[i0 + r] = s_row[jp - j0];
-          }
-        }
-      }
+  for (int k = 0; k < kWarpRows; ++k) {
+    rm[k] = neg_inf;
+    rl[k] = 0.0f;
+    ia_r[k] = r0 + k < rows ? ia[r0 + k] : 0.0f;
+  }
 
-      if (col_stats && int(threadIdx.x) < cols) {
-        // Exact (max, sum-exp) of this row block for column j, merged with the group's earlier
-        // row blocks: thread c owns column j0 + c of every row block of this program, and no
-        // other program touches col_part[group, j], so the read-modify-write is race-free.
-        const int c = threadIdx.x;
-        const int j = j0 + c;
-        float cmax = neg_inf;
-        for (int r = 0; r < rows; ++r) {
-          cmax = fmaxf(cmax, s_tile[r * kLdTile + c]);
+  for (int st = 0; st < kStrips; ++st) {
+    const int64_t c0 = split * kSplitCols + int64_t(st) * kStripCols;
+    if (c0 >= m) {  // block-uniform
+      break;
+    }
+    const int64_t j = c0 + lane * kLaneCols;
+    float ibv[kLaneCols];
+#pragma unroll
+    for (int e = 0; e < kLaneCols; ++e) {
+      ibv[e] = j + e < m ? ib[j + e] : 0.0f;
+    }
+    // S of the warp's 8 rows x the lane's 4 columns; -inf outside the block.
+    float v[kWarpRows][kLaneCols];
+#pragma unroll
+    for (int k = 0; k < kWarpRows; ++k) {
+      if (r0 + k < rows) {
+        load_lane(s + (r0 + k) * m, j, m, vec, v[k]);
+#pragma unroll
+        for (int e = 0; e < kLaneCols; ++e) {
+          v[k][e] = j + e < m ? logit(v[k][e], ia_r[k], ibv[e], scale) : neg_inf;
         }
-        float csum = 0.0f;
-        for (int r = 0; r < rows; ++r) {
-          csum += expf(s_tile[r * kLdTile + c] - cmax);
-        }
-        const int64_t at = int64_t(group) * m + j;
-        if (i0 > i_lo) {
-          const float omax = col_part_max[at];
-          const float nmax = fmaxf(omax, cmax);
-          csum = col_part_sum[at] * expf(omax - nmax) + csum * expf(cmax - nmax);
-          cmax = nmax;
-        }
-        col_part_max[at] = cmax;
-        col_part_sum[at] = csum;
-        const int pr = min(max(j - offset, 0), n - 1) - i0;
-        if (pr >= 0 && pr < rows) {
-          pos_col[j] = s_tile[pr * kLdTile + c];
+      } else {
+#pragma unroll
+        for (int e = 0; e < kLaneCols; ++e) {
+          v[k][e] = neg_inf;
         }
       }
     }
-
-    __syncthreads();  // the last tile's row statistics are in shared memory
-    if (int(threadIdx.x) < rows) {
-      row_part_max[int64_t(split) * n + i0 + threadIdx.x] = s_m_run[threadIdx.x];
-      row_part_sum[int64_t(split) * n + i0 + threadIdx.x] = s_l_run[threadIdx.x];
+    // Rows: column c0 (lane 0, e = 0) lies inside the matrix, so every max is finite.
+#pragma unroll
+    for (int k = 0; k < kWarpRows; ++k) {
+      if (r0 + k < rows) {  // warp-uniform
+        float mx = v[k][0];
+#pragma unroll
+        for (int e = 1; e < kLaneCols; ++e) {
+          mx = fmaxf(mx, v[k][e]);
+        }
+        mx = warp_max(mx);
+        float sum = 0.0f;
+#pragma unroll
+        for (int e = 0; e < kLaneCols; ++e) {
+          sum += expf(v[k][e] - mx);
+        }
+        sum = warp_sum(sum);
+        const float nm = fmaxf(rm[k], mx);
+        rl[k] = rl[k] * expf(rm[k] - nm) + sum * expf(mx - nm);
+        rm[k] = nm;
+      }
+    }
+    if (col_stats) {  // block-uniform
+#pragma unroll
+      for (int e = 0; e < kLaneCols; ++e) {
+        float cm = v[0][e];
+#pragma unroll
+        for (int k = 1; k < kWarpRows; ++k) {
+          cm = fmaxf(cm, v[k][e]);
+        }
+        float cl = 0.0f;
+        if (cm != neg_inf) {
+#pragma unroll
+          for (int k = 0; k < kWarpRows; ++k) {
+            cl += expf(v[k][e] - cm);
+          }
+        }
+        s_cm[warp][lane * kLaneCols + e] = cm;
+        s_cl[warp][lane * kLaneCols + e] = cl;
+      }
+      __syncthreads();
+      const int64_t jc = c0 + threadIdx.x;
+      if (int(threadIdx.x) < kStripCols && jc < m) {
+        float cm = s_cm[0][threadIdx.x];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) {
+          cm = fmaxf(cm, s_cm[w][threadIdx.x]);
+        }
+        // Row block rb has at least one row, so cm is finite; empty warps give (-inf, 0).
+        float cl = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          const float pm = s_cm[w][threadIdx.x];
+          if (pm != neg_inf) {
+            cl += s_cl[w][threadIdx.x] * expf(pm - cm);
+          }
+        }
+        col_pm[rb * m + jc] = cm;
+        col_pl[rb * m + jc] = cl;
+      }
+      __syncthreads();  // s_cm / s_cl are reused by the next strip
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < kWarpRows; ++k) {
+      if (r0 + k < rows) {
+        row_pm[split * rows + r0 + k] = rm[k];
+        row_pl[split * rows + r0 + k] = rl[k];
+      }
     }
   }
 }
 
-// out[x] = log-sum-exp of the `parts` partials (max, sum) of x in [0, len), merged in part order.
+// One thread per row x < rows of the chunk (global row i0 + x), then (col_stats) one per column
+// j = x - rows < m: see step 3 of the forward in the header. s: the chunk's raw block [rows, m];
+// ia, ib: full inverse norms.
 __global__ void __launch_bounds__(kThreads)
-    lse_merge_kernel(const float* __restrict__ part_max, const float* __restrict__ part_sum,
-                     int parts, int len, double* __restrict__ out) {
-  const int x = blockIdx.x * kThreads + threadIdx.x;
-  if (x >= len) {
+    infonce_fwd_merge_kernel(const float* __restrict__ s, int64_t rows, int64_t m, int64_t i0,
+                             int64_t n, int64_t offset, const float* __restrict__ row_pm,
+                             const float* __restrict__ row_pl, int64_t splits,
+                             const float* __restrict__ col_pm, const float* __restrict__ col_pl,
+                             int64_t row_blocks, const float* __restrict__ ia,
+                             const float* __restrict__ ib, const float* __restrict__ scale_ptr,
+                             bool col_stats, bool first, bool last, float* __restrict__ run_m,
+                             double* __restrict__ run_l, double* __restrict__ row_lse,
+                             float* __restrict__ pos_row, double* __restrict__ col_lse,
+                             float* __restrict__ pos_col) {
+  const int64_t x = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const float scale = __ldg(scale_ptr);
+  if (x < rows) {
+    float mx = row_pm[x];
+    for (int64_t p = 1; p < splits; ++p) {
+      mx = fmaxf(mx, row_pm[p * rows + x]);
+    }
+    double sum = 0.0;
+    for (int64_t p = 0; p < splits; ++p) {
+      sum += double(row_pl[p * rows + x]) * exp(double(row_pm[p * rows + x]) - double(mx));
+    }
+    const int64_t i = i0 + x;
+    // One rounding, to double: see the LSE note in csrc/ops.cpp.
+    row_lse[i] = double(mx) + log(sum);
+    const int64_t jp = i + offset;
+    pos_row[i] = logit(s[x * m + jp], ia[i], ib[jp], scale);
     return;
   }
-  float cmax = -CUDART_INF_F;
-  for (int p = 0; p < parts; ++p) {
-    cmax = fmaxf(cmax, part_max[int64_t(p) * len + x]);
+  const int64_t j = x - rows;
+  if (!col_stats || j >= m) {
+    return;
   }
-  float csum = 0.0f;
-  for (int p = 0; p < parts; ++p) {
-    csum += part_sum[int64_t(p) * len + x] * expf(part_max[int64_t(p) * len + x] - cmax);
+  float cm = first ? col_pm[j] : run_m[j];
+  for (int64_t p = first ? 1 : 0; p < row_blocks; ++p) {
+    cm = fmaxf(cm, col_pm[p * m + j]);
   }
-  // One rounding, to double: see the LSE note in the header.
-  out[x] = double(cmax) + log(double(csum));
+  double cl = first ? 0.0 : run_l[j] * exp(double(run_m[j]) - double(cm));
+  for (int64_t p = 0; p < row_blocks; ++p) {
+    cl += double(col_pl[p * m + j]) * exp(double(col_pm[p * m + j]) - double(cm));
+  }
+  run_m[j] = cm;
+  run_l[j] = cl;
+  const int64_t pr = std::min(std::max(j - offset, int64_t(0)), n - 1);
+  if (pr >= i0 && pr < i0 + rows) {
+    pos_col[j] = logit(s[(pr - i0) * m + j], ia[pr], ib[j], scale);
+  }
+  if (last) {
+    col_lse[j] = double(cm) + log(cl);
+  }
 }
 
-// Program p owns rows [64 p, 64 p + 64) of `own` (a when by_rows, else b) and adds
-// sum_c W[r][c] other[c] into its rows of acc [n_own, D] (see the header). dscale_part (by rows
-// only) receives the program's share of sum(dS * G * inv_a * inv_b).
-// Two resident blocks per SM asked for explicitly: without it ptxas 13 squeezes the fp16 variant
-// for sm_90a into 64 registers and spills.
-template <typename T>
+// pw[0] = 2^k, pw[1] = 2^-k (see the header): one block, maxima in any order (exact).
+constexpr int kPowThreads = 1024;
+__global__ void __launch_bounds__(kPowThreads)
+    infonce_pow2_kernel(const float* __restrict__ g_row, int64_t n,
+                        const float* __restrict__ g_col, int64_t m,
+                        const float* __restrict__ ib, bool normalize,
+                        const float* __restrict__ scale_ptr, float* __restrict__ pw) {
+  __shared__ float s_red[3][kPowThreads];
+  float gr = 0.0f;
+  float gc = 0.0f;
+  float bm = normalize ? 0.0f : 1.0f;
+  for (int64_t i = threadIdx.x; i < n; i += kPowThreads) {
+    gr = fmaxf(gr, fabsf(g_row[i]));
+  }
+  for (int64_t j = threadIdx.x; j < m; j += kPowThreads) {
+    if (g_col != nullptr) {
+      gc = fmaxf(gc, fabsf(g_col[j]));
+    }
+    if (normalize && ib[j] < kInvNormEps) {
+      bm = fmaxf(bm, ib[j]);
+    }
+  }
+  s_red[0][threadIdx.x] = gr;
+  s_red[1][threadIdx.x] = gc;
+  s_red[2][threadIdx.x] = bm;
+  __syncthreads();
+  for (int half = kPowThreads / 2; half > 0; half >>= 1) {
+    if (int(threadIdx.x) < half) {
+#pragma unroll
+      for (int q = 0; q < 3; ++q) {
+        s_red[q][threadIdx.x] = fmaxf(s_red[q][threadIdx.x], s_red[q][threadIdx.x + half]);
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const double bound = fabs(double(__ldg(scale_ptr))) *
+                         (double(s_red[0][0]) + double(s_red[1][0])) * double(s_red[2][0]);
+    int e = 0;
+    if (bound > 0.0 && isfinite(bound)) {
+      // ceil(log2(bound)) from the exponent (exact: scaling every g by 2^p moves e by -p).
+      int ex = 0;
+      const double frac = frexp(bound, &ex);  // bound = frac * 2^ex, frac in [0.5, 1)
+      e = kHTopExp - (frac == 0.5 ? ex - 1 : ex);
+      e = min(max(e, -120), 120);
+    }
+    pw[0] = ldexpf(1.0f, e);
+    pw[1] = ldexpf(1.0f, -e);
+  }
+}
+
+// The sum of every thread's v over a kThreads block in one fixed tree order (the same bits on
+// every run); s_red is the block's kThreads doubles of shared memory. Every thread gets it.
+__device__ __forceinline__ double block_tree_sum(double* s_red, double v) {
+  s_red[threadIdx.x] = v;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half >>= 1) {
+    if (int(threadIdx.x) < half) {
+      s_red[threadIdx.x] += s_red[threadIdx.x + half];
+    }
+    __syncthreads();
+  }
+  const double total = s_red[0];
+  __syncthreads();
+  return total;
+}
+
+// Backward epilogue over the chunk's raw block s [rows, m] (chunk rows start at global row i0),
+// tiled as the forward one: h = dS * (2^k * scale * ib_j) in H (h may alias s: fp32), and
+// dscale_part[block] = sum over the block of dS * cos (see step 2 of the backward in the header).
+// ia, row_hi, row_lo, g_row are [N] (global rows); ib, col_hi, col_lo, g_col [M].
+template <typename H, bool kCol>
 __global__ void __launch_bounds__(kThreads, 2)
-    infonce_bwd_kernel(const T* __restrict__ own, const T* __restrict__ other, int n_own,
-                       int n_other, const float* __restrict__ inv_a,
-                       const float* __restrict__ inv_b, const float* __restrict__ scale_ptr,
-                       int n, int dim, int offset, bool vec, bool by_rows,
-                       const float* __restrict__ row_hi, const float* __restrict__ row_lo,
-                       const float* __restrict__ g_row, const float* __restrict__ col_hi,
-                       const float* __restrict__ col_lo, const float* __restrict__ g_col,
-                       float* __restrict__ acc, double* __restrict__ dscale_part) {
-  __shared__ __align__(128) unsigned char s_union[kUnionBytes];
-  __shared__ __align__(128) float s_tile[kTile * kLdTile];
+    infonce_bwd_epilogue_kernel(const float* s, H* h, int64_t rows, int64_t m, int64_t splits,
+                                int64_t i0, int64_t n, int64_t offset,
+                                const float* __restrict__ ia, const float* __restrict__ ib,
+                                const float* __restrict__ scale_ptr,
+                                const float* __restrict__ pw_ptr,
+                                const float* __restrict__ row_hi,
+                                const float* __restrict__ row_lo,
+                                const float* __restrict__ g_row,
+                                const float* __restrict__ col_hi,
+                                const float* __restrict__ col_lo,
+                                const float* __restrict__ g_col, bool vec, bool zero_clamped,
+                                double* __restrict__ dscale_part) {
   __shared__ double s_red[kThreads];
-  T* s_ops = reinterpret_cast<T*>(s_union);
-  float* s_other = reinterpret_cast<float*>(s_union);  // [64, kLdTile]: other[c][d] slice
-  const int own0 = blockIdx.x * kTile;
-  const int own_rows = min(kTile, n_own - own0);
+  const int64_t split = int64_t(blockIdx.x) % splits;
+  const int64_t rb = int64_t(blockIdx.x) / splits;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t r0 = rb * kBlockRows + warp * kWarpRows;  // chunk-local
   const float scale = __ldg(scale_ptr);
-  const bool with_col = g_col != nullptr;
-  const int ty = threadIdx.x / 16;
-  const int tx = threadIdx.x % 16;
-  double dscale_acc = 0.0;
+  const float h_scale = __ldg(pw_ptr) * scale;
+  double acc = 0.0;
 
-  for (int o0 = 0; o0 < n_other; o0 += kTile) {
-    const int other_rows = min(kTile, n_other - o0);
-    __syncthreads();  // the previous tile's readers of s_tile and s_other are done
-    tile_gemm<T>(own + int64_t(own0) * dim, own_rows, other + int64_t(o0) * dim, other_rows, dim,
-                 vec, s_ops, s_tile);
-    __syncthreads();
-    // G -> W = dS * inv_other, in place; zero outside the matrix.
-    for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-      const int r = e / kTile;
-      const int c = e % kTile;
-      float* p = s_tile + r * kLdTile + c;
-      float w = 0.0f;
-      if (r < own_rows && c < other_rows) {
-        const int i = by_rows ? own0 + r : o0 + c;  // row of a
-        const int j = by_rows ? o0 + c : own0 + r;  // row of b
-        const float g_hat = *p * inv_a[i] * inv_b[j];
-        const float s = scale * g_hat;
-        const float pos = j == i + offset ? 1.0f : 0.0f;
-        float ds = g_row[i] * (expf((s - row_hi[i]) - row_lo[i]) - pos);
-        if (with_col) {
-          const int pc = min(max(j - offset, 0), n - 1);
-          ds += g_col[j] * (expf((s - col_hi[j]) - col_lo[j]) - (i == pc ? 1.0f : 0.0f));
-        }
-        dscale_acc += double(ds) * double(g_hat);
-        w = ds * (by_rows ? inv_b[j] : inv_a[i]);
-      }
-      *p = w;
+  for (int st = 0; st < kStrips; ++st) {
+    const int64_t c0 = split * kSplitCols + int64_t(st) * kStripCols;
+    if (c0 >= m) {
+      break;
     }
-    // acc[own0 + r, dc + d] += sum_c W[r][c] other[o0 + c, dc + d], 64 features at a time.
-    for (int dc = 0; dc < dim; dc += kTile) {
-      __syncthreads();  // W is complete; the previous chunk's readers of s_other are done
-      for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
-        const int c = e / kTile;
-        const int d = e % kTile;
-        s_other[c * kLdTile + d] = c < other_rows && dc + d < dim
-                                       ? to_float(other[int64_t(o0 + c) * dim + dc + d])
-                                       : 0.0f;
+    const int64_t j = c0 + lane * kLaneCols;
+    float ibv[kLaneCols];
+    float hc[kLaneCols];
+    float chi[kLaneCols];
+    float clo[kLaneCols];
+    float gcv[kLaneCols];
+    int pc[kLaneCols];  // positive row of each column (< N < 2^30)
+#pragma unroll
+    for (int e = 0; e < kLaneCols; ++e) {
+      const bool in = j + e < m;
+      ibv[e] = in ? ib[j + e] : 0.0f;
+      hc[e] = zero_clamped && ibv[e] >= kInvNormEps ? 0.0f : h_scale * ibv[e];
+      if constexpr (kCol) {
+        chi[e] = in ? col_hi[j + e] : 0.0f;
+        clo[e] = in ? col_lo[j + e] : 0.0f;
+        gcv[e] = in ? g_col[j + e] : 0.0f;
+        pc[e] = int(std::min(std::max(j + e - offset, int64_t(0)), n - 1));
       }
-      __syncthreads();
-      // This thread's 4 x 4 entries of acc: (own row ty + 16 i, feature dc + tx + 16 j) as
-      // fn(i, j, inside the matrix, element offset in acc).
-      const auto for_entries = [&](auto&& fn) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int r = ty + 16 * i;
-            const int d = dc + tx + 16 * j;
-            fn(i, j, r < own_rows && d < dim, int64_t(own0 + r) * dim + d);
-          }
-        }
-      };
-      float sum[4][4];
-      for_entries([&](int i, int j, bool inside, int64_t at) {
-        sum[i][j] = inside ? acc[at] : 0.0f;
-      });
-#pragma unroll 4
-      for (int c = 0; c < kTile; ++c) {
-        float w[4];
-        float x[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          w[i] = s_tile[(ty + 16 * i) * kLdTile + c];
-          x[i] = s_other[c * kLdTile + tx + 16 * i];
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            sum[i][j] = fmaf(w[i], x[j], sum[i][j]);
-          }
-        }
+    }
+#pragma unroll 2
+    for (int k = 0; k < kWarpRows; ++k) {
+      const int64_t r = r0 + k;
+      if (r >= rows) {
+        break;
       }
-      for_entries([&](int i, int j, bool inside, int64_t at) {
-        if (inside) {
-          acc[at] = sum[i][j];
+      const int64_t i = i0 + r;
+      const int i32 = int(i);
+      const int jp = int(i + offset);  // the row's positive column (< M < 2^30)
+      const float ia_i = ia[i];
+      const float hi = row_hi[i];
+      const float lo = row_lo[i];
+      const float gr = g_row[i];
+      float v[kLaneCols];
+      load_lane(s + r * m, j, m, vec, v);
+      float part = 0.0f;
+#pragma unroll
+      for (int e = 0; e < kLaneCols; ++e) {
+        const float cos = v[e] * (ia_i * ibv[e]);
+        const float sv = scale * cos;  // == logit(v[e], ia_i, ibv[e], scale)
+        float ds = gr * (expf((sv - hi) - lo) - (j + e == jp ? 1.0f : 0.0f));
+        if constexpr (kCol) {
+          ds += gcv[e] * (expf((sv - chi[e]) - clo[e]) - (i32 == pc[e] ? 1.0f : 0.0f));
         }
-      });
+        // Columns past m (v = 0, ib = 0) are selected away: their ds may be inf (an lse far
+        // below 0), and inf * 0 would be NaN.
+        const bool in = j + e < m;
+        part += in ? ds * cos : 0.0f;
+        v[e] = in ? ds * hc[e] : 0.0f;
+      }
+      acc += double(part);
+      store_lane<H>(h + r * m, j, m, vec, v);
     }
   }
-
-  if (dscale_part != nullptr) {
-    s_red[threadIdx.x] = dscale_acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      double total = 0.0;
-      for (int t = 0; t < kThreads; ++t) {
-        total += s_red[t];
-      }
-      dscale_part[blockIdx.x] = total;
-    }
+  const double total = block_tree_sum(s_red, acc);
+  if (threadIdx.x == 0) {
+    dscale_part[blockIdx.x] = total;
   }
 }
 
-// out = sum of parts in order (one thread: a fixed summation order, a few thousand terms).
-__global__ void sum_kernel(const double* __restrict__ parts, int count, float* __restrict__ out) {
-  double total = 0.0;
-  for (int p = 0; p < count; ++p) {
-    total += parts[p];
+// *acc += sum of parts[0, count) in a fixed order (strided per thread, then a fixed tree).
+__global__ void __launch_bounds__(kThreads)
+    infonce_sum_kernel(const double* __restrict__ parts, int64_t count,
+                       double* __restrict__ acc) {
+  __shared__ double s_red[kThreads];
+  double t = 0.0;
+  for (int64_t p = threadIdx.x; p < count; p += kThreads) {
+    t += parts[p];
   }
-  *out = float(total);
+  const double total = block_tree_sum(s_red, t);
+  if (threadIdx.x == 0) {
+    *acc += total;
+  }
 }
 
-// out[r] = inv[r] * (g - x (x . g) / ||x||^2), g = scale * acc[r]: the backward of
-// x / max(||x||, eps) (projection in double, so that the component along x cancels to double
-// precision); all rows without normalize get inv[r] * g only (inv is 1 then). Rows whose norm
-// was clamped (norm < eps: zero rows) get 0, the rule of reference.normalize_rows (no
-// direction, and the 1 / eps slope would overflow fp16).
-// One warp per row. acc and out may alias (fp32 inputs): each lane reads its elements before it
-// writes them.
+// out[r] = T(x[r] * inv[r]): the chunk's normalised rows in the GEMM dtype, one block per row.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    normalize_bwd_kernel(const float* acc, const T* __restrict__ x,
-                         const float* __restrict__ inv, const float* __restrict__ scale_ptr,
-                         int rows, int dim, bool normalize, T* out) {
+    infonce_scale_rows_kernel(const T* __restrict__ x, const float* __restrict__ inv,
+                              int64_t dim, T* __restrict__ out) {
+  const int64_t r = blockIdx.x;
+  const float iv = inv[r];
+  for (int64_t d = threadIdx.x; d < dim; d += kThreads) {
+    out[r * dim + d] = from_float<T>(to_float(x[r * dim + d]) * iv);
+  }
+}
+
+// The normalisation backward (steps 4 and after the loop in the header), one warp per row:
+// out[r] = f * (g - x (x . g) / ||x||^2) with f = 2^-k (times inv[r] when times_inv), the
+// projection in double so that the component along x cancels to double precision; without
+// normalize out[r] = f * g; rows whose norm was clamped get 0 under normalize (no direction, and
+// the 1 / eps slope would overflow fp16). g and out may alias (fp32): each lane reads its
+// elements before it writes them.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    infonce_finalize_kernel(const float* g, const T* __restrict__ x,
+                            const float* __restrict__ inv, const float* __restrict__ pw_ptr,
+                            int64_t rows, int64_t dim, bool normalize, bool times_inv, T* out) {
   const int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (r >= rows) {
     return;
   }
-  const float scale = __ldg(scale_ptr);
-  const bool clamped = normalize && inv[r] >= kInvNormEps;  // uniform across the warp
-  const double iv = inv[r];
-  const bool project = normalize && !clamped;
-  const float* g_row = acc + r * dim;
+  const float iv = inv[r];
+  const bool clamped = normalize && iv >= kInvNormEps;  // uniform across the warp
+  const double f = double(__ldg(pw_ptr + 1)) * (times_inv ? double(iv) : 1.0);
+  const float* g_row = g + r * dim;
   const T* x_row = x + r * dim;
   double coef = 0.0;
-  if (project) {
+  if (normalize && !clamped) {
     double dot = 0.0;
     double sq = 0.0;
-    for (int d = lane; d < dim; d += 32) {
+    for (int64_t d = lane; d < dim; d += 32) {
       const double xv = to_float(x_row[d]);
-      dot += xv * double(scale * g_row[d]);
+      dot += xv * double(g_row[d]);
       sq += xv * xv;
     }
     coef = warp_sum(dot) / warp_sum(sq);  // sq > 0: the norm exceeds eps
   }
   T* o_row = out + r * dim;
-  for (int d = lane; d < dim; d += 32) {
-    const double g = scale * g_row[d];
+  for (int64_t d = lane; d < dim; d += 32) {
+    const double gv = g_row[d];
     const double xv = to_float(x_row[d]);
-    o_row[d] = from_float<T>(clamped ? 0.0f : float(iv * (g - xv * coef)));
+    o_row[d] = from_float<T>(clamped ? 0.0f : float(f * (gv - xv * coef)));
   }
 }
 
 struct Problem {
-  int n, m, dim, offset;
-  bool vec;
+  int64_t n, m, dim, offset;
   at::Tensor scale;  // [1] fp32 on the device
   at::Tensor inv_a;  // [N] fp32
   at::Tensor inv_b;  // [M] fp32
@@ -513,64 +614,109 @@ template <typename T>
 Problem make_problem(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                      int64_t offset, bool normalize, cudaStream_t stream) {
   Problem p;
-  p.n = int(a.size(0));
-  p.m = int(b.size(0));
-  p.dim = int(a.size(1));
-  p.offset = int(offset);
-  constexpr int kPack = Operand<T>::kPack;
-  p.vec = p.dim % kPack == 0 && reinterpret_cast<uintptr_t>(a.data_ptr()) % kPackBytes == 0 &&
-          reinterpret_cast<uintptr_t>(b.data_ptr()) % kPackBytes == 0;
+  p.n = a.size(0);
+  p.m = b.size(0);
+  p.dim = a.size(1);
+  p.offset = offset;
   p.scale = scale.reshape({1}).to(a.device(), at::kFloat).contiguous();
   p.inv_a = row_scales<T>(a, normalize, stream);
   p.inv_b = row_scales<T>(b, normalize, stream);
   return p;
 }
 
-// (runs per part, parts): `runs` consecutive tiles cut into at most kMaxSplits parts.
-std::pair<int, int> split_runs(int runs) {
-  const int parts = std::min(runs, kMaxSplits);
-  const int per = (runs + parts - 1) / parts;
-  return {per, (runs + per - 1) / per};
+// Rows per chunk: `chunk`, or for 0 the 1 GiB floor of the Python rule, at most N.
+int64_t chunk_rows(int64_t chunk, int64_t n, int64_t m, int64_t bytes_per_pair) {
+  if (chunk == 0) {
+    int64_t fit = kDefaultBudgetBytes / (std::max<int64_t>(m, 1) * bytes_per_pair);
+    if (fit > kChunkMultiple) {
+      fit -= fit % kChunkMultiple;
+    }
+    chunk = std::max<int64_t>(1, fit);
+  }
+  return std::min(chunk, n);
 }
 
-void launch_merge(const at::Tensor& part_max, const at::Tensor& part_sum, at::Tensor& out,
-                  cudaStream_t stream) {
-  const int len = int(out.size(0));
-  lse_merge_kernel<<<(len + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-      part_max.data_ptr<float>(), part_sum.data_ptr<float>(), int(part_max.size(0)), len,
-      out.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
+
+// Epilogue grid for a chunk of `rows` rows: (splits, row blocks) flattened.
+int64_t epilogue_blocks(int64_t rows, int64_t splits) {
+  const int64_t blocks = splits * ceil_div(rows, kBlockRows);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "infonce (cuda): chunk of ", rows, " rows too large for one launch");
+  return blocks;
+}
+
+// fp16 / bf16 GEMMs with an fp32 output need aten::mm.dtype_out (torch >= 2.8) and, for the fp32
+// accumulator E, aten::addmm.dtype_out accepting an fp32 self (torch >= 2.10).
+#define VLJEPA_INFONCE_MM_DTYPE \
+  (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10))
+
+// out (fp32) = x @ y, or out += x @ y when accumulate: cuBLAS through ATen, in x's dtype with
+// fp32 accumulation and output (fp16 / bf16: the out_dtype overloads).
+void gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& y, bool accumulate) {
+  if (x.scalar_type() == at::kFloat) {
+    if (accumulate) {
+      at::addmm_out(out, out, x, y);
+    } else {
+      at::mm_out(out, x, y);
+    }
+    return;
+  }
+#if VLJEPA_INFONCE_MM_DTYPE
+  if (accumulate) {
+    at::addmm_out(out, out, x, y, at::kFloat, 1, 1);
+  } else {
+    at::mm_out(out, x, y, at::kFloat);
+  }
+#else
+  TORCH_CHECK(false, "infonce (cuda): float16 / bfloat16 inputs need torch >= 2.10 (fp32-output "
+              "GEMMs aten::mm.dtype_out / addmm.dtype_out); this library is built against torch ",
+              TORCH_VERSION_MAJOR, ".", TORCH_VERSION_MINOR);
+#endif
 }
 
 template <typename T>
 void launch_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
-                int64_t offset, bool normalize, bool col_stats, at::Tensor& row_lse,
-                at::Tensor& col_lse, at::Tensor& pos_row, at::Tensor& pos_col,
-                cudaStream_t stream) {
+                int64_t offset, bool normalize, bool col_stats, int64_t chunk,
+                at::Tensor& row_lse, at::Tensor& col_lse, at::Tensor& pos_row,
+                at::Tensor& pos_col, cudaStream_t stream) {
   const Problem p = make_problem<T>(a, b, scale, offset, normalize, stream);
-  const auto [blocks_per_group, groups] = split_runs((p.n + kTile - 1) / kTile);
-  const auto [tiles_per_split, splits] = split_runs((p.m + kTile - 1) / kTile);
+  const int64_t c_max = chunk_rows(chunk, p.n, p.m, 4);
+  const int64_t splits = ceil_div(p.m, kSplitCols);
+  const int64_t blocks_max = ceil_div(c_max, kBlockRows);
   const auto f32 = a.options().dtype(at::kFloat);
-  at::Tensor row_max = at::empty({splits, p.n}, f32);
-  at::Tensor row_sum = at::empty({splits, p.n}, f32);
-  at::Tensor col_max;
-  at::Tensor col_sum;
+  at::Tensor sbuf = at::empty({c_max, p.m}, f32);
+  at::Tensor row_pm = at::empty({splits * c_max}, f32);
+  at::Tensor row_pl = at::empty({splits * c_max}, f32);
+  at::Tensor col_pm, col_pl, run_m, run_l;
   if (col_stats) {
-    col_max = at::empty({groups, p.m}, f32);
-    col_sum = at::empty({groups, p.m}, f32);
+    col_pm = at::empty({blocks_max * p.m}, f32);
+    col_pl = at::empty({blocks_max * p.m}, f32);
+    run_m = at::empty({p.m}, f32);
+    run_l = at::empty({p.m}, a.options().dtype(at::kDouble));
   }
-  infonce_fwd_kernel<T><<<dim3(splits, groups), kThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(a.data_ptr()), reinterpret_cast<const T*>(b.data_ptr()),
-      p.inv_a.data_ptr<float>(), p.inv_b.data_ptr<float>(), p.scale.data_ptr<float>(), p.n, p.m,
-      p.dim, p.offset, p.vec, col_stats, blocks_per_group, tiles_per_split,
-      row_max.data_ptr<float>(), row_sum.data_ptr<float>(), pos_row.data_ptr<float>(),
-      col_stats ? col_max.data_ptr<float>() : nullptr,
-      col_stats ? col_sum.data_ptr<float>() : nullptr,
-      col_stats ? pos_col.data_ptr<float>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_merge(row_max, row_sum, row_lse, stream);
-  if (col_stats) {
-    launch_merge(col_max, col_sum, col_lse, stream);
+  const auto ptr = [&](at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  const bool vec = p.m % 4 == 0;
+  const at::Tensor bt = b.t();
+  for (int64_t i0 = 0; i0 < p.n; i0 += c_max) {
+    const int64_t rows = std::min(c_max, p.n - i0);
+    at::Tensor s_c = sbuf.narrow(0, 0, rows);
+    gemm(s_c, a.narrow(0, i0, rows), bt, false);
+    infonce_fwd_epilogue_kernel<<<epilogue_blocks(rows, splits), kThreads, 0, stream>>>(
+        s_c.data_ptr<float>(), rows, p.m, splits, p.inv_a.data_ptr<float>() + i0,
+        p.inv_b.data_ptr<float>(), p.scale.data_ptr<float>(), vec, col_stats,
+        row_pm.data_ptr<float>(), row_pl.data_ptr<float>(), ptr(col_pm), ptr(col_pl));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t threads = rows + (col_stats ? p.m : 0);
+    infonce_fwd_merge_kernel<<<ceil_div(threads, kThreads), kThreads, 0, stream>>>(
+        s_c.data_ptr<float>(), rows, p.m, i0, p.n, p.offset, row_pm.data_ptr<float>(),
+        row_pl.data_ptr<float>(), splits, ptr(col_pm), ptr(col_pl), ceil_div(rows, kBlockRows),
+        p.inv_a.data_ptr<float>(), p.inv_b.data_ptr<float>(), p.scale.data_ptr<float>(),
+        col_stats, i0 == 0, i0 + rows == p.n, ptr(run_m),
+        col_stats ? run_l.data_ptr<double>() : nullptr, row_lse.data_ptr<double>(),
+        pos_row.data_ptr<float>(), col_stats ? col_lse.data_ptr<double>() : nullptr,
+        col_stats ? pos_col.data_ptr<float>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
@@ -578,49 +724,87 @@ template <typename T>
 void launch_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                 int64_t offset, bool normalize, const at::Tensor& row_lse,
                 const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col,
-                at::Tensor& da, at::Tensor& db, at::Tensor& dscale, cudaStream_t stream) {
+                int64_t chunk, at::Tensor& da, at::Tensor& db, at::Tensor& dscale,
+                cudaStream_t stream) {
+  constexpr bool kF32 = std::is_same<T, float>::value;
   const Problem p = make_problem<T>(a, b, scale, offset, normalize, stream);
-  const bool f32 = std::is_same<T, float>::value;
   const bool with_col = g_col.defined();
-  const T* p_a = reinterpret_cast<const T*>(a.data_ptr());
-  const T* p_b = reinterpret_cast<const T*>(b.data_ptr());
-  // fp32: da / db are the accumulators; otherwise one fp32 buffer serves both passes in turn.
-  at::Tensor buffer;
-  if (!f32) {
-    buffer = at::empty({std::max(p.n, p.m), p.dim}, a.options().dtype(at::kFloat));
-  }
-  const int row_blocks = (p.n + kTile - 1) / kTile;
-  at::Tensor dscale_part = at::empty({row_blocks}, a.options().dtype(at::kDouble));
+  const int64_t c_max = chunk_rows(chunk, p.n, p.m, 4 + int64_t(sizeof(T)));
+  const int64_t splits = ceil_div(p.m, kSplitCols);
+  const auto f32 = a.options().dtype(at::kFloat);
+  at::Tensor sbuf = at::empty({c_max, p.m}, f32);
+  // fp32: H overwrites S, G is written into da's rows and E is db; 16-bit: buffers.
+  at::Tensor hbuf = kF32 ? sbuf : at::empty({c_max, p.m}, a.options());
+  at::Tensor gbuf = kF32 ? at::Tensor() : at::empty({c_max, p.dim}, f32);
+  at::Tensor ahat = normalize ? at::empty({c_max, p.dim}, a.options()) : at::Tensor();
+  at::Tensor e_acc = kF32 ? db : at::empty({p.m, p.dim}, f32);
+  at::Tensor pw = at::empty({2}, f32);
+  at::Tensor parts = at::empty({epilogue_blocks(c_max, splits)}, a.options().dtype(at::kDouble));
+  at::Tensor acc = at::zeros({1}, a.options().dtype(at::kDouble));
 
-  for (const bool by_rows : {true, false}) {
-    const int n_own = by_rows ? p.n : p.m;
-    at::Tensor& grad = by_rows ? da : db;
-    at::Tensor acc = f32 ? grad : buffer.narrow(0, 0, n_own);
-    acc.zero_();
-    infonce_bwd_kernel<T><<<(n_own + kTile - 1) / kTile, kThreads, 0, stream>>>(
-        by_rows ? p_a : p_b, by_rows ? p_b : p_a, n_own, by_rows ? p.m : p.n,
-        p.inv_a.data_ptr<float>(), p.inv_b.data_ptr<float>(), p.scale.data_ptr<float>(), p.n,
-        p.dim, p.offset, p.vec, by_rows, row_lse[0].data_ptr<float>(),
-        row_lse[1].data_ptr<float>(), g_row.data_ptr<float>(),
-        with_col ? col_lse[0].data_ptr<float>() : nullptr,
-        with_col ? col_lse[1].data_ptr<float>() : nullptr,
-        with_col ? g_col.data_ptr<float>() : nullptr, acc.data_ptr<float>(),
-        by_rows ? dscale_part.data_ptr<double>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    normalize_bwd_kernel<T><<<(n_own + kWarps - 1) / kWarps, kThreads, 0, stream>>>(
-        acc.data_ptr<float>(), by_rows ? p_a : p_b,
-        (by_rows ? p.inv_a : p.inv_b).data_ptr<float>(), p.scale.data_ptr<float>(), n_own, p.dim,
-        normalize, reinterpret_cast<T*>(grad.data_ptr()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  sum_kernel<<<1, 1, 0, stream>>>(dscale_part.data_ptr<double>(), row_blocks,
-                                  dscale.data_ptr<float>());
+  infonce_pow2_kernel<<<1, kPowThreads, 0, stream>>>(
+      g_row.data_ptr<float>(), p.n, with_col ? g_col.data_ptr<float>() : nullptr, p.m,
+      p.inv_b.data_ptr<float>(), normalize, p.scale.data_ptr<float>(), pw.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const bool vec = p.m % 4 == 0;
+  const bool zero_clamped = normalize && std::is_same<T, __half>::value;
+  const float* col_hi = with_col ? col_lse[0].data_ptr<float>() : nullptr;
+  const float* col_lo = with_col ? col_lse[1].data_ptr<float>() : nullptr;
+  const float* g_col_p = with_col ? g_col.data_ptr<float>() : nullptr;
+  const at::Tensor bt = b.t();
+  for (int64_t i0 = 0; i0 < p.n; i0 += c_max) {
+    const int64_t rows = std::min(c_max, p.n - i0);
+    const at::Tensor a_c = a.narrow(0, i0, rows);
+    at::Tensor s_c = sbuf.narrow(0, 0, rows);
+    gemm(s_c, a_c, bt, false);
+    const int64_t blocks = epilogue_blocks(rows, splits);
+    T* h_ptr = reinterpret_cast<T*>(hbuf.data_ptr());
+    const auto epilogue = with_col ? infonce_bwd_epilogue_kernel<T, true>
+                                   : infonce_bwd_epilogue_kernel<T, false>;
+    epilogue<<<blocks, kThreads, 0, stream>>>(
+        s_c.data_ptr<float>(), h_ptr, rows, p.m, splits, i0, p.n, p.offset,
+        p.inv_a.data_ptr<float>(), p.inv_b.data_ptr<float>(), p.scale.data_ptr<float>(),
+        pw.data_ptr<float>(), row_lse[0].data_ptr<float>(), row_lse[1].data_ptr<float>(),
+        g_row.data_ptr<float>(), col_hi, col_lo, g_col_p, vec, zero_clamped,
+        parts.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    infonce_sum_kernel<<<1, kThreads, 0, stream>>>(parts.data_ptr<double>(), blocks,
+                                                   acc.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    const at::Tensor h_c = hbuf.narrow(0, 0, rows);
+    at::Tensor da_c = da.narrow(0, i0, rows);
+    at::Tensor g_c = kF32 ? da_c : gbuf.narrow(0, 0, rows);
+    gemm(g_c, h_c, b, false);
+    infonce_finalize_kernel<T><<<ceil_div(rows, kWarps), kThreads, 0, stream>>>(
+        g_c.data_ptr<float>(), reinterpret_cast<const T*>(a_c.data_ptr()),
+        p.inv_a.data_ptr<float>() + i0, pw.data_ptr<float>(), rows, p.dim, normalize, true,
+        reinterpret_cast<T*>(da_c.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    at::Tensor ahat_c = a_c;
+    if (normalize) {
+      ahat_c = ahat.narrow(0, 0, rows);
+      infonce_scale_rows_kernel<T><<<rows, kThreads, 0, stream>>>(
+          reinterpret_cast<const T*>(a_c.data_ptr()), p.inv_a.data_ptr<float>() + i0, p.dim,
+          reinterpret_cast<T*>(ahat_c.data_ptr()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    gemm(e_acc, h_c.t(), ahat_c, i0 > 0);
+  }
+  infonce_finalize_kernel<T><<<ceil_div(p.m, kWarps), kThreads, 0, stream>>>(
+      e_acc.data_ptr<float>(), reinterpret_cast<const T*>(b.data_ptr()),
+      p.inv_b.data_ptr<float>(), pw.data_ptr<float>(), p.m, p.dim, normalize, false,
+      reinterpret_cast<T*>(db.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dscale.copy_(acc.reshape({}));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
-    bool normalize, bool col_stats) {
+    bool normalize, bool col_stats, int64_t chunk) {
+  check_infonce_chunk(chunk);
   check_inputs(a, b, scale, offset);
   const c10::cuda::CUDAGuard guard(a.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -633,16 +817,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(
   at::Tensor pos_col = at::empty({mc}, opts);
   switch (a.scalar_type()) {
     case at::kFloat:
-      launch_fwd<float>(a, b, scale, offset, normalize, col_stats, row_lse, col_lse, pos_row,
-                        pos_col, stream);
+      launch_fwd<float>(a, b, scale, offset, normalize, col_stats, chunk, row_lse, col_lse,
+                        pos_row, pos_col, stream);
       break;
     case at::kHalf:
-      launch_fwd<__half>(a, b, scale, offset, normalize, col_stats, row_lse, col_lse, pos_row,
-                         pos_col, stream);
+      launch_fwd<__half>(a, b, scale, offset, normalize, col_stats, chunk, row_lse, col_lse,
+                         pos_row, pos_col, stream);
       break;
     default:
-      launch_fwd<__nv_bfloat16>(a, b, scale, offset, normalize, col_stats, row_lse, col_lse,
-                                pos_row, pos_col, stream);
+      launch_fwd<__nv_bfloat16>(a, b, scale, offset, normalize, col_stats, chunk, row_lse,
+                                col_lse, pos_row, pos_col, stream);
       break;
   }
   return {row_lse, col_lse, pos_row, pos_col};
@@ -651,13 +835,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cuda(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, int64_t offset,
     bool normalize, const at::Tensor& row_lse, const std::optional<at::Tensor>& col_lse,
-    const at::Tensor& g_row, const std::optional<at::Tensor>& g_col) {
+    const at::Tensor& g_row, const std::optional<at::Tensor>& g_col, int64_t chunk) {
+  check_infonce_chunk(chunk);
   check_inputs(a, b, scale, offset);
   const bool with_col = check_infonce_bwd_vectors(a, b, row_lse, col_lse, g_row, g_col);
   check_infonce_bwd_devices(a, row_lse, col_lse, g_row, g_col, with_col);
   const auto vec = [](const at::Tensor& t, at::ScalarType as) { return t.to(as).contiguous(); };
   // LSE [len] (float64) -> [2, len] float (hi, lo), hi + lo = lse to about 2^-48: the kernel
-  // forms exp((s - hi) - lo) in float (see the LSE note in the header).
+  // forms exp((s - hi) - lo) in float (see the LSE note in csrc/ops.cpp).
   const auto split = [](const at::Tensor& lse) {
     const at::Tensor hi = lse.to(at::kFloat);
     return at::stack({hi, (lse - hi.to(at::kDouble)).to(at::kFloat)});
@@ -675,15 +860,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cuda(
   switch (a.scalar_type()) {
     case at::kFloat:
       launch_bwd<float>(a, b, scale, offset, normalize, row_lse32, col_lse32, g_row32, g_col32,
-                        da, db, dscale, stream);
+                        chunk, da, db, dscale, stream);
       break;
     case at::kHalf:
-      launch_bwd<__half>(a, b, scale, offset, normalize, row_lse32, col_lse32, g_row32, g_col32,
-                         da, db, dscale, stream);
+      launch_bwd<__half>(a, b, scale, offset, normalize, row_lse32, col_lse32, g_row32,
+                         g_col32, chunk, da, db, dscale, stream);
       break;
     default:
       launch_bwd<__nv_bfloat16>(a, b, scale, offset, normalize, row_lse32, col_lse32, g_row32,
-                                g_col32, da, db, dscale, stream);
+                                g_col32, chunk, da, db, dscale, stream);
       break;
   }
   return {da, db, scale.is_cpu() ? dscale.to(at::kCPU) : dscale};

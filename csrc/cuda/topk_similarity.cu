@@ -1,22 +1,41 @@
 // Batched top-k similarity search on CUDA: for every query row, the k bank rows of largest inner
-// product (or cosine similarity), without ever writing the [Q, N] score matrix to global memory.
+// product (or cosine similarity), without ever holding the [Q, N] score matrix.
 //
 // scores[q, n] = <queries[q], bank[n]>                                        (ip)
 //              = <queries[q], bank[n]> * rq[q] * rb[n],  r = 1 / max(||row||, kNormEps)  (cosine)
+// with rq, rb computed once per call (inverse_norms of vljepa_cuda.h).
 //
-// Stage 1, topk_chunk_kernel<T, BQ>: block (i_q, i_c) owns BQ queries and chunk i_c of the bank
-// (whole BN-row tiles). For each [BQ, BN] tile it
+// Two paths, chosen by the caller's plan (vljepa_fast/ops/topk_similarity.py, `path`; 0 takes the
+// same documented rule here): path 1 "stream" when Q <= kStreamMaxQueries (64) and k <=
+// kStreamMaxK (64), else path 2 "gemm". With Q <= 64 every query fits ONE 64-query tile, so the
+// bank is read once and no score is written (memory-bound: at most 64 FLOP/byte for 16-bit inputs,
+// below the H200's 184); more queries would re-read the bank per tile, while the GEMM path reads it
+// once per chunk plus 8 Q bytes of fp32 scores per bank row, and k > 64 needs lists longer than the
+// stream tile's shared memory holds beside 64 queries.
+//
+// Path "stream", topk_chunk_kernel<T> (64 queries, 64 bank rows per tile): block (0, i_c) owns the
+// queries and chunk i_c of the bank (whole tiles). For each [64, 64] tile it
 //   1. computes the scores with fp32 accumulation: WMMA tensor cores (16x16x16, fp32 accumulators)
 //      for fp16/bf16; for fp32 inputs plain fp32 FMA in a fixed sequential order over D (no TF32,
-//      so fp32 results carry the same rounding as a BLAS sgemm and match a float64 reference to
-//      about 1e-6 relative; wmma_step and fma_step of vljepa_cuda.h);
+//      so fp32 results carry the same rounding as a BLAS sgemm; wmma_step and fma_step of
+//      vljepa_cuda.h);
 //   2. stores them into shared memory (aliasing the operand tiles, which are dead by then);
-//   3. lets every warp fold the scores of its queries into their running top-k lists ("warp select",
-//      below).
-// It then writes each query's k best keys of the chunk, [Q, n_chunks, k]. Chunks exist so that few
-// queries still fill the GPU: the grid is sized to one full wave of resident blocks.
-// Stage 2, topk_merge_kernel: one warp per query runs the same warp select over the n_chunks * k
-// candidates and writes the final sorted top k. With a single chunk stage 1 writes the result.
+//   3. lets every warp fold the scores of its queries into their running top-k lists (warp select,
+//      below): a key is offered only when it beats ITS query's current k-th best key.
+// It then writes each query's k best keys of the chunk, [Q, n_chunks, k]; the grid is one wave of
+// resident blocks. (The 16- and 32-query tiles of earlier versions spilled registers on sm_90a and
+// are gone: few queries are padded to the 64-query tile, whose tensor-core work stays below the
+// bank's read time.)
+//
+// Path "gemm", for many queries or large k (faiss's GEMM + k-select design): per bank chunk of
+// `chunk` rows (the chunk rule of vljepa_fast/ops/_chunks.py, computed by the Python op layer; 0 =
+// all of N), a vendor GEMM writes the raw fp32 scores [Q, chunk] (at::mm_out with out_dtype
+// float32 for fp16/bf16, cuBLAS with fp32 accumulation; plain at::mm_out for fp32, which follows
+// torch's matmul precision setting, full fp32 by default), then topk_select_kernel: one warp per
+// (query, column split) offers the chunk's keys to its warp select, whose list (kp keys, sorted
+// descending) lives in global memory between chunks and in shared memory while a chunk is scanned.
+// Survivors (keys above the list's k-th best) are appended to a 64-key buffer by ballot and merged
+// only when it is full. topk_merge_kernel finally takes each query's top k over its splits.
 //
 // Keys. A score and its index travel as one uint64: high 32 bits are the fp32 score mapped to a
 // uint32 of the same order (sign bit set for positives, all bits flipped for negatives; every NaN
@@ -27,7 +46,7 @@
 // index.
 //
 // Warp select (per query; list and buffer in shared memory, owned by exactly one warp):
-//   list[kp]   sorted descending, kp = max(32, next_pow2(k)); starts all padding.
+//   list[kp]   sorted descending, kp = max(32, next_pow2(k)) <= 2048; starts all padding.
 //   buffer[cap] unsorted keys not yet merged, cap = min(kp, 64) >= 32 (one ballot adds <= 32).
 //   threshold = list[k - 1], the k-th best merged key. A key <= threshold can never be in the top
 //   k (the list only ever grows element-wise), so only keys > threshold are appended, with a ballot.
@@ -36,8 +55,17 @@
 //   tail u buffer, as the tail is descending and the buffer ascending); head (descending) followed
 //   by that new tail is V-shaped, hence bitonic, so one bitonic merge sorts the list again. The
 //   result is the top kp of list u buffer because every head key beats all cap tail keys.
-// Padding is never returned: a chunk of R rows yields min(k, R) real keys among its k, and
-// sum_c min(k, R_c) >= k because sum_c R_c = N >= k; the final top k are therefore all real.
+// Padding is never returned: a chunk (or split) of R rows yields min(k, R) real keys among its k,
+// and sum min(k, R_c) >= k because sum R_c = N >= k; the final top k are therefore all real.
+//
+// Cost at the paper shapes (H200: 790 TFLOP/s bf16 dense, 4.3 TB/s; predictions, not measurements;
+// D = 1536, bf16, N = 2^20):
+// * 1024 x 1M, k = 10 or 100 ("gemm"): GEMM 2 Q N D = 3.30 TFLOP -> 4.18 ms (cuBLAS, compute-
+//   bound); the select reads the 4.29 GB of scores once -> 1.00 ms; lists (Q x kp x 8 bytes, read
+//   and written per chunk: 14 chunks at the default budget) under 30 MB. ~5.2 ms predicted.
+// * 16 x 1M ("stream", k <= 64): 51.5 GFLOP useful (206 GFLOP issued on the 64-query tile); HBM:
+//   the bank once, 3.22 GB -> 0.75 ms predicted if the WMMA tile keeps up with HBM (mma.sync, not
+//   wgmma: this file has no wgmma path yet). k > 64 ("gemm"): 3.22 + 0.13 GB -> 0.78 ms.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -60,7 +88,13 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxK = 1024;
+constexpr int kMaxK = 2048;
+// The path rule (path 0): the stream tile holds 64 queries and lists of up to 64 keys.
+constexpr int kStreamQueries = 64;
+constexpr int kStreamMaxK = 64;
+constexpr int kPathRule = 0;
+constexpr int kPathStream = 1;
+constexpr int kPathGemm = 2;
 // The smallest list: one ballot appends up to 32 keys, so the buffer (<= list) holds >= 32.
 constexpr int kMinList = 32;
 constexpr int kMaxBuffer = 64;
@@ -355,10 +389,11 @@ __global__ void __launch_bounds__(kThreads)
 
 constexpr int kMergeWarps = 4;
 
-// One warp per query: the top k of its num_chunks * k candidate keys, sorted descending.
+// One warp per query: the top k of the first k keys of each of its num_chunks lists (list c at
+// candidates + (q * num_chunks + c) * stride), sorted descending.
 __global__ void __launch_bounds__(kMergeWarps * 32)
     topk_merge_kernel(const uint64_t* __restrict__ candidates, int num_queries, int num_chunks,
-                      int k, int kp, int cap, float* __restrict__ out_scores,
+                      int stride, int k, int kp, int cap, float* __restrict__ out_scores,
                       int64_t* __restrict__ out_index) {
   extern __shared__ __align__(16) uint64_t smem_keys[];  // [kMergeWarps, kp + cap]
   const int warp = threadIdx.x / 32;
@@ -376,10 +411,11 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
   int count = 0;
   uint64_t threshold = 0;
   const int total = num_chunks * k;
-  const uint64_t* src = candidates + q * total;
+  const uint64_t* src = candidates + q * num_chunks * int64_t(stride);
   for (int base = 0; base < total; base += 32) {
     const int i = base + lane;
-    ws.offer(i < total ? src[i] : uint64_t(0), count, threshold, lane);
+    ws.offer(i < total ? src[int64_t(i / k) * stride + i % k] : uint64_t(0), count, threshold,
+             lane);
   }
   if (count > 0) {
     ws.merge(count, lane);
@@ -390,9 +426,140 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
   }
 }
 
+constexpr int kSelectWarps = 4;
+// Scores each lane loads before offering them (loads in flight per lane).
+constexpr int kSelectUnroll = 4;
+
+// Path "gemm": one warp per item = (query q, split p) folds the columns [p * width, min((p + 1) *
+// width, n_cols)) of raw[q] (fp32 [Q, ld]; column c is bank row col0 + c) into its list
+// lists[item] (kp keys, sorted descending, kept across chunks; all padding before the first).
+// Cosine (rq, rb given): score = raw * rq[q] * rb[col0 + c].
+__global__ void __launch_bounds__(kSelectWarps * 32)
+    topk_select_kernel(const float* __restrict__ raw, int64_t ld, int n_cols, int col0, int width,
+                       const float* __restrict__ q_rnorm, const float* __restrict__ b_rnorm,
+                       int num_queries, int splits, int k, int kp, int cap,
+                       uint64_t* __restrict__ lists) {
+  extern __shared__ __align__(16) uint64_t smem_keys[];  // [kSelectWarps, kp + cap]
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t item = int64_t(blockIdx.x) * kSelectWarps + warp;
+  if (item >= int64_t(num_queries) * splits) {
+    return;  // no block-wide barrier follows
+  }
+  const int64_t q = item / splits;
+  const int p = int(item % splits);
+  uint64_t* s_list = smem_keys + warp * (kp + cap);
+  const WarpSelect ws{s_list, s_list + kp, k, kp, cap};
+  uint64_t* g_list = lists + item * kp;
+  for (int i = lane; i < kp; i += 32) {
+    s_list[i] = g_list[i];
+  }
+  __syncwarp();
+  int count = 0;
+  uint64_t threshold = s_list[k - 1];
+  const float rq = q_rnorm != nullptr ? q_rnorm[q] : 1.0f;
+  const int c_begin = min(n_cols, p * width);
+  const int c_end = min(n_cols, c_begin + width);
+  const float* row = raw + q * ld;
+  for (int base = c_begin; base < c_end; base += 32 * kSelectUnroll) {
+    float score[kSelectUnroll];
+#pragma unroll
+    for (int u = 0; u < kSelectUnroll; ++u) {
+      const int c = base + u * 32 + lane;
+      score[u] = c < c_end ? __ldg(row + c) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kSelectUnroll; ++u) {
+      const int c = base + u * 32 + lane;
+      uint64_t key = 0;
+      if (c < c_end) {
+        const float s = b_rnorm != nullptr ? score[u] * rq * b_rnorm[col0 + c] : score[u];
+        key = make_key(s, col0 + c);
+      }
+      ws.offer(key, count, threshold, lane);
+    }
+  }
+  if (count > 0) {
+    ws.merge(count, lane);
+  }
+  for (int i = lane; i < kp; i += 32) {
+    g_list[i] = s_list[i];
+  }
+}
+
+// Smallest list length of the warp select for k: max(32, next_pow2(k)).
+int list_length(int k) {
+  int kp = kMinList;
+  while (kp < k) {
+    kp <<= 1;
+  }
+  return kp;
+}
+
+// Opts `kernel` into `smem` bytes of dynamic shared memory; refuses what the device cannot give.
+template <typename Kernel>
+void set_smem(Kernel kernel, size_t smem, int device, int k) {
+  int smem_optin = 0;
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(smem <= size_t(smem_optin), "topk_similarity (cuda): k=", k, " needs ", smem,
+              " bytes of shared memory per block, the device allows ", smem_optin);
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+}
+
+// Path "gemm" (see the header): vendor GEMM per bank chunk, then the warp select.
+void launch_gemm(const at::Tensor& queries, const at::Tensor& bank, int k, int64_t chunk,
+                 const float* p_rq, const float* p_rb, at::Tensor& out_scores,
+                 at::Tensor& out_index, cudaStream_t stream) {
+  const int64_t num_queries = queries.size(0);
+  const int64_t num_bank = bank.size(0);
+  const int kp = list_length(k);
+  const int cap = std::min(kp, kMaxBuffer);
+  chunk = chunk <= 0 ? num_bank : std::min(chunk, num_bank);
+  const int device = queries.get_device();
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+  // Splits: enough warps to fill the device (32 per SM), each with >= 1024 columns per chunk.
+  const int64_t warps = int64_t(num_sms) * 32;
+  const int64_t splits = std::max<int64_t>(
+      1, std::min((warps + num_queries - 1) / num_queries, (chunk + 1023) / 1024));
+  const size_t smem = size_t(kSelectWarps) * (kp + cap) * sizeof(uint64_t);
+  set_smem(topk_select_kernel, smem, device, k);
+  at::Tensor lists = at::zeros({num_queries, splits, kp}, queries.options().dtype(at::kLong));
+  uint64_t* p_lists = reinterpret_cast<uint64_t*>(lists.data_ptr<int64_t>());
+  at::Tensor raw = at::empty({num_queries * chunk}, queries.options().dtype(at::kFloat));
+  const bool fp32 = queries.scalar_type() == at::kFloat;
+  const int64_t items = num_queries * splits;
+  const unsigned blocks = unsigned((items + kSelectWarps - 1) / kSelectWarps);
+  for (int64_t n0 = 0; n0 < num_bank; n0 += chunk) {
+    const int64_t cols = std::min(chunk, num_bank - n0);
+    at::Tensor out = raw.narrow(0, 0, num_queries * cols).view({num_queries, cols});
+    const at::Tensor part = bank.narrow(0, n0, cols).t();
+    if (fp32) {
+      at::mm_out(out, queries, part);
+    } else {
+      at::mm_out(out, queries, part, at::kFloat);
+    }
+    const int width = int((cols + splits - 1) / splits);
+    topk_select_kernel<<<blocks, kSelectWarps * 32, smem, stream>>>(
+        out.data_ptr<float>(), cols, int(cols), int(n0), width, p_rq, p_rb, int(num_queries),
+        int(splits), k, kp, cap, p_lists);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const size_t merge_smem = size_t(kMergeWarps) * (kp + cap) * sizeof(uint64_t);
+  set_smem(topk_merge_kernel, merge_smem, device, k);
+  const int merge_blocks = int((num_queries + kMergeWarps - 1) / kMergeWarps);
+  topk_merge_kernel<<<merge_blocks, kMergeWarps * 32, merge_smem, stream>>>(
+      p_lists, int(num_queries), int(splits), kp, k, kp, cap, out_scores.data_ptr<float>(),
+      out_index.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int BQ>
 void launch_topk(const at::Tensor& queries, const at::Tensor& bank, int k, int kp, int cap,
-                 bool cosine, at::Tensor& out_scores, at::Tensor& out_index, cudaStream_t stream) {
+                 const float* p_rq, const float* p_rb, at::Tensor& out_scores,
+                 at::Tensor& out_index, cudaStream_t stream) {
   using C = Config<T, BQ>;
   const int64_t num_queries = queries.size(0);
   const int64_t num_bank = bank.size(0);
@@ -430,14 +597,6 @@ void launch_topk(const at::Tensor& queries, const at::Tensor& bank, int k, int k
   const T* p_b = reinterpret_cast<const T*>(bank.data_ptr());
   const bool vec = dim % C::kPack == 0 && reinterpret_cast<uintptr_t>(p_q) % kPackBytes == 0 &&
                    reinterpret_cast<uintptr_t>(p_b) % kPackBytes == 0;
-  at::Tensor q_rnorm;
-  at::Tensor b_rnorm;
-  if (cosine) {
-    q_rnorm = inverse_norms<T>(queries, stream);
-    b_rnorm = inverse_norms<T>(bank, stream);
-  }
-  const float* p_rq = cosine ? q_rnorm.data_ptr<float>() : nullptr;
-  const float* p_rb = cosine ? b_rnorm.data_ptr<float>() : nullptr;
   const dim3 grid{unsigned(q_tiles), unsigned(n_chunks)};
 
   if (n_chunks == 1) {
@@ -457,41 +616,48 @@ void launch_topk(const at::Tensor& queries, const at::Tensor& bank, int k, int k
   const int merge_blocks = int((num_queries + kMergeWarps - 1) / kMergeWarps);
   const size_t merge_smem = size_t(kMergeWarps) * (kp + cap) * sizeof(uint64_t);
   topk_merge_kernel<<<merge_blocks, kMergeWarps * 32, merge_smem, stream>>>(
-      p_cand, int(num_queries), int(n_chunks), k, kp, cap, out_scores.data_ptr<float>(),
+      p_cand, int(num_queries), int(n_chunks), k, k, kp, cap, out_scores.data_ptr<float>(),
       out_index.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Query tile: the lists and buffers of BQ queries share the block's shared memory (BQ * (kp +
-// cap) * 8 bytes: 64 KiB up to kp = 256, 136 KiB at kp = 1024), which bounds BQ by kp. Few
-// queries take a smaller tile too: padded query rows cost GEMM work (FMA work for fp32) on every
-// bank row, which would make the bandwidth-bound case compute-bound.
+// Both paths on one dtype: the inverse norms once per call, then the plan's path.
 template <typename T>
-void dispatch_tile(const at::Tensor& queries, const at::Tensor& bank, int k, bool cosine,
-                   at::Tensor& out_scores, at::Tensor& out_index, cudaStream_t stream) {
-  int kp = kMinList;
-  while (kp < k) {
-    kp <<= 1;
+void dispatch_path(const at::Tensor& queries, const at::Tensor& bank, int k, bool cosine, int path,
+                   int64_t chunk, at::Tensor& out_scores, at::Tensor& out_index,
+                   cudaStream_t stream) {
+  at::Tensor q_rnorm;
+  at::Tensor b_rnorm;
+  if (cosine) {
+    q_rnorm = inverse_norms<T>(queries, stream);
+    b_rnorm = inverse_norms<T>(bank, stream);
   }
-  const int cap = std::min(kp, kMaxBuffer);
-  const int64_t num_queries = queries.size(0);
-  if (kp <= 64 && num_queries > 32) {
-    launch_topk<T, 64>(queries, bank, k, kp, cap, cosine, out_scores, out_index, stream);
-  } else if (kp <= 128 && num_queries > 16) {
-    launch_topk<T, 32>(queries, bank, k, kp, cap, cosine, out_scores, out_index, stream);
+  const float* p_rq = cosine ? q_rnorm.data_ptr<float>() : nullptr;
+  const float* p_rb = cosine ? b_rnorm.data_ptr<float>() : nullptr;
+  if (path == kPathRule) {
+    path = queries.size(0) <= kStreamQueries && k <= kStreamMaxK ? kPathStream : kPathGemm;
+  }
+  if (path == kPathStream) {
+    const int kp = list_length(k);
+    launch_topk<T, kStreamQueries>(queries, bank, k, kp, std::min(kp, kMaxBuffer), p_rq, p_rb,
+                                   out_scores, out_index, stream);
   } else {
-    launch_topk<T, 16>(queries, bank, k, kp, cap, cosine, out_scores, out_index, stream);
+    launch_gemm(queries, bank, k, chunk, p_rq, p_rb, out_scores, out_index, stream);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_similarity_cuda(const at::Tensor& queries,
                                                         const at::Tensor& bank, int64_t k,
-                                                        bool cosine) {
-  check_pair_device(queries, "queries", bank, "bank", at::kCUDA);
-  check_topk_similarity_inputs(queries, bank, k);
+                                                        bool cosine, int64_t path, int64_t chunk) {
+  // at::mm_out into a buffer must not record autograd history for direct calls on inputs that
+  // require grad: vljepa_fast/ops/topk_similarity.py attaches the scores' gradient.
+  const at::NoGradGuard no_grad;
+  check_topk_similarity_call(queries, bank, k, path, chunk, at::kCUDA);
   const int64_t num_queries = queries.size(0);
   TORCH_CHECK(k <= kMaxK, "topk_similarity (cuda) supports k <= ", kMaxK, ", got k=", k,
-              "; use the triton or reference backend for larger k");
+              "; use the cpu or reference backend for larger k");
+  TORCH_CHECK(path != kPathStream || k <= kStreamMaxK, "topk_similarity (cuda): path 1 (stream) "
+              "supports k <= ", kStreamMaxK, ", got k=", k);
   // Indices also travel as 32-bit ~index in the keys.
   check_kernel_sizes("topk_similarity (cuda)", queries, "queries", bank, "bank");
 
@@ -503,15 +669,17 @@ std::tuple<at::Tensor, at::Tensor> topk_similarity_cuda(const at::Tensor& querie
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int kk = int(k);
+  const int pp = int(path);
   switch (queries.scalar_type()) {
     case at::kFloat:
-      dispatch_tile<float>(queries, bank, kk, cosine, out_scores, out_index, stream);
+      dispatch_path<float>(queries, bank, kk, cosine, pp, chunk, out_scores, out_index, stream);
       break;
     case at::kHalf:
-      dispatch_tile<__half>(queries, bank, kk, cosine, out_scores, out_index, stream);
+      dispatch_path<__half>(queries, bank, kk, cosine, pp, chunk, out_scores, out_index, stream);
       break;
     default:
-      dispatch_tile<__nv_bfloat16>(queries, bank, kk, cosine, out_scores, out_index, stream);
+      dispatch_path<__nv_bfloat16>(queries, bank, kk, cosine, pp, chunk, out_scores, out_index,
+                                   stream);
       break;
   }
   return {out_scores, out_index};

@@ -30,6 +30,11 @@ inline void check_infonce_inputs(const at::Tensor& a, const at::Tensor& b, const
               "] so that every row has its positive column, got ", offset);
 }
 
+// chunk (rows of a per chunk of the chunked CUDA kernels; 0 = the library's default): >= 0.
+inline void check_infonce_chunk(int64_t chunk) {
+  TORCH_CHECK(chunk >= 0, "chunk must be >= 0 (0: the default chunk), got ", chunk);
+}
+
 // a and b on one device of this type; scale on the cpu, or (CUDA kernels, which read it on the
 // device) on a's device too.
 inline void check_infonce_devices(const at::Tensor& a, const at::Tensor& b,

@@ -24,10 +24,11 @@ void test_topk_similarity(int64_t Q, int64_t N, int64_t D, int64_t k, bool cosin
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("vljepa_fast::topk_similarity", "")
                 .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                          int64_t, bool)>();
+                                                          int64_t, bool, int64_t, int64_t)>();
   auto q = at::randn({Q, D});
   auto b = at::randn({N, D});
-  auto [scores, idx] = op.call(q, b, k, cosine);
+  // path 0 (the kernel's rule), chunk 0 (the whole bank): the schema's defaults
+  auto [scores, idx] = op.call(q, b, k, cosine, 0, 0);
   auto qd = q.to(at::kDouble), bd = b.to(at::kDouble);
   if (cosine) {
     qd = qd / qd.norm(2, {1}, true).clamp_min(vljepa_fast::kNormEps);

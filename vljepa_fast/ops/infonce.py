@@ -11,6 +11,13 @@ The reference backend computes it with ``normalize_rows``; the cpu, triton and c
 kernels give the rows whose norm was clamped a zero gradient in their normalisation backward
 (the Triton kernels receive ``reference.NORM_EPS`` from here as their ``eps``).
 
+Chunks (fused backends). The triton and cuda kernels compute S = a b^T by chunks of rows of a
+(a vendor GEMM per chunk plus fused epilogues, kernels/infonce.py); the rows per chunk are
+computed here, once per call, by :func:`chunk_rows` (the rule of ``ops/_chunks.py``, its one
+owner: a memory budget over 4 + itemsize bytes per pair, VLJEPA_FAST_CHUNK_BUDGET_MIB
+overriding it), and passed to the forward and, through the autograd context, the same value to
+the backward (the native ops' trailing ``chunk``; the CPU kernels ignore it).
+
 Distributed convention (``group`` given). Rank r holds N_r >= 1 local rows of pred and target;
 the sizes may differ by rank (they are all-gathered first, with the feature size, dtype and the
 flags, and a mismatch raises the same ValueError on every rank). The negatives are the global
@@ -49,7 +56,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vljepa_fast import _backends, _validate, reference
-from vljepa_fast.ops import _common
+from vljepa_fast.ops import _chunks, _common, _distributed
 
 OP = "infonce_loss"
 REDUCTIONS = ("mean", "sum", "none")
@@ -111,16 +118,7 @@ def infonce_inputs(
     Raises:
         ValueError: a malformed argument (named in the message).
     """
-    _validate.matching(("pred", "target"), (pred, target), ndim=2, layouts=("[N, D]", "[N, D]"))
-    if pred.shape != target.shape:
-        raise ValueError(
-            f"target: expected the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}"
-        )
-    if group is None:
-        # distributed: checked on every rank at once, after the sizes are exchanged (a rank that
-        # raised alone would leave the others waiting in a collective)
-        _validate.nonempty("pred", pred, 0, "row (N >= 1)")
-        _validate.nonempty("pred", pred, 1, "column (D >= 1)")
+    _validate.embedding_pairs(pred, target, grouped=group is not None)
     temperature = _validate.plain_number(temperature)  # numpy scalars
     _check_temperature(temperature, pred)
     for name, flag in (("symmetric", symmetric), ("normalize", normalize)):
@@ -134,23 +132,9 @@ def infonce_inputs(
 def _check_temperature(temperature: object, like: Tensor) -> None:
     """``temperature``: a finite float >= MIN_TEMPERATURE, or a 0-dim floating tensor on
     ``like``'s device whose value (read eagerly, outside torch.compile) is in that range."""
-    if isinstance(temperature, Tensor):
-        if temperature.dim() != 0 or not temperature.is_floating_point():
-            raise ValueError(
-                f"temperature: expected a 0-dim floating tensor, got {temperature.dtype} of shape "
-                f"{tuple(temperature.shape)}"
-            )
-        if temperature.device != like.device:
-            raise ValueError(
-                f"temperature: expected device {like.device}, got {temperature.device}"
-            )
-        if torch.compiler.is_compiling():
-            return
-        value = float(temperature.detach())
-    elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        value = float(temperature)
-    else:
-        raise ValueError(f"temperature: expected a float or a 0-dim tensor, got {temperature!r}")
+    value = _validate.scalar_value("temperature", temperature, like)
+    if value is None:  # a tensor under torch.compile: its value is not read
+        return
     if not math.isfinite(value) or not value >= MIN_TEMPERATURE:
         raise ValueError(
             f"temperature: expected a positive finite value >= 2**-60 (about 8.7e-19: "
@@ -170,84 +154,23 @@ def _check_group(group: object) -> None:
 
 # ------------------------------------------------------------------------------ distributed
 
-_DIST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 def exchange_sizes(x: InfoNCEInputs, scale: float | Tensor | None = None) -> list[int]:
     """Every rank's local batch size (rank order), after checking on all ranks at once that each
     has at least one row and that all agree on D, the dtype, the flags and the temperature's
-    value (``scale`` = 1 / temperature): the same ValueError is raised on every rank (a mismatch
-    left to the collectives would hang or abort them; different temperatures would give each rank
-    another "global" loss)."""
-    pred, group = x.pred, x.group
-    world = dist.get_world_size(group)
-    # one gather for everything (float64 holds the sizes exactly); the scale is 0 where it is
-    # not read (no scale given, or a tensor under torch.compile): a real one is > 0
-    known = scale is not None and not torch.compiler.is_compiling()
-    value = (float(scale.detach()) if isinstance(scale, Tensor) else float(scale)) if known else 0.0
-    mine = torch.tensor(
+    value (``scale`` = 1 / temperature; not compared where not read): the same ValueError on
+    every rank (``ops/_distributed.exchange_sizes``)."""
+    known = math.nan if scale is None else _distributed.known_value(scale)
+    return _distributed.exchange_sizes(
+        x.pred,
+        x.group,
         [
-            pred.shape[0],
-            pred.shape[1],
-            _DIST_DTYPES.index(pred.dtype),
-            int(x.symmetric),
-            int(x.normalize),
-            REDUCTIONS.index(x.reduction),
-            value,
+            ("symmetric", "value", int(x.symmetric), bool),
+            ("normalize", "value", int(x.normalize), bool),
+            ("reduction", "value", REDUCTIONS.index(x.reduction), lambda v: REDUCTIONS[v]),
         ],
-        dtype=torch.float64,
-        device=pred.device,
+        [("temperature", known, lambda v: 1.0 / v)],
     )
-    parts = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(parts, mine, group=group)
-    table = torch.stack(parts).tolist()
-    scales = [row[6] for row in table]
-    if len(set(scales)) > 1:
-        raise ValueError(
-            f"temperature: expected the same value on every rank of group, got "
-            f"{[1.0 / v if v else None for v in scales]} (in rank order)"
-        )
-    table = [[int(v) for v in row[:6]] for row in table]
-    sizes = [row[0] for row in table]
-    if min(sizes) < 1:
-        raise ValueError(
-            f"pred: expected at least one row on every rank of group, got local batch sizes "
-            f"{sizes} (in rank order)"
-        )
-    if table[0][1] < 1:
-        raise ValueError(f"pred: expected at least one column (D >= 1), got D = {table[0][1]}")
-    decode = {
-        1: ("pred", "feature size D", lambda v: v),
-        2: ("pred", "dtype", lambda v: str(_DIST_DTYPES[v]).removeprefix("torch.")),
-        3: ("symmetric", "value", bool),
-        4: ("normalize", "value", bool),
-        5: ("reduction", "value", lambda v: REDUCTIONS[v]),
-    }
-    for col, (name, what, show) in decode.items():
-        vals = [row[col] for row in table]
-        if len(set(vals)) > 1:
-            raise ValueError(
-                f"{name}: expected the same {what} on every rank of group, got "
-                f"{[show(v) for v in vals]} (in rank order)"
-            )
-    return sizes
-
-
-def _gather_rows(x: Tensor, group, sizes: list[int]) -> Tensor:
-    """The rows of every rank (``sizes[r]`` from rank r, in rank order), differentiable: the
-    backward sums every rank's gradient into the owner's rows. The local rows are padded to the
-    largest size (the collective moves equal shapes) and the padding is sliced off again."""
-    from torch.distributed import _functional_collectives as collectives
-
-    # torch's differentiable functional all-gather (backward: a reduce-scatter sum), traceable
-    # by torch.compile; renamed all_gather_single_autograd after torch 2.11
-    gather = getattr(collectives, "all_gather_single_autograd", None)
-    if gather is None:
-        gather = collectives.all_gather_tensor_autograd
-    width = max(sizes)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[0]))
-    full = gather(padded.contiguous(), 0, group)
-    return torch.cat([full[r * width : r * width + size] for r, size in enumerate(sizes)])
 
 
 def distributed_loss(row_loss, x: InfoNCEInputs, scale: float | Tensor) -> Tensor:
@@ -258,22 +181,17 @@ def distributed_loss(row_loss, x: InfoNCEInputs, scale: float | Tensor) -> Tenso
     """
     group = x.group
     sizes = exchange_sizes(x, scale)
-    world, rank = len(sizes), dist.get_rank(group)
-    start, total_rows = sum(sizes[:rank]), sum(sizes)
-    per_row = row_loss(x.pred, _gather_rows(x.target, group, sizes), scale, start, x.normalize)
+    start = sum(sizes[: dist.get_rank(group)])
+    gathered = _distributed.gather_rows(x.target, group, sizes)
+    per_row = row_loss(x.pred, gathered, scale, start, x.normalize)
     if x.symmetric:
-        back = row_loss(x.target, _gather_rows(x.pred, group, sizes), scale, start, x.normalize)
+        gathered = _distributed.gather_rows(x.pred, group, sizes)
+        back = row_loss(x.target, gathered, scale, start, x.normalize)
         per_row = 0.5 * (per_row + back)
     if x.reduction == "none":
         return per_row
-    own = per_row.sum()  # L_r x total_rows ("mean") or L_r ("sum"): this rank's rows' terms
-    local = own * (world if x.reduction == "sum" else world / total_rows)
-    total = own.detach().clone()
-    dist.all_reduce(total, group=group)
-    if x.reduction == "mean":
-        total = total / total_rows
-    # value: the global loss L; gradient: world_size x L_r's (see module doc).
-    return local + (total - local).detach()
+    # own: L_r x total_rows ("mean") or L_r ("sum"): this rank's rows' terms
+    return _distributed.global_loss(per_row.sum(), x.reduction, sizes, group)
 
 
 def _reduce(per_row: Tensor, reduction: str) -> Tensor:
@@ -315,11 +233,28 @@ def scale_tensor(temperature: float | Tensor, like: Tensor) -> Tensor:
     return torch.tensor(1.0 / temperature, dtype=torch.float32, device=like.device)
 
 
+def chunk_rows(a: Tensor, b: Tensor) -> int:
+    """Rows of ``a`` per chunk of the chunked kernels (vendor GEMM + fused epilogues) for
+    S = a b^T: the rule of :mod:`vljepa_fast.ops._chunks` with (4 + itemsize) bytes per pair
+    (the fp32 score block plus the dS block in the input dtype) over the bytes of a and b. One
+    value serves the forward and the backward of a call (saved in the autograd context), so that
+    the backward's recomputed S is the forward's to the bit."""
+    size = a.element_size()
+    return _chunks.chunk_rows(
+        a.shape[0], b.shape[0], 4 + size, (a.shape[0] + b.shape[0]) * a.shape[1] * size
+    )
+
+
 def _kernels(impl: str):
     """(forward, backward) of the kernel contract (csrc/ops.cpp, ``infonce_fwd`` /
-    ``infonce_bwd``) for ``impl``: "native" (the C++/CUDA library) or "triton"."""
+    ``infonce_bwd``) for ``impl``: "native" (the C++/CUDA library) or "triton". Both take the
+    chunk as the keyword ``chunk``."""
     if impl == "native":
-        return torch.ops.vljepa_fast.infonce_fwd, torch.ops.vljepa_fast.infonce_bwd
+        fwd, bwd = torch.ops.vljepa_fast.infonce_fwd, torch.ops.vljepa_fast.infonce_bwd
+        return (
+            lambda *args, chunk: fwd(*args, chunk),
+            lambda *args, chunk: bwd(*args, chunk),
+        )
     from vljepa_fast._kernels import infonce as kernel
 
     eps = reference.NORM_EPS
@@ -331,18 +266,27 @@ def _kernels(impl: str):
 
 @torch.library.custom_op("vljepa_fast::infonce_fused", mutates_args=())
 def _fused_terms(
-    a: Tensor, b: Tensor, scale: Tensor, offset: int, normalize: bool, col_stats: bool, impl: str
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    offset: int,
+    normalize: bool,
+    col_stats: bool,
+    chunk: int,
+    impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(row_loss [N], col_loss [M] or [0], row_lse [N], col_lse [M] or [0]) by ``impl``'s
     kernels: the loss terms lse - positive in float32 and the float64 LSEs the backward reads
-    (the kernel contract, csrc/ops.cpp). Differentiable in a, b and scale (register_autograd
-    below); the backward saves only the inputs, the scale and the two LSEs: never the N x M
-    logits. a [N, D] and b [M, D] are contiguous rows (the callers copy other strides)."""
+    (the kernel contract, csrc/ops.cpp). ``chunk``: rows of a per chunk (:func:`chunk_rows`),
+    passed to the kernels and, through the autograd context, to the backward. Differentiable in
+    a, b and scale (register_autograd below); the backward saves only the inputs, the scale and
+    the two LSEs: never the N x M logits. a [N, D] and b [M, D] are contiguous rows (the callers
+    copy other strides)."""
     forward, _ = _kernels(impl)
     # detached views: native kernels run ATen ops (out= GEMMs) on worker threads where the
     # grad mode of this thread does not apply
     row_lse, col_lse, pos_row, pos_col = forward(
-        a.detach(), b.detach(), scale.detach(), offset, normalize, col_stats
+        a.detach(), b.detach(), scale.detach(), offset, normalize, col_stats, chunk=chunk
     )
     if col_lse is None:  # the native contract: empty column outputs without col_stats
         col_lse, pos_col = row_lse.new_empty(0), pos_row.new_empty(0)
@@ -350,7 +294,7 @@ def _fused_terms(
 
 
 @_fused_terms.register_fake
-def _(a, b, scale, offset, normalize, col_stats, impl):
+def _(a, b, scale, offset, normalize, col_stats, chunk, impl):
     n, m = a.shape[0], (b.shape[0] if col_stats else 0)
     f32, f64 = dict(dtype=torch.float32), dict(dtype=torch.float64)
     return (
@@ -361,24 +305,35 @@ def _(a, b, scale, offset, normalize, col_stats, impl):
     )
 
 
-# The backward's tensors first, then _fused_terms' options (offset, normalize, col_stats, impl).
+# The backward's tensors first, then _fused_terms' options (offset, normalize, col_stats, chunk,
+# impl).
 _BWD_SCHEMA = (
     "(Tensor a, Tensor b, Tensor scale, Tensor row_lse, Tensor col_lse, Tensor g_row, "
-    "Tensor g_col, int offset, bool normalize, bool col_stats, str impl) "
+    "Tensor g_col, int offset, bool normalize, bool col_stats, int chunk, str impl) "
     "-> (Tensor, Tensor, Tensor)"
 )
 
 
 @torch.library.custom_op("vljepa_fast::infonce_fused_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def _fused_terms_bwd(
-    a, b, scale, row_lse, col_lse, g_row, g_col, offset, normalize, col_stats, impl
+    a, b, scale, row_lse, col_lse, g_row, g_col, offset, normalize, col_stats, chunk, impl
 ):
     """(da, db, dscale) of sum g_row * row_loss + sum g_col * col_loss by ``impl``'s backward
-    kernel; without ``col_stats`` the column vectors are empty and not passed on."""
+    kernel with the forward's ``chunk``; without ``col_stats`` the column vectors are empty and
+    not passed on."""
     _, backward = _kernels(impl)
     col_lse, g_col = (col_lse, g_col) if col_stats else (None, None)
     return backward(
-        a.detach(), b.detach(), scale.detach(), offset, normalize, row_lse, col_lse, g_row, g_col
+        a.detach(),
+        b.detach(),
+        scale.detach(),
+        offset,
+        normalize,
+        row_lse,
+        col_lse,
+        g_row,
+        g_col,
+        chunk=chunk,
     )
 
 
@@ -397,7 +352,7 @@ def _fused_backward(ctx, g_row, g_col, g_row_lse, g_col_lse):
     a, b, scale, row_lse, col_lse = ctx.saved_tensors
     g_row, g_col = g_row.float().contiguous(), g_col.float().contiguous()
     da, db, dscale = _fused_terms_bwd(a, b, scale, row_lse, col_lse, g_row, g_col, *ctx.options)
-    return da, db, dscale if ctx.needs_input_grad[2] else None, None, None, None, None
+    return da, db, dscale if ctx.needs_input_grad[2] else None, None, None, None, None, None
 
 
 _fused_terms.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -408,14 +363,17 @@ def _fused(impl: str):
     # expanded, offset) are copied first; .contiguous() is differentiable and a no-op otherwise.
     def row_loss(a, b, scale, offset, normalize):
         a, b = a.contiguous(), b.contiguous()
-        return _fused_terms(a, b, scale, offset, normalize, False, impl)[0]
+        return _fused_terms(a, b, scale, offset, normalize, False, chunk_rows(a, b), impl)[0]
 
     def run(x: InfoNCEInputs, plan: None) -> Tensor:
         scale = scale_tensor(x.temperature, x.pred)
         if x.group is not None:
             return distributed_loss(row_loss, x, scale)
         pred, target = x.pred.contiguous(), x.target.contiguous()
-        rows, cols, _, _ = _fused_terms(pred, target, scale, 0, x.normalize, x.symmetric, impl)
+        chunk = chunk_rows(pred, target)
+        rows, cols, _, _ = _fused_terms(
+            pred, target, scale, 0, x.normalize, x.symmetric, chunk, impl
+        )
         per_row = 0.5 * (rows + cols) if x.symmetric else rows
         return _reduce(per_row, x.reduction)
 

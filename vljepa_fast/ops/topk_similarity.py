@@ -2,6 +2,10 @@
 native CPU/CUDA kernels and the eager reference, and the custom op that gives the kernels'
 scores a gradient.
 
+The triton record's ``supports`` makes the kernel's plan (``kernels/topk_similarity.make_plan``:
+the streaming path for few queries and small k, else vendor GEMM on bank chunks of
+:func:`gemm_chunk` rows plus our k-select; docs/topk_similarity.md) and ``run`` consumes it.
+
 Every backend returns (scores float32 [Q, k], indices int64 [Q, k]) in one order: descending,
 NaN scores last (below -inf), equal scores lowest bank index first (see
 :func:`vljepa_fast.reference.topk_order`); the reference returns float64 scores for float64
@@ -16,15 +20,24 @@ import numbers
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from vljepa_fast import _backends, _validate, reference
-from vljepa_fast.ops import _common
+from vljepa_fast.ops import _chunks, _common
 
 OP = "topk_similarity"
-CUDA_MAX_K = 1024
+CUDA_MAX_K = 2048
+#: The cuda backend's path rule (csrc/cuda/topk_similarity.cu): its streaming kernel takes up to
+#: 64 queries (one 64-query tile: the bank read once) and k up to 64.
+CUDA_STREAM_MAX_QUERIES = 64
+CUDA_STREAM_MAX_K = 64
+#: Path codes of the native schema's ``path`` argument.
+NATIVE_PATHS = {"stream": 1, "gemm": 2}
+#: Largest k of the triton backend (its select keeps a sorted k-list in registers).
+TRITON_MAX_K = 2048
 METRICS = ("ip", "cosine")
 
 #: Elements of the [rows, k, D] gathered block that one backward step holds at once.
@@ -194,9 +207,9 @@ def _scores_grad_backward(ctx, grad: Tensor):
 _scores_grad.register_autograd(_scores_grad_backward, setup_context=_scores_grad_setup)
 
 
-#: A backend's kernel: (queries, bank, k, metric) on detached contiguous tensors -> (scores,
-#: indices) without a gradient.
-Kernel = Callable[[Tensor, Tensor, int, str], tuple[Tensor, Tensor]]
+#: A backend's kernel: (queries, bank, k, metric, plan) on detached contiguous tensors ->
+#: (scores, indices) without a gradient; ``plan`` is what the record's ``supports`` returned.
+Kernel = Callable[[Tensor, Tensor, int, str, object], tuple[Tensor, Tensor]]
 
 
 def _run(kernel: Kernel) -> Callable[[TopkInputs, object], tuple[Tensor, Tensor]]:
@@ -205,7 +218,11 @@ def _run(kernel: Kernel) -> Callable[[TopkInputs, object], tuple[Tensor, Tensor]
     def run(inputs: TopkInputs, plan: object) -> tuple[Tensor, Tensor]:
         queries, bank = inputs.queries, inputs.bank
         scores, indices = kernel(
-            queries.detach().contiguous(), bank.detach().contiguous(), inputs.k, inputs.metric
+            queries.detach().contiguous(),
+            bank.detach().contiguous(),
+            inputs.k,
+            inputs.metric,
+            plan,
         )
         if torch.is_grad_enabled() and (queries.requires_grad or bank.requires_grad):
             scores = _scores_grad(queries, bank, scores, indices, inputs.cosine)
@@ -217,15 +234,50 @@ def _run(kernel: Kernel) -> Callable[[TopkInputs, object], tuple[Tensor, Tensor]
 # ---------------------------------------------------------------------------------- backends
 
 
-@torch.library.custom_op("vljepa_fast::topk_similarity_triton", mutates_args=())
-def _triton_op(queries: Tensor, bank: Tensor, k: int, cosine: bool) -> tuple[Tensor, Tensor]:
+def gemm_chunk(inputs: TopkInputs) -> int:
+    """Bank rows per GEMM of the GEMM path: the chunk rule (``ops/_chunks.chunk_rows``) for
+    the [Q, chunk] fp32 score buffer (4 bytes per pair) of inputs of (Q + N) D elements."""
+    q, b = inputs.queries, inputs.bank
+    input_bytes = (q.shape[0] + b.shape[0]) * q.shape[1] * q.element_size()
+    return _chunks.chunk_rows(b.shape[0], q.shape[0], 4, input_bytes)
+
+
+def triton_plan(inputs: TopkInputs, path: str | None = None):
+    """The Triton kernel's plan for ``inputs`` (``kernels/topk_similarity.make_plan``): the
+    documented path rule unless ``path`` ("stream" or "gemm") forces one, the chunk rule."""
     from vljepa_fast._kernels import topk_similarity as kernel
 
-    return kernel.topk_similarity(queries, bank, k, cosine, eps=reference.NORM_EPS)
+    q, b = inputs.queries, inputs.bank
+    programs = kernel.target_programs(q.device)
+    return kernel.make_plan(
+        q.dtype,
+        q.shape[0],
+        b.shape[0],
+        q.shape[1],
+        inputs.k,
+        cosine=inputs.cosine,
+        chunk=gemm_chunk(inputs),
+        programs=programs,
+        path=path,
+        arch=kernel.device_arch(q.device),
+    )
+
+
+@torch.library.custom_op("vljepa_fast::topk_similarity_triton", mutates_args=())
+def _triton_op(
+    queries: Tensor, bank: Tensor, k: int, cosine: bool, path: str, fields: list[int]
+) -> tuple[Tensor, Tensor]:
+    """The Triton kernel under the plan ``TopkPlan(path, *fields)`` (a custom op's arguments
+    are plain values: the plan travels as its fields)."""
+    from vljepa_fast._kernels import topk_similarity as kernel
+
+    plan = kernel.TopkPlan(path, *fields)
+    plan = plan._replace(bank_norms=bool(plan.bank_norms))
+    return kernel.topk_similarity(queries, bank, k, cosine, eps=reference.NORM_EPS, plan=plan)
 
 
 @_triton_op.register_fake
-def _(queries: Tensor, bank: Tensor, k: int, cosine: bool) -> tuple[Tensor, Tensor]:
+def _(queries: Tensor, bank: Tensor, k: int, cosine: bool, path: str, fields: list[int]):
     q = queries.shape[0]
     return queries.new_empty(q, k, dtype=torch.float32), queries.new_empty(q, k, dtype=torch.long)
 
@@ -234,24 +286,64 @@ def _low_precision(inputs: TopkInputs) -> object:
     return _backends.plan_or_refusal(_common.dtype_in("queries", inputs.queries))
 
 
-def _cuda_supports(inputs: TopkInputs) -> object:
+def _gpu_reasons(inputs: TopkInputs, max_k: int, why_max: str) -> list[str]:
+    """The reasons a GPU backend (k <= max_k) refuses ``inputs``: dtype, k."""
     why = _common.dtype_in("queries", inputs.queries)
-    if inputs.k > CUDA_MAX_K:
+    if inputs.k > max_k:
         why.append(
-            f"k = {inputs.k} > {CUDA_MAX_K} (warp-select limit; the triton backend serves any k)"
+            f"k = {inputs.k} > {max_k} ({why_max}; the cpu and reference backends serve any k)"
         )
-    return _backends.plan_or_refusal(why)
+    return why
 
 
-def _native(queries: Tensor, bank: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
-    return torch.ops.vljepa_fast.topk_similarity(queries, bank, k, metric == "cosine")
+def _triton_supports(inputs: TopkInputs) -> object:
+    why = _gpu_reasons(inputs, TRITON_MAX_K, "the k-select keeps a sorted k-list in registers")
+    if inputs.bank.shape[0] >= 2**31:
+        why.append(f"N = {inputs.bank.shape[0]} bank rows >= 2^31 (indices travel in 32 bits)")
+    return _backends.plan_or_refusal(why, None if why else triton_plan(inputs))
 
 
-def _triton(queries: Tensor, bank: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
-    return _triton_op(queries, bank, k, metric == "cosine")
+class NativePlan(NamedTuple):
+    """The cuda record's plan: ``path`` ("stream" or "gemm") and ``chunk`` (bank rows per GEMM,
+    :func:`gemm_chunk`), handed to ``torch.ops.vljepa_fast.topk_similarity``."""
+
+    path: str
+    chunk: int
 
 
-def _reference(queries: Tensor, bank: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
+def cuda_plan(inputs: TopkInputs, path: str | None = None) -> NativePlan:
+    """The cuda kernel's plan: the documented rule (stream when Q <= 64 and k <= 64, else GEMM
+    + k-select) unless ``path`` forces one; the chunk rule."""
+    if path is None:
+        few = inputs.queries.shape[0] <= CUDA_STREAM_MAX_QUERIES
+        path = "stream" if few and inputs.k <= CUDA_STREAM_MAX_K else "gemm"
+    return NativePlan(path, gemm_chunk(inputs))
+
+
+def _cuda_supports(inputs: TopkInputs) -> object:
+    why = _gpu_reasons(inputs, CUDA_MAX_K, "warp-select limit")
+    return _backends.plan_or_refusal(why, None if why else cuda_plan(inputs))
+
+
+def _native(
+    queries: Tensor, bank: Tensor, k: int, metric: str, plan: NativePlan | None
+) -> tuple[Tensor, Tensor]:
+    """The native kernel; the cpu record has no plan (its kernel tiles for the cache)."""
+    if plan is None:
+        return torch.ops.vljepa_fast.topk_similarity(queries, bank, k, metric == "cosine")
+    return torch.ops.vljepa_fast.topk_similarity(
+        queries, bank, k, metric == "cosine", NATIVE_PATHS[plan.path], plan.chunk
+    )
+
+
+def _triton(queries: Tensor, bank: Tensor, k: int, metric: str, plan) -> tuple[Tensor, Tensor]:
+    fields = [int(v) for v in plan[1:]]
+    return _triton_op(queries, bank, k, metric == "cosine", plan.path, fields)
+
+
+def _reference(
+    queries: Tensor, bank: Tensor, k: int, metric: str, plan: object
+) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         return reference.topk_similarity(queries, bank, k, metric=metric)
 
@@ -263,5 +355,5 @@ _common.native_records(
     supports={"cuda": _cuda_supports, "cpu": _low_precision},
     priority={"cuda": 10, "cpu": 20},
 )
-_common.triton_record(OP, _run(_triton), _low_precision, priority=30)
+_common.triton_record(OP, _run(_triton), _triton_supports, priority=30)
 _common.reference_record(OP, _run(_reference))
