@@ -668,7 +668,9 @@ def _run(a, b, params, offset, normalize, g, *, eps, chunk, loss, grad):
     M = b.shape[0]
     dev = a.device
     f32 = dict(device=dev, dtype=torch.float32)
-    chunk = max(1, min(int(chunk), N))
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk: expected an int >= 1 (rows of A per chunk), got {chunk!r}")
+    chunk = min(chunk, N)  # a chunk larger than the batch is the whole batch
     fused = a.dtype in FUSED_DTYPES
     cfg = fused_config(a) if fused else None
     ia, keep_a = _norms(a, normalize, eps)

@@ -524,3 +524,20 @@ def test_every_kernel_is_compile_tested():
     }  # fmt: skip
     kernels = {n for n in dir(K) if n.endswith("_kernel")}
     assert kernels == tested, kernels ^ tested
+
+
+@pytest.mark.cpu
+def test_triton_refuses_int32_overflowing_inputs_as_a_reason():
+    """Regression (new-user review): N * D >= 2^31 reached the launcher's ValueError (naming no
+    argument) instead of a refusal, so "auto" could not move on. Meta tensors: nothing is
+    allocated."""
+    from vljepa_fast import _backends
+    from vljepa_fast.ops import infonce as op
+
+    # the op's own supports function (the record adds the device checks: meta is no device)
+    big = torch.empty(2**16, 2**15 + 1, device="meta", dtype=torch.bfloat16)
+    verdict = op._triton_supports(op.infonce_inputs(big, big))
+    assert isinstance(verdict, _backends.Refusal)
+    assert any("2^31" in why and "pred" in why for why in verdict.reasons), verdict.reasons
+    small = torch.empty(2**16, 2**15 - 1, device="meta", dtype=torch.bfloat16)
+    assert not isinstance(op._triton_supports(op.infonce_inputs(small, small)), _backends.Refusal)

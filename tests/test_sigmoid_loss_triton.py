@@ -437,3 +437,44 @@ def test_small_kernels_compile_without_spills(arch):
                 inputs=("x_ptr", "out_ptr"),
             )
     _compile(K._sum_parts_kernel, F32, arch, dict(BL=K._SUM_BLOCK))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_triton_mean_gradients_are_formed_at_the_losss_scale(dtype):
+    """Regression (new-user review): the one-pass "mean" path held the gradient of the bare sum
+    (N x the loss's) in the input dtype, which overflowed fp16 to inf where the true gradient
+    fits (near-identical targets, tiny pred rows: |dpred| ~ 4e3), and rounded bf16 twice. It now
+    forms the gradients at 1 / N: within twice the eager formula's error in the input dtype."""
+    g = torch.Generator().manual_seed(7)
+    N, D = 64, 16
+    v = torch.randn(1, D, generator=g)
+    p = (torch.randn(N, D, generator=g) * 1e-5).to(dtype)
+    t = (v + 0.01 * torch.randn(N, D, generator=g)).to(dtype)
+    grads = {}
+    for dt, backend in ((dtype, "triton"), (torch.float64, None), (dtype, None)):
+        pl, tl = p.to(dt).requires_grad_(), t.to(dt).requires_grad_()
+        if backend:
+            loss = vf.sigmoid_loss(pl, tl, logit_scale=10.0, logit_bias=-10.0, backend=backend)
+        else:
+            loss = eager(pl, tl, 10.0, -10.0, True, "mean")
+        grads[(dt, backend)] = (loss.detach(), *torch.autograd.grad(loss, (pl, tl)))
+    got, exact, ref = grads[(dtype, "triton")], grads[(torch.float64, None)], grads[(dtype, None)]
+    # the loss's gradient fits fp16, the bare sum's (N x larger) would not
+    assert exact[1].abs().max() < 6e4 < N * exact[1].abs().max()
+    assert_close_2x(got[0], ref[0].float(), exact[0], torch.float32, "loss")
+    for i, name in ((1, "dpred"), (2, "dtarget")):
+        assert torch.isfinite(got[i]).all(), name
+        assert_close_2x(got[i], ref[i], exact[i], dtype, name)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("chunk", [0, -1, 2.0, True])
+def test_kernel_refuses_a_chunk_that_is_not_a_positive_int(chunk):
+    """Regression (new-user review): chunk 0 or -1 ran silently as 1."""
+    from vljepa_fast._kernels import sigmoid_loss as kernel
+
+    a = torch.randn(5, 4)
+    params = torch.tensor([10.0, -10.0])
+    with pytest.raises(ValueError, match="chunk: expected an int >= 1"):
+        kernel.sigmoid_forward(a, a, params, 0, True, eps=reference.NORM_EPS, chunk=chunk)

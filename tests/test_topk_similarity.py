@@ -623,14 +623,14 @@ def test_native_plan_arguments():
 
 
 def test_cuda_plan_rule(monkeypatch):
-    """The cuda record's plan: stream for Q <= 64 and k <= 64, else GEMM + k-select, with the
-    chunk rule (ops/_chunks); k > 2048 is a reason (CPU stand-ins: the plan reads shapes only)."""
+    """The cuda record's plan: always GEMM + k-select (its one path) with the chunk rule
+    (ops/_chunks); k > 2048 is a reason (CPU stand-ins: the plan reads shapes only)."""
     from vljepa_fast.ops import topk_similarity as topk_op
 
     def plan(Q, N, k):
         return topk_op.cuda_plan(topk_op.topk_inputs(torch.empty(Q, 8), torch.empty(N, 8), k))
 
-    assert plan(64, 1000, 64).path == "stream" and plan(1, 10, 1).path == "stream"
+    assert plan(64, 1000, 64).path == "gemm" and plan(1, 10, 1).path == "gemm"
     assert plan(65, 1000, 10).path == "gemm" and plan(16, 1000, 65).path == "gemm"
     assert plan(100, 5000, 10) == topk_op.NativePlan("gemm", 5000)  # the 1 GiB floor: one chunk
     monkeypatch.setenv("VLJEPA_FAST_CHUNK_BUDGET_MIB", str(100 * 4 * 640 / 2**20))
@@ -642,10 +642,10 @@ def test_cuda_plan_rule(monkeypatch):
 
 GPU_FAISS = [
     pytest.param(backend, path, k, marks=pytest.mark.gpu, id=f"{backend}-{path}-k{k}")
-    for backend, stream_max in (("cuda", 64), ("triton", 32))
-    for path in ("stream", "gemm")
+    for backend, paths in (("cuda", ("gemm",)), ("triton", ("stream", "gemm")))
+    for path in paths
     for k in (1, 10, 100, 1024, 2048)
-    if path == "gemm" or k <= stream_max
+    if path == "gemm" or k <= 32
 ]
 
 
@@ -662,7 +662,7 @@ def test_gpu_ids_equal_faiss(backend, path, k, dtype, monkeypatch):
     monkeypatch.setenv("VLJEPA_FAST_CHUNK_BUDGET_MIB", str(Q * 4 * 6400 / 2**20))
     inputs = topk_op.topk_inputs(queries, bank, k)
     record, _ = _backends.select("topk_similarity", backend, inputs)
-    plan = (topk_op.cuda_plan if backend == "cuda" else topk_op.triton_plan)(inputs, path=path)
+    plan = topk_op.cuda_plan(inputs) if backend == "cuda" else topk_op.triton_plan(inputs, path)
     assert plan.path == path and (path == "stream" or plan.chunk == 6400)
     scores, ids = record.run(inputs, plan)
     torch.cuda.synchronize()
@@ -674,7 +674,7 @@ def test_gpu_ids_equal_faiss(backend, path, k, dtype, monkeypatch):
 # The kernels of csrc/cuda/topk_similarity.cu: nvcc names the anonymous namespace of a
 # translation unit after its file, so every function of that file carries this tag.
 TOPK_TAG = "_topk_similarity_cu_"
-TOPK_KERNELS = ("topk_chunk_kernel", "topk_select_kernel", "topk_merge_kernel", "inv_norm_kernel")
+TOPK_KERNELS = ("topk_select_kernel", "topk_merge_kernel", "inv_norm_kernel")
 
 
 def _topk_sections(header: str, *args: str) -> dict[str, str]:
@@ -709,7 +709,7 @@ def _topk_sections(header: str, *args: str) -> dict[str, str]:
 def test_sm90a_topk_kernels_have_no_spills():
     """Regression (the 16- and 32-query stream tiles spilled on sm_90a): ptxas's resources of
     every topk_similarity.cu kernel for sm_90a show no stack frame and no local memory, and the
-    stream kernel exists only as its 64-query tile."""
+    streaming tile is gone."""
     import re
 
     sections = _topk_sections("Function", "--dump-resource-usage", "-arch", "sm_90a")
@@ -718,5 +718,17 @@ def test_sm90a_topk_kernels_have_no_spills():
         assert res is not None, f"{name}: no resource line in {body[:200]!r}"
         stack, local = int(res.group(2)), int(res.group(4))
         assert stack == 0 and local == 0, f"{name}: STACK {stack}, LOCAL {local} bytes (spills)"
-        if "topk_chunk_kernel" in name:
-            assert "Li64E" in name, f"{name}: only the 64-query tile is built"
+
+
+@pytest.mark.compile
+def test_sm90a_topk_has_no_hand_written_gemm_loop():
+    """Regression (the GPU design rule: a hand-written GEMM loop must be wgmma on sm_90): the
+    streaming WMMA tile is gone, so no topk_similarity.cu kernel issues an MMA instruction in
+    its sm_90a SASS; the products are cuBLAS's."""
+    import re
+
+    sections = _topk_sections("Function :", "-sass", "-arch", "sm_90a")
+    assert not any("topk_chunk_kernel" in name for name in sections)
+    for name, body in sections.items():
+        mma = re.findall(r"\b(HMMA|HGMMA|IMMA|IGMMA|BMMA|QMMA|DMMA)\b", body)
+        assert not mma, f"{name}: {len(mma)} MMA instructions ({sorted(set(mma))})"

@@ -93,13 +93,20 @@ def gather_rows(x: Tensor, group, sizes: list[int]) -> Tensor:
     return torch.cat([full[r * width : r * width + size] for r, size in enumerate(sizes)])
 
 
+def loss_factor(reduction: str, sizes: list[int]) -> float:
+    """The factor :func:`global_loss` applies to this rank's undivided terms: world_size for
+    "sum", world_size / N (N = sum of the local sizes) for "mean"."""
+    world = len(sizes)
+    return float(world) if reduction == "sum" else world / sum(sizes)
+
+
 def global_loss(own: Tensor, reduction: str, sizes: list[int], group) -> Tensor:
     """The global "mean" or "sum" loss from ``own``, the sum of this rank's rows' terms
     (undivided): the value L is the same on every rank (an all-reduce), the gradient is
     world_size x L_r's (L_r = this rank's share of L), so DistributedDataParallel's average over
     ranks gives exactly the single-process gradient of L whatever the local batch sizes."""
-    world, total_rows = len(sizes), sum(sizes)
-    local = own * (world if reduction == "sum" else world / total_rows)
+    total_rows = sum(sizes)
+    local = own * loss_factor(reduction, sizes)
     total = own.detach().clone()
     dist.all_reduce(total, group=group)
     if reduction == "mean":

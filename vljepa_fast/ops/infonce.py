@@ -391,5 +391,17 @@ _common.native_records(
     supports={"cuda": _fused_supports, "cpu": _fused_supports},
     priority={"cuda": 15, "cpu": 20},
 )
-_common.triton_record(OP, _fused("triton"), _fused_supports, priority=10)
+def _triton_supports(x: InfoNCEInputs) -> object:
+    why = _common.dtype_in("pred", x.pred)
+    if x.group is None and x.pred.shape[0] * x.pred.shape[1] >= 2**31:
+        # kernels/infonce.py: the row kernels' element offsets are int32 (distributed calls,
+        # whose gathered size is known only after the exchange, meet the launcher's check)
+        why.append(
+            f"pred: N * D = {x.pred.shape[0] * x.pred.shape[1]} >= 2^31 elements (the Triton "
+            f"kernels index rows with int32 offsets)"
+        )
+    return _backends.plan_or_refusal(why)
+
+
+_common.triton_record(OP, _fused("triton"), _triton_supports, priority=10)
 _common.reference_record(OP, _reference)

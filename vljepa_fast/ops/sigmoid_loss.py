@@ -165,17 +165,20 @@ def exchange_sizes(x: SigmoidInputs) -> list[int]:
 def distributed_loss(terms, x: SigmoidInputs) -> Tensor:
     """Compose the local terms into the distributed loss (module doc).
 
-    ``terms(a, b, offset, want_sum) -> Tensor``: the per-row sums [n] of rows a against all rows
-    b (row i's positive is b's row i + offset), or their sum (a scalar) when ``want_sum``.
+    ``terms(a, b, offset, weight) -> Tensor``: the per-row sums [n] of rows a against all rows
+    b (row i's positive is b's row i + offset) when ``weight`` is None, else their sum (a
+    scalar) that the caller multiplies by ``weight`` (the fused backend forms its gradients at
+    that scale).
     """
     group = x.group
     sizes = exchange_sizes(x)
     start = sum(sizes[: dist.get_rank(group)])
     targets = _distributed.gather_rows(x.target, group, sizes)
     if x.reduction == "none":
-        return terms(x.pred, targets, start, False)
+        return terms(x.pred, targets, start, None)
     # L_r (x total_rows for "mean"): this rank's rows' terms
-    return _distributed.global_loss(terms(x.pred, targets, start, True), x.reduction, sizes, group)
+    own = terms(x.pred, targets, start, _distributed.loss_factor(x.reduction, sizes))
+    return _distributed.global_loss(own, x.reduction, sizes, group)
 
 
 # ------------------------------------------------------------------------------ reference
@@ -184,11 +187,11 @@ def distributed_loss(terms, x: SigmoidInputs) -> Tensor:
 def _reference(x: SigmoidInputs, plan: None) -> Tensor:
     if x.group is not None:
 
-        def terms(a, b, offset, want_sum):
+        def terms(a, b, offset, weight):
             rows = reference.sigmoid_terms(
                 a, b, x.logit_scale, x.logit_bias, offset=offset, normalize=x.normalize
             )
-            return rows.sum() if want_sum else rows
+            return rows if weight is None else rows.sum()
 
         return distributed_loss(terms, x)
     return reference.sigmoid_loss(
@@ -239,24 +242,35 @@ def _kernels():
 
 @torch.library.custom_op("vljepa_fast::sigmoid_fused", mutates_args=())
 def _fused_op(
-    a: Tensor, b: Tensor, params: Tensor, offset: int, normalize: bool, mode: str, impl: str
+    a: Tensor,
+    b: Tensor,
+    params: Tensor,
+    offset: int,
+    normalize: bool,
+    mode: str,
+    weight: float,
+    impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, da, db, dparams) by ``impl``'s kernels ("triton"): out is the [N] fp32 per-row
     sums (mode "rows") or their sum (0-dim; "sum", "sum_grad"); with "sum_grad" also the
-    gradients of that sum (da [N, D] in a's dtype, db [M, D] in b's, dparams [2] fp32), else
-    three empty tensors. a [N, D], b [M, D] contiguous; params [2] fp32 (scale, bias)."""
+    gradients of ``weight`` x that sum (da [N, D] in a's dtype, db [M, D] in b's, dparams [2]
+    fp32), else three empty tensors. ``weight`` (> 0) is the factor the caller applies to the
+    sum (1 / N for "mean"): the held gradients are formed at the scale of the loss itself, so
+    they fit the input dtype wherever the loss's gradient does (the gradient of the bare sum is
+    N times larger and overflows fp16 first), and are rounded to it once. a [N, D], b [M, D]
+    contiguous; params [2] fp32 (scale, bias)."""
     k = _kernels()
     eps = reference.NORM_EPS
     a, b, params = a.detach(), b.detach(), params.detach().contiguous()
     if mode == "sum_grad":
-        ones = torch.ones(a.shape[0], device=a.device, dtype=torch.float32)
+        g_row = torch.full((a.shape[0],), weight, device=a.device, dtype=torch.float32)
         rows, da, db, dp = k.sigmoid_backward(
             a,
             b,
             params,
             offset,
             normalize,
-            ones,
+            g_row,
             eps=eps,
             chunk=_chunk(a, b, True),
             with_loss=True,
@@ -268,7 +282,7 @@ def _fused_op(
 
 
 @_fused_op.register_fake
-def _(a, b, params, offset, normalize, mode, impl):
+def _(a, b, params, offset, normalize, mode, weight, impl):
     out = a.new_empty((a.shape[0],) if mode == "rows" else (), dtype=torch.float32)
     if mode == "sum_grad":
         return out, torch.empty_like(a), torch.empty_like(b), params.new_empty(2)
@@ -301,8 +315,8 @@ def _(a, b, params, g_row, offset, normalize, impl):
 
 
 def _setup(ctx, inputs, output):
-    a, b, params, offset, normalize, mode, impl = inputs
-    ctx.options = (offset, normalize, mode, impl)
+    a, b, params, offset, normalize, mode, weight, impl = inputs
+    ctx.options = (offset, normalize, mode, weight, impl)
     if mode == "sum_grad":  # the gradients are ready: keep them, not the inputs
         ctx.save_for_backward(output[1], output[2], output[3])
     else:
@@ -310,16 +324,18 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g_out, g_da, g_db, g_dp):
-    offset, normalize, mode, impl = ctx.options
+    offset, normalize, mode, weight, impl = ctx.options
     if mode == "sum_grad":
-        da_u, db_u, dp_u = ctx.saved_tensors
-        g = g_out.to(torch.float32)
-        da, db, dp = da_u * g, db_u * g, dp_u * g
+        da_w, db_w, dp_w = ctx.saved_tensors
+        # the held gradients are weight x the sum's: g_out is weight itself when the caller
+        # applied it as promised, and the factor is then exactly 1
+        g = g_out.to(torch.float32) / weight
+        da, db, dp = da_w * g, db_w * g, dp_w * g
     else:
         a, b, params = ctx.saved_tensors
         g_row = g_out.to(torch.float32).expand(a.shape[0]).contiguous()
         da, db, dp = _fused_bwd(a, b, params, g_row, offset, normalize, impl)
-    return da, db, dp if ctx.needs_input_grad[2] else None, None, None, None, None
+    return da, db, dp if ctx.needs_input_grad[2] else None, None, None, None, None, None
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup)
@@ -331,13 +347,13 @@ def _wants_grad(*xs: Tensor) -> bool:
 
 def _fused(impl: str):
     def terms(params: Tensor, normalize: bool):
-        def run(a: Tensor, b: Tensor, offset: int, want_sum: bool) -> Tensor:
+        def run(a: Tensor, b: Tensor, offset: int, weight: float | None) -> Tensor:
             # the kernels read rows densely: other strides are copied (differentiably)
             a, b = a.contiguous(), b.contiguous()
-            if not want_sum:
-                return _fused_op(a, b, params, offset, normalize, "rows", impl)[0]
+            if weight is None:
+                return _fused_op(a, b, params, offset, normalize, "rows", 1.0, impl)[0]
             mode = "sum_grad" if _wants_grad(a, b, params) else "sum"
-            return _fused_op(a, b, params, offset, normalize, mode, impl)[0]
+            return _fused_op(a, b, params, offset, normalize, mode, weight, impl)[0]
 
         return run
 
@@ -346,7 +362,10 @@ def _fused(impl: str):
         local = terms(params, x.normalize)
         if x.group is not None:
             return distributed_loss(local, x)
-        out = local(x.pred, x.target, 0, x.reduction != "none")
+        if x.reduction == "none":
+            return local(x.pred, x.target, 0, None)
+        weight = 1.0 / x.pred.shape[0] if x.reduction == "mean" else 1.0
+        out = local(x.pred, x.target, 0, weight)
         return out / x.pred.shape[0] if x.reduction == "mean" else out
 
     return run
