@@ -13,6 +13,7 @@ setup(
         "vljepa_fast.ops",
         "vljepa_fast.integrations",
         "vljepa_fast.models",
+        "vljepa_fast.eval",
         "vljepa_fast._kernels",
         "vljepa_fast._csrc",
     ],

@@ -59,12 +59,32 @@ def padded_lengths(B: int, T: int, pad: float) -> list[int]:
     return [min(T, max(1, round(mean * (0.5 + b / (B - 1))))) for b in range(B)]
 
 
-def attention_flops(lengths: Sequence[int], Hq: int, D: int, causal: bool, mode: str) -> int:
+def visible_pairs(L: int, causal: bool, window: tuple[int, int]) -> int:
+    """Query-key pairs a sequence of L tokens attends to under a sliding window (left, right;
+    -1 unbounded; causal caps right at 0), counted exactly."""
+    left, right = window
+    i = torch.arange(L)
+    lo = torch.zeros_like(i) if left < 0 else (i - left).clamp(min=0)
+    hi_right = 0 if causal else right
+    hi = torch.full_like(i, L - 1) if hi_right < 0 else (i + hi_right).clamp(max=L - 1)
+    return int((hi - lo + 1).clamp(min=0).sum())
+
+
+def attention_flops(
+    lengths: Sequence[int],
+    Hq: int,
+    D: int,
+    causal: bool,
+    mode: str,
+    window: tuple[int, int] = (-1, -1),
+) -> int:
     """FLOPs of attention over sequences of the given real lengths, the same for every provider.
 
     Forward: per sequence of L real tokens and query head, two GEMMs of L*L*D multiply-adds
     (s = q k^T and o = p v), 4*L*L*D*Hq in all; halved when causal (the L*(L+1)/2 visible
-    pairs, rounded to half). Padding is not counted, whatever a provider computes on it.
+    pairs, rounded to half). With a sliding ``window`` (vf.attention's ``window_size``) only the
+    visible pairs count, exactly (:func:`visible_pairs`): 4*pairs*D*Hq; a window's kernels
+    skip the key blocks outside it. Padding is not counted, whatever a provider computes on it.
 
     Backward: 2.5x the forward, five GEMMs of L*L*D per head: s recomputed from q and k, then
     dv = p^T do, dp = do v^T, dq = ds k, dk = ds^T q. This is FlashAttention's count, the
@@ -73,9 +93,12 @@ def attention_flops(lengths: Sequence[int], Hq: int, D: int, causal: bool, mode:
     are needed), the eager reference 2x (it keeps p from the forward, at L*L memory per head).
     The softmax's exponentials are not counted.
     """
-    fwd = sum(4 * L * L * D * Hq for L in lengths)
-    if causal:
-        fwd //= 2
+    if tuple(window) == (-1, -1):
+        fwd = sum(4 * L * L * D * Hq for L in lengths)
+        if causal:
+            fwd //= 2
+    else:
+        fwd = sum(4 * visible_pairs(L, causal, tuple(window)) * D * Hq for L in lengths)
     return _harness.mode_total(fwd, fwd * 5 // 2, mode)
 
 

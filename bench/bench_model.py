@@ -56,10 +56,10 @@ def model_flops(model: torch.nn.Module, call: Callable[[], object], mode: str) -
     "fwd+bwd" the same again for the weight gradient when the weight is trainable, and again
     for the input gradient when the input requires one (the backward GEMMs autograd runs).
     Every :class:`vljepa_fast.nn.PredictorAttention` by :func:`bench_attention.attention_flops`
-    over the real lengths of its key padding mask (its projections are nn.Linear, counted
-    above). Not counted: norms, activations, rotary, the masked mean (O(tokens * dim) each) and
-    the loss (:func:`model_cost` adds it). ``call`` runs with autograd as the mode needs it but
-    no backward; the count does not depend on the backend.
+    over the real lengths of its key padding mask and its sliding window (its projections are
+    nn.Linear, counted above). Not counted: norms, activations, rotary, the masked mean
+    (O(tokens * dim) each) and the loss (:func:`model_cost` adds it). ``call`` runs with
+    autograd as the mode needs it but no backward; the count does not depend on the backend.
     """
     train = mode != "fwd"
     total = 0
@@ -79,7 +79,8 @@ def model_flops(model: torch.nn.Module, call: Callable[[], object], mode: str) -
         B, T = x.shape[:2]
         lengths = [T] * B if mask is None else mask.sum(-1).tolist()
         part = "fwd+bwd" if train and x.requires_grad else "fwd"
-        total += attention_flops(lengths, mod.num_heads, mod.head_dim, mod.causal, part)
+        window = getattr(mod, "window_size", (-1, -1))  # Gemma-3's sliding layers
+        total += attention_flops(lengths, mod.num_heads, mod.head_dim, mod.causal, part, window)
 
     hooks = []
     for mod in model.modules():

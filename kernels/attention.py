@@ -1,4 +1,5 @@
-"""Flash attention for the VL-JEPA predictor: GQA, key padding, packed varlen, causal or not.
+"""Flash attention for the VL-JEPA predictor: GQA, key padding, packed varlen, causal or not,
+sliding (local) windows.
 
 Math. For one (sequence, query head h) with KV head h // G (G = Hq / Hkv query heads per KV head):
     s = scale * q k^T,  p = softmax(s) over the valid keys,  o = p v,  lse = log sum_j exp(s_j).
@@ -15,8 +16,18 @@ Memory. Nothing of size T x S is ever stored: the forward keeps one [BM, BN] sco
 registers and saves only lse ([B, Hq, T] fp32); the backward recomputes p from lse. GQA indexes the
 KV head (h // G) instead of repeating K and V. Key padding is a per-sequence length: KV blocks
 past it are skipped, not computed and masked. Masks are evaluated only on the blocks
-that need them (the last partial block, the causal diagonal): every loop runs in two ranges,
-the fully visible blocks without masks, then the few blocks that need them.
+that need them (the last partial block, the causal diagonal, the window's two edges): every loop
+runs over the fully visible blocks without masks and the few blocks at its ends with them.
+
+Sliding window (flash-attn's window_size = (left, right), -1 unbounded): query i sees key j
+only if i + S - T - left <= j <= i + S - T + right; causal is the right bound 0. Runtime
+bounds with constexpr flags (LEFT, RIGHT), so one compiled variant serves every window size.
+Every loop's range is clipped to the window: a query block [m, m + BM) visits only the key
+blocks that meet [m + S - T - left, m + BM - 1 + S - T + right], and a key block only the query
+blocks that see it, in both passes of the backward. Blocks wholly outside the window are never
+loaded, so with both bounds finite time and traffic are O(T * (left + right + BM + BN)) per
+head, not O(T * S): the masked edge blocks (two per block at most) are the only cost beyond the
+window itself; with one bound -1 the clipping still skips the blocks past the other one.
 
 Determinism. dK/dV: one program per (KV block, KV head) loops over the G query heads of its
 group and over all query blocks, accumulating in fp32 registers, and writes dk/dv once. dQ: one
@@ -24,16 +35,18 @@ program per (query block, query head) loops over KV blocks. No atomics, so gradi
 reproducible run to run, at the price of recomputing s and p twice in the backward.
 
 Conventions. Dense: q [B, T, Hq, D], k/v [B, S, Hkv, D]; varlen: q [total_q, Hq, D], k/v
-[total_k, Hkv, D] with int32 cu_seqlens. Causal masks are bottom-right aligned as in flash-attn
->= 2.1: query i sees key j iff j <= i + (S - T); dense uses the tensor lengths T and S (key
-padding is a mask applied on top), varlen the lengths of each sequence. A query row that sees no
-key (zero keys, or causal with T > S) gets out = 0 and lse = -inf, and zero gradients.
+[total_k, Hkv, D] with int32 cu_seqlens. Causal masks and windows are bottom-right aligned as in
+flash-attn >= 2.1: query i sees key j iff j <= i + (S - T); dense uses the tensor lengths T and S
+(key padding is a mask applied on top), varlen the lengths of each sequence. A query row that
+sees no key (zero keys, causal with T > S, a window holding only padding) gets out = 0 and
+lse = -inf, and zero gradients.
 
 Non-finite inputs. The running max starts at the lowest finite fp32, so the softmax is the plain
 one for scores of any size: a NaN or +inf score, or a row whose every score is -inf, makes that
 row NaN (out and lse), as eager softmax does. Padded keys (past seqlens_k, outside a varlen
-sequence) are loaded as zeros and never reach a dot. With causal, a non-finite value in a real
-key's v row can reach rows of the same tile that the mask hides it from (0 * NaN in p v).
+sequence) are loaded as zeros and never reach a dot. With causal or a window, a non-finite value
+in a real key's v row can reach rows of the same tile that the mask hides it from (0 * NaN in
+p v); blocks outside every row's window are never loaded, so it reaches no farther.
 
 Memory safety. Launchers copy strided offsets (cu_seqlens, seqlens_k) contiguous and check their
 sizes; the kernels clamp every varlen sequence to [0, total_q) x [0, total_k) and compute row
@@ -71,8 +84,8 @@ class _Config(NamedTuple):
 # Per padded head dim: forward, dK/dV (block_m = queries per inner step, block_n = keys per
 # program) and dQ (block_m = queries per program, block_n = keys per inner step). The wide side of
 # each backward kernel is the one held in registers for the whole program. Every 16-bit entry
-# was compiled for sm_80 and sm_90a (GQA, key padding, causal or not, varlen) with no ptxas
-# spills, and uses wgmma on sm_90a.
+# was compiled for sm_80 and sm_90a (GQA, key padding, causal or not, windowed, varlen) with no
+# ptxas spills, and uses wgmma on sm_90a.
 _FWD = {
     32: _Config(128, 64, 4, 3),
     64: _Config(128, 64, 4, 3),
@@ -185,26 +198,49 @@ def _kv_block(p_k, p_v, start_n, r_n, stride_kt, stride_vt, n_valid, m_d, MASK: 
 
 
 @triton.jit
-def _visible(o_q, o_k, n_valid, diag, CAUSAL: tl.constexpr):
+def _visible(o_q, o_k, n_valid, lo_off, hi_off, LEFT: tl.constexpr, RIGHT: tl.constexpr):
     """Which (query o_q, key o_k) pairs attend (o_q, o_k broadcast to the tile): real keys,
-    and with CAUSAL key <= query + diag (bottom-right aligned)."""
+    with RIGHT key <= query + hi_off, with LEFT key >= query + lo_off (bottom-right aligned:
+    hi_off = S - T + right, lo_off = S - T - left)."""
     m = o_k < n_valid
-    if CAUSAL:
-        m = m & (o_k <= o_q + diag)
+    if RIGHT:
+        m = m & (o_k <= o_q + hi_off)
+    if LEFT:
+        m = m & (o_k >= o_q + lo_off)
     return m
 
 
 @triton.jit
-def _key_range(start_m, T, n_valid, diag, BM: tl.constexpr, BN: tl.constexpr,
-               CAUSAL: tl.constexpr):
-    """(n_full, hi): keys [0, hi) are visible to some query row of the block at start_m,
-    [0, n_full) to every row of it (whole blocks, no mask needed)."""
+def _key_range(start_m, T, n_valid, lo_off, hi_off, BM: tl.constexpr, BN: tl.constexpr,
+               LEFT: tl.constexpr, RIGHT: tl.constexpr):
+    """(lo, a, b, hi), multiples of BN but hi: keys [lo, hi) hold every key visible to some
+    query row of the block at start_m, and the whole blocks [a, b) are visible to every row of
+    it (no mask needed); [lo, a) (LEFT only) and [b, hi) need the mask. lo <= a <= b."""
     hi = n_valid
-    n_full = n_valid // BN * BN
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(hi, tl.minimum(start_m + BM, T) + diag), 0)
-        n_full = tl.minimum(n_full, tl.maximum(start_m + 1 + diag, 0) // BN * BN)
-    return n_full, hi
+    b = n_valid // BN * BN
+    if RIGHT:
+        hi = tl.maximum(tl.minimum(hi, tl.minimum(start_m + BM, T) + hi_off), 0)
+        b = tl.minimum(b, tl.maximum(start_m + 1 + hi_off, 0) // BN * BN)
+    lo = b * 0
+    a = b * 0
+    if LEFT:
+        lo = tl.minimum(tl.maximum(start_m + lo_off, 0), hi) // BN * BN
+        # the first whole block at or past the last row's first key, at most hi's block
+        a = (tl.maximum(tl.minimum(start_m + BM, T) - 1 + lo_off, 0) + BN - 1) // BN * BN
+        a = tl.maximum(tl.minimum(a, (hi + BN - 1) // BN * BN), lo)
+        b = tl.maximum(b, a)
+    return lo, a, b, hi
+
+
+@triton.jit
+def _skip(i, skip_at, skip, SPLIT: tl.constexpr):
+    """Block start of loop step ``i``; SPLIT: one loop walks two ranges, [lo, skip_at) then
+    [skip_at + skip, hi) (a window's two masked edges in the dK/dV kernel: one inlined loop
+    body, not two, which kept its fp32 variant free of spills on sm_80)."""
+    if SPLIT:
+        return i + (i >= skip_at).to(tl.int32) * skip
+    else:
+        return i
 
 
 @triton.jit
@@ -217,8 +253,9 @@ def _lse_log2(p, mask):
 
 @triton.jit
 def _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, lo, hi,
-                    n_valid, diag, qk_scale, D: tl.constexpr, BN: tl.constexpr,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+                    n_valid, lo_off, hi_off, qk_scale, D: tl.constexpr, BN: tl.constexpr,
+                    MASK: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+                    INTERPRET: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
     m_d = o_d < D
     r_n = tl.arange(0, BN)
@@ -230,7 +267,7 @@ def _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o
         # [BM, BN] scores in log2 units
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
         if MASK:
-            m_s = _visible(o_m[:, None], o_n[None, :], n_valid, diag, CAUSAL)
+            m_s = _visible(o_m[:, None], o_n[None, :], n_valid, lo_off, hi_off, LEFT, RIGHT)
             b_s = tl.where(m_s, b_s, float("-inf"))
         # The running max starts at the lowest finite fp32, below or at every finite score, so
         # the softmax is the plain one for scores of any size, and a row whose scores are all
@@ -253,10 +290,10 @@ def _attn_fwd_kernel(
     q, k, v, o, lse, seqlens_k, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
-    T, S, qk_scale,
+    T, S, qk_scale, win_left, win_right,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, CAUSAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr,
 ):
     i_m, i_b, i_h, bos_q, bos_k, T, S, n_valid = _program(
@@ -265,7 +302,8 @@ def _attn_fwd_kernel(
     start_m = i_m * BM
     if start_m >= T:
         return
-    diag = S - T
+    lo_off = S - T - win_left
+    hi_off = S - T + win_right
     o_m = start_m + tl.arange(0, BM)
     o_d = tl.arange(0, BD)
     m_m = o_m < T
@@ -284,21 +322,30 @@ def _attn_fwd_kernel(
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_m = tl.full([BM], -3.4028234663852886e38, dtype=tl.float32)
 
-    n_full, hi = _key_range(start_m, T, n_valid, diag, BM, BN, CAUSAL)
+    # [lo, a) masked (LEFT only; else lo = a = 0), [a, b) unmasked, [b, hi) masked
+    lo, a, b, hi = _key_range(start_m, T, n_valid, lo_off, hi_off, BM, BN, LEFT, RIGHT)
+    if LEFT:
+        b_acc, b_l, b_m = _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt,
+                                          o_m, o_d, lo, a, n_valid, lo_off, hi_off, qk_scale, D,
+                                          BN, True, LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
     b_acc, b_l, b_m = _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m,
-                                      o_d, 0, n_full, n_valid, diag, qk_scale, D, BN, False,
-                                      CAUSAL, INTERPRET, DOT_PRECISION, ROW64)
+                                      o_d, a, b, n_valid, lo_off, hi_off, qk_scale, D, BN, False,
+                                      LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
     b_acc, b_l, b_m = _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m,
-                                      o_d, n_full, hi, n_valid, diag, qk_scale, D, BN, True,
-                                      CAUSAL, INTERPRET, DOT_PRECISION, ROW64)
+                                      o_d, b, hi, n_valid, lo_off, hi_off, qk_scale, D, BN, True,
+                                      LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
 
-    # A row that attends to no key (key padding, causal with T > S) gets out 0 and lse -inf,
-    # whatever q holds. A row that attends to some key but has l = 0 (all its scores -inf) or
-    # l = NaN (a NaN or +inf score: non-finite q or k) gets NaN, as plain softmax does.
-    if CAUSAL:
-        m_keys = tl.minimum(o_m + diag + 1, n_valid) > 0
+    # A row that attends to no key (key padding, causal with T > S, a window past the keys)
+    # gets out 0 and lse -inf, whatever q holds. A row that attends to some key but has l = 0
+    # (all its scores -inf) or l = NaN (a NaN or +inf score: non-finite q or k) gets NaN, as
+    # plain softmax does.
+    k_end = r_m * 0 + n_valid
+    if RIGHT:
+        k_end = tl.minimum(o_m + hi_off + 1, k_end)
+    if LEFT:
+        m_keys = tl.maximum(o_m + lo_off, 0) < k_end
     else:
-        m_keys = (r_m * 0 + n_valid) > 0
+        m_keys = k_end > 0
     m_seen = b_l > 0.0
     b_l_safe = tl.where(m_seen, b_l, 1.0)
     b_o = tl.where((m_keys & m_seen)[:, None], b_acc / b_l_safe[:, None],
@@ -343,15 +390,17 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot,
-                         o_n, o_d, lo, hi, n_valid, T, diag, qk_scale, D: tl.constexpr,
-                         BM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                         o_n, o_d, lo, hi, skip_at, skip, n_valid, T, lo_off, hi_off, qk_scale,
+                         D: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
+                         LEFT: tl.constexpr, RIGHT: tl.constexpr,
                          INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          ROW64: tl.constexpr):
     # Query rows past T load zeros (q, do, lse, delta), so their p is finite and their dp and
     # delta are 0: they add nothing to dk or dv even where no mask is applied.
     m_d = o_d < D
     r_m = tl.arange(0, BM)
-    for start_m in range(lo, hi, BM):
+    for i_m in range(lo, hi, BM):
+        start_m = _skip(i_m, skip_at, skip, MASK and LEFT)
         o_m = start_m + r_m
         m_m = o_m < T
         # [BM, BD]
@@ -366,7 +415,8 @@ def _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, stride
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale
         b_pt = tl.exp2(b_st - b_lse[None, :])
         if MASK:
-            m_s = _visible(o_m[None, :], o_n[:, None], n_valid, diag, CAUSAL) & m_m[None, :]
+            m_s = _visible(o_m[None, :], o_n[:, None], n_valid, lo_off, hi_off, LEFT,
+                           RIGHT) & m_m[None, :]
             b_pt = tl.where(m_s, b_pt, 0.0)
         b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
         # [BN, BM]
@@ -382,10 +432,10 @@ def _attn_bwd_dkdv_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_lb, stride_lh,
-    T, S, qk_scale, sm_scale,
+    T, S, qk_scale, sm_scale, win_left, win_right,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, CAUSAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr,
 ):
     i_n, i_b, i_hk, bos_q, bos_k, T, S, n_valid = _program(
@@ -394,7 +444,8 @@ def _attn_bwd_dkdv_kernel(
     start_n = i_n * BN
     if start_n >= S:
         return
-    diag = S - T
+    lo_off = S - T - win_left
+    hi_off = S - T + win_right
     r_n = tl.arange(0, BN)
     o_n = start_n + r_n
     o_d = tl.arange(0, BD)
@@ -408,15 +459,30 @@ def _attn_bwd_dkdv_kernel(
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
 
-    # Query rows [lo, hi) see some of these keys, rows [m_full, hi) all of them. A block past
-    # the valid keys is skipped whole and writes zeros; one that straddles n_valid is masked.
+    # Query rows [lo, hi) see some of these keys, rows [m_full, m_end) all of them (whole
+    # blocks, no mask); [lo, m_full) and (LEFT only) [m_end, hi) are masked. A block past the
+    # valid keys is skipped whole and writes zeros; one that straddles n_valid is masked.
     lo = 0
     m_full = 0
-    if CAUSAL:
-        lo = tl.maximum(start_n - diag, 0) // BM * BM
-        m_full = (tl.maximum(start_n + BN - 1 - diag, 0) + BM - 1) // BM * BM
     hi = tl.where(start_n < n_valid, T, 0)
+    if RIGHT:
+        lo = tl.maximum(start_n - hi_off, 0) // BM * BM
+        m_full = (tl.maximum(start_n + BN - 1 - hi_off, 0) + BM - 1) // BM * BM
+    if LEFT:
+        hi = tl.minimum(hi, tl.maximum(start_n + BN - lo_off, 0))
+        lo = tl.minimum(lo, hi // BM * BM)
     m_full = tl.minimum(tl.where(start_n + BN <= n_valid, m_full, hi), hi)
+    m_end = hi
+    m_stop = m_full  # where the masked loop stops (LEFT: its steps past m_full jump to m_end)
+    if LEFT:
+        # rows [m_full, m_end) see the whole block: from the first row that sees its last key
+        # (RIGHT) to the last row that sees its first key (LEFT), whole BM blocks, so that the
+        # masked steps (lo.. then m_end..) and the unmasked ones never visit a row twice
+        m_full = tl.maximum(m_full, lo)
+        m_end = tl.where(start_n + BN <= n_valid,
+                         tl.maximum(tl.minimum(tl.maximum(start_n + 1 - lo_off, 0) // BM * BM,
+                                               hi), m_full), m_full)
+        m_stop = hi - (m_end - m_full)
     for i_g in range(G):
         i_h = i_hk * G + i_g
         p_q = _at(q, i_b64, bos_q, i_h, stride_qb, stride_qt, stride_qh, ROW64) + o_d[None, :]
@@ -424,14 +490,16 @@ def _attn_bwd_dkdv_kernel(
                 + o_d[None, :])
         p_lse = _at(lse, i_b64, bos_q, i_h, stride_lb, 1, stride_lh, ROW64)
         p_delta = _at(delta, i_b64, bos_q, i_h, stride_lb, 1, stride_lh, ROW64)
+        # [lo, m_full) and (LEFT) [m_end, hi) masked in one loop, [m_full, m_end) unmasked
         b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
-                                          stride_qt, stride_dot, o_n, o_d, lo, m_full, n_valid,
-                                          T, diag, qk_scale, D, BM, True, CAUSAL, INTERPRET,
-                                          DOT_PRECISION, ROW64)
+                                          stride_qt, stride_dot, o_n, o_d, lo, m_stop, m_full,
+                                          m_end - m_full, n_valid, T, lo_off, hi_off, qk_scale,
+                                          D, BM, True, LEFT, RIGHT, INTERPRET, DOT_PRECISION,
+                                          ROW64)
         b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
-                                          stride_qt, stride_dot, o_n, o_d, m_full, hi, n_valid,
-                                          T, diag, qk_scale, D, BM, False, CAUSAL, INTERPRET,
-                                          DOT_PRECISION, ROW64)
+                                          stride_qt, stride_dot, o_n, o_d, m_full, m_end, 0, 0,
+                                          n_valid, T, lo_off, hi_off, qk_scale, D, BM, False,
+                                          LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
 
     m_store = (o_n < S)[:, None] & m_d[None, :]
     p_dk = _at(dk, i_b64, bos_k, i_hk, stride_dkb, stride_dkt, stride_dkh, ROW64)
@@ -444,8 +512,9 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, stride_vt, o_m, o_d,
-                       lo, hi, n_valid, diag, qk_scale, D: tl.constexpr, BN: tl.constexpr,
-                       MASK: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+                       lo, hi, n_valid, lo_off, hi_off, qk_scale, D: tl.constexpr,
+                       BN: tl.constexpr, MASK: tl.constexpr, LEFT: tl.constexpr,
+                       RIGHT: tl.constexpr, INTERPRET: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
     m_d = o_d < D
     r_n = tl.arange(0, BN)
@@ -458,7 +527,7 @@ def _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, str
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
         b_p = tl.exp2(b_s - b_lse[:, None])
         if MASK:
-            m_s = _visible(o_m[:, None], o_n[None, :], n_valid, diag, CAUSAL)
+            m_s = _visible(o_m[:, None], o_n[None, :], n_valid, lo_off, hi_off, LEFT, RIGHT)
             b_p = tl.where(m_s, b_p, 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -473,10 +542,10 @@ def _attn_bwd_dq_kernel(
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh,
-    T, S, qk_scale, sm_scale,
+    T, S, qk_scale, sm_scale, win_left, win_right,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, CAUSAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr,
 ):
     i_m, i_b, i_h, bos_q, bos_k, T, S, n_valid = _program(
@@ -485,7 +554,8 @@ def _attn_bwd_dq_kernel(
     start_m = i_m * BM
     if start_m >= T:
         return
-    diag = S - T
+    lo_off = S - T - win_left
+    hi_off = S - T + win_right
     r_m = tl.arange(0, BM)
     o_m = start_m + r_m
     o_d = tl.arange(0, BD)
@@ -505,14 +575,27 @@ def _attn_bwd_dq_kernel(
     b_delta = tl.load(delta + p_l, mask=m_m, other=0.0)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
 
-    # The same key ranges as the forward: [0, n_full) unmasked, [n_full, hi) masked.
-    n_full, hi = _key_range(start_m, T, n_valid, diag, BM, BN, CAUSAL)
+    # The same key ranges as the forward: [lo, a) masked (LEFT), [a, b) unmasked, [b, hi) masked.
+    # The order of the loops is ptxas' register budget at 255 on sm_80, not arithmetic: the
+    # masked [b, hi) goes before the unmasked blocks with RIGHT alone (causal; after, 8 bytes
+    # spilled at head dim 64, 16-bit) and with LEFT in fp32 (after, 8 bytes at head dim 128 on
+    # Triton 3.6), after them otherwise (before, 16 bytes with LEFT at head dim 64, 16-bit).
+    lo, a, b, hi = _key_range(start_m, T, n_valid, lo_off, hi_off, BM, BN, LEFT, RIGHT)
+    if LEFT:
+        b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt,
+                                  stride_vt, o_m, o_d, lo, a, n_valid, lo_off, hi_off, qk_scale,
+                                  D, BN, True, LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
+    if (RIGHT and not LEFT) or (LEFT and DOT_PRECISION == "tf32x3"):
+        b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt,
+                                  stride_vt, o_m, o_d, b, hi, n_valid, lo_off, hi_off, qk_scale,
+                                  D, BN, True, LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
     b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, stride_vt,
-                              o_m, o_d, 0, n_full, n_valid, diag, qk_scale, D, BN, False, CAUSAL,
-                              INTERPRET, DOT_PRECISION, ROW64)
-    b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, stride_vt,
-                              o_m, o_d, n_full, hi, n_valid, diag, qk_scale, D, BN, True, CAUSAL,
-                              INTERPRET, DOT_PRECISION, ROW64)
+                              o_m, o_d, a, b, n_valid, lo_off, hi_off, qk_scale, D, BN, False,
+                              LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
+    if (not LEFT and not RIGHT) or (LEFT and DOT_PRECISION != "tf32x3"):
+        b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt,
+                                  stride_vt, o_m, o_d, b, hi, n_valid, lo_off, hi_off, qk_scale,
+                                  D, BN, True, LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
 
     p_dq = _at(dq, i_b64, bos_q, i_h, stride_dqb, stride_dqt, stride_dqh, ROW64)
     tl.store(p_dq + _rows(start_m, r_m, stride_dqt, ROW64) + o_d[None, :],
@@ -658,6 +741,37 @@ def _config(table: dict[int, _Config], bd: int, dtype: torch.dtype, interpret: b
     return cfg
 
 
+def _window(
+    causal: bool, window_size: tuple[int, int], lay: _Layout
+) -> tuple[int, int, bool, bool]:
+    """(win_left, win_right, LEFT, RIGHT): the kernels' window, causal folded in (right bound 0).
+
+    A bound of -1 is unbounded (its flag off, its value 0); the others are clamped to the
+    longest key (left) or query (right) sequence, past which they hide nothing, so that
+    ``i + S - T +- bound`` stays within int32 for any sequence the kernels take."""
+    left, right = window_size
+    if isinstance(left, bool) or isinstance(right, bool) or min(left, right) < -1:
+        raise ValueError(f"window_size: expected two ints >= -1, got {window_size!r}")
+    if causal:
+        right = 0
+    return (
+        min(left, lay.S) if left >= 0 else 0,
+        min(right, lay.T) if right >= 0 else 0,
+        left >= 0,
+        right >= 0,
+    )
+
+
+def _dkdv_config(bd: int, dtype: torch.dtype, interpret: bool, left: bool) -> _Config:
+    """The dK/dV kernel's config; with a left window bound at most 2 stages: a window's key
+    block meets few query blocks, so the deeper pipeline buys little, and 3 stages spilled
+    56-240 bytes on sm_90 under Triton 3.6 (16-bit, head dim 64)."""
+    cfg = _config(_BWD_DKDV, bd, dtype, interpret)
+    if left and not interpret:
+        cfg = cfg._replace(num_stages=min(cfg.num_stages, 2))
+    return cfg
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: three TF32 MMAs per product (split hi/lo) give near-fp32 accuracy, as eager
     # fp32 matmul (no TF32 by default) does, while staying on tensor cores; a plain fp32 FMA dot
@@ -676,6 +790,7 @@ def attention_forward(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     """Attention forward: softmax(scale * q k^T) v per query head, with its log-sum-exp.
@@ -698,6 +813,10 @@ def attention_forward(
         max_seqlen_k: varlen only, the longest key sequence.
         causal: bottom-right aligned causal mask (query i sees key j iff j <= i + S - T; dense
             uses the tensor lengths, varlen each sequence's lengths).
+        window_size: (left, right) sliding window, flash-attn's convention: query i sees key j
+            only if i + S - T - left <= j <= i + S - T + right (aligned as causal), -1 =
+            unbounded; with causal the right bound is 0. Key blocks outside every row's window
+            of a query block are skipped, so the cost follows the window, not S.
         scale: softmax scale, usually D ** -0.5.
 
     Returns:
@@ -722,14 +841,15 @@ def attention_forward(
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
+    win_left, win_right, left, right = _window(causal, window_size, lay)
     grid = (triton.cdiv(lay.T, cfg.block_m), lay.n_seq * lay.Hq)
     launch(
         _attn_fwd_kernel, grid,
         q, k, v, out, lse, seqlens_k, cu_seqlens_q, cu_seqlens_k,
         *_strides(lay.varlen, q, k, v, out), *_lse_strides(lse, lay.varlen),
-        lay.rows_q, lay.rows_k, scale * _LOG2E,
+        lay.rows_q, lay.rows_k, scale * _LOG2E, win_left, win_right,
         H=lay.Hq, G=lay.Hq // lay.Hkv, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n,
-        IS_VARLEN=lay.varlen, HAS_SEQLENS=seqlens_k is not None, CAUSAL=causal,
+        IS_VARLEN=lay.varlen, HAS_SEQLENS=seqlens_k is not None, LEFT=left, RIGHT=right,
         INTERPRET=interpret, DOT_PRECISION=_dot_precision(q.dtype),
         ROW64=_row64(lay.varlen, lse, q, k, v, out),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -751,6 +871,7 @@ def attention_backward(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`attention_forward`, deterministic (no atomics).
@@ -758,7 +879,7 @@ def attention_backward(
     Args:
         do: gradient of out, out's shape (cast to q's dtype if it differs).
         q, k, v, seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-            scale: exactly as given to :func:`attention_forward`.
+            window_size, scale: exactly as given to :func:`attention_forward`.
         out: the forward output.
         lse: the forward log-sum-exp (fp32, dense [B, Hq, T] or varlen [Hq, total_q]; any
             strides).
@@ -788,9 +909,11 @@ def attention_backward(
     bd = triton.next_power_of_2(lay.D)
     G = lay.Hq // lay.Hkv
     masking = dict(IS_VARLEN=lay.varlen, HAS_SEQLENS=seqlens_k is not None)
+    win_left, win_right, left, right = _window(causal, window_size, lay)
     kernel_flags = dict(
         **masking,
-        CAUSAL=causal,
+        LEFT=left,
+        RIGHT=right,
         INTERPRET=interpret,
         DOT_PRECISION=_dot_precision(q.dtype),
         ROW64=_row64(lay.varlen, lse, q, k, v, do),
@@ -815,16 +938,16 @@ def attention_backward(
         _attn_bwd_dq_kernel, (triton.cdiv(lay.T, cfg.block_m), lay.n_seq * lay.Hq),
         q, k, v, do, lse, delta, dq, seqlens_k, cu_seqlens_q, cu_seqlens_k,
         *_strides(lay.varlen, q, k, v, do, dq), *lse_strides,
-        lay.rows_q, lay.rows_k, scale * _LOG2E, scale,
+        lay.rows_q, lay.rows_k, scale * _LOG2E, scale, win_left, win_right,
         H=lay.Hq, G=G, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n, **kernel_flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    cfg = _config(_BWD_DKDV, bd, q.dtype, interpret)
+    cfg = _dkdv_config(bd, q.dtype, interpret, left)
     launch(
         _attn_bwd_dkdv_kernel, (triton.cdiv(lay.S, cfg.block_n), lay.n_seq * lay.Hkv),
         q, k, v, do, lse, delta, dk, dv, seqlens_k, cu_seqlens_q, cu_seqlens_k,
         *_strides(lay.varlen, q, k, v, do, dk, dv),
-        *lse_strides, lay.rows_q, lay.rows_k, scale * _LOG2E, scale,
+        *lse_strides, lay.rows_q, lay.rows_k, scale * _LOG2E, scale, win_left, win_right,
         HKV=lay.Hkv, G=G, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n, **kernel_flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

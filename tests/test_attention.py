@@ -5,12 +5,14 @@ against a pair-by-pair float64 oracle; strided, offset and non-contiguous argume
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import vljepa_fast as vf
-from tests._util import assert_close_2x
+from tests._util import assert_close_2x, poisoned_allocations
 from vljepa_fast import _backends, reference
 from vljepa_fast.ops.attention import attention_inputs, varlen_inputs
 
@@ -581,3 +583,289 @@ def test_the_mask_is_read_on_the_host_once_per_call(monkeypatch):
     assert first.host == (5, 2) and first.right and first.lengths.tolist() == [5, 2]
     holes = ops.attention_inputs(q, q, q, key_padding_mask=torch.tensor([[1, 0, 1]] * 2).bool())
     assert not holes.key_counts().right and holes.key_counts().host == (2, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding-window (local) attention: window_size=(left, right), every backend
+# ---------------------------------------------------------------------------------------------
+
+
+def window_pairs(T, S, key_padding_mask, causal, window_size, B=None):
+    """[B, 1, T, S] bool, built pair by pair from the documented rule (written here, not the
+    library's): query i attends key j iff the key is real and
+    i + S - T - left <= j <= i + S - T + right, -1 unbounded, causal making right 0."""
+    left, right = window_size
+    if causal:
+        right = 0
+    B = key_padding_mask.shape[0] if key_padding_mask is not None else (B or 1)
+    allowed = torch.zeros(B, 1, T, S, dtype=torch.bool)
+    for b in range(B):
+        for i in range(T):
+            for j in range(S):
+                ok = key_padding_mask is None or bool(key_padding_mask[b, j])
+                ok = ok and (left == -1 or j >= i + S - T - left)
+                ok = ok and (right == -1 or j <= i + S - T + right)
+                allowed[b, 0, i, j] = ok
+    return allowed
+
+
+def window_oracle(q, k, v, allowed, dtype=torch.float64):
+    """Softmax attention over the ``allowed`` pairs in ``dtype`` (differentiable); a query with
+    no allowed key gets zeros."""
+    Hq, Hkv, D = q.shape[2], k.shape[2], q.shape[3]
+    qf = q.to(dtype)
+    kf = k.to(dtype).repeat_interleave(Hq // Hkv, dim=2)
+    vf_ = v.to(dtype).repeat_interleave(Hq // Hkv, dim=2)
+    s = torch.einsum("bthd,bshd->bhts", qf, kf) * D**-0.5
+    has = allowed.any(-1, keepdim=True)
+    s = s.masked_fill(~allowed, -INF).masked_fill(~has, 0.0)
+    p = torch.softmax(s, dim=-1) * has
+    return torch.einsum("bhts,bshd->bthd", p, vf_).to(q.dtype)
+
+
+WINDOW_BACKENDS = [
+    *_cpu_backends("attention"),
+    "auto",
+    pytest.param("triton", marks=pytest.mark.interpret),
+]
+# (T, S, hq, hkv, masked, causal, window_size): odd lengths (not multiples of any block), T != S
+# both ways, GQA, right key padding (entry 0 keeps one real key: most of its windows hold only
+# padding), causal combined; the last two span several Triton blocks (32 x 64 under the
+# interpreter), so that whole blocks outside the window are skipped and both edges are masked.
+WINDOW_CASES = [
+    pytest.param(37, 37, 4, 2, False, False, (0, 0), id="diagonal-only"),
+    pytest.param(37, 37, 4, 2, True, False, (5, -1), id="left-only-pad"),
+    pytest.param(37, 37, 4, 4, False, False, (-1, 3), id="right-only"),
+    pytest.param(29, 45, 4, 1, True, False, (2, 7), id="asym-T<S-gqa4-pad"),
+    pytest.param(45, 29, 4, 2, True, True, (6, -1), id="causal-left-T>S-pad"),
+    pytest.param(37, 53, 4, 2, True, True, (3, 5), id="causal-right-ignored-pad"),
+    pytest.param(21, 33, 2, 1, True, False, (100, 100), id="wider-than-seq-pad"),
+    pytest.param(40, 37, 4, 2, False, True, (0, -1), id="causal-diag-T>S"),
+    pytest.param(70, 150, 4, 2, True, False, (9, 4), id="blocks-asym-pad"),
+    pytest.param(150, 70, 2, 1, False, True, (20, -1), id="blocks-causal-left"),
+]
+
+
+@pytest.mark.parametrize("backend", WINDOW_BACKENDS)
+@pytest.mark.parametrize("T, S, hq, hkv, masked, causal, window", WINDOW_CASES)
+def test_window_matches_float64_oracle(backend, T, S, hq, hkv, masked, causal, window):
+    """Values and gradients of q, k, v equal the float64 pair-by-pair window oracle (every
+    buffer torch allocates for the call poisoned with NaN)."""
+    seed = T + 7 * S + 31 * window[0] + 131 * window[1] + 1000 * causal
+    q, k, v = _qkv(2, T, S, hq, hkv, 32, seed=seed)
+    mask = _padding(2, S, seed, all_but_one=True) if masked else None
+    allowed = window_pairs(T, S, mask, causal, window, B=2)
+    with poisoned_allocations() as made:
+        out = vf.attention(
+            q, k, v, key_padding_mask=mask, causal=causal, window_size=window, backend=backend
+        )
+        grads = _grads(out, (q, k, v), seed)
+    if backend == "triton":
+        assert made, "poisoning reached no allocation"
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    exact = window_oracle(q64, k64, v64, allowed)
+    eager = window_oracle(q, k, v, allowed, torch.float32)
+    assert_close_2x(out, eager, exact, torch.float32, "out")
+    no_key = ~allowed.any(-1).transpose(1, 2)  # [B, T, 1]
+    if no_key.any():  # the rule: a query whose window holds no real key gets zeros
+        assert torch.equal(out * no_key[..., None], torch.zeros_like(out))
+    for got, ea, ex, name in zip(
+        grads, _grads(eager, (q, k, v), seed), _grads(exact, (q64, k64, v64), seed), "qkv"
+    ):
+        assert_close_2x(got, ea, ex, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("attention"))
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_with_scattered_padding(backend, causal):
+    """Padding anywhere (not only at the end) inside and around the windows; float64 inputs."""
+    g = torch.Generator().manual_seed(41 + causal)
+    q, k, v = (torch.randn(2, n, h, 16, generator=g, dtype=torch.float64).requires_grad_(True)
+               for n, h in ((19, 4), (23, 2), (23, 2)))
+    mask = torch.rand(2, 23, generator=g) < 0.5
+    window = (4, 2)
+    out = vf.attention(q, k, v, key_padding_mask=mask, causal=causal, window_size=window,
+                       backend=backend)
+    want = window_oracle(q, k, v, window_pairs(19, 23, mask, causal, window))
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    for got, ref in zip(_grads(out, (q, k, v), 3), _grads(want, (q, k, v), 3)):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+VARLEN_WINDOW_BACKENDS = [
+    *_cpu_backends("attention_varlen"),
+    "auto",
+    pytest.param("triton", marks=pytest.mark.interpret),
+]
+
+
+@pytest.mark.parametrize("backend", VARLEN_WINDOW_BACKENDS)
+@pytest.mark.parametrize(
+    "causal, window", [(False, (3, 1)), (True, (5, -1)), (False, (-1, 0)), (False, (0, 0))]
+)
+def test_window_varlen_matches_float64_oracle(backend, causal, window):
+    """Each packed sequence gets the window aligned to its own lengths (a single query, a
+    single key, a sequence with no key, one with no query, T > S and T < S), values and
+    gradients against the float64 oracle run sequence by sequence."""
+    lq, lk = [1, 37, 5, 0, 20, 70], [1, 40, 101, 3, 0, 66]
+    g = torch.Generator().manual_seed(5 + causal + 3 * window[0])
+    q = torch.randn(sum(lq), 4, 32, generator=g).requires_grad_(True)
+    k = torch.randn(sum(lk), 2, 32, generator=g).requires_grad_(True)
+    v = torch.randn(sum(lk), 2, 32, generator=g).requires_grad_(True)
+    cu = lambda ls: torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()], dtype=torch.int32)
+    cq, ck = cu(lq), cu(lk)
+    with poisoned_allocations():
+        out = vf.attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal,
+                                  window_size=window, backend=backend)
+        grads = _grads(out, (q, k, v), 9)
+
+    def oracle(q, k, v, dtype):
+        parts = []
+        for b in range(len(lq)):
+            qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+            allowed = window_pairs(lq[b], lk[b], None, causal, window)
+            parts.append(window_oracle(q[None, qs], k[None, ks], v[None, ks], allowed, dtype)[0])
+        return torch.cat(parts)
+
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    exact, eager = oracle(q64, k64, v64, torch.float64), oracle(q, k, v, torch.float32)
+    assert_close_2x(out, eager, exact, torch.float32, "out")
+    for got, ea, ex, name in zip(
+        grads, _grads(eager, (q, k, v), 9), _grads(exact, (q64, k64, v64), 9), "qkv"
+    ):
+        assert_close_2x(got, ea, ex, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", RULE_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_nan_rule(backend, causal):
+    """The NaN rule inside windows: a query whose window keys all score -inf gets NaN (plain
+    softmax 0 / 0), not zeros; a NaN value reaches the queries whose window holds it (and may
+    reach the hidden queries of its batch entry, as documented); others are untouched."""
+    T, S, window = 9, 11, (1, 1)
+    q, k, v, mask = _rule_inputs(43 + causal, T, S, 4, 2, True)
+    q[1, :, :, 7] = q[1, :, :, 7].abs() + 0.5
+    k[1, 3:6, :, 7] = -INF  # keys 3..5 of entry 1 (real: entry 1 keeps 6 keys)
+    v[0, 8, 1, 2] = NAN  # a real key of entry 0, KV head 1
+    got = vf.attention(q, k, v, key_padding_mask=mask, causal=causal, window_size=window,
+                       backend=backend)
+    allowed = window_pairs(T, S, mask, causal, window)
+    want = plain_window_attention(q, k, v, allowed)
+    assert not torch.isfinite(want[1, 4 - (S - T)]).any(), "the all -inf window row"
+    hidden = torch.zeros(2, T, 4, dtype=torch.bool)
+    hidden[0, :, 2:] = True  # entry 0, the query heads of KV head 1
+    _check_rule(got, want, hidden)
+
+
+def plain_window_attention(q, k, v, allowed):
+    """:func:`plain_attention` (the pair-by-pair NaN oracle) over the given allowed pairs."""
+    B, T, Hq, D = q.shape
+    g = Hq // k.shape[2]
+    qf = q.detach().double()
+    kf = k.detach().double().repeat_interleave(g, dim=2)
+    vf_ = v.detach().double().repeat_interleave(g, dim=2)
+    s = torch.einsum("bthd,bshd->bhts", qf, kf) * D**-0.5
+    p = torch.softmax(s.masked_fill(~allowed, -INF), dim=-1)
+    terms = p[..., None] * vf_.permute(0, 2, 1, 3)[:, :, None]
+    out = torch.where(allowed[..., None], terms, 0.0).sum(dim=3)
+    out = torch.where(allowed.any(-1, keepdim=True), out, 0.0)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    "window, match",
+    [
+        ((1,), "window_size: expected a \\(left, right\\) tuple or list"),
+        ([1, 2, 3], "window_size: expected a \\(left, right\\)"),
+        (3, "window_size: expected a \\(left, right\\)"),
+        (None, "window_size: expected a \\(left, right\\)"),
+        ("ab", "window_size: expected a \\(left, right\\)"),
+        ((True, 0), "window_size: expected ints >= -1 .*True as the left bound"),
+        ((0, np.bool_(False)), "window_size: expected ints >= -1 .*as the right bound"),
+        ((-2, 0), "window_size: expected ints >= -1 .*-2 as the left bound"),
+        ((0, -5), "window_size: expected ints >= -1 .*-5 as the right bound"),
+        ((1.0, 2), "window_size: expected ints >= -1 .*1.0 as the left bound"),
+        ((torch.tensor(1), 2), "window_size: expected ints >= -1"),
+    ],
+)
+def test_window_size_bad_values(window, match):
+    q = torch.randn(1, 4, 2, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        vf.attention(q, q, q, window_size=window)
+    with pytest.raises(ValueError, match=match):
+        vf.attention_varlen(q[0], q[0], q[0], cu, cu, 4, 4, window_size=window)
+    with pytest.raises(ValueError, match=match):
+        vf.attention(q, q, q, window_size=window, backend="reference")
+
+
+def test_window_size_accepted_forms():
+    """Lists, numpy integers and the unbounded default; the inputs carry the plain pair and
+    the effective window (causal folded in, None when nothing beyond causal is hidden)."""
+    q = torch.randn(1, 4, 2, 8)
+    x = attention_inputs(q, q, q, window_size=[np.int64(2), np.int32(-1)])
+    assert x.window_size == (2, -1) and all(type(w) is int for w in x.window_size)
+    assert x.window == (2, -1)
+    assert attention_inputs(q, q, q).window is None
+    assert attention_inputs(q, q, q, causal=True, window_size=(-1, 4)).window is None
+    assert attention_inputs(q, q, q, causal=True, window_size=(3, 4)).window == (3, 0)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    y = varlen_inputs(q[0], q[0], q[0], cu, cu, 4, 4, window_size=(0, 0))
+    assert y.window_size == (0, 0) and y.window == (0, 0)
+    same = vf.attention(q, q, q, window_size=(-1, -1), backend="reference")
+    assert torch.equal(same, vf.attention(q, q, q, backend="reference"))
+
+
+def test_window_refused_by_peers_with_a_reason(monkeypatch):
+    """The peers serve a window only where it is exact, and refuse with a reason naming
+    window_size otherwise, never ignore it: xformers always; flash_attn with key padding (the
+    window would follow packed positions) or without window_size (flash-attn < 2.3). A fake
+    flash_attn module stands in for the CUDA library here."""
+    import types
+
+    from vljepa_fast.ops import attention_peers as peers
+
+    def reasons(r):
+        return r.reasons if isinstance(r, _backends.Refusal) else ()
+
+    q = torch.randn(1, 4, 2, 8, dtype=torch.float16)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    dense = attention_inputs(q, q, q, window_size=(2, 2))
+    padded = attention_inputs(
+        q, q, q, key_padding_mask=torch.ones(1, 4, dtype=torch.bool), window_size=(2, 2)
+    )
+    packed = varlen_inputs(q[0], q[0], q[0], cu, cu, 4, 4, window_size=(2, -1))
+    for x in (dense, padded):
+        assert any("window_size" in w for w in reasons(peers.xformers_supports(x)))
+    assert any("window_size" in w for w in reasons(peers.xformers_varlen_supports(packed)))
+    # nothing but the window is refused on these inputs by the xformers record
+    assert reasons(peers.xformers_supports(attention_inputs(q, q, q))) == ()
+
+    def with_window(q, k, v, *args, window_size=(-1, -1), **kw):
+        raise AssertionError("not called")
+
+    def without_window(q, k, v, *args, causal=False, **kw):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(peers, "_import_reasons", lambda module: [])
+    for fn, refused in ((with_window, False), (without_window, True)):
+        fake = types.ModuleType("flash_attn")
+        fake.flash_attn_func = fake.flash_attn_varlen_func = fn
+        fake.__version__ = "2.x-test"
+        monkeypatch.setitem(sys.modules, "flash_attn", fake)
+        peers._flash_window_reasons.cache_clear()
+        try:
+            for supports, x in (
+                (peers.flash_attn_supports, dense),
+                (peers.flash_attn_varlen_supports, packed),
+            ):
+                got = [w for w in reasons(supports(x)) if "window_size" in w]
+                assert bool(got) == refused, (fn.__name__, got)
+            padded_why = reasons(peers.flash_attn_supports(padded))
+            assert any("window_size with key_padding_mask" in w for w in padded_why)
+        finally:
+            peers._flash_window_reasons.cache_clear()
+    assert peers._flash_window(dense) == {"window_size": (2, 2)}
+    causal = attention_inputs(q, q, q, causal=True, window_size=(3, 5))
+    assert peers._flash_window(causal) == {"window_size": (3, 0)}
+    assert peers._flash_window(attention_inputs(q, q, q, causal=True)) == {}

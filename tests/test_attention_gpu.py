@@ -168,3 +168,61 @@ def test_gpu_triton_attention_varlen_matches_float64(causal, dtype, Hq, Hkv, D):
     out = got[0]
     rows = slice(int(cu_q[3]), int(cu_q[4]))
     assert torch.equal(out[rows], torch.zeros_like(out[rows]))
+
+
+# Sliding windows: (B, T, S, Hq, Hkv, D, causal, dtype, window_size, key lengths or None)
+WINDOW = [
+    pytest.param(2, 600, 600, 32, 8, 64, False, BF16, (64, 64), None, id="sym-bf16"),
+    pytest.param(2, 600, 600, 8, 2, 64, True, F16, (128, -1), [600, 350], id="causal-f16-pad"),
+    pytest.param(2, 37, 301, 8, 2, 64, False, BF16, (20, 5), [301, 100], id="T<S-bf16-pad"),
+    pytest.param(2, 301, 37, 8, 2, 128, False, F32, (-1, 3), None, id="right-T>S-f32-d128"),
+    pytest.param(1, 4133, 4133, 8, 2, 64, False, BF16, (256, 0), None, id="long-left-bf16"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash_attn"])
+@pytest.mark.parametrize("B, T, S, Hq, Hkv, D, causal, dtype, window, lengths", WINDOW)
+def test_gpu_attention_window_matches_float64(
+    backend, B, T, S, Hq, Hkv, D, causal, dtype, window, lengths
+):
+    """window_size on the CUDA backends that serve it (flash_attn: where installed and exact,
+    i.e. without key padding), forward and every gradient against float64."""
+    seed = B + T + 3 * S + Hq + D + 7 * causal + window[0]
+    kern, ref, mask = padded_inputs(B, T, S, Hq, Hkv, D, dtype, lengths, seed)
+    do = randn(B, T, Hq, D, dtype=dtype, seed=seed + 3)
+    kw = dict(key_padding_mask=mask, causal=causal, window_size=window)
+    try:
+        vf.attention(*kern, backend=backend, **kw)
+    except vf.BackendUnavailableError as e:
+        if backend == "triton":
+            raise
+        pytest.skip(str(e))
+    got = kernel_run(lambda q, k, v: vf.attention(q, k, v, backend=backend, **kw), kern, do)
+    check(got, kern, ref, do, dtype, lambda q, k, v: reference.attention(q, k, v, **kw))
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash_attn"])
+@pytest.mark.parametrize("causal, window", [(False, (50, 7)), (True, (100, -1))])
+def test_gpu_attention_varlen_window_matches_float64(backend, causal, window):
+    dtype, Hq, Hkv, D = BF16, 8, 2, 64
+    cu_q = torch.tensor([0, *VARLEN_Q], device=DEVICE).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0, *VARLEN_K], device=DEVICE).cumsum(0).to(torch.int32)
+    q = randn(sum(VARLEN_Q), Hq, D, dtype=dtype, seed=7)
+    k = randn(sum(VARLEN_K), Hkv, D, dtype=dtype, seed=8)
+    v = randn(sum(VARLEN_K), Hkv, D, dtype=dtype, seed=9)
+    do = randn(sum(VARLEN_Q), Hq, D, dtype=dtype, seed=10)
+    lens = (cu_q, cu_k, max(VARLEN_Q), max(VARLEN_K))
+    kw = dict(causal=causal, window_size=window)
+
+    def fused(q, k, v):
+        return vf.attention_varlen(q, k, v, *lens, backend=backend, **kw)
+
+    try:
+        fused(q, k, v)
+    except vf.BackendUnavailableError as e:
+        if backend == "triton":
+            raise
+        pytest.skip(str(e))
+    got = kernel_run(fused, (q, k, v), do)
+    check(got, (q, k, v), (q, k, v), do, dtype,
+          lambda q, k, v: reference.attention_varlen(q, k, v, *lens, **kw))

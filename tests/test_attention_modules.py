@@ -182,6 +182,12 @@ NAN, INF = float("nan"), float("inf")
         ({"backend": None}, "backend"),
         ({"backend": {"attn": "sdpa"}}, "backend"),
         ({"backend": {"attention": "nope"}}, "backend"),
+        ({"window_size": (1,)}, "window_size"),
+        ({"window_size": 3}, "window_size"),
+        ({"window_size": (True, 0)}, "window_size"),
+        ({"window_size": (2, -2)}, "window_size"),
+        ({"window_size": (2.0, 1)}, "window_size"),
+        ({"window_size": None}, "window_size"),
         ({"dtype": torch.int64}, "dtype"),
         ({"dtype": "float32"}, "dtype"),
         ({"device": "bogus"}, "device"),
@@ -482,3 +488,156 @@ def test_predictor_attention_float64_uses_float64_tables():
     q, k = vf.apply_rotary(q, k, cos, sin, backend="reference")
     want = m.o_proj(vf.attention(q, k, v, backend="reference").reshape(2, 7, 64))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding windows: PredictorAttention(window_size=...) and transformers' sliding_window layers
+# ---------------------------------------------------------------------------------------------
+
+
+def band_mask(B, T, S, lengths, left, right, dtype):
+    """[B, 1, T, S] additive mask built pair by pair: key j is visible to query i iff it is real
+    and i + S - T - left <= j <= i + S - T + right (-1 unbounded); -1e30 elsewhere (finite in
+    the fp32 softmax transformers' eager attention runs even on float64 inputs)."""
+    m = torch.full((B, 1, T, S), -1e30, dtype=dtype)
+    for b in range(B):
+        for i in range(T):
+            for j in range(S):
+                real = lengths is None or j < lengths[b]
+                lo_ok = left == -1 or j >= i + S - T - left
+                hi_ok = right == -1 or j <= i + S - T + right
+                if real and lo_ok and hi_ok:
+                    m[b, 0, i, j] = 0
+    return m
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(3, 2), (0, 0), (5, -1), (-1, 4), (40, 40)])
+def test_predictor_attention_window_matches_llama_under_a_band_mask(causal, window):
+    """window_size is passed through: the module equals LlamaAttention (float64 eager) under a
+    band mask written pair by pair, with key padding, values and the gradient of the input."""
+    B, L, lengths = 3, 21, [21, 9, 1]
+    llama, ours = module_pair()
+    ours = vf.nn.PredictorAttention(
+        HIDDEN, HQ, HKV, D, max_position_embeddings=131072, causal=causal, window_size=window
+    )
+    ours.load_state_dict(llama.state_dict(), strict=True)
+    assert ours.window_size == window and f"window_size={window}" in repr(ours)
+    mask = padded(B, L, lengths)
+    position_ids = torch.arange(L)[None].expand(B, L)
+    x = torch.randn(B, L, HIDDEN, dtype=torch.float64)
+    xg = x.float().requires_grad_()
+    got = ours(xg, key_padding_mask=mask, position_ids=position_ids)
+    left, right = window[0], (0 if causal else window[1])
+    # rows whose window holds no real key: zeros in vf.attention, a uniform average in eager
+    # (an additive mask); compared where a key is seen, and no gradient from them
+    seen = (band_mask(B, L, L, lengths, left, right, torch.float64) == 0).any(-1)[:, 0]
+    g_out = torch.randn_like(got) * seen[..., None]
+    (got_dx,) = torch.autograd.grad(got, xg, g_out)
+
+    def run(dtype):
+        xd = x.to(dtype).requires_grad_()
+        cos, sin = rotary.rotary_cos_sin(position_ids, D, dtype=dtype)
+        out = llama.to(dtype)(xd, (cos, sin), band_mask(B, L, L, lengths, left, right, dtype))[0]
+        return out, torch.autograd.grad(out, xd, g_out.to(dtype))[0]
+
+    exact, exact_dx = run(torch.float64)
+    eager, eager_dx = run(torch.float32)
+    assert_close_2x(got[seen], eager[seen], exact[seen], torch.float32, "out")
+    assert torch.equal(got[~seen], torch.zeros_like(got[~seen]))  # o_proj has no bias
+    assert_close_2x(got_dx, eager_dx, exact_dx, torch.float32, "d hidden")
+
+
+def _spy_windows(monkeypatch) -> list:
+    seen: list = []
+    real = vf.functional.attention
+
+    def spy(q, k, v, **kw):
+        seen.append(kw.get("window_size"))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(vf.functional, "attention", spy)
+    return seen
+
+
+def _tiny(kind: str):
+    torch.manual_seed(5)
+    common = dict(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+    )
+    if kind == "mistral":
+        config = transformers.MistralConfig(**common, num_hidden_layers=2, sliding_window=5)
+        return transformers.MistralModel(config).eval()
+    config = transformers.Gemma3TextConfig(
+        **common, num_hidden_layers=3, sliding_window=4, use_bidirectional_attention=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    return transformers.Gemma3TextModel(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma3-bidirectional"])
+@pytest.mark.parametrize("padding", [False, True])
+def test_transformers_sliding_window_layers_run_on_vf_attention(kind, padding, monkeypatch):
+    """Sliding-window layers of transformers models (Mistral: causal, q - w < kv <= q; Gemma-3
+    bidirectional: |q - kv| < w) run on vf.attention's window_size, no SDPA fallback (no
+    warning), and equal the model under SDPA in float64 within 2x eager fp32's error."""
+    import copy
+    import warnings
+
+    from vljepa_fast.integrations import transformers as vft
+
+    model = _tiny(kind)
+    ids = torch.randint(1, 97, (3, 19), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 19, dtype=torch.long)
+    if padding:
+        mask[1, 12:], mask[2, 3:] = 0, 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+
+    def run(m, impl, dtype):
+        m = copy.deepcopy(m)
+        m.set_attn_implementation(impl)
+        with torch.no_grad():
+            return m.to(dtype)(**inputs).last_hidden_state
+
+    # float64 SDPA as the truth: transformers' float64 eager gives NaN on padded rows
+    exact, eager = run(model, "sdpa", torch.float64), run(model, "eager", torch.float32)
+    seen = _spy_windows(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="vljepa_fast attention")
+        with vft.use_vljepa_fast(model), torch.no_grad():
+            got = model(**inputs).last_hidden_state
+    w = model.config.sliding_window
+    want = [(w - 1, 0)] * 2 if kind == "mistral" else [(w - 1, w - 1), (-1, -1), (w - 1, w - 1)]
+    assert seen == want
+    real = mask.bool()
+    assert_close_2x(got[real], eager[real], exact[real], torch.float32, "last_hidden_state")
+
+
+def test_transformers_sliding_window_with_another_mask_falls_back(monkeypatch):
+    """A sliding_window layer whose mask is not key padding & one of its bands (here: a random
+    mask) runs on SDPA with a warning, and equals it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vljepa_fast.integrations import transformers as vft
+
+    layer = _tiny("mistral").layers[0].self_attn
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, h, 9, 16, generator=g) for h in (4, 2, 2))
+    m = torch.rand(2, 1, 9, 9, generator=g) < 0.7
+    m[..., 0] = True
+    seen = _spy_windows(monkeypatch)
+    vft._warned.discard("sliding_window with a mask that is not key padding & a sliding window")
+    with pytest.warns(RuntimeWarning, match="sliding_window with a mask"):
+        got, _ = vft.attention_forward(layer, q, k, v, m, scaling=0.25, sliding_window=5)
+    want, _ = sdpa_attention_forward(layer, q, k, v, m, scaling=0.25, sliding_window=5)
+    torch.testing.assert_close(got, want)
+    assert seen == []
+    # the exact band (with padding) is served by vf.attention, equal to SDPA on that mask
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    keys = torch.arange(9) < torch.tensor([9, 6])[:, None]
+    band = ((j > i - 5) & (j <= i))[None, None] & keys[:, None, None]
+    got, _ = vft.attention_forward(layer, q, k, v, band, scaling=0.25, sliding_window=5)
+    want, _ = sdpa_attention_forward(layer, q, k, v, band, scaling=0.25)
+    torch.testing.assert_close(got, want)
+    assert seen == [(4, 0)]

@@ -33,12 +33,21 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 def eager_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, seqlens_k: Tensor | None, causal: bool, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    seqlens_k: Tensor | None,
+    causal: bool,
+    scale: float,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention in q's dtype. q [B, T, Hq, D], k/v [B, S, Hkv, D] -> out, lse [B, Hq, T].
 
     GQA by repeating K/V heads; padded keys are zeroed (they may hold NaN) and masked; causal is
-    bottom-right aligned; rows without keys give out 0, lse -inf, and zero gradients.
+    bottom-right aligned; window_size (left, right): key j visible to query i only if
+    i + S - T - left <= j <= i + S - T + right (-1 unbounded, causal makes right 0); rows
+    without keys give out 0, lse -inf, and zero gradients.
     """
     B, T, Hq, _ = q.shape
     S, Hkv = k.shape[1], k.shape[2]
@@ -50,8 +59,14 @@ def eager_attention(
     v = torch.where(valid[:, :, None, None], v, 0).repeat_interleave(Hq // Hkv, dim=2)
     s = torch.einsum("bthd,bshd->bhts", q, k) * scale
     mask = valid[:, None, None, :]
+    diag = torch.arange(T)[:, None] + (S - T)
+    left, right = window_size
     if causal:
-        mask = mask & (o_s[None, :] <= torch.arange(T)[:, None] + (S - T))
+        right = 0
+    if right >= 0:
+        mask = mask & (o_s[None, :] <= diag + right)
+    if left >= 0:
+        mask = mask & (o_s[None, :] >= diag - left)
     has_key = mask.any(-1, keepdim=True)
     s = s.masked_fill(~mask, float("-inf")).masked_fill(~has_key, 0.0)
     p = torch.softmax(s, dim=-1) * has_key
@@ -61,7 +76,15 @@ def eager_attention(
 
 
 def eager_attention_varlen(
-    q: Tensor, k: Tensor, v: Tensor, cu_q: list[int], cu_k: list[int], *, causal: bool, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    *,
+    causal: bool,
+    scale: float,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[Tensor, Tensor]:
     """Varlen version: packed [total, H, D] -> out [total_q, Hq, D], lse [Hq, total_q]."""
     outs, lses = [], []
@@ -73,6 +96,7 @@ def eager_attention_varlen(
             seqlens_k=None,
             causal=causal,
             scale=scale,
+            window_size=window_size,
         )
         outs.append(o[0])
         lses.append(lse[0])
@@ -212,6 +236,114 @@ def test_varlen(poisoned, causal, dtype, Hq, Hkv):
 
     check(run_kernel, run_eager, (q, k, v), do, dtype)
     assert poisoned, "the launchers allocated nothing through torch.empty: poisoning is inert"
+
+
+# (B, T, S, Hq, Hkv, D, causal, window, dtype, seqlens_k): several 32 x 64 interpreter blocks
+# per sequence, lengths that are no multiple of them, T != S both ways, GQA, key padding.
+WINDOW_DENSE_CASES = [
+    pytest.param(2, 70, 150, 4, 2, 32, False, (9, 4), torch.float32, [150, 90], id="asym-pad"),
+    pytest.param(1, 150, 70, 2, 1, 32, True, (20, -1), torch.float32, None, id="causal-T>S"),
+    pytest.param(1, 97, 97, 4, 1, 64, False, (0, 0), torch.bfloat16, None, id="diag-bf16"),
+    pytest.param(2, 45, 131, 2, 2, 32, False, (-1, 7), torch.float16, [131, 3], id="right-f16"),
+    pytest.param(1, 131, 131, 2, 1, 96, False, (40, -1), torch.bfloat16, [77], id="left-d96"),
+    pytest.param(1, 37, 53, 4, 2, 32, True, (500, 500), torch.float32, [50], id="wide-causal"),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("B, T, S, Hq, Hkv, D, causal, window, dtype, seqlens", WINDOW_DENSE_CASES)
+def test_window_dense(poisoned, B, T, S, Hq, Hkv, D, causal, window, dtype, seqlens):
+    """Sliding windows, forward (out, lse) and backward, against float64 (bf16 and fp16 run
+    the INTERPRET upcast path); padded keys hold NaN, allocations are NaN-poisoned."""
+    scale = D**-0.5
+    q = randn(B, T, Hq, D, dtype=dtype)
+    k, v = randn(B, S, Hkv, D, dtype=dtype), randn(B, S, Hkv, D, dtype=dtype)
+    seqlens_k = None if seqlens is None else torch.tensor(seqlens, dtype=torch.int32)
+    if seqlens_k is not None:
+        pad = torch.arange(S)[None, :] >= seqlens_k[:, None]
+        k[pad], v[pad] = float("nan"), float("nan")
+    do = randn(B, T, Hq, D, dtype=dtype)
+    masking = dict(seqlens_k=seqlens_k, causal=causal, scale=scale, window_size=window)
+
+    def run_kernel(q, k, v, do):
+        out, lse = attn.attention_forward(q, k, v, **masking)
+        return (out, lse, *attn.attention_backward(do, q, k, v, out, lse, **masking))
+
+    check(run_kernel, lambda q, k, v: eager_attention(q, k, v, **masking), (q, k, v), do, dtype)
+    assert poisoned, "the launchers allocated nothing through torch.empty: poisoning is inert"
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "causal, window, dtype",
+    [
+        (False, (5, 2), torch.float32),
+        (True, (12, -1), torch.bfloat16),
+        (False, (-1, 0), torch.float32),
+    ],
+)
+def test_window_varlen(poisoned, causal, window, dtype):
+    """Windows aligned to each packed sequence's own lengths (one with no key, a single query)."""
+    D, scale, Hq, Hkv = 32, 32**-0.5, 4, 2
+    lq, lk = [1, 70, 12, 5], [20, 66, 101, 0]
+    cu_q = [0, *torch.tensor(lq).cumsum(0).tolist()]
+    cu_k = [0, *torch.tensor(lk).cumsum(0).tolist()]
+    q = randn(cu_q[-1], Hq, D, dtype=dtype)
+    k, v = randn(cu_k[-1], Hkv, D, dtype=dtype), randn(cu_k[-1], Hkv, D, dtype=dtype)
+    do = randn(cu_q[-1], Hq, D, dtype=dtype)
+    masking = dict(
+        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32),
+        cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32),
+        max_seqlen_q=max(lq), max_seqlen_k=max(lk), causal=causal, scale=scale,
+        window_size=window,
+    )
+
+    def run_kernel(q, k, v, do):
+        out, lse = attn.attention_forward(q, k, v, **masking)
+        return (out, lse, *attn.attention_backward(do, q, k, v, out, lse, **masking))
+
+    def run_eager(q, k, v):
+        return eager_attention_varlen(q, k, v, cu_q, cu_k, causal=causal, scale=scale,
+                                      window_size=window)
+
+    check(run_kernel, run_eager, (q, k, v), do, dtype)
+    assert poisoned, "the launchers allocated nothing through torch.empty: poisoning is inert"
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_skips_blocks_outside(causal):
+    """Key blocks outside every row's window are never loaded, in all three kernels: NaN keys,
+    values and queries far from a block's window leave its outputs and gradients finite and
+    equal to the clean ones; a kernel visiting (and masking) a block outside the window would
+    turn 0 * NaN into NaN there. Interpreter blocks: 32 queries x 64 keys, window (3, 3) (causal:
+    (3, 0)), T = S = 512, NaN in q, k, v rows 0..19 and 492..511 (key blocks 0 and 7)."""
+    T = 512
+    g = torch.Generator().manual_seed(33)
+    q, k, v, do = (torch.randn(1, T, h, 32, generator=g) for h in (2, 1, 1, 2))
+    masking = dict(causal=causal, scale=32**-0.5, window_size=(3, 3))
+    far = torch.cat([torch.arange(0, 20), torch.arange(T - 20, T)])
+    qn, kn, vn = (x.clone() for x in (q, k, v))
+    qn[:, far], kn[:, far], vn[:, far] = float("nan"), float("nan"), float("nan")
+    clean = attn.attention_forward(q, k, v, **masking)
+    dirty = attn.attention_forward(qn, kn, vn, **masking)
+    clean_grads = attn.attention_backward(do, q, k, v, *clean, **masking)
+    dirty_grads = attn.attention_backward(do, qn, kn, vn, *dirty, **masking)
+    # Query blocks 0-2 and 13-15 legitimately meet NaN (they visit key blocks 0 and 7, whose
+    # masked NaN values reach their tiles). Query blocks 3-12 (rows 96..415) see key blocks 1-6
+    # only; key blocks 2-5 (keys 128..383) are seen by query blocks 3-12 only.
+    rows, keys = slice(96, 416), slice(128, 384)
+    for name, got, want in (
+        ("out", dirty[0][:, rows], clean[0][:, rows]),
+        ("lse", dirty[1][:, :, rows], clean[1][:, :, rows]),
+        ("dq", dirty_grads[0][:, rows], clean_grads[0][:, rows]),
+        ("dk", dirty_grads[1][:, keys], clean_grads[1][:, keys]),
+        ("dv", dirty_grads[2][:, keys], clean_grads[2][:, keys]),
+    ):
+        assert torch.isfinite(got).all(), f"{name}: a block outside the window was visited"
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{name} differs")
+    want = eager_attention(q.double(), k.double(), v.double(), seqlens_k=None, **masking)
+    torch.testing.assert_close(clean[0].double(), want[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.interpret
@@ -449,7 +581,7 @@ def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
             sig[name] = "*i32"
         elif name in ("lse", "delta"):
             sig[name] = "*fp32"
-        elif name.startswith("stride_") or name in ("T", "S"):
+        elif name.startswith("stride_") or name in ("T", "S", "win_left", "win_right"):
             sig[name] = "i32"
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"
@@ -511,9 +643,38 @@ def test_compiles_row64(which, arch, D, dtype):
     check_compiles(which, arch, D, dtype, row64=True)
 
 
-def check_compiles(which, arch, D, dtype, *, row64):
+@pytest.mark.compile
+@pytest.mark.parametrize(
+    "which, arch, D, dtype",
+    [
+        ("fwd", 90, 64, torch.bfloat16),
+        ("dq", 90, 64, torch.bfloat16),
+        ("dkdv", 90, 64, torch.bfloat16),
+        ("fwd", 80, 64, torch.float16),
+        ("dq", 80, 64, torch.float16),
+        ("dkdv", 80, 64, torch.float16),
+        ("fwd", 90, 128, torch.bfloat16),
+        ("dkdv", 80, 128, torch.bfloat16),
+        ("dq", 80, 128, torch.float32),
+        ("dkdv", 80, 64, torch.float32),
+    ],
+    ids=lambda x: str(x).replace("torch.", ""),
+)
+@pytest.mark.parametrize(
+    "left, right", [(True, True), (True, False), (False, True)], ids=["both", "left", "right"]
+)
+def test_compiles_window(which, arch, D, dtype, left, right):
+    """The sliding-window variants (both bounds, left only, right only = causal's) compile
+    without spills and keep wgmma on sm_90 16-bit forwards (the extra masked loop of LEFT)."""
+    check_compiles(which, arch, D, dtype, row64=False, left=left, right=right)
+
+
+def check_compiles(which, arch, D, dtype, *, row64, left=False, right=False):
     kernel, table = _KERNELS[which]
-    cfg = attn._config(table, D, dtype, False)
+    if which == "dkdv":  # what the launcher uses (a left window bound caps the stages)
+        cfg = attn._dkdv_config(D, dtype, False, left)
+    else:
+        cfg = attn._config(table, D, dtype, False)
     heads = {"HKV": 8} if which == "dkdv" else {"H": 32}
     constexprs = dict(
         **heads,
@@ -524,7 +685,8 @@ def check_compiles(which, arch, D, dtype, *, row64):
         BN=cfg.block_n,
         IS_VARLEN=False,
         HAS_SEQLENS=True,
-        CAUSAL=False,
+        LEFT=left,
+        RIGHT=right,
         INTERPRET=False,
         DOT_PRECISION=attn._dot_precision(dtype),
         ROW64=row64,

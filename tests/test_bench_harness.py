@@ -172,6 +172,30 @@ def _tiny_model():
     return model, cfg, feats, q, t, ones
 
 
+@pytest.mark.parametrize(
+    "L, causal, window",
+    [(1, False, (0, 0)), (13, False, (3, 3)), (13, False, (0, 5)), (13, True, (4, 7)),
+     (13, False, (-1, 2)), (13, False, (20, -1)), (40, True, (-1, -1))],
+)  # fmt: skip
+def test_attention_flops_count_the_pairs_of_the_sliding_window(L, causal, window):
+    """The windowed count is the pairs the reference's mask lets through, times 4*D*Hq."""
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None]
+    left, right = window
+    right = 0 if causal else right
+    seen = torch.ones(L, L, dtype=torch.bool)
+    if left >= 0:
+        seen &= j >= i - left
+    if right >= 0:
+        seen &= j <= i + right
+    pairs = int(seen.sum())
+    got = bench_attention.attention_flops([L, L], 4, 16, causal, "fwd", window)
+    if window == (-1, -1):
+        assert got == 2 * 4 * (L * L // 2 if causal else L * L) * 16 * 4  # the old convention
+    else:
+        assert bench_attention.visible_pairs(L, causal, window) == pairs
+        assert got == 2 * 4 * pairs * 16 * 4
+
+
 def test_model_cost_matches_the_flop_counter():
     import bench_model
 

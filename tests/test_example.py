@@ -1,4 +1,5 @@
-"""examples/train_tiny.py at the reduced (CI) size: it trains, evaluates and segments.
+"""examples/train_tiny.py at the reduced (CI) size: it trains, evaluates (classification,
+retrieval over an EmbeddingIndex, VQA by answer()) and captions a stream (caption_stream).
 
 The built-in text encoder keeps it within seconds; the MiniLM Y-encoder path is covered by
 tests/test_models.py::test_transformers_encoder_as_y_encoder.
@@ -24,10 +25,19 @@ def test_train_tiny_reduced_runs_and_learns(capsys):
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
-    for line in ("loss: first", "classification accuracy", "R@1", "selective decoding"):
+    for line in (
+        "loss: first",
+        "classification accuracy",
+        "R@1",
+        "VQA by answer()",
+        "selective decoding",
+    ):
         assert line in printed, f"missing output line {line!r}"
     assert out["last_loss"] < 0.8 * out["first_loss"], "loss did not go down"
     assert out["accuracy"] > out["accuracy_chance"]
     assert out["r1"] > out["r1_chance"]
-    assert out["selective_calls"] == out["scenes"]
+    assert out["vqa_accuracy"] > out["vqa_chance"]
+    assert out["selective_calls"] == out["scenes"] == len(out["captions"])
+    assert out["calls_saved"] == out["windows"] - out["selective_calls"] > 0
+    assert out["online_calls"] >= 1
     assert 0 < out["recall"] <= 1 and out["uniform_calls"] >= 1

@@ -37,7 +37,12 @@ def _loss_and_grads(model: M.VLJEPA, video, query, target):
     model.zero_grad(set_to_none=True)
     loss = model(video, query, target)
     loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    # the Y-decoder is not part of the InfoNCE loss (it trains separately: decoder_loss)
+    trained = {id(p) for g in model.param_groups(1.0) for p in g["params"]}
+    assert all(id(p) not in trained for p in model.y_decoder.parameters())
+    return loss.detach(), {
+        n: p.grad for n, p in model.named_parameters() if p.requires_grad and id(p) in trained
+    }
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -100,7 +105,11 @@ def test_temperature_learnable_and_param_groups():
     main_ids = {id(p) for p in by_name["main"]["params"]}
     assert not y_ids & main_ids and head_ids <= main_ids
     total = sum(len(g["params"]) for g in groups)
-    assert total == sum(1 for p in model.parameters() if p.requires_grad)
+    dec = sum(1 for p in model.y_decoder.parameters())
+    assert dec > 0 and total == sum(1 for p in model.parameters() if p.requires_grad) - dec
+    assert not {id(p) for p in model.y_decoder.parameters()} & {
+        id(p) for g in groups for p in g["params"]
+    }
 
 
 def test_tasks_return_consistent_rankings():
@@ -116,9 +125,10 @@ def test_tasks_return_consistent_rankings():
     assert torch.equal(idx, want.indices)
     s, i = model.retrieve(["red", "blue"], video, "caption", k=3)
     assert s.shape == (2, 3) and i.shape == (2, 3) and torch.all(s[:, :-1] >= s[:, 1:])
-    ans = model.answer(video, "color?", labels)
+    ans_s, ans = model.answer(video, "what color?", labels)
     assert torch.equal(ans, idx[:, 0])
-    per = model.answer(video, "color?", [labels, labels[:2], labels[2:]])
+    torch.testing.assert_close(ans_s, scores[:, 0], atol=1e-5, rtol=0)
+    _, per = model.answer(video, "color?", [labels, labels[:2], labels[2:]])
     assert per.shape == (3,) and per[1] < 2 and per[2] < 2
 
 
@@ -250,3 +260,33 @@ def test_y_decoder_learns_texts_and_kv_cache_matches_recompute():
     assert dec.generate(noise, 12) == dec.generate(noise, 12, use_cache=False)
     with pytest.raises(ValueError, match=r"embedding: expected \[B, 32\]"):
         dec.generate(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bos_id": 300}, r"YDecoderConfig\.bos_id: expected an int in \[0, vocab_size = 260\)"),
+        ({"eos_id": -1}, r"YDecoderConfig\.eos_id: expected an int in \[0, vocab_size"),
+        ({"eos_id": 257}, r"YDecoderConfig\.eos_id: must differ from bos_id \(257\)"),
+        ({"max_len": 1}, r"YDecoderConfig\.max_len: expected >= 2"),
+    ],
+)
+def test_y_decoder_config_special_ids_are_checked(kwargs, match):
+    base = M.VLJEPAConfig.tiny().y_decoder
+    with pytest.raises(ValueError, match=match):
+        M.YDecoderConfig(**{**base.__dict__, **kwargs})
+
+
+def test_the_model_owns_its_y_decoder():
+    cfg = M.VLJEPAConfig.tiny()
+    model = M.VLJEPA(cfg)
+    assert isinstance(model.y_decoder, M.YDecoder) and model.y_decoder.cfg == cfg.y_decoder
+    assert any(k.startswith("y_decoder.") for k in model.state_dict())
+    assert isinstance(model.decoder_tokenizer, M.ByteTokenizer)
+    assert M.VLJEPA(cfg, y_decoder=False).y_decoder is None
+    mine = M.YDecoder(cfg.y_decoder, cfg.embed_dim)
+    assert M.VLJEPA(cfg, y_decoder=mine).y_decoder is mine
+    with pytest.raises(ValueError, match="y_decoder: decodes embeddings of width 16, the model"):
+        M.VLJEPA(cfg, y_decoder=M.YDecoder(cfg.y_decoder, 16))
+    with pytest.raises(ValueError, match="y_decoder: expected a bool or a YDecoder"):
+        M.VLJEPA(cfg, y_decoder="yes")

@@ -27,10 +27,12 @@ def attention(
     *,
     key_padding_mask: Tensor | None = None,
     causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
     scale: float | None = None,
     backend: _backends.BackendSpec = "auto",
 ) -> Tensor:
-    """Multi-head attention with grouped KV heads (GQA), key padding and optional causal mask.
+    """Multi-head attention with grouped KV heads (GQA), key padding, optional causal mask and
+    sliding (local) window.
 
     softmax(q k^T * scale + mask) v per head, with query head h reading KV head
     h // (Hq // Hkv). Differentiable with respect to q, k and v.
@@ -47,6 +49,14 @@ def attention(
             output of zeros.
         causal: mask key j for query i when j > i + S - T (bottom-right aligned, as flash-attn;
             the usual lower-triangular mask when T == S). The VL-JEPA predictor uses False.
+        window_size: (left, right) ints >= -1, flash-attn's sliding window: query i attends
+            key j only if i + S - T - left <= j <= i + S - T + right, a bound of -1 being
+            unbounded ((-1, -1), the default: no window). j counts padded positions, aligned
+            bottom-right as causal (with T == S: i - left <= j <= i + right). causal=True makes
+            the right bound 0 (min(right, 0)). Key padding applies on top: a query whose window
+            holds no real key gets zeros, as any query with no key. (0, 0) is each query's
+            own diagonal key only. Backends that cannot serve a window refuse it (a reason
+            under ``auto``), none ignores it.
         scale: multiplier of q.k; None means 1 / sqrt(D).
         backend: "auto", a name from :func:`vljepa_fast.backends`, or a mapping
             {op name: name} (:data:`vljepa_fast._backends.BackendSpec`).
@@ -60,8 +70,8 @@ def attention(
     are -Inf (0 / 0); a non-finite entry v[b, j, g, d] makes column d non-finite for the
     queries attending to key j. Every output no non-finite input reaches is unchanged. A query
     that attends to no key gets zeros whatever the inputs hold; padded keys never take part.
-    With causal=True, a non-finite real key or value may also reach queries of its batch entry
-    that the causal mask hides it from (kernels work on blocks of keys). Gradients with
+    With causal=True or a window, a non-finite real key or value may also reach queries of its
+    batch entry that the mask hides it from (kernels work on blocks of keys). Gradients with
     non-finite inputs are not specified beyond the key padding rule above.
 
     Raises:
@@ -69,7 +79,13 @@ def attention(
         BackendUnavailableError: a named backend cannot serve these inputs.
     """
     inputs = _attention_ops.attention_inputs(
-        q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale
+        q,
+        k,
+        v,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        window_size=window_size,
+        scale=scale,
     )
     return _backends.dispatch("attention", backend, inputs)
 
@@ -84,6 +100,7 @@ def attention_varlen(
     max_seqlen_k: int,
     *,
     causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
     scale: float | None = None,
     backend: _backends.BackendSpec = "auto",
 ) -> Tensor:
@@ -103,6 +120,8 @@ def attention_varlen(
         max_seqlen_q: the longest query sequence (>= every length; kernels size their grid on it).
         max_seqlen_k: the longest key sequence.
         causal: bottom-right aligned causal mask inside each sequence.
+        window_size: (left, right) sliding window inside each sequence, the rule of
+            :func:`attention` with T and S that sequence's own query and key lengths.
         scale: multiplier of q.k; None means 1 / sqrt(D).
         backend: "auto", a name from :func:`vljepa_fast.backends`, or a mapping
             {op name: name} (:data:`vljepa_fast._backends.BackendSpec`).
@@ -125,6 +144,7 @@ def attention_varlen(
         max_seqlen_q,
         max_seqlen_k,
         causal=causal,
+        window_size=window_size,
         scale=scale,
     )
     return _backends.dispatch("attention_varlen", backend, inputs)

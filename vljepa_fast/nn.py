@@ -10,6 +10,7 @@ from torch import Tensor
 
 from vljepa_fast import _backends, _validate, functional
 from vljepa_fast.embedding_index import EmbeddingIndex
+from vljepa_fast.ops.attention import check_window
 from vljepa_fast.ops.infonce import MIN_TEMPERATURE
 from vljepa_fast.ops.rotary import (
     LLAMA3_ROPE_SCALING,
@@ -64,6 +65,10 @@ class PredictorAttention(_backends.HoldsBackend, torch.nn.Module):
             factor 32, low 1, high 4, original 8192) or None for plain RoPE.
         max_position_embeddings: positions must be below this (131072).
         causal: lower-triangular mask on top of the key padding (the VL-JEPA predictor: False).
+        window_size: (left, right) sliding window of :func:`vljepa_fast.attention` (keyword
+            only): token i attends token j only if i - left <= j <= i + right, -1 = unbounded
+            (causal=True makes the right bound 0); (-1, -1), the default, is full attention.
+            Checked here (ValueError naming it).
         backend: a :data:`~vljepa_fast._backends.BackendSpec` ("auto", a backend name, or
             {op name: name}) passed unchanged to both ops the module calls,
             :func:`vljepa_fast.apply_rotary` (op "rotary") and :func:`vljepa_fast.attention`. A
@@ -91,6 +96,7 @@ class PredictorAttention(_backends.HoldsBackend, torch.nn.Module):
         causal: bool = False,
         backend: _backends.BackendSpec = "auto",
         *,
+        window_size: tuple[int, int] = (-1, -1),
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -118,6 +124,7 @@ class PredictorAttention(_backends.HoldsBackend, torch.nn.Module):
         self.rope_scaling = check_rope_scaling(rope_scaling)
         self.max_position_embeddings = max_position_embeddings
         self.causal = _flag("causal", causal)
+        self.window_size = check_window(window_size)
         self.backend = _backends.check_spec(backend, ops=("attention", "rotary"))
         kw = {"device": device, "dtype": dtype, "bias": False}
         self.q_proj = torch.nn.Linear(hidden_size, num_heads * head_dim, **kw)
@@ -129,7 +136,7 @@ class PredictorAttention(_backends.HoldsBackend, torch.nn.Module):
         return (
             f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"causal={self.causal}, backend={self.backend!r}"
+            f"causal={self.causal}, window_size={self.window_size}, backend={self.backend!r}"
         )
 
     def _check_positions(self, position_ids: object, hidden: Tensor) -> Tensor:
@@ -159,11 +166,33 @@ class PredictorAttention(_backends.HoldsBackend, torch.nn.Module):
                 )
         return position_ids
 
+    #: multiplier of q.k; None = 1 / sqrt(head_dim) (subclasses such as Gemma-3's set theirs)
+    scaling: float | None = None
+
+    def rotary_tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(cos, sin) [*positions.shape, head_dim] of the module's RoPE (base ``rope_theta``,
+        ``rope_scaling``); float64 tables for float64 hidden states (fp32 tables cost them 1e-8
+        of accuracy), float32 otherwise."""
+        return rotary_cos_sin(
+            positions,
+            self.head_dim,
+            theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
+            dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+        )
+
+    def norm_qk(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Hook between the projections and RoPE on q [B, L, Hq, D], k [B, L, Hkv, D]: identity
+        here (Llama); Gemma-3 normalises each head."""
+        return q, k
+
     def forward(
         self,
         hidden: Tensor,
         key_padding_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
+        *,
+        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Attend over the sequence.
 
@@ -174,7 +203,10 @@ class PredictorAttention(_backends.HoldsBackend, torch.nn.Module):
                 query still gets an output, from the real keys). None: every token is real.
             position_ids: [B, L] or [L] integer positions for RoPE on hidden's device, each in
                 [0, max_position_embeddings) (checked eagerly, one host sync; not checked inside
-                torch.compile); default 0..L-1.
+                torch.compile); default 0..L-1. Ignored when ``rotary`` is given.
+            rotary: precomputed (cos, sin) of :meth:`rotary_tables` for these positions (a
+                model computes them once for its layers), as [L, head_dim] or
+                [B, L, head_dim] tables.
 
         Returns:
             [B, L, hidden_size].
@@ -200,29 +232,32 @@ class PredictorAttention(_backends.HoldsBackend, torch.nn.Module):
         B, L, _ = hidden.shape
         if B == 0 or L == 0:
             raise ValueError(f"hidden: expected B, L >= 1, got shape {tuple(hidden.shape)}")
-        if position_ids is None:
-            if L > self.max_position_embeddings:
-                raise ValueError(
-                    f"hidden: {L} tokens exceed max_position_embeddings "
-                    f"({self.max_position_embeddings})"
-                )
-            position_ids = torch.arange(L, device=hidden.device)
-        else:
-            position_ids = self._check_positions(position_ids, hidden)
-        cos, sin = rotary_cos_sin(
-            position_ids,
-            self.head_dim,
-            theta=self.rope_theta,
-            rope_scaling=self.rope_scaling,
-            # float64 modules keep float64 angles (fp32 tables cost them 1e-8 of accuracy)
-            dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32,
-        )
+        if rotary is None:
+            if position_ids is None:
+                if L > self.max_position_embeddings:
+                    raise ValueError(
+                        f"hidden: {L} tokens exceed max_position_embeddings "
+                        f"({self.max_position_embeddings})"
+                    )
+                position_ids = torch.arange(L, device=hidden.device)
+            else:
+                position_ids = self._check_positions(position_ids, hidden)
+            rotary = self.rotary_tables(position_ids, hidden.dtype)
+        cos, sin = rotary
         q = self.q_proj(hidden).view(B, L, self.num_heads, self.head_dim)
         k = self.k_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim)
+        q, k = self.norm_qk(q, k)
         q, k = apply_rotary(q, k, cos, sin, layout="llama", backend=self.backend)
         out = functional.attention(
-            q, k, v, key_padding_mask=key_padding_mask, causal=self.causal, backend=self.backend
+            q,
+            k,
+            v,
+            key_padding_mask=key_padding_mask,
+            causal=self.causal,
+            window_size=self.window_size,
+            scale=self.scaling,
+            backend=self.backend,
         )
         return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))
 

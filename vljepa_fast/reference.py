@@ -51,9 +51,10 @@ def attention(
     *,
     key_padding_mask: Tensor | None = None,
     causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
     scale: float | None = None,
 ) -> Tensor:
-    """Softmax attention with GQA, key padding and an optional causal mask.
+    """Softmax attention with GQA, key padding, an optional causal mask and a local window.
 
     Args:
         q: [B, T, Hq, D] queries.
@@ -61,10 +62,14 @@ def attention(
         v: [B, S, Hkv, D] values.
         key_padding_mask: [B, S] bool, True marks a real key. None: every key is real.
         causal: mask key j for query i when j > i + (S - T) (bottom-right aligned, as flash-attn).
+        window_size: (left, right), flash-attn's local window: query i attends key j only if
+            i + S - T - left <= j <= i + S - T + right (padded positions, aligned as causal); a
+            bound of -1 is unbounded; causal=True makes the right bound 0.
         scale: multiplier of q.k; None means 1 / sqrt(D).
 
     Returns:
-        [B, T, Hq, D] in q's dtype. A query whose keys are all masked gets zeros.
+        [B, T, Hq, D] in q's dtype. A query whose keys are all masked (padding, causal, window)
+        gets zeros.
 
     Padded keys take no part: their k and v are replaced by zeros before any arithmetic (a
     NaN there would otherwise reach every output through 0 * NaN), so they get zero gradients.
@@ -87,10 +92,15 @@ def attention(
     allowed = torch.ones(B, 1, T, S, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :]
+    left, right = window_size
     if causal:
-        i = torch.arange(T, device=q.device)[:, None]
-        j = torch.arange(S, device=q.device)[None, :]
-        allowed = allowed & (j <= i + (S - T))
+        right = 0
+    i = torch.arange(T, device=q.device)[:, None] + (S - T)  # query i's diagonal key
+    j = torch.arange(S, device=q.device)[None, :]
+    if right >= 0:
+        allowed = allowed & (j <= i + right)
+    if left >= 0:
+        allowed = allowed & (j >= i - left)
     logits = logits.masked_fill(~allowed, float("-inf"))
     # A fully masked row would give NaN from softmax; define it as zeros instead.
     any_allowed = allowed.any(dim=-1, keepdim=True)
@@ -109,6 +119,7 @@ def attention_varlen(
     max_seqlen_k: int,
     *,
     causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
     scale: float | None = None,
 ) -> Tensor:
     """Attention over packed variable-length sequences (flash-attn's varlen layout).
@@ -122,6 +133,8 @@ def attention_varlen(
         max_seqlen_q: longest query sequence (unused here; part of the flash-attn signature).
         max_seqlen_k: longest key sequence (unused here).
         causal: bottom-right aligned causal mask within each sequence.
+        window_size: (left, right) local window within each sequence, aligned to its own
+            lengths (see :func:`attention`).
         scale: multiplier of q.k; None means 1 / sqrt(D).
 
     Returns:
@@ -135,7 +148,14 @@ def attention_varlen(
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         if cq[b + 1] == cq[b]:
             continue
-        out[qs] = attention(q[None, qs], k[None, ks], v[None, ks], causal=causal, scale=scale)[0]
+        out[qs] = attention(
+            q[None, qs],
+            k[None, ks],
+            v[None, ks],
+            causal=causal,
+            window_size=window_size,
+            scale=scale,
+        )[0]
     return out
 
 

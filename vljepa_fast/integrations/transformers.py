@@ -19,11 +19,17 @@ as transformers does for flash-attention, and the attention function takes causa
 layer (``is_causal``), so vf.attention gets ``key_padding_mask`` and ``causal`` and no dense mask
 exists. Other patterns (sliding windows, packed sequences, overlays, static caches) get the
 dense boolean mask, and a 4-D mask (built so, or passed by the user) is converted back to key
-padding (+ causal) when it is one. What vf.attention cannot express runs on a transformers
+padding (+ causal) when it is one. Sliding-window layers (``sliding_window=w`` from the layer)
+run on vf.attention's ``window_size`` when their 4-D mask is exactly key padding & a
+bottom-right aligned band of one of the windows transformers' masks give w: (w - 1, 0) for
+causal models (q - w < kv <= q), (w - 1, w - 1) for Gemma-3 bidirectional (|q - kv| < w) and
+(w, w) for ``sliding_window_bidirectional_overlay`` (|q - kv| <= w); the check compares every
+allowed pair (one host sync). What vf.attention cannot express runs on a transformers
 function instead, with a warning once per reason: a mask that is not key padding (+ causal),
-attention dropout in training, ``position_bias`` and ``sliding_window`` on transformers' SDPA
-function; ``softcap`` and sinks (``s_aux``), which that SDPA function refuses or ignores, on the
-model's own ``eager_attention_forward``. Every fallback gets the mask its function expects, the
+a sliding_window whose mask is not such a band (or that comes without a 4-D mask), attention
+dropout in training, ``position_bias`` on transformers' SDPA function; ``softcap`` and sinks
+(``s_aux``), which that SDPA function refuses or ignores, on the model's own
+``eager_attention_forward``. Every fallback gets the mask its function expects, the
 one transformers' own mask builder would have made for it: SDPA a 4-D [B, 1, T, S] bool mask
 (or None where its ``is_causal`` path is exact), eager a 4-D additive float mask in the query
 dtype (or None where nothing is masked), causality included.
@@ -215,8 +221,9 @@ def mask(
     )
 
 
-def _from_dense(m: Tensor, T: int, S: int) -> tuple[Tensor, bool] | None:
-    """(key_padding_mask [B, S], causal) equal to a 4-D mask, or None when it is neither."""
+def _allowed_pairs(m: Tensor, T: int, S: int) -> Tensor | None:
+    """[B, T, S] bool of the pairs a 4-D [B, 1, T, S] mask allows (bool, or additive with only
+    0 and "minus infinity"), None for any other mask (per-head, a bias)."""
     if m.shape[1] != 1 or m.shape[-2:] != (T, S):
         return None
     if m.dtype != torch.bool:
@@ -226,7 +233,14 @@ def _from_dense(m: Tensor, T: int, S: int) -> tuple[Tensor, bool] | None:
         if not bool((allowed | (m <= lowest / 2)).all()):
             return None
         m = allowed
-    m = m[:, 0]  # [B, T, S]
+    return m[:, 0]
+
+
+def _from_dense(m: Tensor, T: int, S: int) -> tuple[Tensor, bool] | None:
+    """(key_padding_mask [B, S], causal) equal to a 4-D mask, or None when it is neither."""
+    m = _allowed_pairs(m, T, S)
+    if m is None:
+        return None
     keys = m.any(dim=1)  # a key is real when some query sees it
     if bool((m == keys[:, None, :]).all()):
         return keys, False
@@ -234,6 +248,33 @@ def _from_dense(m: Tensor, T: int, S: int) -> tuple[Tensor, bool] | None:
     tri = o_s[None, :] <= torch.arange(T, device=m.device)[:, None] + (S - T)
     if bool((m == (keys[:, None, :] & tri)).all()):
         return keys, True
+    return None
+
+
+def _window_candidates(sliding_window: int) -> tuple[tuple[int, int], ...]:
+    """The (left, right) windows transformers' masks give a ``sliding_window`` of w: causal
+    models (``sliding_window_overlay``: q - w < kv <= q), Gemma-3 bidirectional
+    (|q - kv| < w) and ``sliding_window_bidirectional_overlay`` (|q - kv| <= w)."""
+    w = sliding_window
+    return ((w - 1, 0), (w - 1, w - 1), (w, w))
+
+
+def _from_dense_window(
+    m: Tensor, T: int, S: int, sliding_window: int
+) -> tuple[Tensor, tuple[int, int]] | None:
+    """(key_padding_mask [B, S], window_size) whose allowed pairs (vf.attention's rule,
+    bottom-right aligned) equal those of the 4-D mask ``m`` exactly, for one of the windows a
+    ``sliding_window`` gives (:func:`_window_candidates`); None when none does."""
+    m = _allowed_pairs(m, T, S)
+    if m is None:
+        return None
+    keys = m.any(dim=1)  # a real key no query sees is padding to every query alike
+    diag = torch.arange(T, device=m.device)[:, None] + (S - T)
+    j = torch.arange(S, device=m.device)[None, :]
+    for left, right in _window_candidates(sliding_window):
+        band = (j >= diag - left) & (j <= diag + right)
+        if bool((m == (keys[:, None, :] & band)).all()):
+            return keys, (left, right)
     return None
 
 
@@ -261,8 +302,9 @@ def attention_forward(
         dropout: attention dropout probability (served by a fallback when > 0).
         scaling: multiplier of q.k (None: 1/sqrt(D)).
         is_causal: overrides ``module.is_causal``.
-        **kwargs: the interface's other arguments; those vf.attention has no equivalent for
-            go to a fallback when set (see the module docstring).
+        **kwargs: the interface's other arguments; ``sliding_window`` (an int w) runs as
+            vf.attention's window_size when the 4-D mask is exactly that window (see the module
+            docstring); those vf.attention has no equivalent for go to a fallback when set.
 
     Returns:
         ([B, T, Hq, D] output, None): attention weights are never materialised (a fallback
@@ -289,15 +331,28 @@ def attention_forward(
     if eager:
         reason = f"{', '.join(eager)} is not supported"
         return _fallback(reason, "eager", args, attention_mask, causal, kw)
-    extra = [k for k in _SDPA_KWARGS if kwargs.get(k) is not None]
+    extra = [k for k in _SDPA_KWARGS if k != "sliding_window" and kwargs.get(k) is not None]
     if extra:
         reason = f"{', '.join(extra)} is not supported"
         return _fallback(reason, "sdpa", args, attention_mask, causal, kw)
     if dropout > 0.0:
         reason = "attention dropout is not supported (use model.eval())"
         return _fallback(reason, "sdpa", args, attention_mask, causal, kw)
+    window_size = (-1, -1)
+    sliding = kwargs.get("sliding_window")
     key_padding_mask = attention_mask
-    if attention_mask is not None and attention_mask.dim() == 2:
+    if sliding is not None:
+        # the layer's mask says which window it means (causal or one of the bidirectional
+        # ones); served when it is exactly key padding & a bottom-right aligned band
+        converted = None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            converted = _from_dense_window(attention_mask, T, S, int(sliding))
+        if converted is None:
+            reason = "sliding_window with a mask that is not key padding & a sliding window"
+            return _fallback(reason, "sdpa", args, attention_mask, causal, kw)
+        key_padding_mask, window_size = converted
+        causal = False  # the window carries it (right bound 0)
+    elif attention_mask is not None and attention_mask.dim() == 2:
         key_padding_mask = attention_mask.bool()
     elif attention_mask is not None:
         converted = _from_dense(attention_mask, T, S)
@@ -307,8 +362,8 @@ def attention_forward(
         key_padding_mask, causal = converted
     out = functional.attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-        key_padding_mask=key_padding_mask, causal=bool(causal), scale=scaling,
-        backend=getattr(module, BACKEND_ATTRIBUTE, "auto"),
+        key_padding_mask=key_padding_mask, causal=bool(causal), window_size=window_size,
+        scale=scaling, backend=getattr(module, BACKEND_ATTRIBUTE, "auto"),
     )
     return out, None
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -96,27 +97,108 @@ def check_tokens(name: str, ids: Tensor, mask: Tensor | None, vocab: int, max_le
     return mask
 
 
+def raise_bad_keys(
+    what: str, missing: list[str], unexpected: list[str], mismatched: list[str]
+) -> None:
+    """Raise one ValueError listing missing, unexpected and mis-shaped keys by name (20 shown
+    per kind, then a count); nothing when all three are empty."""
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    for label, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", mismatched),
+    ):
+        if items:
+            shown = ", ".join(items[:20]) + (
+                f", ... ({len(items)} in all)" if len(items) > 20 else ""
+            )
+            parts.append(f"{label}: {shown}")
+    raise ValueError(f"{what}: state dict does not match the model; " + "; ".join(parts))
+
+
 def load_checked(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
     """load_state_dict(strict) with an error that lists missing, unexpected and mismatched keys."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
+    raise_bad_keys(
+        what,
+        sorted(set(own) - set(state)),
+        sorted(set(state) - set(own)),
+        sorted(
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in set(own) & set(state)
+            if state[k].shape != own[k].shape
+        ),
     )
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", mismatched),
-        ):
-            if items:
-                shown = ", ".join(items[:20]) + (
-                    f", ... ({len(items)} in all)" if len(items) > 20 else ""
-                )
-                parts.append(f"{label}: {shown}")
-        raise ValueError(f"{what}: state dict does not match the model; " + "; ".join(parts))
     module.load_state_dict(state, strict=True)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a checkpoint loader found.
+
+    Attributes:
+        layout: the key layout detected (or forced), e.g. "original", "transformers", "meta".
+        ignored: checkpoint keys deliberately not loaded (parts of the checkpoint that are not
+            this module's, such as another model's predictor, an LM head or unused layers), in
+            the checkpoint's naming, sorted.
+    """
+
+    layout: str
+    ignored: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one parameter of the module comes from in a checkpoint.
+
+    Attributes:
+        keys: the checkpoint keys read (one, or several that ``combine`` joins).
+        shapes: the shape each key must have.
+        combine: tensors of ``keys`` (in order) -> the parameter; None takes the single key
+            as is.
+    """
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    combine: Callable[[list[Tensor]], Tensor] | None = None
+
+
+def load_mapped(
+    module: nn.Module,
+    state: Mapping[str, Tensor],
+    plan: Mapping[str, Source],
+    what: str,
+    *,
+    ignore: Callable[[str], bool] = lambda key: False,
+    name: Callable[[str], str] = lambda key: key,
+) -> tuple[str, ...]:
+    """Load ``module`` from ``state`` by ``plan`` (module key -> :class:`Source`); module keys
+    the plan leaves out keep their values.
+
+    Every checkpoint key is read by the plan or accepted by ``ignore``; any other is unexpected.
+    Before anything is written, one ValueError lists (by ``name(key)``, the checkpoint's naming)
+    every source key missing, every unexpected key and every key whose shape differs from the
+    plan's; then the module is loaded strictly. Returns the ignored keys present (named, sorted).
+    """
+    missing, mismatched, used = [], [], set()
+    for src in plan.values():
+        for key, shape in zip(src.keys, src.shapes, strict=True):
+            used.add(key)
+            if key not in state:
+                missing.append(name(key))
+            elif tuple(state[key].shape) != tuple(shape):
+                mismatched.append(
+                    f"{name(key)}: checkpoint {tuple(state[key].shape)} vs expected {tuple(shape)}"
+                )
+    rest = [k for k in state if k not in used]
+    ignored = sorted(name(k) for k in rest if ignore(k))
+    unexpected = sorted(name(k) for k in rest if not ignore(k))
+    raise_bad_keys(what, sorted(set(missing)), unexpected, sorted(set(mismatched)))
+    full = dict(module.state_dict())
+    for dst, src in plan.items():
+        parts = [state[k] for k in src.keys]
+        full[dst] = parts[0] if src.combine is None else src.combine(parts)
+    load_checked(module, full, what)
+    return tuple(ignored)

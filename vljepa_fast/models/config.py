@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -52,7 +53,14 @@ class _Checked:
 
 @dataclass(frozen=True)
 class XEncoderConfig(_Checked):
-    """Video ViT (V-JEPA 2 layout): 3D patches of tubelet x patch x patch, three-axis RoPE."""
+    """Video ViT (V-JEPA 2 layout): 3D patches of tubelet x patch x patch, three-axis RoPE.
+
+    ``position_mode`` picks the RoPE coordinates of the tokens (the two agree at the crop size
+    ``image_size``; see :class:`~vljepa_fast.models.XEncoder`): ``"original"`` (default) the
+    (t, h, w) grid coordinates of the input at its own resolution, as facebookresearch/vjepa2;
+    ``"transformers"`` the flat token index decomposed with the crop grid
+    (``image_size // patch`` patches a row), as transformers' ``VJEPA2Model``.
+    """
 
     dim: int = 1024
     depth: int = 24
@@ -65,13 +73,21 @@ class XEncoderConfig(_Checked):
     max_frames: int = 64
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    #: "original" (facebookresearch/vjepa2) or "transformers" (VJEPA2Model) RoPE positions
+    position_mode: str = "original"
 
     _POSITIVE = (
         "dim", "depth", "heads", "mlp_dim", "patch", "tubelet", "in_chans", "image_size",
         "max_frames",
     )  # fmt: skip
+    POSITION_MODES: ClassVar[tuple[str, ...]] = ("original", "transformers")
 
     def _check(self) -> None:
+        if self.position_mode not in self.POSITION_MODES:
+            raise ValueError(
+                f"XEncoderConfig.position_mode: expected one of {self.POSITION_MODES}, got "
+                f"{self.position_mode!r}"
+            )
         self._check_even_head_dim()
         if (self.dim // self.heads) < 6:
             raise ValueError("XEncoderConfig: head dim must be >= 6 (three RoPE axes)")
@@ -114,9 +130,41 @@ class PredictorConfig(_Checked):
             )
 
 
+#: transformers' names of the two attention kinds of a Gemma-3 layer
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
 @dataclass(frozen=True)
 class YEncoderConfig(_Checked):
-    """Built-in bidirectional text encoder (EmbeddingGemma-300M sizes in the paper preset)."""
+    """Built-in bidirectional Gemma-3 text encoder (EmbeddingGemma-300M's sizes by default).
+
+    The backbone is transformers' ``Gemma3TextModel`` with ``use_bidirectional_attention``;
+    after it come sentence-transformers' mean pooling, the Dense stack and the L2 normalisation
+    (EmbeddingGemma's modules), then the library's linear head to the shared space.
+
+    Attributes:
+        dim, layers, heads, kv_heads, head_dim, mlp_dim, vocab_size: the backbone's sizes
+            (hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
+            intermediate_size, vocab_size).
+        pad_id: the padding token (a mask derived from it when none is given; the embedding
+            row takes no gradient, as transformers' ``padding_idx``).
+        max_len: the longest token sequence accepted (= max_position_embeddings).
+        norm_eps: rms_norm_eps of every RMSNorm.
+        rope_theta: RoPE base of the global (full-attention) layers.
+        rope_local_theta: RoPE base of the sliding-window layers (rope_local_base_freq).
+        sliding_window: transformers' ``sliding_window`` as written in config.json (512). A
+            sliding layer of the bidirectional model lets query i see key j iff
+            |i - j| <= sliding_window // 2 (transformers halves the window when bidirectional).
+        layer_types: "sliding_attention" / "full_attention" per layer; None: every
+            ``sliding_window_pattern``-th layer is full, the others sliding (Gemma-3's rule).
+        sliding_window_pattern: the period of that rule (6).
+        query_pre_attn_scalar: the attention scale is query_pre_attn_scalar ** -0.5.
+        dense: out_features of the sentence-transformers Dense layers after the pooling, in
+            order ((3072, 768) for EmbeddingGemma; () for none). Identity activations.
+        dense_bias: whether those Dense layers have biases (EmbeddingGemma: no).
+        normalize: L2-normalise the pooled (and densed) embedding before the head.
+        lr_multiplier: learning-rate multiplier of the Y-encoder's parameters (paper: 0.05).
+    """
 
     dim: int = 768
     layers: int = 24
@@ -126,21 +174,197 @@ class YEncoderConfig(_Checked):
     mlp_dim: int = 1152
     vocab_size: int = 262144
     pad_id: int = 0
-    max_len: int = 512
+    max_len: int = 2048
     norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    rope_theta: float = 1_000_000.0
+    rope_local_theta: float = 10_000.0
+    sliding_window: int = 512
+    layer_types: tuple[str, ...] | None = None
+    sliding_window_pattern: int = 6
+    query_pre_attn_scalar: float = 256.0
+    dense: tuple[int, ...] = (3072, 768)
+    dense_bias: bool = False
+    normalize: bool = True
     #: learning-rate multiplier of the Y-encoder's parameters (paper: 0.05)
     lr_multiplier: float = 0.05
 
     _POSITIVE = (
         "dim", "layers", "heads", "kv_heads", "head_dim", "mlp_dim", "vocab_size", "max_len",
+        "sliding_window", "sliding_window_pattern",
     )  # fmt: skip
-    _check = _Checked._check_kv_heads
+
+    def _check(self) -> None:
+        self._check_kv_heads()
+        name = "YEncoderConfig"
+        if self.head_dim % 2:
+            raise ValueError(f"{name}.head_dim: expected an even head dim, got {self.head_dim}")
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(
+                f"{name}.pad_id: expected 0 <= pad_id < vocab_size ({self.vocab_size}), got "
+                f"{self.pad_id}"
+            )
+        for f in ("rope_theta", "rope_local_theta"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 < v < math.inf:
+                raise ValueError(f"{name}.{f}: expected a finite number > 1, got {v!r}")
+        for f in ("norm_eps", "query_pre_attn_scalar"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"{name}.{f}: expected a finite number > 0, got {v!r}")
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, tuple) or len(self.layer_types) != self.layers:
+                raise ValueError(
+                    f"{name}.layer_types: expected a tuple of {self.layers} (layers) names, got "
+                    f"{self.layer_types!r}"
+                )
+            bad = sorted({t for t in self.layer_types if t not in (SLIDING, FULL)}, key=str)
+            if bad:
+                raise ValueError(
+                    f"{name}.layer_types: expected {SLIDING!r} or {FULL!r}, got {bad!r}"
+                )
+        if not isinstance(self.dense, tuple) or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.dense
+        ):
+            raise ValueError(f"{name}.dense: expected a tuple of ints >= 1, got {self.dense!r}")
+
+    @property
+    def attention_types(self) -> tuple[str, ...]:
+        """Each layer's kind, ``layer_types`` or the Gemma-3 rule (layer i is full iff
+        (i + 1) % sliding_window_pattern == 0)."""
+        if self.layer_types is not None:
+            return self.layer_types
+        p = self.sliding_window_pattern
+        return tuple(FULL if (i + 1) % p == 0 else SLIDING for i in range(self.layers))
+
+    @property
+    def window_size(self) -> tuple[int, int]:
+        """vf.attention's window of a sliding layer: (sliding_window // 2,) * 2."""
+        return (self.sliding_window // 2, self.sliding_window // 2)
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the sentence embedding the head reads (the last Dense, else dim)."""
+        return self.dense[-1] if self.dense else self.dim
+
+    @classmethod
+    def paper(cls) -> YEncoderConfig:
+        """EmbeddingGemma-300M (google/embeddinggemma-300m's config.json and its
+        sentence-transformers modules: mean pooling, Dense 768 -> 3072 -> 768, Normalize)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 260, pad_id: int = 256, max_len: int = 48) -> YEncoderConfig:
+        """Two layers, one sliding (reach 8 tokens each side) and one global, GQA 4/2,
+        a Dense 64 -> 128 -> 64 stack: for tests and CPU examples (byte-level vocab)."""
+        return cls(
+            dim=64,
+            layers=2,
+            heads=4,
+            kv_heads=2,
+            head_dim=16,
+            mlp_dim=128,
+            vocab_size=vocab_size,
+            pad_id=pad_id,
+            max_len=max_len,
+            sliding_window=16,
+            layer_types=(SLIDING, FULL),
+            query_pre_attn_scalar=16.0,
+            dense=(128, 64),
+        )
+
+    @classmethod
+    def from_gemma3_config(cls, config: object, **changes) -> YEncoderConfig:
+        """The config of a transformers ``Gemma3TextConfig`` (or its config.json as a dict).
+
+        ``changes`` override fields afterwards (e.g. ``dense``, ``normalize``, ``max_len``;
+        by default no Dense layer and no normalisation: a bare Gemma3TextModel).
+
+        Raises:
+            ValueError: a config the built-in encoder does not implement (named): not
+                bidirectional, attention biases, logit soft-capping, an activation other than
+                gelu_pytorch_tanh, a RoPE type other than "default", a missing field.
+        """
+        d = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # type: ignore
+        return cls(**{**_gemma3_fields(d), "dense": (), "normalize": False, **changes})
+
+
+def _gemma3_fields(d: dict) -> dict:
+    """YEncoderConfig fields from a Gemma3TextConfig dict (config.json), refusing what the
+    built-in encoder does not implement."""
+    where = "Gemma-3 config"
+    if d.get("model_type", "gemma3_text") != "gemma3_text":
+        raise ValueError(f"{where}: expected model_type 'gemma3_text', got {d['model_type']!r}")
+    if not d.get("use_bidirectional_attention", False):
+        raise ValueError(
+            f"{where}: use_bidirectional_attention is not true: a causal Gemma-3; the built-in "
+            "encoder is bidirectional (EmbeddingGemma). Build a YEncoderConfig by hand and load "
+            "the weights with load_gemma3_state_dict to use causal weights bidirectionally"
+        )
+    unsupported = {
+        "attention_bias": (False, None),
+        "attn_logit_softcapping": (None,),
+        "hidden_activation": ("gelu_pytorch_tanh", None),
+    }
+    for key, fine in unsupported.items():
+        if key in d and d[key] not in fine:
+            raise ValueError(f"{where}: {key}={d[key]!r} is not implemented (expected {fine[0]!r})")
+    required = (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "intermediate_size", "vocab_size", "max_position_embeddings",
+    )  # fmt: skip
+    absent = [k for k in required if d.get(k) is None]
+    if absent:
+        raise ValueError(f"{where}: missing fields {absent}")
+    theta, local = d.get("rope_theta", 1_000_000.0), d.get("rope_local_base_freq", 10_000.0)
+    rope = d.get("rope_parameters") or {}
+    if rope:
+        for kind in (FULL, SLIDING):
+            p = rope.get(kind) or {}
+            if p.get("rope_type", "default") != "default":
+                raise ValueError(
+                    f"{where}: rope_parameters[{kind!r}] rope_type {p['rope_type']!r} is not "
+                    "implemented (expected 'default')"
+                )
+        theta = (rope.get(FULL) or {}).get("rope_theta", theta)
+        local = (rope.get(SLIDING) or {}).get("rope_theta", local)
+    elif d.get("rope_scaling") is not None:
+        raise ValueError(f"{where}: rope_scaling {d['rope_scaling']!r} is not implemented")
+    layer_types = d.get("layer_types")
+    fields = dict(
+        dim=d["hidden_size"],
+        layers=d["num_hidden_layers"],
+        heads=d["num_attention_heads"],
+        kv_heads=d["num_key_value_heads"],
+        head_dim=d["head_dim"],
+        mlp_dim=d["intermediate_size"],
+        vocab_size=d["vocab_size"],
+        pad_id=d.get("pad_token_id", 0) if d.get("pad_token_id") is not None else 0,
+        max_len=d["max_position_embeddings"],
+        norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_local_theta=float(local),
+        query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
+        layer_types=None if layer_types is None else tuple(layer_types),
+        sliding_window_pattern=d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6)),
+    )
+    types = layer_types or ()
+    if d.get("sliding_window") is None:
+        if SLIDING in types or layer_types is None:
+            raise ValueError(f"{where}: sliding layers but no sliding_window")
+    else:
+        fields["sliding_window"] = d["sliding_window"]
+    return fields
 
 
 @dataclass(frozen=True)
 class YDecoderConfig(_Checked):
-    """Small causal text decoder conditioned on an embedding through prefix tokens."""
+    """Small causal text decoder conditioned on an embedding through prefix tokens.
+
+    :class:`~vljepa_fast.models.VLJEPA` builds it as ``model.y_decoder`` (trained separately
+    from the InfoNCE loss, see ``VLJEPA.decoder_loss``). The paper preset speaks Llama-3's
+    vocabulary: BOS ``<|begin_of_text|>`` = 128000, EOS ``<|end_of_text|>`` = 128001 (the
+    library's choice: the paper does not specify its decoder).
+    """
 
     dim: int = 512
     layers: int = 4
@@ -156,7 +380,22 @@ class YDecoderConfig(_Checked):
     _POSITIVE = (
         "dim", "layers", "heads", "mlp_dim", "prefix_tokens", "vocab_size", "max_len",
     )  # fmt: skip
-    _check = _Checked._check_even_head_dim
+
+    def _check(self) -> None:
+        self._check_even_head_dim()
+        for name in ("bos_id", "eos_id"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size:
+                raise ValueError(
+                    f"YDecoderConfig.{name}: expected an int in [0, vocab_size = "
+                    f"{self.vocab_size}), got {v!r}"
+                )
+        if self.bos_id == self.eos_id:
+            raise ValueError(f"YDecoderConfig.eos_id: must differ from bos_id ({self.bos_id})")
+        if self.max_len < 2:
+            raise ValueError(
+                f"YDecoderConfig.max_len: expected >= 2 (BOS, EOS), got {self.max_len}"
+            )
 
 
 @dataclass(frozen=True)
@@ -226,7 +465,7 @@ class VLJEPAConfig(_Checked):
                 max_frames=16,
             ),
             predictor=PredictorConfig(**text, max_query_len=48, first_llama_layer=2),
-            y_encoder=YEncoderConfig(**text, max_len=48),
+            y_encoder=YEncoderConfig.tiny(vocab_size=vocab_size, pad_id=pad_id, max_len=48),
             y_decoder=YDecoderConfig(
                 dim=64,
                 layers=2,

@@ -3,12 +3,14 @@
 Sequence = [linear(visual tokens) ; query token embeddings], right-padded queries after the
 visual tokens; PAD keys are masked in every layer and the mean pooling skips PAD positions, so
 the output of a sample does not depend on how much padding its batch has. Layer parameter names
-are transformers' ``LlamaDecoderLayer``'s, which lets :func:`load_llama_layers` map a Llama-3.2-1B
-state dict key by key.
+are transformers' ``LlamaDecoderLayer``'s; :func:`load_llama_layers` takes Llama-3.2-1B layers
+from a transformers state dict key by key or from Meta's original ``consolidated.pth`` (q/k rows
+un-interleaved as transformers' conversion script does).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -17,10 +19,12 @@ from torch import Tensor, nn
 from vljepa_fast import _backends
 from vljepa_fast._backends import BackendSpec
 from vljepa_fast.models._layers import (
+    LoadResult,
+    Source,
     SwiGLU,
     check_tokens,
     gqa_attention,
-    load_checked,
+    load_mapped,
     masked_mean,
 )
 from vljepa_fast.models.config import PredictorConfig
@@ -105,41 +109,148 @@ class Predictor(_backends.HoldsBackend, nn.Module):
         return self.head(masked_mean(self.norm(x), mask))
 
 
+LLAMA_LAYOUTS = ("transformers", "meta")
+
+#: our layer keys -> Meta's (consolidated.pth) names inside ``layers.{i}.``
+_META_LAYER = {
+    "input_layernorm.weight": "attention_norm.weight",
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+}
+_META_TOP = {"embed_tokens.weight": "tok_embeddings.weight", "norm.weight": "norm.weight"}
+_HF_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.(.+)")
+_META_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def meta_rope_rows(weight: Tensor, heads: int) -> Tensor:
+    """Meta's q or k projection [heads * D, dim] -> transformers' row order.
+
+    Meta's RoPE rotates interleaved channel pairs (2i, 2i + 1) of each head; transformers'
+    (and this library's "llama" layout) rotates the halves (i, i + D/2). Row 2i + s of a head
+    (s = 0, 1) becomes row s * D/2 + i, which is transformers' ``permute`` in
+    convert_llama_weights_to_hf.py: view(heads, D/2, 2, dim).transpose(1, 2).
+    """
+    rows, dim = weight.shape
+    return weight.view(heads, rows // heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def _detect_llama(state: Mapping[str, Tensor]) -> str:
+    meta = [
+        k
+        for k in state
+        if k == "tok_embeddings.weight"
+        or ((m := _META_LAYER_KEY.fullmatch(k)) and m.group(2) in _META_LAYER.values())
+    ]
+    hf = [
+        k
+        for k in state
+        if k.removeprefix("model.") == "embed_tokens.weight"
+        or ((m := _HF_LAYER.fullmatch(k)) and m.group(2).startswith(("self_attn.", "mlp.")))
+    ]
+    if meta and hf:
+        raise ValueError(
+            f"Llama state dict: mixes Meta's consolidated layout (e.g. {meta[0]!r}) and "
+            f"transformers' (e.g. {hf[0]!r})"
+        )
+    if not meta and not hf:
+        first = ", ".join(repr(k) for k in list(state)[:5])
+        raise ValueError(
+            "Llama state dict: no Llama keys of either layout (transformers: "
+            "'model.layers.{i}.self_attn.q_proj.weight', ...; Meta: "
+            f"'layers.{{i}}.attention.wq.weight', ...); first keys: {first}"
+        )
+    return "meta" if meta else "transformers"
+
+
 def load_llama_layers(
-    predictor: Predictor, state: Mapping[str, Tensor], first_layer: int | None = None
-) -> None:
-    """Load layers ``first_layer ..`` (default 8..15), the token embeddings and the final norm
-    of a local Llama-3.2-1B state dict (transformers' ``LlamaForCausalLM`` or ``LlamaModel``
-    keys) into the predictor; ``visual_proj`` and ``head`` keep their values.
+    predictor: Predictor,
+    state: Mapping[str, Tensor],
+    first_layer: int | None = None,
+    *,
+    layout: str = "auto",
+) -> LoadResult:
+    """Load layers ``first_layer ..`` (default ``cfg.first_llama_layer``: 8..15), the token
+    embeddings and the final norm of a local Llama-3.2-1B checkpoint into the predictor;
+    ``visual_proj`` and ``head`` keep their values.
+
+    Layouts (``layout="auto"`` detects which; name one to insist on it):
+
+    * ``"transformers"``: ``LlamaForCausalLM`` or ``LlamaModel`` keys (``model.`` prefix or
+      none), copied key by key.
+    * ``"meta"``: Meta's original ``consolidated.pth`` (``tok_embeddings``,
+      ``layers.{i}.attention.wq / wk / wv / wo``, ``feed_forward.w1 / w2 / w3`` = gate / down /
+      up, ``attention_norm``, ``ffn_norm``, ``norm``, ``output``). ``wq`` and ``wk`` rows are
+      reordered by :func:`meta_rope_rows` (Meta's RoPE pairs are interleaved), with
+      ``cfg.heads`` and ``cfg.kv_heads`` heads; the rest is copied.
+
+    Ignored (listed in the result): the other layers, the LM head (``lm_head`` / ``output``),
+    and RoPE tables (``rope.freqs``, ``*.rotary_emb.inv_freq``). Any other key is unexpected.
+
+    Returns:
+        :class:`~vljepa_fast.models.LoadResult`: the layout found and the ignored keys.
 
     Raises:
-        ValueError: Llama keys the predictor needs are missing, or shapes differ (listed by
-            name, in the checkpoint's naming).
+        ValueError: the layout cannot be told (no Llama keys, or both mixed), an unknown
+            ``layout``, or the checkpoint does not fit: keys the predictor needs missing,
+            unexpected keys, shapes that differ (each listed by name, in the checkpoint's
+            naming). Nothing is loaded then.
     """
-    first = predictor.cfg.first_llama_layer if first_layer is None else first_layer
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    wanted = {}
-    for key in predictor.state_dict():
-        if key.startswith("layers."):
-            i, rest = key.split(".", 2)[1:]
-            wanted[key] = f"layers.{first + int(i)}.{rest}"
-        elif key.startswith(("embed_tokens.", "norm.")):
-            wanted[key] = key
-    missing = sorted(f"model.{src}" for src in wanted.values() if src not in state)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"state: expected a mapping of names to tensors, got {type(state)}")
+    if layout not in ("auto", *LLAMA_LAYOUTS):
+        raise ValueError(f"layout: expected 'auto', 'transformers' or 'meta', got {layout!r}")
+    c = predictor.cfg
+    first = c.first_llama_layer if first_layer is None else first_layer
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise ValueError(f"first_layer: expected an int >= 0, got {first!r}")
+    found = _detect_llama(state)
+    if layout != "auto" and layout != found:
+        raise ValueError(f"Llama state dict: layout {layout!r} requested, the keys are {found!r}")
     own = predictor.state_dict()
-    mismatched = sorted(
-        f"model.{src}: checkpoint {tuple(state[src].shape)} vs predictor {tuple(own[dst].shape)}"
-        for dst, src in wanted.items()
-        if src in state and state[src].shape != own[dst].shape
-    )
-    if missing or mismatched:
-        parts = [f"missing keys: {', '.join(missing)}"] if missing else []
-        if mismatched:
-            parts.append(f"shape mismatches: {', '.join(mismatched)}")
-        raise ValueError(
-            "Llama state dict (layers "
-            f"{first}..{first + predictor.cfg.layers - 1}): " + "; ".join(parts)
-        )
-    full = dict(own)
-    full.update({dst: state[src] for dst, src in wanted.items()})
-    load_checked(predictor, full, "predictor")
+    plan: dict[str, Source] = {}
+    if found == "transformers":
+        pre = "model." if any(k.startswith("model.") for k in state) else ""
+        for key, value in own.items():
+            if key.startswith("layers."):
+                _, i, rest = key.split(".", 2)
+                plan[key] = Source((f"{pre}layers.{first + int(i)}.{rest}",), (value.shape,))
+            elif key in _META_TOP:
+                plan[key] = Source((pre + key,), (value.shape,))
+        layer_key, known = _HF_LAYER, set(predictor.layers[0].state_dict())
+        top_ignored = {"lm_head.weight"}
+    else:
+        heads = {"self_attn.q_proj.weight": c.heads, "self_attn.k_proj.weight": c.kv_heads}
+        for key, value in own.items():
+            if key.startswith("layers."):
+                _, i, rest = key.split(".", 2)
+                src = f"layers.{first + int(i)}.{_META_LAYER[rest]}"
+                if rest in heads:
+                    n = heads[rest]
+                    plan[key] = Source(
+                        (src,), (value.shape,), lambda t, n=n: meta_rope_rows(t[0], n)
+                    )
+                else:
+                    plan[key] = Source((src,), (value.shape,))
+            elif key in _META_TOP:
+                plan[key] = Source((_META_TOP[key],), (value.shape,))
+        layer_key, known = _META_LAYER_KEY, set(_META_LAYER.values())
+        top_ignored = {"output.weight"}
+
+    def ignore(key: str) -> bool:
+        if key in top_ignored or key == "rope.freqs" or key.endswith(".rotary_emb.inv_freq"):
+            return True
+        m = layer_key.fullmatch(key)  # another layer of the same model: not taken
+        return m is not None and m.group(2) in known
+
+    last = first + c.layers - 1
+    ignored = load_mapped(
+        predictor, state, plan, f"Llama state dict ({found} layout, layers {first}..{last})",
+        ignore=ignore,
+    )  # fmt: skip
+    return LoadResult(found, ignored)

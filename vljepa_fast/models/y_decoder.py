@@ -153,7 +153,8 @@ class YDecoder(_backends.HoldsBackend, nn.Module):
         """
         self._check_embedding(embedding)
         c = self.cfg
-        if not 1 <= max_new_tokens <= c.max_len - 1:
+        bad = isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+        if bad or not 1 <= max_new_tokens <= c.max_len - 1:
             raise ValueError(f"max_new_tokens: expected 1..{c.max_len - 1}, got {max_new_tokens}")
         B = embedding.shape[0]
         prefix = self.prefix(embedding).view(B, c.prefix_tokens, c.dim)

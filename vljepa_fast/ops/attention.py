@@ -8,13 +8,16 @@ Triton's plan is the key lengths it read from a right-padded ``key_padding_mask`
 per call).
 
 SDPA is the CPU default: torch's fused CPU kernel with GQA (enable_gqa) and a boolean mask
-broadcast over heads, never a dense additive [B, 1, T, S] float mask per head.
+broadcast over heads, never a dense additive [B, 1, T, S] float mask per head. A sliding window
+(``window_size``; :func:`effective_window` folds causal in) is the band of that boolean mask,
+[B or 1, 1, T, S], per sequence for varlen: exact, as every bound is.
 
 NaN rule (vf.attention's docstring) on SDPA: padded keys are zeroed before the call (a masked
 pair still computes 0 * v, NaN for a NaN v; varlen padding slots likewise, which otherwise copy
 row 0 of the pack, a real row of another sequence), and the rows that torch's fused kernels turn
 finite although plain softmax gives NaN (a NaN query, or no finite key: a -inf running max read
-as "no key") are set to NaN afterwards (:func:`nan_rows`, a few elementwise passes, no sync).
+as "no key") are set to NaN afterwards (:func:`nan_rows`, a few elementwise passes, no sync;
+with a window, key counts inside each query's window from prefix sums).
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ from vljepa_fast.ops import _common
 __all__ = [
     "AttentionInputs",
     "VarlenInputs",
+    "Window",
     "attention_inputs",
+    "check_window",
+    "effective_window",
     "dense_nan_rows",
     "nan_rows",
     "varlen_inputs",
@@ -41,6 +47,49 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------- inputs, validation
+
+
+class Window(NamedTuple):
+    """A local attention window in flash-attn's convention, causal folded in: query i (of T)
+    attends key j (of S) iff ``i + S - T - left <= j <= i + S - T + right``, a bound of -1
+    being unbounded (:func:`effective_window`)."""
+
+    left: int
+    right: int
+
+
+def effective_window(window_size: tuple[int, int], causal: bool) -> Window | None:
+    """The window of ``window_size`` with causal folded in (right bound 0), or None when it hides
+    no key beyond what ``causal`` alone hides (then backends serve ``causal`` as before)."""
+    left, right = window_size
+    if causal:
+        right = 0
+    if left < 0 and (right < 0 or causal):
+        return None
+    return Window(left, right)
+
+
+def check_window(window_size: object) -> tuple[int, int]:
+    """``window_size`` as a pair of plain ints >= -1 (numpy integers accepted).
+
+    Raises:
+        ValueError: not a tuple or list of two ints >= -1 (bools refused), naming it.
+    """
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(
+            "window_size: expected a (left, right) tuple or list of two ints >= -1 (-1 = "
+            f"unbounded), got {window_size!r}"
+        )
+    out = []
+    for side, w in zip(("left", "right"), window_size):
+        w = _validate.plain_number(w)
+        if isinstance(w, bool) or not isinstance(w, int) or w < -1:
+            raise ValueError(
+                f"window_size: expected ints >= -1 (-1 = unbounded), got {w!r} as the {side} "
+                f"bound of {window_size!r}"
+            )
+        out.append(w)
+    return out[0], out[1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +103,13 @@ class AttentionInputs:
     key_padding_mask: Tensor | None
     causal: bool
     scale: float | None
+    window_size: tuple[int, int] = (-1, -1)
+
+    @property
+    def window(self) -> Window | None:
+        """The effective window (causal folded in), None when it hides no key beyond what
+        ``causal`` alone hides (:func:`effective_window`)."""
+        return effective_window(self.window_size, self.causal)
 
     @property
     def device(self) -> torch.device:
@@ -96,6 +152,13 @@ class VarlenInputs:
     scale: float | None
     lengths_q: tuple[int, ...]
     lengths_k: tuple[int, ...]
+    window_size: tuple[int, int] = (-1, -1)
+
+    @property
+    def window(self) -> Window | None:
+        """The effective window (causal folded in), None when it hides no key beyond what
+        ``causal`` alone hides (:func:`effective_window`)."""
+        return effective_window(self.window_size, self.causal)
 
     @property
     def device(self) -> torch.device:
@@ -142,6 +205,7 @@ def attention_inputs(
     *,
     key_padding_mask: Tensor | None = None,
     causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
     scale: float | None = None,
 ) -> AttentionInputs:
     """vf.attention's arguments checked (its docstring states the contract) and packed.
@@ -171,7 +235,8 @@ def attention_inputs(
         if m.device != q.device:
             raise ValueError(f"key_padding_mask: expected device {q.device}, got {m.device}")
     scale = _check_flags(causal, scale)
-    return AttentionInputs(q, k, v, key_padding_mask, causal, scale)
+    window_size = check_window(window_size)
+    return AttentionInputs(q, k, v, key_padding_mask, causal, scale, window_size)
 
 
 def _check_offsets(
@@ -207,6 +272,7 @@ def varlen_inputs(
     max_seqlen_k: int,
     *,
     causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
     scale: float | None = None,
 ) -> VarlenInputs:
     """vf.attention_varlen's arguments checked (its docstring states the contract) and packed.
@@ -225,6 +291,7 @@ def varlen_inputs(
             f"{cu_seqlens_k.numel()}"
         )
     scale = _check_flags(causal, scale)
+    window_size = check_window(window_size)
     return VarlenInputs(
         q,
         k,
@@ -237,6 +304,7 @@ def varlen_inputs(
         scale,
         lengths_q,
         lengths_k,
+        window_size,
     )
 
 
@@ -248,6 +316,7 @@ def nan_rows(
     k_finite: Tensor,
     real_k: Tensor | None,
     shift: Tensor | int | None,
+    window: Window | None = None,
 ) -> Tensor:
     """[B, T, Hq] bool: the rows the NaN rule of vf.attention makes NaN that a fused softmax may
     not (one that treats a row whose running max stays -inf as having no key, as torch SDPA's
@@ -263,8 +332,12 @@ def nan_rows(
         k_finite: [B, S, Hkv] bool, the key row is real and all finite.
         real_k: [B, S] bool, real keys (None: all).
         shift: causal only, S - T per sequence ([B] tensor or an int): query i sees keys
-            j <= i + shift. None: not causal.
+            j <= i + shift. None: not causal. With a window: S - T always.
+        window: the effective window (:func:`effective_window`, causal folded in): query i
+            sees keys i + shift - left <= j <= i + shift + right.
     """
+    if window is not None:
+        return _window_nan_rows(q_bad, k_finite, real_k, shift, window)
     B, T, Hq = q_bad.shape
     S, Hkv = k_finite.shape[1], k_finite.shape[2]
     pos = torch.arange(S, device=q_bad.device)
@@ -285,6 +358,40 @@ def nan_rows(
     return has_key & (q_bad | no_finite)
 
 
+def window_bounds(
+    T: int, S: int, shift: Tensor | int, window: Window, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """(lo, hi) [B or 1, T] long: query i sees keys lo <= j < hi of the window (clamped to
+    [0, S], hi >= lo); ``shift`` is S - T ([B] tensor per sequence, or an int)."""
+    if isinstance(shift, Tensor):
+        shift = shift.to(torch.long)[:, None]
+    diag = torch.arange(T, device=device)[None, :] + shift  # [B or 1, T]
+    lo = (diag - window.left).clamp(0, S) if window.left >= 0 else torch.zeros_like(diag)
+    hi = (diag + window.right + 1).clamp(0, S) if window.right >= 0 else torch.full_like(diag, S)
+    return lo, torch.maximum(hi, lo)
+
+
+def _window_nan_rows(
+    q_bad: Tensor, k_finite: Tensor, real_k: Tensor | None, shift: Tensor | int, window: Window
+) -> Tensor:
+    """:func:`nan_rows` with a window: key counts in [lo, hi) from prefix sums over the keys."""
+    B, T, Hq = q_bad.shape
+    S, Hkv = k_finite.shape[1], k_finite.shape[2]
+    dev = q_bad.device
+    lo, hi = (b.expand(B, T) for b in window_bounds(T, S, shift, window, dev))
+    if real_k is None:
+        n_real = hi - lo
+    else:
+        c_real = F.pad(real_k.to(torch.int32).cumsum(1), (1, 0))  # [B, S + 1]
+        n_real = c_real.gather(1, hi) - c_real.gather(1, lo)
+    c_fin = F.pad(k_finite.to(torch.int32).cumsum(1), (0, 0, 1, 0))  # [B, S + 1, Hkv]
+    n_fin = c_fin.gather(1, hi[..., None].expand(B, T, Hkv)) - c_fin.gather(
+        1, lo[..., None].expand(B, T, Hkv)
+    )
+    no_finite = (n_fin == 0).repeat_interleave(Hq // Hkv, dim=2)
+    return (n_real > 0)[..., None] & (q_bad | no_finite)
+
+
 def _nonfinite_rows(t: Tensor) -> Tensor:
     """[..., H] bool: some entry of the head row is NaN or +-inf."""
     return ~torch.isfinite(t).all(dim=-1)
@@ -295,8 +402,9 @@ def dense_nan_rows(x: AttentionInputs) -> Tensor:
     k_finite = _nonfinite_rows(x.k).logical_not_()
     if x.key_padding_mask is not None:
         k_finite = k_finite & x.key_padding_mask[:, :, None]
-    shift = x.k.shape[1] - x.q.shape[1] if x.causal else None
-    return nan_rows(_nonfinite_rows(x.q), k_finite, x.key_padding_mask, shift)
+    w = x.window
+    shift = x.k.shape[1] - x.q.shape[1] if x.causal or w is not None else None
+    return nan_rows(_nonfinite_rows(x.q), k_finite, x.key_padding_mask, shift, w)
 
 
 class _Padded(NamedTuple):
@@ -328,8 +436,9 @@ def _padded(x: VarlenInputs) -> _Padded:
 def _padded_nan_rows(x: VarlenInputs, p: _Padded) -> Tensor:
     """:func:`nan_rows` of vf.attention_varlen's inputs in the padded layout: [B, max_q, Hq]."""
     k_finite = _nonfinite_rows(x.k).logical_not_()[p.index_k] & p.valid_k[:, :, None]
-    shift = (p.lengths_k - p.lengths_q) if x.causal else None
-    return nan_rows(_nonfinite_rows(x.q)[p.index_q], k_finite, p.valid_k, shift)
+    w = x.window
+    shift = (p.lengths_k - p.lengths_q) if x.causal or w is not None else None
+    return nan_rows(_nonfinite_rows(x.q)[p.index_q], k_finite, p.valid_k, shift, w)
 
 
 def varlen_nan_rows(x: VarlenInputs) -> Tensor:
@@ -350,9 +459,17 @@ def _allowed(
     causal: bool,
     lengths_q: Tensor | None = None,
     lengths_k: Tensor | None = None,
+    window: Window | None = None,
 ) -> Tensor | None:
-    """The boolean [B or 1, 1, T or 1, S] mask of allowed (query, key) pairs, or None for all."""
+    """The boolean [B or 1, 1, T or 1, S] mask of allowed (query, key) pairs, or None for all.
+    ``window``: the effective window (causal folded in), which then replaces ``causal``."""
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    if window is not None:
+        shift = S - T if lengths_q is None else lengths_k - lengths_q
+        lo, hi = window_bounds(T, S, shift, window, device)  # [B or 1, T]
+        j = torch.arange(S, device=device)[None, None, None, :]
+        band = (j >= lo[:, None, :, None]) & (j < hi[:, None, :, None])
+        return band if mask is None else mask & band
     if causal:
         i = torch.arange(T, device=device)[:, None]
         j = torch.arange(S, device=device)[None, :]
@@ -411,9 +528,10 @@ def _sdpa(x: AttentionInputs, plan: None) -> Tensor:
     nan = dense_nan_rows(x)
     if key_padding_mask is not None:
         k, v = _zero_padded(k, v, key_padding_mask)
-    if x.causal and key_padding_mask is None and T == S:
+    w = x.window
+    if x.causal and w is None and key_padding_mask is None and T == S:
         return _sdpa_masked(q, k, v, None, x.scale, nan, is_causal=True)
-    mask = _allowed(B, T, S, q.device, key_padding_mask, x.causal)
+    mask = _allowed(B, T, S, q.device, key_padding_mask, x.causal, window=w)
     return _sdpa_masked(q, k, v, mask, x.scale, nan)
 
 
@@ -421,16 +539,17 @@ def _sdpa_varlen(x: VarlenInputs, plan: None) -> Tensor:
     q = x.q
     p = _padded(x)
     mask = p.valid_k[:, None, None, :]
-    if x.causal:
+    if x.causal or x.window is not None:
         mask = mask & _allowed(
             p.index_q.shape[0],
             x.max_seqlen_q,
             x.max_seqlen_k,
             q.device,
             None,
-            True,
+            x.causal,
             p.lengths_q,
             p.lengths_k,
+            window=x.window,
         )
     # The padding slots gather row 0 of the pack (a real row of another sequence, maybe NaN):
     # zeroed, key and query slots alike, so that nothing of it reaches this sequence and no
@@ -454,11 +573,21 @@ def _sdpa_supports(x: AttentionInputs | VarlenInputs) -> None | _backends.Refusa
 
 _MASKING = (
     "Tensor? seqlens_k, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
-    "SymInt max_seqlen_k, bool causal, float scale"
+    "SymInt max_seqlen_k, bool causal, int window_left, int window_right, float scale"
 )
 
 
-def _masking(seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+def _masking(
+    seqlens_k,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    window_left,
+    window_right,
+    scale,
+):
     """The custom ops' masking arguments as the launchers' keywords (max_seqlen: varlen only)."""
     varlen = cu_seqlens_q is not None
     return dict(
@@ -468,6 +597,7 @@ def _masking(seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         max_seqlen_q=max_seqlen_q if varlen else None,
         max_seqlen_k=max_seqlen_k if varlen else None,
         causal=causal,
+        window_size=(window_left, window_right),
         scale=scale,
     )
 
@@ -545,7 +675,9 @@ def _scale(q: Tensor, scale: float | None) -> float:
 
 def _triton(x: AttentionInputs, lengths: Tensor | None) -> Tensor:
     """``lengths``: the plan, int32 [B] key counts of the right-padded mask (None: no mask)."""
-    out, _ = _tri_fwd(x.q, x.k, x.v, lengths, None, None, 0, 0, x.causal, _scale(x.q, x.scale))
+    out, _ = _tri_fwd(
+        x.q, x.k, x.v, lengths, None, None, 0, 0, x.causal, *x.window_size, _scale(x.q, x.scale)
+    )
     return out
 
 
@@ -560,6 +692,7 @@ def _triton_varlen(x: VarlenInputs, plan: None) -> Tensor:
         x.max_seqlen_q,
         x.max_seqlen_k,
         x.causal,
+        *x.window_size,
         _scale(x.q, x.scale),
     )
     return out
@@ -600,7 +733,13 @@ def _triton_varlen_supports(x: VarlenInputs) -> None | _backends.Refusal:
 
 def _reference(x: AttentionInputs, plan: None) -> Tensor:
     return reference.attention(
-        x.q, x.k, x.v, key_padding_mask=x.key_padding_mask, causal=x.causal, scale=x.scale
+        x.q,
+        x.k,
+        x.v,
+        key_padding_mask=x.key_padding_mask,
+        causal=x.causal,
+        window_size=x.window_size,
+        scale=x.scale,
     )
 
 
@@ -614,6 +753,7 @@ def _reference_varlen(x: VarlenInputs, plan: None) -> Tensor:
         x.max_seqlen_q,
         x.max_seqlen_k,
         causal=x.causal,
+        window_size=x.window_size,
         scale=x.scale,
     )
 

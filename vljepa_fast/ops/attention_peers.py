@@ -7,9 +7,12 @@ queries attend within their own entry (flash-attn's varlen kernel; xformers' Blo
 That is exact for bidirectional attention, whatever the pattern of the mask. It is not for
 causal attention: both libraries align a causal mask to each sequence's own key count (bottom
 right), not to the padded key positions of vf.attention's contract, so causal + key padding is
-refused with that reason. GQA: flash-attn takes Hq % Hkv == 0 natively; xformers gets the
-[B, M, G, H, D] layout with K/V broadcast over the query heads of a group (a stride-0 view, no
-copy).
+refused with that reason; so is a window with key padding (the window would follow the packed
+positions). Sliding windows: flash-attn >= 2.3 takes window_size with vf.attention's exact rule
+(bounds i + S - T - left <= j <= i + S - T + right, bottom-right aligned per sequence, a row
+with no key gets zeros), dense without key padding and varlen; xformers refuses windows.
+GQA: flash-attn takes Hq % Hkv == 0 natively; xformers gets the [B, M, G, H, D] layout with
+K/V broadcast over the query heads of a group (a stride-0 view, no copy).
 
 Plans: with a key_padding_mask, ``supports`` takes the real keys of every batch entry from
 ``AttentionInputs.key_counts`` (read on the host once per call, shared with the Triton record
@@ -28,6 +31,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -59,6 +63,14 @@ MAX_HEAD_DIM = 256
 _CAUSAL_PADDING = (
     "causal with key_padding_mask: the library aligns its causal mask to each sequence's own key "
     "count, not to the padded key positions"
+)
+_WINDOW_PADDING = (
+    "window_size with key_padding_mask: unpadding packs the real keys, so the window would "
+    "follow packed positions, not the padded key positions of vf.attention's contract"
+)
+_XFORMERS_WINDOW = (
+    "window_size: xformers' local-attention biases are not checked exact against vf.attention's "
+    "rule (bottom-right aligned (left, right) bounds, GQA, varlen) here; not served"
 )
 
 
@@ -97,6 +109,36 @@ def _import_reasons(module: str) -> list[str]:
     return list(_probe(module))
 
 
+@functools.cache
+def _flash_window_reasons() -> tuple[str, ...]:
+    """Why the installed flash_attn cannot take window_size (it came with flash-attn 2.3)."""
+    import flash_attn
+
+    for fn in (flash_attn.flash_attn_func, flash_attn.flash_attn_varlen_func):
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # a compiled wrapper without a signature
+            params = {}
+        if "window_size" not in params:
+            version = getattr(flash_attn, "__version__", "?")
+            return (f"window_size: flash_attn {version} has no window_size (flash-attn >= 2.3)",)
+    return ()
+
+
+def _window_reasons(peer: _Peer, x: AttentionInputs | VarlenInputs) -> list[str]:
+    """Why ``peer`` cannot serve the window of these inputs exactly (empty: no window, or it
+    can). flash-attn's window_size is vf.attention's rule (same bounds, bottom-right aligned
+    per sequence, a row with no key gets zeros); xformers is refused."""
+    if x.window is None:
+        return []
+    if peer is _XFORMERS:
+        return [_XFORMERS_WINDOW]
+    why = [] if _import_reasons(peer.module) else list(_flash_window_reasons())
+    if isinstance(x, AttentionInputs) and x.key_padding_mask is not None:
+        why.append(_WINDOW_PADDING)
+    return why
+
+
 def _common_reasons(peer: _Peer, q: Tensor) -> list[str]:
     why = _common.dtype_in("q", q, peer.dtypes)
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -111,7 +153,7 @@ def _common_reasons(peer: _Peer, q: Tensor) -> list[str]:
 def _dense_supports(peer: _Peer, x: AttentionInputs) -> KeyCounts | None | _backends.Refusal:
     """Reasons ``peer`` cannot serve these vf.attention inputs, or its plan (:class:`KeyCounts`
     with a key_padding_mask, else None)."""
-    why = _common_reasons(peer, x.q)
+    why = _common_reasons(peer, x.q) + _window_reasons(peer, x)
     plan = None
     if x.key_padding_mask is not None:
         if x.causal:
@@ -132,7 +174,7 @@ def _dense_supports(peer: _Peer, x: AttentionInputs) -> KeyCounts | None | _back
 
 def _varlen_supports(peer: _Peer, x: VarlenInputs) -> None | _backends.Refusal:
     """Reasons ``peer`` cannot serve these vf.attention_varlen inputs (None: it can)."""
-    why = _common_reasons(peer, x.q)
+    why = _common_reasons(peer, x.q) + _window_reasons(peer, x)
     if any(a > 0 and b == 0 for a, b in zip(x.lengths_q, x.lengths_k)):
         why.append("a sequence has queries but no key; its output is not defined there")
     elif not peer.empty_queries and any(a == 0 for a in x.lengths_q):
@@ -159,6 +201,12 @@ def _unpad_keys(x: AttentionInputs) -> tuple[Tensor, Tensor]:
 # ------------------------------------------------------------------------------- flash-attn
 
 
+def _flash_window(x: AttentionInputs | VarlenInputs) -> dict:
+    """flash-attn's window_size keyword: the effective window (causal folded in), none without
+    one (so that flash-attn < 2.3 keeps serving everything else)."""
+    return {} if x.window is None else {"window_size": tuple(x.window)}
+
+
 def _flash(x: AttentionInputs, plan: KeyCounts | None) -> Tensor:
     import flash_attn
 
@@ -167,7 +215,13 @@ def _flash(x: AttentionInputs, plan: KeyCounts | None) -> Tensor:
     nan = dense_nan_rows(x)[..., None]
     if plan is None:
         out = flash_attn.flash_attn_func(
-            q, x.k, x.v, softmax_scale=x.scale, causal=x.causal, deterministic=deterministic
+            q,
+            x.k,
+            x.v,
+            softmax_scale=x.scale,
+            causal=x.causal,
+            deterministic=deterministic,
+            **_flash_window(x),
         )
         return out.masked_fill(nan, float("nan"))
     B, T, Hq, D = q.shape
@@ -203,6 +257,7 @@ def _flash_varlen(x: VarlenInputs, plan: None) -> Tensor:
         softmax_scale=x.scale,
         causal=x.causal,
         deterministic=torch.are_deterministic_algorithms_enabled(),
+        **_flash_window(x),
     )
     return out.masked_fill(varlen_nan_rows(x)[..., None], float("nan"))
 
