@@ -706,3 +706,164 @@ def test_cli_tokenizer_folders_serve_a_real_vocabulary(tmp_path):
                       caption_video=[0, 1, 2])  # fmt: skip
     want = E.evaluate_model(model, data, retrieval_ks=(1,), batch_size=1)
     assert report["metrics"]["text_to_video"] == json.loads(json.dumps(want["text_to_video"]))
+
+
+# ------------------------------------------------------------------ review 13 regressions
+
+
+def _tiny_videos(root: Path, n: int = 3) -> Path:
+    vids = root / "videos"
+    vids.mkdir()
+    rng = np.random.default_rng(40)
+    for i in range(n):
+        np.save(vids / f"v{i}.npy", rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    return vids
+
+
+def test_config_json_lists_become_tuples_by_field_type(tmp_path):
+    """JSON has no tuples: a list given to a tuple-typed field (read from the dataclass type
+    hints) becomes a tuple; a dict (rope_scaling) stays a dict; the CLI runs on it."""
+    tiny = M.VLJEPAConfig.tiny()
+    layers = tiny.y_encoder.layers
+    kinds = [("full_attention" if i % 2 else "sliding_attention") for i in range(layers)]
+    scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 2.0, "original_max_position_embeddings": 64}  # fmt: skip
+    dense = [2 * tiny.embed_dim, tiny.embed_dim]
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps({
+        "base": "tiny",
+        "y_encoder": {"dense": dense, "layer_types": kinds},
+        "predictor": {"rope_scaling": scaling},
+    }))  # fmt: skip
+    cfg = E.io.load_config(str(cfg_path))
+    assert cfg.y_encoder.dense == tuple(dense) and type(cfg.y_encoder.dense) is tuple
+    assert cfg.y_encoder.layer_types == tuple(kinds) and type(cfg.y_encoder.layer_types) is tuple
+    assert cfg.predictor.rope_scaling == scaling and type(cfg.predictor.rope_scaling) is dict
+    # the generic rule on a dataclass of its own: nested tuples, optional tuples, dicts
+    from dataclasses import dataclass, field
+
+    @dataclass(frozen=True)
+    class Demo:
+        pairs: tuple[tuple[int, int], ...] = ()
+        maybe: tuple[str, ...] | None = None
+        fixed: tuple[int, str] = (0, "")
+        extra: dict = field(default_factory=dict)
+        plain: list = field(default_factory=list)
+
+    got = E.io._sub(Demo, Demo(), {"pairs": [[1, 2], [3, 4]], "maybe": ["a"], "fixed": [5, "b"],
+                                   "extra": {"k": [1]}, "plain": [1, 2]}, "demo")  # fmt: skip
+    assert got == Demo(((1, 2), (3, 4)), ("a",), (5, "b"), {"k": [1]}, [1, 2])
+    assert type(got.pairs[0]) is tuple and type(got.extra["k"]) is list
+    assert type(got.plain) is list
+    assert E.io._sub(Demo, Demo(), {"maybe": None}, "demo").maybe is None
+    # a wrong length still reaches the config's own check, naming the field
+    cfg_path.write_text(json.dumps({"base": "tiny", "y_encoder": {"layer_types": kinds[:1]}}))
+    with pytest.raises(ValueError, match="cfg.json: field 'y_encoder': YEncoderConfig.layer_types"):
+        E.io.load_config(str(cfg_path))
+    # and the CLI evaluates with such a config
+    cfg_path.write_text(json.dumps({"base": "tiny", "y_encoder": {"dense": dense}}))
+    vids = _tiny_videos(tmp_path)
+    (tmp_path / "ann.jsonl").write_text(
+        "".join(f'{{"video": "v{i}", "caption": "c{i}"}}\n' for i in range(3))
+    )
+    report = cli.main(["--config", str(cfg_path), "--random-init", "--videos", str(vids),
+                       "--annotations", str(tmp_path / "ann.jsonl"), "--ks", "1",
+                       "--json", str(tmp_path / "o.json"),
+                       "--markdown", str(tmp_path / "o.md")])  # fmt: skip
+    assert report["metrics"]["text_to_video"]["queries"] == 3
+
+
+def test_cli_without_an_evaluable_task_is_an_error(tmp_path):
+    """Annotations with videos only: an error naming the file and what was expected, no empty
+    report; evaluate_model refuses such data too."""
+    vids = _tiny_videos(tmp_path, 2)
+    out = tmp_path / "o.json"
+    for name, text in (
+        ("only.jsonl", '{"video": "v0"}\n{"video": "v1"}\n'),
+        ("only.json", '{"records": [{"video": "v0"}], "classes": ["a"], "query": "q?"}'),
+    ):
+        (tmp_path / name).write_text(text)
+        argv = ["--config", "tiny", "--random-init", "--videos", str(vids),
+                "--annotations", str(tmp_path / name), "--json", str(out),
+                "--markdown", str(tmp_path / "o.md")]  # fmt: skip
+        msg = _cli_error(argv)
+        assert f"{tmp_path / name}: nothing to evaluate" in msg
+        for word in ("'caption'", "'captions'", "'label'", "'question'", "'streams'"):
+            assert word in msg
+        assert not out.exists()
+    # the exit status of the module is non-zero
+    proc = subprocess.run(
+        [sys.executable, "-m", "vljepa_fast.eval", *argv],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "nothing to evaluate" in proc.stderr
+    data = E.EvalData(videos=[torch.zeros(3, 4, 32, 32)])
+    with pytest.raises(ValueError, match="data: nothing to evaluate"):
+        E.evaluate_model(tiny_model(), data)
+
+
+def test_cli_features_of_the_wrong_width_name_the_file(tmp_path, monkeypatch):
+    """Features whose width is not the config's x_encoder.dim: the feature file (and entry) and
+    the expected width are named, before the model runs."""
+    from safetensors.torch import save_file
+
+    x_dim = M.VLJEPAConfig.tiny().x_encoder.dim
+    rng = np.random.default_rng(41)
+    feats = {f"v{i}": torch.from_numpy(rng.standard_normal((8, x_dim + 16), dtype=np.float32))
+             for i in range(3)}  # fmt: skip
+    one = tmp_path / "feats.safetensors"
+    save_file(feats, str(one))
+    fdir = tmp_path / "feats"
+    fdir.mkdir()
+    for n, f in feats.items():
+        np.save(fdir / f"{n}.npy", f.numpy())
+    (tmp_path / "ann.jsonl").write_text(
+        "".join(f'{{"video": "v{i}", "caption": "c{i}"}}\n' for i in range(3))
+    )
+
+    def boom(*a, **k):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(M.VLJEPA, "predict", boom)
+    for src, where in ((one, f"{one}: features 'v0'"), (fdir, str(fdir / "v0.npy"))):
+        msg = _cli_error(["--config", "tiny", "--random-init", "--features", str(src),
+                          "--annotations", str(tmp_path / "ann.jsonl"),
+                          "--json", str(tmp_path / "o.json"),
+                          "--markdown", str(tmp_path / "o.md")])  # fmt: skip
+        assert where in msg, msg
+        assert f"x_encoder.dim = {x_dim}" in msg and f"(8, {x_dim + 16})" in msg
+        assert "visual:" not in msg
+    # load_features alone: the width is checked only when asked
+    got, _ = E.io.load_features(one)
+    assert got["v1"].shape == (8, x_dim + 16)
+    with pytest.raises(ValueError, match=f"x_encoder.dim = {x_dim}"):
+        E.io.load_features(one, x_dim=x_dim)
+
+
+def test_vqa_tie_rule_is_documented_and_differs_from_answer():
+    """VQA accuracy follows --ties on exact ties (pessimistic by default); VLJEPA.answer() takes
+    the lowest index: the help and the docstrings say so, and the difference is real."""
+    help_text = cli.build_parser().format_help()
+    flat = " ".join(help_text.split())
+    assert "VLJEPA.answer()" in flat and "lowest index" in flat
+    assert "wrong under pessimistic (default)" in flat
+    doc = " ".join(E.vqa_accuracy.__doc__.split())
+    assert "VLJEPA.answer" in doc and "lowest candidate index" in doc
+    assert "lowest index" in " ".join(E.evaluate_model.__doc__.split())
+    # a bank of identical candidate texts holds identical rows: an exact tie for first
+    model = tiny_model(4)
+    video = torch.from_numpy(np.random.default_rng(42).random((1, 3, 4, 32, 32), np.float32))
+    bank = model.encode_labels(["the same words", "the same words"])
+    assert torch.equal(bank.embeddings[0], bank.embeddings[1])
+    _, idx = model.answer(video, "which?", bank)
+    assert int(idx[0]) == 0  # answer(): the lowest index among the tied
+    with torch.no_grad():
+        p = F.normalize(model.predict(video, "which?").double(), dim=-1)[0]
+    s = bank.embeddings.double() @ p.to(bank.embeddings.device)
+    assert s[0] == s[1]
+    # true answer 0: answer() picks it, the default (pessimistic) accuracy counts it wrong
+    assert E.vqa_accuracy([s], [0])["accuracy"] == 0.0
+    assert E.vqa_accuracy([s], [0], ties="optimistic")["accuracy"] == 1.0
+    # true answer 1: answer() misses it, the optimistic accuracy counts it right
+    assert E.vqa_accuracy([s], [1], ties="optimistic")["accuracy"] == 1.0
+    assert E.vqa_accuracy([s], [1])["accuracy"] == 0.0

@@ -232,6 +232,34 @@ def test_transformers_encoder_as_y_encoder():
         y(torch.ones(1, 65, dtype=torch.long))
 
 
+def test_hf_text_encoder_refuses_a_missing_folder_and_max_len_beyond_positions(
+    tmp_path, monkeypatch
+):
+    transformers = pytest.importorskip("transformers")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("from_pretrained must not be called for a missing folder")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_hub)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_hub)
+    with pytest.raises(ValueError, match="path: the local model folder '/nope/x' does not exist"):
+        M.HFTextEncoder.from_pretrained("/nope/x", 32)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        M.HFTextEncoder.from_pretrained(tmp_path / "config.json", 32)
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64,
+    )  # fmt: skip
+    bert = transformers.BertModel(cfg)
+    with pytest.raises(ValueError, match=r"max_len: 100000, more than max_position_emb"):
+        M.HFTextEncoder(bert, 32, max_len=100000)
+    with pytest.raises(ValueError, match=r"max_len: 65, more than max_position_embeddings \(64\)"):
+        M.HFTextEncoder(bert, 32, max_len=65)
+    assert M.HFTextEncoder(bert, 32, max_len=64).max_len == 64
+    assert M.HFTextEncoder(bert, 32).max_len == 64
+
+
 def test_y_decoder_learns_texts_and_kv_cache_matches_recompute():
     torch.manual_seed(9)
     cfg = M.VLJEPAConfig.tiny()

@@ -205,11 +205,12 @@ def _vjepa2_original(vjepa2, path: Path) -> None:
     torch.save(ckpt, path)
 
 
-def _st_folder(gemma, root: Path) -> tuple[torch.Tensor, ...]:
-    """EmbeddingGemma's layout: the transformer at the root, 1_Pooling (mean), 2_Dense
-    (bias-free, identity activation), 3_Normalize. Returns the Dense weight."""
-    gemma.save_pretrained(root)
-    (root / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 40}))
+def _st_folder(gemma, root: Path, sub: str = "") -> tuple[torch.Tensor, ...]:
+    """EmbeddingGemma's layout: the transformer at the root (or in the folder ``sub``, as
+    older sentence-transformers saves: 0_Transformer), 1_Pooling (mean), 2_Dense (bias-free,
+    identity activation), 3_Normalize. Returns the Dense weight."""
+    gemma.save_pretrained(root / sub)
+    (root / sub / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 40}))
     (root / "1_Pooling").mkdir()
     (root / "1_Pooling" / "config.json").write_text(
         json.dumps({"word_embedding_dimension": 48, "pooling_mode_mean_tokens": True})
@@ -221,7 +222,7 @@ def _st_folder(gemma, root: Path) -> tuple[torch.Tensor, ...]:
     w = torch.randn(40, 48, generator=torch.Generator().manual_seed(6)) / 7.0
     safetensors_torch.save_file({"linear.weight": w}, str(root / "2_Dense" / "model.safetensors"))
     modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 0, "name": "0", "path": sub, "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling",
          "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
@@ -793,7 +794,9 @@ def test_a_tokenizer_in_the_checkpoint_folder_is_used(tmp_path, models):
         _config(models), predictor=llama, query_tokenizer=mine, backend="reference"
     )
     assert model.query_tokenizer is mine
-    assert not any("tokenizer" in n for n in report.predictor.notes)
+    assert not any(n.startswith(("query_tokenizer", "decoder_tokenizer")) for n in (
+        report.predictor.notes
+    ))  # fmt: skip
 
 
 def test_a_folder_tokenizer_that_does_not_fit_is_named(tmp_path, models):
@@ -853,3 +856,148 @@ def test_the_decoder_takes_the_predictor_folders_tokenizer_when_it_shares_the_vo
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     model, report = M.load_pretrained(cfg, predictor=llama, backend="reference")  # 260 ids
     assert not any(n.startswith("decoder_tokenizer") for n in report.predictor.notes)
+
+
+# ------------------------------------------- review 13: config files next to files, tokenizers
+
+
+def test_the_config_file_next_to_a_checkpoint_file_is_checked(tmp_path, models):
+    """A checkpoint FILE has its folder's config.json (params.json) checked, as a folder has;
+    the notes say which config file was checked, or that none was found."""
+    folder = _write("llama-folder", models, tmp_path)
+    file = folder / "model.safetensors"
+    bad = _config(models, heads=8, kv_heads=4, head_dim=8)
+    with pytest.raises(ValueError) as err:
+        M.load_pretrained(bad, predictor=file, backend="reference")
+    msg = str(err.value)
+    assert msg.startswith(f"predictor ({file}): {folder / 'config.json'} disagrees"), msg
+    assert "heads = 8 but the file's num_attention_heads = 4" in msg
+    _, report = M.load_pretrained(bad, predictor=file, backend="reference", strict=False)
+    assert sum(n.startswith(f"{folder / 'config.json'} disagrees") for n in (
+        report.predictor.notes
+    )) == 3  # fmt: skip
+    model, report = M.load_pretrained(_config(models), predictor=file, backend="reference")
+    assert f"{folder / 'config.json'} checked: agrees with the config" in report.predictor.notes
+    _check_predictor(model.eval(), models["llama"])
+    meta = _write("llama-meta", models, tmp_path) / "consolidated.00.pth"  # Meta's params.json
+    with pytest.raises(ValueError, match="heads = 8 but the file's n_heads = 4") as err:
+        M.load_pretrained(bad, predictor=meta, backend="reference")
+    assert str(meta.parent / "params.json") in str(err.value)
+    vjepa = _write("vjepa2-folder", models, tmp_path) / "model.safetensors"
+    cfg = _config(models)
+    x_bad = cfg.replace(x_encoder=dataclasses.replace(cfg.x_encoder, norm_eps=1e-5))
+    with pytest.raises(ValueError, match="norm_eps = 1e-05 but the file's layer_norm_eps") as err:
+        M.load_pretrained(x_bad, x_encoder=vjepa, backend="reference")
+    assert str(vjepa.parent / "config.json") in str(err.value)
+    _, report = M.load_pretrained(cfg, x_encoder=vjepa, backend="reference")
+    assert report.x_encoder.notes == (f"{vjepa.parent / 'config.json'} checked: agrees with the "
+                                      "config",)  # fmt: skip
+    alone = _write("llama-pt", models, tmp_path)  # nothing next to it
+    _, report = M.load_pretrained(bad, predictor=alone, backend="reference")
+    assert f"no config file checked: no config.json or params.json in {tmp_path}" in (
+        report.predictor.notes
+    )
+
+
+def test_the_config_json_next_to_a_bare_gemma_file_is_checked(tmp_path, models):
+    models["gemma"].save_pretrained(tmp_path / "g")
+    file = tmp_path / "g" / "model.safetensors"
+    cfg = _config(models)
+    model, report = M.load_pretrained(cfg, y_encoder=file, backend="reference")
+    assert f"{tmp_path / 'g' / 'config.json'} checked: agrees with the config" in (
+        report.y_encoder.notes
+    )
+    other = cfg.replace(y_encoder=dataclasses.replace(cfg.y_encoder, norm_eps=1e-5, rope_theta=1e4))
+    with pytest.raises(ValueError) as err:
+        M.load_pretrained(other, y_encoder=file, backend="reference")
+    msg = str(err.value)
+    assert msg.startswith(f"y_encoder ({file}): {tmp_path / 'g' / 'config.json'} disagrees"), msg
+    assert "norm_eps = 1e-05 but the file's is 1e-06" in msg
+    assert "rope_theta = 10000.0 but the file's is 1000000.0" in msg
+    model, report = M.load_pretrained(other, y_encoder=file, backend="reference", strict=False)
+    assert model.config.y_encoder == other.y_encoder  # the config's, as asked
+    assert sum("disagrees with the config" in n for n in report.y_encoder.notes) == 2
+    causal = {**json.loads((tmp_path / "g" / "config.json").read_text()),
+              "use_bidirectional_attention": False}  # fmt: skip
+    (tmp_path / "g" / "config.json").write_text(json.dumps(causal))
+    with pytest.raises(ValueError, match="disagrees .* use_bidirectional_attention is not true"):
+        M.load_pretrained(cfg, y_encoder=file, backend="reference")
+    (tmp_path / "g" / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"y_encoder \\({file}\\): .*expected a JSON object"):
+        M.load_pretrained(cfg, y_encoder=file, backend="reference")
+
+
+def test_meta_params_json_without_use_scaled_rope_means_no_scaling(tmp_path, models):
+    """Meta's ModelArgs reads an absent use_scaled_rope as False: against a config with llama3
+    RoPE scaling that is a disagreement, as a transformers config.json without scaling is."""
+    from vljepa_fast.models import pretrained as P
+
+    paper = M.VLJEPAConfig.paper().predictor
+    plain = {k: v for k, v in LLAMA_32_1B_META.items() if k != "use_scaled_rope"}
+    assert P._check_llama_config(Path("params.json"), plain, paper) == [
+        f"rope_scaling = {paper.rope_scaling!r} but the file's use_scaled_rope = False "
+        "(absent: Meta's default)"
+    ]
+    folder = _write("llama-meta", models, tmp_path)
+    params = json.loads((folder / "params.json").read_text())
+    del params["use_scaled_rope"]
+    (folder / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ValueError, match="rope_scaling = .* use_scaled_rope = False \\(absent"):
+        M.load_pretrained(_config(models), predictor=folder, backend="reference")
+    _, report = M.load_pretrained(
+        _config(models), predictor=folder, backend="reference", strict=False
+    )
+    assert any("disagrees with the config: rope_scaling" in n for n in report.predictor.notes)
+    _, report = M.load_pretrained(
+        _config(models, rope_scaling=None), predictor=folder, backend="reference"
+    )
+    assert f"{folder / 'params.json'} checked: agrees with the config" in report.predictor.notes
+
+
+def _shared_vocab(cfg: M.VLJEPAConfig) -> M.VLJEPAConfig:
+    """A Y-decoder with the predictor's vocabulary: it takes the predictor folder's tokenizer."""
+    return cfg.replace(
+        y_decoder=M.YDecoderConfig(
+            dim=32, layers=1, heads=2, mlp_dim=64, prefix_tokens=2, vocab_size=300, bos_id=0,
+            eos_id=1, max_len=16,
+        )  # fmt: skip
+    )
+
+
+def test_the_tokenizer_error_blames_only_a_tokenizer_that_was_found(tmp_path, models):
+    llama = _write("llama-folder", models, tmp_path)
+    _word_tokenizer().save_pretrained(llama)
+    cfg = _shared_vocab(_config(models))
+    with pytest.raises(ValueError) as err:  # the user's own query_tokenizer fails
+        M.load_pretrained(cfg, predictor=llama, query_tokenizer=M.ByteTokenizer(8))
+    msg = str(err.value)
+    assert msg.startswith("query_tokenizer: a ByteTokenizer"), msg
+    assert "found in" not in msg and "decoder_tokenizer" not in msg, msg
+    _word_tokenizer(400).save_pretrained(llama)  # both found, the query one fails
+    with pytest.raises(ValueError) as err:
+        M.load_pretrained(cfg, predictor=llama, backend="reference")
+    msg = str(err.value)
+    assert msg.startswith("query_tokenizer: its ids reach 401"), msg
+    assert msg.endswith(
+        f"(query_tokenizer is the tokenizer found in {llama}: pass query_tokenizer= to choose)"
+    ), msg
+
+
+def test_a_tokenizer_in_the_transformer_module_folder_is_found(tmp_path, models):
+    """sentence-transformers keeps the Transformer module (weights, config, tokenizer) in a
+    subfolder when modules.json says so (``"path": "0_Transformer"``)."""
+    root = tmp_path / "st"
+    dense = _st_folder(models["gemma"], root, sub="0_Transformer")
+    _word_tokenizer(40).save_pretrained(root / "0_Transformer")
+    model, report = M.load_pretrained(_config(models), y_encoder=root, backend="reference")
+    sub = root / "0_Transformer"
+    assert f"text_tokenizer: the tokenizer in {sub} (pass text_tokenizer= for another)" in (
+        report.y_encoder.notes
+    )
+    assert f"{sub / 'config.json'} checked: agrees with the config" in report.y_encoder.notes
+    model.eval()
+    _check_y_encoder_folder(model, models["gemma"], dense)
+    texts = ["w1 w2 w39", "w4"]
+    ids, mask = _ids(_word_tokenizer(40), texts)
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(texts), model.y_encoder(ids, mask))

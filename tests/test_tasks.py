@@ -252,7 +252,7 @@ def test_cache_size_is_bounded():
     [
         (lambda m, v: m.classify(v, "q", []), "label_texts: expected at least one label"),
         (lambda m, v: m.classify(v, "q", "red"), "label_texts: expected a list of strings"),
-        (lambda m, v: m.classify(v, "q", ["a", 1]), "label_texts: expected a list of strings"),
+        (lambda m, v: m.classify(v, "q", ["a", 1]), r"label_texts\[1\]: expected a string"),
         (lambda m, v: m.classify(v, "q", ["a"], k=2), r"k: expected an int in \[1, 1\]"),
         (lambda m, v: m.answer(v, "q", []), "candidates: expected at least one"),
         (lambda m, v: m.answer(v, "q", [["a"], ["b"]]), "candidates: expected one shared list"),
@@ -470,3 +470,173 @@ def test_caption_stream_needs_a_decoder_and_its_tokenizer():
     real = M.VLJEPA(M.VLJEPAConfig.tiny(vocab_size=300, pad_id=3, bos_id=1, eos_id=2))
     with pytest.raises(ValueError, match="decoder_tokenizer: the Y-decoder's vocabulary"):
         real.caption_stream(frames, 2, 2, n_segments=1, query=(torch.ones(1, 3).long(), None))
+
+
+# ------------------------------------------------------------------------------ NaN rule
+
+
+class _Calls:
+    """Counts predictor forward calls."""
+
+    def __init__(self, module):
+        self.n = 0
+        module.register_forward_hook(self)
+
+    def __call__(self, module, args, out):
+        self.n += 1
+
+
+def _nan_video(B=3, row=1, seed=0):
+    v = _video(B=B, seed=seed)
+    v[row, 0, 0, 0, 0] = math.nan
+    return v
+
+
+def test_nan_inputs_are_refused_by_every_task_naming_the_argument_and_rows():
+    model = _model(20)
+    rows = r"the predicted embeddings of rows \[1\] are not finite"
+    video = _nan_video()
+    with pytest.raises(ValueError, match="video: " + rows):
+        model.classify(video, QUESTION, LABELS, k=2)
+    with pytest.raises(ValueError, match="video: " + rows):
+        model.answer(video, QUESTION, LABELS)
+    with pytest.raises(ValueError, match="video: " + rows):
+        model.answer(video, QUESTION, [["red"], ["blue", "green"], ["red", "blue"]])
+    with pytest.raises(ValueError, match="videos: " + rows):
+        model.retrieve("red", video, QUESTION, k=1)
+    inf = _video(B=4)
+    inf[3, 1] = math.inf
+    with pytest.raises(ValueError, match=r"video: the predicted embeddings of rows \[3\]"):
+        model.classify(inf, QUESTION, LABELS)
+    with pytest.raises(ValueError, match=r"embeddings: rows \[0\] are not finite"):
+        model.decode(torch.full((1, 32), math.nan))
+    # finite inputs are untouched by the check
+    s, i = model.classify(_video(), QUESTION, LABELS, k=2)
+    assert torch.isfinite(s).all() and i.shape == (3, 2)
+
+
+def test_index_videos_refuses_a_nan_video_per_batch_before_embedding_the_rest():
+    model = _model(21)
+    gallery = _video(B=5, seed=4)
+    gallery[2, 1, 0] = math.nan
+    calls = _Calls(model.predictor)
+    index = EmbeddingIndex(32, "cosine")
+    with pytest.raises(ValueError, match=r"videos: the predicted embeddings of videos \[2\]"):
+        model.index_videos(gallery, "caption", index=index, batch_size=1)
+    assert calls.n == 3 and len(index) == 2  # stopped at the bad batch
+    # positions count over the batches of an iterable too
+    with pytest.raises(ValueError, match=r"videos: the predicted embeddings of videos \[2\]"):
+        model.index_videos(iter([gallery[:2], gallery[2:]]), "caption")
+
+
+def test_caption_stream_refuses_nan_frames_per_batch_before_embedding_the_rest():
+    model = _model(22)
+    frames = _stream(T=24)
+    frames[:, 5] = math.nan  # in the window starting at frame 4 (window 2, stride 2): window 2
+    calls = _Calls(model.predictor)
+    match = r"frames: the predicted embeddings of windows \[2\] \(first frames \[4\]\)"
+    with pytest.raises(ValueError, match=match):
+        model.caption_stream(frames, 2, 2, n_segments=2, batch_size=1, max_new_tokens=2)
+    assert calls.n == 3  # windows 0, 1, 2: never the other nine
+    with pytest.raises(ValueError, match=match):
+        model.caption_stream(frames, 2, 2, threshold=0.1, batch_size=4, max_new_tokens=2)
+
+
+def test_non_finite_label_and_candidate_embeddings_are_refused_by_name():
+    model = _model(23)
+    with torch.no_grad():  # every text holding a "z" embeds to NaN
+        model.y_encoder.embed_tokens.weight[ord("z")] = math.nan
+    video = _video()
+    labels = ["red", "zebra", "blue"]
+    with pytest.raises(ValueError, match=r"label_texts: the Y-encoder embeddings of texts \[1\] "):
+        model.classify(video, QUESTION, labels)
+    ids, mask = M.ByteTokenizer()(labels)
+    with pytest.raises(ValueError, match=r"label_texts: the Y-encoder embeddings of texts \[1\]"):
+        model.classify(video, QUESTION, (ids, mask))
+    with pytest.raises(ValueError, match=r"candidates: the Y-encoder embeddings of texts \[1\]"):
+        model.answer(video, QUESTION, labels)
+    with pytest.raises(ValueError, match=r"candidates: .*candidates\[1\]\[0\] \('zebra'\)"):
+        model.answer(video, QUESTION, [["red"], ["zebra", "blue"], ["blue"]])
+    with pytest.raises(ValueError, match=r"texts: the Y-encoder embeddings of texts \[0\]"):
+        model.encode_labels(["zoo", "red"])
+    with pytest.raises(ValueError, match=r"text: the Y-encoder embeddings of texts \[0\]"):
+        model.retrieve("zoo", video, QUESTION)
+    index = model.index_videos(video, QUESTION)
+    with pytest.raises(ValueError, match=r"text: the Y-encoder embeddings of texts \[1\]"):
+        model.retrieve(["red", "zoo"], index)
+    s, _ = model.classify(video, QUESTION, ["red", "blue"])  # the others still work
+    assert torch.isfinite(s).all()
+
+
+# ------------------------------------------------------------------------------ messages
+
+
+def test_task_errors_name_the_users_arguments_not_internal_ones():
+    model = _model(24)
+    video = _video(B=2)
+    with pytest.raises(ValueError, match=r"embeddings: expected at least one row"):
+        model.decode(torch.randn(0, 32))
+    with pytest.raises(ValueError, match=r"texts: 1 captions for 2 embeddings"):
+        model.decoder_loss(torch.randn(2, 32), ["a"])
+    with pytest.raises(ValueError, match=r"texts\[1\]: expected a string, got int"):
+        model.decoder_loss(torch.randn(2, 32), ["a", 1])
+    with pytest.raises(ValueError, match=r"query: 3 queries for 2 videos \(video batch 2\)"):
+        model.predict(video, ["q1", "q2", "q3"])
+    feats = model.encode_video(video)
+    with pytest.raises(ValueError, match=r"query: 3 queries for 2 videos \(x_features batch 2"):
+        model.predict(None, ["q1", "q2", "q3"], x_features=feats)
+    with pytest.raises(ValueError, match=r"query: 3 queries for 2 videos"):
+        model(video, ["q1", "q2", "q3"], ["a", "b"])
+    with pytest.raises(ValueError, match=r"query\[1\]: expected a string, got int"):
+        model.predict(video, ["q1", 2])
+    bad_ids = (torch.full((2, 3), 999), None)
+    with pytest.raises(ValueError, match=r"query: token ids must lie in \[0, 260\)"):
+        model.predict(video, bad_ids)
+    with pytest.raises(ValueError, match=r"text: token ids must lie in \[0, 260\)"):
+        model.encode_text(bad_ids)
+    with pytest.raises(ValueError, match=r"target: token ids must lie in \[0, 260\)"):
+        model(video, "q", bad_ids)
+    with pytest.raises(ValueError, match=r"label_texts: token ids must lie in \[0, 260\)"):
+        model.classify(video, "q", bad_ids)
+    with pytest.raises(ValueError, match=r"candidates\[1\]\[0\]: expected a string, got int"):
+        model.answer(video, "q", [["a"], [3]])
+    with pytest.raises(ValueError, match=r"texts\[1\]: expected a string, got NoneType"):
+        model.encode_labels(["a", None])
+    with pytest.raises(ValueError, match=r"videos: expected 3 channels"):
+        model.retrieve("red", torch.randn(2, 4, 2, 32, 32), "q")
+    with pytest.raises(ValueError, match=r"videos: frame size 30x30"):
+        model.index_videos(torch.randn(2, 3, 2, 30, 30), "q")
+    with pytest.raises(ValueError, match=r"videos \(batch 1\): expected 3 channels"):
+        model.index_videos([video, torch.randn(1, 4, 2, 32, 32)], "q")
+    with pytest.raises(ValueError, match=r"frames: frame size 30x30"):
+        model.caption_stream(torch.randn(3, 8, 30, 30), 2, 2, n_segments=1)
+    long = torch.randn(3, 20, 32, 32)
+    with pytest.raises(ValueError, match=r"window: 18 frames, more than the X-encoder's max_f"):
+        model.caption_stream(long, 18, 2, n_segments=1)
+    wrong = M.VLJEPA(
+        model.config, text_tokenizer=lambda t: (torch.full((len(t), 2), 999), None)
+    ).eval()
+    with pytest.raises(ValueError, match=r"text_tokenizer output: token ids must lie in"):
+        wrong.encode_text(["a"])
+
+
+# ------------------------------------------------------------------------------ reprs
+
+
+def test_label_bank_stream_captions_and_index_reprs_are_short():
+    model = _model(25)
+    texts = [f"label number {i} " * 2 for i in range(300)]
+    bank = model.encode_labels(texts)
+    r = repr(bank)
+    assert len(r) < 300 and "300 texts" in r and "[300, 32]" in r and "float32" in r
+    assert "tensor(" not in r
+    out = model.caption_stream(_stream(T=24), 2, 2, n_segments=3, max_new_tokens=40)
+    r = repr(out)
+    assert len(r) < 400 and "windows=12" in r and "segments=3" in r and "[12, 32]" in r
+    assert "tensor(" not in r
+    index = model.index_videos(_video(B=3), "q")
+    assert index.ntotal == len(index) == 3 and "ntotal=3" in repr(index)
+    model.index_videos(_video(B=2), "q", index=index)
+    assert index.ntotal == 5
+    with pytest.raises(AttributeError):
+        index.ntotal = 7

@@ -104,8 +104,12 @@ def test_tokenizers_refuse_empty_or_non_text_input():
     for tok in (M.ByteTokenizer(), M.HFTokenizer(gemma_like(), 16)):
         with pytest.raises(ValueError, match="texts: expected at least one text"):
             tok([])
-        with pytest.raises(ValueError, match="texts: expected a string or a list of strings"):
+        with pytest.raises(ValueError, match=r"texts\[0\]: expected a string, got int"):
             tok([1, 2])
+        with pytest.raises(ValueError, match=r"texts\[1\]: expected a string, got list"):
+            tok(["a", ["b"]])
+        with pytest.raises(ValueError, match="texts: expected a string or a list of strings"):
+            tok(5)
 
 
 # ----------------------------------------------------------------------------- HFTokenizer
@@ -143,6 +147,27 @@ def test_hf_tokenizer_loads_a_local_folder(tmp_path):
         ids, mask = M.HFTokenizer(path, 16)(TEXTS)
         want = _oracle(raw, TEXTS, 0)
         assert torch.equal(ids, want[0]) and torch.equal(mask, want[1])
+
+
+def test_a_missing_local_folder_is_a_value_error_never_a_hub_lookup(tmp_path, monkeypatch):
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("AutoTokenizer.from_pretrained must not be called")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_hub)
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ValueError, match=r"tokenizer: the local tokenizer folder .*nope' does no"):
+        M.HFTokenizer(missing, 16)
+    with pytest.raises(ValueError, match="the local tokenizer folder '/nope' does not exist"):
+        M.HFTokenizer("/nope", 16)
+    with pytest.raises(ValueError, match=r"local tokenizer folder .* does not exist"):
+        M.HFTokenizer.llama(tmp_path / "nope")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        M.HFTokenizer(tmp_path / "tokenizer.json", 16)
+    with pytest.raises(ValueError, match=r"^query_tokenizer: tokenizer: the local tokenizer fo"):
+        M.VLJEPA(M.VLJEPAConfig.tiny(), query_tokenizer=missing)
 
 
 def test_hf_tokenizer_truncates_by_choice_keeping_special_tokens():

@@ -744,6 +744,11 @@ class EmbeddingIndex(_backends.HoldsBackend):
     def __len__(self) -> int:
         return self._count
 
+    @property
+    def ntotal(self) -> int:
+        """The number of stored vectors (faiss's name; = ``len(index)``); read-only."""
+        return self._count
+
     def __repr__(self) -> str:
         return (
             f"EmbeddingIndex(dim={self.dim}, metric={self.metric!r}, dtype={self.dtype}, "

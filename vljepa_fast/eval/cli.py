@@ -41,7 +41,8 @@ inputs:
                W of the patch. Other files in DIR are skipped and listed in the JSON.
   features     a folder of NAME.npy | .pt | .pth | .safetensors, each [tokens, x_dim]
                (model.encode_video output), or one .pt | .safetensors {NAME: [tokens, x_dim]}
-               or .npy | .pt [N, tokens, x_dim] (names "0".."N-1").
+               or .npy | .pt [N, tokens, x_dim] (names "0".."N-1"); x_dim = the
+               --config's x_encoder.dim (checked before the model runs).
   annotations  .jsonl: one record per line; .json: a list of records, or
                {"records": [...], "classes": [names], "query": str,
                 "streams": [{"windows": [NAME, ...], "starts": [0, ...]}]}
@@ -53,7 +54,10 @@ metrics (cosine scores; fractions in [0, 1]):
   text_to_video / video_to_text  R@k, median_rank, mean_rank over the captioned videos; a
                video's rank in video-to-text is its best caption's (several captions allowed).
   classification  top-k accuracy of the labelled videos against the class-name embeddings.
-  vqa          accuracy: the true candidate ranks first (query = the question).
+  vqa          accuracy: the true candidate ranks first (query = the question). A true
+               candidate tied for first follows --ties: wrong under pessimistic (default),
+               right under optimistic. VLJEPA.answer() instead picks the lowest index among
+               tied candidates, so on exact ties its answers and this accuracy can differ.
   selective_decoding  per stream: Ward segments (as many as true ones) vs the fewest uniform
                segments reaching the same boundary recall (one-to-one matching within
                --tolerance windows): calls, uniform_calls, calls_ratio = uniform / calls.
@@ -143,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--ties", choices=TIES, default="pessimistic",
         help="rank of a ground truth tied with negatives: pessimistic (below them, default) "
-        "or optimistic (above them)",
+        "or optimistic (above them); for VQA a tie for first is wrong / right (unlike "
+        "VLJEPA.answer(), which takes the lowest index among tied candidates)",
     )  # fmt: skip
     ap.add_argument(
         "--tolerance", type=int, default=1,
@@ -197,14 +202,27 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _dataset(args, ann: io.Annotations) -> tuple[EvalData, dict]:
+def _check_tasks(path, ann: io.Annotations) -> None:
+    """At least one task must be evaluable: a run with none would write an empty table."""
+    if not any(r.captions or r.label is not None or r.questions for r in ann.records) and not (
+        ann.streams
+    ):
+        raise ValueError(
+            f"{path}: nothing to evaluate: expected at least one record with 'caption' / "
+            "'captions' (retrieval), 'label' (classification) or 'question' / 'questions' "
+            "(VQA), or a top-level 'streams' list (selective decoding; a .json object file)"
+        )
+
+
+def _dataset(args, ann: io.Annotations, x_dim: int) -> tuple[EvalData, dict]:
     names = list(dict.fromkeys([r.video for r in ann.records] +
                                [w for s in ann.streams for w in s["windows"]]))  # fmt: skip
     if args.videos is not None:
         items, skipped = io.load_videos(args.videos, names, args.normalize)
         kind = "videos"
     else:
-        feats, skipped = io.load_features(args.features)
+        # the width is checked here, before the model runs, naming the feature file
+        feats, skipped = io.load_features(args.features, x_dim=x_dim)
         missing = [n for n in names if n not in feats]
         if missing:
             raise ValueError(
@@ -262,7 +280,8 @@ def _run(args) -> dict:
         raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
     cfg = io.load_config(args.config)
     ann = io.load_annotations(args.annotations)
-    data, extra = _dataset(args, ann)
+    _check_tasks(args.annotations, ann)
+    data, extra = _dataset(args, ann, cfg.x_encoder.dim)
     if args.random_init:
         torch.manual_seed(args.seed)
     for flag in ("query_tokenizer", "text_tokenizer"):

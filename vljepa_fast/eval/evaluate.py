@@ -202,7 +202,8 @@ def evaluate_model(
             are dropped and listed under "skipped_ks".
         "classification": :func:`metrics.classification_accuracy` over the labelled videos
             (class_ks larger than the class count dropped likewise).
-        "vqa": :func:`metrics.vqa_accuracy`.
+        "vqa": :func:`metrics.vqa_accuracy` (ties follow ``ties``; ``model.answer`` takes the
+            lowest index on a tie, so the two can differ on exact ties).
         "selective_decoding": :func:`metrics.selective_decoding_efficiency` per stream (Ward
             on the unit predicted embeddings of its windows, with as many segments as true
             ones) and the totals over streams (calls_ratio = total uniform / total Ward calls).
@@ -219,12 +220,21 @@ def evaluate_model(
 
     Returns:
         {task: metrics dict, ..., "data": counts}.
+
+    Raises:
+        ValueError: ``data`` has no task (no captions, labels, questions nor streams), or bad
+            arguments.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     if not isinstance(query, str) or not query:
         raise ValueError(f"query: expected a non-empty string, got {query!r}")
     metrics._check_ties(ties)
+    if not (data.captions or data.labels or data.questions or data.streams):
+        raise ValueError(
+            "data: nothing to evaluate: expected captions (retrieval), labels "
+            "(classification), questions (VQA) or streams (selective decoding)"
+        )
     model.eval()
     result: dict = {}
     scores: dict = {}

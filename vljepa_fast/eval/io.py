@@ -21,6 +21,8 @@ The annotations file (JSON or JSONL, schema in :func:`load_annotations`).
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -192,10 +194,23 @@ def load_videos(
     return {n: load_video(found[n], normalize) for n in want}, skipped
 
 
-def load_features(path: str | Path) -> tuple[dict[str, Tensor], list[str]]:
+def load_features(
+    path: str | Path, x_dim: int | None = None
+) -> tuple[dict[str, Tensor], list[str]]:
     """Cached features: ({name: [tokens, x_dim] float}, skipped file names) from a folder or
-    one file (module docstring)."""
+    one file (module docstring).
+
+    Args:
+        path: the folder or file.
+        x_dim: when given, the width every feature must have (the config's
+            ``x_encoder.dim``); a mismatch raises naming the file (and the entry).
+
+    Raises:
+        ValueError: naming the file (and entry): unreadable, not floating [tokens, x_dim],
+            another width than ``x_dim``, or NaN / infinity.
+    """
     path = Path(path)
+    found: dict[str, Path] = {}
     if path.is_dir():
         found, skipped = _entries(path, FEATURE_SUFFIXES, dirs=False)
         out = {n: _load_array(p) for n, p in found.items()}
@@ -228,15 +243,19 @@ def load_features(path: str | Path) -> tuple[dict[str, Tensor], list[str]]:
     else:
         raise ValueError(f"{path}: no such file or folder")
     for n, x in out.items():
+        where = f"{found[n]}" if n in found else f"{path}: features {n!r}"
         if isinstance(x, np.ndarray):
             x = out[n] = torch.from_numpy(x)
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 2:
             got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{where}: expected floating [tokens, x_dim], got {got}")
+        if x_dim is not None and x.shape[1] != x_dim:
             raise ValueError(
-                f"{path}: features {n!r}: expected floating [tokens, x_dim], got {got}"
+                f"{where}: expected features [tokens, {x_dim}] (x_dim = the config's "
+                f"x_encoder.dim = {x_dim}), got {tuple(x.shape)}"
             )
         if not torch.isfinite(x).all():
-            raise ValueError(f"{path}: features {n!r}: contains NaN or infinity")
+            raise ValueError(f"{where}: contains NaN or infinity")
     return out, skipped
 
 
@@ -434,6 +453,35 @@ def load_annotations(path: str | Path) -> Annotations:
 # ------------------------------------------------------------------------------ model
 
 
+def _tuple_hint(hint):
+    """The ``tuple[...]`` member of a type hint (``tuple[int, ...]``, ``tuple[str, ...] | None``,
+    ``Optional[tuple[...]]``), or None when the hint admits no tuple."""
+    if hint is tuple or typing.get_origin(hint) is tuple:
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            found = _tuple_hint(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _from_json(hint, v):
+    """A JSON value as the dataclass field typed ``hint`` holds it: JSON has no tuples, so a list
+    becomes a tuple where the hint is a tuple type (elements converted by the tuple's own
+    element types, recursively); everything else (numbers, strings, dicts such as
+    ``rope_scaling``) is kept as is, for the config's own checks."""
+    t = _tuple_hint(hint)
+    if t is None or not isinstance(v, list):
+        return v
+    args = typing.get_args(t)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_from_json(args[0], x) for x in v)
+    if args and len(args) == len(v):
+        return tuple(_from_json(a, x) for a, x in zip(args, v))
+    return tuple(v)  # bare tuple, or a length mismatch the config's check reports
+
+
 def _sub(cls, base, d, where: str):
     from dataclasses import replace
 
@@ -443,6 +491,8 @@ def _sub(cls, base, d, where: str):
     extra = sorted(set(d) - names)
     if extra:
         raise ValueError(f"{where}: unknown field(s) {extra} of {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    d = {k: _from_json(hints.get(k), v) for k, v in d.items()}
     try:
         return replace(base, **d)
     except (TypeError, ValueError) as e:
@@ -455,7 +505,9 @@ def load_config(spec: str):
     The JSON file: ``{"base": "tiny" | "paper" (default "paper"), "x_encoder": {...},
     "predictor": {...}, "y_encoder": {...}, "y_decoder": {...}, "embed_dim": ..., ...}``:
     the base preset with the given fields replaced (nested objects replace single fields of
-    the sub-config); unknown fields raise naming them.
+    the sub-config); unknown fields raise naming them. JSON lists given to tuple-typed fields
+    (read from the dataclasses' type hints, e.g. ``y_encoder.dense``, ``y_encoder.layer_types``)
+    become tuples; objects (e.g. ``predictor.rope_scaling``) stay dicts.
     """
     from vljepa_fast.models.config import (
         PredictorConfig,

@@ -26,6 +26,10 @@ R@k = mean over queries of [rank <= k]; median rank = numpy's median of the rank
 the two middle ranks for an even count, as ``np.median(ind) + 1`` in CLIP4Clip); mean rank = the
 mean of the ranks. Fractions are in [0, 1] (not percent).
 
+For VQA (:func:`vqa_accuracy`) a question is right when its true answer has rank 1, so a tie
+for first is wrong under "pessimistic" and right under "optimistic"; this differs from
+:meth:`vljepa_fast.models.VLJEPA.answer`, which picks the lowest index among tied candidates.
+
 NaN scores are refused (ValueError naming the argument); +-inf are ordinary ordered values.
 """
 
@@ -310,10 +314,18 @@ def vqa_accuracy(scores, answers, *, ties: str = "pessimistic") -> dict:
         scores: [N, n_candidates] scores of each question's candidate answers, or a sequence of
             N 1-D score vectors (questions with different candidate counts).
         answers: [N] int index of the true candidate of each question.
-        ties: the tie rule (module docstring): "pessimistic" counts a tie for first as wrong.
+        ties: the tie rule (module docstring): "pessimistic" (default) counts a true answer
+            tied for first with another candidate as wrong, "optimistic" as right.
 
     Returns:
         {"accuracy": fraction right, "questions": N}.
+
+    Note:
+        :meth:`vljepa_fast.models.VLJEPA.answer` breaks an exact tie by the lowest candidate
+        index instead, so on exact ties its picks and this accuracy can differ: a true answer
+        tied with a higher-index candidate is answer()'s pick but wrong under "pessimistic";
+        a true answer tied with a lower-index one is not answer()'s pick but right under
+        "optimistic". Without ties all three agree.
     """
     _check_ties(ties)
     if isinstance(scores, (list, tuple)):

@@ -10,6 +10,7 @@ what was loaded from where.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -26,7 +27,11 @@ from vljepa_fast.models.config import (
 from vljepa_fast.models.predictor import load_llama_layers
 from vljepa_fast.models.vljepa import VLJEPA
 from vljepa_fast.models.x_encoder import load_vjepa2_state_dict
-from vljepa_fast.models.y_encoder import load_gemma3_folder, load_gemma3_state_dict
+from vljepa_fast.models.y_encoder import (
+    load_gemma3_folder,
+    load_gemma3_state_dict,
+    read_sentence_transformers,
+)
 
 __all__ = ["ModuleReport", "PretrainedReport", "load_pretrained"]
 
@@ -84,16 +89,34 @@ class PretrainedReport:
         return "\n".join(lines)
 
 
+_CONFIG_NAMES = {
+    "vjepa2": ("config.json",),
+    "llama": ("config.json", "params.json"),
+    "gemma3": ("config.json",),
+}
+
+
+def _config_folder(path: Path) -> Path | None:
+    """Where a checkpoint's config file is looked for: the folder itself, or the folder a
+    checkpoint file lies in (None for a path that is neither)."""
+    if path.is_dir():
+        return path
+    return path.parent if path.is_file() else None
+
+
 def _config_file(path: Path, kind: str) -> tuple[Path, dict] | None:
-    """The config.json (transformers) or params.json (Meta) of a checkpoint folder."""
-    if not path.is_dir():
+    """The config.json (transformers) or, for Llama, params.json (Meta's) of a checkpoint:
+    in the folder given, or next to the file given (its folder); the first found, in that
+    order. None when there is none."""
+    folder = _config_folder(path)
+    if folder is None:
         return None
-    for name in ("config.json", "params.json") if kind == "llama" else ("config.json",):
-        f = path / name
+    for name in _CONFIG_NAMES[kind]:
+        f = folder / name
         if f.is_file():
             d = read_json(f)
             if not isinstance(d, dict):
-                raise ValueError(f"{f}: expected a JSON object")
+                raise ValueError(f"{f}: expected a JSON object, got {type(d).__name__}")
             return f, d
     return None
 
@@ -137,7 +160,8 @@ def _check_vjepa2_config(d: dict, c: XEncoderConfig) -> list[str]:
 
 def _check_llama_config(f: Path, d: dict, c: PredictorConfig) -> list[str]:
     if f.name == "params.json":  # Meta's
-        scaled = d.get("use_scaled_rope")
+        # Meta's ModelArgs: use_scaled_rope defaults to False (absent: no scaling)
+        scaled = d.get("use_scaled_rope", False)
         out = _differ([
             ("dim", "dim", d.get("dim"), c.dim),
             ("heads", "n_heads", d.get("n_heads"), c.heads),
@@ -148,9 +172,11 @@ def _check_llama_config(f: Path, d: dict, c: PredictorConfig) -> list[str]:
         ])  # fmt: skip
         if isinstance(d.get("dim"), int) and isinstance(d.get("n_heads"), int):
             out += _differ([("head_dim", "dim / n_heads", d["dim"] // d["n_heads"], c.head_dim)])
-        if scaled is not None and bool(scaled) != (c.rope_scaling is not None):
+        if bool(scaled) != (c.rope_scaling is not None):
+            absent = "" if "use_scaled_rope" in d else " (absent: Meta's default)"
             out.append(
-                f"rope_scaling = {c.rope_scaling!r} but the file's use_scaled_rope = {scaled}"
+                f"rope_scaling = {c.rope_scaling!r} but the file's use_scaled_rope = "
+                f"{scaled}{absent}"
             )
         return out
     if d.get("model_type") not in (None, "llama"):
@@ -189,14 +215,41 @@ def _check_llama_config(f: Path, d: dict, c: PredictorConfig) -> list[str]:
     return out
 
 
+def _check_gemma3_config(d: dict, c: YEncoderConfig) -> list[str]:
+    """A Gemma-3 config.json against ``config.y_encoder`` (the fields config.json holds: the
+    Dense stack, normalisation, max_len and lr_multiplier are not in it)."""
+    keep = dict(
+        dense=c.dense, dense_bias=c.dense_bias, normalize=c.normalize, max_len=c.max_len,
+        lr_multiplier=c.lr_multiplier,
+    )  # fmt: skip
+    try:
+        theirs = YEncoderConfig.from_gemma3_config(d, **keep)
+    except ValueError as e:
+        return [str(e)]
+    return _y_encoder_diffs(c, theirs, "file's")
+
+
+_CHECKS = {"vjepa2": _check_vjepa2_config, "gemma3": _check_gemma3_config}
+
+
 def _config_notes(what: str, path: Path, kind: str, cfg: object, strict: bool) -> tuple[str, ...]:
-    found = _config_file(path, kind)
+    """Check the config file of a checkpoint (see :func:`_config_file`) against ``cfg``:
+    raise under ``strict`` on a disagreement, else return notes saying which file was checked
+    and what it disagrees on (or that none was found)."""
+    try:
+        found = _config_file(path, kind)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
     if found is None:
-        return ()
+        folder = _config_folder(path)
+        if folder is None:
+            return ()  # not a file or folder: read_state_dict names it
+        names = " or ".join(_CONFIG_NAMES[kind])
+        return (f"no config file checked: no {names} in {folder}",)
     f, d = found
-    diffs = _check_vjepa2_config(d, cfg) if kind == "vjepa2" else _check_llama_config(f, d, cfg)
+    diffs = _CHECKS[kind](d, cfg) if kind in _CHECKS else _check_llama_config(f, d, cfg)
     if not diffs:
-        return ()
+        return (f"{f} checked: agrees with the config",)
     if strict:
         raise ValueError(
             f"{what}: {f} disagrees with the model config ({type(cfg).__name__}): "
@@ -213,15 +266,34 @@ def _read_for(name: str, path: Path) -> dict[str, Tensor]:
         raise ValueError(f"{name}: {e}") from None
 
 
-def _tokenizer_folder(path: Path | None) -> Path | None:
-    """The checkpoint folder itself when it holds a transformers tokenizer."""
+def _st_transformer(name: str, path: Path) -> Path | None:
+    """The Transformer module's folder of a sentence-transformers folder (modules.json, by
+    :func:`~vljepa_fast.models.read_sentence_transformers`), None for another path."""
+    if not (path.is_dir() and (path / "modules.json").is_file()):
+        return None
+    try:
+        with warnings.catch_warnings():  # load_gemma3_folder has said what it warns about
+            warnings.simplefilter("ignore")
+            return read_sentence_transformers(path).transformer
+    except ValueError as e:
+        raise ValueError(f"{name} ({path}): {e}") from None
+
+
+def _tokenizer_folder(name: str, path: Path | None) -> Path | None:
+    """Where a checkpoint folder holds a transformers tokenizer: a sentence-transformers
+    folder's Transformer module folder (e.g. ``0_Transformer``), else the folder itself."""
     if path is None or not path.is_dir():
         return None
     names = ("tokenizer.json", "tokenizer_config.json")
-    return path if any((path / n).is_file() for n in names) else None
+    for folder in (_st_transformer(name, path), path):
+        if folder is not None and any((folder / n).is_file() for n in names):
+            return folder
+    return None
 
 
-def _y_encoder_diffs(ours: YEncoderConfig, folder: YEncoderConfig) -> list[str]:
+def _y_encoder_diffs(
+    ours: YEncoderConfig, folder: YEncoderConfig, whose: str = "folder's"
+) -> list[str]:
     """Fields of two Y-encoder configs that differ, named; the layer kinds are compared as
     ``attention_types`` (an explicit ``layer_types`` equals the pattern rule it spells)."""
     out = []
@@ -230,10 +302,10 @@ def _y_encoder_diffs(ours: YEncoderConfig, folder: YEncoderConfig) -> list[str]:
             continue
         a, b = getattr(ours, f.name), getattr(folder, f.name)
         if a != b:
-            out.append(f"{f.name} = {a!r} but the folder's is {b!r}")
+            out.append(f"{f.name} = {a!r} but the {whose} is {b!r}")
     if ours.attention_types != folder.attention_types:
         out.append(
-            f"attention_types = {ours.attention_types!r} but the folder's are "
+            f"attention_types = {ours.attention_types!r} but the {whose} are "
             f"{folder.attention_types!r}"
         )
     return out
@@ -258,8 +330,24 @@ def load_pretrained(
     """Build :class:`~vljepa_fast.models.VLJEPA` from ``config`` and load local checkpoints.
 
     Each path is a file or folder :func:`read_state_dict` reads. Every file is read (and every
-    config file next to the weights checked) before the model is built; the loaders then check
-    the keys and load nothing into a module whose checkpoint does not fit.
+    config file with the weights checked, see ``strict``) before the model is built; the
+    loaders then check the keys and load nothing into a module whose checkpoint does not fit.
+
+    The config files checked ("the folder" is the path itself when it is a folder, else the
+    folder the checkpoint file lies in):
+
+    * ``x_encoder``: the folder's ``config.json`` (transformers ``VJEPA2Config``).
+    * ``predictor``: the folder's ``config.json`` (transformers ``LlamaConfig``), else its
+      ``params.json`` (Meta's; an absent ``use_scaled_rope`` means no RoPE scaling, as Meta's
+      ``ModelArgs`` reads it).
+    * ``y_encoder`` folder with ``modules.json`` or ``config.json``: the Transformer module's
+      ``config.json`` (the folder's, or the subfolder modules.json names), which builds the
+      encoder; any other ``y_encoder`` path (a Gemma-3 state dict): the folder's
+      ``config.json`` (``Gemma3TextConfig``), against ``config.y_encoder`` on the fields it
+      holds (not ``dense``, ``dense_bias``, ``normalize``, ``max_len``, ``lr_multiplier``).
+
+    The report's notes name the config file checked ("... checked: agrees with the config",
+    or each disagreement under ``strict=False``), or say that none was found.
 
     * ``x_encoder``: V-JEPA 2 weights, either layout, by
       :func:`~vljepa_fast.models.load_vjepa2_state_dict`.
@@ -281,19 +369,23 @@ def load_pretrained(
         backend, query_tokenizer, text_tokenizer: as :class:`~vljepa_fast.models.VLJEPA`.
             A tokenizer left None while the predictor's (Y-encoder's) path is a folder holding
             a transformers tokenizer (``tokenizer.json`` or ``tokenizer_config.json``, as a
-            transformers or sentence-transformers download) is that folder's, loaded locally
-            and padded with its pad token, else the config's ``pad_id`` (the report's notes
-            say so). Meta's ``tokenizer.model`` is not read: pass ``query_tokenizer``.
+            transformers or sentence-transformers download: in a sentence-transformers
+            folder, the Transformer module's folder, e.g. ``0_Transformer``, then the folder
+            itself) is that folder's, loaded locally and padded with its pad token, else the
+            config's ``pad_id`` (the report's notes say so). Meta's ``tokenizer.model`` is not
+            read: pass ``query_tokenizer``. When the model refuses a tokenizer found this way,
+            the error says where it was found (a tokenizer you passed is not blamed on a
+            folder).
         decoder_tokenizer: as :class:`~vljepa_fast.models.VLJEPA`; left None, it is the
             predictor folder's tokenizer when the Y-decoder shares the predictor's vocabulary
             size (the paper preset: Llama's), so ``model.decode`` works on a loaded model.
         strict: what to do when a config file with the weights disagrees with ``config``
             on a size the tensor shapes do not reveal (heads, kv_heads, norm eps, RoPE base
-            and scaling, patch, ...): the x_encoder or predictor folder's ``config.json`` (or
-            Meta's ``params.json``), and the Y-encoder folder's config, which builds that
-            encoder. True: ValueError naming each field. False: load anyway; the x_encoder and
-            predictor keep ``config`` (the report's notes list the fields), the Y-encoder
-            takes the folder's config (``model.config.y_encoder`` is replaced; notes too).
+            and scaling, patch, ...): the config files listed above. True: ValueError naming
+            the file and each field. False: load anyway; the x_encoder, the predictor and a
+            Gemma-3 state dict keep ``config`` (the report's notes list the fields), a
+            Y-encoder folder's config builds that encoder (``model.config.y_encoder`` is
+            replaced; notes too).
             The Y-encoder's ``max_len`` and ``lr_multiplier`` are always ``config``'s.
             Weights whose keys or shapes do not fit are refused whatever ``strict`` says.
 
@@ -348,8 +440,15 @@ def load_pretrained(
                 notes["y_encoder"] = tuple(
                     f"config.y_encoder replaced by the folder's: {x}" for x in diffs
                 )
+            if not diffs:
+                model_dir = _st_transformer("y_encoder", yp) or yp
+                notes["y_encoder"] += (
+                    f"{model_dir / 'config.json'} checked: agrees with the config",
+                )
             notes["y_encoder"] += ("head (to embed_dim) keeps its random init",)
         else:
+            what = f"y_encoder ({yp})"
+            notes["y_encoder"] = _config_notes(what, yp, "gemma3", config.y_encoder, strict)
             states["y_encoder"] = _read_for("y_encoder", yp)
     auto = {}
     for name, arg, tok in (
@@ -362,7 +461,7 @@ def load_pretrained(
             and config.y_decoder.vocab_size != config.predictor.vocab_size
         ):
             continue  # the predictor's tokenizer is not the decoder's
-        folder = _tokenizer_folder(paths[name]) if tok is None else None
+        folder = _tokenizer_folder(name, paths[name]) if tok is None else None
         if folder is not None:
             auto[arg] = folder
             notes[name] += (f"{arg}: the tokenizer in {folder} (pass {arg}= for another)",)
@@ -376,10 +475,12 @@ def load_pretrained(
             decoder_tokenizer=auto.get("decoder_tokenizer", decoder_tokenizer),
         )
     except ValueError as e:
-        used = [f"{arg} is the tokenizer found in {f}" for arg, f in auto.items()]
-        if not used:
+        msg = str(e)  # the model's messages start with the failing argument's name
+        failing = [a for a in auto if msg.startswith(a) and msg[len(a) : len(a) + 1] in ":( "]
+        if not failing:
             raise
-        raise ValueError(f"{e} ({'; '.join(used)}: pass {' / '.join(auto)}= to choose)") from None
+        used = "; ".join(f"{a} is the tokenizer found in {auto[a]}" for a in failing)
+        raise ValueError(f"{msg} ({used}: pass {' / '.join(failing)}= to choose)") from None
     reports = {}
     for name in ("x_encoder", "predictor", "y_encoder"):
         p = paths[name]

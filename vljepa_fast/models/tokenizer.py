@@ -49,10 +49,13 @@ def _check_truncation(truncation: object) -> str:
 
 def _texts(texts: str | Sequence[str]) -> list[str]:
     texts = [texts] if isinstance(texts, str) else texts
-    if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+    if not isinstance(texts, Sequence):
         raise ValueError(
             f"texts: expected a string or a list of strings, got {type(texts).__name__}"
         )
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"texts[{i}]: expected a string, got {type(t).__name__}")
     if len(texts) == 0:
         raise ValueError("texts: expected at least one text, got an empty list")
     return list(texts)
@@ -129,9 +132,18 @@ class ByteTokenizer:
 
 def _load(tokenizer: object) -> object:
     """A local tokenizer folder -> its transformers tokenizer (no hub); a transformers
-    tokenizer unchanged; anything else is refused."""
+    tokenizer unchanged; anything else is refused (a path that is not an existing folder
+    too: ValueError, never a model-hub lookup)."""
     if isinstance(tokenizer, str | os.PathLike):
         import transformers
+
+        path = os.fspath(tokenizer)
+        if not os.path.isdir(path):
+            what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+            raise ValueError(
+                f"tokenizer: the local tokenizer folder {path!r} {what} (there is no model "
+                "hub: pass an existing local folder or a transformers tokenizer)"
+            )
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             os.fspath(tokenizer), local_files_only=True
@@ -176,7 +188,8 @@ class HFTokenizer:
         vocab_size: one more than the largest id it can write (tokens and ``pad_id``).
 
     Raises:
-        ValueError: a bad argument, or no pad token and no ``pad_id``.
+        ValueError: a bad argument (a path that is not an existing local folder included: no
+            model hub is ever tried), or no pad token and no ``pad_id``.
     """
 
     def __init__(
@@ -322,9 +335,9 @@ def as_tokenizer(
         ValueError: anything else (the message uses ``name``).
     """
     if isinstance(tokenizer, str | os.PathLike) or _is_hf_tokenizer(tokenizer):
-        tokenizer = _load(tokenizer)
-        own = tokenizer.pad_token_id
         try:
+            tokenizer = _load(tokenizer)
+            own = tokenizer.pad_token_id
             return HFTokenizer(tokenizer, max_len, pad_id=own if own is not None else pad_id)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None

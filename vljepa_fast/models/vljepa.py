@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from vljepa_fast import _backends, functional
 from vljepa_fast._backends import BackendSpec
 from vljepa_fast.embedding_index import EmbeddingIndex
+from vljepa_fast.models._layers import check_tokens
 from vljepa_fast.models.config import VLJEPAConfig
 from vljepa_fast.models.predictor import Predictor
 from vljepa_fast.models.selective_decoding import (
@@ -47,6 +48,44 @@ def _int(name: str, v: object, lo: int) -> int:
     return v
 
 
+def _list(idx: list[int], shown: int = 8) -> str:
+    more = f", ... ({len(idx)} in all)" if len(idx) > shown else ""
+    return "[" + ", ".join(map(str, idx[:shown])) + more + "]"
+
+
+def _not_finite(emb: Tensor, offset: int = 0) -> list[int]:
+    """Rows (plus ``offset``) of [B, D] ``emb`` holding NaN or inf (one host sync)."""
+    bad = ~torch.isfinite(emb).all(dim=-1)
+    return (bad.nonzero().flatten() + offset).tolist() if bool(bad.any()) else []
+
+
+def _check_predicted(name: str, emb: Tensor, offset: int = 0, what: str = "rows") -> None:
+    """The NaN rule of the tasks: a predicted embedding that is not finite is refused."""
+    bad = _not_finite(emb, offset)
+    if bad:
+        raise ValueError(
+            f"{name}: the predicted embeddings of {what} {_list(bad)} are not finite (NaN or "
+            "inf): check those inputs (and the model's weights) for NaN / inf"
+        )
+
+
+def _check_texts(name: str, emb: Tensor, texts: Sequence[str] | None = None) -> None:
+    """The same rule for Y-encoder embeddings of labels / candidates / search texts."""
+    bad = _not_finite(emb)
+    if bad:
+        said = "" if texts is None else f" ({', '.join(repr(texts[i][:30]) for i in bad[:4])})"
+        raise ValueError(
+            f"{name}: the Y-encoder embeddings of texts {_list(bad)}{said} are not finite (NaN "
+            "or inf): check the Y-encoder's weights"
+        )
+
+
+def _short(t: object) -> str:
+    if isinstance(t, Tensor):
+        return f"Tensor({list(t.shape)}, {t.dtype}, {t.device})"
+    return repr(t)
+
+
 @dataclass(frozen=True, eq=False)
 class LabelBank:
     """Label (or candidate answer) embeddings from :meth:`VLJEPA.encode_labels`, reused by
@@ -72,6 +111,11 @@ class LabelBank:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def __repr__(self) -> str:
+        shown = ", ".join(repr(t[:20] + ("..." if len(t) > 20 else "")) for t in self.texts[:3])
+        more = ", ..." if len(self.texts) > 3 else ""
+        return f"LabelBank({len(self)} texts [{shown}{more}], embeddings={_short(self.embeddings)})"
+
 
 @dataclass(frozen=True, eq=False)
 class StreamCaptions:
@@ -96,6 +140,15 @@ class StreamCaptions:
     captions: list[str]
     decoder_calls: int
     windows: int
+
+    def __repr__(self) -> str:
+        caps = ", ".join(repr(c[:30] + ("..." if len(c) > 30 else "")) for c in self.captions[:3])
+        more = ", ..." if len(self.captions) > 3 else ""
+        return (
+            f"StreamCaptions(windows={self.windows}, segments={len(self.segments)}, "
+            f"decoder_calls={self.decoder_calls}, embeddings={_short(self.embeddings)}, "
+            f"captions=[{caps}{more}])"
+        )
 
     @property
     def calls_saved(self) -> int:
@@ -202,6 +255,8 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
             y_pad = getattr(inner, "pad_id", yc.pad_id)
         if text_tokenizer is None:
             text_tokenizer = getattr(self.y_encoder, "tokenize", None)
+        # (vocab, max_len) the token tensors of each kind are checked against (None: unknown)
+        self._token_spec = {"query": (pc.vocab_size, pc.max_query_len), "text": (y_vocab, y_len)}
         self.text_tokenizer = self._setup_tokenizer(
             text_tokenizer, "text_tokenizer", "Y-encoder", y_vocab, y_len, y_pad
         )
@@ -258,19 +313,33 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
 
     # ------------------------------------------------------------------ encoders
 
-    def _tokens(self, text: Text, tokenizer, name: str) -> tuple[Tensor, Tensor | None]:
+    def _check_ids(self, name: str, kind: str, ids: Tensor, mask: Tensor | None) -> None:
+        vocab, max_len = self._token_spec[kind]
+        if isinstance(vocab, int) and isinstance(max_len, int):
+            check_tokens(name, ids, mask, vocab, max_len)
+
+    def _tokens(
+        self, text: Text, tokenizer, name: str, kind: str | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Strings (tokenized) or (ids, mask) -> (ids, mask), checked against the module of
+        ``kind`` ("query": the predictor, "text": the Y-encoder); errors name ``name``."""
+        kind = name if kind is None else kind
         if isinstance(text, tuple) and len(text) == 2 and isinstance(text[0], Tensor):
+            self._check_ids(name, kind, text[0], text[1])
             return text
         if isinstance(text, str):
             text = [text]
-        if not isinstance(text, Sequence) or not all(isinstance(t, str) for t in text):
+        if not isinstance(text, Sequence):
             raise ValueError(
                 f"{name}: expected a string, a list of strings or an (ids, mask) "
                 f"tuple, got {type(text).__name__}"
             )
+        for i, t in enumerate(text):
+            if not isinstance(t, str):
+                raise ValueError(f"{name}[{i}]: expected a string, got {type(t).__name__}")
         if len(text) == 0:
             raise ValueError(f"{name}: expected at least one text, got an empty list")
-        arg = {"query": "query_tokenizer", "text": "text_tokenizer"}.get(name, name)
+        arg = {"query": "query_tokenizer", "text": "text_tokenizer"}[kind]
         if tokenizer is None:
             module = "predictor" if arg == "query_tokenizer" else "Y-encoder"
             raise ValueError(
@@ -290,6 +359,9 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
                 f"{arg}: returned {type(out).__name__}, expected (ids [B, L] int64, mask "
                 "[B, L] bool) (wrap a transformers tokenizer in HFTokenizer)"
             )
+        self._check_ids(f"{arg} output", kind, out[0], out[1])
+        if out[0].shape[0] != len(text):
+            raise ValueError(f"{arg}: returned {out[0].shape[0]} rows for {len(text)} texts")
         return out[0], out[1]
 
     def encode_video(self, video: Tensor) -> Tensor:
@@ -308,20 +380,41 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
     ) -> Tensor:
         """[B, embed_dim] predicted embeddings of (video, query); pass ``x_features`` (from
         :meth:`encode_video`) instead of ``video`` to skip the X-encoder."""
+        return self._predict(video, query, x_features=x_features)
+
+    def _predict(
+        self, video: Tensor | None, query: Text, *, x_features: Tensor | None = None,
+        name: str = "video",
+    ) -> Tensor:  # fmt: skip
+        """:meth:`predict`, its video errors naming ``name`` (the caller's argument)."""
         if (video is None) == (x_features is None):
             raise ValueError("predict: give exactly one of video and x_features")
-        visual = self.encode_video(video) if x_features is None else x_features
+        if x_features is None:
+            if name != "video":  # errors name the caller's argument (videos, frames)
+                self.x_encoder.check_video(video, name)
+            visual = self.encode_video(video)
+        else:
+            visual, name = x_features, "x_features"
         ids, mask = self._tokens(query, self.query_tokenizer, "query")
         ids = ids.to(visual.device)
         mask = None if mask is None else mask.to(visual.device)
-        if ids.shape[0] == 1 and visual.shape[0] > 1:  # one query shared by the batch
-            ids = ids.expand(visual.shape[0], -1)
-            mask = None if mask is None else mask.expand(visual.shape[0], -1)
+        B = visual.shape[0] if isinstance(visual, Tensor) and visual.dim() > 0 else None
+        if ids.shape[0] == 1 and B is not None and B > 1:  # one query shared by the batch
+            ids = ids.expand(B, -1)
+            mask = None if mask is None else mask.expand(B, -1)
+        elif B is not None and ids.shape[0] != B:
+            raise ValueError(
+                f"query: {ids.shape[0]} queries for {B} videos ({name} batch {B}); give one "
+                "query per video, or one shared query"
+            )
         return self.predictor(visual, ids, mask)
 
     def encode_text(self, text: Text) -> Tensor:
         """[B, embed_dim] Y-encoder embeddings of target texts."""
-        ids, mask = self._tokens(text, self.text_tokenizer, "text")
+        return self._encode_text(text)
+
+    def _encode_text(self, text: Text, name: str = "text") -> Tensor:
+        ids, mask = self._tokens(text, self.text_tokenizer, name, "text")
         dev = next(self.y_encoder.parameters()).device
         return self.y_encoder(ids.to(dev), None if mask is None else mask.to(dev))
 
@@ -357,7 +450,7 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
             float32 loss (scalar, or [B] with reduction "none").
         """
         pred = self.predict(video, query, x_features=x_features)
-        tgt = self.encode_text(target)
+        tgt = self._encode_text(target, "target")
         if tgt.shape != pred.shape:
             raise ValueError(f"target: {tgt.shape[0]} texts for {pred.shape[0]} videos")
         tgt = tgt.to(pred.dtype)
@@ -416,6 +509,10 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
             raise ValueError(
                 f"embeddings: expected [B, {self.config.embed_dim}], got {tuple(embeddings.shape)}"
             )
+        if embeddings.shape[0] == 0:
+            raise ValueError(
+                f"embeddings: expected at least one row (B >= 1), got {tuple(embeddings.shape)}"
+            )
         w = next(dec.parameters())
         return embeddings.to(w.device, w.dtype)
 
@@ -423,7 +520,8 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
         """Next-token cross-entropy of the Y-decoder on (embedding, caption) pairs.
 
         Args:
-            embeddings: [B, embed_dim] (e.g. :meth:`predict` outputs, detached).
+            embeddings: [B, embed_dim], B >= 1 (e.g. :meth:`predict` outputs, detached; a
+                training loss: NaN / inf propagate, they are not refused).
             texts: B captions, tokenized by ``decoder_tokenizer`` (no special tokens) and framed
                 as BOS, ids, EOS (the decoder config's ids).
 
@@ -436,10 +534,16 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
         """
         dec, tok = self._decoder()
         c = dec.cfg
+        emb = self._decoder_input(embeddings, dec)
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise ValueError(f"texts: expected a list of strings, got {type(texts).__name__}")
-        if not all(isinstance(t, str) for t in texts) or len(texts) == 0:
-            raise ValueError("texts: expected a non-empty list of strings")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise ValueError(f"texts[{i}]: expected a string, got {type(t).__name__}")
+        if len(texts) != emb.shape[0]:
+            raise ValueError(
+                f"texts: {len(texts)} captions for {emb.shape[0]} embeddings (one per row)"
+            )
         rows = []
         for t in texts:
             r = tok.encode(t)
@@ -456,7 +560,6 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
         mask = torch.zeros(len(rows), L, dtype=torch.bool)
         for i, r in enumerate(rows):
             ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
-        emb = self._decoder_input(embeddings, dec)
         return dec.loss(emb, ids.to(emb.device), mask.to(emb.device))
 
     @torch.no_grad()
@@ -464,17 +567,23 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
         """Embeddings -> texts with the Y-decoder (greedy, KV cache) and ``decoder_tokenizer``.
 
         Args:
-            embeddings: [B, embed_dim] floating (any device and dtype: moved to the decoder's).
+            embeddings: [B, embed_dim] floating, B >= 1 (any device and dtype: moved to the
+                decoder's); every row finite.
             max_new_tokens: 1 .. decoder max_len - 1 tokens at most per text.
 
         Returns:
             B strings.
 
         Raises:
-            ValueError: no Y-decoder, no decoder tokenizer, or a malformed argument (named).
+            ValueError: no Y-decoder, no decoder tokenizer, a malformed argument (named: an
+                empty batch, ``embeddings`` rows holding NaN / inf are refused, listed).
         """
         dec, tok = self._decoder()
-        rows = dec.generate(self._decoder_input(embeddings, dec), max_new_tokens)
+        emb = self._decoder_input(embeddings, dec)
+        bad = _not_finite(emb)
+        if bad:
+            raise ValueError(f"embeddings: rows {_list(bad)} are not finite (NaN or inf)")
+        rows = dec.generate(emb, max_new_tokens)
         return [tok.decode(r) for r in rows]
 
     @torch.no_grad()
@@ -513,8 +622,14 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
         Returns:
             A :class:`StreamCaptions` (segments, captions, decoder calls made and saved).
 
+        NaN rule: each batch of windows is checked right after the predictor runs; a window
+        whose predicted embedding is not finite (NaN / inf frames) raises a ValueError naming
+        ``frames`` and those windows (and their first frames), before any later window is
+        embedded or anything decoded.
+
         Raises:
-            ValueError: a malformed argument (named), or no Y-decoder / decoder tokenizer.
+            ValueError: a malformed argument (named), non-finite predictions (above), or no
+                Y-decoder / decoder tokenizer.
         """
         if (n_segments is None) == (threshold is None):
             raise ValueError(
@@ -544,6 +659,11 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
         T = frames.shape[1]
         if T < window:
             raise ValueError(f"frames: the stream has {T} frames, fewer than window ({window})")
+        if window > self.config.x_encoder.max_frames:
+            raise ValueError(
+                f"window: {window} frames, more than the X-encoder's max_frames "
+                f"({self.config.x_encoder.max_frames})"
+            )
         W = (T - window) // stride + 1
         if n_segments is not None and (
             isinstance(n_segments, bool) or not isinstance(n_segments, int)
@@ -571,7 +691,15 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
         emb = []
         for b in range(0, W, batch_size):
             clips = torch.stack([frames[:, s : s + window] for s in starts[b : b + batch_size]])
-            emb.append(self.predict(clips, query).float())
+            pred = self._predict(clips, query, name="frames").float()
+            bad = _not_finite(pred, b)
+            if bad:
+                raise ValueError(
+                    f"frames: the predicted embeddings of windows {_list(bad)} (first frames "
+                    f"{_list([int(starts[w]) for w in bad])}) are not finite (NaN or inf): "
+                    "check those frames (and the model's weights) for NaN / inf"
+                )
+            emb.append(pred)
         emb = torch.cat(emb)
         if n_segments is not None:
             seg = temporal_ward_segments(emb, n_segments)
@@ -659,10 +787,12 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
         """
         if isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) == 0:
             raise ValueError("texts: expected a non-empty list of strings")
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError("texts: expected a non-empty list of strings")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise ValueError(f"texts[{i}]: expected a string, got {type(t).__name__}")
         batch_size = _int("batch_size", batch_size, 1)
         emb = self._encode_units(list(texts), batch_size)
+        _check_texts("texts", emb, texts)
         return LabelBank(tuple(texts), emb, self._y_fingerprint())
 
     def _bank(self, name: str, bank: LabelBank) -> Tensor:
@@ -686,7 +816,9 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
         if isinstance(labels, LabelBank):
             return self._bank(name, labels)
         if isinstance(labels, tuple) and len(labels) == 2 and isinstance(labels[0], Tensor):
-            return self.encode_text(labels).float()
+            emb = self._encode_text(labels, name).float()
+            _check_texts(name, emb)
+            return emb
         if isinstance(labels, str) or not isinstance(labels, Sequence):
             raise ValueError(
                 f"{name}: expected a list of strings, a LabelBank or (ids, mask), got "
@@ -694,9 +826,14 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
             )
         if len(labels) == 0:
             raise ValueError(f"{name}: expected at least one label, got an empty list")
-        if not all(isinstance(t, str) for t in labels):
-            raise ValueError(f"{name}: expected a list of strings")
-        return self._label_embeddings(list(labels))
+        for i, t in enumerate(labels):
+            if not isinstance(t, str):
+                raise ValueError(
+                    f"{name}[{i}]: expected a string (a list of strings), got {type(t).__name__}"
+                )
+        emb = self._label_embeddings(list(labels))
+        _check_texts(name, emb, labels)
+        return emb
 
     @torch.no_grad()
     def classify(
@@ -716,11 +853,19 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
             (scores [B, k] float32 cosine, descending, label indices [B, k] int64; equal scores
             lowest index first).
 
+        NaN rule (every task): a sample whose predicted embedding is not finite (NaN / inf in
+        its input, or in the weights) is refused right after the predictor runs, with a
+        ValueError naming ``video`` and those batch rows (never NaN scores or an arbitrary
+        index); likewise a label whose embedding is not finite (naming ``label_texts``).
+
         Raises:
-            ValueError: an empty label list, a stale LabelBank, or k out of range.
+            ValueError: an empty label list, a stale LabelBank, k out of range, or the NaN
+                rule.
         """
         labels = self._labels("label_texts", label_texts)
-        return self._search(self.predict(video, query), labels, k)
+        pred = self.predict(video, query)
+        _check_predicted("video", pred)
+        return self._search(pred, labels, k)
 
     @torch.no_grad()
     def index_videos(
@@ -744,6 +889,11 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
 
         Returns:
             The index.
+
+        NaN rule (as :meth:`classify`): each batch is checked right after the predictor runs;
+        a video whose predicted embedding is not finite raises a ValueError naming ``videos``
+        and its position in the gallery (counted over all batches from 0), before later
+        batches are embedded; the batches before it stay added to ``index``.
         """
         batch_size = _int("batch_size", batch_size, 1)
         if index is None:
@@ -753,11 +903,17 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
             )
         else:
             self._check_index(index)
-        if isinstance(videos, Tensor):
+        one = isinstance(videos, Tensor)
+        if one:
             whole = videos
             videos = (whole[i : i + batch_size] for i in range(0, whole.shape[0], batch_size))
-        for batch in videos:
-            index.add(self.predict(batch, query).float())
+        seen = 0
+        for j, batch in enumerate(videos):
+            pred = self._predict(batch, query, name="videos" if one else f"videos (batch {j})")
+            pred = pred.float()
+            _check_predicted("videos", pred, seen, "videos")
+            index.add(pred)
+            seen += pred.shape[0]
         return index
 
     def _check_index(self, index: EmbeddingIndex) -> None:
@@ -783,6 +939,10 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
         Returns:
             (scores [n_texts, k] float32 descending, video indices [n_texts, k] int64: positions
             in ``videos``, or the index's ids).
+
+        NaN rule (as :meth:`classify`): a video whose predicted embedding is not finite is
+        refused (ValueError naming ``videos`` and those rows), and so is a text whose
+        embedding is not finite (naming ``text``).
         """
         if isinstance(videos, EmbeddingIndex):
             if query is not None:
@@ -794,11 +954,16 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
             n = len(videos)
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
                 raise ValueError(f"k: expected an int in [1, {n}], got {k!r}")
-            q = F.normalize(self.encode_text(text).float(), dim=-1)
-            return videos.search(q, k)
+            t = self.encode_text(text).float()
+            _check_texts("text", t)
+            return videos.search(F.normalize(t, dim=-1), k)
         if query is None:
             raise ValueError("query: required to embed a video tensor (or pass an EmbeddingIndex)")
-        return self._search(self.encode_text(text), self.predict(videos, query), k)
+        t = self.encode_text(text).float()
+        _check_texts("text", t)
+        pred = self._predict(videos, query, name="videos")
+        _check_predicted("videos", pred)
+        return self._search(t, pred, k)
 
     @torch.no_grad()
     def answer(
@@ -818,8 +983,12 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
             (scores [B] float32 cosine of the chosen answers, indices [B] int64 into each
             sample's candidates; equal scores lowest index first).
 
+        NaN rule (as :meth:`classify`): a sample whose predicted embedding is not finite is
+        refused right after the predictor runs (ValueError naming ``video`` and those batch
+        rows), and so is a candidate whose embedding is not finite (naming ``candidates``).
+
         Raises:
-            ValueError: no candidates, B mismatch, or a stale LabelBank.
+            ValueError: no candidates, B mismatch, a stale LabelBank, or the NaN rule.
         """
         if isinstance(candidates, LabelBank) or (
             isinstance(candidates, Sequence)
@@ -827,9 +996,10 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
             and len(candidates) > 0
             and all(isinstance(c, str) for c in candidates)
         ):
-            s, i = self._search(
-                self.predict(video, question), self._labels("candidates", candidates), 1
-            )
+            cands = self._labels("candidates", candidates)
+            pred = self.predict(video, question)
+            _check_predicted("video", pred)
+            s, i = self._search(pred, cands, 1)
             return s[:, 0], i[:, 0]
         if isinstance(candidates, str) or not isinstance(candidates, Sequence):
             raise ValueError(
@@ -838,6 +1008,7 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
         if len(candidates) == 0:
             raise ValueError("candidates: expected at least one candidate answer, got none")
         pred = self.predict(video, question)
+        _check_predicted("video", pred)
         B = pred.shape[0]
         if len(candidates) != B:
             raise ValueError(
@@ -847,17 +1018,32 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
         for i, cands in enumerate(candidates):
             if isinstance(cands, LabelBank):
                 continue
-            if (
-                isinstance(cands, str)
-                or not isinstance(cands, Sequence)
-                or not all(isinstance(c, str) for c in cands)
-            ):
+            if isinstance(cands, str) or not isinstance(cands, Sequence):
                 raise ValueError(f"candidates[{i}]: expected a list of strings or a LabelBank")
+            for j, c in enumerate(cands):
+                if not isinstance(c, str):
+                    raise ValueError(
+                        f"candidates[{i}][{j}]: expected a string, got {type(c).__name__}"
+                    )
             if len(cands) == 0:
                 raise ValueError(f"candidates[{i}]: expected at least one candidate, got none")
             texts.extend(cands)
-        table = self._label_embeddings(list(dict.fromkeys(texts))) if texts else None
-        row = {t: j for j, t in enumerate(dict.fromkeys(texts))}
+        unique = list(dict.fromkeys(texts))
+        table = self._label_embeddings(unique) if texts else None
+        bad = set(_not_finite(table)) if table is not None else set()
+        if bad:
+            where = [
+                f"candidates[{i}][{j}] ({c[:30]!r})"
+                for i, cands in enumerate(candidates)
+                if not isinstance(cands, LabelBank)
+                for j, c in enumerate(cands)
+                if unique.index(c) in bad
+            ]
+            raise ValueError(
+                f"candidates: the Y-encoder embeddings of {', '.join(where[:8])} are not finite "
+                "(NaN or inf): check the Y-encoder's weights"
+            )
+        row = {t: j for j, t in enumerate(unique)}
         scores, idx = [], []
         for i, cands in enumerate(candidates):
             if isinstance(cands, LabelBank):

@@ -114,35 +114,36 @@ class XEncoder(_backends.HoldsBackend, nn.Module):
         self.blocks = nn.ModuleList(_Block(cfg, self.backend) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
-    def check_video(self, video: Tensor) -> Tensor:
-        """Validate and return [B, C, T, H, W]; an image is repeated ``tubelet`` times in time."""
+    def check_video(self, video: Tensor, name: str = "video") -> Tensor:
+        """Validate and return [B, C, T, H, W]; an image is repeated ``tubelet`` times in time.
+        Errors name ``name`` (the caller's argument: ``video``, ``videos``, ``frames``)."""
         c = self.cfg
         if not isinstance(video, Tensor) or not video.is_floating_point():
             got = video.dtype if isinstance(video, Tensor) else type(video).__name__
-            raise ValueError(f"video: expected a floating tensor, got {got}")
+            raise ValueError(f"{name}: expected a floating tensor, got {got}")
         if video.dim() == 4:  # images: duplicate each frame to fill one tubelet
             video = video[:, :, None].expand(-1, -1, c.tubelet, -1, -1)
         if video.dim() != 5:
             raise ValueError(
-                f"video: expected [B, C, T, H, W] (or an image [B, C, H, W]), got "
+                f"{name}: expected [B, C, T, H, W] (or an image [B, C, H, W]), got "
                 f"rank {video.dim()} shape {tuple(video.shape)}"
             )
         B, C, T, H, W = video.shape
         if B == 0:
-            raise ValueError("video: empty batch")
+            raise ValueError(f"{name}: empty batch")
         if C != c.in_chans:
             raise ValueError(
-                f"video: expected {c.in_chans} channels (dim 1 of [B, C, T, H, W]), got {C}"
+                f"{name}: expected {c.in_chans} channels (dim 1 of [B, C, T, H, W]), got {C}"
             )
         if T == 0 or T % c.tubelet:
             raise ValueError(
-                f"video: frame count {T} is not a positive multiple of the tubelet ({c.tubelet})"
+                f"{name}: frame count {T} is not a positive multiple of the tubelet ({c.tubelet})"
             )
         if T > c.max_frames:
-            raise ValueError(f"video: {T} frames, more than max_frames ({c.max_frames})")
+            raise ValueError(f"{name}: {T} frames, more than max_frames ({c.max_frames})")
         if H % c.patch or W % c.patch or H == 0 or W == 0:
             raise ValueError(
-                f"video: frame size {H}x{W} is not a multiple of the patch ({c.patch})"
+                f"{name}: frame size {H}x{W} is not a multiple of the patch ({c.patch})"
             )
         return video
 

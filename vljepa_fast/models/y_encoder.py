@@ -521,7 +521,8 @@ class HFTextEncoder(nn.Module):
         embed_dim: the shared embedding space (the head maps the last width -> embed_dim).
         tokenizer: optional transformers tokenizer, used by :meth:`tokenize`.
         max_len: the longest token sequence accepted (None: the model config's
-            max_position_embeddings, else 512). :meth:`tokenize` truncates longer texts.
+            max_position_embeddings, else 512); more than max_position_embeddings is refused
+            (ValueError). :meth:`tokenize` truncates longer texts.
         lr_multiplier: learning-rate multiplier of the wrapped model and the Dense stack
             (paper: 0.05); the new head trains at the full rate (see :meth:`VLJEPA.param_groups`).
         dense: Linear layers applied after the pooling, in order (sentence-transformers' Dense
@@ -552,6 +553,9 @@ class HFTextEncoder(nn.Module):
             max_len = getattr(model.config, "max_position_embeddings", None) or 512
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len: expected an int >= 1, got {max_len!r}")
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and max_len > positions:
+            raise ValueError(f"max_len: {max_len}, more than max_position_embeddings ({positions})")
         self.max_len, self.lr_multiplier = max_len, lr_multiplier
         self.normalize, self.truncation = bool(normalize), truncation
         self._hf_tokenizer = None
@@ -567,7 +571,8 @@ class HFTextEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, embed_dim: int, **kwargs) -> HFTextEncoder:
-        """Load a local transformers model directory (no hub access: local_files_only).
+        """Load a local transformers model directory (no hub access: local_files_only; a path
+        that is not an existing folder raises a ValueError naming ``path``).
 
         A sentence-transformers folder (modules.json) loads its Transformer module's model and
         tokenizer, its Dense layers and its Normalize, and max_len defaults to its
@@ -576,6 +581,12 @@ class HFTextEncoder(nn.Module):
         import transformers
 
         root = Path(path)
+        if not root.is_dir():
+            what = "is a file, not a folder" if root.exists() else "does not exist"
+            raise ValueError(
+                f"path: the local model folder {str(root)!r} {what} (there is no model hub: "
+                "pass an existing local folder)"
+            )
         if (root / "modules.json").is_file():
             stack = read_sentence_transformers(root)
             model_dir = stack.transformer
