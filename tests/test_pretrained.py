@@ -1001,3 +1001,56 @@ def test_a_tokenizer_in_the_transformer_module_folder_is_found(tmp_path, models)
     ids, mask = _ids(_word_tokenizer(40), texts)
     with torch.no_grad():
         assert torch.equal(model.encode_text(texts), model.y_encoder(ids, mask))
+
+
+def test_rope_scaling_is_compared_by_what_the_model_does(tmp_path, models):
+    """{"rope_type": "default"} scales nothing, as None: it agrees with Meta's absent or false
+    use_scaled_rope and disagrees with true; a use_scaled_rope that is not a bool is named."""
+    from vljepa_fast.models import pretrained as P
+
+    default = _config(models, rope_scaling={"rope_type": "default"}).predictor
+    llama3 = M.VLJEPAConfig.paper().predictor
+    base = {k: v for k, v in LLAMA_32_1B_META.items() if k != "use_scaled_rope"}
+    f = Path("params.json")
+    pick = {"dim", "n_heads", "n_kv_heads", "vocab_size", "norm_eps", "rope_theta"}
+    mine = {k: v for k, v in base.items() if k not in pick}  # only the RoPE question left
+    assert P._check_llama_config(f, mine, default) == []
+    assert P._check_llama_config(f, {**mine, "use_scaled_rope": False}, default) == []
+    assert P._check_llama_config(f, {**mine, "use_scaled_rope": True}, default) == [
+        "rope_scaling = {'rope_type': 'default'} but the file's use_scaled_rope = True"
+    ]
+    assert P._check_llama_config(f, {**base, "use_scaled_rope": True}, llama3) == []
+    assert P._check_llama_config(f, {**base, "use_scaled_rope": "false"}, llama3) == [
+        "use_scaled_rope: expected a JSON bool, got 'false'"
+    ]
+    hf = {"model_type": "llama", "rope_scaling": None}  # transformers: no scaling either
+    assert P._check_llama_config(Path("config.json"), hf, default) == []
+
+
+def test_meta_weights_are_checked_against_params_json_not_a_stray_config_json(tmp_path, models):
+    folder = _write("llama-meta", models, tmp_path)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 999}))
+    _, report = M.load_pretrained(_config(models), predictor=folder, backend="reference")
+    assert f"{folder / 'params.json'} checked: agrees with the config" in report.predictor.notes
+
+
+def test_an_unreadable_config_file_is_a_note_without_strict(tmp_path, models):
+    llama = _write("llama-folder", models, tmp_path)
+    weights = llama / "model.safetensors"
+    for junk in ("{not json", "[1, 2]"):
+        (llama / "config.json").write_text(junk)
+        with pytest.raises(ValueError, match="config.json.*strict=False"):
+            M.load_pretrained(_config(models), predictor=weights, backend="reference")
+        _, report = M.load_pretrained(
+            _config(models), predictor=weights, backend="reference", strict=False
+        )
+        assert report.predictor.loaded
+        assert any(n.startswith("config file not checked:") for n in report.predictor.notes)
+
+
+def test_a_gemma_folder_refuses_max_len_beyond_its_positions(tmp_path, models):
+    _st_folder(models["gemma"], tmp_path / "g")
+    limit = models["gemma"].config.max_position_embeddings
+    M.load_gemma3_folder(tmp_path / "g", 16, backend="reference", max_len=limit)
+    with pytest.raises(ValueError, match=f"max_len: {limit + 1}, more than the model's max_pos"):
+        M.load_gemma3_folder(tmp_path / "g", 16, backend="reference", max_len=limit + 1)

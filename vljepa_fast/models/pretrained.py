@@ -32,6 +32,7 @@ from vljepa_fast.models.y_encoder import (
     load_gemma3_state_dict,
     read_sentence_transformers,
 )
+from vljepa_fast.ops.rotary import check_rope_scaling
 
 __all__ = ["ModuleReport", "PretrainedReport", "load_pretrained"]
 
@@ -111,7 +112,11 @@ def _config_file(path: Path, kind: str) -> tuple[Path, dict] | None:
     folder = _config_folder(path)
     if folder is None:
         return None
-    for name in _CONFIG_NAMES[kind]:
+    names = _CONFIG_NAMES[kind]
+    meta = path.name.startswith("consolidated.") or any(folder.glob("consolidated.*.pth"))
+    if kind == "llama" and meta:  # Meta's weights: their params.json, not a stray config.json
+        names = tuple(reversed(names))
+    for name in names:
         f = folder / name
         if f.is_file():
             d = read_json(f)
@@ -158,10 +163,19 @@ def _check_vjepa2_config(d: dict, c: XEncoderConfig) -> list[str]:
     return _differ(pairs)
 
 
+def _rope_kind(scaling: object) -> str:
+    """"default" or "llama3": what the predictor's RoPE does with this ``rope_scaling``
+    (None and {"rope_type": "default"} alike scale nothing)."""
+    checked = check_rope_scaling(scaling)
+    return "default" if checked is None else checked["rope_type"]
+
+
 def _check_llama_config(f: Path, d: dict, c: PredictorConfig) -> list[str]:
     if f.name == "params.json":  # Meta's
         # Meta's ModelArgs: use_scaled_rope defaults to False (absent: no scaling)
         scaled = d.get("use_scaled_rope", False)
+        if not isinstance(scaled, bool):
+            return [f"use_scaled_rope: expected a JSON bool, got {scaled!r}"]
         out = _differ([
             ("dim", "dim", d.get("dim"), c.dim),
             ("heads", "n_heads", d.get("n_heads"), c.heads),
@@ -172,7 +186,7 @@ def _check_llama_config(f: Path, d: dict, c: PredictorConfig) -> list[str]:
         ])  # fmt: skip
         if isinstance(d.get("dim"), int) and isinstance(d.get("n_heads"), int):
             out += _differ([("head_dim", "dim / n_heads", d["dim"] // d["n_heads"], c.head_dim)])
-        if bool(scaled) != (c.rope_scaling is not None):
+        if scaled != (_rope_kind(c.rope_scaling) == "llama3"):
             absent = "" if "use_scaled_rope" in d else " (absent: Meta's default)"
             out.append(
                 f"rope_scaling = {c.rope_scaling!r} but the file's use_scaled_rope = "
@@ -198,8 +212,8 @@ def _check_llama_config(f: Path, d: dict, c: PredictorConfig) -> list[str]:
         ("rope_theta", "rope_theta", rope.get("rope_theta", d.get("rope_theta")), c.rope_theta),
     ])  # fmt: skip
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    ours = dict(c.rope_scaling) if c.rope_scaling is not None else None
-    if ours is None:
+    ours = check_rope_scaling(c.rope_scaling)
+    if ours is None or ours["rope_type"] == "default":
         if kind != "default":
             out.append(f"rope_scaling = None but the file's RoPE type is {kind!r}")
     else:
@@ -238,8 +252,10 @@ def _config_notes(what: str, path: Path, kind: str, cfg: object, strict: bool) -
     and what it disagrees on (or that none was found)."""
     try:
         found = _config_file(path, kind)
-    except ValueError as e:
-        raise ValueError(f"{what}: {e}") from None
+    except ValueError as e:  # unreadable: refused under strict, a note otherwise
+        if strict:
+            raise ValueError(f"{what}: {e} (pass strict=False to load without it)") from None
+        return (f"config file not checked: {e}",)
     if found is None:
         folder = _config_folder(path)
         if folder is None:

@@ -493,6 +493,11 @@ def load_gemma3_folder(
     changes = dict(dense=dense, dense_bias=bias, normalize=stack.normalize)
     length = max_len if max_len is not None else stack.max_seq_length
     if length is not None:
+        if isinstance(length, int) and not isinstance(length, bool) and length > cfg.max_len:
+            raise ValueError(
+                f"max_len: {length}, more than the model's max_position_embeddings "
+                f"({cfg.max_len}, {stack.transformer / 'config.json'})"
+            )
         changes["max_len"] = length
     cfg = dataclasses.replace(cfg, **changes)
     encoder = TextEncoder(cfg, embed_dim, backend)
