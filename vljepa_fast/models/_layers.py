@@ -52,8 +52,9 @@ class PreNormBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class SwiGLU(nn.Module):
-    """Llama's MLP: down(silu(gate(x)) * up(x)), no biases (names as transformers' LlamaMLP)."""
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), no biases, transformers' names (``gate_proj``, ``up_proj``,
+    ``down_proj``); subclasses fix ``act``."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -61,8 +62,32 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
+    def act(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SwiGLU(GatedMLP):
+    """Llama's MLP: down(silu(gate(x)) * up(x)) (transformers' LlamaMLP)."""
+
+    def act(self, x: Tensor) -> Tensor:
+        return F.silu(x)
+
+
+def one_layout(what: str, layouts: list[tuple[str, str, list[str]]], none_found: str, state) -> str:
+    """The one layout whose keys a state dict holds: ``layouts`` are (name, label, the keys
+    found of it); two found -> ValueError "<what>: mixes <label> (e.g. key) and <label> ...",
+    none -> "<what>: <none_found>; first keys: ..."."""
+    present = [(label, keys, name) for name, label, keys in layouts if keys]
+    if len(present) > 1:
+        (a, ka, _), (b, kb, _) = present[:2]
+        raise ValueError(f"{what}: mixes {a} (e.g. {ka[0]!r}) and {b} (e.g. {kb[0]!r})")
+    if not present:
+        first = ", ".join(repr(k) for k in list(state)[:5])
+        raise ValueError(f"{what}: {none_found}; first keys: {first}")
+    return present[0][2]
 
 
 def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:

@@ -26,6 +26,7 @@ from vljepa_fast.models._layers import (
     gqa_attention,
     load_mapped,
     masked_mean,
+    one_layout,
 )
 from vljepa_fast.models.config import PredictorConfig
 
@@ -153,19 +154,14 @@ def _detect_llama(state: Mapping[str, Tensor]) -> str:
         if k.removeprefix("model.") == "embed_tokens.weight"
         or ((m := _HF_LAYER.fullmatch(k)) and m.group(2).startswith(("self_attn.", "mlp.")))
     ]
-    if meta and hf:
-        raise ValueError(
-            f"Llama state dict: mixes Meta's consolidated layout (e.g. {meta[0]!r}) and "
-            f"transformers' (e.g. {hf[0]!r})"
-        )
-    if not meta and not hf:
-        first = ", ".join(repr(k) for k in list(state)[:5])
-        raise ValueError(
-            "Llama state dict: no Llama keys of either layout (transformers: "
-            "'model.layers.{i}.self_attn.q_proj.weight', ...; Meta: "
-            f"'layers.{{i}}.attention.wq.weight', ...); first keys: {first}"
-        )
-    return "meta" if meta else "transformers"
+    return one_layout(
+        "Llama state dict",
+        [("meta", "Meta's consolidated layout", meta), ("transformers", "transformers'", hf)],
+        "no Llama keys of either layout (transformers: "
+        "'model.layers.{i}.self_attn.q_proj.weight', ...; Meta: "
+        "'layers.{i}.attention.wq.weight', ...)",
+        state,
+    )
 
 
 def load_llama_layers(

@@ -61,6 +61,18 @@ def _texts(texts: str | Sequence[str]) -> list[str]:
     return list(texts)
 
 
+def _fit(texts: list[str], rows: list[list[int]], max_len: int, truncation: str, cut) -> None:
+    """Rows longer than ``max_len``: a ValueError (truncation "error") or, with a
+    :class:`TruncationWarning`, replaced in place by ``cut(text, row)``."""
+    for i, (t, r) in enumerate(zip(texts, rows)):
+        if len(r) > max_len:
+            if truncation == "error":
+                raise ValueError(_too_long(t, len(r), max_len))
+            warnings.warn(_too_long(t, len(r), max_len) + ": truncated", TruncationWarning,
+                          stacklevel=3)  # fmt: skip
+            rows[i] = cut(t, r)
+
+
 def _too_long(text: str, n: int, max_len: int) -> str:
     return f"texts: {text[:30]!r}... is {n} tokens, more than max_len ({max_len})"
 
@@ -117,16 +129,7 @@ class ByteTokenizer:
         """
         texts = _texts(texts)
         rows = [self.encode(t) for t in texts]
-        for i, (t, r) in enumerate(zip(texts, rows)):
-            if len(r) > self.max_len:
-                if self.truncation == "error":
-                    raise ValueError(_too_long(t, len(r), self.max_len))
-                warnings.warn(
-                    _too_long(t, len(r), self.max_len) + ": truncated",
-                    TruncationWarning,
-                    stacklevel=2,
-                )
-                rows[i] = r[: self.max_len]
+        _fit(texts, rows, self.max_len, self.truncation, lambda t, r: r[: self.max_len])
         return _pad(rows, self.pad_id)
 
 
@@ -306,17 +309,12 @@ class HFTokenizer:
         texts = _texts(texts)
         tok, special = self.tokenizer, self.add_special_tokens
         rows = [list(r) for r in tok(texts, add_special_tokens=special)["input_ids"]]
-        for i, (t, r) in enumerate(zip(texts, rows)):
-            if len(r) > self.max_len:
-                if self.truncation == "error":
-                    raise ValueError(_too_long(t, len(r), self.max_len))
-                warnings.warn(
-                    _too_long(t, len(r), self.max_len) + ": truncated",
-                    TruncationWarning,
-                    stacklevel=2,
-                )
-                cut = tok(t, add_special_tokens=special, truncation=True, max_length=self.max_len)
-                rows[i] = list(cut["input_ids"])
+
+        def cut(t: str, r: list[int]) -> list[int]:  # re-tokenised: special tokens kept
+            out = tok(t, add_special_tokens=special, truncation=True, max_length=self.max_len)
+            return list(out["input_ids"])
+
+        _fit(texts, rows, self.max_len, self.truncation, cut)
         return _pad(rows, self.pad_id)
 
 

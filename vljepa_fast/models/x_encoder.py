@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from vljepa_fast import _backends, functional
 from vljepa_fast._backends import BackendSpec
-from vljepa_fast.models._layers import LoadResult, PreNormBlock, Source, load_mapped
+from vljepa_fast.models._layers import (
+    LoadResult,
+    PreNormBlock,
+    Source,
+    load_mapped,
+    one_layout,
+)
 from vljepa_fast.models.config import XEncoderConfig
 from vljepa_fast.ops.rotary import apply_rotary, rotary_cos_sin
 
@@ -228,19 +234,17 @@ def _detect(state: Mapping[str, Tensor]) -> str:
     ]
     if not any(_ORIGINAL_BODY.match(_strip_original(k)) for k in orig):
         orig = []  # e.g. a Llama or Gemma state dict: its "norm.weight" is not an encoder key
-    if hf and orig:
-        raise ValueError(
-            "V-JEPA 2 state dict: mixes the original layout (e.g. "
-            f"{orig[0]!r}) and transformers' VJEPA2Model layout (e.g. {hf[0]!r})"
-        )
-    if not hf and not orig:
-        first = ", ".join(repr(k) for k in list(state)[:5])
-        raise ValueError(
-            "V-JEPA 2 state dict: no encoder keys of either layout (original: "
-            "'[module.backbone.]blocks.{i}.attn.qkv.weight', ...; transformers: "
-            f"'encoder.layer.{{i}}.attention.query.weight', ...); first keys: {first}"
-        )
-    return "transformers" if hf else "original"
+    return one_layout(
+        "V-JEPA 2 state dict",
+        [
+            ("original", "the original layout", orig),
+            ("transformers", "transformers' VJEPA2Model layout", hf),
+        ],
+        "no encoder keys of either layout (original: "
+        "'[module.backbone.]blocks.{i}.attn.qkv.weight', ...; transformers: "
+        "'encoder.layer.{i}.attention.query.weight', ...)",
+        state,
+    )
 
 
 def _hf_prefix(state: Mapping[str, Tensor]) -> str:

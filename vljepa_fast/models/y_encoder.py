@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from vljepa_fast import _backends
 from vljepa_fast._backends import BackendSpec
 from vljepa_fast.models._layers import (
+    GatedMLP,
     LoadResult,
     Source,
     check_tokens,
@@ -72,17 +73,11 @@ class GemmaRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
 
-class GeGLU(nn.Module):
-    """Gemma's MLP: ``down(gelu_tanh(gate(x)) * up(x))``, no biases (transformers' names)."""
+class GeGLU(GatedMLP):
+    """Gemma's MLP: ``down(gelu_tanh(gate(x)) * up(x))`` (transformers' Gemma3MLP)."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+    def act(self, x: Tensor) -> Tensor:
+        return F.gelu(x, approximate="tanh")
 
 
 class GemmaAttention(PredictorAttention):
