@@ -14,6 +14,7 @@ setup(
         "vljepa_fast.integrations",
         "vljepa_fast.models",
         "vljepa_fast.eval",
+        "vljepa_fast.train",
         "vljepa_fast._kernels",
         "vljepa_fast._csrc",
     ],

@@ -21,6 +21,7 @@ from bench_attention import attention_flops
 from bench_infonce import infonce_flops
 
 import vljepa_fast.models as M
+from vljepa_fast.models._layers import GatedMLP
 from vljepa_fast.nn import PredictorAttention
 
 OP = "model"
@@ -64,13 +65,27 @@ def model_flops(model: torch.nn.Module, call: Callable[[], object], mode: str) -
     train = mode != "fwd"
     total = 0
 
-    def on_linear(mod, args, out):
+    called: set[int] = set()  # the nn.Linear modules called in the current gated MLP
+
+    def count_linear(mod, rows: int, input_grad: bool) -> None:
         nonlocal total
-        x = args[0]
-        gemm = 2 * (x.numel() // mod.in_features) * mod.in_features * mod.out_features
+        gemm = 2 * rows * mod.in_features * mod.out_features
         total += gemm
         if train:
-            total += gemm * (int(mod.weight.requires_grad) + int(x.requires_grad))
+            total += gemm * (int(mod.weight.requires_grad) + int(input_grad))
+
+    def on_linear(mod, args, out):
+        x = args[0]
+        called.add(id(mod))
+        count_linear(mod, x.numel() // mod.in_features, x.requires_grad)
+
+    def on_gated_start(mod, args):
+        called.discard(id(mod.down_proj))
+
+    def on_gated(mod, args, out):
+        # with autograd the down projection runs inside _layers._GatedDown, not as a call
+        if id(mod.down_proj) not in called:
+            count_linear(mod.down_proj, out.numel() // out.shape[-1], out.requires_grad)
 
     def on_attention(mod, args, kwargs, out):
         nonlocal total
@@ -86,6 +101,9 @@ def model_flops(model: torch.nn.Module, call: Callable[[], object], mode: str) -
     for mod in model.modules():
         if isinstance(mod, torch.nn.Linear):
             hooks.append(mod.register_forward_hook(on_linear))
+        elif isinstance(mod, GatedMLP):
+            hooks.append(mod.register_forward_pre_hook(on_gated_start))
+            hooks.append(mod.register_forward_hook(on_gated))
         elif isinstance(mod, PredictorAttention):
             hooks.append(mod.register_forward_hook(on_attention, with_kwargs=True))
     try:

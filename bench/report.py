@@ -25,6 +25,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 REFERENCE = "reference"
+#: the provider an op's "vs eager" column divides by, where it is not REFERENCE: the training
+#: step (bench_train.py) is measured against the peers' recipe
+REFERENCES = {"train": "peers"}
+
+
+def reference_of(op: str) -> str:
+    return REFERENCES.get(op, REFERENCE)
 
 
 def fmt_time(s: float | None) -> str:
@@ -74,7 +81,8 @@ def table(rows: Iterable[dict]) -> list[list[str]]:
         ]
     ]
     for (op, case), group in _groups(rows).items():
-        ref = next((r["median_s"] for r in group if r["provider"] == REFERENCE), None)
+        base = reference_of(op)
+        ref = next((r["median_s"] for r in group if r["provider"] == base), None)
         for r in group:
             speed = f"{ref / r['median_s']:.2f}x" if ref and r["median_s"] else "-"
             roof = "n/a" if r.get("roofline") is None else f"{100 * r['roofline']:.1f}%"
@@ -98,6 +106,53 @@ def table(rows: Iterable[dict]) -> list[list[str]]:
                 ]
             )
     return out
+
+
+def memory_fit(points: list[tuple[int, int]], budget: int) -> dict | None:
+    """peak = a + b * batch through the two largest measured batches, and the largest batch
+    that fits ``budget`` bytes: floor((budget - a) / b). None with fewer than two batches.
+    Extrapolated: only the two points are measured (None when peak does not grow with batch).
+    """
+    by_batch = dict(sorted(points))
+    if len(by_batch) < 2:
+        return None
+    (b1, p1), (b2, p2) = list(by_batch.items())[-2:]
+    slope = (p2 - p1) / (b2 - b1)
+    a = p1 - slope * b1
+    fits = math.floor((budget - a) / slope) if slope > 0 else None
+    return {"a": a, "b": slope, "batches": (b1, b2), "max_batch": fits, "budget": budget}
+
+
+def train_table(rows: Iterable[dict]) -> list[list[str]]:
+    """The training-step rows: samples/s, peak memory, the ratios to the peers' recipe at the
+    same case, and per (config, provider) the largest global batch that fits the budget,
+    extrapolated from the two batches measured."""
+    rows = [r for r in rows if r.get("op") == "train" and "median_s" in r]
+    points: dict[tuple, list[tuple[int, int]]] = {}
+    for r in rows:
+        if r.get("peak_bytes") is not None:
+            key = (r["config"], r["provider"], r.get("device_type"))
+            points.setdefault(key, []).append((r["batch"], r["peak_bytes"]))
+    out = [["case", "provider", "samples/s", "x peers", "peak", "x peers", "step extra",
+            "fits (extrapolated)"]]  # fmt: skip
+    for (_, case), group in _groups(rows).items():
+        peers = next((r for r in group if r["provider"] == "peers"), None)
+        for r in group:
+            fit = memory_fit(points.get((r["config"], r["provider"], r.get("device_type")), []),
+                             r["memory_budget_bytes"])  # fmt: skip
+            fits = "-"
+            if fit is not None and fit["max_batch"] is not None:
+                b1, b2 = fit["batches"]
+                fits = f"B {fit['max_batch']} in {fmt_bytes(fit['budget'])} (from B{b1}, B{b2})"
+            speed = mem = "-"
+            if peers is not None:
+                speed = f"{r['samples_per_s'] / peers['samples_per_s']:.2f}x"
+                if peers.get("peak_bytes") and r.get("peak_bytes") is not None:
+                    mem = f"{r['peak_bytes'] / peers['peak_bytes']:.2f}x"
+            out.append([case, r["provider"], f"{r['samples_per_s']:.3g}", speed,
+                        fmt_bytes(r.get("peak_bytes")), mem, fmt_bytes(r.get("peak_extra_bytes")),
+                        fits])  # fmt: skip
+    return out if len(out) > 1 else []
 
 
 def skipped(rows: Iterable[dict], kind: str = "skipped") -> list[str]:
@@ -135,6 +190,11 @@ def summary_lines(rows: list[dict]) -> list[str]:
             "roofline n/a: no published ceiling for this device (CPU, or a GPU not in "
             "bench/_harness.py CEILINGS)"
         )
+    train = train_table(rows)
+    if train:
+        widths = [max(len(line[i]) for line in train) for i in range(len(train[0]))]
+        lines += ["", "training step (x peers: ours over the peers' recipe, same case):"]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in train]
     for kind in ("failed", "skipped"):
         found = skipped(rows, kind)
         if found:
@@ -213,7 +273,8 @@ def charts(rows: list[dict], out: Path) -> list[Path]:
                 for case in labels:
                     g = cases[case]
                     r = next((x for x in g if x["provider"] == prov), None)
-                    ref = next((x["median_s"] for x in g if x["provider"] == REFERENCE), None)
+                    base = reference_of(op)
+                    ref = next((x["median_s"] for x in g if x["provider"] == base), None)
                     if r is None:
                         vals.append(math.nan)
                     elif kind == "speedup":
@@ -278,6 +339,11 @@ def markdown(run: dict, images: list[Path], other: dict | None = None) -> str:
                 + next(r.get("peak_method", "") for r in rows if r["op"] == op and "median_s" in r)
                 + ".",
             ]
+        if op == "train" and train_table(rows):
+            lines += ["", "Training step: samples/s and peak memory against the peers' recipe; "
+                      "the batch that fits is extrapolated from two measured points "
+                      "(peak = a + b * batch).", ""]  # fmt: skip
+            lines += _md_table(train_table(rows))
         lines.append("")
         lines += [f"![{p.stem}]({p.name})" for p in images if p.name.startswith(op + "_")]
         lines.append("")

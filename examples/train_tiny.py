@@ -42,48 +42,17 @@ import torch
 
 import vljepa_fast.models as M
 from vljepa_fast import _backends
+from vljepa_fast.train import synthetic
+from vljepa_fast.train.synthetic import CAPTIONS, CLASSES, COLORS, MOTIONS, SHAPES
 
-SHAPES = ("square", "circle", "triangle", "cross")
-COLORS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.1, 0.2, 1.0)}
-MOTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
-CLASSES = [(s, c, m) for s in SHAPES for c in COLORS for m in MOTIONS]
-CAPTIONS = [f"a {c} {s} moving {m}" for s, c, m in CLASSES]
 QUERY = "what is happening?"
-SIZE, FRAMES, STEP = 32, 4, 3
-
-
-def _shape_mask(shape: str, r: int) -> np.ndarray:
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    if shape == "square":
-        return np.ones_like(yy, dtype=bool)
-    if shape == "circle":
-        return yy**2 + xx**2 <= r * r
-    if shape == "triangle":
-        return (yy >= -r) & (np.abs(xx) <= (yy + r) / 2)
-    return (np.abs(yy) <= r // 3) | (np.abs(xx) <= r // 3)
+SIZE, FRAMES = 32, 4
 
 
 def render(labels: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-    """[B, 3, FRAMES, SIZE, SIZE] clips of the given class indices."""
-    B = len(labels)
-    video = rng.normal(0.0, 0.15, size=(B, 3, FRAMES, SIZE, SIZE)).astype(np.float32)
-    for b, label in enumerate(labels):
-        shape, color, motion = CLASSES[label]
-        r = int(rng.integers(4, 7))
-        mask = _shape_mask(shape, r)
-        dy, dx = MOTIONS[motion]
-        travel = STEP * (FRAMES - 1)
-        lo_y = r + (travel if dy < 0 else 0)
-        hi_y = SIZE - r - 1 - (travel if dy > 0 else 0)
-        lo_x = r + (travel if dx < 0 else 0)
-        hi_x = SIZE - r - 1 - (travel if dx > 0 else 0)
-        y0, x0 = int(rng.integers(lo_y, hi_y + 1)), int(rng.integers(lo_x, hi_x + 1))
-        rgb = np.array(COLORS[color], dtype=np.float32)[:, None, None]
-        for t in range(FRAMES):
-            y, x = y0 + dy * STEP * t, x0 + dx * STEP * t
-            patch = video[b, :, t, y - r : y + r + 1, x - r : x + r + 1]
-            patch[:, mask] = np.broadcast_to(rgb, (3, 1, 1))[:, :, 0].repeat(mask.sum(), 1)
-    return torch.from_numpy(video)
+    """[B, 3, FRAMES, SIZE, SIZE] clips of the given class indices (vljepa_fast.train.synthetic,
+    the clips the trainer's synthetic data draw too)."""
+    return synthetic.render(labels, rng, SIZE, FRAMES)
 
 
 def progress(i: int, n: int, start: float, note: str) -> None:

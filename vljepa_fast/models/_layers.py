@@ -52,6 +52,53 @@ class PreNormBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class RMSNorm(nn.RMSNorm):
+    """``torch.nn.RMSNorm`` (same parameters, value and dtype rule: 16-bit inputs computed in
+    float32, the output in the input's dtype) that keeps only its input and the [..., 1]
+    reciprocal RMS for the backward: autograd's composite keeps the normalised input too, one
+    more [tokens, dim] tensor per norm (the output is kept anyway by the projections it
+    feeds)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        needs = x.requires_grad or (w is not None and w.requires_grad)
+        if w is None or not torch.is_grad_enabled() or not needs or self.eps is None:
+            return super().forward(x)
+        if tuple(self.normalized_shape) != (x.shape[-1],):
+            return super().forward(x)  # norms over several dims: the composite's path
+        return _RMSNormFn.apply(x, w, self.eps)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch computes a norm of ``dtype`` in: float32 for 16-bit floats."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """y = x * rsqrt(mean(x^2) + eps) * w over the last dim, in float32 for 16-bit inputs;
+    keeps x and rstd."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, eps: float) -> Tensor:
+        xf = x.to(_opmath(x.dtype))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, w)
+        return (xf * rstd * w.to(xf.dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, rstd, w = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd
+        dyf = dy.to(rstd.dtype)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            g = dyf * w.to(rstd.dtype)
+            dx = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (dyf * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(w.dtype)
+        return dx, dw, None
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)), no biases, transformers' names (``gate_proj``, ``up_proj``,
     ``down_proj``); subclasses fix ``act``."""
@@ -66,7 +113,46 @@ class GatedMLP(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+            return _GatedDown.apply(g, u, self.down_proj.weight, self.act)
+        return self.down_proj(self.act(g) * u)
+
+
+class _GatedDown(torch.autograd.Function):
+    """``linear(act(g) * u, w)`` that keeps only g and u for the backward.
+
+    Autograd would keep four [tokens, hidden] tensors per layer (g for act's gradient, act(g)
+    and u for the product's, the product for the projection's weight gradient); this keeps two
+    and recomputes act(g) and the product in the backward (elementwise, O(tokens x hidden):
+    cheap beside the three GEMMs it feeds). The forward is the same arithmetic as the eager
+    expression; the GEMMs are the vendor's (``F.linear``, ``mm``). ``w`` is cast to the
+    activations' dtype as autocast would (bf16 autocast: bf16 GEMMs, the fp32 master weight's
+    gradient cast back).
+    """
+
+    @staticmethod
+    def forward(ctx, g: Tensor, u: Tensor, w: Tensor, act) -> Tensor:
+        ctx.act = act
+        ctx.save_for_backward(g, u, w)
+        return F.linear(act(g) * u, w.to(g.dtype))
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        g, u, w = ctx.saved_tensors
+        with torch.enable_grad():
+            g_ = g.detach().requires_grad_()
+            a = ctx.act(g_)
+        h = a.detach() * u
+        wc = w.to(dy.dtype)
+        dw = dy.reshape(-1, dy.shape[-1]).t().mm(h.reshape(-1, h.shape[-1]))
+        dh = dy.matmul(wc)
+        dg = du = None
+        if ctx.needs_input_grad[0]:
+            (dg,) = torch.autograd.grad(a, g_, dh * u)
+        if ctx.needs_input_grad[1]:
+            du = dh * a.detach()
+        return dg, du, dw.to(w.dtype) if ctx.needs_input_grad[2] else None, None
 
 
 class SwiGLU(GatedMLP):

@@ -20,6 +20,7 @@ from vljepa_fast import _backends
 from vljepa_fast._backends import BackendSpec
 from vljepa_fast.models._layers import (
     LoadResult,
+    RMSNorm,
     Source,
     SwiGLU,
     check_tokens,
@@ -38,9 +39,9 @@ class LlamaLayer(nn.Module):
 
     def __init__(self, cfg: PredictorConfig, backend: BackendSpec, causal: bool = False) -> None:
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.rms_eps)
+        self.input_layernorm = RMSNorm(cfg.dim, eps=cfg.rms_eps)
         self.self_attn = gqa_attention(cfg, backend, rope_scaling=cfg.rope_scaling, causal=causal)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.dim, eps=cfg.rms_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, eps=cfg.rms_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim)
 
     def forward(self, x: Tensor, mask: Tensor | None, positions: Tensor | None = None) -> Tensor:
@@ -72,7 +73,7 @@ class Predictor(_backends.HoldsBackend, nn.Module):
         self.visual_proj = nn.Linear(visual_dim, cfg.dim)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(LlamaLayer(cfg, self.backend) for _ in range(cfg.layers))
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.rms_eps)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.rms_eps)
         self.head = nn.Linear(cfg.dim, embed_dim)
 
     def forward(

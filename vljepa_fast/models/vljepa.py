@@ -453,10 +453,24 @@ class VLJEPA(_backends.HoldsBackend, nn.Module):
         tgt = self._encode_text(target, "target")
         if tgt.shape != pred.shape:
             raise ValueError(f"target: {tgt.shape[0]} texts for {pred.shape[0]} videos")
-        tgt = tgt.to(pred.dtype)
+        return self.embedding_loss(pred, tgt, group=group, reduction=reduction)
+
+    def embedding_loss(
+        self, pred: Tensor, target: Tensor, *, group: object | None = None,
+        reduction: str = "mean",
+    ) -> Tensor:  # fmt: skip
+        """The loss of :meth:`forward` on embeddings already computed: bidirectional InfoNCE
+        at the model's temperature (:meth:`temperature`) on the model's backend.
+
+        Args:
+            pred: [B, embed_dim] predicted embeddings (:meth:`predict`).
+            target: [B, embed_dim] target embeddings (:meth:`encode_text`), cast to
+                ``pred``'s dtype.
+            group, reduction: as :meth:`forward`.
+        """
         return functional.infonce_loss(
             pred,
-            tgt,
+            target.to(pred.dtype),
             temperature=self.temperature(),
             group=group,
             reduction=reduction,

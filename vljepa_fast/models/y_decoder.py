@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from vljepa_fast import _backends, functional
 from vljepa_fast._backends import BackendSpec
-from vljepa_fast.models._layers import PreNormBlock, SwiGLU, check_tokens
+from vljepa_fast.models._layers import PreNormBlock, RMSNorm, SwiGLU, check_tokens
 from vljepa_fast.models.config import YDecoderConfig
 from vljepa_fast.ops.rotary import apply_rotary, rotary_cos_sin
 
@@ -56,7 +56,7 @@ class _Attention(_backends.HoldsBackend, nn.Module):
 class _Block(PreNormBlock):
     def __init__(self, cfg: YDecoderConfig, backend: BackendSpec) -> None:
         attn, mlp = _Attention(cfg, backend), SwiGLU(cfg.dim, cfg.mlp_dim)
-        super().__init__(nn.RMSNorm, cfg.dim, cfg.norm_eps, attn, mlp)
+        super().__init__(RMSNorm, cfg.dim, cfg.norm_eps, attn, mlp)
 
     def forward(self, x, cos, sin, mask, cache):
         h, kv = self.attn(self.norm1(x), cos, sin, mask, cache)
@@ -80,7 +80,7 @@ class YDecoder(_backends.HoldsBackend, nn.Module):
         self.prefix = nn.Linear(embed_dim, cfg.prefix_tokens * cfg.dim)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(_Block(cfg, self.backend) for _ in range(cfg.layers))
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def _check_embedding(self, embedding: Tensor) -> None:

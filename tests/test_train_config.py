@@ -1,0 +1,97 @@
+"""python -m vljepa_fast.train's settings: presets, a config file under the flags, and every
+refused value named by its flag (exit 2, argparse's way), never a run that does something
+else than asked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vljepa_fast.train import PRESETS, TrainConfig, Trainer, parse_args
+from vljepa_fast.train.cli import main
+
+pytestmark = pytest.mark.cpu
+
+
+def _refused(capsys, argv: list[str], needle: str) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--preset", "huge"], "--preset: expected one of"),
+        (["--steps", "0"], "--steps: expected an integer >= 1"),
+        (["--steps", "ten"], "--steps: expected an integer"),
+        (["--batch-size", "-4"], "--batch-size: expected an integer >= 1"),
+        (["--lr", "nan"], "--lr: expected a finite number > 0"),
+        (["--lr", "0"], "--lr: expected a finite number > 0"),
+        (["--y-lr-mult", "-1"], "--y-lr-mult: expected a finite number >= 0"),
+        (["--schedule", "linear"], "--schedule: expected one of"),
+        (["--dist", "deepspeed"], "--dist: expected one of"),
+        (["--precision", "fp16"], "--precision: expected one of"),
+        (["--accum", "approx"], "--accum: expected one of"),
+        (["--warmup", "5", "--steps", "5"], "--warmup: expected fewer than --steps"),
+        (["--stop-at", "11", "--steps", "10"], "--stop-at: expected <= --steps"),
+        (["--resume"], "--resume: needs --out"),
+        (["--backend", "cuda-magic"], "--backend"),
+        (["--grad-accum", "0"], "--grad-accum: expected an integer >= 1"),
+    ],
+)
+def test_bad_flags_are_refused_naming_the_flag(capsys, argv, needle):
+    _refused(capsys, argv, needle)
+
+
+def test_config_file_then_flags(tmp_path, capsys):
+    """A .toml or .json file of settings (dashes or underscores), the flags over it; an
+    unknown key or an unreadable file refused naming --config."""
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "tiny"\nsteps = 7\nbatch-size = 16\nschedule = "cosine"\n')
+    cfg = parse_args(["--config", str(toml), "--steps", "9"])
+    assert (cfg.steps, cfg.global_batch, cfg.schedule) == (9, 16, "cosine")
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"grad_accum": 2, "checkpointing": True}))
+    cfg = parse_args(["--config", str(js), "--no-checkpointing"])
+    assert (cfg.grad_accum, cfg.checkpointing) == (2, False)
+    js.write_text(json.dumps({"learning_rate": 1.0}))
+    _refused(capsys, ["--config", str(js)], "unknown setting 'learning_rate'")
+    (tmp_path / "run.yaml").write_text("steps: 3\n")
+    _refused(capsys, ["--config", str(tmp_path / "run.yaml")], "expected a .toml or .json")
+    toml.write_text("steps = [\n")
+    _refused(capsys, ["--config", str(toml)], "--config: cannot read")
+
+
+def test_presets_and_defaults():
+    """Every preset freezes its X-encoder (the paper's recipe; what makes a cache valid) and
+    the default batch is the preset's."""
+    for name, p in PRESETS.items():
+        assert p.model.freeze_x_encoder, name
+        assert p.frames % p.model.x_encoder.tubelet == 0, name
+        assert TrainConfig(preset=name).global_batch == p.batch_size
+    assert PRESETS["tiny"].visual_tokens == 2 * 4 * 4
+    assert PRESETS["paper"].visual_tokens == 8 * 16 * 16
+
+
+def test_run_errors_name_the_flag(tmp_path, capsys, monkeypatch):
+    """Settings valid alone but not together: exit 2 with the flag named, nothing trained."""
+    out = tmp_path / "run"
+    assert main(["--steps", "1", "--batch-size", "30", "--grad-accum", "4"]) == 2
+    assert "--batch-size: the global batch 30 must divide by" in capsys.readouterr().err
+    assert main(["--steps", "1", "--data", str(tmp_path / "nothing")]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main(["--steps", "1", "--data", "synthetic:8"]) == 2  # fewer samples than the batch
+    assert "batch" in capsys.readouterr().err
+    assert main(["--steps", "1", "--threads", "1", "--out", str(out)]) == 0
+    assert main(["--steps", "2", "--threads", "1", "--out", str(out)]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert main(["--steps", "2", "--threads", "1", "--lr", "1e-3", "--resume", "--out",
+                 str(out)]) == 2  # fmt: skip
+    assert "lr: 0.0003 -> 0.001" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--dist: none, but torchrun started 2 processes"):
+        Trainer(TrainConfig(steps=1))
