@@ -41,6 +41,11 @@ def _refused(capsys, argv: list[str], needle: str) -> None:
         (["--resume"], "--resume: needs --out"),
         (["--backend", "cuda-magic"], "--backend"),
         (["--grad-accum", "0"], "--grad-accum: expected an integer >= 1"),
+        (["--out", ""], "--out: expected a path, got an empty string"),
+        (["--y-encoder", " "], "--y-encoder: expected a path"),
+        (["--lr", "1e308"], "--lr: expected at most 1"),
+        (["--lr", "0.1", "--weight-decay", "10"], "lr x weight decay must be below 1"),
+        (["--seed", str(2**32)], "--seed: expected an integer < 2**32"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(capsys, argv, needle):
@@ -62,6 +67,8 @@ def test_config_file_then_flags(tmp_path, capsys):
     _refused(capsys, ["--config", str(js)], "unknown setting 'learning_rate'")
     (tmp_path / "run.yaml").write_text("steps: 3\n")
     _refused(capsys, ["--config", str(tmp_path / "run.yaml")], "expected a .toml or .json")
+    js.write_text(json.dumps({"batch_size": 16, "batch-size": 8}))
+    _refused(capsys, ["--config", str(js)], "'batch-size' is set twice")
     toml.write_text("steps = [\n")
     _refused(capsys, ["--config", str(toml)], "--config: cannot read")
 
@@ -95,3 +102,78 @@ def test_run_errors_name_the_flag(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--dist: none, but torchrun started 2 processes"):
         Trainer(TrainConfig(steps=1))
+
+
+def _trainer(tmp_path, **kw) -> Trainer:
+    return Trainer(TrainConfig(steps=2, threads=1, progress="off", **kw))
+
+
+def test_out_is_locked_checked_and_the_trainer_rechecks_its_config(tmp_path):
+    """One run per --out (a second one, even in this process, is refused while the first
+    holds the lock, and may start once it closed); --out that is a file, or whose
+    metrics.jsonl is a folder, refused; a TrainConfig edited after its check is checked
+    again by the Trainer; step() after close() or past --steps refused."""
+    out = tmp_path / "run"
+    first = _trainer(tmp_path, out=str(out))
+    with pytest.raises(ValueError, match="is in use by another run"):
+        _trainer(tmp_path, out=str(out))
+    first.step()
+    first.step()
+    with pytest.raises(ValueError, match=r"step: the run's 2 steps \(--steps\) are done"):
+        first.step()
+    first.close()
+    with pytest.raises(ValueError, match="step: the trainer is closed"):
+        first.step()
+    _trainer(tmp_path, out=str(out)).close()  # the lock went with close()
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match="--out: .* exists and is not a folder"):
+        _trainer(tmp_path, out=str(afile))
+    (tmp_path / "m" / "metrics.jsonl").mkdir(parents=True)
+    with pytest.raises(ValueError, match="metrics.jsonl exists and is not a file"):
+        _trainer(tmp_path, out=str(tmp_path / "m"))
+    cfg = TrainConfig(steps=2)
+    cfg.grad_accum = 0
+    with pytest.raises(ValueError, match="--grad-accum: expected an integer >= 1"):
+        Trainer(cfg)
+
+
+def test_errors_found_at_a_step_name_the_data_and_stop_cleanly(tmp_path, monkeypatch, capsys):
+    """A sample that cannot be read at step N, and a loss that is not finite, end the run with
+    exit 2 and a message (--data ... step N / the loss), not a traceback; nothing is saved."""
+    from vljepa_fast.train import data as data_mod
+
+    def broken(self, indices):
+        raise ValueError("clip 3.npy: contains NaN")
+
+    monkeypatch.setattr(data_mod.SyntheticData, "batch", broken)
+    out = tmp_path / "run"
+    assert main(["--steps", "2", "--threads", "1", "--out", str(out)]) == 2
+    assert "--data: clip 3.npy: contains NaN (step 1, rank 0)" in capsys.readouterr().err
+    assert not (out / "checkpoint").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(Trainer, "_backward", lambda self, micro: float("nan"))
+    assert main(["--steps", "2", "--threads", "1", "--out", str(tmp_path / "nan")]) == 2
+    assert "the loss is nan at step 1: training diverged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "distcp", "rng"])
+def test_a_damaged_checkpoint_is_refused_naming_it(tmp_path, capsys, damage):
+    """A complete-looking checkpoint whose files are damaged: --resume exits 2 naming the
+    folder (never a traceback, never a half-loaded run)."""
+    out = tmp_path / "run"
+    assert main(["--steps", "4", "--stop-at", "2", "--threads", "1", "--out", str(out)]) == 0
+    folder = out / "checkpoint" / "step-00000002"
+    state = folder / "trainer.json"
+    if damage == "truncated":
+        state.write_text(state.read_text()[:40])
+    elif damage == "empty":
+        state.write_text("{}")
+    elif damage == "distcp":
+        next(folder.glob("*.distcp")).unlink()
+    else:
+        (folder / "rng-0.pt").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert main(["--steps", "4", "--resume", "--threads", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint {folder} is damaged" in err, err

@@ -308,3 +308,199 @@ def test_cache_refusals(tmp_path, tiny_model):
         CF.main(["--preset", "tiny", "--data", "synthetic", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="--data.*already a feature cache"):
         CF.main(["--preset", "tiny", "--data", str(out), "--out", str(tmp_path / "y")])
+
+
+# ------------------------------------------------------------------------------ review fixes
+
+
+def test_synthetic_n_is_bounded(tiny_model):
+    """A huge N is refused naming --data before torch.randperm would try to allocate it."""
+    big = int(_rng().integers(2**31 + 1, 2**62))
+    for n in (big, 10**12, "9" * 23, "9" * 5000, "²", "1_000", " 5"):
+        with pytest.raises(ValueError, match=r"^--data: .*synthetic:N.*2\*\*31"):
+            open_data(f"synthetic:{n}", TINY, tiny_model, seed=0)
+    assert len(open_data(f"synthetic:{2**31}", TINY, tiny_model, seed=0)) == 2**31
+
+
+def _small_cache(path, seed=0, n=12, shard=4):
+    CF.main(["--preset", "tiny", "--data", f"synthetic:{n}", "--out", str(path), "--seed",
+             str(seed), "--batch-size", "4", "--shard-size", str(shard), "--backend",
+             "reference", "--device", "cpu"])  # fmt: skip
+    return json.loads((path / "cache.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    """A 12-row cache in three 4-row shards (tests copy it before spoiling it)."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("small") / "cache"
+    _small_cache(out)
+    return out
+
+
+def _edited(tmp_path, src, name, edit_meta=None):
+    """A copy of the cache ``src`` with cache.json edited by ``edit_meta(meta)``."""
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    if edit_meta is not None:
+        meta = json.loads((dst / "cache.json").read_text())
+        edit_meta(meta)
+        (dst / "cache.json").write_text(json.dumps(meta))
+    return dst
+
+
+def _refused(root, model, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        open_data(str(root), TINY, model, seed=0)
+
+
+def test_cache_truncated_shard(tmp_path, tiny_model, small_cache):
+    """One line naming --data and the file, not a SafetensorError traceback."""
+    cut = _edited(tmp_path, small_cache, "cut")
+    raw = (cut / "shard-00001.safetensors").read_bytes()
+    (cut / "shard-00001.safetensors").write_bytes(raw[: int(_rng().integers(1, len(raw)))])
+    _refused(cut, tiny_model, r"^--data: shard .*shard-00001\.safetensors: cannot be read")
+
+
+def test_cache_shard_file_must_be_a_plain_name(tmp_path, tiny_model, small_cache):
+    outside = tmp_path / "outside.safetensors"  # a readable shard, only its place is wrong
+    outside.write_bytes((small_cache / "shard-00000.safetensors").read_bytes())
+    escapes = ("../outside.safetensors", str(outside), "../../etc/passwd", "/etc/passwd",
+               "sub/x.safetensors", "..", ".", "")  # fmt: skip
+    for i, bad in enumerate(escapes):
+        root = _edited(tmp_path, small_cache, f"esc{i}",
+                       lambda m, bad=bad: m["shards"][0].update(file=bad))  # fmt: skip
+        _refused(root, tiny_model, r"^--data: .*shards\[0\]\.file: expected a plain file name")
+
+
+def test_cache_shards_belong_to_their_place(tmp_path, tiny_model, small_cache):
+    """Swapped in cache.json, a copy over another, a shard of another cache: refused."""
+    from safetensors import safe_open
+
+    meta = json.loads((small_cache / "cache.json").read_text())
+    assert int(meta["cache_id"], 16) >= 0 and len(meta["cache_id"]) == 32
+    for k, s in enumerate(meta["shards"]):  # the metadata a reader checks
+        with safe_open(str(small_cache / s["file"]), framework="pt") as f:
+            got = {key: f.metadata().get(key) for key in ("cache_id", "first_row", "rows")}
+        assert got == {"cache_id": meta["cache_id"], "first_row": str(4 * k), "rows": "4"}
+    open_data(str(small_cache), TINY, tiny_model, seed=0)  # the untouched cache opens
+    swap = _edited(tmp_path, small_cache, "swap",
+                   lambda m: m["shards"].insert(0, m["shards"].pop(1)))  # fmt: skip
+    _refused(swap, tiny_model, r"^--data: shard .*shard-00001.*rows from 4.*puts it at rows from 0")
+    copy = _edited(tmp_path, small_cache, "copy")
+    shutil.copy(copy / "shard-00000.safetensors", copy / "shard-00002.safetensors")
+    _refused(copy, tiny_model, r"^--data: shard .*shard-00002.*swapped or copied")
+    other = tmp_path / "other"
+    _small_cache(other)  # same seed and data: the same tensors, another cache id
+    mixed = _edited(tmp_path, small_cache, "mixed")
+    shutil.copy(other / "shard-00001.safetensors", mixed / "shard-00001.safetensors")
+    _refused(mixed, tiny_model, r"^--data: shard .*shard-00001.*another cache")
+    rows = _edited(tmp_path, small_cache, "rows",
+                   lambda m: (m["shards"][2].update(rows=3), m.update(n=11)))  # fmt: skip
+    _refused(rows, tiny_model, r"^--data: shard .*shard-00002.*\(4 rows\).*\(3 rows\)")
+    rows = _edited(tmp_path, small_cache, "rows2", lambda m: m["shards"][0].update(rows="4"))
+    _refused(rows, tiny_model, r"^--data: .*shards\[0\]\.rows: expected an int")
+    old = _edited(tmp_path, small_cache, "v1", lambda m: m.update(version=1))
+    _refused(old, tiny_model, r"^--data: .*not a version 2 feature cache.*cache_features")
+
+
+def test_cache_dtype_is_checked(tmp_path, tiny_model, small_cache):
+    dt = _edited(tmp_path, small_cache, "dtype", lambda m: m.update(dtype="bfloat16"))
+    _refused(dt, tiny_model, r"^--data: shard .*shard-00000.*x_features is F32.*BF16.*bfloat16")
+    dt = _edited(tmp_path, small_cache, "dtype2", lambda m: m.update(dtype="float16"))
+    _refused(dt, tiny_model, r"^--data: .*cache.json dtype")
+
+
+def _cf_refused(tmp_path, flag, value, pattern):
+    """cache_features with ``flag value`` on a small valid command line: refused."""
+    argv = ["--preset", "tiny", "--data", "synthetic:8", "--out", str(tmp_path / "c"),
+            "--backend", "reference", "--device", "cpu"]  # fmt: skip
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    with pytest.raises(ValueError, match=pattern):
+        CF.main(argv)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cache_features_flags_are_named(tmp_path):
+    _cf_refused(tmp_path, "--seed", str(-int(_rng().integers(1, 100))), r"^--seed: ")
+    _cf_refused(tmp_path, "--seed", str(2**32), r"^--seed: ")
+    for flag in ("--out", "--data", "--x-encoder"):
+        for empty in ("", "  "):
+            _cf_refused(tmp_path, flag, empty, f"^{flag}: expected a path")
+    _cf_refused(tmp_path, "--x-encoder", str(tmp_path / "nope.safetensors"), r"^--x-encoder\b")
+
+
+def test_cache_features_device(tmp_path, monkeypatch):
+    # no GPU (patched, so the test means the same on a CUDA machine)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for dev in ("cuda", "cuda:0"):
+        _cf_refused(tmp_path, "--device", dev,
+                    "^--device: cuda asked for, but torch sees no CUDA device$")  # fmt: skip
+    for dev in ("meta", "bogus"):
+        _cf_refused(tmp_path, "--device", dev, r"^--device: expected auto, cpu, cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _cf_refused(tmp_path, "--device", "cuda:1", r"^--device: cuda:1 asked for, but torch sees 1")
+
+
+def test_folder_video_must_stay_inside(tmp_path, tiny_model):
+    ok = np.zeros((4, 32, 32, 3), np.uint8)
+    elsewhere = _folder(tmp_path / "other", [ok])  # exists: only the path itself is wrong
+    target = elsewhere / "clips" / "c0.npy"
+    for i, video in enumerate(
+        ("../other/clips/c0.npy", str(target), "clips/../../other/clips/c0.npy", ".")
+    ):
+        root = _folder(
+            tmp_path / f"data{i}", [ok], lines="\n" + json.dumps({"video": video, "caption": "x"})
+        )
+        pattern = rf"^--data: .*data{i}/captions\.jsonl: line 2: video .*inside"
+        with pytest.raises(ValueError, match=pattern):
+            open_data(str(root), TINY, tiny_model, seed=0)
+    root = _folder(tmp_path / "dots", [ok], lines=json.dumps({"video": "./clips/c0.npy",
+                                                              "caption": "x"}))  # fmt: skip
+    assert len(open_data(str(root), TINY, tiny_model, seed=0)) == 1
+
+
+def test_folder_clip_errors_at_a_step(tmp_path, tiny_model, monkeypatch):
+    """A clip that turned bad after open_data: a ValueError starting --data: naming the file."""
+    import vljepa_fast.train.data as D
+
+    rng = _rng()
+    good = rng.integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    root = _folder(tmp_path / "d", [good, good])
+    d = open_data(str(root), TINY, tiny_model, seed=0)
+    clip = root / "clips" / "c1.npy"
+    nan = rng.standard_normal((3, 4, 32, 32)).astype(np.float32)
+    nan[tuple(rng.integers(0, s) for s in nan.shape)] = np.nan
+    cases = {
+        "nan": lambda: np.save(clip, nan),
+        "dtype": lambda: np.save(clip, good.astype(np.int32)),
+        "shape": lambda: np.save(clip, good[:, :16]),
+        "truncated": lambda: clip.write_bytes(clip.read_bytes()[: int(rng.integers(1, 200))]),
+        "folder": lambda: (clip.unlink(), clip.mkdir()),
+        "gone": lambda: clip.unlink(),
+    }
+    for spoil in cases.values():
+        if clip.is_dir():
+            clip.rmdir()
+        np.save(clip, good)
+        d.batch([1])  # fine again
+        spoil()
+        with pytest.raises(ValueError, match=rf"^--data: {root.resolve()}/clips/c1\.npy"):
+            d.batch([0, 1])
+    if clip.is_dir():
+        clip.rmdir()
+    np.save(clip, good)
+    for exc in (OSError("disk gone"), EOFError(), RuntimeError("zip"), KeyError("x")):
+
+        def boom(path, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(D, "load_video", boom)
+        with pytest.raises(
+            ValueError, match=rf"^--data: .*c1\.npy: cannot be read \({type(exc).__name__}"
+        ):
+            d.batch([1])

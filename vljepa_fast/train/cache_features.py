@@ -10,12 +10,14 @@ samples in index order. The cache folder holds:
 * ``shard-00000.safetensors``, ...: ``x_features`` [rows, N, x_dim] (float32 or bfloat16);
   where the data are token ids, ``query_ids`` / ``target_ids`` [rows, L] int64 and
   ``query_mask`` / ``target_mask`` [rows, L] bool (L the shard's longest row); where they are
-  texts, the safetensors metadata ``query`` / ``target``: JSON lists of the rows' strings;
+  texts, the safetensors metadata ``query`` / ``target``: JSON lists of the rows' strings. The
+  metadata also holds ``cache_id`` (cache.json's), ``first_row`` and ``rows`` (decimal
+  strings), so that a reader can tell a shard swapped, copied or brought from another cache;
 * ``cache.json``, written last (a temporary name, then ``os.replace``: a folder without it is
-  an unfinished cache and is never read): version, n, N, x_dim, dtype, shards (file, rows),
-  ids (per text kind: ids or texts), pad (the pad id of each ids kind), source (the data's
-  ``describe()``), preset, seed, x_encoder (:func:`x_encoder_fingerprint`), x_encoder_path,
-  backend.
+  an unfinished cache and is never read): version (2), cache_id (a random uuid4, hex), n, N,
+  x_dim, dtype, shards (file, rows), ids (per text kind: ids or texts), pad (the pad id of each
+  ids kind), source (the data's ``describe()``), preset, seed, x_encoder
+  (:func:`x_encoder_fingerprint`), x_encoder_path, backend.
 """
 
 from __future__ import annotations
@@ -24,21 +26,29 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
+import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from vljepa_fast import _backends
-from vljepa_fast.train.data import CACHE_VERSION, _pad_rows, _token_spec, open_data
+from vljepa_fast.train.data import (
+    CACHE_DTYPES,
+    CACHE_VERSION,
+    _pad_rows,
+    _token_spec,
+    open_data,
+)
 from vljepa_fast.train.model import build_model
 from vljepa_fast.train.presets import PRESETS, preset
 
 __all__ = ["main", "write_cache", "x_encoder_fingerprint"]
 
 SHARD = "shard-{:05d}.safetensors"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: dtype for name, (_, dtype) in CACHE_DTYPES.items()}
 
 
 def x_encoder_fingerprint(module: nn.Module) -> str:
@@ -56,11 +66,14 @@ def x_encoder_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _save_shard(path: Path, feats: list, texts: dict, ids: dict, pads: dict) -> None:
+def _save_shard(
+    path: Path, feats: list, texts: dict, ids: dict, pads: dict, cache_id: str, first_row: int
+) -> None:
     from safetensors.torch import save_file
 
     tensors = {"x_features": torch.cat(feats).contiguous()}
-    meta = {}
+    n_rows = tensors["x_features"].shape[0]
+    meta = {"cache_id": cache_id, "first_row": str(first_row), "rows": str(n_rows)}
     for key, rows in texts.items():
         if ids[key]:
             tensors[f"{key}_ids"], tensors[f"{key}_mask"] = _pad_rows(rows, pads[key])
@@ -88,6 +101,7 @@ def write_cache(
     shards, then cache.json (its dict returned; ``info`` adds preset, seed, paths...)."""
     model.eval()
     n, shards, ids, N, x_dim = len(data), [], {}, None, None
+    cache_id = uuid.uuid4().hex  # ties the shards to this cache.json
     pads = {}
     if model.query_tokenizer is None:
         pads["query"] = _token_spec(model, "query")[2] or 0
@@ -103,11 +117,11 @@ def write_cache(
             feats.append(x.to(dtype).cpu())
             texts["query"] += _rows(b.query, "query", ids)
             texts["target"] += _rows(b.target, "target", ids)
-        _save_shard(out / SHARD.format(k), feats, texts, ids, pads)
+        _save_shard(out / SHARD.format(k), feats, texts, ids, pads, cache_id, lo)
         shards.append({"file": SHARD.format(k), "rows": hi - lo})
         print(f"cache_features: shard {k}: rows {lo}..{hi - 1} of {n}", file=sys.stderr)
     meta = {
-        "version": CACHE_VERSION, "n": n, "N": N, "x_dim": x_dim,
+        "version": CACHE_VERSION, "cache_id": cache_id, "n": n, "N": N, "x_dim": x_dim,
         "dtype": str(dtype).removeprefix("torch."), "shards": shards, "ids": ids,
         "pad": {k: v for k, v in pads.items() if ids.get(k)}, "source": data.describe(),
         "x_encoder": x_encoder_fingerprint(model.x_encoder), **info,
@@ -127,10 +141,45 @@ def _backend(text: str) -> _backends.BackendSpec:
 
 
 def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {v}")
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or v < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
     return v
+
+
+def _device(text: str) -> torch.device:
+    """--device: auto (cuda when torch sees one, else cpu), cpu, cuda or cuda:i."""
+    try:
+        dev = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if text == "auto" else text
+        )
+    except RuntimeError as e:
+        raise ValueError(
+            f"--device: expected auto, cpu, cuda or cuda:i, got {text!r} ({e})"
+        ) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:i, got {text!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device: cuda asked for, but torch sees no CUDA device")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device: {text} asked for, but torch sees {count} CUDA device(s)")
+    return dev
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The flags argparse cannot check: ValueError naming the flag."""
+    for flag, v in (("--data", args.data), ("--out", args.out), ("--x-encoder", args.x_encoder)):
+        if v is not None and not v.strip():
+            raise ValueError(f"{flag}: expected a path, got {v!r}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed: expected an int in [0, 2**32), got {args.seed}")
+    if args.data == "synthetic":
+        raise ValueError("--data: give synthetic:N, the number of clips to cache")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -150,10 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     ap.add_argument("--overwrite", action="store_true", help="replace a cache in --out")
     args = ap.parse_args(argv)
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.data == "synthetic":
-        raise ValueError("--data: give synthetic:N, the number of clips to cache")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} exists and is not a folder")
@@ -161,15 +209,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--out: the cache cannot go into the --data folder itself")
     if (out / "cache.json").exists() and not args.overwrite:
         raise ValueError(f"--out: {out} already holds a feature cache; pass --overwrite")
-    try:
-        device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-            else args.device
-        )  # fmt: skip
-    except RuntimeError as e:
-        raise ValueError(f"--device: {e}") from None
+    device = _device(args.device)
     p = preset(args.preset)
-    model = build_model(p, args.seed, _backend(args.backend), x_encoder=args.x_encoder)
+    try:
+        model = build_model(p, args.seed, _backend(args.backend), x_encoder=args.x_encoder)
+    except ValueError as e:  # load_pretrained names its argument, x_encoder: the flag's name
+        raise ValueError(re.sub(r"^x_encoder(?=[ :])", "--x-encoder", str(e))) from None
     model.to(device)
     data = open_data(args.data, p, model, seed=args.seed)
     if data.kind == "cache":

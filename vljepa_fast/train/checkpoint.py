@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -41,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from vljepa_fast.train.distributed import Dist
 
-__all__ = ["latest", "load", "model_state_dict", "save"]
+__all__ = ["latest", "load", "model_state_dict", "read_state", "save"]
 
 _STEP = re.compile(r"^step-(\d{8})$")
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
@@ -83,8 +84,8 @@ def latest(root: str | os.PathLike) -> Path | None:
     if not root.is_dir():
         return None
     named = root / "latest"
-    if named.is_file():
-        cand = root / named.read_text().strip()
+    if named.is_file():  # a damaged or stale name falls back to the scan below
+        cand = root / named.read_bytes().decode("ascii", "replace").strip()
         if _STEP.match(cand.name) and _complete(cand):
             return cand
     steps = sorted(p for p in root.iterdir() if _STEP.match(p.name) and _complete(p))
@@ -137,14 +138,50 @@ def save(
     return final
 
 
+def _damaged(folder: Path, what: str) -> ValueError:
+    return ValueError(
+        f"--resume: the checkpoint {folder} is damaged ({what}); move it away to resume from "
+        "the one before it"
+    )
+
+
+def read_state(folder: Path) -> dict:
+    """``folder``'s trainer.json, checked (ValueError naming the file when it is not what
+    :func:`save` writes)."""
+    path = folder / "trainer.json"
+    try:
+        state = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise _damaged(folder, f"{path.name}: {e}") from None
+    ok = (
+        isinstance(state, dict)
+        and isinstance(state.get("settings"), dict)
+        and isinstance(state.get("scheduler"), dict)
+        and "data" in state
+        and isinstance(state.get("step"), int)
+        and not isinstance(state.get("step"), bool)
+        and state["step"] >= 1
+        and f"step-{state['step']:08d}" == folder.name
+    )
+    if not ok:
+        raise _damaged(folder, f"{path.name} is not the trainer state of {folder.name}")
+    return state
+
+
 def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict:
     """Load ``folder`` (from :func:`latest`) into ``model`` and ``optimizer`` in place, restore
-    this rank's random state, and return its trainer.json (collective)."""
-    state = json.loads((folder / "trainer.json").read_text())
+    this rank's random state, and return its trainer.json (collective). A folder whose files
+    cannot be read is a ValueError naming it (never a half-loaded model: the tensors are read
+    into fresh state dicts before any is set)."""
+    state = read_state(folder)
     msd, osd = get_state_dict(model, optimizer, options=_OPTIONS)
     sd = {"model": msd, "optim": osd}
-    with _single_process_quiet():
-        dcp.load(sd, checkpoint_id=str(folder), no_dist=d.group is None)
+    try:
+        with _single_process_quiet():
+            dcp.load(sd, checkpoint_id=str(folder), no_dist=d.group is None)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 (DCP's is a BaseException)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _damaged(folder, f"{type(e).__name__}: {first[:300]}") from None
     # not strict: the frozen parameters are not in the checkpoint; every other key must be
     result = set_state_dict(
         model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
@@ -159,10 +196,13 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, d: Di
         )
     rng_file = folder / f"rng-{d.rank}.pt"
     if rng_file.is_file():  # absent when the run resumes on more ranks than it saved from
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and d.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], d.device)
+        try:
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and d.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], d.device)
+        except Exception as e:  # noqa: BLE001 (unpickling errors come in many types)
+            raise _damaged(folder, f"{rng_file.name}: {type(e).__name__}") from None
     return state
 
 

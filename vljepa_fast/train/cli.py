@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m vljepa_fast.train: error: {e}", file=sys.stderr)
         return 2
     try:
-        rows = trainer.fit()
+        try:
+            rows = trainer.fit()
+        except ValueError as e:  # bad data or a diverged loss found at a step
+            print(f"python -m vljepa_fast.train: error: {e}", file=sys.stderr)
+            return 2
         if trainer.dist.main and rows:
             last = rows[-1]
             where = f"; wrote {trainer.out}" if trainer.out is not None else ""

@@ -141,6 +141,13 @@ class TrainConfig:
         number("lr", 0.0, strict=True)
         number("y_lr_mult", 0.0, strict=False)
         number("weight_decay", 0.0, strict=False)
+        if self.lr > 1.0:  # AdamW moves each weight by up to lr a step: above 1, nothing trains
+            raise ValueError(f"--lr: expected at most 1 (AdamW), got {self.lr}")
+        if self.lr * self.weight_decay >= 1.0:  # the decay factor 1 - lr * wd would be <= 0
+            raise ValueError(
+                f"--weight-decay: lr x weight decay must be below 1 (AdamW multiplies every "
+                f"weight by 1 - lr x wd each step), got {self.lr} x {self.weight_decay}"
+            )
         for name in ("checkpointing", "resume"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
@@ -158,6 +165,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, str | Path):
                 raise ValueError(f"{flag(name)}: expected a path or string, got {v!r}")
+            if isinstance(v, str) and not v.strip():  # "" would mean the current folder
+                raise ValueError(f"{flag(name)}: expected a path, got an empty string")
             if isinstance(v, Path):
                 setattr(self, name, str(v))
         self.backend = _backends.check_spec(_backend_spec(self.backend), "--backend")
@@ -202,6 +211,8 @@ def _read_config_file(path: str) -> dict:
     out = {}
     for key, value in d.items():
         name = key.replace("-", "_")
+        if name in out:
+            raise ValueError(f"--config: {path}: {key!r} is set twice (as - and _ spellings)")
         if name not in known:
             raise ValueError(f"--config: {path}: unknown setting {key!r} (known: {sorted(known)})")
         out[name] = value

@@ -2,16 +2,19 @@
 
 :func:`open_data` reads a ``--data`` spec:
 
-* ``synthetic`` / ``synthetic:N``: N (default 2**20) coloured-shape clips of
-  :mod:`vljepa_fast.train.synthetic` at the preset's clip shape, sample i a pure function of
-  (seed, i); query ``preset.query``, target the caption;
-* a folder with ``captions.jsonl``: one ``{"video": path relative to the folder, "caption": str,
-  "query": str (optional, default preset.query)}`` per line, clips read by
-  :func:`vljepa_fast.eval.io.load_video` (as read: uint8 frames scaled to [0, 1], no
-  normalisation) and checked against the preset's [3, frames, image_size, image_size];
+* ``synthetic`` / ``synthetic:N``: N (default 2**20, at most 2**31: an epoch's order is N
+  int64s in memory) coloured-shape clips of :mod:`vljepa_fast.train.synthetic` at the preset's
+  clip shape, sample i a pure function of (seed, i); query ``preset.query``, target the caption;
+* a folder with ``captions.jsonl``: one ``{"video": path relative to the folder (no absolute
+  path, no ``..``), "caption": str, "query": str (optional, default preset.query)}`` per line,
+  clips read by :func:`vljepa_fast.eval.io.load_video` (as read: uint8 frames scaled to [0, 1],
+  no normalisation) and checked against the preset's [3, frames, image_size, image_size]; a clip
+  that cannot be read at a step is a ValueError starting ``--data: `` and naming the file;
 * a feature cache folder (``cache.json``, written by ``python -m
   vljepa_fast.train.cache_features``): X-encoder tokens read row by row from memory-mapped
-  safetensors shards (see :mod:`vljepa_fast.train.cache_features` for the layout).
+  safetensors shards (see :mod:`vljepa_fast.train.cache_features` for the layout). Every
+  shard's header is checked against cache.json when the cache is opened: its cache id, first
+  row and row count (so a swapped, copied or foreign shard is refused), tensor dtypes and shapes.
 
 Texts stay texts when the model has the tokenizer for them; otherwise (the paper preset's
 Llama / Gemma vocabularies without a tokenizer) the synthetic texts become deterministic
@@ -22,9 +25,11 @@ word-hash token ids (:func:`hash_ids`), and a folder of real captions is refused
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -49,10 +54,15 @@ __all__ = [
 ]
 
 SYNTHETIC_DEFAULT_N = 2**20
-CACHE_VERSION = 1
+#: the largest synthetic:N (torch.randperm of an epoch holds N int64s: 16 GiB at 2**31)
+SYNTHETIC_MAX_N = 2**31
+#: 2: shards carry the cache id, first row and row count in their metadata
+CACHE_VERSION = 2
 #: the fields every cache.json holds (cache_features writes them)
-CACHE_KEYS = ("version", "n", "N", "x_dim", "dtype", "shards", "ids", "pad", "source", "preset",
-              "seed", "x_encoder")  # fmt: skip
+CACHE_KEYS = ("version", "cache_id", "n", "N", "x_dim", "dtype", "shards", "ids", "pad",
+              "source", "preset", "seed", "x_encoder")  # fmt: skip
+#: cache.json's dtype -> (safetensors dtype code of x_features, torch dtype)
+CACHE_DTYPES = {"float32": ("F32", torch.float32), "bfloat16": ("BF16", torch.bfloat16)}
 CAPTIONS_FILE = "captions.jsonl"
 Text = list[str] | tuple[Tensor, Tensor]
 
@@ -217,7 +227,8 @@ class SyntheticData:
     kind, shuffle = "synthetic", True
 
     def __init__(self, n: int, preset: Preset, model, seed: int) -> None:
-        self.n, self.preset, self.seed = n, preset, _int("seed", seed, 0, 2**32)
+        self.n, self.preset = _int("n", n, 1, SYNTHETIC_MAX_N + 1), preset
+        self.seed = _int("seed", seed, 0, 2**32)
         c, self.frames, self.size, _ = _clip_shape(preset)
         if c != 3:
             raise ValueError(f"--data: synthetic clips are RGB; the preset's X-encoder takes {c}")
@@ -260,7 +271,17 @@ class FolderData:
 
     def _clip(self, i: int) -> Tensor:
         path = self.root / self.records[i]["video"]
-        x = load_video(path)
+        try:
+            x = load_video(path)
+        except MemoryError:
+            raise
+        except Exception as e:  # the file changed since open_data: one --data line, not a trace
+            msg = str(e).removeprefix("--data: ")
+            if not isinstance(e, ValueError):
+                msg = f"{path}: cannot be read ({type(e).__name__}: {_first_line(e)})"
+            elif str(path) not in msg:
+                msg = f"{path}: {msg}"
+            raise ValueError(f"--data: {msg}") from None
         if tuple(x.shape) != self.shape:
             raise ValueError(
                 f"--data: {path}: clip shape {tuple(x.shape)} [C, T, H, W], the preset "
@@ -284,10 +305,27 @@ class FolderData:
                 "fingerprint": digest}  # fmt: skip
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _inside(name: str) -> bool:
+    """Whether ``name`` is a relative path that stays inside its folder (no absolute path, no
+    ``..`` part, not the folder itself). Checked on the text: a symlink inside the folder is
+    the folder owner's choice and is followed."""
+    parts = [q for q in Path(name).parts if q != "."]
+    return not Path(name).is_absolute() and bool(parts) and ".." not in parts
+
+
 def _read_captions(path: Path, root: Path) -> list[dict]:
-    """captions.jsonl -> [{"video", "caption"[, "query"]}]; each video must exist."""
+    """captions.jsonl -> [{"video", "caption"[, "query"]}]; each video must exist inside root."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--data: {path}: cannot be read as UTF-8 text ({e})") from None
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"--data: {path}: line {n}"
@@ -306,6 +344,11 @@ def _read_captions(path: Path, root: Path) -> list[dict]:
                 raise ValueError(
                     f"{where}: field {field!r}: expected a non-empty string, got {v!r}"
                 )
+        if not _inside(obj["video"]):
+            raise ValueError(
+                f"{where}: video {obj['video']!r}: expected a path relative to {root} that stays "
+                "inside it (no absolute path, no '..')"
+            )
         if not (root / obj["video"]).exists():
             raise ValueError(f"{where}: video {obj['video']!r}: no such file or folder in {root}")
         records.append(obj)
@@ -314,31 +357,84 @@ def _read_captions(path: Path, root: Path) -> list[dict]:
     return records
 
 
+def _check_cache_json(meta: object, where: str) -> dict:
+    """The structure of a cache.json (values that the preset or model decide are checked by
+    :class:`CacheData`)."""
+    if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
+        got = meta.get("version") if isinstance(meta, dict) else None
+        raise ValueError(
+            f"{where}: not a version {CACHE_VERSION} feature cache (cache.json version {got!r}); "
+            "write it again with python -m vljepa_fast.train.cache_features"
+        )
+    missing = sorted(set(CACHE_KEYS) - set(meta))
+    if missing:
+        raise ValueError(f"{where}: cache.json lacks {missing}")
+
+    def bad(key: str, want: str) -> ValueError:
+        return ValueError(f"{where}: cache.json {key}: expected {want}, got {meta[key]!r}")
+
+    if not isinstance(meta["cache_id"], str) or not re.fullmatch(r"[0-9a-f]{32}", meta["cache_id"]):
+        raise bad("cache_id", "32 hex digits (a uuid4)")
+    for key in ("n", "N", "x_dim"):
+        if isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < 1:
+            raise bad(key, "an int >= 1")
+    if meta["dtype"] not in CACHE_DTYPES:
+        raise bad("dtype", f"one of {sorted(CACHE_DTYPES)}")
+    ids = meta["ids"]
+    if not isinstance(ids, dict) or set(ids) != {"query", "target"}:
+        raise bad("ids", "{'query': bool, 'target': bool}")
+    if not all(isinstance(v, bool) for v in ids.values()):
+        raise bad("ids", "{'query': bool, 'target': bool}")
+    pad = meta["pad"]
+    want_pad = {k for k, v in ids.items() if v}
+    if not isinstance(pad, dict) or set(pad) != want_pad:
+        raise bad("pad", f"a pad id for each ids kind {sorted(want_pad)}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in pad.values()):
+        raise bad("pad", "ints >= 0")
+    shards = meta["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise bad("shards", "a non-empty list of {'file', 'rows'}")
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict) or set(s) != {"file", "rows"}:
+            raise ValueError(f"{where}: cache.json shards[{i}]: expected {{'file', 'rows'}}, "
+                             f"got {s!r}")  # fmt: skip
+        f, rows = s["file"], s["rows"]
+        if not isinstance(f, str) or not f or f in (".", "..") or Path(f).name != f or "\\" in f:
+            raise ValueError(
+                f"{where}: cache.json shards[{i}].file: expected a plain file name inside the "
+                f"cache folder, got {f!r}"
+            )
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(
+                f"{where}: cache.json shards[{i}].rows: expected an int >= 1, got {rows!r}"
+            )
+    files = [s["file"] for s in shards]
+    if len(set(files)) != len(files):
+        raise ValueError(f"{where}: cache.json names a shard file twice: {files}")
+    return meta
+
+
 class CacheData:
     """A feature cache: x_features rows from memory-mapped safetensors shards, with the texts
     (or token ids) of the data it was made from. ``x_encoder_fingerprint`` is the
     fingerprint (:func:`~vljepa_fast.train.cache_features.x_encoder_fingerprint`) of the
-    X-encoder that wrote it."""
+    X-encoder that wrote it. Every shard is opened, and its header checked against cache.json
+    (cache id, first row, rows, tensor names, dtypes and shapes), when the cache is."""
 
     kind, shuffle = "cache", True
 
     def __init__(self, root: Path, preset: Preset, model, seed: int) -> None:
         self.root, self.seed = root.resolve(), _int("seed", seed, 0, 2**32)
-        raw = (self.root / "cache.json").read_bytes()
-        self.fingerprint = hashlib.sha256(raw).hexdigest()
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"--data: {self.root / 'cache.json'}: invalid JSON ({e.msg})"
-            ) from None
-        self.meta = meta
         where = f"--data: {self.root}"
-        if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
-            raise ValueError(f"{where}: not a version {CACHE_VERSION} feature cache")
-        missing = sorted(set(CACHE_KEYS) - set(meta))
-        if missing:
-            raise ValueError(f"{where}: cache.json lacks {missing}")
+        try:
+            raw = (self.root / "cache.json").read_bytes()
+            meta = json.loads(raw)
+        except OSError as e:
+            raise ValueError(f"{where}: cache.json cannot be read ({e})") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{where}: cache.json is not valid JSON ({e})") from None
+        self.fingerprint = hashlib.sha256(raw).hexdigest()
+        self.meta = meta = _check_cache_json(meta, where)
         want = {"N": preset.visual_tokens, "x_dim": preset.model.x_encoder.dim}
         for key, v in want.items():
             if meta.get(key) != v:
@@ -355,13 +451,14 @@ class CacheData:
                     f"{where}: the features were written by another X-encoder (weights "
                     "fingerprint differs): rebuild the cache with this model's seed / checkpoint"
                 )
-        self.shards, self.starts, total = [], [], 0
+        self.shards, self.starts, self.rows, total = [], [], [], 0
         for s in meta["shards"]:
             path = self.root / s["file"]
             if not path.is_file():
                 raise ValueError(f"{where}: shard {s['file']} is missing")
             self.shards.append(path)
             self.starts.append(total)
+            self.rows.append(s["rows"])
             total += s["rows"]
         if total != meta["n"]:
             raise ValueError(f"{where}: shards hold {total} rows, cache.json says {meta['n']}")
@@ -376,6 +473,8 @@ class CacheData:
                 )
         self._open: dict[int, object] = {}
         self._texts: dict[int, dict] = {}
+        for k in range(len(self.shards)):  # headers only: a bad shard is refused up front
+            self._shard(k)
 
     def __len__(self) -> int:
         return self.n
@@ -385,16 +484,71 @@ class CacheData:
         return {**self.__dict__, "_open": {}, "_texts": {}}
 
     def _shard(self, k: int):
+        """Shard k's open handle; opened (and its header checked) the first time."""
         if k not in self._open:
             from safetensors import safe_open
 
-            self._open[k] = safe_open(str(self.shards[k]), framework="pt")
-            self._texts[k] = {key: json.loads(v) for key, v in self._open[k].metadata().items()}
+            path = self.shards[k]
+            try:
+                f = safe_open(str(path), framework="pt")
+                header = f.metadata() or {}
+                tensors = {
+                    key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape())
+                    for key in f.keys()
+                }
+            except Exception as e:  # SafetensorError (truncated, not safetensors), OSError
+                raise ValueError(
+                    f"--data: shard {path}: cannot be read ({type(e).__name__}: {_first_line(e)})"
+                ) from None
+            self._texts[k] = self._check_shard(k, header, tensors)
+            self._open[k] = f
         return self._open[k]
 
-    def _rows(self, index: int) -> tuple[int, int]:
-        import bisect
+    def _check_shard(self, k: int, header: dict, tensors: dict) -> dict:
+        """Shard k's header against cache.json; returns its texts {kind: [rows strings]}."""
+        path, meta, rows, start = self.shards[k], self.meta, self.rows[k], self.starts[k]
+        where = f"--data: shard {path}"
+        if header.get("cache_id") != meta["cache_id"]:
+            raise ValueError(
+                f"{where}: belongs to another cache (cache id {header.get('cache_id')!r}, "
+                f"cache.json's {meta['cache_id']!r}): the folder mixes files of two caches"
+            )
+        got = (header.get("first_row"), header.get("rows"))
+        if got != (str(start), str(rows)):
+            raise ValueError(
+                f"{where}: holds rows from {got[0]} ({got[1]} rows), cache.json puts it at rows "
+                f"from {start} ({rows} rows): shards swapped or copied over one another"
+            )
+        want = {"x_features": (CACHE_DTYPES[meta["dtype"]][0], [rows, meta["N"], meta["x_dim"]])}
+        for key, is_ids in self.ids.items():
+            if is_ids:
+                shape = tensors.get(f"{key}_ids", (None, []))[1]
+                L = shape[1] if len(shape) == 2 else "L"  # any width, the same for the mask
+                want[f"{key}_ids"] = ("I64", [rows, L])
+                want[f"{key}_mask"] = ("BOOL", [rows, L])
+        if set(tensors) != set(want):
+            raise ValueError(f"{where}: holds tensors {sorted(tensors)}, expected {sorted(want)}")
+        for key, (dtype, shape) in want.items():
+            if tensors[key] != (dtype, shape):
+                raise ValueError(
+                    f"{where}: {key} is {tensors[key][0]} {tensors[key][1]}, cache.json says "
+                    f"{dtype} {shape} (dtype {meta['dtype']})"
+                )
+        texts = {}
+        for key, is_ids in self.ids.items():
+            if is_ids:
+                continue
+            try:
+                texts[key] = json.loads(header.get(key, "null"))
+            except ValueError:
+                texts[key] = None
+            if not isinstance(texts[key], list) or len(texts[key]) != rows:
+                raise ValueError(f"{where}: metadata {key!r}: expected a JSON list of {rows} texts")
+            if not all(isinstance(t, str) for t in texts[key]):
+                raise ValueError(f"{where}: metadata {key!r}: expected texts (strings)")
+        return texts
 
+    def _rows(self, index: int) -> tuple[int, int]:
         k = bisect.bisect_right(self.starts, index) - 1
         return k, index - self.starts[k]
 
@@ -406,13 +560,20 @@ class CacheData:
         for i in idx.tolist():
             k, r = self._rows(i)
             f = self._shard(k)
-            feats.append(f.get_slice("x_features")[r : r + 1])
-            for key in texts:
-                if self.ids[key]:
-                    ids, mask = (f.get_slice(f"{key}_{t}")[r : r + 1][0] for t in ("ids", "mask"))
-                    texts[key].append(ids[mask].tolist())
-                else:
-                    texts[key].append(self._texts[k][key][r])
+            try:
+                feats.append(f.get_slice("x_features")[r : r + 1])
+                for key in texts:
+                    if self.ids[key]:
+                        ids, mask = (f.get_slice(f"{key}_{t}")[r : r + 1][0]
+                                     for t in ("ids", "mask"))  # fmt: skip
+                        texts[key].append(ids[mask].tolist())
+                    else:
+                        texts[key].append(self._texts[k][key][r])
+            except Exception as e:  # the file changed under the open handle
+                raise ValueError(
+                    f"--data: shard {self.shards[k]}: row {r} cannot be read "
+                    f"({type(e).__name__}: {_first_line(e)})"
+                ) from None
         x = torch.cat(feats).float()
         q, t = (
             _pad_rows(texts[key], self.meta["pad"][key]) if self.ids[key] else texts[key]
@@ -435,8 +596,9 @@ def open_data(
     (a :class:`~vljepa_fast.models.VLJEPA`: its tokenizers decide texts or ids).
 
     Raises:
-        ValueError: naming ``--data``: an unknown spec, a folder without captions.jsonl or
-            cache.json, a bad captions line, a cache that does not fit the preset or model.
+        ValueError: naming ``--data``: an unknown spec, ``synthetic:N`` with N outside
+            [1, 2**31], a folder without captions.jsonl or cache.json, a bad captions line, a
+            cache that does not fit the preset or model, a shard that is not cache.json's.
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"--data: expected 'synthetic', 'synthetic:N' or a folder, got {spec!r}")
@@ -444,8 +606,13 @@ def open_data(
         n = SYNTHETIC_DEFAULT_N
         if spec != "synthetic":
             text = spec.split(":", 1)[1]
-            if not text.isdigit() or int(text) < 1:
-                raise ValueError(f"--data: expected synthetic:N with an int N >= 1, got {spec!r}")
+            # ASCII digits only (str.isdigit takes '²'), and bounded before int() (a huge N
+            # would fail inside torch.randperm, a huge text inside int())
+            if not re.fullmatch(r"[0-9]{1,12}", text) or not 1 <= int(text) <= SYNTHETIC_MAX_N:
+                raise ValueError(
+                    f"--data: expected synthetic:N with an int N in [1, 2**31 = "
+                    f"{SYNTHETIC_MAX_N}], got {spec!r}"
+                )
             n = int(text)
         return SyntheticData(n, preset, model, seed)
     root = Path(spec)

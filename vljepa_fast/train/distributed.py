@@ -16,14 +16,17 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = ["Dist", "setup", "wrap"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,6 +57,30 @@ class Dist:
             red = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
             dist.all_reduce(t, op=red, group=self.group)
         return t
+
+    def agree(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on this rank, where a ValueError on any rank is raised on every rank (the
+        failing rank's own message; the others say which rank failed), instead of leaving
+        the ranks that did not fail waiting in their next collective. One all-reduce."""
+        err: ValueError | None = None
+        out = None
+        try:
+            out = fn()
+        except ValueError as e:
+            err = e
+        if self.group is None:
+            if err is not None:
+                raise err
+            return out
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        first = torch.tensor([self.rank if err is not None else self.world], device=dev)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN, group=self.group)
+        r = int(first)
+        if err is not None:
+            raise err
+        if r < self.world:
+            raise ValueError(f"rank {r} of {self.world} stopped with an error (see its message)")
+        return out
 
     def average_grads(self, params: list[nn.Parameter]) -> None:
         """The mean over ranks of each parameter's gradient (those the wrapper ignores)."""

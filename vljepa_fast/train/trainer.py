@@ -26,9 +26,12 @@ is not even kept in memory, the cache's features replace it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import functools
 import json
 import math
+import re
 import resource
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,6 +58,10 @@ RESUME_MUST_MATCH = (
     "preset", "global_batch", "lr", "y_lr_mult", "weight_decay", "schedule", "warmup", "seed",
     "accum", "grad_accum", "precision", "x_encoder", "predictor", "y_encoder",
 )  # fmt: skip
+
+
+#: load_pretrained's argument names at the start of its messages -> the trainer's flags
+_FLAG = re.compile(r"^(x_encoder|predictor|y_encoder)\b")
 
 
 @dataclass
@@ -117,14 +124,15 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         if not isinstance(cfg, TrainConfig):
             raise ValueError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
+        cfg = dataclasses.replace(cfg)  # checked again: its fields may have been set since
         self.cfg, self.preset = cfg, get_preset(cfg.preset)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        self.dist = d = setup(cfg.dist, cfg.device)
+        self.dist = setup(cfg.dist, cfg.device)
         try:
             self._build()
         except BaseException:
-            d.close()
+            self.close()
             raise
 
     # ------------------------------------------------------------------ construction
@@ -137,10 +145,13 @@ class Trainer:
                 f"--batch-size: the global batch {B} must divide by world size {d.world} x "
                 f"--grad-accum {K} = {d.world * K}"
             )
-        model = build_model(
-            self.preset, cfg.seed, cfg.backend, x_encoder=cfg.x_encoder,
-            predictor=cfg.predictor, y_encoder=cfg.y_encoder,
-        )  # fmt: skip
+        try:
+            model = build_model(
+                self.preset, cfg.seed, cfg.backend, x_encoder=cfg.x_encoder,
+                predictor=cfg.predictor, y_encoder=cfg.y_encoder,
+            )  # fmt: skip
+        except ValueError as e:  # load_pretrained names its arguments: name the flags
+            raise ValueError(_FLAG.sub(lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
         self.data = data_mod.open_data(cfg.data, self.preset, model, seed=cfg.seed)
         if len(self.data) < B:
             raise ValueError(
@@ -172,7 +183,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step_index = 0
         self.out = None if cfg.out is None else Path(cfg.out)
-        self._metrics = None
+        self._metrics, self._lock, self._closed = None, None, False
         if self.out is not None:
             self._open_out()
         # on CUDA the next step's batch is read in a thread while this one computes (the
@@ -183,18 +194,20 @@ class Trainer:
         self.progress = Progress(stop, self.step_index, cfg.progress, d.main)
 
     def _open_out(self) -> None:
+        """Lock ``out``, resume its checkpoint when asked, open metrics.jsonl (collective)."""
         cfg, d = self.cfg, self.dist
         root = self.out / "checkpoint"
-        found = ckpt.latest(root)
+        d.agree(self._lock_out if d.main else lambda: None)
+        found = d.agree(lambda: ckpt.latest(root))
         if found is not None and not cfg.resume:
             raise ValueError(
                 f"--out: {self.out} already holds a checkpoint ({found.name}): pass --resume to "
                 "continue it, or another --out"
             )
         if cfg.resume and found is not None:
-            state = json.loads((found / "trainer.json").read_text())
+            state = d.agree(lambda: ckpt.read_state(found))
             self._check_resume(state, found)
-            ckpt.load(found, self.model, self.optimizer, d)
+            d.agree(lambda: ckpt.load(found, self.model, self.optimizer, d))
             self.scheduler.load_state_dict(state["scheduler"])
             self.step_index = state["step"]
             if d.main and self.step_index >= (cfg.stop_at or cfg.steps):
@@ -204,20 +217,48 @@ class Trainer:
                 )
         elif cfg.resume and d.main:
             print(f"[vljepa_fast.train] --resume: no complete checkpoint in {root}: step 0")
-        if d.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            path = self.out / "metrics.jsonl"
-            kept = []
-            if cfg.resume and path.is_file():  # steps after the checkpoint are redone
-                for line in path.read_text().splitlines():
-                    try:
-                        if json.loads(line)["step"] <= self.step_index:
-                            kept.append(line)
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        break  # a line cut by a kill: the rest is redone
+        d.agree(self._open_metrics if d.main else lambda: None)
+
+    def _lock_out(self) -> None:
+        """Create ``out`` and hold an exclusive lock on ``out/.lock`` for the run (the kernel
+        drops it when the process ends, killed or not): two runs never write one folder."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out: {out} exists and is not a folder")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self._lock = open(out / ".lock", "a+")  # noqa: SIM115 (held until close)
+        except OSError as e:
+            raise ValueError(f"--out: cannot create {out}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise ValueError(
+                f"--out: {out} is in use by another run (it holds {out / '.lock'}); a torchrun "
+                "killed with SIGKILL can leave its workers running: stop them first"
+            ) from None
+        for name, kind in (("checkpoint", "a folder"), ("metrics.jsonl", "a file")):
+            p = out / name
+            if p.exists() and (p.is_dir() if kind == "a file" else not p.is_dir()):
+                raise ValueError(f"--out: {p} exists and is not {kind}")
+
+    def _open_metrics(self) -> None:
+        path = self.out / "metrics.jsonl"
+        kept = []
+        if self.cfg.resume and path.is_file():  # steps after the checkpoint are redone
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step_index:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    break  # a line cut by a kill: the rest is redone
+        try:
             path.write_text("".join(line + "\n" for line in kept))
             self._metrics = path.open("a")
-        d.barrier()
+        except OSError as e:
+            raise ValueError(f"--out: cannot write {path}: {e.strerror or e}") from None
 
     def _check_resume(self, state: dict, folder: Path) -> None:
         saved, now = state["settings"], self._settings()
@@ -283,10 +324,14 @@ class Trainer:
         idx = data_mod.global_indices(len(self.data), self.data.shuffle, cfg.seed, step, B)
         micro, local = B // K, B // K // d.world
         lo = d.rank * local
-        return [
-            self._inputs(self.data.batch(idx[k * micro + lo : k * micro + lo + local]))
-            for k in range(K)
-        ]
+        try:
+            return [
+                self._inputs(self.data.batch(idx[k * micro + lo : k * micro + lo + local]))
+                for k in range(K)
+            ]
+        except ValueError as e:
+            msg = str(e) if str(e).startswith("--data") else f"--data: {e}"
+            raise ValueError(f"{msg} (step {step + 1}, rank {d.rank})") from None
 
     def _autocast(self):
         if self.cfg.precision == "bf16":
@@ -371,15 +416,25 @@ class Trainer:
         included), ``peak_memory_bytes`` (the largest over ranks, see :func:`_peak_memory`),
         ``time_s``."""
         cfg, d = self.cfg, self.dist
+        if self._closed:
+            raise ValueError("step: the trainer is closed")
+        if self.step_index >= cfg.steps:
+            raise ValueError(f"step: the run's {cfg.steps} steps (--steps) are done")
         B = cfg.global_batch
         start = time.perf_counter()
         ahead, self._ahead = self._ahead, None
-        inputs = ahead.result() if ahead is not None else self._load(self.step_index)
+        step = self.step_index
+        inputs = d.agree(lambda: ahead.result() if ahead is not None else self._load(step))
         if self._pool is not None and self.step_index + 1 < (cfg.stop_at or cfg.steps):
             self._ahead = self._pool.submit(self._load, self.step_index + 1)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._backward(inputs)
+        if not math.isfinite(loss):  # the same global value on every rank: all stop here
+            raise ValueError(
+                f"the loss is {loss} at step {step + 1}: training diverged (lower --lr, or "
+                "check the data); the weights were not updated and no checkpoint is written"
+            )
         d.average_grads(self._ignored)
         self.optimizer.step()
         self.scheduler.step()
@@ -464,10 +519,14 @@ class Trainer:
         return rows
 
     def close(self) -> None:
-        """Close the metrics file and a process group this trainer made."""
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+        """Close the metrics file, release ``out``'s lock and a process group this trainer
+        made. The trainer cannot step afterwards."""
+        self._closed = True
+        for name in ("_metrics", "_lock"):
+            f = getattr(self, name, None)
+            if f is not None:
+                f.close()  # closing the lock file releases the flock
+                setattr(self, name, None)
         if getattr(self, "_pool", None) is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
