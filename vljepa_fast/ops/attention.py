@@ -516,7 +516,11 @@ def _sdpa_masked(
     ).transpose(1, 2)
     if nan is not None:
         out = out.masked_fill(nan[..., None], float("nan"))
-    if empty is not None:
+    # on CPU, asking whether any row is empty costs no device sync; when none is, SDPA's own
+    # output goes on (the fill would copy it, and autograd would keep both copies)
+    if empty is not None and (
+        out.device.type != "cpu" or torch.compiler.is_compiling() or bool(empty.any())
+    ):
         out = out.masked_fill(empty.permute(0, 2, 1, 3), 0.0)
     return out
 
