@@ -97,3 +97,14 @@ def test_rmsnorm_keeps_less_and_equals_torch():
     (rb,) = torch.autograd.grad(ref32(xb).float().sum(), xb)
     assert gb.dtype == torch.bfloat16
     torch.testing.assert_close(gb, rb, rtol=2e-2, atol=2e-2)
+
+
+def test_gated_mlp_refuses_double_backward():
+    """The fused backward is not itself differentiable: asking for a graph of the gradient
+    (create_graph, a second derivative) raises instead of returning a wrong one."""
+    mlp = SwiGLU(6, 10).double()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        torch.autograd.grad((mlp(x) ** 2).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad((mlp(x) ** 2).sum(), x)  # a first derivative still works
+    assert g.shape == x.shape

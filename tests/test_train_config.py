@@ -177,3 +177,32 @@ def test_a_damaged_checkpoint_is_refused_naming_it(tmp_path, capsys, damage):
     assert main(["--steps", "4", "--resume", "--threads", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"the checkpoint {folder} is damaged" in err, err
+
+
+def test_config_file_edge_cases(tmp_path, capsys):
+    """A JSON key given twice, an empty --config, a binary file: refused naming --config."""
+    dup = tmp_path / "dup.json"
+    dup.write_text('{"lr": 0.001, "lr": 0.002}')
+    _refused(capsys, ["--config", str(dup)], "'lr' is set twice")
+    _refused(capsys, ["--config", ""], "--config: expected a path")
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(bytes(range(128, 256)))
+    _refused(capsys, ["--config", str(binary)], "--config: cannot read")
+
+
+def test_latest_never_points_outside_the_checkpoint_folder(tmp_path, capsys):
+    """A `latest` naming a path (here another run's checkpoint) is not followed: the newest
+    complete folder of this run is taken; a `latest` that is a folder is refused up front."""
+    from vljepa_fast.train import checkpoint as ckpt
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["--steps", "2", "--threads", "1", "--checkpoint-every", "1", "--out", str(a)]) == 0
+    assert main(["--steps", "3", "--threads", "1", "--out", str(b)]) == 0
+    root = a / "checkpoint"
+    (root / "latest").write_text("../../b/checkpoint/step-00000003")
+    assert ckpt.latest(root) == root / "step-00000002"
+    (root / "latest").unlink()
+    (root / "latest").mkdir()
+    capsys.readouterr()
+    assert main(["--steps", "4", "--threads", "1", "--resume", "--out", str(a)]) == 2
+    assert "latest exists and is not a file" in capsys.readouterr().err

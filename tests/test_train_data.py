@@ -504,3 +504,19 @@ def test_folder_clip_errors_at_a_step(tmp_path, tiny_model, monkeypatch):
             ValueError, match=rf"^--data: .*c1\.npy: cannot be read \({type(exc).__name__}"
         ):
             d.batch([1])
+
+
+def test_cache_out_and_data_folders_do_not_mix(tmp_path, tiny_model, small_cache):
+    """cache_features refuses an --out it cannot create (under a file) and an --out that holds
+    a folder dataset (the cache would hide its clips); a --data folder holding both a cache
+    and captions.jsonl is refused as ambiguous; shards are readable like cache.json."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    _cf_refused(tmp_path, "--out", str(afile / "x"), r"^--out: cannot create")
+    clips = _folder(tmp_path / "clips", [np.zeros((4, 32, 32, 3), np.uint8)])
+    _cf_refused(tmp_path, "--out", str(clips), r"^--out: .* holds a folder dataset")
+    both = _edited(tmp_path, small_cache, "both")
+    shutil.copy(clips / "captions.jsonl", both / "captions.jsonl")
+    _refused(both, tiny_model, r"^--data: .* holds both cache.json .* and captions.jsonl")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in small_cache.iterdir()}
+    assert len(set(modes.values())) == 1, modes

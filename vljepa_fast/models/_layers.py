@@ -139,6 +139,12 @@ class _GatedDown(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
+        if torch.is_grad_enabled():  # create_graph: this backward is not itself differentiable
+            raise RuntimeError(
+                "the gated MLP's memory-lean backward (_layers._GatedDown) has no second "
+                "derivative (create_graph=True): where one is needed, compute the MLP as the "
+                "eager expression down_proj(act(gate_proj(x)) * up_proj(x))"
+            )
         g, u, w = ctx.saved_tensors
         with torch.enable_grad():
             g_ = g.detach().requires_grad_()

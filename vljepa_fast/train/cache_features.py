@@ -80,6 +80,10 @@ def _save_shard(
         else:
             meta[key] = json.dumps(rows)
     save_file(tensors, str(path), metadata=meta)
+    # safetensors creates the file 0600; a cache is shared like its cache.json (umask applies)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _rows(text, key: str, ids: dict) -> list:
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--out: the cache cannot go into the --data folder itself")
     if (out / "cache.json").exists() and not args.overwrite:
         raise ValueError(f"--out: {out} already holds a feature cache; pass --overwrite")
+    if (out / "captions.jsonl").exists():  # a cache there would hide the clips from --data
+        raise ValueError(f"--out: {out} holds a folder dataset (captions.jsonl): pick another")
     device = _device(args.device)
     p = preset(args.preset)
     try:
@@ -219,7 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
     data = open_data(args.data, p, model, seed=args.seed)
     if data.kind == "cache":
         raise ValueError(f"--data: {args.data} is already a feature cache")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out: cannot create {out}: {e.strerror or e}") from None
     (out / "cache.json").unlink(missing_ok=True)  # from here on the folder is unfinished
     for old in out.glob("shard-*.safetensors"):
         old.unlink()

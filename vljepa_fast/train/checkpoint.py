@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -85,9 +86,9 @@ def latest(root: str | os.PathLike) -> Path | None:
         return None
     named = root / "latest"
     if named.is_file():  # a damaged or stale name falls back to the scan below
-        cand = root / named.read_bytes().decode("ascii", "replace").strip()
-        if _STEP.match(cand.name) and _complete(cand):
-            return cand
+        name = named.read_bytes().decode("ascii", "replace").strip()
+        if _STEP.match(name) and _complete(root / name):  # a bare name: never outside root
+            return root / name
     steps = sorted(p for p in root.iterdir() if _STEP.match(p.name) and _complete(p))
     return steps[-1] if steps else None
 
@@ -174,6 +175,10 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, d: Di
     cannot be read is a ValueError naming it (never a half-loaded model: the tensors are read
     into fresh state dicts before any is set)."""
     state = read_state(folder)
+    try:  # read first: a damaged .metadata would make DCP log tracebacks before it raises
+        FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:  # noqa: BLE001 (unpickling errors come in many types)
+        raise _damaged(folder, f".metadata: {type(e).__name__}") from None
     msd, osd = get_state_dict(model, optimizer, options=_OPTIONS)
     sd = {"model": msd, "optim": osd}
     try:

@@ -191,19 +191,31 @@ def _backend_spec(v: object) -> object:
     return v
 
 
+def _no_repeats(pairs: list[tuple[str, object]]) -> dict:
+    """json's object hook: a key given twice is an error, not "the last one wins"."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"{key!r} is set twice")
+        out[key] = value
+    return out
+
+
 def _read_config_file(path: str) -> dict:
+    if not path.strip():
+        raise ValueError("--config: expected a path, got an empty string")
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--config: {path} is not a file")
+    if p.suffix not in (".toml", ".json"):
+        raise ValueError(f"--config: expected a .toml or .json file, got {path}")
     try:
         if p.suffix == ".toml":
             with p.open("rb") as f:
                 d = tomllib.load(f)
-        elif p.suffix == ".json":
-            d = json.loads(p.read_text())
         else:
-            raise ValueError(f"--config: expected a .toml or .json file, got {path}")
-    except (OSError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+            d = json.loads(p.read_bytes(), object_pairs_hook=_no_repeats)
+    except (OSError, ValueError) as e:  # decoding, syntax (TOML's too), a repeated key
         raise ValueError(f"--config: cannot read {path}: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"--config: {path} must hold a table of settings, got {type(d).__name__}")
@@ -281,7 +293,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ap = _parser()
     args = vars(ap.parse_args(argv))
     try:
-        settings = _read_config_file(args.pop("config")) if args.get("config") else {}
+        config = args.pop("config", None)
+        settings = {} if config is None else _read_config_file(config)
         args.pop("config", None)
         for name, v in args.items():
             if v is None:

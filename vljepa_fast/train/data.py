@@ -620,6 +620,11 @@ def open_data(
         raise ValueError(
             f"--data: {spec!r} is neither 'synthetic', 'synthetic:N' nor an existing folder"
         )
+    if (root / "cache.json").is_file() and (root / CAPTIONS_FILE).is_file():
+        raise ValueError(
+            f"--data: {root} holds both cache.json (a feature cache) and {CAPTIONS_FILE} (a "
+            "folder of clips): which one is meant is not clear; keep them in separate folders"
+        )
     if (root / "cache.json").is_file():
         return CacheData(root, preset, model, seed)
     if (root / CAPTIONS_FILE).is_file():

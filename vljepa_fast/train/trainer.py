@@ -239,7 +239,9 @@ class Trainer:
                 f"--out: {out} is in use by another run (it holds {out / '.lock'}); a torchrun "
                 "killed with SIGKILL can leave its workers running: stop them first"
             ) from None
-        for name, kind in (("checkpoint", "a folder"), ("metrics.jsonl", "a file")):
+        checks = (("checkpoint", "a folder"), ("metrics.jsonl", "a file"),
+                  ("checkpoint/latest", "a file"))  # fmt: skip
+        for name, kind in checks:
             p = out / name
             if p.exists() and (p.is_dir() if kind == "a file" else not p.is_dir()):
                 raise ValueError(f"--out: {p} exists and is not {kind}")
