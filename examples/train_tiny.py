@@ -66,12 +66,8 @@ def progress(i: int, n: int, start: float, note: str) -> None:
 
 def parse_backend(text: str) -> _backends.BackendSpec:
     """'auto', a backend name, or 'op=name,op=name' -> a backend spec (checked)."""
-    spec = text
-    if "=" in text:
-        pairs = [part.split("=", 1) for part in text.split(",") if part]
-        spec = {op.strip(): name.strip() for op, name in pairs}
     try:
-        return _backends.check_spec(spec, "--backend")
+        return _backends.parse_spec(text, "--backend")
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

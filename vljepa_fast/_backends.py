@@ -209,6 +209,16 @@ def _offered(op: str) -> tuple[str, ...]:
     return tuple(b.name for b in _REGISTRY[op])
 
 
+def parse_spec(text: object, name: str = "backend") -> BackendSpec:
+    """A command line's backend spec checked (:func:`check_spec`): "auto", a backend name, or
+    "op=name,op=name" pairs (empty parts skipped); a non-string goes to check_spec as is."""
+    spec = text
+    if isinstance(text, str) and "=" in text:
+        pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+        spec = {op.strip(): backend.strip() for op, backend in pairs}
+    return check_spec(spec, name)
+
+
 def check_spec(
     backend: object, name: str = "backend", ops: tuple[str, ...] | None = None
 ) -> BackendSpec:

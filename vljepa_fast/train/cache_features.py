@@ -136,14 +136,6 @@ def write_cache(
     return meta
 
 
-def _backend(text: str) -> _backends.BackendSpec:
-    spec = text
-    if "=" in text:
-        spec = {op.strip(): name.strip() for op, name in
-                (part.split("=", 1) for part in text.split(",") if part)}  # fmt: skip
-    return _backends.check_spec(spec, "--backend")
-
-
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -218,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = _device(args.device)
     p = preset(args.preset)
     try:
-        model = build_model(p, args.seed, _backend(args.backend), x_encoder=args.x_encoder)
+        backend = _backends.parse_spec(args.backend, "--backend")
+        model = build_model(p, args.seed, backend, x_encoder=args.x_encoder)
     except ValueError as e:  # load_pretrained names its argument, x_encoder: the flag's name
         raise ValueError(re.sub(r"^x_encoder(?=[ :])", "--x-encoder", str(e))) from None
     model.to(device)

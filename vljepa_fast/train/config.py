@@ -169,7 +169,7 @@ class TrainConfig:
                 raise ValueError(f"{flag(name)}: expected a path, got an empty string")
             if isinstance(v, Path):
                 setattr(self, name, str(v))
-        self.backend = _backends.check_spec(_backend_spec(self.backend), "--backend")
+        self.backend = _backends.parse_spec(self.backend, "--backend")
 
     @property
     def global_batch(self) -> int:
@@ -181,14 +181,6 @@ class TrainConfig:
         d = asdict(self)
         d["backend"] = self.backend if isinstance(self.backend, str) else dict(self.backend)
         return d
-
-
-def _backend_spec(v: object) -> object:
-    """'auto', a backend name, 'op=name,op=name' or a mapping -> a backend spec (unchecked)."""
-    if isinstance(v, str) and "=" in v:
-        pairs = [part.split("=", 1) for part in v.split(",") if part.strip()]
-        return {op.strip(): name.strip() for op, name in pairs}
-    return v
 
 
 def _no_repeats(pairs: list[tuple[str, object]]) -> dict:
