@@ -1,19 +1,33 @@
 """attention: the VL-JEPA predictor's attention (GQA 32:8, head dim 64, bidirectional, key
 padding), forward, backward and both.
 
+Cases (bench/presets.py): the predictor's shapes (``what="predictor"``: B x (4096 visual + 512
+query tokens) = T 4608, 32:8 heads, head dim 64, a fraction ``pad`` of the T positions padded
+on average, ``mask_queries=True``: the padded positions are padded queries too, whose work the
+kernels may skip), FA3's sweep (``what="sweep"``: 16k tokens per batch, B = 16384 / T for T
+from 512 to 16k, no padding, 32:8 as the predictor and 32:32 as FA3's MHA), and the generic
+cases of the small presets.
+
 Providers, side by side in one benchmark group per shape and mode:
 
-* ``reference``: the eager reference (materialises the [B, Hq, T, S] scores in fp32).
-* ``reference+compile``: the eager reference under torch.compile (cases with ``compile``).
-* ``vf.<backend>``: every backend registered for ``attention`` with the [B, S] key padding mask,
-  and, on padded cases, ``vf.<backend>.varlen``: every ``attention_varlen`` backend on the same
-  real tokens packed (packing outside the timing); each skipped with its reasons where it
-  cannot serve.
-* ``torch.sdpa[math]`` and ``torch.sdpa``: torch's scaled_dot_product_attention called the way
-  public VL-JEPA code calls it, with a dense additive [B, 1, T, S] mask for padding (built
-  outside the timing), on the math backend and on the backend torch picks.
-* ``flash_attn`` and ``xformers``, when importable: their padded cases run on the packed real
-  tokens (flash_attn_varlen_func, a block-diagonal mask), their dense cases directly.
+* ``reference``: the eager reference (materialises the [B, Hq, T, S] scores in fp32); and
+  ``reference+compile`` (cases with ``compile``), ``torch.sdpa[math]``: only where those
+  scores take at most :data:`EAGER_SCORES_MAX` bytes (else hours of a GPU run's budget).
+* ``vf.<backend>``: every backend registered for ``attention`` with the [B, S] key padding mask
+  (and the case's ``mask_queries``), and, on padded cases, ``vf.<backend>.varlen``: the
+  ``attention_varlen`` backends on the same real tokens packed (packing outside the timing; on
+  large cases the Triton and CUDA ones only); each skipped with its reasons where it cannot
+  serve. Which of them ``auto`` picks: the first line of ``vf._backends.explain``, in the notes.
+* ``torch.sdpa[mask]``: torch's scaled_dot_product_attention called the way public VL-JEPA code
+  calls it, with a dense additive float [B, 1, T, S] mask (0 for real keys, the dtype's minimum
+  for padding; all zeros on an unpadded case), built outside the timing; on the backend torch
+  picks. ``torch.sdpa[nomask]``: the same without any mask (padding then attended as if it were
+  real: the cost of the dense problem, not the same result); on padded cases only (unpadded,
+  ``vf.sdpa`` is that call).
+* ``flash_attn`` (flash-attn 2), ``flash_attn3`` (FlashAttention-3, ``flash_attn_interface``)
+  and ``xformers``: their padded cases run on the packed real tokens (varlen functions, a
+  block-diagonal mask: the real queries only, i.e. ``mask_queries``' semantics), their dense
+  cases directly; skipped with "not importable ... pip install ..." where not installed.
 
 FLOPs and bytes: :func:`attention_cost`. They count real tokens only, so a provider that
 computes on padding shows a lower rate for the same result.
@@ -127,26 +141,41 @@ def attention_cost(
     )
 
 
+#: most bytes of the [B, Hq, T, S] fp32 scores for the providers that materialise them
+EAGER_SCORES_MAX = 2 << 30
+#: the varlen backends of a large padded case (the others pad back to dense or repeat the peers)
+LARGE_VARLEN = ("triton", "cuda")
+
+
 def _label(c: dict) -> str:
     causal = " causal" if c["causal"] else ""
+    what = f"{c['what']} " if c.get("what") else ""
+    mq = " mask_queries" if c.get("mask_queries") else ""
     return (
-        f"{c['mode']} B{c['B']} T{c['T']} H{c['Hq']}:{c['Hkv']} hd{c['D']} "
-        f"pad{round(100 * c['pad'])}%{causal} {c['dtype']}"
+        f"{c['mode']} {what}B{c['B']} T{c['T']} H{c['Hq']}:{c['Hkv']} hd{c['D']} "
+        f"pad{round(100 * c['pad'])}%{mq}{causal} {c['dtype']}"
     )
 
 
+def _eager_fits(c: dict) -> bool:
+    return c["B"] * c["Hq"] * c["T"] * c["T"] * 4 <= EAGER_SCORES_MAX
+
+
 def _providers(c: dict) -> list[str]:
-    names = ["reference"]
-    if c.get("compile"):
+    eager = _eager_fits(c)
+    names = ["reference"] if eager else []
+    if c.get("compile") and eager:
         names.append("reference+compile")
     names += [f"vf.{r.name}" for r in _backends.records("attention") if r.name != "reference"]
     if c["pad"] > 0:
         names += [
             f"vf.{r.name}.varlen"
             for r in _backends.records("attention_varlen")
-            if r.name != "reference"
+            if r.name != "reference" and (eager or r.name in LARGE_VARLEN)
         ]
-    return names + ["torch.sdpa[math]", "torch.sdpa", "flash_attn", "xformers"]
+    names += ["torch.sdpa[math]"] if eager else []
+    names += ["torch.sdpa[mask]"] + (["torch.sdpa[nomask]"] if c["pad"] > 0 else [])
+    return names + ["flash_attn", "flash_attn3", "xformers"]
 
 
 def pytest_generate_tests(metafunc):
@@ -166,18 +195,19 @@ def _pack(s: tuple, lengths: list[int]) -> tuple:
     return (*packed, torch.cumsum(lens, 0, dtype=torch.int32))
 
 
-def _dense_mask(mask: torch.Tensor | None, T: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """[B, 1, T, S] additive mask: 0 for real keys, the dtype's minimum for padding."""
-    if mask is None:
-        return None
-    add = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    add.masked_fill_(~mask, torch.finfo(dtype).min)
+def _dense_mask(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, 1, T, S] additive float mask in q's dtype: 0 for real keys, the dtype's minimum for
+    padding (all zeros without a mask), as a model that always passes an attention mask does."""
+    B, T, S = q.shape[0], q.shape[1], k.shape[1]
+    add = torch.zeros(B, S, dtype=q.dtype, device=q.device)
+    if mask is not None:
+        add.masked_fill_(~mask, torch.finfo(q.dtype).min)
     return add[:, None, None, :].expand(-1, 1, T, -1).contiguous()
 
 
-def _sdpa_peer(s: tuple, causal: bool, math: bool):
+def _sdpa_peer(s: tuple, causal: bool, math: bool, masked: bool = True):
     q, k, v, mask = s
-    add = _dense_mask(mask, q.shape[1], q.dtype)
+    add = _dense_mask(q, k, mask) if masked else None
     gqa = q.shape[2] != k.shape[2]
 
     def run():
@@ -208,15 +238,21 @@ def _check_half_cuda(name: str, q: torch.Tensor) -> None:
         )
 
 
-def _flash_attn(s: tuple, lengths: list[int], padded: bool, causal: bool):
-    fa = _harness.import_peer("flash_attn", "flash-attn")
-    _check_half_cuda("flash_attn", s[0])
+def _flash_attn(s: tuple, lengths: list[int], padded: bool, causal: bool, fa3: bool = False):
+    """flash-attn 2 (``flash_attn``) or FlashAttention-3 (``flash_attn_interface``, whose
+    functions may return (out, lse): the output is taken)."""
+    if fa3:
+        fa = _harness.import_peer("flash_attn_interface", "flash-attention's hopper/ build")
+    else:
+        fa = _harness.import_peer("flash_attn", "flash-attn")
+    _check_half_cuda("flash_attn_interface" if fa3 else "flash_attn", s[0])
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
     if not padded:
         q, k, v, _ = s
-        return lambda: fa.flash_attn_func(q, k, v, causal=causal)
+        return lambda: first(fa.flash_attn_func(q, k, v, causal=causal))
     q, k, v, cu = s
     L = max(lengths)
-    return lambda: fa.flash_attn_varlen_func(q, k, v, cu, cu, L, L, causal=causal)
+    return lambda: first(fa.flash_attn_varlen_func(q, k, v, cu, cu, L, L, causal=causal))
 
 
 def _xformers(s: tuple, lengths: list[int], padded: bool, causal: bool):
@@ -252,6 +288,7 @@ def test_attention(benchmark, case, provider):
     device, dtype = bench.device, bench.dtype
     B, T, Hq, Hkv, D = case["B"], case["T"], case["Hq"], case["Hkv"], case["D"]
     mode, causal, padded = case["mode"], case["causal"], case["pad"] > 0
+    mask_queries = bool(case.get("mask_queries")) and padded
     grad = mode != "fwd"
     lengths = padded_lengths(B, T, case["pad"])
 
@@ -270,23 +307,30 @@ def test_attention(benchmark, case, provider):
         return q, k, v, mask
 
     sets = _harness.input_sets((OP, case["label"].split(" ", 1)[1], grad), build, device)
-    packs = provider.endswith(".varlen") or (padded and provider in ("flash_attn", "xformers"))
+    peers = ("flash_attn", "flash_attn3", "xformers")
+    packs = provider.endswith(".varlen") or (padded and provider in peers)
     if packs:
         sets = [_pack(s, lengths) for s in sets]
+    notes = ["padded providers run on the packed real tokens"] if packs else []
 
     if provider == "reference+compile":
         fn = _compiled_reference()
 
         def make(s):
-            return lambda: fn(s[0], s[1], s[2], key_padding_mask=s[3], causal=causal)
-    elif provider in ("torch.sdpa[math]", "torch.sdpa"):
+            return lambda: fn(
+                s[0], s[1], s[2], key_padding_mask=s[3], causal=causal, mask_queries=mask_queries
+            )
+    elif provider.startswith("torch.sdpa"):
+        if provider == "torch.sdpa[nomask]":
+            notes.append("no mask: the padding is attended as real tokens (the dense cost)")
 
         def make(s):
-            return _sdpa_peer(s, causal, math=provider == "torch.sdpa[math]")
-    elif provider == "flash_attn":
+            math = provider == "torch.sdpa[math]"
+            return _sdpa_peer(s, causal, math=math, masked=provider != "torch.sdpa[nomask]")
+    elif provider in ("flash_attn", "flash_attn3"):
 
         def make(s):
-            return _flash_attn(s, lengths, padded, causal)
+            return _flash_attn(s, lengths, padded, causal, fa3=provider == "flash_attn3")
     elif provider == "xformers":
 
         def make(s):
@@ -306,14 +350,17 @@ def test_attention(benchmark, case, provider):
 
         def make(s):
             q, k, v, mask = s
-            inputs = attention_op.attention_inputs(q, k, v, key_padding_mask=mask, causal=causal)
+            kw = dict(key_padding_mask=mask, causal=causal, mask_queries=mask_queries)
+            inputs = attention_op.attention_inputs(q, k, v, **kw)
             _backends.select("attention", name, inputs)
-            return lambda: vf.attention(q, k, v, key_padding_mask=mask, causal=causal, backend=name)
+            if not notes:  # what auto would pick here, for checking its rule against the table
+                notes.append(_backends.explain("attention", inputs).splitlines()[0].strip())
+            return lambda: vf.attention(q, k, v, backend=name, **kw)
 
     bench.run(
         make,
         sets,
         attention_cost(lengths, Hq, Hkv, D, dtype.itemsize, causal, mode),
         compiled=provider == "reference+compile",
-        notes=["padded providers run on the packed real tokens"] if packs else (),
+        notes=notes,
     )

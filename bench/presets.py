@@ -5,8 +5,10 @@
 * ``cpu``: CPU-sized versions of the VL-JEPA hot spots, the full run under 15 minutes on a
   2-core machine (the default without CUDA).
 * ``gpu``: the paper shapes of docs/TARGETS.md, short timing, torch.compile on one shape per
-  op, so that scripts/gpu_run.sh finishes in about 8 minutes (the default with CUDA).
-* ``paper``: the same shapes with torch.compile everywhere and longer timing.
+  op, so that scripts/gpu_run.sh finishes in about 8 minutes (the default with CUDA); attention:
+  the predictor's shapes (0/25/50% padding, mask_queries) and four points of FA3's sweep.
+* ``paper``: the same shapes with torch.compile everywhere and longer timing; attention: FA3's
+  whole sweep (512..16k, 32:8 and 32:32) and the generic cases too.
 
 A case is a plain dict; the bench file of its op expands ``modes`` (one benchmark group per mode)
 and reads ``dtype`` ("auto": bfloat16 on CUDA, float32 on CPU). ``compile`` adds the eager
@@ -73,6 +75,56 @@ def _attention(
     ]
 
 
+#: the predictor's sequence as issue 15 states its shapes: 4096 visual + up to 512 query tokens
+PREDICTOR_T = 4096 + 512
+
+
+def _predictor_attention(
+    B: int,
+    pads: tuple[float, ...],
+    dtype: str,
+    compile_: bool,
+    modes: tuple[str, ...] = ("fwd", "fwd+bwd"),
+    T: int = PREDICTOR_T,
+    heads: dict = _ATTN_HEADS,
+) -> list[dict]:
+    """The predictor's attention: B sequences of T tokens, a fraction ``pad`` of the T
+    positions padded on average (lengths spread 0.5x..1.5x the mean, bench_attention's
+    padded_lengths), ``mask_queries``: the padded positions are padded queries too."""
+    return [
+        dict(
+            what="predictor", B=B, T=T, **heads, pad=pad, mask_queries=True, causal=False,
+            dtype=dtype, modes=modes, compile=compile_,
+        )
+        for pad in pads
+    ]  # fmt: skip
+
+
+#: FlashAttention-3's sweep: 16k tokens per batch, no padding, non-causal, head dim 64; the
+#: predictor's 32:8 GQA and FA3's 32:32 MHA
+_SWEEP_HEADS = (_ATTN_HEADS, {"Hq": 32, "Hkv": 32, "D": 64})
+
+
+def _sweep(
+    points: tuple[tuple[int, dict], ...],
+    dtype: str,
+    compile_: bool,
+    modes: tuple[str, ...] = ("fwd", "bwd"),
+    tokens: int = 16384,
+) -> list[dict]:
+    """FA3's sweep at the (T, heads) ``points``: B = tokens / T sequences, unpadded."""
+    return [
+        dict(
+            what="sweep", B=max(1, tokens // T), T=T, **heads, pad=0.0, causal=False,
+            dtype=dtype, modes=modes, compile=compile_,
+        )
+        for T, heads in points
+    ]  # fmt: skip
+
+
+_FA3_TS = (512, 1024, 2048, 4096, 8192, 16384)
+
+
 def _topk(Qs: tuple[int, ...], N: int, D: int, ks: tuple[int, ...], dtype: str) -> list[dict]:
     """Top-k cases of every query batch Q and k on one bank [N, D], metric "ip"."""
     return [dict(Q=Q, N=N, D=D, k=k, metric="ip", dtype=dtype) for Q in Qs for k in ks]
@@ -130,6 +182,14 @@ def _rotary(
 
 _PAPER_TOPK = _topk((16, 1024), 1_000_000, 1536, (10, 100), "bfloat16")
 _PAPER_ATTENTION_T = (512, 1024, 4608)
+_SMOKE_HEADS = {"Hq": 4, "Hkv": 2, "D": 32}
+#: the gpu preset's points of FA3's sweep (the paper preset runs all of them)
+_GPU_SWEEP = (
+    (16384, _SWEEP_HEADS[0]),
+    (16384, _SWEEP_HEADS[1]),
+    (4096, _SWEEP_HEADS[0]),
+    (1024, _SWEEP_HEADS[0]),
+)
 _PAPER_INFONCE_N = (4096, 32768, 65536)
 #: siglip-kernel's reference shape (docs/TARGETS.md: B = 65,536 bf16 fwd+bwd, 48.8 ms on an
 #: H100): B = 65,536 pairs of D = 768 (the width of its published usage example)
@@ -147,7 +207,12 @@ PRESETS: dict[str, Preset] = {
             "topk_similarity": _topk((8,), 4096, 64, (10,), "auto"),
             "infonce": _infonce((256, 512), 64, "auto"),
             "sigmoid_loss": _sigmoid((256,), 64, "auto"),
-            "attention": _attention((64,), "auto", False, B=2, heads=dict(Hq=4, Hkv=2, D=32)),
+            # each kind of case once: generic, the predictor's (mask_queries), FA3's sweep
+            "attention": _attention((64,), "auto", False, B=2, heads=dict(Hq=4, Hkv=2, D=32))
+            + _predictor_attention(
+                2, (0.25,), "auto", False, modes=("fwd+bwd",), T=64, heads=_SMOKE_HEADS
+            )
+            + _sweep(((32, _SMOKE_HEADS),), "auto", False, modes=("fwd",), tokens=64),
             "rotary": _rotary(
                 2, (2, 4, 4), 8, "auto", heads=(dict(Hq=4, Hkv=2, D=32), dict(Hq=4, Hkv=4, D=32))
             ),
@@ -163,7 +228,8 @@ PRESETS: dict[str, Preset] = {
             # torch.compile at N=8192 only: each compilation costs about a minute on 2 cores
             "infonce": _infonce((2048, 8192), 1536, "float32", compile_at=(8192,)),
             "sigmoid_loss": _sigmoid((4096,), 1152, "float32"),
-            "attention": _attention((512,), "float32", False, B=4),
+            "attention": _attention((512,), "float32", False, B=4)
+            + _predictor_attention(4, (0.5,), "float32", False, T=512),
             "rotary": _rotary(2, (8, 16, 16), 64, "float32"),  # the paper's, batch 2
         },
     ),
@@ -175,7 +241,11 @@ PRESETS: dict[str, Preset] = {
             "topk_similarity": _PAPER_TOPK,
             "infonce": _infonce(_PAPER_INFONCE_N, 1536, "bfloat16", compile_at=(32768,)),
             "sigmoid_loss": _sigmoid(**_PAPER_SIGMOID, compile_at=(65536,)),
-            "attention": _attention(_PAPER_ATTENTION_T, "bfloat16", False),
+            # in order of what matters when --bench-deadline cuts the tail: the predictor at
+            # 50% padding (target: >= 3x the dense-mask SDPA), unpadded, 25%; then FA3's sweep
+            # at 16k tokens (targets: fwd >= 450, bwd >= 400 TFLOP/s), 4k and 1k
+            "attention": _predictor_attention(4, (0.5, 0.0, 0.25), "bfloat16", False)
+            + _sweep(_GPU_SWEEP, "bfloat16", False),
             "rotary": _rotary(**_PAPER_ROTARY, compile_=("predictor",)),
         },
     ),
@@ -187,7 +257,16 @@ PRESETS: dict[str, Preset] = {
             "topk_similarity": _PAPER_TOPK,
             "infonce": _infonce(_PAPER_INFONCE_N, 1536, "bfloat16", compile_at=_PAPER_INFONCE_N),
             "sigmoid_loss": _sigmoid(**_PAPER_SIGMOID, compile_at=(65536,)),
-            "attention": _attention(_PAPER_ATTENTION_T, "bfloat16", True),
+            "attention": _predictor_attention(
+                4, (0.0, 0.25, 0.5), "bfloat16", True, modes=("fwd", "bwd", "fwd+bwd")
+            )
+            + _sweep(
+                tuple((T, h) for h in _SWEEP_HEADS for T in _FA3_TS),
+                "bfloat16",
+                False,
+                modes=("fwd", "bwd", "fwd+bwd"),
+            )
+            + _attention(_PAPER_ATTENTION_T, "bfloat16", True),
             "rotary": _rotary(**_PAPER_ROTARY, compile_=("predictor", "x_encoder")),
         },
     ),

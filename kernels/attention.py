@@ -6,8 +6,9 @@ Math. For one (sequence, query head h) with KV head h // G (G = Hq / Hkv query h
 Forward (online softmax): walk the KV blocks keeping, per query row, the running max m, the
 running sum l of exp(s - m) and the unnormalised output acc; a new block with max m' rescales l
 and acc by exp(m - m'). All of it in base 2: exp(x) = exp2(x * log2(e)), and log2(e) is folded
-into the score scale, so each score costs one multiply-add and one exp2 (MUFU is the ceiling for
-head dim 64). out = acc / l, lse = (m + log2 l) * ln 2 (natural log, like flash-attn).
+into the score scale; the row max is taken on the unscaled scores (scale > 0) so that each score
+costs one fused multiply-add, s * scale - m, and one exp2 (MUFU is the ceiling at head dim 64).
+out = acc / l, lse = (m + log2 l) * ln 2 (natural log, like flash-attn).
 Backward, with delta = rowsum(do * o) (= rowsum(p * dp)):
     p = exp2(s * log2e - lse * log2e),  dv = p^T do,  dp = do v^T,  ds = p (dp - delta),
     dq = scale * ds k,  dk = scale * ds^T q.
@@ -19,6 +20,32 @@ past it are skipped, not computed and masked. Masks are evaluated only on the bl
 that need them (the last partial block, the causal diagonal, the window's two edges): every loop
 runs over the fully visible blocks without masks and the few blocks at its ends with them.
 
+Forward on the GPU (what FA3 does, as far as Triton allows).
+* GQA packing: one program serves GP query heads of a KV group (GP = 4 for the predictor's
+  32:8): tile row r is query token start + r // GP of head h0 + r % GP, so a K/V block is read
+  once for GP heads and the products keep BM = 128 rows.
+* Query padding (``seqlens_q``, the predictor's padded queries, T = S): a block of padded
+  queries stores zeros and returns, a partial block computes its real rows; a padded batch
+  costs its real tokens.
+* Tiles: a per-arch table. Hopper, 16-bit, head dim 64: 128 x 128 in two warpgroups (every
+  product a 64-row wgmma, 128 or 64 wide), 3 stages, K/V of the unmasked blocks read by TMA
+  descriptors; sm_80: 128 x 64, 4 warps (mma.sync). Compile checks (tests, compile tier): no
+  spills on sm_80 and sm_90a under Triton 3.6 and 3.8.
+* Not reachable from Triton 3.6/3.8 on Hopper: FA3's intra-warpgroup overlap (the next q k^T
+  in flight during the softmax, wgmma.wait_group 1). Triton makes a wgmma asynchronous only when
+  its result feeds back solely as the same product's accumulator; here the softmax reads s at
+  once and rescales acc, so every wait is wait_group 0 (a hand-pipelined loop was tried: still 0,
+  and 30 more registers). Triton's warp specialisation is Blackwell-only. The overlap left is
+  the warp schedulers': the two warpgroups of a CTA interleave one's softmax with the other's
+  products. The CUDA C++ backend (csrc/cuda/attention.cu) is where FA3's pipelining belongs.
+Cost (the predictor at B = 8, T = S = 4608, 32:8 heads, D = 64; a prediction from the code, no
+GPU measured): 4 B Hq T S D = 1.39 TFLOP of products, B Hq T S = 5.4 G exp2; on an H200 (132
+SMs, 16 exp2 / clock / SM at 1.83 GHz, about 790 TFLOP/s bf16 dense) the products alone take
+1.8 ms and the exp2s 1.4 ms, the other per-score work (max, FMA, sum, casts, about 5 fp32 ops)
+0.9 ms: 1.8 ms if the schedulers hid all the softmax behind the products, 4.1 ms if nothing
+overlapped, so 340-770 TFLOP/s, likely near the low end of that range without FA3's explicit
+overlap. HBM traffic, q + o + k + v = 0.38 GB, is 0.08 ms at 4.8 TB/s: compute bound.
+
 Sliding window (flash-attn's window_size = (left, right), -1 unbounded): query i sees key j
 only if i + S - T - left <= j <= i + S - T + right; causal is the right bound 0. Runtime
 bounds with constexpr flags (LEFT, RIGHT), so one compiled variant serves every window size.
@@ -29,10 +56,8 @@ loaded, so with both bounds finite time and traffic are O(T * (left + right + BM
 head, not O(T * S): the masked edge blocks (two per block at most) are the only cost beyond the
 window itself; with one bound -1 the clipping still skips the blocks past the other one.
 
-Determinism. dK/dV: one program per (KV block, KV head) loops over the G query heads of its
-group and over all query blocks, accumulating in fp32 registers, and writes dk/dv once. dQ: one
-program per (query block, query head) loops over KV blocks. No atomics, so gradients are bitwise
-reproducible run to run, at the price of recomputing s and p twice in the backward.
+Backward: kernels/attention_bwd.py (its header: the fast path with dQ by atomics and the
+deterministic one).
 
 Conventions. Dense: q [B, T, Hq, D], k/v [B, S, Hkv, D]; varlen: q [total_q, Hq, D], k/v
 [total_k, Hkv, D] with int32 cu_seqlens. Causal masks and windows are bottom-right aligned as in
@@ -66,6 +91,11 @@ from torch import Tensor
 
 from ._common import interpreting, launch
 
+try:  # Triton >= 3.4 (the GPU machine's 3.6 and this repo's 3.8 both have it)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
 __all__ = ["HEAD_DIMS", "attention_backward", "attention_forward"]
 
 #: Supported head dims; 96 runs in a 128-wide block with masked columns.
@@ -81,28 +111,27 @@ class _Config(NamedTuple):
     num_stages: int
 
 
-# Per padded head dim: forward, dK/dV (block_m = queries per inner step, block_n = keys per
-# program) and dQ (block_m = queries per program, block_n = keys per inner step). The wide side of
-# each backward kernel is the one held in registers for the whole program. Every 16-bit entry
-# was compiled for sm_80 and sm_90a (GQA, key padding, causal or not, windowed, varlen) with no
-# ptxas spills, and uses wgmma on sm_90a.
+# Per padded head dim, the forward on every GPU but Hopper at 16 bits (block_m = query rows per
+# program, block_n = keys per inner step; the backward's tables are in attention_bwd.py). Every
+# entry compiles for sm_80 without ptxas spills (tests, compile tier).
 _FWD = {
     32: _Config(128, 64, 4, 3),
-    64: _Config(128, 64, 4, 3),
+    # 8 warps: at 4 the packed rows' index arithmetic left the varlen-window variant at 255
+    # registers and 8-24 bytes of spills on sm_80
+    64: _Config(128, 64, 8, 3),
     128: _Config(128, 64, 8, 3),
     256: _Config(64, 64, 8, 2),
 }
-_BWD_DKDV = {
-    32: _Config(32, 128, 8, 3),
-    64: _Config(32, 128, 8, 3),
-    128: _Config(32, 64, 8, 2),
-    256: _Config(16, 64, 8, 2),
-}
-_BWD_DQ = {
-    32: _Config(128, 32, 4, 3),
-    64: _Config(128, 32, 4, 3),
-    128: _Config(128, 32, 8, 2),
-    256: _Config(64, 32, 8, 2),
+# Hopper, 16-bit: FA3's tile at head dim 64 (128 x 128, two warpgroups of 64 query rows each,
+# so every product is a 64-row wgmma at least 64 wide); head dim 128 keeps BN = 64 (128 x 128
+# uses 242 registers). Head dim 256 fits only 64 x 64 over two warpgroups, which split q k^T into
+# 64 x 32 products (every 128-row or one-warpgroup tile spilled 16-248 bytes or passed the
+# 227 KB of shared memory); head dim 32's p v is 32 wide by definition.
+_FWD_SM90 = {
+    32: _Config(128, 128, 8, 3),
+    64: _Config(128, 128, 8, 3),
+    128: _Config(128, 64, 8, 3),
+    256: _Config(64, 64, 8, 2),
 }
 # The interpreter runs every program in numpy: small blocks keep several blocks per sequence in
 # the tests (boundaries, skipping) at tiny shapes, and BM != BN catches swapped block roles.
@@ -252,93 +281,201 @@ def _lse_log2(p, mask):
 
 
 @triton.jit
-def _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, lo, hi,
-                    n_valid, lo_off, hi_off, qk_scale, D: tl.constexpr, BN: tl.constexpr,
-                    MASK: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
-                    INTERPRET: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
+def _softmax_step(b_acc, b_l, b_m, b_s, b_v, qk_scale, RAW_MAX: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax: b_s [BM, BN] holds the scores (unscaled when
+    RAW_MAX, else already scaled to log2 units, masked entries -inf either way), b_m the running
+    max in log2 units.
+
+    RAW_MAX (scale > 0, every real call): the row max is taken on the unscaled scores and scaled
+    once per row (scaling by a positive number commutes with max, rounding included), so each
+    score costs one fused multiply-add, s * scale - m, and one exp2 (FA3's trick). Other scales
+    (zero, negative) scale first, as a plain softmax does.
+    The running max starts at the lowest finite fp32, below or at every finite score, so the
+    softmax is the plain one for scores of any size, and a row whose scores are all -inf so far
+    gives exp2(-inf - finite) = 0, never -inf - -inf = NaN. NaN and +inf scores make l NaN, as
+    in plain math."""
+    if RAW_MAX:
+        sc = qk_scale
+    else:
+        sc = 1.0
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * sc)
+    b_p = tl.exp2(b_s * sc - b_m_new[:, None])
+    b_alpha = tl.exp2(b_m - b_m_new)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    # [BM, BD]
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v,
+                                              input_precision=DOT_PRECISION)
+    return b_acc, b_l, b_m_new
+
+
+@triton.jit
+def _scores(b_q, b_k, qk_scale, RAW_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[BM, BN] q k^T, scaled to log2 units unless RAW_MAX (see :func:`_softmax_step`)."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+    if not RAW_MAX:
+        b_s = b_s * qk_scale
+    return b_s
+
+
+@triton.jit
+def _attn_fwd_masked(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m, o_d, lo, hi,
+                     n_valid, lo_off, hi_off, qk_scale, D: tl.constexpr, BN: tl.constexpr,
+                     LEFT: tl.constexpr, RIGHT: tl.constexpr, RAW_MAX: tl.constexpr,
+                     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
+    """The key blocks [lo, hi) that need the mask (a partial last block, the causal diagonal, a
+    window's edges): few per query block, so a plain loop."""
     m_d = o_d < D
     r_n = tl.arange(0, BN)
     for start_n in range(lo, hi, BN):
         o_n = start_n + r_n
         # [BN, BD]
-        b_k, b_v = _kv_block(p_k, p_v, start_n, r_n, stride_kt, stride_vt, n_valid, m_d, MASK,
+        b_k, b_v = _kv_block(p_k, p_v, start_n, r_n, stride_kt, stride_vt, n_valid, m_d, True,
                              INTERPRET, ROW64)
-        # [BM, BN] scores in log2 units
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
-        if MASK:
-            m_s = _visible(o_m[:, None], o_n[None, :], n_valid, lo_off, hi_off, LEFT, RIGHT)
-            b_s = tl.where(m_s, b_s, float("-inf"))
-        # The running max starts at the lowest finite fp32, below or at every finite score, so
-        # the softmax is the plain one for scores of any size, and a row whose scores are all
-        # -inf so far gives exp2(-inf - finite) = 0, never -inf - -inf = NaN. NaN and +inf
-        # scores make l NaN, as in plain math.
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_m_new[:, None])
-        b_alpha = tl.exp2(b_m - b_m_new)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        # [BM, BD]
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(
-            b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION
-        )
-        b_m = b_m_new
+        b_s = _scores(b_q, b_k, qk_scale, RAW_MAX, DOT_PRECISION)
+        m_s = _visible(o_m[:, None], o_n[None, :], n_valid, lo_off, hi_off, LEFT, RIGHT)
+        b_s = tl.where(m_s, b_s, float("-inf"))
+        b_acc, b_l, b_m = _softmax_step(b_acc, b_l, b_m, b_s, b_v, qk_scale, RAW_MAX,
+                                        DOT_PRECISION)
     return b_acc, b_l, b_m
 
 
 @triton.jit
+def _kv_tma(k_desc, v_desc, i_b, row, i_hk, BN: tl.constexpr, BD: tl.constexpr,
+            IS_VARLEN: tl.constexpr, INTERPRET: tl.constexpr):
+    """Keys and values [BN, BD] at key row ``row`` of KV head i_hk through TMA descriptors
+    (dense: [B, S, Hkv, D] blocks [1, BN, 1, BD]; varlen: [total_k, Hkv, D] blocks [BN, 1, BD]):
+    one bulk copy per tile, no address arithmetic in the threads. Only whole blocks of real
+    keys are read this way (the full loop), so nothing of another sequence or of padding is."""
+    if IS_VARLEN:
+        b_k = k_desc.load([row, i_hk, 0]).reshape(BN, BD)
+        b_v = v_desc.load([row, i_hk, 0]).reshape(BN, BD)
+    else:
+        b_k = k_desc.load([i_b, row, i_hk, 0]).reshape(BN, BD)
+        b_v = v_desc.load([i_b, row, i_hk, 0]).reshape(BN, BD)
+    if INTERPRET:
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    return b_k, b_v
+
+
+@triton.jit
+def _attn_fwd_full(b_acc, b_l, b_m, b_q, p_k, p_v, k_desc, v_desc, stride_kt, stride_vt, o_d,
+                   lo, hi, qk_scale, i_b, bos_k, i_hk, D: tl.constexpr, BD: tl.constexpr,
+                   BN: tl.constexpr, RAW_MAX: tl.constexpr, TMA: tl.constexpr,
+                   IS_VARLEN: tl.constexpr, INTERPRET: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
+    """The whole, unmasked key blocks [lo, hi): no mask, no bounds checks on the loads (TMA on
+    Hopper)."""
+    m_d = o_d < D
+    r_n = tl.arange(0, BN)
+    for start_n in range(lo, hi, BN):
+        if TMA:
+            b_k, b_v = _kv_tma(k_desc, v_desc, i_b, (bos_k + start_n).to(tl.int32), i_hk, BN, BD,
+                               IS_VARLEN, INTERPRET)
+        else:
+            b_k, b_v = _kv_block(p_k, p_v, start_n, r_n, stride_kt, stride_vt, hi, m_d, False,
+                                 INTERPRET, ROW64)
+        b_s = _scores(b_q, b_k, qk_scale, RAW_MAX, DOT_PRECISION)
+        b_acc, b_l, b_m = _softmax_step(b_acc, b_l, b_m, b_s, b_v, qk_scale, RAW_MAX,
+                                        DOT_PRECISION)
+    return b_acc, b_l, b_m
+
+
+@triton.jit
+def _store_rows(o, lse, b_o, b_lse, i_b64, bos_q, h0, start_t, stride_ob, stride_ot, stride_oh,
+                stride_lb, stride_lh, T, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                GP: tl.constexpr, ROW64: tl.constexpr):
+    """Store a packed tile's out [BM, BD] and lse [BM] rows (row r: token start_t + r // GP of
+    head h0 + r % GP); pointers formed here so that none stays live across the key loop."""
+    r_m = tl.arange(0, BM)
+    o_m = start_t + r_m // GP
+    o_g = r_m % GP
+    o_d = tl.arange(0, BD)
+    m_m = o_m < T
+    p_o = (_at(o, i_b64, bos_q, h0, stride_ob, stride_ot, stride_oh, ROW64)
+           + _rows(start_t, r_m // GP, stride_ot, ROW64) + (o_g * stride_oh)[:, None]
+           + o_d[None, :])
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None] & (o_d < D)[None, :])
+    p_lse = (_at(lse, i_b64, bos_q, h0, stride_lb, 1, stride_lh, ROW64) + o_m
+             + _head(o_g, stride_lh, ROW64))
+    tl.store(p_lse, b_lse, mask=m_m)
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    q, k, v, o, lse, seqlens_k, cu_seqlens_q, cu_seqlens_k,
+    q, k, v, o, lse, seqlens_k, seqlens_q, cu_seqlens_q, cu_seqlens_k, k_desc, v_desc,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
     T, S, qk_scale, win_left, win_right,
-    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_QLENS: tl.constexpr,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, RAW_MAX: tl.constexpr, TMA: tl.constexpr,
     INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr,
 ):
-    i_m, i_b, i_h, bos_q, bos_k, T, S, n_valid = _program(
-        T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, H, IS_VARLEN, HAS_SEQLENS
+    # GQA packing: a program serves GP query heads of one KV group (GP divides G) for TB = BM /
+    # GP query tokens; tile row r is token start_t + r // GP of head h0 + r % GP, so each K/V
+    # block is loaded once for GP heads and the products stay BM rows tall.
+    TB: tl.constexpr = BM // GP
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, h0 = i_bh // (H // GP), i_bh % (H // GP) * GP
+    bos_q, bos_k, T, S, n_valid = _seq_bounds(
+        i_b, T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, IS_VARLEN, HAS_SEQLENS
     )
-    start_m = i_m * BM
-    if start_m >= T:
+    start_t = i_m * TB
+    if start_t >= T:
+        return
+    r_m = tl.arange(0, BM)
+    o_m = start_t + r_m // GP  # each row's query token
+    o_g = r_m % GP  # each row's head, relative to h0
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    i_b64 = i_b.to(tl.int64)
+    # Query padding (seqlens_q): rows at or past the sequence's query length are not computed;
+    # a block made only of them stores out 0, lse -inf and returns (it costs its stores).
+    n_q = T
+    if HAS_QLENS:
+        n_q = tl.minimum(tl.maximum(tl.load(seqlens_q + i_b), 0), T)
+    if start_t >= n_q:
+        _store_rows(o, lse, tl.zeros([BM, BD], dtype=tl.float32),
+                    tl.full([BM], float("-inf"), tl.float32), i_b64, bos_q, h0, start_t,
+                    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, T, D, BD, BM, GP,
+                    ROW64)
         return
     lo_off = S - T - win_left
     hi_off = S - T + win_right
-    o_m = start_m + tl.arange(0, BM)
-    o_d = tl.arange(0, BD)
-    m_m = o_m < T
-    m_d = o_d < D
 
-    r_m = tl.arange(0, BM)
-    i_b64 = i_b.to(tl.int64)
-    p_q = _at(q, i_b64, bos_q, i_h, stride_qb, stride_qt, stride_qh, ROW64)
-    p_k = _at(k, i_b64, bos_k, i_h // G, stride_kb, stride_kt, stride_kh, ROW64) + o_d[None, :]
-    p_v = _at(v, i_b64, bos_k, i_h // G, stride_vb, stride_vt, stride_vh, ROW64) + o_d[None, :]
+    p_q = _at(q, i_b64, bos_q, h0, stride_qb, stride_qt, stride_qh, ROW64)
+    p_k = _at(k, i_b64, bos_k, h0 // G, stride_kb, stride_kt, stride_kh, ROW64) + o_d[None, :]
+    p_v = _at(v, i_b64, bos_k, h0 // G, stride_vb, stride_vt, stride_vh, ROW64) + o_d[None, :]
     # [BM, BD]
-    b_q = _load(p_q + _rows(start_m, r_m, stride_qt, ROW64) + o_d[None, :],
-                m_m[:, None] & m_d[None, :], INTERPRET)
+    b_q = _load(p_q + _rows(start_t, r_m // GP, stride_qt, ROW64) + (o_g * stride_qh)[:, None]
+                + o_d[None, :], (o_m < n_q)[:, None] & m_d[None, :], INTERPRET)
 
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_m = tl.full([BM], -3.4028234663852886e38, dtype=tl.float32)
 
     # [lo, a) masked (LEFT only; else lo = a = 0), [a, b) unmasked, [b, hi) masked
-    lo, a, b, hi = _key_range(start_m, T, n_valid, lo_off, hi_off, BM, BN, LEFT, RIGHT)
+    lo, a, b, hi = _key_range(start_t, T, n_valid, lo_off, hi_off, TB, BN, LEFT, RIGHT)
     if LEFT:
-        b_acc, b_l, b_m = _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt,
-                                          o_m, o_d, lo, a, n_valid, lo_off, hi_off, qk_scale, D,
-                                          BN, True, LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
-    b_acc, b_l, b_m = _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m,
-                                      o_d, a, b, n_valid, lo_off, hi_off, qk_scale, D, BN, False,
-                                      LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
-    b_acc, b_l, b_m = _attn_fwd_inner(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt, o_m,
-                                      o_d, b, hi, n_valid, lo_off, hi_off, qk_scale, D, BN, True,
-                                      LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
+        b_acc, b_l, b_m = _attn_fwd_masked(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt,
+                                           o_m, o_d, lo, a, n_valid, lo_off, hi_off, qk_scale, D,
+                                           BN, LEFT, RIGHT, RAW_MAX, INTERPRET, DOT_PRECISION,
+                                           ROW64)
+    b_acc, b_l, b_m = _attn_fwd_full(b_acc, b_l, b_m, b_q, p_k, p_v, k_desc, v_desc, stride_kt,
+                                     stride_vt, o_d, a, b, qk_scale, i_b, bos_k, h0 // G, D, BD,
+                                     BN, RAW_MAX, TMA, IS_VARLEN, INTERPRET, DOT_PRECISION,
+                                     ROW64)
+    b_acc, b_l, b_m = _attn_fwd_masked(b_acc, b_l, b_m, b_q, p_k, p_v, stride_kt, stride_vt,
+                                       o_m, o_d, b, hi, n_valid, lo_off, hi_off, qk_scale, D, BN,
+                                       LEFT, RIGHT, RAW_MAX, INTERPRET, DOT_PRECISION, ROW64)
 
-    # A row that attends to no key (key padding, causal with T > S, a window past the keys)
-    # gets out 0 and lse -inf, whatever q holds. A row that attends to some key but has l = 0
-    # (all its scores -inf) or l = NaN (a NaN or +inf score: non-finite q or k) gets NaN, as
-    # plain softmax does.
+    # A row that attends to no key (key padding, causal with T > S, a window past the keys, a
+    # padded query) gets out 0 and lse -inf, whatever q holds. A row that attends to some key
+    # but has l = 0 (all its scores -inf) or l = NaN (a NaN or +inf score: non-finite q or k)
+    # gets NaN, as plain softmax does.
     k_end = r_m * 0 + n_valid
     if RIGHT:
         k_end = tl.minimum(o_m + hi_off + 1, k_end)
@@ -346,260 +483,17 @@ def _attn_fwd_kernel(
         m_keys = tl.maximum(o_m + lo_off, 0) < k_end
     else:
         m_keys = k_end > 0
+    m_keys = m_keys & (o_m < n_q)
     m_seen = b_l > 0.0
     b_l_safe = tl.where(m_seen, b_l, 1.0)
     b_o = tl.where((m_keys & m_seen)[:, None], b_acc / b_l_safe[:, None],
                    tl.where(m_keys, float("nan"), 0.0)[:, None])
     b_lse = tl.where(m_seen, (b_m + tl.log2(b_l_safe)) * 0.6931471805599453, float("nan"))
     b_lse = tl.where(m_keys, b_lse, float("-inf"))
-    p_o = _at(o, i_b64, bos_q, i_h, stride_ob, stride_ot, stride_oh, ROW64)
-    tl.store(p_o + _rows(start_m, r_m, stride_ot, ROW64) + o_d[None, :],
-             b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
-    tl.store(_at(lse, i_b64, bos_q, i_h, stride_lb, 1, stride_lh, ROW64) + o_m, b_lse, mask=m_m)
+    _store_rows(o, lse, b_o, b_lse, i_b64, bos_q, h0, start_t, stride_ob, stride_ot, stride_oh,
+                stride_lb, stride_lh, T, D, BD, BM, GP, ROW64)
 
 
-@triton.jit
-def _attn_bwd_preprocess_kernel(
-    o, do, delta, seqlens_k, cu_seqlens_q, cu_seqlens_k,
-    stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
-    T, S,
-    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr,
-):
-    i_m, i_b, i_h, bos_q, bos_k, T, S, n_valid = _program(
-        T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, H, IS_VARLEN, HAS_SEQLENS
-    )
-    start_m = i_m * BM
-    if start_m >= T:
-        return
-    r_m = tl.arange(0, BM)
-    o_m = start_m + r_m
-    o_d = tl.arange(0, BD)
-    m_md = (o_m < T)[:, None] & (o_d < D)[None, :]
-    i_b64 = i_b.to(tl.int64)
-    row_q = bos_q + start_m
-    p_o = o + i_b64 * stride_ob + row_q * stride_ot + i_h * stride_oh
-    p_do = do + i_b64 * stride_dob + row_q * stride_dot + i_h * stride_doh
-    # [BM, BD]
-    b_o = tl.load(p_o + r_m[:, None] * stride_ot + o_d[None, :], mask=m_md, other=0.0)
-    b_do = tl.load(p_do + r_m[:, None] * stride_dot + o_d[None, :], mask=m_md, other=0.0)
-    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
-    tl.store(delta + i_b64 * stride_lb + i_h.to(tl.int64) * stride_lh + bos_q + o_m, b_delta,
-             mask=o_m < T)
-
-
-@triton.jit
-def _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot,
-                         o_n, o_d, lo, hi, skip_at, skip, n_valid, T, lo_off, hi_off, qk_scale,
-                         D: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr,
-                         LEFT: tl.constexpr, RIGHT: tl.constexpr,
-                         INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         ROW64: tl.constexpr):
-    # Query rows past T load zeros (q, do, lse, delta), so their p is finite and their dp and
-    # delta are 0: they add nothing to dk or dv even where no mask is applied.
-    m_d = o_d < D
-    r_m = tl.arange(0, BM)
-    for i_m in range(lo, hi, BM):
-        start_m = _skip(i_m, skip_at, skip, MASK and LEFT)
-        o_m = start_m + r_m
-        m_m = o_m < T
-        # [BM, BD]
-        b_q = _load(p_q + _rows(start_m, r_m, stride_qt, ROW64), m_m[:, None] & m_d[None, :],
-                    INTERPRET)
-        b_do = _load(p_do + _rows(start_m, r_m, stride_dot, ROW64), m_m[:, None] & m_d[None, :],
-                     INTERPRET)
-        # [BM]
-        b_lse = _lse_log2(p_lse + o_m, m_m)
-        b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
-        # [BN, BM]: the transposed scores, so dv and dk need no transpose of p
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale
-        b_pt = tl.exp2(b_st - b_lse[None, :])
-        if MASK:
-            m_s = _visible(o_m[None, :], o_n[:, None], n_valid, lo_off, hi_off, LEFT,
-                           RIGHT) & m_m[None, :]
-            b_pt = tl.where(m_s, b_pt, 0.0)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-        # [BN, BM]
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
-    return b_dk, b_dv
-
-
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, dk, dv, seqlens_k, cu_seqlens_q, cu_seqlens_k,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
-    stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_lb, stride_lh,
-    T, S, qk_scale, sm_scale, win_left, win_right,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr,
-):
-    i_n, i_b, i_hk, bos_q, bos_k, T, S, n_valid = _program(
-        T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, HKV, IS_VARLEN, HAS_SEQLENS
-    )
-    start_n = i_n * BN
-    if start_n >= S:
-        return
-    lo_off = S - T - win_left
-    hi_off = S - T + win_right
-    r_n = tl.arange(0, BN)
-    o_n = start_n + r_n
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    i_b64 = i_b.to(tl.int64)
-    p_k = _at(k, i_b64, bos_k, i_hk, stride_kb, stride_kt, stride_kh, ROW64) + o_d[None, :]
-    p_v = _at(v, i_b64, bos_k, i_hk, stride_vb, stride_vt, stride_vh, ROW64) + o_d[None, :]
-    # [BN, BD]
-    b_k, b_v = _kv_block(p_k, p_v, start_n, r_n, stride_kt, stride_vt, n_valid, m_d, True,
-                         INTERPRET, ROW64)
-    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
-    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
-
-    # Query rows [lo, hi) see some of these keys, rows [m_full, m_end) all of them (whole
-    # blocks, no mask); [lo, m_full) and (LEFT only) [m_end, hi) are masked. A block past the
-    # valid keys is skipped whole and writes zeros; one that straddles n_valid is masked.
-    lo = 0
-    m_full = 0
-    hi = tl.where(start_n < n_valid, T, 0)
-    if RIGHT:
-        lo = tl.maximum(start_n - hi_off, 0) // BM * BM
-        m_full = (tl.maximum(start_n + BN - 1 - hi_off, 0) + BM - 1) // BM * BM
-    if LEFT:
-        hi = tl.minimum(hi, tl.maximum(start_n + BN - lo_off, 0))
-        lo = tl.minimum(lo, hi // BM * BM)
-    m_full = tl.minimum(tl.where(start_n + BN <= n_valid, m_full, hi), hi)
-    m_end = hi
-    m_stop = m_full  # where the masked loop stops (LEFT: its steps past m_full jump to m_end)
-    if LEFT:
-        # rows [m_full, m_end) see the whole block: from the first row that sees its last key
-        # (RIGHT) to the last row that sees its first key (LEFT), whole BM blocks, so that the
-        # masked steps (lo.. then m_end..) and the unmasked ones never visit a row twice
-        m_full = tl.maximum(m_full, lo)
-        m_end = tl.where(start_n + BN <= n_valid,
-                         tl.maximum(tl.minimum(tl.maximum(start_n + 1 - lo_off, 0) // BM * BM,
-                                               hi), m_full), m_full)
-        m_stop = hi - (m_end - m_full)
-    for i_g in range(G):
-        i_h = i_hk * G + i_g
-        p_q = _at(q, i_b64, bos_q, i_h, stride_qb, stride_qt, stride_qh, ROW64) + o_d[None, :]
-        p_do = (_at(do, i_b64, bos_q, i_h, stride_dob, stride_dot, stride_doh, ROW64)
-                + o_d[None, :])
-        p_lse = _at(lse, i_b64, bos_q, i_h, stride_lb, 1, stride_lh, ROW64)
-        p_delta = _at(delta, i_b64, bos_q, i_h, stride_lb, 1, stride_lh, ROW64)
-        # [lo, m_full) and (LEFT) [m_end, hi) masked in one loop, [m_full, m_end) unmasked
-        b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
-                                          stride_qt, stride_dot, o_n, o_d, lo, m_stop, m_full,
-                                          m_end - m_full, n_valid, T, lo_off, hi_off, qk_scale,
-                                          D, BM, True, LEFT, RIGHT, INTERPRET, DOT_PRECISION,
-                                          ROW64)
-        b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
-                                          stride_qt, stride_dot, o_n, o_d, m_full, m_end, 0, 0,
-                                          n_valid, T, lo_off, hi_off, qk_scale, D, BM, False,
-                                          LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
-
-    m_store = (o_n < S)[:, None] & m_d[None, :]
-    p_dk = _at(dk, i_b64, bos_k, i_hk, stride_dkb, stride_dkt, stride_dkh, ROW64)
-    p_dv = _at(dv, i_b64, bos_k, i_hk, stride_dvb, stride_dvt, stride_dvh, ROW64)
-    tl.store(p_dk + _rows(start_n, r_n, stride_dkt, ROW64) + o_d[None, :],
-             (b_dk * sm_scale).to(dk.dtype.element_ty), mask=m_store)
-    tl.store(p_dv + _rows(start_n, r_n, stride_dvt, ROW64) + o_d[None, :],
-             b_dv.to(dv.dtype.element_ty), mask=m_store)
-
-
-@triton.jit
-def _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, stride_vt, o_m, o_d,
-                       lo, hi, n_valid, lo_off, hi_off, qk_scale, D: tl.constexpr,
-                       BN: tl.constexpr, MASK: tl.constexpr, LEFT: tl.constexpr,
-                       RIGHT: tl.constexpr, INTERPRET: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr):
-    m_d = o_d < D
-    r_n = tl.arange(0, BN)
-    for start_n in range(lo, hi, BN):
-        o_n = start_n + r_n
-        # [BN, BD]
-        b_k, b_v = _kv_block(p_k, p_v, start_n, r_n, stride_kt, stride_vt, n_valid, m_d, MASK,
-                             INTERPRET, ROW64)
-        # [BM, BN]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
-        b_p = tl.exp2(b_s - b_lse[:, None])
-        if MASK:
-            m_s = _visible(o_m[:, None], o_n[None, :], n_valid, lo_off, hi_off, LEFT, RIGHT)
-            b_p = tl.where(m_s, b_p, 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        # [BM, BD]
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
-    return b_dq
-
-
-@triton.jit
-def _attn_bwd_dq_kernel(
-    q, k, v, do, lse, delta, dq, seqlens_k, cu_seqlens_q, cu_seqlens_k,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
-    stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh,
-    T, S, qk_scale, sm_scale, win_left, win_right,
-    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
-    INTERPRET: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW64: tl.constexpr,
-):
-    i_m, i_b, i_h, bos_q, bos_k, T, S, n_valid = _program(
-        T, S, seqlens_k, cu_seqlens_q, cu_seqlens_k, H, IS_VARLEN, HAS_SEQLENS
-    )
-    start_m = i_m * BM
-    if start_m >= T:
-        return
-    lo_off = S - T - win_left
-    hi_off = S - T + win_right
-    r_m = tl.arange(0, BM)
-    o_m = start_m + r_m
-    o_d = tl.arange(0, BD)
-    m_m = o_m < T
-    m_md = m_m[:, None] & (o_d < D)[None, :]
-    i_b64 = i_b.to(tl.int64)
-    p_q = _at(q, i_b64, bos_q, i_h, stride_qb, stride_qt, stride_qh, ROW64)
-    p_do = _at(do, i_b64, bos_q, i_h, stride_dob, stride_dot, stride_doh, ROW64)
-    p_k = _at(k, i_b64, bos_k, i_h // G, stride_kb, stride_kt, stride_kh, ROW64) + o_d[None, :]
-    p_v = _at(v, i_b64, bos_k, i_h // G, stride_vb, stride_vt, stride_vh, ROW64) + o_d[None, :]
-    # [BM, BD]
-    b_q = _load(p_q + _rows(start_m, r_m, stride_qt, ROW64) + o_d[None, :], m_md, INTERPRET)
-    b_do = _load(p_do + _rows(start_m, r_m, stride_dot, ROW64) + o_d[None, :], m_md, INTERPRET)
-    # [BM]
-    p_l = i_b64 * stride_lb + _head(i_h, stride_lh, ROW64) + bos_q + o_m
-    b_lse = _lse_log2(lse + p_l, m_m)
-    b_delta = tl.load(delta + p_l, mask=m_m, other=0.0)
-    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-
-    # The same key ranges as the forward: [lo, a) masked (LEFT), [a, b) unmasked, [b, hi) masked.
-    # The order of the loops is ptxas' register budget at 255 on sm_80, not arithmetic: the
-    # masked [b, hi) goes before the unmasked blocks with RIGHT alone (causal; after, 8 bytes
-    # spilled at head dim 64, 16-bit) and with LEFT in fp32 (after, 8 bytes at head dim 128 on
-    # Triton 3.6), after them otherwise (before, 16 bytes with LEFT at head dim 64, 16-bit).
-    lo, a, b, hi = _key_range(start_m, T, n_valid, lo_off, hi_off, BM, BN, LEFT, RIGHT)
-    if LEFT:
-        b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt,
-                                  stride_vt, o_m, o_d, lo, a, n_valid, lo_off, hi_off, qk_scale,
-                                  D, BN, True, LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
-    if (RIGHT and not LEFT) or (LEFT and DOT_PRECISION == "tf32x3"):
-        b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt,
-                                  stride_vt, o_m, o_d, b, hi, n_valid, lo_off, hi_off, qk_scale,
-                                  D, BN, True, LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
-    b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt, stride_vt,
-                              o_m, o_d, a, b, n_valid, lo_off, hi_off, qk_scale, D, BN, False,
-                              LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
-    if (not LEFT and not RIGHT) or (LEFT and DOT_PRECISION != "tf32x3"):
-        b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt,
-                                  stride_vt, o_m, o_d, b, hi, n_valid, lo_off, hi_off, qk_scale,
-                                  D, BN, True, LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
-
-    p_dq = _at(dq, i_b64, bos_q, i_h, stride_dqb, stride_dqt, stride_dqh, ROW64)
-    tl.store(p_dq + _rows(start_m, r_m, stride_dqt, ROW64) + o_d[None, :],
-             (b_dq * sm_scale).to(dq.dtype.element_ty), mask=m_md)
 # fmt: on
 
 
@@ -741,6 +635,58 @@ def _config(table: dict[int, _Config], bd: int, dtype: torch.dtype, interpret: b
     return cfg
 
 
+def _fwd_config(bd: int, dtype: torch.dtype, interpret: bool, arch: int | None) -> _Config:
+    """The forward's config for compute capability ``arch`` (90 for 9.0; None off CUDA):
+    Hopper takes :data:`_FWD_SM90` for 16-bit inputs, every other GPU (and fp32, whose 3xTF32
+    products run on mma.sync) :data:`_FWD`."""
+    if interpret:
+        return _INTERPRET_CONFIG
+    if dtype != torch.float32 and arch is not None and arch // 10 == 9:
+        return _FWD_SM90[bd]
+    return _config(_FWD, bd, dtype, interpret)
+
+
+def _arch(device: torch.device) -> int | None:
+    """Compute capability as 10 * major + minor (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _tma_ok(k: Tensor, v: Tensor, interpret: bool) -> bool:
+    """Whether the forward reads K/V blocks through TMA descriptors: Hopper (9.x), 16-bit, and
+    what TMA needs (16-byte aligned base and strides, the last dim contiguous; torch
+    allocations and their usual views satisfy it). Otherwise the same loads go through pointers
+    (both paths are tested; which one runs changes no result)."""
+    if interpret or TensorDescriptor is None or k.dtype == torch.float32:
+        return False
+    arch = _arch(k.device)
+    if arch is None or arch // 10 != 9:
+        return False
+    return all(
+        t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+        for t in (k, v)
+    )
+
+
+def _kv_descriptors(k: Tensor, v: Tensor, block_n: int, bd: int) -> tuple:
+    """TMA descriptors of k and v for :func:`_kv_tma`: dense [B, S, Hkv, D] in blocks
+    [1, BN, 1, BD], varlen [total_k, Hkv, D] in blocks [BN, 1, BD] (BD > D reads zeros)."""
+    block = [block_n, 1, bd] if k.dim() == 3 else [1, block_n, 1, bd]
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in (k, v))
+
+
+def _heads_per_program(g: int, block_m: int) -> int:
+    """GP, the query heads of one KV group that one forward program serves (GQA packing): the
+    largest power of two dividing G with GP <= block_m / 16 (each head keeps at least 16 rows
+    of the tile, the MMA's row granule). G = 4, the predictor's: 4."""
+    gp = 1
+    while g % (2 * gp) == 0 and 2 * gp <= block_m // 16:
+        gp *= 2
+    return gp
+
+
 def _window(
     causal: bool, window_size: tuple[int, int], lay: _Layout
 ) -> tuple[int, int, bool, bool]:
@@ -761,17 +707,6 @@ def _window(
         right >= 0,
     )
 
-
-def _dkdv_config(bd: int, dtype: torch.dtype, interpret: bool, left: bool) -> _Config:
-    """The dK/dV kernel's config; with a left window bound at most 2 stages: a window's key
-    block meets few query blocks, so the deeper pipeline buys little, and 3 stages spilled
-    56-240 bytes on sm_90 under Triton 3.6 (16-bit, head dim 64)."""
-    cfg = _config(_BWD_DKDV, bd, dtype, interpret)
-    if left and not interpret:
-        cfg = cfg._replace(num_stages=min(cfg.num_stages, 2))
-    return cfg
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: three TF32 MMAs per product (split hi/lo) give near-fp32 accuracy, as eager
     # fp32 matmul (no TF32 by default) does, while staying on tensor cores; a plain fp32 FMA dot
@@ -785,6 +720,7 @@ def attention_forward(
     v: Tensor,
     *,
     seqlens_k: Tensor | None = None,
+    seqlens_q: Tensor | None = None,
     cu_seqlens_q: Tensor | None = None,
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_q: int | None = None,
@@ -803,6 +739,10 @@ def attention_forward(
         v: like k.
         seqlens_k: dense only, optional int32 [B]: keys at positions >= seqlens_k[b] are padding
             (right padding); 0 is allowed (values are clamped to [0, S]).
+        seqlens_q: dense only, optional int32 [B]: query rows t >= seqlens_q[b] are padding
+            (values clamped to [0, T]): out 0 and lse -inf there, and their blocks are not
+            computed (a padded batch costs its real queries). The predictor passes its key
+            lengths (vf.attention's ``mask_queries``).
         cu_seqlens_q: varlen only, int32 [N + 1] cumulative query lengths (starts at 0). Any
             strides (a strided view is copied contiguous). The kernels clamp every sequence to
             the rows of q and k, so even offsets that are not cumulative lengths never reach
@@ -830,9 +770,15 @@ def attention_forward(
     lay, seqlens_k, cu_seqlens_q, cu_seqlens_k = _layout(
         q, k, v, seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     )
+    if seqlens_q is not None and lay.varlen:
+        raise ValueError("seqlens_q: dense only (varlen query lengths come from cu_seqlens_q)")
+    seqlens_q = _offsets("seqlens_q", seqlens_q, lay.n_seq, q.device)
     interpret = interpreting(q)
     bd = triton.next_power_of_2(lay.D)
-    cfg = _config(_FWD, bd, q.dtype, interpret)
+    cfg = _fwd_config(bd, q.dtype, interpret, _arch(q.device))
+    # fp32 (3xTF32 split operands, small tiles) keeps one head per program: packing's row
+    # arithmetic spilled 236 bytes at head dim 128 on sm_90a under Triton 3.6
+    gp = 1 if q.dtype == torch.float32 else _heads_per_program(lay.Hq // lay.Hkv, cfg.block_m)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if lay.varlen:
         lse = torch.empty(lay.Hq, q.shape[0], dtype=torch.float32, device=q.device)
@@ -842,113 +788,31 @@ def attention_forward(
         lse.fill_(float("-inf"))
         return out, lse
     win_left, win_right, left, right = _window(causal, window_size, lay)
-    grid = (triton.cdiv(lay.T, cfg.block_m), lay.n_seq * lay.Hq)
+    row64 = _row64(lay.varlen, lse, q, k, v, out)
+    if row64 and not interpret:
+        # int64 row offsets take registers (huge inputs only): at head dim >= 128 half the query
+        # rows (128 x 64 spilled 32-172 bytes on sm_80 at 1-3 stages), and one head per program
+        if bd >= 128:
+            cfg = cfg._replace(block_m=min(cfg.block_m, 64))
+        gp = 1
+    tma = _tma_ok(k, v, interpret)
+    descs = _kv_descriptors(k, v, cfg.block_n, bd) if tma else (None, None)
+    grid = (triton.cdiv(lay.T, cfg.block_m // gp), lay.n_seq * lay.Hq // gp)
     launch(
         _attn_fwd_kernel, grid,
-        q, k, v, out, lse, seqlens_k, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, out, lse, seqlens_k, seqlens_q, cu_seqlens_q, cu_seqlens_k, *descs,
         *_strides(lay.varlen, q, k, v, out), *_lse_strides(lse, lay.varlen),
         lay.rows_q, lay.rows_k, scale * _LOG2E, win_left, win_right,
-        H=lay.Hq, G=lay.Hq // lay.Hkv, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n,
-        IS_VARLEN=lay.varlen, HAS_SEQLENS=seqlens_k is not None, LEFT=left, RIGHT=right,
+        H=lay.Hq, G=lay.Hq // lay.Hkv, GP=gp, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n,
+        IS_VARLEN=lay.varlen, HAS_SEQLENS=seqlens_k is not None,
+        HAS_QLENS=seqlens_q is not None, LEFT=left, RIGHT=right, RAW_MAX=scale > 0, TMA=tma,
         INTERPRET=interpret, DOT_PRECISION=_dot_precision(q.dtype),
-        ROW64=_row64(lay.varlen, lse, q, k, v, out),
+        ROW64=row64,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse
 
 
-def attention_backward(
-    do: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    *,
-    seqlens_k: Tensor | None = None,
-    cu_seqlens_q: Tensor | None = None,
-    cu_seqlens_k: Tensor | None = None,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-    causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1),
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`attention_forward`, deterministic (no atomics).
-
-    Args:
-        do: gradient of out, out's shape (cast to q's dtype if it differs).
-        q, k, v, seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-            window_size, scale: exactly as given to :func:`attention_forward`.
-        out: the forward output.
-        lse: the forward log-sum-exp (fp32, dense [B, Hq, T] or varlen [Hq, total_q]; any
-            strides).
-
-    Returns:
-        (dq, dk, dv) with the shapes and dtypes of q, k, v (contiguous). Padded keys and rows
-        that see no key get zero gradients.
-    """
-    do, q, k, v, out = (_last_dim_contiguous(t) for t in (do.to(q.dtype), q, k, v, out))
-    lay, seqlens_k, cu_seqlens_q, cu_seqlens_k = _layout(
-        q, k, v, seqlens_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
-    )
-    for name, t in (("do", do), ("out", out)):
-        if t.shape != q.shape or t.device != q.device:
-            raise ValueError(
-                f"{name}: expected q's shape {tuple(q.shape)} on {q.device}, got "
-                f"{tuple(t.shape)} on {t.device}"
-            )
-    want = (lay.Hq, lay.rows_q) if lay.varlen else (lay.n_seq, lay.Hq, lay.T)
-    if lse.dtype != torch.float32 or tuple(lse.shape) != want or lse.device != q.device:
-        raise ValueError(
-            f"lse: expected float32 {want} on {q.device}, got {lse.dtype} "
-            f"{tuple(lse.shape)} on {lse.device}"
-        )
-    lse = lse.contiguous()  # the kernels index its rows with stride 1
-    interpret = interpreting(q)
-    bd = triton.next_power_of_2(lay.D)
-    G = lay.Hq // lay.Hkv
-    masking = dict(IS_VARLEN=lay.varlen, HAS_SEQLENS=seqlens_k is not None)
-    win_left, win_right, left, right = _window(causal, window_size, lay)
-    kernel_flags = dict(
-        **masking,
-        LEFT=left,
-        RIGHT=right,
-        INTERPRET=interpret,
-        DOT_PRECISION=_dot_precision(q.dtype),
-        ROW64=_row64(lay.varlen, lse, q, k, v, do),
-    )
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)
-    lse_strides = _lse_strides(lse, lay.varlen)
-
-    cfg = _config(_BWD_DQ, bd, q.dtype, interpret)
-    launch(
-        _attn_bwd_preprocess_kernel, (triton.cdiv(lay.T, cfg.block_m), lay.n_seq * lay.Hq),
-        out, do, delta, seqlens_k, cu_seqlens_q, cu_seqlens_k,
-        *_strides(lay.varlen, out, do), *lse_strides,
-        lay.rows_q, lay.rows_k,
-        H=lay.Hq, D=lay.D, BD=bd, BM=cfg.block_m, **masking,
-    )  # fmt: skip
-    launch(
-        _attn_bwd_dq_kernel, (triton.cdiv(lay.T, cfg.block_m), lay.n_seq * lay.Hq),
-        q, k, v, do, lse, delta, dq, seqlens_k, cu_seqlens_q, cu_seqlens_k,
-        *_strides(lay.varlen, q, k, v, do, dq), *lse_strides,
-        lay.rows_q, lay.rows_k, scale * _LOG2E, scale, win_left, win_right,
-        H=lay.Hq, G=G, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n, **kernel_flags,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    cfg = _dkdv_config(bd, q.dtype, interpret, left)
-    launch(
-        _attn_bwd_dkdv_kernel, (triton.cdiv(lay.S, cfg.block_n), lay.n_seq * lay.Hkv),
-        q, k, v, do, lse, delta, dk, dv, seqlens_k, cu_seqlens_q, cu_seqlens_k,
-        *_strides(lay.varlen, q, k, v, do, dk, dv),
-        *lse_strides, lay.rows_q, lay.rows_k, scale * _LOG2E, scale, win_left, win_right,
-        HKV=lay.Hkv, G=G, D=lay.D, BD=bd, BM=cfg.block_m, BN=cfg.block_n, **kernel_flags,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    return dq, dk, dv
+# The backward lives in attention_bwd.py (it imports this module's helpers); re-exported here so
+# that callers use one module.
+from .attention_bwd import attention_backward  # noqa: E402

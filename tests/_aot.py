@@ -9,22 +9,32 @@ that process. Test tooling only: it is not part of the installed package.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+from triton.runtime.jit import JITFunction, mangle_type
 from vljepa_fast._kernels._common import pointer_type
 
-__all__ = ["SHARED_MEMORY_LIMIT", "CompileReport", "aot_compile", "pointer_type"]
+__all__ = [
+    "SHARED_MEMORY_LIMIT",
+    "CompileReport",
+    "Launch",
+    "aot_compile",
+    "compile_launch",
+    "pointer_type",
+    "recorded_launches",
+]
 
 #: Largest dynamic shared memory one block may opt into, in bytes, per compute capability
 #: (CUDA programming guide, "Technical Specifications per Compute Capability").
@@ -51,6 +61,11 @@ class CompileReport:
         ptx: the PTX text.
         sass: the SASS listing of the cubin (cuobjdump).
         uses_wgmma: whether the PTX issues Hopper warpgroup MMAs (``wgmma.mma_async``).
+        wgmma_shapes: the distinct ``mMnNkK`` shapes of those MMAs with their operand types,
+            e.g. ``("m64n64k16.f32.bf16.bf16",)``, sorted (empty without wgmma).
+        n_mma_sync: how many warp-level ``mma.sync`` instructions the PTX holds (sm_80's MMA;
+            on sm_90a a 16-bit dot that fell back from wgmma shows up here).
+        n_dots: how many ``tt.dot`` operations the kernel's Triton IR holds (0: no products).
     """
 
     name: str
@@ -63,6 +78,24 @@ class CompileReport:
     ptx: str
     sass: str
     uses_wgmma: bool
+    wgmma_shapes: tuple[str, ...] = field(default=())
+    n_mma_sync: int = 0
+    n_dots: int = 0
+
+    def wgmma_n(self) -> list[int]:
+        """The N (output columns per instruction) of every wgmma shape."""
+        return [int(re.match(r"m\d+n(\d+)k", s).group(1)) for s in self.wgmma_shapes]
+
+    def row(self) -> str:
+        """One line for a compile table: name, arch, warps, registers, spills, shared, MMAs."""
+        mma = ",".join(self.wgmma_shapes) if self.wgmma_shapes else f"mma.sync x{self.n_mma_sync}"
+        return (
+            f"{self.name} sm_{self.arch} warps={self.num_warps} regs={self.n_regs} "
+            f"spills={self.n_spills} shared={self.shared} {mma}"
+        )
+
+
+_WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\.(\w+)\.(\w+)\.(\w+)")
 
 
 def _run_tool(cmd: Sequence[str]) -> str:
@@ -149,4 +182,79 @@ def aot_compile(
         ptx=ptx,
         sass=sass,
         uses_wgmma="wgmma.mma_async" in ptx,
+        wgmma_shapes=tuple(sorted({".".join(m.groups()) for m in _WGMMA.finditer(ptx)})),
+        n_mma_sync=len(re.findall(r"^\s*mma\.sync\.", ptx, flags=re.M)),
+        n_dots=len(re.findall(r"\btt\.dot\b", compiled.asm["ttir"])),
+    )
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch a launcher made: the kernel, its positional and keyword arguments."""
+
+    kernel: Any
+    args: tuple
+    kwargs: dict
+
+
+@contextlib.contextmanager
+def recorded_launches(*modules: Any, arch: int) -> Iterator[list[Launch]]:
+    """Within the block, ``launch(kernel, grid, *args, **kwargs)`` of each of ``modules`` (kernel
+    files that import :func:`vljepa_fast._kernels._common.launch`) records the launch instead
+    of running it, and ``torch.cuda.get_device_capability`` answers ``arch`` (e.g. 90 ->
+    (9, 0)), so that launchers with per-arch configs choose those of ``arch``. Call the
+    launchers on ``meta`` tensors (nothing is allocated, any size): the records hold exactly
+    the constexprs, configs and argument values they would launch on such a GPU."""
+    made: list[Launch] = []
+
+    def record(kernel, grid, *args, **kwargs):
+        made.append(Launch(kernel, args, kwargs))
+
+    def capability(device=None):
+        return divmod(arch, 10)
+
+    saved = [m.launch for m in modules]
+    saved_capability = torch.cuda.get_device_capability
+    try:
+        for m in modules:
+            m.launch = record
+        torch.cuda.get_device_capability = capability
+        yield made
+    finally:
+        torch.cuda.get_device_capability = saved_capability
+        for m, f in zip(modules, saved):
+            m.launch = f
+
+
+def compile_launch(launch: Launch, *, arch: int) -> CompileReport:
+    """:func:`aot_compile` of a recorded :class:`Launch` for ``arch``, specialised as the JIT
+    would specialise it at that launch: ``None`` arguments and keyword constexprs are
+    constexprs, the others take the JIT's type of their value (``mangle_type``: tensors are
+    pointers of their dtype, TMA descriptors ``tensordesc<...>``), tensors are 16-byte aligned
+    and ints that are multiples of 16 are compiled as such (the JIT's divisibility
+    specialisation); ints equal to 1 stay plain ints. Every argument of the kernel must be
+    given (no defaults)."""
+    kernel, kwargs = launch.kernel, dict(launch.kwargs)
+    options = {o: kwargs.pop(o) for o in ("num_warps", "num_stages") if o in kwargs}
+    names = kernel.arg_names
+    values = dict(zip(names, launch.args))
+    values.update(kwargs)
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise TypeError(f"{kernel.fn.__name__}: no value for {missing}")
+    constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
+    signature, constexprs, divisible = {}, {}, []
+    for name in names:
+        value = values[name]
+        if name in constexpr_names or value is None:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+            continue
+        signature[name] = mangle_type(value)
+        if isinstance(value, torch.Tensor) or (
+            isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+        ):
+            divisible.append(name)
+    return aot_compile(
+        kernel, signature, constexprs, arch=arch, divisible_by_16=divisible, **options
     )

@@ -226,3 +226,54 @@ def test_gpu_attention_varlen_window_matches_float64(backend, causal, window):
     got = kernel_run(fused, (q, k, v), do)
     check(got, (q, k, v), (q, k, v), do, dtype,
           lambda q, k, v: reference.attention_varlen(q, k, v, *lens, **kw))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("window", [(-1, -1), (200, 200)], ids=["full", "window"])
+def test_gpu_triton_tma_and_pointer_loads_agree(monkeypatch, dtype, window):
+    """On Hopper the forward reads the unmasked K/V blocks through TMA descriptors; the pointer
+    loads it takes elsewhere (forced here) give the same tiles, so the same result, and both
+    match float64 (predictor heads 32:8, GQA packing GP = 4, key padding)."""
+    from vljepa_fast._kernels import attention as attn
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("TMA descriptors: the Hopper path only")
+    B, T, Hq, Hkv, D = 2, 1100, 32, 8, 64
+    kern, ref, mask = padded_inputs(B, T, T, Hq, Hkv, D, dtype, [T, 613], 23)
+    lengths = mask.sum(1, dtype=torch.int32)
+    kw = dict(seqlens_k=lengths, window_size=window, scale=D**-0.5)
+    with poisoned_allocations():
+        tma_out, tma_lse = attn.attention_forward(*kern, **kw)
+    monkeypatch.setattr(attn, "_tma_ok", lambda k, v, interpret: False)
+    with poisoned_allocations():
+        ptr_out, ptr_lse = attn.attention_forward(*kern, **kw)
+    torch.testing.assert_close(tma_out, ptr_out, rtol=0, atol=0)
+    torch.testing.assert_close(tma_lse, ptr_lse, rtol=0, atol=0)
+    mkw = dict(key_padding_mask=mask, window_size=window)
+    exact = reference.attention(*(t.double() for t in ref), **mkw)
+    eager = reference.attention(*ref, **mkw)
+    assert_close_2x(tma_out, eager, exact, dtype, "out")
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("padding", [0.0, 0.5, 0.9])
+def test_gpu_triton_query_padding_matches_float64(dtype, padding):
+    """seqlens_q at the predictor's heads (32:8, D = 64): padded query rows out 0 and lse -inf,
+    their blocks skipped; real rows match float64 (the rows the skipped blocks did not write
+    are poisoned, so a skipped store fails)."""
+    from vljepa_fast._kernels import attention as attn
+
+    B, T, Hq, Hkv, D = 3, 1000, 32, 8, 64
+    lengths = [T, int(T * (1 - padding)), 1]
+    kern, ref, mask = padded_inputs(B, T, T, Hq, Hkv, D, dtype, lengths, 31)
+    lens = mask.sum(1, dtype=torch.int32)
+    with poisoned_allocations() as made:
+        out, lse = attn.attention_forward(*kern, seqlens_k=lens, seqlens_q=lens, scale=D**-0.5)
+    assert made
+    padded = ~mask  # [B, T]: the query rows past each length
+    assert torch.equal(out[padded], torch.zeros_like(out[padded]))
+    assert torch.isneginf(lse.transpose(1, 2)[padded]).all()
+    exact = reference.attention(*(t.double() for t in ref), key_padding_mask=mask)
+    eager = reference.attention(*ref, key_padding_mask=mask)
+    real = mask
+    assert_close_2x(out[real], eager[real], exact[real], dtype, "out")

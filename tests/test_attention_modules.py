@@ -337,8 +337,16 @@ def test_peer_records_are_registered_with_reasons(name, module, monkeypatch):
         assert rec.devices == ("cuda",)
     monkeypatch.setattr(attention_peers, "_import_reasons", lambda m: [f"{m} is not installed"])
     rows = {(r.op, r.name): r for r in attention_peers._records()}
+    # flash_attn runs flash-attn 2 or FlashAttention-3: unavailable when neither imports
+    want = [f"{module} is not installed"]
+    if name == "flash_attn":
+        want.append("flash_attn_interface is not installed")
     for op in ("attention", "attention_varlen"):
-        assert rows[(op, name)].available() == [f"{module} is not installed"]
+        assert rows[(op, name)].available() == want
+    fa3_only = lambda m: [f"{m} is not installed"] if m != "flash_attn_interface" else []  # noqa: E731
+    monkeypatch.setattr(attention_peers, "_import_reasons", fa3_only)
+    for op in ("attention", "attention_varlen"):
+        assert (rows[(op, name)].available() == []) == (name == "flash_attn")
 
 
 def test_peer_reasons_when_not_importable():

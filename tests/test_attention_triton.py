@@ -14,14 +14,17 @@ compile: the kernels compiled ahead of time for sm_80 and sm_90 (no GPU), both o
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
+import triton
 from torch import Tensor
 from vljepa_fast._kernels import attention as attn
+from vljepa_fast._kernels import attention_bwd as attn_bwd
 
 import vljepa_fast as vf
-from tests._aot import aot_compile, pointer_type
+from tests._aot import Launch, compile_launch, recorded_launches
 from tests.test_attention import check_strided_dense, check_strided_varlen, nan_margins
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -362,6 +365,135 @@ def test_no_key_rows_are_zero(poisoned):
 
 
 # ---------------------------------------------------------------------------------------------
+# forward: GQA packing, query padding, TMA loads, scales of either sign
+# ---------------------------------------------------------------------------------------------
+
+
+def check_forward(q, k, v, *, seqlens_q=None, **masking):
+    """The forward (out, lse) against float64 and eager in q's dtype; ``seqlens_q`` rows past
+    each batch entry's query length must be out 0 and lse -inf."""
+    out, lse = attn.attention_forward(q, k, v, seqlens_q=seqlens_q, **masking)
+    exact = eager_attention(q.double(), k.double(), v.double(), **masking)
+    eager = eager_attention(q, k, v, **masking)
+    if seqlens_q is not None:
+        padded = torch.arange(q.shape[1])[None, :] >= seqlens_q[:, None].long()  # [B, T]
+        for o_, l_ in (exact, eager):
+            o_[padded] = 0.0
+            l_.masked_fill_(padded[:, None, :], float("-inf"))
+    assert_lse_matches(lse, exact[1])
+    assert_matches("out", out, exact[0], eager[0], q.dtype)
+    return out, lse
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("block_m, gp", [(32, 2), (64, 4), (128, 8)])
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (6, 3))])
+def test_packed_query_heads(poisoned, monkeypatch, block_m, gp, causal, window):
+    """GQA packing: one program serves GP heads of a KV group (rows = token x head); tiles of 32,
+    64 and 128 rows give GP = 2, 4, 8 at G = 8, with key padding, causal and windows."""
+    monkeypatch.setattr(attn, "_INTERPRET_CONFIG", attn._Config(block_m, 32, 1, 1))
+    assert attn._heads_per_program(8, block_m) == gp
+    B, T, S, Hq, Hkv, D = 2, 45, 45, 16, 2, 32
+    q, k, v = randn(B, T, Hq, D, dtype=torch.float32), *(
+        randn(B, S, Hkv, D, dtype=torch.float32) for _ in range(2)
+    )
+    seqlens_k = torch.tensor([S, 17], dtype=torch.int32)
+    k[1, 17:], v[1, 17:] = float("nan"), float("nan")
+    check_forward(q, k, v, seqlens_k=seqlens_k, causal=causal, window_size=window, scale=D**-0.5)
+
+
+def test_heads_per_program():
+    """GP: the largest power of two dividing G with at least 16 rows per head in the tile."""
+    assert [attn._heads_per_program(g, 128) for g in (1, 2, 3, 4, 6, 8, 12, 16, 32)] == [
+        1, 2, 1, 4, 2, 8, 4, 8, 8,
+    ]
+    assert attn._heads_per_program(4, 32) == 2 and attn._heads_per_program(4, 16) == 1
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "causal, window, dtype",
+    [
+        (False, (-1, -1), torch.float32),
+        (True, (-1, -1), torch.bfloat16),
+        (False, (5, 7), torch.float16),
+    ],
+    ids=["bidir-f32", "causal-bf16", "window-f16"],
+)
+def test_query_padding(poisoned, causal, window, dtype):
+    """seqlens_q: padded query rows (their q rows hold NaN) give out 0 and lse -inf, real rows
+    are those of the unpadded call; lengths 0, partial blocks, full, and out-of-range values
+    (clamped to [0, T])."""
+    B, T, Hq, Hkv, D = 4, 70, 8, 2, 64
+    q = randn(B, T, Hq, D, dtype=dtype)
+    k, v = randn(B, T, Hkv, D, dtype=dtype), randn(B, T, Hkv, D, dtype=dtype)
+    lengths = torch.tensor([70, 33, 0, 1], dtype=torch.int32)
+    padded = torch.arange(T)[None, :] >= lengths[:, None]
+    q[padded], k[padded], v[padded] = float("nan"), float("nan"), float("nan")
+    masking = dict(seqlens_k=lengths, causal=causal, window_size=window, scale=D**-0.5)
+    check_forward(q, k, v, seqlens_q=lengths, **masking)
+    # out-of-range lengths are clamped: -5 -> 0, T + 9 -> T
+    wide = torch.tensor([T + 9, 33, -5, 1], dtype=torch.int32)
+    out, lse = attn.attention_forward(q, k, v, seqlens_q=wide, **masking)
+    want, want_lse = attn.attention_forward(q, k, v, seqlens_q=lengths, **masking)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.interpret
+def test_query_padding_refusals():
+    q = torch.randn(2, 8, 2, 32)
+    with pytest.raises(ValueError, match="seqlens_q: dense only"):
+        cu = torch.tensor([0, 8, 16], dtype=torch.int32)
+        attn.attention_forward(
+            q.flatten(0, 1), q.flatten(0, 1), q.flatten(0, 1), cu_seqlens_q=cu,
+            cu_seqlens_k=cu, max_seqlen_q=8, max_seqlen_k=8, seqlens_q=cu[:2], scale=1.0,
+        )  # fmt: skip
+    for bad in (torch.tensor([8, 8]), torch.tensor([8], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="seqlens_q: expected a 1-D int32 tensor of 2"):
+            attn.attention_forward(q, q, q, seqlens_q=bad, scale=1.0)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_tma_loads(poisoned, monkeypatch, varlen):
+    """The Hopper path that reads the unmasked K/V blocks through TMA descriptors (forced on
+    under the interpreter) gives the pointer path's results; descriptors over zeros change the
+    result, so the descriptors are what those blocks read."""
+    B, T, S, Hq, Hkv, D = 2, 100, 150, 4, 2, 64
+    q = randn(B, T, Hq, D, dtype=torch.float32)
+    k, v = randn(B, S, Hkv, D, dtype=torch.float32), randn(B, S, Hkv, D, dtype=torch.float32)
+    lengths = torch.tensor([S, 97], dtype=torch.int32)
+    if varlen:
+        cu_q = torch.tensor([0, T, 2 * T], dtype=torch.int32)
+        cu_k = torch.tensor([0, S, S + 97], dtype=torch.int32)
+        keys = torch.cat([k[0], k[1, :97]]), torch.cat([v[0], v[1, :97]])
+        args = (q.flatten(0, 1), *keys)
+        masking = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=T, max_seqlen_k=S)
+    else:
+        args, masking = (q, k, v), dict(seqlens_k=lengths)
+    plain = attn.attention_forward(*args, **masking, scale=D**-0.5)
+    monkeypatch.setattr(attn, "_tma_ok", lambda k, v, interpret: True)
+    tma = attn.attention_forward(*args, **masking, scale=D**-0.5)
+    torch.testing.assert_close(tma[0], plain[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tma[1], plain[1], rtol=1e-6, atol=1e-6)
+    real = attn._kv_descriptors
+    monkeypatch.setattr(
+        attn, "_kv_descriptors", lambda k, v, bn, bd: real(torch.zeros_like(k), v, bn, bd)
+    )
+    zeroed = attn.attention_forward(*args, **masking, scale=D**-0.5)
+    assert not torch.allclose(zeroed[0], plain[0]), "the TMA descriptors were not read"
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 2.5])
+def test_any_scale(poisoned, scale):
+    """Scales <= 0 take the scale-first path (the raw-max FMA needs scale > 0); both match."""
+    q, k, v = (randn(2, 37, 4, 32, dtype=torch.float32) for _ in range(3))
+    check_forward(q, k[:, :, :2], v[:, :, :2], seqlens_k=torch.tensor([37, 5], dtype=torch.int32),
+                  causal=False, scale=scale)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
 # memory safety: offsets, strides, sizes
 # ---------------------------------------------------------------------------------------------
 
@@ -564,146 +696,171 @@ def test_rejects_unsupported(shapes, match):
 # ---------------------------------------------------------------------------------------------
 # compile
 # ---------------------------------------------------------------------------------------------
+# The launchers run on meta tensors (nothing allocated) with launch() recording instead of
+# launching (tests/_aot.py): every kernel is compiled with exactly the constexprs, config and
+# argument values its launcher gives it for that input, whatever constexprs the kernels grow.
+# Shape: B 2, T = S = 1000 (T and lse strides not multiples of 16, as the JIT sees odd lengths;
+# the others are), 32:8 heads (GQA 4:1), key padding.
 
-_KERNELS = {
-    "fwd": (attn._attn_fwd_kernel, attn._FWD),
-    "dq": (attn._attn_bwd_dq_kernel, attn._BWD_DQ),
-    "dkdv": (attn._attn_bwd_dkdv_kernel, attn._BWD_DKDV),
+_LABELS = {
+    "_attn_bwd_preprocess_kernel": "pre",
+    "_attn_bwd_dq_kernel": "dq",
 }
 
 
-def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ("seqlens_k", "cu_seqlens_q", "cu_seqlens_k"):
-            sig[name] = "*i32"
-        elif name in ("lse", "delta"):
-            sig[name] = "*fp32"
-        elif name.startswith("stride_") or name in ("T", "S", "win_left", "win_right"):
-            sig[name] = "i32"
-        elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
+def _label(launch: Launch) -> str:
+    name = launch.kernel.fn.__name__
+    if name == "_attn_bwd_dkdv_kernel":
+        return "fast" if launch.kwargs.get("DQ_ATOMIC") else "dkdv"
+    return _LABELS.get(name, "fwd")  # every kernel of the forward's launches
+
+
+def attention_launches(
+    which: str,
+    arch: int,
+    D: int,
+    dtype: torch.dtype,
+    *,
+    row64: bool = False,
+    left: bool = False,
+    right: bool = False,
+    varlen: bool = False,
+    seqlens_q: bool = False,
+) -> list[Launch]:
+    """The launches of ``which`` ("fwd": the forward's; "fast", "pre": the fast backward's; "dq",
+    "dkdv": the deterministic backward's) for one meta input on a GPU of ``arch``."""
+    B, T, Hq, Hkv = 2, 1000, 32, 8
+    if row64:  # one batch entry of just over 2**31 elements: int64 in-sequence offsets
+        T = 2**31 // (Hq * D) + 8
+    meta = dict(device="meta", dtype=dtype)
+    window = (7 if left else -1, 5 if right else -1)
+    if varlen:
+        q, k = torch.empty(B * T, Hq, D, **meta), torch.empty(B * T, Hkv, D, **meta)
+        lse = torch.empty(Hq, B * T, device="meta", dtype=torch.float32)
+        cu = torch.empty(B + 1, device="meta", dtype=torch.int32)
+        masking = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T)
+    else:
+        q, k = torch.empty(B, T, Hq, D, **meta), torch.empty(B, T, Hkv, D, **meta)
+        lse = torch.empty(B, Hq, T, device="meta", dtype=torch.float32)
+        lengths = torch.empty(B, device="meta", dtype=torch.int32)
+        masking = dict(seqlens_k=lengths)
+        if seqlens_q:  # the predictor's padded queries (mask_queries)
+            masking["seqlens_q"] = lengths
+    masking.update(window_size=window, scale=D**-0.5)
+    # the launchers read the arch through attention._arch (None off CUDA, so meta tensors get
+    # it from here)
+    with (
+        recorded_launches(attn, attn_bwd, arch=arch) as made,
+        mock.patch.object(attn, "_arch", lambda device: arch),
+        mock.patch.object(attn_bwd, "_arch", lambda device: arch),
+    ):
+        if which == "fwd":
+            attn.attention_forward(q, k, k, **masking)
         else:
-            sig[name] = pointer_type(dtype)
-    return sig
+            det = which in ("dq", "dkdv")
+            attn_bwd.attention_backward(q, q, k, k, q, lse, deterministic=det, **masking)
+    found = [launch for launch in made if _label(launch) == which]
+    assert found, f"no {which} launch among {[_label(m) for m in made]}"
+    return found
 
 
-def _divisible_by_16(kernel, signature: dict[str, str]) -> list[str]:
-    """What a runtime launch specialises on for ordinary tensors: 16-aligned pointers and
-    batch/row/head strides divisible by 16 (lse strides follow T, which may be odd)."""
-    return [
-        name
-        for name in kernel.arg_names
-        if signature[name].startswith("*")
-        or (name.startswith("stride_") and not name.startswith("stride_l"))
-    ]
+def check_compiles(which: str, arch: int, D: int, dtype: torch.dtype, **variant) -> None:
+    """Every ``which`` kernel compiles for ``arch`` without spills, within the arch's shared
+    memory and register file; on sm_90a every 16-bit product is a wgmma (no mma.sync) at least
+    min(64, D) wide."""
+    for launch in attention_launches(which, arch, D, dtype, **variant):
+        report = compile_launch(launch, arch=arch)
+        print(f"triton {triton.__version__} {which}: {report.row()}")
+        assert report.n_spills == 0, f"{report.name}: {report.n_spills} bytes spilled"
+        assert report.shared <= report.shared_limit, f"{report.name}: {report.shared} B shared"
+        assert report.n_regs * 32 * report.num_warps <= 65536, f"{report.name}: register file"
+        if arch == 90 and dtype != torch.float32 and report.n_dots:
+            assert report.n_mma_sync == 0, f"{report.name}: mma.sync on sm_90a"
+            assert report.uses_wgmma, f"{report.name}: no wgmma on sm_90a"
+            narrow = [n for n in report.wgmma_n() if n < min(64, D)]
+            assert not narrow, f"{report.name}: wgmma {report.wgmma_shapes} narrower than 64"
+
+
+_KINDS = ("fwd", "fast", "dq", "dkdv")
+_ids = dict(ids=lambda x: str(x).replace("torch.", ""))
+
+
+_MAIN = [
+    (90, 64, torch.bfloat16),
+    (80, 64, torch.float16),
+    (90, 128, torch.bfloat16),
+    (80, 128, torch.bfloat16),
+    (80, 64, torch.float32),
+    (90, 128, torch.float32),
+]
 
 
 @pytest.mark.compile
 @pytest.mark.parametrize(
     "which, arch, D, dtype",
-    [
-        ("fwd", 90, 64, torch.bfloat16),
-        ("fwd", 80, 64, torch.float16),
-        ("fwd", 90, 128, torch.bfloat16),
-        ("dq", 90, 64, torch.bfloat16),
-        ("dkdv", 90, 64, torch.bfloat16),
-        ("dq", 80, 64, torch.float16),
-        ("dkdv", 80, 64, torch.float16),
-        ("dkdv", 80, 128, torch.bfloat16),
-        ("fwd", 80, 64, torch.float32),
-        ("dkdv", 80, 64, torch.float32),
-        ("dq", 80, 128, torch.float32),
-        ("fwd", 90, 128, torch.float32),
-    ],
-    ids=lambda x: str(x).replace("torch.", ""),
+    # 16-bit head dim 128 on sm_90a has no fast kernel (test_no_fast_kernel_where_it_spills)
+    [(w, *c) for c in _MAIN for w in _KINDS if (w, *c) != ("fast", 90, 128, torch.bfloat16)],
+    **_ids,
 )
 def test_compiles(which, arch, D, dtype):
-    """The predictor's case (GQA 4:1, key padding, bidirectional) compiles without spills."""
-    check_compiles(which, arch, D, dtype, row64=False)
+    """The predictor's case (GQA 4:1, key padding, bidirectional), every kernel."""
+    check_compiles(which, arch, D, dtype)
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize(
-    "which, arch, D, dtype",
-    [
-        ("fwd", 90, 64, torch.bfloat16),
-        ("dq", 90, 64, torch.bfloat16),
-        ("dkdv", 90, 64, torch.bfloat16),
-        ("fwd", 80, 64, torch.float16),
-        ("dkdv", 80, 128, torch.bfloat16),
-    ],
-    ids=lambda x: str(x).replace("torch.", ""),
-)
+def test_no_fast_kernel_where_it_spills():
+    """16-bit head dim 128 on sm_90a: the fast kernel spilled at every config tried, so the
+    backward runs the deterministic kernels there (compiled by test_compiles), whatever
+    ``deterministic`` says; sm_80 keeps its fast kernel."""
+    launches = attention_launches("dq", 90, 128, torch.bfloat16)
+    assert [_label(m) for m in launches] == ["dq"]
+    with (
+        recorded_launches(attn, attn_bwd, arch=90) as made,
+        mock.patch.object(attn_bwd, "_arch", lambda device: 90),
+    ):
+        q = torch.empty(1, 100, 4, 128, device="meta", dtype=torch.bfloat16)
+        lse = torch.empty(1, 4, 100, device="meta", dtype=torch.float32)
+        attn_bwd.attention_backward(q, q, q, q, q, lse, scale=0.1, deterministic=False)
+    assert [_label(m) for m in made] == ["pre", "dq", "dkdv"]
+    assert attention_launches("fast", 80, 128, torch.bfloat16)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("arch, dtype", [(90, torch.bfloat16), (80, torch.float16)], **_ids)
+def test_compiles_prepass(arch, dtype):
+    """The backward's delta pre-pass (no products: spills and shared memory only)."""
+    check_compiles("pre", arch, 64, dtype)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("which", _KINDS)
+@pytest.mark.parametrize("arch, dtype", [(90, torch.bfloat16), (80, torch.float16)], **_ids)
+def test_compiles_seqlens_q(which, arch, dtype):
+    """Padded queries (seqlens_q, the predictor's mask_queries), head dim 64."""
+    check_compiles(which, arch, 64, dtype, seqlens_q=True)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("which", _KINDS)
+@pytest.mark.parametrize("arch, D, dtype", [(90, 64, torch.bfloat16), (80, 128, torch.bfloat16)])
 def test_compiles_row64(which, arch, D, dtype):
-    """The int64-offset variant (inputs of over 2**31 elements per batch entry) compiles without
-    spills and keeps wgmma on 16-bit inputs too."""
+    """The int64-offset variant (inputs of over 2**31 elements per batch entry)."""
     check_compiles(which, arch, D, dtype, row64=True)
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize(
-    "which, arch, D, dtype",
-    [
-        ("fwd", 90, 64, torch.bfloat16),
-        ("dq", 90, 64, torch.bfloat16),
-        ("dkdv", 90, 64, torch.bfloat16),
-        ("fwd", 80, 64, torch.float16),
-        ("dq", 80, 64, torch.float16),
-        ("dkdv", 80, 64, torch.float16),
-        ("fwd", 90, 128, torch.bfloat16),
-        ("dkdv", 80, 128, torch.bfloat16),
-        ("dq", 80, 128, torch.float32),
-        ("dkdv", 80, 64, torch.float32),
-    ],
-    ids=lambda x: str(x).replace("torch.", ""),
-)
+@pytest.mark.parametrize("which", _KINDS)
+@pytest.mark.parametrize("arch, dtype", [(90, torch.bfloat16), (80, torch.float16)], **_ids)
 @pytest.mark.parametrize(
     "left, right", [(True, True), (True, False), (False, True)], ids=["both", "left", "right"]
 )
-def test_compiles_window(which, arch, D, dtype, left, right):
-    """The sliding-window variants (both bounds, left only, right only = causal's) compile
-    without spills and keep wgmma on sm_90 16-bit forwards (the extra masked loop of LEFT)."""
-    check_compiles(which, arch, D, dtype, row64=False, left=left, right=right)
+def test_compiles_window(which, arch, dtype, left, right):
+    """Sliding windows (both bounds, left only, right only = causal's), head dim 64."""
+    check_compiles(which, arch, 64, dtype, left=left, right=right)
 
 
-def check_compiles(which, arch, D, dtype, *, row64, left=False, right=False):
-    kernel, table = _KERNELS[which]
-    if which == "dkdv":  # what the launcher uses (a left window bound caps the stages)
-        cfg = attn._dkdv_config(D, dtype, False, left)
-    else:
-        cfg = attn._config(table, D, dtype, False)
-    heads = {"HKV": 8} if which == "dkdv" else {"H": 32}
-    constexprs = dict(
-        **heads,
-        G=4,
-        D=D,
-        BD=D,
-        BM=cfg.block_m,
-        BN=cfg.block_n,
-        IS_VARLEN=False,
-        HAS_SEQLENS=True,
-        LEFT=left,
-        RIGHT=right,
-        INTERPRET=False,
-        DOT_PRECISION=attn._dot_precision(dtype),
-        ROW64=row64,
-        cu_seqlens_q=None,
-        cu_seqlens_k=None,
-    )
-    signature = _signature(kernel, dtype, constexprs)
-    report = aot_compile(
-        kernel,
-        signature,
-        constexprs,
-        arch=arch,
-        divisible_by_16=_divisible_by_16(kernel, signature),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    assert report.n_spills == 0, f"{report.name}: {report.n_spills} bytes spilled"
-    assert report.shared <= report.shared_limit
-    if arch == 90 and which == "fwd" and dtype != torch.float32:  # fp32: 3xTF32 on mma.sync
-        assert report.uses_wgmma, "sm_90 forward does not use wgmma"
+@pytest.mark.compile
+@pytest.mark.parametrize("which", _KINDS)
+def test_compiles_varlen(which):
+    """Packed variable-length sequences on sm_90a, head dim 64, bf16."""
+    check_compiles(which, 90, 64, torch.bfloat16, varlen=True)

@@ -422,10 +422,55 @@ def test_cpu_and_gpu_presets_hold_the_issue_shapes():
     gpu_topk = presets.cases("gpu", "topk_similarity")
     assert {(c["Q"], c["k"]) for c in gpu_topk} == {(16, 10), (16, 100), (1024, 10), (1024, 100)}
     gpu_attn = presets.cases("gpu", "attention")
-    assert {c["T"] for c in gpu_attn} == {512, 1024, 4608}
-    assert {c["mode"] for c in gpu_attn} == {"fwd", "bwd", "fwd+bwd"}
-    for c in gpu_attn:
-        assert abs(c["B"] * c["T"] - 16384) <= 0.15 * 16384  # about 16k tokens per batch
+    pred = [c for c in gpu_attn if c.get("what") == "predictor"]
+    # issue 15: B x (4096 visual + 512 query tokens), 32:8 heads, hd 64, 0/25/50% padding
+    # with mask_queries, forward and forward+backward
+    assert {(c["T"], c["Hq"], c["Hkv"], c["D"]) for c in pred} == {(4096 + 512, 32, 8, 64)}
+    assert {c["pad"] for c in pred} == {0.0, 0.25, 0.5}
+    assert {c["mode"] for c in pred} == {"fwd", "fwd+bwd"}
+    assert all(c["mask_queries"] and not c["causal"] for c in pred)
+    assert pred[0]["pad"] == 0.5  # first, should the deadline cut the tail
+    sweep = [c for c in gpu_attn if c.get("what") == "sweep"]
+    assert len(pred) + len(sweep) == len(gpu_attn)
+    assert {(c["T"], c["Hkv"]) for c in sweep} >= {(16384, 8), (16384, 32)}
+    for name in ("gpu", "paper"):
+        for c in presets.cases(name, "attention"):
+            if c.get("what") == "sweep":  # FA3's sweep: 16k tokens, unpadded, hd 64, 32 heads
+                assert c["B"] * c["T"] == 16384 and c["pad"] == 0.0 and not c["causal"]
+                assert (c["Hq"], c["D"]) == (32, 64) and c["Hkv"] in (8, 32)
+    paper = presets.cases("paper", "attention")
+    points = {(c["T"], c["Hkv"]) for c in paper if c.get("what") == "sweep"}
+    assert points == {(T, h) for T in (512, 1024, 2048, 4096, 8192, 16384) for h in (8, 32)}
+    assert {c["mode"] for c in paper} == {"fwd", "bwd", "fwd+bwd"}
+
+
+def test_attention_providers_by_case():
+    """Every attention backend and peer has a row (a skip saying why where it cannot run:
+    "not installed"); the providers that materialise the [B, Hq, T, S] scores only where they
+    fit; the SDPA baselines with the dense additive mask and without a mask."""
+    from vljepa_fast import _backends
+
+    def case(B, T, pad):
+        return dict(B=B, T=T, Hq=32, Hkv=8, D=64, pad=pad, causal=False)
+
+    big = bench_attention._providers(case(4, 4608, 0.5))
+    backends = [r.name for r in _backends.records("attention") if r.name != "reference"]
+    assert [p for p in big if p.startswith("vf.") and not p.endswith(".varlen")] == [
+        f"vf.{b}" for b in backends
+    ]
+    for p in ("torch.sdpa[mask]", "torch.sdpa[nomask]", "flash_attn", "flash_attn3", "xformers"):
+        assert p in big, p
+    assert not {"reference", "reference+compile", "torch.sdpa[math]"} & set(big)
+    assert {p for p in big if p.endswith(".varlen")} <= {"vf.triton.varlen", "vf.cuda.varlen"}
+    unpadded = bench_attention._providers(case(1, 16384, 0.0))
+    assert "torch.sdpa[mask]" in unpadded and "torch.sdpa[nomask]" not in unpadded
+    assert not any(p.endswith(".varlen") for p in unpadded)
+    small = bench_attention._providers(dict(case(2, 64, 0.25), compile=True))
+    assert {"reference", "reference+compile", "torch.sdpa[math]", "vf.sdpa.varlen"} <= set(small)
+    label = bench_attention._label(
+        dict(case(4, 4608, 0.5), what="predictor", mask_queries=True, mode="fwd", dtype="bfloat16")
+    )
+    assert label == "fwd predictor B4 T4608 H32:8 hd64 pad50% mask_queries bfloat16"
 
 
 def test_smoke_preset_is_tiny():

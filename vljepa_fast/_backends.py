@@ -12,9 +12,13 @@ Contract (docs/DESIGN.md, "Dispatch contract"):
   checking (lengths read from a mask, a kernel variant) that ``run(inputs, plan)`` then consumes,
   so nothing is validated or synchronised twice.
 * ``backend="auto"`` walks the op's priority list for the inputs' device and takes the first
-  record that accepts; every list ends in ``reference`` (eager PyTorch), so ``auto`` never fails
-  on cpu or cuda inputs. A named backend that refuses raises :class:`BackendUnavailableError`
-  with its reasons: nothing is substituted silently.
+  record that accepts; an op may register an :class:`AutoRule` that puts some backends first
+  for given inputs (attention on CUDA: which kernel is fastest depends on the mask, the dtype
+  and the GPU), the others following by priority; every list ends in ``reference`` (eager
+  PyTorch), so ``auto`` never fails on cpu or cuda inputs. :func:`explain` says which backend
+  ``auto`` picks for some inputs and why, :func:`backends` states each op's rule. A named
+  backend that refuses raises :class:`BackendUnavailableError` with its reasons: nothing is
+  substituted silently.
 
 One vocabulary end to end (:data:`BackendSpec`): every op, module, model and integration takes
 ``backend`` as "auto", a backend name (for every op it calls), or a mapping from op names to
@@ -106,12 +110,39 @@ class Backend:
 
 
 class BackendStatus(NamedTuple):
-    """One row of :func:`backends`."""
+    """One row of :func:`backends`; ``auto_rule``: how ``auto`` orders the op's backends
+    (its :class:`AutoRule`'s text; "priority order" for an op without one)."""
 
     op: str
     backend: str
     available: bool
     reasons: tuple[str, ...]
+    auto_rule: str = "priority order"
+
+
+class Order(NamedTuple):
+    """An :class:`AutoRule`'s answer for some inputs: the backends ``auto`` asks first, in
+    this order (the op's other records follow by priority), and the case that chose them."""
+
+    names: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class AutoRule:
+    """How ``auto`` orders an op's backends per input, where priorities alone cannot say it
+    (e.g. attention: which kernel is fastest depends on the mask, dtype and GPU).
+
+    Attributes:
+        text: the rule in words (:func:`backends`, :func:`explain`, docs).
+        order: inputs -> an :class:`Order`, or None for the priority order. It reads only what
+            needs no device sync (dtypes, devices, which arguments are given, the GPU's compute
+            capability, installed packages) and must not run the op; a record it names still
+            has to accept the inputs (``auto`` goes on down the list past one that refuses).
+    """
+
+    text: str
+    order: Callable[[Any], Order | None]
 
 
 class TraceEvent(NamedTuple):
@@ -123,6 +154,7 @@ class TraceEvent(NamedTuple):
 
 
 _REGISTRY: dict[str, list[Backend]] = {op: [] for op in OPS}
+_RULES: dict[str, AutoRule] = {}
 _warned_reference: set[str] = set()
 _available_ok: set[tuple[str, str]] = set()
 _traces: list[list[TraceEvent]] = []
@@ -142,6 +174,34 @@ def register(backend: Backend) -> Backend:
 def records(op: str) -> list[Backend]:
     """The op's records in priority order."""
     return list(_REGISTRY[op])
+
+
+def register_rule(op: str, rule: AutoRule) -> AutoRule:
+    """Give ``op`` an :class:`AutoRule` (replacing its previous one); ops without one run
+    ``auto`` in priority order."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}")
+    _RULES[op] = rule
+    return rule
+
+
+def auto_rule(op: str) -> AutoRule | None:
+    """The op's :class:`AutoRule` (None: priority order)."""
+    return _RULES.get(op)
+
+
+def auto_order(op: str, inputs: Any) -> tuple[list[Backend], str]:
+    """The records ``auto`` asks for these inputs, in order, and why that order: the rule's
+    names first (those registered and allowed under ``auto`` on the inputs' device), then the
+    rest by priority; "priority order" without a rule or when it gives None."""
+    dev = inputs.device.type
+    recs = [r for r in _REGISTRY[op] if dev in (r.auto_devices or r.devices)]
+    rule = _RULES.get(op)
+    order = rule.order(inputs) if rule is not None else None
+    if order is None:
+        return recs, "priority order"
+    first = [r for name in order.names for r in recs if r.name == name]
+    return first + [r for r in recs if r not in first], order.reason
 
 
 class FixedBackend:
@@ -319,7 +379,7 @@ def _warn_unknown_variables() -> None:
 _warn_unknown_variables()
 
 
-def _constant_result(fn: Callable[..., Any]) -> Callable[..., Any]:
+def constant_result(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``torch._dynamo.assume_constant_result`` without importing Dynamo at import time (about
     3 s): that decorator only sets this marker, which Dynamo reads when it traces a call.
     tests/test_dispatch_trace.py pins the behaviour (fullgraph first call, no recompiles)."""
@@ -336,7 +396,7 @@ def _constant_result(fn: Callable[..., Any]) -> Callable[..., Any]:
 # read) of the moment it was traced.
 
 
-@_constant_result
+@constant_result
 def _probe(op: str, name: str) -> tuple[str, ...]:
     """The record's ``available()`` reasons; success is remembered (it never reverts), so later
     calls are a set lookup."""
@@ -349,7 +409,7 @@ def _probe(op: str, name: str) -> tuple[str, ...]:
     return reasons
 
 
-@_constant_result
+@constant_result
 def _first_fallback(op: str) -> bool:
     """True the first time ``op`` falls back to the reference on a non-CPU device."""
     first = op not in _warned_reference
@@ -357,13 +417,13 @@ def _first_fallback(op: str) -> bool:
     return first
 
 
-@_constant_result
+@constant_result
 def _warn(message: str) -> None:
     # 1 here, 2 select, 3 dispatch, 4 the public op, 5 its caller
     warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
-@_constant_result
+@constant_result
 def _record(op: str, name: str, device: str) -> None:
     for events in _traces:
         events.append(TraceEvent(op, name, device))
@@ -412,9 +472,7 @@ def select(op: str, backend: BackendSpec, inputs: Any) -> tuple[Backend, Any]:
             raise BackendUnavailableError(f"{op}: {named} cannot run these inputs:\n{lines}")
         return rec, answer
     dev = inputs.device.type
-    for rec in recs:
-        if dev not in (rec.auto_devices or rec.devices):
-            continue
+    for rec in auto_order(op, inputs)[0]:
         answer = _answer(rec, inputs)
         if isinstance(answer, Refusal):
             continue
@@ -455,11 +513,26 @@ def trace() -> Iterator[list[TraceEvent]]:
 
 
 def explain(op: str, inputs: Any = None) -> str:
-    """One line per backend of ``op``: 'ok' or its reasons (for ``inputs``, else the machine)."""
-    lines = []
-    for rec in records(op):
-        why = reasons_for(rec, inputs) if inputs is not None else list(rec.available())
-        lines.append(f"  {rec.name:<10} " + ("ok" if not why else "; ".join(why)))
+    """What ``auto`` does for ``op``, then one line per backend: 'ok' or its reasons.
+
+    With ``inputs``: the backend ``auto`` picks for them, the order it asks in and why (the
+    op's :class:`AutoRule` case, or the priority order); without: the rule's text, and each
+    backend's machine-level availability.
+    """
+    if inputs is None:
+        rule = auto_rule(op)
+        lines = [f"  auto: {rule.text if rule is not None else 'priority order'}"]
+        for rec in records(op):
+            why = list(rec.available())
+            lines.append(f"  {rec.name:<10} " + ("ok" if not why else "; ".join(why)))
+        return "\n".join(lines)
+    why = {rec.name: reasons_for(rec, inputs) for rec in records(op)}
+    order, reason = auto_order(op, inputs)
+    pick = next((r.name for r in order if not why[r.name]), "none")
+    lines = [
+        f"  auto picks {pick} (asks {', '.join(r.name for r in order)}: {reason})",
+        *(f"  {name:<10} " + ("ok" if not w else "; ".join(w)) for name, w in why.items()),
+    ]
     return "\n".join(lines)
 
 
@@ -480,5 +553,7 @@ def backends() -> list[BackendStatus]:
                 and not torch.cuda.is_available()
             ):
                 why = ["needs a CUDA device (torch.cuda.is_available() is False)"]
-            rows.append(BackendStatus(op, rec.name, not why, tuple(why)))
+            rule = auto_rule(op)
+            text = rule.text if rule is not None else "priority order"
+            rows.append(BackendStatus(op, rec.name, not why, tuple(why), text))
     return rows

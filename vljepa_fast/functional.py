@@ -12,6 +12,7 @@ from torch import Tensor
 
 from vljepa_fast import _backends
 from vljepa_fast.ops import attention as _attention_ops
+from vljepa_fast.ops import attention_auto as _attention_auto  # noqa: F401  (auto's rule)
 from vljepa_fast.ops import attention_peers as _attention_peers  # noqa: F401  (registers)
 from vljepa_fast.ops import infonce as _infonce_ops
 from vljepa_fast.ops import sigmoid_loss as _sigmoid_ops
@@ -29,6 +30,7 @@ def attention(
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
     scale: float | None = None,
+    mask_queries: bool = False,
     backend: _backends.BackendSpec = "auto",
 ) -> Tensor:
     """Multi-head attention with grouped KV heads (GQA), key padding, optional causal mask and
@@ -58,6 +60,14 @@ def attention(
             own diagonal key only. Backends that cannot serve a window refuse it (a reason
             under ``auto``), none ignores it.
         scale: multiplier of q.k; None means 1 / sqrt(D).
+        mask_queries: the key padding mask marks the padded queries too (self-attention over
+            one padded sequence, the VL-JEPA predictor's case). True needs key_padding_mask and
+            T == S: query i of batch b is padding iff key_padding_mask[b, i] is False; its
+            output row is zero whatever q holds and it passes no gradient (every backend gives
+            the result of computing the row and zeroing it afterwards). Backends that can skip
+            the padded rows do (Triton skips their blocks; flash_attn and xformers unpad the
+            queries as they do the keys), so a padded batch costs its real tokens. Default
+            False: every query row is computed (a padded query attends to the real keys).
         backend: "auto", a name from :func:`vljepa_fast.backends`, or a mapping
             {op name: name} (:data:`vljepa_fast._backends.BackendSpec`).
 
@@ -69,7 +79,8 @@ def attention(
     row holds a NaN or Inf, when one of its scores q.k is NaN or +Inf, or when all of its scores
     are -Inf (0 / 0); a non-finite entry v[b, j, g, d] makes column d non-finite for the
     queries attending to key j. Every output no non-finite input reaches is unchanged. A query
-    that attends to no key gets zeros whatever the inputs hold; padded keys never take part.
+    that attends to no key gets zeros whatever the inputs hold; padded keys never take part;
+    with mask_queries, padded queries get zeros whatever they hold.
     With causal=True or a window, a non-finite real key or value may also reach queries of its
     batch entry that the mask hides it from (kernels work on blocks of keys). Gradients with
     non-finite inputs are not specified beyond the key padding rule above.
@@ -86,6 +97,7 @@ def attention(
         causal=causal,
         window_size=window_size,
         scale=scale,
+        mask_queries=mask_queries,
     )
     return _backends.dispatch("attention", backend, inputs)
 

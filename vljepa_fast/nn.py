@@ -193,6 +193,7 @@ class PredictorAttention(_backends.HoldsBackend, torch.nn.Module):
         position_ids: Tensor | None = None,
         *,
         rotary: tuple[Tensor, Tensor] | None = None,
+        mask_queries: bool = False,
     ) -> Tensor:
         """Attend over the sequence.
 
@@ -200,13 +201,19 @@ class PredictorAttention(_backends.HoldsBackend, torch.nn.Module):
             hidden: [B, L, hidden_size], B, L >= 1, on the parameters' device and in their
                 dtype (any float dtype under torch.autocast).
             key_padding_mask: [B, L] bool, True = a real token; PAD keys take no part (a PAD
-                query still gets an output, from the real keys). None: every token is real.
+                query still gets an output, from the real keys, unless ``mask_queries``).
+                None: every token is real.
             position_ids: [B, L] or [L] integer positions for RoPE on hidden's device, each in
                 [0, max_position_embeddings) (checked eagerly, one host sync; not checked inside
                 torch.compile); default 0..L-1. Ignored when ``rotary`` is given.
             rotary: precomputed (cos, sin) of :meth:`rotary_tables` for these positions (a
                 model computes them once for its layers), as [L, head_dim] or
                 [B, L, head_dim] tables.
+            mask_queries: the PAD tokens of ``key_padding_mask`` are padded queries too
+                (:func:`vljepa_fast.attention`'s ``mask_queries``; needs the mask): their
+                attention rows are zero, so their output is ``o_proj`` of zeros (zeros: no
+                bias) and they pass no gradient back; the fused backends skip their work. For
+                callers whose PAD positions reach no real output (a mean over real tokens).
 
         Returns:
             [B, L, hidden_size].
@@ -257,6 +264,7 @@ class PredictorAttention(_backends.HoldsBackend, torch.nn.Module):
             causal=self.causal,
             window_size=self.window_size,
             scale=self.scaling,
+            mask_queries=mask_queries,
             backend=self.backend,
         )
         return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))

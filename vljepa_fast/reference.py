@@ -53,6 +53,7 @@ def attention(
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
     scale: float | None = None,
+    mask_queries: bool = False,
 ) -> Tensor:
     """Softmax attention with GQA, key padding, an optional causal mask and a local window.
 
@@ -66,10 +67,16 @@ def attention(
             i + S - T - left <= j <= i + S - T + right (padded positions, aligned as causal); a
             bound of -1 is unbounded; causal=True makes the right bound 0.
         scale: multiplier of q.k; None means 1 / sqrt(D).
+        mask_queries: the key padding mask marks the queries too (needs it and T == S): query
+            i of batch b is padding where key_padding_mask[b, i] is False; its output row is
+            computed, then replaced by zeros (so it passes no gradient).
 
     Returns:
         [B, T, Hq, D] in q's dtype. A query whose keys are all masked (padding, causal, window)
-        gets zeros.
+        gets zeros, and so does a padded query under ``mask_queries``.
+
+    Raises:
+        ValueError: ``mask_queries`` without a key_padding_mask or with T != S.
 
     Padded keys take no part: their k and v are replaced by zeros before any arithmetic (a
     NaN there would otherwise reach every output through 0 * NaN), so they get zero gradients.
@@ -78,6 +85,11 @@ def attention(
     """
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
+    if mask_queries and (key_padding_mask is None or T != S):
+        raise ValueError(
+            f"mask_queries: True needs key_padding_mask and T == S, got "
+            f"key_padding_mask={'None' if key_padding_mask is None else 'a mask'}, T={T}, S={S}"
+        )
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     cdt = _compute_dtype(q, k, v)
     group = Hq // Hkv
@@ -105,8 +117,10 @@ def attention(
     # A fully masked row would give NaN from softmax; define it as zeros instead.
     any_allowed = allowed.any(dim=-1, keepdim=True)
     probs = torch.softmax(logits.masked_fill(~any_allowed, 0.0), dim=-1) * any_allowed
-    out = torch.matmul(probs, vf)  # [B, Hq, T, D]
-    return out.transpose(1, 2).to(q.dtype)
+    out = torch.matmul(probs, vf).transpose(1, 2)  # [B, T, Hq, D]
+    if mask_queries:
+        out = torch.where(key_padding_mask[:, :, None, None], out, 0.0)
+    return out.to(q.dtype)
 
 
 def attention_varlen(

@@ -2,7 +2,8 @@
 
 Sequence = [linear(visual tokens) ; query token embeddings], right-padded queries after the
 visual tokens; PAD keys are masked in every layer and the mean pooling skips PAD positions, so
-the output of a sample does not depend on how much padding its batch has. Layer parameter names
+the output of a sample does not depend on how much padding its batch has; PAD queries are
+skipped too (``mask_queries``), as nothing they compute reaches a real output. Layer parameter names
 are transformers' ``LlamaDecoderLayer``'s; :func:`load_llama_layers` takes Llama-3.2-1B layers
 from a transformers state dict key by key or from Meta's original ``consolidated.pth`` (q/k rows
 un-interleaved as transformers' conversion script does).
@@ -44,8 +45,17 @@ class LlamaLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, eps=cfg.rms_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim)
 
-    def forward(self, x: Tensor, mask: Tensor | None, positions: Tensor | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), mask, positions)
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        positions: Tensor | None = None,
+        mask_queries: bool = False,
+    ) -> Tensor:
+        """x [B, L, dim], mask [B, L] bool (True = real); ``mask_queries``: PAD rows are padded
+        queries too (their attention rows zero, their work skipped by the fused backends)."""
+        a = self.self_attn(self.input_layernorm(x), mask, positions, mask_queries=mask_queries)
+        x = x + a
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -106,8 +116,13 @@ class Predictor(_backends.HoldsBackend, nn.Module):
         dtype = self.visual_proj.weight.dtype
         x = torch.cat((self.visual_proj(visual.to(dtype)), self.embed_tokens(query_ids)), dim=1)
         mask = torch.cat((query_mask.new_ones(B, N), query_mask.to(visual.device)), dim=1)
+        # A PAD position reaches no real output: it is a masked key in every layer, a token is
+        # mixed with others only through attention, and the mean pools real positions only
+        # (weight 0, gradient 0). So the PAD queries need no attention at all (mask_queries):
+        # their rows are zero, the real outputs and all gradients are unchanged, and the fused
+        # backends skip them, so a padded batch costs its real tokens.
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, mask_queries=True)
         return self.head(masked_mean(self.norm(x), mask))
 
 

@@ -5,7 +5,9 @@ ops/attention_peers.py).
 Every backend takes the validated inputs (:class:`AttentionInputs`, :class:`VarlenInputs`, built
 by :func:`attention_inputs` / :func:`varlen_inputs`) and the plan its ``supports`` returned:
 Triton's plan is the key lengths it read from a right-padded ``key_padding_mask`` (one host read
-per call).
+per call); with ``mask_queries`` they are its query lengths too (``seqlens_q``: the kernels skip
+the padded query blocks), while sdpa and the reference compute the padded query rows and zero
+them (:func:`zero_padded_queries`).
 
 SDPA is the CPU default: torch's fused CPU kernel with GQA (enable_gqa) and a boolean mask
 broadcast over heads, never a dense additive [B, 1, T, S] float mask per head. A sliding window
@@ -22,6 +24,8 @@ with a window, key counts inside each query's window from prefix sums).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -41,6 +45,7 @@ __all__ = [
     "check_window",
     "effective_window",
     "dense_nan_rows",
+    "zero_padded_queries",
     "nan_rows",
     "varlen_inputs",
     "varlen_nan_rows",
@@ -95,7 +100,9 @@ def check_window(window_size: object) -> tuple[int, int]:
 @dataclass(frozen=True, eq=False)
 class AttentionInputs:
     """vf.attention's arguments, validated (:func:`attention_inputs`); shapes as documented
-    there: q [B, T, Hq, D], k and v [B, S, Hkv, D], key_padding_mask [B, S] bool or None."""
+    there: q [B, T, Hq, D], k and v [B, S, Hkv, D], key_padding_mask [B, S] bool or None.
+    ``mask_queries`` (only with a key_padding_mask and T == S): query i of batch b is padding
+    where key i is; its output row is zero and it passes no gradient."""
 
     q: Tensor
     k: Tensor
@@ -104,6 +111,13 @@ class AttentionInputs:
     causal: bool
     scale: float | None
     window_size: tuple[int, int] = (-1, -1)
+    mask_queries: bool = False
+
+    @property
+    def real_queries(self) -> Tensor | None:
+        """[B, T] bool, True = a real query (the key padding mask) with ``mask_queries``; None
+        without it (every query row is computed)."""
+        return self.key_padding_mask if self.mask_queries else None
 
     @property
     def window(self) -> Window | None:
@@ -207,6 +221,7 @@ def attention_inputs(
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
     scale: float | None = None,
+    mask_queries: bool = False,
 ) -> AttentionInputs:
     """vf.attention's arguments checked (its docstring states the contract) and packed.
 
@@ -236,7 +251,26 @@ def attention_inputs(
             raise ValueError(f"key_padding_mask: expected device {q.device}, got {m.device}")
     scale = _check_flags(causal, scale)
     window_size = check_window(window_size)
-    return AttentionInputs(q, k, v, key_padding_mask, causal, scale, window_size)
+    _check_mask_queries(mask_queries, key_padding_mask, q.shape[1], k.shape[1])
+    return AttentionInputs(q, k, v, key_padding_mask, causal, scale, window_size, mask_queries)
+
+
+def _check_mask_queries(mask_queries: object, mask: Tensor | None, T: int, S: int) -> None:
+    """mask_queries=True needs the key padding mask (it marks the queries too) and T == S."""
+    if not isinstance(mask_queries, bool):
+        raise ValueError(f"mask_queries: expected a bool, got {mask_queries!r}")
+    if not mask_queries:
+        return
+    if mask is None:
+        raise ValueError(
+            "mask_queries: True needs key_padding_mask (query i is padding where key i is), got "
+            "key_padding_mask=None"
+        )
+    if T != S:
+        raise ValueError(
+            f"mask_queries: True needs as many queries as keys (T == S: query i is padding "
+            f"where key i is), got T={T}, S={S}"
+        )
 
 
 def _check_offsets(
@@ -404,7 +438,18 @@ def dense_nan_rows(x: AttentionInputs) -> Tensor:
         k_finite = k_finite & x.key_padding_mask[:, :, None]
     w = x.window
     shift = x.k.shape[1] - x.q.shape[1] if x.causal or w is not None else None
-    return nan_rows(_nonfinite_rows(x.q), k_finite, x.key_padding_mask, shift, w)
+    rows = nan_rows(_nonfinite_rows(x.q), k_finite, x.key_padding_mask, shift, w)
+    if x.mask_queries:  # a padded query's row is zero whatever it holds
+        rows = rows & x.key_padding_mask[:, :, None]
+    return rows
+
+
+def zero_padded_queries(out: Tensor, x: AttentionInputs) -> Tensor:
+    """``out`` [B, T, Hq, D] with the padded query rows of ``mask_queries`` set to zero (a
+    masked_fill: elementwise, no sync; its backward passes those rows no gradient); ``out``
+    itself without ``mask_queries``."""
+    real = x.real_queries
+    return out if real is None else out.masked_fill(~real[:, :, None, None], 0.0)
 
 
 class _Padded(NamedTuple):
@@ -536,7 +581,8 @@ def _sdpa(x: AttentionInputs, plan: None) -> Tensor:
     if x.causal and w is None and key_padding_mask is None and T == S:
         return _sdpa_masked(q, k, v, None, x.scale, nan, is_causal=True)
     mask = _allowed(B, T, S, q.device, key_padding_mask, x.causal, window=w)
-    return _sdpa_masked(q, k, v, mask, x.scale, nan)
+    # mask_queries: torch's kernel computes the padded query rows too; they are zeroed after
+    return zero_padded_queries(_sdpa_masked(q, k, v, mask, x.scale, nan), x)
 
 
 def _sdpa_varlen(x: VarlenInputs, plan: None) -> Tensor:
@@ -576,13 +622,15 @@ def _sdpa_supports(x: AttentionInputs | VarlenInputs) -> None | _backends.Refusa
 # masking arguments (_MASKING), which the kernel launchers take as keywords (_masking).
 
 _MASKING = (
-    "Tensor? seqlens_k, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
-    "SymInt max_seqlen_k, bool causal, int window_left, int window_right, float scale"
+    "Tensor? seqlens_k, Tensor? seqlens_q, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+    "SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, int window_left, int window_right, "
+    "float scale"
 )
 
 
 def _masking(
     seqlens_k,
+    seqlens_q,
     cu_seqlens_q,
     cu_seqlens_k,
     max_seqlen_q,
@@ -592,9 +640,10 @@ def _masking(
     window_right,
     scale,
 ):
-    """The custom ops' masking arguments as the launchers' keywords (max_seqlen: varlen only)."""
+    """The custom ops' masking arguments as the launchers' keywords (max_seqlen: varlen only;
+    seqlens_q only when given, so launchers without that keyword serve everything else)."""
     varlen = cu_seqlens_q is not None
-    return dict(
+    kw = dict(
         seqlens_k=seqlens_k,
         cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k,
@@ -604,6 +653,19 @@ def _masking(
         window_size=(window_left, window_right),
         scale=scale,
     )
+    if seqlens_q is not None:
+        kw["seqlens_q"] = seqlens_q
+    return kw
+
+
+@functools.cache
+def _launcher_takes(name: str, keyword: str) -> bool:
+    """Whether the Triton launcher ``name`` (attention_forward / attention_backward) has
+    ``keyword``: seqlens_q (padded query rows skipped) and deterministic (the backward's choice
+    of path) arrive in the kernels separately from this module; read once per process."""
+    from vljepa_fast._kernels import attention as kernel
+
+    return keyword in inspect.signature(getattr(kernel, name)).parameters
 
 
 @torch.library.custom_op(
@@ -618,7 +680,7 @@ def _tri_fwd(q: Tensor, k: Tensor, v: Tensor, *masking) -> tuple[Tensor, Tensor]
 
 
 @_tri_fwd.register_fake
-def _(q, k, v, seqlens_k, cu_seqlens_q, *rest):
+def _(q, k, v, seqlens_k, seqlens_q, cu_seqlens_q, *rest):
     if cu_seqlens_q is not None:
         lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     else:
@@ -638,7 +700,12 @@ def _tri_bwd(do: Tensor, *tensors_and_masking) -> tuple[Tensor, Tensor, Tensor]:
     from vljepa_fast._kernels import attention as kernel
 
     tensors, masking = tensors_and_masking[:5], tensors_and_masking[5:]
-    return kernel.attention_backward(do, *tensors, **_masking(*masking))
+    kw = _masking(*masking)
+    if _launcher_takes("attention_backward", "deterministic"):
+        # the deterministic (no atomics, bit-identical) path only when asked for: the fast
+        # path accumulates dQ by fp32 atomics across key blocks
+        kw["deterministic"] = torch.are_deterministic_algorithms_enabled()
+    return kernel.attention_backward(do, *tensors, **kw)
 
 
 @_tri_bwd.register_fake
@@ -678,11 +745,24 @@ def _scale(q: Tensor, scale: float | None) -> float:
 
 
 def _triton(x: AttentionInputs, lengths: Tensor | None) -> Tensor:
-    """``lengths``: the plan, int32 [B] key counts of the right-padded mask (None: no mask)."""
+    """``lengths``: the plan, int32 [B] key counts of the right-padded mask (None: no mask).
+    With ``mask_queries`` they are the query counts too (seqlens_q: the kernels skip the padded
+    query blocks and write zeros there). Until the launchers take seqlens_q, the padded query
+    rows are zeroed on the way in and out instead (the same values and gradients, at the cost
+    of computing them)."""
+    q, seqlens_q = x.q, None
+    if x.mask_queries:
+        if _launcher_takes("attention_forward", "seqlens_q") and _launcher_takes(
+            "attention_backward", "seqlens_q"
+        ):
+            seqlens_q = lengths
+        else:  # zero q rows: their p stays finite, so they add nothing to dk, dv
+            q = zero_padded_queries(q, x)
     out, _ = _tri_fwd(
-        x.q, x.k, x.v, lengths, None, None, 0, 0, x.causal, *x.window_size, _scale(x.q, x.scale)
-    )
-    return out
+        q, x.k, x.v, lengths, seqlens_q, None, None, 0, 0, x.causal, *x.window_size,
+        _scale(x.q, x.scale),
+    )  # fmt: skip
+    return out if seqlens_q is not None else zero_padded_queries(out, x)
 
 
 def _triton_varlen(x: VarlenInputs, plan: None) -> Tensor:
@@ -690,6 +770,7 @@ def _triton_varlen(x: VarlenInputs, plan: None) -> Tensor:
         x.q,
         x.k,
         x.v,
+        None,
         None,
         x.cu_seqlens_q,
         x.cu_seqlens_k,
@@ -744,6 +825,7 @@ def _reference(x: AttentionInputs, plan: None) -> Tensor:
         causal=x.causal,
         window_size=x.window_size,
         scale=x.scale,
+        mask_queries=x.mask_queries,
     )
 
 

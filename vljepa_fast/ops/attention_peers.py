@@ -1,7 +1,13 @@
-"""attention and attention_varlen on the outside peers: flash-attn 2 and xformers.
+"""attention and attention_varlen on the outside peers: flash-attn (2, and FlashAttention-3
+where installed) and xformers.
 
-Both are optional: a record is available only when its package imports, and says why not
-otherwise. Neither library has a key padding mask in its dense API, so key padding is served by
+All are optional: a record is available only when its package imports, and says why not
+otherwise. The ``flash_attn`` record runs FlashAttention-3 (``flash_attn_interface``, the hopper
+build of flash-attention) where it serves the inputs (:func:`fa3_serves`: Hopper, 16-bit, head
+dim a multiple of 8 up to 256, not in deterministic mode while flash-attn 2 is there), else
+flash-attn 2; both take the same keywords, so the calls below are shared.
+
+Neither library has a key padding mask in its dense API, so key padding is served by
 unpadding: the real keys of every batch entry are gathered into one packed sequence and the
 queries attend within their own entry (flash-attn's varlen kernel; xformers' BlockDiagonalMask).
 That is exact for bidirectional attention, whatever the pattern of the mask. It is not for
@@ -18,7 +24,9 @@ Plans: with a key_padding_mask, ``supports`` takes the real keys of every batch 
 ``AttentionInputs.key_counts`` (read on the host once per call, shared with the Triton record
 that ``auto`` asks first); the run unpads with them (no second read).
 Varlen inputs carry their sequence lengths from validation (VarlenInputs.lengths_q/_k), so the
-varlen records read nothing on the host.
+varlen records read nothing on the host. ``mask_queries``: the padded queries are unpadded too
+(T == S, the same positions as the keys), so the kernels see only real tokens and the packed
+output is scattered back into zeros (``index_copy``: padded rows get zeros and no gradient).
 
 NaN rule (vf.attention's docstring): unpadding keeps padded keys out of the kernels entirely;
 the rows the rule makes NaN that a fused softmax may leave finite (a non-finite query, no
@@ -49,7 +57,10 @@ from vljepa_fast.ops.attention import (
 )
 
 __all__ = [
+    "FA3",
     "KeyCounts",
+    "fa3_limits",
+    "fa3_serves",
     "flash_attn_supports",
     "flash_attn_varlen_supports",
     "xformers_supports",
@@ -90,23 +101,105 @@ _FLASH = _Peer("flash_attn", FLASH_DTYPES, 8, True, priority=25, deterministic=T
 _XFORMERS = _Peer("xformers", XFORMERS_DTYPES, 5, False, priority=35, deterministic=False)
 
 
+#: FlashAttention-3's module (flash-attention's hopper/ build: ``flash_attn_interface``)
+FA3 = "flash_attn_interface"
+
+
 @functools.cache
 def _probe(module: str) -> tuple[str, ...]:
+    what = module
+    if module == FA3:
+        what += " (FlashAttention-3, flash-attention's hopper build)"
     if importlib.util.find_spec(module) is None:
-        return (f"{module} is not installed",)
+        return (f"{what} is not installed",)
     try:
         mod = importlib.import_module("xformers.ops" if module == "xformers" else module)
     except Exception as e:  # a broken build raises anything from ImportError to OSError
-        return (f"{module} is installed but does not import: {type(e).__name__}: {e}",)
+        return (f"{what} is installed but does not import: {type(e).__name__}: {e}",)
     if module == "flash_attn" and not hasattr(mod, "flash_attn_varlen_func"):
         version = getattr(mod, "__version__", "?")
         return (f"flash_attn {version} has no flash_attn_varlen_func (flash-attn 2 is needed)",)
+    if module == FA3:
+        for fn in ("flash_attn_func", "flash_attn_varlen_func"):
+            params = _params(getattr(mod, fn, None))
+            if params is None or not {"window_size", "deterministic"} <= set(params):
+                return (f"{FA3} has no {fn} with window_size and deterministic (an old build)",)
     return ()
+
+
+def _params(fn: object) -> tuple[str, ...] | None:
+    """The parameter names of ``fn`` (None: not a function, or no signature to read)."""
+    if not callable(fn):
+        return None
+    try:
+        return tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a compiled wrapper without a signature
+        return None
 
 
 def _import_reasons(module: str) -> list[str]:
     """Why ``module`` cannot be used here (empty when it imports); probed once per process."""
     return list(_probe(module))
+
+
+def _flash_available() -> list[str]:
+    """The flash_attn record runs flash-attn 2 (``flash_attn``) or FlashAttention-3
+    (``flash_attn_interface``): unavailable only when neither imports."""
+    fa2 = _import_reasons("flash_attn")
+    fa3 = _import_reasons(FA3) if fa2 else []
+    return fa2 + fa3 if fa3 else []
+
+
+def fa3_serves(x: AttentionInputs | VarlenInputs) -> list[str]:
+    """Why FlashAttention-3 does not take these inputs (empty: the flash_attn record runs them
+    on FA3): it must import, the device must be Hopper (compute capability 9.x), the dtype 16-bit
+    and the head dim a multiple of 8 up to 256; under deterministic mode FA2 is preferred (FA3's
+    deterministic backward is not bit-identical in every configuration), FA3 then only serves
+    where FA2 is missing."""
+    why = _import_reasons(FA3)
+    if why:
+        return why
+    q = x.q
+    if q.device.type != "cuda":
+        return [f"{FA3} runs CUDA tensors"]
+    return fa3_limits(torch.cuda.get_device_capability(q.device), q.dtype, q.shape[-1])
+
+
+def fa3_limits(capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> list[str]:
+    """:func:`fa3_serves` past the import and the device type: what FA3 takes here."""
+    why = []
+    major, minor = capability
+    if major != 9:
+        why.append(f"{FA3} runs on Hopper (compute capability 9.x), got {major}.{minor}")
+    if dtype not in FLASH_DTYPES:
+        why.append(f"{FA3} here runs float16/bfloat16, got {str(dtype).removeprefix('torch.')}")
+    if head_dim % 8 or head_dim > MAX_HEAD_DIM:
+        why.append(
+            f"{FA3} takes head dims that are multiples of 8 up to {MAX_HEAD_DIM}, got {head_dim}"
+        )
+    if torch.are_deterministic_algorithms_enabled() and not _import_reasons("flash_attn"):
+        why.append("deterministic mode: flash-attn 2's deterministic backward is used instead")
+    return why
+
+
+def _flash_impl_reasons(x: AttentionInputs | VarlenInputs) -> list[str]:
+    """Why the only flash-attn installed, FA3, cannot run these inputs (empty: it can, or
+    flash-attn 2 is installed and runs what FA3 does not; with neither, ``available()`` says
+    so before anything is asked)."""
+    if not _import_reasons("flash_attn") or _import_reasons(FA3):
+        return []
+    return [f"flash-attn 2 is not installed, and {why}" for why in fa3_serves(x)]
+
+
+def _flash_module(x: AttentionInputs | VarlenInputs):
+    """The module that runs these inputs: FA3 where it serves them (:func:`fa3_serves`), else
+    flash-attn 2. Both take the same keywords; FA3's functions may return (out, lse)."""
+    return importlib.import_module(FA3 if not fa3_serves(x) else "flash_attn")
+
+
+def _out(result: Tensor | tuple) -> Tensor:
+    """The output of a flash-attn call (FA3 builds return (out, lse) from some versions)."""
+    return result[0] if isinstance(result, tuple) else result
 
 
 @functools.cache
@@ -115,11 +208,7 @@ def _flash_window_reasons() -> tuple[str, ...]:
     import flash_attn
 
     for fn in (flash_attn.flash_attn_func, flash_attn.flash_attn_varlen_func):
-        try:
-            params = inspect.signature(fn).parameters
-        except (TypeError, ValueError):  # a compiled wrapper without a signature
-            params = {}
-        if "window_size" not in params:
+        if "window_size" not in (_params(fn) or ()):
             version = getattr(flash_attn, "__version__", "?")
             return (f"window_size: flash_attn {version} has no window_size (flash-attn >= 2.3)",)
     return ()
@@ -133,7 +222,9 @@ def _window_reasons(peer: _Peer, x: AttentionInputs | VarlenInputs) -> list[str]
         return []
     if peer is _XFORMERS:
         return [_XFORMERS_WINDOW]
-    why = [] if _import_reasons(peer.module) else list(_flash_window_reasons())
+    # FA3 always has window_size (its probe checks it); flash-attn 2 from 2.3
+    fa2_runs = not _import_reasons(peer.module) and bool(fa3_serves(x))
+    why = list(_flash_window_reasons()) if fa2_runs else []
     if isinstance(x, AttentionInputs) and x.key_padding_mask is not None:
         why.append(_WINDOW_PADDING)
     return why
@@ -150,10 +241,19 @@ def _common_reasons(peer: _Peer, q: Tensor) -> list[str]:
     return why
 
 
+def _peer_reasons(peer: _Peer, x: AttentionInputs | VarlenInputs) -> list[str]:
+    why = _common_reasons(peer, x.q)
+    if peer is _FLASH:
+        why += _flash_impl_reasons(x)
+    return why + _window_reasons(peer, x)
+
+
 def _dense_supports(peer: _Peer, x: AttentionInputs) -> KeyCounts | None | _backends.Refusal:
     """Reasons ``peer`` cannot serve these vf.attention inputs, or its plan (:class:`KeyCounts`
-    with a key_padding_mask, else None)."""
-    why = _common_reasons(peer, x.q) + _window_reasons(peer, x)
+    with a key_padding_mask, else None). With ``mask_queries`` the queries are unpadded like the
+    keys (the same positions, T == S), so a batch entry with no real token has no query either:
+    flash-attn takes such an empty sequence, xformers' BlockDiagonalMask does not."""
+    why = _peer_reasons(peer, x)
     plan = None
     if x.key_padding_mask is not None:
         if x.causal:
@@ -165,16 +265,21 @@ def _dense_supports(peer: _Peer, x: AttentionInputs) -> KeyCounts | None | _back
         elif not why:  # read the mask only when nothing else refuses
             # one host read per inputs object, shared with every record auto asks
             plan = x.key_counts()
-            if min(plan.host) == 0:
+            if min(plan.host) == 0 and not x.mask_queries:
                 why.append(
                     "a batch entry has no key (every key padded); its output is not defined there"
+                )
+            elif min(plan.host) == 0 and not peer.empty_queries:
+                why.append(
+                    "a batch entry has no real token (mask_queries; BlockDiagonalMask takes no "
+                    "empty block)"
                 )
     return _backends.plan_or_refusal(why, plan)
 
 
 def _varlen_supports(peer: _Peer, x: VarlenInputs) -> None | _backends.Refusal:
     """Reasons ``peer`` cannot serve these vf.attention_varlen inputs (None: it can)."""
-    why = _common_reasons(peer, x.q) + _window_reasons(peer, x)
+    why = _peer_reasons(peer, x)
     if any(a > 0 and b == 0 for a, b in zip(x.lengths_q, x.lengths_k)):
         why.append("a sequence has queries but no key; its output is not defined there")
     elif not peer.empty_queries and any(a == 0 for a in x.lengths_q):
@@ -188,14 +293,36 @@ xformers_supports = functools.partial(_dense_supports, _XFORMERS)
 xformers_varlen_supports = functools.partial(_varlen_supports, _XFORMERS)
 
 
-def _unpad_keys(x: AttentionInputs) -> tuple[Tensor, Tensor]:
-    """The real keys and values packed [N, Hkv, D]."""
+class _Unpadded(NamedTuple):
+    """The real tokens of a key-padded call packed: k and v [N, Hkv, D]; with mask_queries the
+    real queries too (``q`` [N, Hq, D], ``index`` [N] their rows of the [B * T] queries), else
+    every query row (``q`` [B * T, Hq, D], ``index`` None)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    index: Tensor | None
+
+
+def _unpad(x: AttentionInputs) -> _Unpadded:
     B, S, Hkv, D = x.k.shape
     index = x.key_padding_mask.reshape(-1).nonzero().squeeze(1)
-    return (
+    q = x.q.reshape(B * x.q.shape[1], *x.q.shape[2:])
+    return _Unpadded(
+        q.index_select(0, index) if x.mask_queries else q,
         x.k.reshape(B * S, Hkv, D).index_select(0, index),
         x.v.reshape(B * S, Hkv, D).index_select(0, index),
+        index if x.mask_queries else None,
     )
+
+
+def _repad(out: Tensor, u: _Unpadded, x: AttentionInputs) -> Tensor:
+    """[B, T, Hq, D] from the packed output rows: padded query rows zero (mask_queries), so
+    they pass no gradient back."""
+    B, T, Hq, D = x.q.shape
+    if u.index is not None:
+        out = out.new_zeros(B * T, Hq, D).index_copy(0, u.index, out)
+    return out.reshape(B, T, Hq, D)
 
 
 # ------------------------------------------------------------------------------- flash-attn
@@ -208,8 +335,7 @@ def _flash_window(x: AttentionInputs | VarlenInputs) -> dict:
 
 
 def _flash(x: AttentionInputs, plan: KeyCounts | None) -> Tensor:
-    import flash_attn
-
+    flash_attn = _flash_module(x)
     q = x.q
     deterministic = torch.are_deterministic_algorithms_enabled()
     nan = dense_nan_rows(x)[..., None]
@@ -223,29 +349,32 @@ def _flash(x: AttentionInputs, plan: KeyCounts | None) -> Tensor:
             deterministic=deterministic,
             **_flash_window(x),
         )
-        return out.masked_fill(nan, float("nan"))
-    B, T, Hq, D = q.shape
-    k_real, v_real = _unpad_keys(x)
+        return _out(out).masked_fill(nan, float("nan"))
+    B, T = q.shape[:2]
+    u = _unpad(x)
     cu_k = F.pad(plan.lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    cu_q = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+    if x.mask_queries:  # the queries sit where the keys do: the same offsets
+        cu_q, max_q = cu_k, max(plan.host)
+    else:
+        cu_q = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+        max_q = T
     out = flash_attn.flash_attn_varlen_func(
-        q.reshape(B * T, Hq, D),
-        k_real,
-        v_real,
+        u.q,
+        u.k,
+        u.v,
         cu_q,
         cu_k,
-        T,
+        max_q,
         max(plan.host),
         softmax_scale=x.scale,
         causal=False,
         deterministic=deterministic,
     )
-    return out.view(B, T, Hq, D).masked_fill(nan, float("nan"))
+    return _repad(_out(out), u, x).masked_fill(nan, float("nan"))
 
 
 def _flash_varlen(x: VarlenInputs, plan: None) -> Tensor:
-    import flash_attn
-
+    flash_attn = _flash_module(x)
     out = flash_attn.flash_attn_varlen_func(
         x.q,
         x.k,
@@ -259,7 +388,7 @@ def _flash_varlen(x: VarlenInputs, plan: None) -> Tensor:
         deterministic=torch.are_deterministic_algorithms_enabled(),
         **_flash_window(x),
     )
-    return out.masked_fill(varlen_nan_rows(x)[..., None], float("nan"))
+    return _out(out).masked_fill(varlen_nan_rows(x)[..., None], float("nan"))
 
 
 # --------------------------------------------------------------------------------- xformers
@@ -285,13 +414,13 @@ def _xformers(x: AttentionInputs, plan: KeyCounts | None) -> Tensor:
         q5, k5, v5 = _grouped(x.q, x.k, x.v)
         out = fmha.memory_efficient_attention(q5, k5, v5, attn_bias=bias, scale=x.scale)
         return out.reshape(B, T, Hq, D).masked_fill(nan, float("nan"))
-    k_real, v_real = _unpad_keys(x)
+    u = _unpad(x)
     bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(
-        q_seqlen=[T] * B, kv_seqlen=list(plan.host)
+        q_seqlen=list(plan.host) if x.mask_queries else [T] * B, kv_seqlen=list(plan.host)
     )
-    q5, k5, v5 = _grouped(x.q.reshape(1, B * T, Hq, D), k_real[None], v_real[None])
+    q5, k5, v5 = _grouped(u.q[None], u.k[None], u.v[None])
     out = fmha.memory_efficient_attention(q5, k5, v5, attn_bias=bias, scale=x.scale)
-    return out.reshape(B, T, Hq, D).masked_fill(nan, float("nan"))
+    return _repad(out.reshape(-1, Hq, D), u, x).masked_fill(nan, float("nan"))
 
 
 def _xformers_varlen(x: VarlenInputs, plan: None) -> Tensor:
@@ -315,7 +444,7 @@ def _records() -> list[_backends.Backend]:
             peer.module,
             op,
             run,
-            available=lambda m=peer.module: _import_reasons(m),
+            available=_flash_available if peer is _FLASH else lambda: _import_reasons("xformers"),
             supports=functools.partial(supports, peer),
             devices=("cuda",),
             priority=peer.priority,
