@@ -136,6 +136,9 @@ def test_gradcache_and_checkpointing_equal_plain_steps():
         t.close()
         return losses, sd
 
+    t0 = _fresh_trainer(steps=3)  # the same seeded initial weights every run starts from
+    s0 = {k: v.detach().clone() for k, v in t0.model.state_dict().items()}
+    t0.close()
     base, sb = run()
     for kw in (
         dict(grad_accum=4),
@@ -146,7 +149,17 @@ def test_gradcache_and_checkpointing_equal_plain_steps():
         for a, b in zip(base, losses):
             assert abs(a - b) <= 1e-5 * abs(a), (kw, base, losses)
         for k in sb:
-            torch.testing.assert_close(sd[k], sb[k], rtol=1e-4, atol=1e-6, msg=f"{kw} {k}")
+            # Per tensor, the update of the run against the plain run's update: AdamW divides
+            # each gradient by its own running RMS, so an element whose gradient is near zero
+            # turns a rounding-level difference (GradCache sums the batch in another order)
+            # into a visible one; elementwise equality of the weights is not a rounding-level
+            # property (it failed on this CPU with the code before issue 15 too: 8.6e-5 of the
+            # largest weight). The norm of the update's difference is.
+            if not sb[k].is_floating_point():
+                continue
+            moved = (sb[k] - s0[k]).double()
+            diff = (sd[k] - sb[k]).double().norm().item()
+            assert diff <= 1e-3 * moved.norm().item() + 1e-7, (kw, k, diff, moved.norm().item())
     # bf16 autocast (fp32 master weights): the same training to bf16 rounding
     losses, sd = run(precision="bf16")
     for a, b in zip(base, losses):

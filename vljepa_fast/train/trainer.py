@@ -91,8 +91,9 @@ class _Embed(nn.Module):
         return pred, tgt.to(pred.dtype)
 
 
-def _checkpointed(forward, *args):
-    return checkpoint(forward, *args, use_reentrant=False)
+def _checkpointed(forward, *args, **kwargs):
+    # non-reentrant checkpointing passes keywords through (the predictor's mask_queries)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def _peak_memory(device: torch.device) -> int:
