@@ -15,6 +15,7 @@
 #include <tuple>
 #include <utility>
 
+#include "attention_check.h"
 #include "infonce_check.h"
 #include "topk_similarity_check.h"
 
@@ -62,6 +63,27 @@ TORCH_LIBRARY(vljepa_fast, m) {
         " int chunk=0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("infonce_bwd(Tensor a, Tensor b, Tensor scale, int offset, bool normalize, Tensor row_lse,"
         " Tensor? col_lse, Tensor g_row, Tensor? g_col, int chunk=0) -> (Tensor, Tensor, Tensor)");
+
+  // flash_attention_fwd / flash_attention_bwd: the CUDA flash attention (csrc/cuda/attention.cu;
+  // semantics of kernels/attention.py, wrapped by vljepa_fast/ops/attention_cuda.py). Dense q
+  // [B, T, Hq, D], k/v [B, S, Hkv, D]; varlen (cu_seqlens_q/k int32 [B + 1]) q [total_q, Hq, D],
+  // k/v [total_k, Hkv, D]; fp16/bf16, D in (64, 128), Hq % Hkv == 0, unit stride on D and other
+  // strides multiples of 8 elements (csrc/include/attention_check.h). seqlens_k / seqlens_q
+  // (dense, int32 [B]): keys / queries at rows >= the length are padding (right padding; padded
+  // queries give out 0, lse -inf and no gradient). Causal and windows bottom-right aligned
+  // (window_left/right >= -1, -1 unbounded; causal makes the right bound 0). Forward returns out
+  // (q's shape, contiguous) and lse fp32 (dense [B, Hq, T], varlen [Hq, total_q]); backward takes
+  // do, out, lse and returns (dq, dk, dv), contiguous; deterministic: no atomics (bitwise
+  // reproducible), else dq is accumulated with fp32 atomics.
+  m.def(
+      "flash_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? seqlens_k, Tensor? seqlens_q,"
+      " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k,"
+      " bool causal, int window_left, int window_right, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "flash_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+      " Tensor? seqlens_k, Tensor? seqlens_q, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k,"
+      " int max_seqlen_q, int max_seqlen_k, bool causal, int window_left, int window_right,"
+      " float scale, bool deterministic) -> (Tensor, Tensor, Tensor)");
 }
 
 // Shape functions (Meta kernels) so that FakeTensor tracing and torch.compile(fullgraph=True)
@@ -124,10 +146,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_meta(
   vljepa_fast::check_infonce_bwd_vectors(a, b, row_lse, col_lse, g_row, g_col);
   return {at::empty_like(a), at::empty_like(b), at::empty({}, scale.options().dtype(at::kFloat))};
 }
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& seqlens_k, const std::optional<at::Tensor>& seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, int64_t window_left,
+    int64_t window_right, double scale) {
+  (void)causal;
+  (void)scale;
+  check_meta("flash_attention_fwd",
+             {{"q", &q}, {"k", &k}, {"v", &v}, {"seqlens_k", optional_arg(seqlens_k)},
+              {"seqlens_q", optional_arg(seqlens_q)}, {"cu_seqlens_q", optional_arg(cu_seqlens_q)},
+              {"cu_seqlens_k", optional_arg(cu_seqlens_k)}});
+  const auto s = vljepa_fast::check_attention_inputs(q, k, v, seqlens_k, seqlens_q, cu_seqlens_q,
+                                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                     window_left, window_right);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor lse = s.varlen ? at::empty({s.hq, s.rows_q}, f32)
+                            : at::empty({s.n_seq, s.hq, s.rows_q}, f32);
+  return {at::empty(q.sizes(), q.options()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_meta(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& seqlens_k,
+    const std::optional<at::Tensor>& seqlens_q, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    bool causal, int64_t window_left, int64_t window_right, double scale, bool deterministic) {
+  (void)causal;
+  (void)scale;
+  (void)deterministic;
+  check_meta("flash_attention_bwd",
+             {{"dout", &dout}, {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse},
+              {"seqlens_k", optional_arg(seqlens_k)}, {"seqlens_q", optional_arg(seqlens_q)},
+              {"cu_seqlens_q", optional_arg(cu_seqlens_q)},
+              {"cu_seqlens_k", optional_arg(cu_seqlens_k)}});
+  const auto s = vljepa_fast::check_attention_inputs(q, k, v, seqlens_k, seqlens_q, cu_seqlens_q,
+                                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                     window_left, window_right);
+  vljepa_fast::check_attention_bwd_inputs(dout, q, out, lse, s);
+  return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()),
+          at::empty(v.sizes(), v.options())};
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vljepa_fast, Meta, m) {
   m.impl("topk_similarity", &topk_similarity_meta);
   m.impl("infonce_fwd", &infonce_fwd_meta);
   m.impl("infonce_bwd", &infonce_bwd_meta);
+  m.impl("flash_attention_fwd", &flash_attention_fwd_meta);
+  m.impl("flash_attention_bwd", &flash_attention_bwd_meta);
 }

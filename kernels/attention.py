@@ -37,7 +37,8 @@ Forward on the GPU (what FA3 does, as far as Triton allows).
   once and rescales acc, so every wait is wait_group 0 (a hand-pipelined loop was tried: still 0,
   and 30 more registers). Triton's warp specialisation is Blackwell-only. The overlap left is
   the warp schedulers': the two warpgroups of a CTA interleave one's softmax with the other's
-  products. The CUDA C++ backend (csrc/cuda/attention.cu) is where FA3's pipelining belongs.
+  products. The CUDA C++ backend (csrc/include/attention_kernels.h) is where FA3's pipelining
+  belongs.
 Cost (the predictor at B = 8, T = S = 4608, 32:8 heads, D = 64; a prediction from the code, no
 GPU measured): 4 B Hq T S D = 1.39 TFLOP of products, B Hq T S = 5.4 G exp2; on an H200 (132
 SMs, 16 exp2 / clock / SM at 1.83 GHz, about 790 TFLOP/s bf16 dense) the products alone take
@@ -641,9 +642,15 @@ def _fwd_config(bd: int, dtype: torch.dtype, interpret: bool, arch: int | None) 
     products run on mma.sync) :data:`_FWD`."""
     if interpret:
         return _INTERPRET_CONFIG
-    if dtype != torch.float32 and arch is not None and arch // 10 == 9:
+    hopper = arch is not None and arch // 10 == 9
+    if dtype != torch.float32 and hopper:
         return _FWD_SM90[bd]
-    return _config(_FWD, bd, dtype, interpret)
+    cfg = _config(_FWD, bd, dtype, interpret)
+    if hopper and bd >= 128:
+        # fp32 on sm_90a: 32 query rows spilled 236 bytes at head dim 128 under Triton 3.6
+        # (230 registers under 3.8); 16 rows keep both at 166-180 registers
+        cfg = cfg._replace(block_m=16)
+    return cfg
 
 
 def _arch(device: torch.device) -> int | None:
@@ -706,6 +713,7 @@ def _window(
         left >= 0,
         right >= 0,
     )
+
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: three TF32 MMAs per product (split hi/lo) give near-fp32 accuracy, as eager
@@ -776,8 +784,8 @@ def attention_forward(
     interpret = interpreting(q)
     bd = triton.next_power_of_2(lay.D)
     cfg = _fwd_config(bd, q.dtype, interpret, _arch(q.device))
-    # fp32 (3xTF32 split operands, small tiles) keeps one head per program: packing's row
-    # arithmetic spilled 236 bytes at head dim 128 on sm_90a under Triton 3.6
+    # fp32 (3xTF32 split operands, small tiles near the register limit) keeps one head per
+    # program: packing's row arithmetic costs registers it does not have
     gp = 1 if q.dtype == torch.float32 else _heads_per_program(lay.Hq // lay.Hkv, cfg.block_m)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if lay.varlen:

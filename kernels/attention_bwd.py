@@ -155,7 +155,8 @@ def _bwd_config(
 ) -> _Config:
     """The launch config of ``kernel`` ("fast", "dkdv" or "dq"); a left window bound caps the
     key-block kernels at 2 stages (a window's key block meets few query blocks, and 3 stages
-    spilled on sm_90 under Triton 3.6)."""
+    spilled on sm_90 under Triton 3.6) and the 16-bit dq kernel on sm_80 at 32 keys per
+    step."""
     if interpret:
         return _INTERPRET_CONFIG
     if dtype == torch.float32:
@@ -164,6 +165,10 @@ def _bwd_config(
         cfg = _BWD[kernel, _family(device)][bd]
     if left and kernel != "dq":
         cfg = cfg._replace(num_stages=min(cfg.num_stages, 2))
+    if left and kernel == "dq" and dtype != torch.float32 and _family(device) == 80:
+        # 16-bit dq with a left bound on sm_80: 64 keys per step spilled 16 bytes at head dim
+        # 64 under Triton 3.6 (255 registers; 190 under 3.8); 32 keep it near 180 under both
+        cfg = cfg._replace(block_n=min(cfg.block_n, 32))
     return cfg
 
 
@@ -334,31 +339,20 @@ def _attn_bwd_dkdv_kernel(
             p_dqa = p_q
         p_lse = _at(lse, i_b64, bos_q, i_h, stride_lb, 1, stride_lh, ROW64)
         p_delta = _at(delta, i_b64, bos_q, i_h, stride_lb, 1, stride_lh, ROW64)
-        # [lo, m_full) and (LEFT) [m_end, hi) masked in one loop, [m_full, m_end) unmasked;
-        # the fast kernel with RIGHT alone (causal) runs the unmasked blocks first: the other
-        # order spilled 40 bytes on sm_90a (ptxas' register budget, not arithmetic)
-        if DQ_ATOMIC and RIGHT and not LEFT:
-            b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
-                                              p_dqa, stride_qt, stride_dot, stride_dqat, o_n, o_d,
-                                              m_full, m_end, 0, 0, n_valid, n_q, lo_off, hi_off,
-                                              qk_scale, sm_scale, D, BM, False, LEFT, RIGHT,
-                                              DQ_ATOMIC, INTERPRET, DOT_PRECISION, ROW64)
-            b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
-                                              p_dqa, stride_qt, stride_dot, stride_dqat, o_n, o_d,
-                                              lo, m_stop, m_full, m_end - m_full, n_valid, n_q,
-                                              lo_off, hi_off, qk_scale, sm_scale, D, BM, True, LEFT,
-                                              RIGHT, DQ_ATOMIC, INTERPRET, DOT_PRECISION, ROW64)
-        else:
-            b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
-                                              p_dqa, stride_qt, stride_dot, stride_dqat, o_n, o_d,
-                                              lo, m_stop, m_full, m_end - m_full, n_valid, n_q,
-                                              lo_off, hi_off, qk_scale, sm_scale, D, BM, True, LEFT,
-                                              RIGHT, DQ_ATOMIC, INTERPRET, DOT_PRECISION, ROW64)
-            b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
-                                              p_dqa, stride_qt, stride_dot, stride_dqat, o_n, o_d,
-                                              m_full, m_end, 0, 0, n_valid, n_q, lo_off, hi_off,
-                                              qk_scale, sm_scale, D, BM, False, LEFT, RIGHT,
-                                              DQ_ATOMIC, INTERPRET, DOT_PRECISION, ROW64)
+        # [m_full, m_end) unmasked first, then [lo, m_full) and (LEFT) [m_end, hi) masked in
+        # one loop: the order is ptxas' register budget, not arithmetic (masked first spilled
+        # 40 bytes in the causal fast kernel on sm_90a, and 16 bytes at 16-bit head dim 128
+        # in the deterministic one on sm_90a under Triton 3.6)
+        b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
+                                          p_dqa, stride_qt, stride_dot, stride_dqat, o_n, o_d,
+                                          m_full, m_end, 0, 0, n_valid, n_q, lo_off, hi_off,
+                                          qk_scale, sm_scale, D, BM, False, LEFT, RIGHT,
+                                          DQ_ATOMIC, INTERPRET, DOT_PRECISION, ROW64)
+        b_dk, b_dv = _attn_bwd_dkdv_inner(b_dk, b_dv, b_k, b_v, p_q, p_do, p_lse, p_delta,
+                                          p_dqa, stride_qt, stride_dot, stride_dqat, o_n, o_d,
+                                          lo, m_stop, m_full, m_end - m_full, n_valid, n_q,
+                                          lo_off, hi_off, qk_scale, sm_scale, D, BM, True, LEFT,
+                                          RIGHT, DQ_ATOMIC, INTERPRET, DOT_PRECISION, ROW64)
 
     m_store = (o_n < S)[:, None] & m_d[None, :]
     p_dk = _at(dk, i_b64, bos_k, i_hk, stride_dkb, stride_dkt, stride_dkh, ROW64)
@@ -443,28 +437,22 @@ def _attn_bwd_dq_kernel(
                           mask=m_m, other=0.0)
 
         # The same key ranges as the forward, clipped to the block's real rows: [lo, a)
-        # masked (LEFT), [a, b) unmasked, [b, hi) masked. The order of the loops is ptxas'
-        # register budget at 255 on sm_80, not arithmetic: the masked [b, hi) goes before the
-        # unmasked blocks with RIGHT alone (causal) and with LEFT in fp32, after them otherwise.
+        # masked (LEFT), [b, hi) masked, then [a, b) unmasked. The order is ptxas' register
+        # budget at 255 on sm_80, not arithmetic: the masked blocks first kept every variant
+        # free of spills under Triton 3.6 and 3.8 (unmasked before [b, hi) spilled 24 bytes at
+        # fp32 head dim 64 under 3.6).
         lo, a, b, hi = _key_range(start_m, n_q, n_valid, lo_off, hi_off, BM, BN, LEFT, RIGHT)
         if LEFT:
             b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt,
                                       stride_vt, o_m, o_d, lo, a, n_valid, lo_off, hi_off,
                                       qk_scale, D, BN, True, LEFT, RIGHT, INTERPRET,
                                       DOT_PRECISION, ROW64)
-        if (RIGHT and not LEFT) or (LEFT and DOT_PRECISION == "tf32x3"):
-            b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt,
-                                      stride_vt, o_m, o_d, b, hi, n_valid, lo_off, hi_off,
-                                      qk_scale, D, BN, True, LEFT, RIGHT, INTERPRET,
-                                      DOT_PRECISION, ROW64)
+        b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt,
+                                  stride_vt, o_m, o_d, b, hi, n_valid, lo_off, hi_off, qk_scale,
+                                  D, BN, True, LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
         b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt,
                                   stride_vt, o_m, o_d, a, b, n_valid, lo_off, hi_off, qk_scale,
                                   D, BN, False, LEFT, RIGHT, INTERPRET, DOT_PRECISION, ROW64)
-        if (not LEFT and not RIGHT) or (LEFT and DOT_PRECISION != "tf32x3"):
-            b_dq = _attn_bwd_dq_inner(b_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, stride_kt,
-                                      stride_vt, o_m, o_d, b, hi, n_valid, lo_off, hi_off,
-                                      qk_scale, D, BN, True, LEFT, RIGHT, INTERPRET,
-                                      DOT_PRECISION, ROW64)
         # padded rows of a block that straddles n_q: zeros, whatever v holds
         b_dq = tl.where(m_m[:, None], b_dq * sm_scale, 0.0)
 

@@ -19,6 +19,9 @@ PY
 )
   [[ -n "$nvrtc" ]] && extra+=("-DCUDA_nvrtc_LIBRARY=$nvrtc")
 fi
+# the CUTLASS headers of the CUDA attention (VLJEPA_FAST_CUTLASS_INCLUDE, staged or installed)
+cutlass=$(python -c 'from vljepa_fast._ext import cutlass_include as f; print(f()[0] or "")')
+[[ -n "$cutlass" ]] && extra+=("-DVLJEPA_FAST_CUTLASS_INCLUDE=$cutlass")
 export TORCH_CUDA_ARCH_LIST="${VLJEPA_FAST_CUDA_ARCHS:-8.0;9.0a}"  # no GPU probing at configure time
 cmake -S . -B "$out" -DCMAKE_PREFIX_PATH="$prefix" "${extra[@]}" "$@"
 cmake --build "$out" -j"$(nproc)"

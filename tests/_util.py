@@ -166,3 +166,50 @@ def poisoned_allocations() -> Iterator[list[Tensor]]:
         yield made
     finally:
         torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+def cuda_library_dump(*args: str) -> str:
+    """stdout of ``cuobjdump ARGS`` on the built CUDA library (the toolkit's cuobjdump, else the
+    one Triton ships); fails when the library is not built (CI builds it:
+    ``python -m vljepa_fast.build``)."""
+    import subprocess
+
+    from vljepa_fast import _ext
+
+    st = _ext.load("cuda")
+    assert st.path is not None and st.path.is_file(), (
+        "the CUDA library is not built (python -m vljepa_fast.build): " + "; ".join(st.reasons)
+    )
+    home = _ext.find_cuda_home()
+    tool = home / "bin" / "cuobjdump" if home is not None else None
+    if tool is None or not tool.is_file():
+        from triton import knobs
+
+        tool = knobs.nvidia.cuobjdump.path
+    proc = subprocess.run([str(tool), *args, str(st.path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def dump_sections(text: str, header: str, tag: str) -> dict[str, str]:
+    """{mangled name: its section} of the functions whose names hold ``tag`` in a cuobjdump
+    listing whose sections start with ``header`` followed by the name (``"Function"`` for
+    --dump-resource-usage, ``"Function :"`` for -sass)."""
+    import re
+
+    parts = re.split(rf"{header}\s*(\S+?):?\s*\n", text)
+    sections = {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+    return {name: body for name, body in sections.items() if tag in name}
+
+
+def assert_no_spills(sections: dict[str, str], what: str) -> None:
+    """Every --dump-resource-usage section shows no stack frame and no local memory (ptxas
+    spilled no register)."""
+    import re
+
+    assert sections, f"{what}: no function found"
+    for name, body in sections.items():
+        res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", body)
+        assert res is not None, f"{what} {name}: no resource line in {body[:200]!r}"
+        stack, local = int(res.group(2)), int(res.group(4))
+        assert stack == 0 and local == 0, f"{what} {name}: STACK {stack}, LOCAL {local} (spills)"

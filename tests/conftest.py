@@ -144,6 +144,14 @@ def pytest_runtest_logreport(report):
 def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section("vljepa_fast test tiers")
+    # which Triton compiled the kernels (scripts/test.sh runs the attention compile tier under
+    # a second version too; .ci/run reads this line to tell the tables apart)
+    try:
+        import triton
+
+        tr.write_line(f"triton     {triton.__version__} ({os.path.dirname(triton.__file__)})")
+    except ImportError:
+        tr.write_line("triton     not installed")
     for tier in TIERS:
         if tier not in PROCESS_TIERS:
             # under pytest-xdist the workers collect, so the count is not known here

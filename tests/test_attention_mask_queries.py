@@ -244,7 +244,6 @@ def test_triton_hands_seqlens_q_and_deterministic_to_the_launchers(monkeypatch):
 
     monkeypatch.setattr(kernel, "attention_forward", fwd)
     monkeypatch.setattr(kernel, "attention_backward", bwd)
-    monkeypatch.setattr(ops, "_launcher_takes", lambda name, keyword: True)
     q, k, v, mask = _inputs(2, 19, 4, 2, 32, [19, 7], seed=9)
     want = vf.attention(q, k, v, key_padding_mask=mask, mask_queries=True, backend="reference")
     for deterministic in (False, True):

@@ -18,13 +18,19 @@ vendor GEMMs, no WMMA or FMA tile GEMM is left in infonce.cu.
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 import torch
 
 import vljepa_fast as vf
-from tests._util import assert_close_2x, check_against_float64, infonce_terms_and_grads
+from tests._util import (
+    assert_close_2x,
+    assert_no_spills,
+    check_against_float64,
+    cuda_library_dump,
+    dump_sections,
+    infonce_terms_and_grads,
+)
 from vljepa_fast import _ext, reference
 
 gpu = pytest.mark.gpu
@@ -431,30 +437,9 @@ INFONCE_KERNELS = (
 MMA_OPCODES = re.compile(r"\b(HMMA|HGMMA|IMMA|IGMMA|BMMA|BGMMA|QMMA|QGMMA|DMMA)\b")
 
 
-def _cuobjdump(*args: str) -> str:
-    """Output of cuobjdump (the toolkit's, else the one Triton ships) on the built CUDA library."""
-    st = _ext.load("cuda")
-    assert st.path is not None and st.path.is_file(), (
-        "the CUDA library is not built (CI builds it: python -m vljepa_fast.build): "
-        + "; ".join(st.reasons)
-    )
-    home = _ext.find_cuda_home()
-    tool = home / "bin" / "cuobjdump" if home is not None else None
-    if tool is None or not tool.is_file():
-        from triton import knobs
-
-        tool = knobs.nvidia.cuobjdump.path
-    proc = subprocess.run([str(tool), *args, str(st.path)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
 def _infonce_sections(text: str, header: str) -> dict[str, str]:
-    """{mangled name: its section} of the infonce.cu functions in a cuobjdump listing whose
-    sections start with ``header`` followed by the name."""
-    parts = re.split(rf"{header}\s*(\S+?):?\s*\n", text)
-    sections = {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
-    found = {name: body for name, body in sections.items() if INFONCE_TAG in name}
+    """{mangled name: its section} of the infonce.cu functions in a cuobjdump listing."""
+    found = dump_sections(text, header, INFONCE_TAG)
     for kernel in INFONCE_KERNELS:
         assert any(kernel in name for name in found), f"{kernel} missing from the sm_90a code"
     return found
@@ -464,13 +449,8 @@ def _infonce_sections(text: str, header: str) -> dict[str, str]:
 def test_sm90a_infonce_kernels_have_no_spills():
     """ptxas's resources of every infonce.cu kernel for sm_90a (the fatbin's arch-specific Hopper
     code): no stack frame and no local memory, i.e. no register spills."""
-    text = _cuobjdump("--dump-resource-usage", "-arch", "sm_90a")
-    sections = _infonce_sections(text, r"Function")
-    for name, body in sections.items():
-        res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", body)
-        assert res is not None, f"{name}: no resource line in {body[:200]!r}"
-        stack, local = int(res.group(2)), int(res.group(4))
-        assert stack == 0 and local == 0, f"{name}: STACK {stack}, LOCAL {local} bytes (spills)"
+    text = cuda_library_dump("--dump-resource-usage", "-arch", "sm_90a")
+    assert_no_spills(_infonce_sections(text, r"Function"), "sm_90a")
 
 
 @pytest.mark.compile
@@ -478,7 +458,7 @@ def test_sm90a_infonce_kernels_have_no_gemm_loops():
     """No matrix-engine instruction in any infonce.cu kernel (the WMMA tile GEMM and the
     scalar-FMA gradient products are gone: cuBLAS does every O(N M D) product), and only the
     epilogue, merge and finalize kernels of the chunked design exist."""
-    text = _cuobjdump("-sass", "-arch", "sm_90a")
+    text = cuda_library_dump("-sass", "-arch", "sm_90a")
     sections = _infonce_sections(text, r"Function :")
     for name, body in sections.items():
         hit = MMA_OPCODES.search(body)

@@ -14,7 +14,10 @@ from torch import Tensor
 import vljepa_fast as vf
 from tests._util import (
     assert_close_2x,
+    assert_no_spills,
     check_topk,
+    cuda_library_dump,
+    dump_sections,
     topk_expected,
     topk_tie_inputs,
 )
@@ -679,27 +682,8 @@ TOPK_KERNELS = ("topk_select_kernel", "topk_merge_kernel", "inv_norm_kernel")
 
 def _topk_sections(header: str, *args: str) -> dict[str, str]:
     """{mangled name: section} of the topk_similarity.cu functions in a cuobjdump listing of the
-    built CUDA library (the toolkit's cuobjdump, else Triton's)."""
-    import re
-    import subprocess
-
-    from vljepa_fast import _ext
-
-    st = _ext.load("cuda")
-    assert st.path is not None and st.path.is_file(), (
-        "the CUDA library is not built (python -m vljepa_fast.build): " + "; ".join(st.reasons)
-    )
-    home = _ext.find_cuda_home()
-    tool = home / "bin" / "cuobjdump" if home is not None else None
-    if tool is None or not tool.is_file():
-        from triton import knobs
-
-        tool = knobs.nvidia.cuobjdump.path
-    proc = subprocess.run([str(tool), *args, str(st.path)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    parts = re.split(rf"{header}\s*(\S+?):?\s*\n", proc.stdout)
-    sections = {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
-    found = {name: body for name, body in sections.items() if TOPK_TAG in name}
+    built CUDA library."""
+    found = dump_sections(cuda_library_dump(*args), header, TOPK_TAG)
     for kernel in TOPK_KERNELS:
         assert any(kernel in name for name in found), f"{kernel} missing from the sm_90a code"
     return found
@@ -710,14 +694,8 @@ def test_sm90a_topk_kernels_have_no_spills():
     """Regression (the 16- and 32-query stream tiles spilled on sm_90a): ptxas's resources of
     every topk_similarity.cu kernel for sm_90a show no stack frame and no local memory, and the
     streaming tile is gone."""
-    import re
-
     sections = _topk_sections("Function", "--dump-resource-usage", "-arch", "sm_90a")
-    for name, body in sections.items():
-        res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", body)
-        assert res is not None, f"{name}: no resource line in {body[:200]!r}"
-        stack, local = int(res.group(2)), int(res.group(4))
-        assert stack == 0 and local == 0, f"{name}: STACK {stack}, LOCAL {local} bytes (spills)"
+    assert_no_spills(sections, "sm_90a")
 
 
 @pytest.mark.compile

@@ -14,6 +14,12 @@ message, never an exception at import. Builds are cached under ``VLJEPA_FAST_BUI
 with ``build_info.json`` beside the library; the record is checked again at load time, and a
 mismatch is reported as a reason by :func:`vljepa_fast.backends`.
 
+The CUDA attention (csrc/include/attention_kernels.h) is built on CUTLASS's CuTe headers, pinned to
+``nvidia-cutlass==4.2.0.0`` (:data:`CUTLASS_PIN`; the ``cuda`` extra installs it). They are found
+by :func:`cutlass_include`: ``VLJEPA_FAST_CUTLASS_INCLUDE``, else a copy staged in the working
+tree at ``third_party/cutlass/include`` (``python -m vljepa_fast.build --stage-cutlass``; what a
+machine without a package registry, the GPU run's, builds from), else the installed package.
+
 The first op that needs a library builds it (about a minute for ``cpu``, a few for ``cuda``) and
 says so on stderr; ``VLJEPA_FAST_BUILD=0`` turns that off, ``python -m vljepa_fast.build``
 builds ahead of time.
@@ -22,11 +28,13 @@ builds ahead of time.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +45,16 @@ LIBS = ("cpu", "cuda")
 DEFAULT_CUDA_ARCHS = "8.0;9.0a"
 CPU_CFLAGS = ["-O3", "-fopenmp"]
 CPU_LDFLAGS = ["-fopenmp"]
-CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+# --threads=2: nvcc compiles a source's archs (sm_80, sm_90a) side by side; the attention's CuTe
+# kernels take minutes per arch, and this halves the build's wall time on two cores
+CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--threads=2"]
+
+#: The CUTLASS release whose CuTe headers csrc/include/attention_kernels.h is written against.
+CUTLASS_VERSION = "4.2.0.0"
+CUTLASS_PIN = f"nvidia-cutlass=={CUTLASS_VERSION}"
+CUTLASS_ENV = "VLJEPA_FAST_CUTLASS_INCLUDE"
+#: The staged copy, relative to the repository root (git-ignored).
+STAGED_CUTLASS = Path("third_party") / "cutlass" / "include"
 
 _lock = threading.RLock()
 _state: dict[str, LibState] = {}
@@ -110,6 +127,127 @@ def find_cuda_home() -> Path | None:
     return next((c for c in cands if ok(c)), None)
 
 
+def _has_cute(folder: Path) -> bool:
+    cute, cutlass = folder / "cute" / "tensor.hpp", folder / "cutlass" / "cutlass.h"
+    return cute.is_file() and cutlass.is_file()
+
+
+def repo_root() -> Path:
+    """The folder above csrc/ (the repository root in a checkout)."""
+    return source_root().parent
+
+
+def package_cutlass_include() -> Path | None:
+    """The include folder of the installed nvidia-cutlass package (not imported), or None."""
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "source" / "include"
+    return folder if _has_cute(folder) else None
+
+
+def cutlass_include() -> tuple[Path | None, str]:
+    """(the folder holding cute/ and cutlass/, where it was found), or (None, what to do).
+
+    Order: ``VLJEPA_FAST_CUTLASS_INCLUDE``, the staged copy (``third_party/cutlass/include``),
+    the installed nvidia-cutlass package.
+    """
+    env = os.environ.get(CUTLASS_ENV)
+    if env:  # an empty variable is unset
+        folder = Path(env)
+        if _has_cute(folder):
+            return folder, CUTLASS_ENV
+        return None, f"{CUTLASS_ENV}={env} holds no cute/tensor.hpp and cutlass/cutlass.h"
+    staged = repo_root() / STAGED_CUTLASS
+    if _has_cute(staged):
+        return staged, "staged"
+    folder = package_cutlass_include()
+    if folder is not None:
+        return folder, "nvidia-cutlass"
+    return None, (
+        "CUTLASS headers (CuTe) not found: pip install " + CUTLASS_PIN + " (the vljepa_fast[cuda] "
+        "extra), or stage them into the working tree with python -m vljepa_fast.build "
+        f"--stage-cutlass (then carry {STAGED_CUTLASS.parent.parent}/ to a machine without a "
+        f"registry), or set {CUTLASS_ENV} to a folder holding cute/ and cutlass/"
+    )
+
+
+def _nvcc_deps(source: Path, include: Path) -> set[Path] | None:
+    """The headers under ``include`` that ``source`` includes for every arch of
+    :func:`cuda_archs` (nvcc -M; empty for a source without CUTLASS), or None when the scan
+    fails."""
+    from torch.utils import cpp_extension
+
+    home = find_cuda_home()
+    if home is None:
+        return None
+    py_inc = sysconfig.get_paths()["include"]
+    incs = [source_root() / "include", include, *cpp_extension.include_paths("cuda"), py_inc]
+    found: set[Path] = set()
+    for arch in cuda_archs().replace(" ", ";").split(";"):
+        if not arch:
+            continue
+        num = arch.replace(".", "").replace("+PTX", "")
+        cmd = [
+            str(home / "bin" / "nvcc"),
+            "-M",
+            str(source),
+            "-std=c++20",
+            "--expt-relaxed-constexpr",
+            f"-gencode=arch=compute_{num},code=sm_{num}",
+        ]
+        cmd += [f"-I{p}" for p in incs]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return None
+        for tok in proc.stdout.replace("\\\n", " ").split():
+            p = Path(tok)
+            if p.suffix in {".h", ".hpp", ".inl", ".cuh"} and include in p.parents:
+                found.add(p)
+    return found
+
+
+def stage_cutlass(dest: Path | None = None) -> tuple[Path, int, int]:
+    """Copy the CUTLASS headers the CUDA library needs into ``dest`` (default
+    ``third_party/cutlass/include`` in the working tree); returns (dest, files, bytes).
+
+    The headers come from the installed package (or ``VLJEPA_FAST_CUTLASS_INCLUDE``); only those
+    that csrc/cuda/*.cu include for the configured archs (nvcc -M) are copied, the whole cute/
+    and cutlass/ trees when that scan cannot run. The copy is replaced, not merged.
+
+    Raises:
+        RuntimeError: no source of CUTLASS headers (the message says what to install).
+    """
+    env = os.environ.get(CUTLASS_ENV)
+    src = Path(env) if env and _has_cute(Path(env)) else package_cutlass_include()
+    if src is None:
+        raise RuntimeError(
+            f"cannot stage CUTLASS: pip install {CUTLASS_PIN} first (or set {CUTLASS_ENV})"
+        )
+    dest = dest or repo_root() / STAGED_CUTLASS
+    files: set[Path] = set()
+    for cu in (p for p in sources("cuda") if p.suffix == ".cu"):
+        deps = _nvcc_deps(cu, src)
+        if deps is None:
+            trees = ((src / sub).rglob("*") for sub in ("cute", "cutlass"))
+            files = {p for tree in trees for p in tree if p.is_file()}
+            break
+        files |= deps
+    if dest.exists():
+        shutil.rmtree(dest)
+    total = 0
+    for f in sorted(files):
+        out = dest / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, out)
+        total += f.stat().st_size
+    (dest.parent / "STAGED.txt").write_text(
+        f"{CUTLASS_PIN} headers from {src}: {len(files)} files, {total} bytes\n"
+        "made by python -m vljepa_fast.build --stage-cutlass\n"
+    )
+    return dest, len(files), total
+
+
 def _fingerprint(lib: str) -> dict:
     h = hashlib.sha256()
     # every header anywhere under csrc/ (whatever its suffix), so an edit to one a source
@@ -150,7 +288,26 @@ def _prebuild_reasons(lib: str) -> list[str]:
             return [f"torch {torch.__version__} is a CPU-only build (no CUDA)"]
         if find_cuda_home() is None:
             return ["nvcc / CUDA toolkit not found (set CUDA_HOME to the toolkit root)"]
+        if cutlass_include()[0] is None:
+            return [cutlass_include()[1]]
     return []
+
+
+#: peak memory of one nvcc job of the cuda library: an attention unit's cicc takes about 4.2 GB
+#: per arch, and --threads=2 runs both archs at once
+CUDA_JOB_BYTES = 9 * 2**30
+
+
+def cuda_build_jobs() -> int:
+    """How many nvcc jobs ninja may run for the cuda library (torch's MAX_JOBS; a set MAX_JOBS
+    wins): one per CPU, at most one per CUDA_JOB_BYTES of physical memory, at least one. On a
+    2-core, 24 GB machine ninja's default of 4 jobs ran eight 4 GB cicc processes and the kernel
+    killed one (out of memory)."""
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        mem = CUDA_JOB_BYTES
+    return max(1, min(os.cpu_count() or 1, mem // CUDA_JOB_BYTES))
 
 
 def build(lib: str, *, verbose: bool = False) -> Path:
@@ -168,6 +325,8 @@ def build(lib: str, *, verbose: bool = False) -> Path:
     if lib == "cuda":
         env["CUDA_HOME"] = str(find_cuda_home())
         env["TORCH_CUDA_ARCH_LIST"] = cuda_archs()
+        env[CUTLASS_ENV] = str(cutlass_include()[0])
+        env.setdefault("MAX_JOBS", str(cuda_build_jobs()))
     cmd = [sys.executable, "-m", "vljepa_fast._build", lib, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=not verbose, text=True)
     if proc.returncode != 0:

@@ -4,6 +4,11 @@
 can be built on this machine is built, and the ones that cannot are reported (exit 0). With
 ``--require`` the named libraries must build and load, or the command exits 1 with the
 compiler's message (CI uses ``--require cpu,cuda``).
+
+``--stage-cutlass`` copies the CUTLASS (CuTe) headers the cuda library includes from the
+installed ``nvidia-cutlass`` package into ``third_party/cutlass/include`` (git-ignored), so that a
+machine without a package registry (the GPU run's) builds from the working tree it receives; then
+exits (combine with a build by running the command twice).
 """
 
 from __future__ import annotations
@@ -20,7 +25,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--require", default="", help="comma-separated libraries that must build")
     ap.add_argument("--only", default="", help="comma-separated libraries to build (default all)")
     ap.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    ap.add_argument(
+        "--stage-cutlass",
+        action="store_true",
+        help=f"copy the CUTLASS headers the cuda library needs into {_ext.STAGED_CUTLASS}",
+    )
     args = ap.parse_args(argv)
+    if args.stage_cutlass:
+        try:
+            dest, n, size = _ext.stage_cutlass()
+        except RuntimeError as e:
+            print(f"[FAIL] stage-cutlass: {e}")
+            return 1
+        print(f"[ok]   staged {n} CUTLASS headers ({size / 2**20:.1f} MiB) in {dest}")
+        return 0
     required = {x for x in args.require.split(",") if x}
     only = {x for x in args.only.split(",") if x} or set(_ext.LIBS)
     unknown = (required | only) - set(_ext.LIBS)

@@ -13,6 +13,7 @@ from torch import Tensor
 from vljepa_fast import _backends
 from vljepa_fast.ops import attention as _attention_ops
 from vljepa_fast.ops import attention_auto as _attention_auto  # noqa: F401  (auto's rule)
+from vljepa_fast.ops import attention_cuda as _attention_cuda  # noqa: F401  (registers)
 from vljepa_fast.ops import attention_peers as _attention_peers  # noqa: F401  (registers)
 from vljepa_fast.ops import infonce as _infonce_ops
 from vljepa_fast.ops import sigmoid_loss as _sigmoid_ops

@@ -24,8 +24,6 @@ with a window, key counts inside each query's window from prefix sums).
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -640,11 +638,11 @@ def _masking(
     window_right,
     scale,
 ):
-    """The custom ops' masking arguments as the launchers' keywords (max_seqlen: varlen only;
-    seqlens_q only when given, so launchers without that keyword serve everything else)."""
+    """The custom ops' masking arguments as the launchers' keywords (max_seqlen: varlen only)."""
     varlen = cu_seqlens_q is not None
     kw = dict(
         seqlens_k=seqlens_k,
+        seqlens_q=seqlens_q,
         cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q if varlen else None,
@@ -653,19 +651,7 @@ def _masking(
         window_size=(window_left, window_right),
         scale=scale,
     )
-    if seqlens_q is not None:
-        kw["seqlens_q"] = seqlens_q
     return kw
-
-
-@functools.cache
-def _launcher_takes(name: str, keyword: str) -> bool:
-    """Whether the Triton launcher ``name`` (attention_forward / attention_backward) has
-    ``keyword``: seqlens_q (padded query rows skipped) and deterministic (the backward's choice
-    of path) arrive in the kernels separately from this module; read once per process."""
-    from vljepa_fast._kernels import attention as kernel
-
-    return keyword in inspect.signature(getattr(kernel, name)).parameters
 
 
 @torch.library.custom_op(
@@ -679,13 +665,17 @@ def _tri_fwd(q: Tensor, k: Tensor, v: Tensor, *masking) -> tuple[Tensor, Tensor]
     return kernel.attention_forward(q, k, v, **_masking(*masking))
 
 
-@_tri_fwd.register_fake
-def _(q, k, v, seqlens_k, seqlens_q, cu_seqlens_q, *rest):
+def fwd_fake(q, k, v, seqlens_k, seqlens_q, cu_seqlens_q, *rest) -> tuple[Tensor, Tensor]:
+    """The fake function of every forward custom op with the ``_MASKING`` schema (triton,
+    cuda): out like q, the fp32 LSE [B, Hq, T] (varlen [Hq, total_q])."""
     if cu_seqlens_q is not None:
         lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     else:
         lse = q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+
+
+_tri_fwd.register_fake(fwd_fake)
 
 
 @torch.library.custom_op(
@@ -700,16 +690,14 @@ def _tri_bwd(do: Tensor, *tensors_and_masking) -> tuple[Tensor, Tensor, Tensor]:
     from vljepa_fast._kernels import attention as kernel
 
     tensors, masking = tensors_and_masking[:5], tensors_and_masking[5:]
-    kw = _masking(*masking)
-    if _launcher_takes("attention_backward", "deterministic"):
-        # the deterministic (no atomics, bit-identical) path only when asked for: the fast
-        # path accumulates dQ by fp32 atomics across key blocks
-        kw["deterministic"] = torch.are_deterministic_algorithms_enabled()
-    return kernel.attention_backward(do, *tensors, **kw)
+    # the deterministic (no atomics, bit-identical) path only when asked for: the fast path
+    # accumulates dQ by fp32 atomics across key blocks
+    det = torch.are_deterministic_algorithms_enabled()
+    return kernel.attention_backward(do, *tensors, **_masking(*masking), deterministic=det)
 
 
-@_tri_bwd.register_fake
-def _(do, q, k, v, out, lse, *args):
+def bwd_fake(do, q, k, v, *rest) -> tuple[Tensor, Tensor, Tensor]:
+    """The fake function of every backward custom op (triton, cuda): dq, dk, dv like q, k, v."""
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -717,10 +705,15 @@ def _(do, q, k, v, out, lse, *args):
     )
 
 
-def _tri_setup(ctx, inputs, output):
+def fwd_setup(ctx, inputs, output) -> None:
+    """setup_context of every forward custom op: saves q, k, v, out and the LSE; the masking
+    arguments stay on ctx.rest."""
     q, k, v, *rest = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1])
     ctx.rest = rest
+
+
+_tri_bwd.register_fake(bwd_fake)
 
 
 def _tri_backward(ctx, d_out, d_lse):
@@ -729,7 +722,7 @@ def _tri_backward(ctx, d_out, d_lse):
     return (dq, dk, dv) + (None,) * len(ctx.rest)
 
 
-_tri_fwd.register_autograd(_tri_backward, setup_context=_tri_setup)
+_tri_fwd.register_autograd(_tri_backward, setup_context=fwd_setup)
 
 
 def _key_counts(mask: Tensor) -> KeyCounts:
@@ -747,22 +740,13 @@ def _scale(q: Tensor, scale: float | None) -> float:
 def _triton(x: AttentionInputs, lengths: Tensor | None) -> Tensor:
     """``lengths``: the plan, int32 [B] key counts of the right-padded mask (None: no mask).
     With ``mask_queries`` they are the query counts too (seqlens_q: the kernels skip the padded
-    query blocks and write zeros there). Until the launchers take seqlens_q, the padded query
-    rows are zeroed on the way in and out instead (the same values and gradients, at the cost
-    of computing them)."""
-    q, seqlens_q = x.q, None
-    if x.mask_queries:
-        if _launcher_takes("attention_forward", "seqlens_q") and _launcher_takes(
-            "attention_backward", "seqlens_q"
-        ):
-            seqlens_q = lengths
-        else:  # zero q rows: their p stays finite, so they add nothing to dk, dv
-            q = zero_padded_queries(q, x)
+    query blocks and write zeros there, with no gradient)."""
+    seqlens_q = lengths if x.mask_queries else None
     out, _ = _tri_fwd(
-        q, x.k, x.v, lengths, seqlens_q, None, None, 0, 0, x.causal, *x.window_size,
+        x.q, x.k, x.v, lengths, seqlens_q, None, None, 0, 0, x.causal, *x.window_size,
         _scale(x.q, x.scale),
     )  # fmt: skip
-    return out if seqlens_q is not None else zero_padded_queries(out, x)
+    return out
 
 
 def _triton_varlen(x: VarlenInputs, plan: None) -> Tensor:

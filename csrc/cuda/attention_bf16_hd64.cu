@@ -1,0 +1,5 @@
+// The bf16, head dim 64 kernels of the CUDA attention (csrc/include/attention_kernels.h): one
+// (dtype, head dim) per translation unit, so that the four compile in parallel.
+#include "attention_kernels.h"
+
+VLJEPA_ATTENTION_INSTANTIATE(cutlass::bfloat16_t, 64)
