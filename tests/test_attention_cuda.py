@@ -247,7 +247,11 @@ def test_supports_names_what_it_does_not_serve():
     text = " | ".join(why.reasons)
     assert "dtype float32 not supported" in text
     assert "head dim 32 not compiled" in text
-    assert "negative scale" in text
+    assert "scale -1.0 is not a positive finite number" in text
+    for bad in (0.0, -0.0):  # attention_inputs refuses non-finite scales itself
+        why = attention_cuda._supports(attention_inputs(q.half(), q.half(), q.half(), scale=bad))
+        assert isinstance(why, _backends.Refusal), bad
+        assert "not a positive finite number" in " | ".join(why.reasons), bad
     qh = torch.randn(1, 8, 2, 64).half()
     plan = attention_cuda._supports(attention_inputs(qh, qh, qh))
     assert plan == attention_cuda._Plan(None, None)
@@ -373,6 +377,29 @@ def test_stage_cutlass_copies_what_the_build_includes(tmp_path):
     assert n == sum(1 for p in dest.rglob("*") if p.is_file())
     assert 0 < size < 32 * 2**20, f"{size / 2**20:.1f} MiB staged: too much for the GPU carry"
     assert _ext.CUTLASS_PIN in (tmp_path / "STAGED.txt").read_text()
+
+
+def test_stage_cutlass_refuses_its_own_folder_and_a_bad_variable(tmp_path, monkeypatch):
+    """Staging replaces its destination: from the staged copy into itself it would delete its
+    source (review finding), and a variable naming no headers is refused, not ignored."""
+    dest, _, _ = _ext.stage_cutlass(tmp_path / "include")
+    monkeypatch.setenv(_ext.CUTLASS_ENV, str(dest))
+    with pytest.raises(RuntimeError, match="the same folder"):
+        _ext.stage_cutlass(dest)
+    assert (dest / "cute" / "tensor.hpp").is_file(), "the staged headers were deleted"
+    monkeypatch.setenv(_ext.CUTLASS_ENV, str(tmp_path / "nothing"))
+    with pytest.raises(RuntimeError, match=_ext.CUTLASS_ENV):
+        _ext.stage_cutlass(tmp_path / "other")
+
+
+def test_cutlass_is_needed_to_build_not_to_load(monkeypatch, tmp_path):
+    """Without CUTLASS headers the cuda library cannot be built, but locating (and loading) one
+    already built needs none (review finding: the infonce and topk cuda kernels went missing)."""
+    monkeypatch.setenv(_ext.CUTLASS_ENV, str(tmp_path))
+    if torch.version.cuda is not None and _ext.find_cuda_home() is not None:
+        assert _ext._prebuild_reasons("cuda", building=False) == []
+        why = _ext._prebuild_reasons("cuda")
+        assert len(why) == 1 and _ext.CUTLASS_ENV in why[0]
 
 
 # --------------------------------------------------------------------------- compile tier

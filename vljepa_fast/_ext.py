@@ -219,12 +219,18 @@ def stage_cutlass(dest: Path | None = None) -> tuple[Path, int, int]:
         RuntimeError: no source of CUTLASS headers (the message says what to install).
     """
     env = os.environ.get(CUTLASS_ENV)
-    src = Path(env) if env and _has_cute(Path(env)) else package_cutlass_include()
+    if env and not _has_cute(Path(env)):
+        raise RuntimeError(f"cannot stage CUTLASS: {CUTLASS_ENV}={env} holds no cute/tensor.hpp")
+    src = Path(env) if env else package_cutlass_include()
     if src is None:
         raise RuntimeError(
             f"cannot stage CUTLASS: pip install {CUTLASS_PIN} first (or set {CUTLASS_ENV})"
         )
     dest = dest or repo_root() / STAGED_CUTLASS
+    s_res, d_res = src.resolve(), dest.resolve()
+    if s_res == d_res or d_res in s_res.parents or s_res in d_res.parents:
+        # the copy replaces dest: staging from (or into) the staged folder would delete the source
+        raise RuntimeError(f"cannot stage CUTLASS from {src} into {dest}: the same folder")
     files: set[Path] = set()
     for cu in (p for p in sources("cuda") if p.suffix == ".cu"):
         deps = _nvcc_deps(cu, src)
@@ -282,13 +288,15 @@ def library_name(lib: str) -> str:
     return f"vljepa_fast_{lib}"
 
 
-def _prebuild_reasons(lib: str) -> list[str]:
+def _prebuild_reasons(lib: str, *, building: bool = True) -> list[str]:
+    """Why ``lib`` cannot be built (``building``) or located; CUTLASS's headers are needed only
+    to build, so a library already built loads without them."""
     if lib == "cuda":
         if torch.version.cuda is None:
             return [f"torch {torch.__version__} is a CPU-only build (no CUDA)"]
         if find_cuda_home() is None:
             return ["nvcc / CUDA toolkit not found (set CUDA_HOME to the toolkit root)"]
-        if cutlass_include()[0] is None:
+        if building and cutlass_include()[0] is None:
             return [cutlass_include()[1]]
     return []
 
@@ -383,7 +391,7 @@ def load(lib: str, *, allow_build: bool | None = None) -> LibState:
             if not cpu.loaded:
                 st.reasons = ["needs the cpu library (operator schemas): " + "; ".join(cpu.reasons)]
                 return st
-        st.reasons = _prebuild_reasons(lib)
+        st.reasons = _prebuild_reasons(lib, building=False)
         if st.reasons:
             _state[lib] = st
             return st

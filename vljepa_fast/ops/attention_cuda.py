@@ -109,8 +109,12 @@ def _reasons(x: AttentionInputs | VarlenInputs) -> list[str]:
     why = _common.dtype_in("q", q, DTYPES)
     if q.shape[-1] not in HEAD_DIMS:
         why.append(f"head dim {q.shape[-1]} not compiled (serves {HEAD_DIMS})")
-    if _scale(q, x.scale) < 0:
-        why.append("a negative scale (the kernel's running max assumes scale >= 0)")
+    sc = _scale(q, x.scale)
+    if not 0.0 < sc < float("inf"):
+        # the running max is taken of the raw scores and scaled once (one FMA per score): with
+        # scale 0 a masked score gives -inf * 0 = NaN, with scale < 0 the max is the wrong one
+        why.append(f"scale {sc} is not a positive finite number (the kernel's running max "
+                   "assumes scale > 0)")
     rows = (q.shape[0], x.k.shape[0]) if q.dim() == 3 else (q.shape[1], x.k.shape[1])
     heads = q.shape[-2] * (len(x.lengths_q) if isinstance(x, VarlenInputs) else q.shape[0])
     if max(rows) >= MAX_ROWS or heads >= MAX_ROWS:
