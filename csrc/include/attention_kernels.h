@@ -26,9 +26,10 @@
 //    with the keys as rows, so that P^T and dS^T = P^T (dP^T - delta) are, in registers, the A
 //    operands of dV += P^T dO and dK += dS^T Q: dK and dV stay in fp32 registers for the whole
 //    loop and are written once (no atomics on them; GQA K/V never expanded). dQ: fast path, dS
-//    goes to shared memory and dQ_block = dS K is added to an fp32 buffer with atomics (5 products per
-//    block pair); deterministic path (torch.are_deterministic_algorithms_enabled(), passed down
-//    as `deterministic`), a separate kernel per (query block, query head) recomputes S and dP
+//    goes to shared memory and dQ_block = dS K is added to an fp32 buffer with atomics (5
+//    products per block pair); deterministic path
+//    (torch.are_deterministic_algorithms_enabled(), passed down as `deterministic`), a separate
+//    kernel per (query block, query head) recomputes S and dP
 //    and accumulates dQ in registers over the key blocks in a fixed order (7 products), so every
 //    gradient is bitwise reproducible.
 //

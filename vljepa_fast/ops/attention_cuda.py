@@ -22,8 +22,10 @@ from torch import Tensor
 from vljepa_fast import _backends
 from vljepa_fast.ops import _common
 from vljepa_fast.ops.attention import (
+    _MASKING,
     AttentionInputs,
     VarlenInputs,
+    _scale,
     bwd_fake,
     fwd_fake,
     fwd_setup,
@@ -37,11 +39,6 @@ DTYPES = (torch.float16, torch.bfloat16)
 #: Rows (and batch x heads) the kernels index with int (attention_check.h).
 MAX_ROWS = 2**29
 
-_MASKING = (
-    "Tensor? seqlens_k, Tensor? seqlens_q, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
-    "SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, int window_left, int window_right, "
-    "float scale"
-)
 
 
 @torch.library.custom_op(
@@ -90,10 +87,6 @@ def _aligned(t: Tensor) -> Tensor:
     ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0
     ok = ok and all(st % 8 == 0 or n <= 1 for n, st in zip(t.shape[:-1], t.stride()[:-1]))
     return t if ok else t.clone(memory_format=torch.contiguous_format)
-
-
-def _scale(q: Tensor, scale: float | None) -> float:
-    return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
 class _Plan(NamedTuple):
